@@ -1,0 +1,31 @@
+"""Shared fixtures: the real control plane for integration and e2e tests.
+
+The control plane starts once per test session, on loopback with random ports,
+and only when a test asks for it (the `cluster` fixture); unit tests never
+start it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kubetune.dev import controlplane
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.ControlPlane]:
+    """A running etcd + kube-apiserver + kube-controller-manager, admin kubeconfig ready."""
+    workdir = Path(os.environ.get("KUBETUNE_TEST_CLUSTER_DIR") or tmp_path_factory.mktemp("cluster"))
+    with controlplane.ControlPlane(workdir) as plane:
+        yield plane
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that use the control plane are integration tests, whether marked or not."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("e2e"):
+            item.add_marker(pytest.mark.integration)
