@@ -1,0 +1,24 @@
+"""Errors that end a run for good (exit code 78) rather than asking for a retry.
+
+Anything raised from the trainer that is not a `PermanentError` (or a
+`config.ConfigError`) is treated as transient: the pod exits with a retryable
+code and the next attempt resumes from the latest checkpoint.
+"""
+
+from __future__ import annotations
+
+
+class PermanentError(Exception):
+    """The run cannot succeed with this config, data or model; retrying will not help."""
+
+
+class DataError(PermanentError):
+    """The data is unusable: a missing field, an undecodable file, an unknown label, nothing left after cleaning."""
+
+
+class ModelError(PermanentError):
+    """The base model cannot be found or loaded."""
+
+
+class Preempted(Exception):  # noqa: N818 - a signal, not a failure
+    """SIGTERM arrived; the run stops after saving a checkpoint (exit code 75)."""
