@@ -1,0 +1,373 @@
+"""Pure manifest builders for a FineTuneJob's children.
+
+Each builder takes the FineTuneJob body (and what was rendered from it) and
+returns a plain dict ready for the API server: deterministic name (see
+`names`), the recommended `app.kubernetes.io/*` labels, and an owner reference
+to the FineTuneJob so that deleting the job deletes its children.
+
+Pods meet the Pod Security Standards `restricted` profile and run with a
+read-only root filesystem; everything that must write (caches, temp files)
+writes to an emptyDir at /tmp.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from kubetune.operator import names, render
+from kubetune.operator.settings import OperatorSettings
+from kubetune.trainer import config as trainer_config
+
+Body = dict[str, Any]
+
+API_GROUP = "kubetune.io"
+API_VERSION = "kubetune.io/v1alpha1"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+
+MANAGED_BY = "kubetune-operator"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
+ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
+ANNOTATION_ATTEMPT = "batch.kubernetes.io/job-index-failure-count"
+"""The Job controller counts failed pods of an index here (backoffLimitPerIndex); it is the attempt."""
+
+COMPONENT_TRAINER = "trainer"
+COMPONENT_VALIDATION = "validation"
+COMPONENT_CONFIG = "config"
+COMPONENT_CREDENTIALS = "credentials"
+
+TRAINER_CONTAINER = "trainer"
+VALIDATION_CONTAINER = "validate"
+TOKEN_KEY = "token"
+"""Key of the progress token in the progress Secret."""
+GPU_RESOURCE = "nvidia.com/gpu"
+RUN_AS_USER = 1000
+DEFAULT_BACKOFF_LIMIT = 3
+"""Retries of retryable failures when the spec does not say (the Job API's own default is 6;
+a training retry costs GPU hours, so fewer)."""
+VALIDATION_BACKOFF_LIMIT = 2
+"""Retries of the validation pod for failures that are not about the data (network blips)."""
+TRAINER_GRACE_SECONDS = 300
+"""Time a trainer pod gets after SIGTERM to write a checkpoint."""
+VALIDATION_DEADLINE_SECONDS = 3600
+"""A validation pod that runs longer than this is stopped."""
+SCRATCH_VOLUME = "scratch"
+CONFIG_VOLUME = "trainer-config"
+
+
+def selector_labels(job_name: str) -> dict[str, str]:
+    """Labels that select every child of one FineTuneJob."""
+    return {LABEL_INSTANCE: job_name, LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def labels(job: Body, component: str) -> dict[str, str]:
+    """The recommended labels of a child."""
+    return {
+        LABEL_NAME: "kubetune",
+        LABEL_INSTANCE: job["metadata"]["name"],
+        LABEL_COMPONENT: component,
+        LABEL_PART_OF: "kubetune",
+        LABEL_MANAGED_BY: MANAGED_BY,
+    }
+
+
+def owner_reference(job: Body) -> Body:
+    """The controller owner reference to the FineTuneJob (garbage collection deletes children with it)."""
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job["metadata"]["name"],
+        "uid": job["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: Body, name: str, component: str) -> Body:
+    return {
+        "name": name,
+        "namespace": job["metadata"]["namespace"],
+        "labels": labels(job, component),
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+def config_hash(rendered: render.RenderedConfig) -> str:
+    """A short digest of the config content (annotated on Jobs to tell which config they run)."""
+    return hashlib.sha256(rendered.config_json().encode()).hexdigest()[:16]
+
+
+def trainer_configmap(job: Body, rendered: render.RenderedConfig) -> Body:
+    """The ConfigMap holding the rendered trainer config."""
+    metadata = _metadata(job, names.config_map(job["metadata"]["name"]), COMPONENT_CONFIG)
+    metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(rendered)}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata,
+        "data": {render.CONFIG_FILE_NAME: rendered.config_json()},
+    }
+
+
+def progress_secret(job: Body, token: str) -> Body:
+    """The Secret with this job's progress-report token (valid only for this job's identity)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        "metadata": _metadata(job, names.progress_secret(job["metadata"]["name"]), COMPONENT_CREDENTIALS),
+        "stringData": {TOKEN_KEY: token},
+    }
+
+
+# --- pod parts ---------------------------------------------------------------------
+
+def pod_security_context() -> Body:
+    """Pod-level settings required by the `restricted` Pod Security level."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def container_security_context() -> Body:
+    """Container-level settings: `restricted` plus a read-only root filesystem."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def claim_volume_name(claim: str) -> str:
+    """Volume name of a mounted PVC (volume names are DNS labels too)."""
+    return names.child_name("pvc", claim)[:63]
+
+
+def _volumes(rendered: render.RenderedConfig, job_name: str) -> list[Body]:
+    volumes: list[Body] = [
+        {"name": CONFIG_VOLUME, "configMap": {"name": names.config_map(job_name)}},
+        {"name": SCRATCH_VOLUME, "emptyDir": {}},
+    ]
+    for claim in rendered.claims:
+        volumes.append({"name": claim_volume_name(claim), "persistentVolumeClaim": {"claimName": claim}})
+    return volumes
+
+
+def _volume_mounts(rendered: render.RenderedConfig) -> list[Body]:
+    mounts: list[Body] = [
+        {"name": CONFIG_VOLUME, "mountPath": render.CONFIG_MOUNT_DIR, "readOnly": True},
+        {"name": SCRATCH_VOLUME, "mountPath": "/tmp"},
+    ]
+    for claim in rendered.claims:
+        mounts.append({"name": claim_volume_name(claim), "mountPath": f"{render.PVC_MOUNT_ROOT}/{claim}"})
+    return mounts
+
+
+def _scratch_env() -> list[Body]:
+    """Caches and home point into /tmp: the root filesystem is read-only."""
+    return [
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/tmp/.cache"},
+        {"name": "HF_HOME", "value": "/tmp/.cache/huggingface"},
+        {"name": "MPLCONFIGDIR", "value": "/tmp/.cache/matplotlib"},
+        {"name": "TRITON_CACHE_DIR", "value": "/tmp/.cache/triton"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+
+
+def gpu_count(spec: Body) -> int:
+    """GPUs per trainer pod: `spec.resources.gpus` (an int; "auto" = 1; omitted = 0)."""
+    gpus = (spec.get("resources") or {}).get("gpus", 0)
+    if gpus == trainer_config.AUTO:
+        return 1
+    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
+        return 0
+    return gpus
+
+
+def trainer_resources(spec: Body) -> Body:
+    """Requests and limits of the trainer container: CPU, memory and `nvidia.com/gpu`."""
+    resources = spec.get("resources") or {}
+    requests: dict[str, Any] = {}
+    limits: dict[str, Any] = {}
+    if resources.get("cpu") not in (None, ""):
+        requests["cpu"] = str(resources["cpu"])
+    if resources.get("memory") not in (None, ""):
+        requests["memory"] = str(resources["memory"])
+        limits["memory"] = str(resources["memory"])
+    gpus = gpu_count(spec)
+    if gpus:
+        # Extended resources cannot be overcommitted: requests must equal limits.
+        requests[GPU_RESOURCE] = gpus
+        limits[GPU_RESOURCE] = gpus
+    result: Body = {}
+    if requests:
+        result["requests"] = requests
+    if limits:
+        result["limits"] = limits
+    return result
+
+
+def _tolerations(spec: Body) -> list[Body]:
+    tolerations = [dict(t) for t in ((spec.get("resources") or {}).get("tolerations") or [])]
+    if gpu_count(spec) and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+        # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule.
+        tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
+    return tolerations
+
+
+def _trainer_command(*extra: str) -> list[str]:
+    return ["python", "-m", "kubetune.trainer", "--config",
+            f"{render.CONFIG_MOUNT_DIR}/{render.CONFIG_FILE_NAME}", *extra]
+
+
+def _pod_spec(job: Body, rendered: render.RenderedConfig, container: Body, *, grace: int) -> Body:
+    spec = job.get("spec") or {}
+    resources = spec.get("resources") or {}
+    pod: Body = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": grace,
+        "securityContext": pod_security_context(),
+        "containers": [container],
+        "volumes": _volumes(rendered, job["metadata"]["name"]),
+    }
+    return pod | _placement(resources, spec, include_gpu_toleration=container["name"] == TRAINER_CONTAINER)
+
+
+def _placement(resources: Body, spec: Body, *, include_gpu_toleration: bool) -> Body:
+    placement: Body = {}
+    if resources.get("nodeSelector"):
+        placement["nodeSelector"] = dict(resources["nodeSelector"])
+    tolerations = _tolerations(spec) if include_gpu_toleration else list(resources.get("tolerations") or [])
+    if tolerations:
+        placement["tolerations"] = tolerations
+    if resources.get("priorityClassName"):
+        placement["priorityClassName"] = resources["priorityClassName"]
+    return placement
+
+
+def _container(name: str, image: str, pull_policy: str, command: list[str], env: list[Body],
+               resources: Body, rendered: render.RenderedConfig) -> Body:
+    return {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": pull_policy,
+        "command": command,
+        "env": env,
+        "resources": resources,
+        "securityContext": container_security_context(),
+        "volumeMounts": _volume_mounts(rendered),
+        "terminationMessagePath": trainer_config.DEFAULT_TERMINATION_LOG,
+        # The trainer writes a JSON summary there; a crash before that leaves the log tail.
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+
+
+def validation_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSettings) -> Body:
+    """The accelerator-free Job that runs `--validate-only` before any GPU is held."""
+    name = names.validation_job(job["metadata"]["name"])
+    resources = {
+        "requests": {"cpu": settings.validation_cpu, "memory": settings.validation_memory},
+        "limits": {"memory": settings.validation_memory},
+    }
+    container = _container(VALIDATION_CONTAINER, settings.trainer_image, settings.image_pull_policy,
+                           _trainer_command("--validate-only"), _scratch_env(), resources, rendered)
+    metadata = _metadata(job, name, COMPONENT_VALIDATION)
+    metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(rendered)}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "backoffLimit": VALIDATION_BACKOFF_LIMIT,
+            "activeDeadlineSeconds": VALIDATION_DEADLINE_SECONDS,
+            "podFailurePolicy": _pod_failure_policy(VALIDATION_CONTAINER),
+            "template": {
+                "metadata": {"labels": labels(job, COMPONENT_VALIDATION)},
+                "spec": _pod_spec(job, rendered, container, grace=30),
+            },
+        },
+    }
+
+
+def _pod_failure_policy(container: str) -> Body:
+    return {"rules": [
+        # The trainer's permanent-error code: bad data/config/model; a retry cannot help.
+        {"action": "FailJob",
+         "onExitCodes": {"containerName": container, "operator": "In",
+                         "values": [trainer_config.EXIT_PERMANENT]}},
+        # Preemption, eviction, node drain: not the trainer's fault, not counted as a failure.
+        {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+    ]}
+
+
+def backoff_limit(spec: Body) -> int:
+    """Retries of retryable trainer failures (`spec.backoffLimit`, default 3)."""
+    value = spec.get("backoffLimit")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
+        else DEFAULT_BACKOFF_LIMIT
+
+
+def trainer_env(job: Body, settings: OperatorSettings) -> list[Body]:
+    """Identity, attempt and progress-endpoint environment of the trainer container."""
+    env = _scratch_env()
+    env.append({"name": trainer_config.ENV_ATTEMPT,
+                "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_ATTEMPT}']"}}})
+    if settings.progress_url:
+        env.append({"name": trainer_config.ENV_PROGRESS_URL, "value": settings.progress_url})
+        env.append({"name": trainer_config.ENV_PROGRESS_TOKEN, "valueFrom": {"secretKeyRef": {
+            "name": names.progress_secret(job["metadata"]["name"]), "key": TOKEN_KEY}}})
+    return env
+
+
+def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSettings) -> Body:
+    """The training Job.
+
+    One Indexed completion with `backoffLimitPerIndex`, so the Job controller
+    retries retryable failures itself and counts them in the pod annotation
+    `batch.kubernetes.io/job-index-failure-count`, which reaches the trainer as
+    `KUBETUNE_ATTEMPT`: a pod with attempt > 0 resumes from the latest checkpoint.
+    """
+    spec = job.get("spec") or {}
+    name = names.trainer_job(job["metadata"]["name"])
+    limit = backoff_limit(spec)
+    container = _container(TRAINER_CONTAINER, settings.trainer_image, settings.image_pull_policy,
+                           _trainer_command(), trainer_env(job, settings), trainer_resources(spec), rendered)
+    metadata = _metadata(job, name, COMPONENT_TRAINER)
+    metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(rendered)}
+    queue = (spec.get("resources") or {}).get("queueName")
+    if queue:
+        metadata["labels"][LABEL_QUEUE] = queue
+    job_spec: Body = {
+        "completionMode": "Indexed",
+        "completions": 1,
+        "parallelism": 1,
+        "backoffLimit": limit,
+        "backoffLimitPerIndex": limit,
+        # Never two trainers on one checkpoint folder: replace a pod only once it is gone.
+        "podReplacementPolicy": "Failed",
+        "podFailurePolicy": _pod_failure_policy(TRAINER_CONTAINER),
+        # Kueue admits a queued job by unsuspending it.
+        "suspend": bool(spec.get("suspend")) or bool(queue),
+        "template": {
+            "metadata": {"labels": labels(job, COMPONENT_TRAINER)},
+            "spec": _pod_spec(job, rendered, container, grace=TRAINER_GRACE_SECONDS),
+        },
+    }
+    if isinstance(spec.get("activeDeadlineSeconds"), int) and spec["activeDeadlineSeconds"] > 0:
+        job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
+    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}

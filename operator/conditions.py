@@ -1,0 +1,122 @@
+"""Status conditions of a FineTuneJob: types, reasons, and the one way to set them.
+
+Conditions follow the Kubernetes API conventions: `lastTransitionTime` moves
+only when a condition's `status` flips; `reason` is a CamelCase constant from
+this module; `message` is for humans. Functions here are pure: they return new
+lists and never mutate their input.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+
+class Condition(TypedDict):
+    """One entry of `status.conditions`."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str
+    observedGeneration: int
+    lastTransitionTime: str
+
+
+Status = Literal["True", "False", "Unknown"]
+
+# --- condition types -------------------------------------------------------------
+
+VALIDATED = "Validated"
+"""The spec renders into a valid trainer config and the dataset passed validation."""
+RUNNING = "Running"
+"""A trainer pod is running."""
+SUCCEEDED = "Succeeded"
+"""Training finished and the model was written (terminal)."""
+FAILED = "Failed"
+"""Training ended without a model (terminal)."""
+SUSPENDED = "Suspended"
+"""The user suspended the job (`spec.suspend: true`); checkpoints are kept."""
+SERVING_READY = "ServingReady"
+"""The finished model is served."""
+
+ALL_TYPES = (VALIDATED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, SERVING_READY)
+
+# --- reasons -----------------------------------------------------------------------
+
+INVALID_SPEC = "InvalidSpec"
+"""The spec cannot be rendered into a trainer config (names the field)."""
+VALIDATING = "ValidatingDataset"
+"""The dataset-validation pod has not finished yet."""
+DATASET_VALID = "DatasetValid"
+"""The dataset-validation pod passed."""
+INVALID_DATASET = "InvalidDataset"
+"""The dataset-validation pod (or the trainer) found a problem with the data."""
+VALIDATION_ERROR = "ValidationError"
+"""The dataset-validation pod failed for a reason other than the data (retries exhausted)."""
+WAITING_FOR_VALIDATION = "WaitingForValidation"
+PENDING = "Pending"
+"""The trainer Job exists but no pod runs yet (scheduling, image pull, queue)."""
+TRAINING = "Training"
+"""A trainer pod is running."""
+RESUMING = "Resuming"
+"""A retryable failure happened; a new pod resumes from the latest checkpoint."""
+NOT_FINISHED = "NotFinished"
+TRAINING_COMPLETE = "TrainingComplete"
+"""The trainer exited 0 and wrote the model."""
+PERMANENT_ERROR = "PermanentError"
+"""The trainer exited with the permanent-error code: bad config, data or model; no retry."""
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+"""Retryable failures used up `spec.backoffLimit`."""
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+"""The run exceeded `spec.activeDeadlineSeconds`."""
+TRAINER_JOB_FAILED = "TrainerJobFailed"
+"""The trainer Job failed for another reason (named in the message)."""
+TRAINER_JOB_MISSING = "TrainerJobMissing"
+"""The trainer Job disappeared before the outcome was known."""
+SUSPENDED_BY_USER = "SuspendedByUser"
+NOT_SUSPENDED = "NotSuspended"
+SERVING_DISABLED = "ServingDisabled"
+"""`spec.serving.enabled` is false."""
+SERVING_NOT_IMPLEMENTED = "ServingNotSupportedYet"
+"""Serving is requested but this operator version does not create serving children."""
+WAITING_FOR_MODEL = "WaitingForModel"
+"""Serving waits until training succeeds."""
+
+
+def find(conditions: list[Condition], type_: str) -> Condition | None:
+    """The condition of that type, or None."""
+    return next((c for c in conditions if c.get("type") == type_), None)
+
+
+def is_true(conditions: list[Condition], type_: str) -> bool:
+    """Whether the condition of that type exists and has status True."""
+    found = find(conditions, type_)
+    return found is not None and found.get("status") == "True"
+
+
+def set_condition(conditions: list[Condition], type_: str, status: Status, reason: str,
+                  message: str, *, generation: int, now: str) -> list[Condition]:
+    """A new list with that condition set; `lastTransitionTime` moves only when `status` flips."""
+    previous = find(conditions, type_)
+    transition = now
+    if previous is not None and previous.get("status") == status and previous.get("lastTransitionTime"):
+        transition = previous["lastTransitionTime"]
+    updated: Condition = {
+        "type": type_, "status": status, "reason": reason, "message": message,
+        "observedGeneration": generation, "lastTransitionTime": transition,
+    }
+    result = [c for c in conditions if c.get("type") != type_]
+    result.append(updated)
+    order = {t: i for i, t in enumerate(ALL_TYPES)}
+    result.sort(key=lambda c: order.get(c.get("type", ""), len(order)))
+    return result
+
+
+def changes(before: list[Condition], after: list[Condition]) -> list[Condition]:
+    """Conditions of `after` whose status or reason differ from `before` (what deserves an Event)."""
+    changed = []
+    for condition in after:
+        old = find(before, condition["type"])
+        if old is None or old.get("status") != condition["status"] or old.get("reason") != condition["reason"]:
+            changed.append(condition)
+    return changed

@@ -1,0 +1,44 @@
+"""Deterministic names of a FineTuneJob's children.
+
+A child's name depends only on the FineTuneJob's name, so every reconcile (and
+every operator restart) computes the same names and a create that answers 409
+means "already there". Names stay within 63 characters (Jobs put their name in
+a label): a long job name is shortened and a hash of the full name keeps it unique.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+MAX_NAME_LENGTH = 63
+"""Label values, and therefore Job names, are at most 63 characters."""
+
+
+def child_name(job_name: str, suffix: str) -> str:
+    """`<job_name>-<suffix>`, shortened with a stable hash when longer than 63 characters."""
+    full = f"{job_name}-{suffix}"
+    if len(full) <= MAX_NAME_LENGTH:
+        return full
+    digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
+    keep = MAX_NAME_LENGTH - len(suffix) - len(digest) - 2
+    return f"{job_name[:keep].rstrip('-.')}-{digest}-{suffix}"
+
+
+def config_map(job_name: str) -> str:
+    """The ConfigMap holding the rendered trainer config."""
+    return child_name(job_name, "config")
+
+
+def progress_secret(job_name: str) -> str:
+    """The Secret holding the job's progress-report token."""
+    return child_name(job_name, "progress")
+
+
+def validation_job(job_name: str) -> str:
+    """The accelerator-free Job that validates the dataset before GPUs are held."""
+    return child_name(job_name, "validate")
+
+
+def trainer_job(job_name: str) -> str:
+    """The Job that trains."""
+    return child_name(job_name, "train")

@@ -1,0 +1,545 @@
+"""The one level-based reconcile of a FineTuneJob (pure).
+
+`reconcile(observed, settings)` looks at the FineTuneJob and its children as
+they are now and returns a `Decision`: the status fields to write, the child
+objects to create, patch or delete, and the Events to emit. Create, update,
+resume, the timer and child events all call it; running it twice on the same
+observation gives the same decision, and running it after its actions took
+effect changes nothing more. `handlers` and `client` carry the decision out.
+
+The steps, in order:
+
+1. finished jobs: only the TTL of training children and serving;
+2. render the spec into the trainer config (a bad spec ends here, `Validated=False`);
+3. the progress-token Secret and the config ConfigMap;
+4. dataset validation in a pod without accelerators (`InvalidDataset` ends the job);
+5. the trainer Job: create, suspend/resume, and read its outcome;
+6. serving (a seam for a later version: it only reports why nothing is served).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from kubetune.operator import builders, conditions, names, render, reports
+from kubetune.operator.conditions import Condition
+from kubetune.operator.settings import OperatorSettings
+from kubetune.trainer import config as trainer_config
+
+Body = dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Observed:
+    """The FineTuneJob and its children as read from the API server."""
+
+    job: Body
+    """The FineTuneJob (metadata, spec, status)."""
+    now: datetime
+    """The time of the observation (UTC, aware)."""
+    config_map: Body | None = None
+    progress_secret: Body | None = None
+    validation_job: Body | None = None
+    validation_pods: tuple[Body, ...] = ()
+    trainer_job: Body | None = None
+    trainer_pods: tuple[Body, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class CreateChild:
+    """Create this object; 409 means it is already there."""
+
+    manifest: Body
+
+
+@dataclasses.dataclass(frozen=True)
+class PatchChild:
+    """Merge-patch an existing child."""
+
+    api_version: str
+    kind: str
+    name: str
+    patch: Body
+
+
+@dataclasses.dataclass(frozen=True)
+class DeleteChild:
+    """Delete a child (and, for Jobs, its pods); 404 means it is already gone."""
+
+    api_version: str
+    kind: str
+    name: str
+
+
+Action = CreateChild | PatchChild | DeleteChild
+
+
+@dataclasses.dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event on the FineTuneJob."""
+
+    type: str
+    """`Normal` or `Warning`."""
+    reason: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What to do: status fields to merge-patch, child actions, events, and when to look again."""
+
+    status_patch: Body
+    actions: tuple[Action, ...]
+    events: tuple[Event, ...]
+    requeue_after: float | None = None
+    """Seconds until something time-based is due (e.g. the TTL), or None."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Termination:
+    """How a pod's container ended, from its status."""
+
+    exit_code: int
+    message: str
+    summary: Body
+    """The trainer's JSON summary from the termination message (empty if it was not JSON)."""
+    finished_at: str
+    disrupted: bool
+
+
+class _Draft:
+    """The decision being built."""
+
+    def __init__(self, observed: Observed) -> None:
+        self.observed = observed
+        job = observed.job
+        self.metadata: Body = job.get("metadata") or {}
+        spec = job.get("spec")
+        self.spec: Body = spec if isinstance(spec, dict) else {}
+        self.status: Body = dict(job.get("status") or {})
+        self.generation = int(self.metadata.get("generation") or 0)
+        self.now = _rfc3339(observed.now)
+        self.before: list[Condition] = list(self.status.get("conditions") or [])
+        self.conditions: list[Condition] = list(self.before)
+        self.patch: Body = {"observedGeneration": self.generation}
+        self.actions: list[Action] = []
+        self.extra_events: list[Event] = []
+        self.requeue_after: float | None = None
+
+    @property
+    def name(self) -> str:
+        return str(self.metadata.get("name", ""))
+
+    def set(self, type_: str, status: conditions.Status, reason: str, message: str) -> None:
+        self.conditions = conditions.set_condition(self.conditions, type_, status, reason, message,
+                                                   generation=self.generation, now=self.now)
+
+    def is_true(self, type_: str) -> bool:
+        return conditions.is_true(self.conditions, type_)
+
+    def finish(self, succeeded: bool, reason: str, message: str, completion_time: str | None = None) -> None:
+        """Mark the job terminal (Succeeded or Failed) and record its completion time once."""
+        self.set(conditions.SUCCEEDED, "True" if succeeded else "False", reason, message)
+        self.set(conditions.FAILED, "False" if succeeded else "True", reason, "" if succeeded else message)
+        self.set(conditions.RUNNING, "False", reason, "training ended")
+        if not self.status.get("completionTime"):
+            self.patch["completionTime"] = completion_time or self.now
+
+    def decision(self) -> Decision:
+        self.patch["conditions"] = self.conditions
+        events = [_event_for(c) for c in conditions.changes(self.before, self.conditions)]
+        return Decision(status_patch=self.patch, actions=tuple(self.actions),
+                        events=tuple(events + self.extra_events), requeue_after=self.requeue_after)
+
+
+def _event_for(condition: Condition) -> Event:
+    warning = (condition["type"] == conditions.FAILED and condition["status"] == "True") or (
+        condition["type"] == conditions.VALIDATED and condition["status"] == "False")
+    text = f"{condition['type']}={condition['status']}"
+    if condition["message"]:
+        text += f": {condition['message']}"
+    return Event(type="Warning" if warning else "Normal", reason=condition["reason"], message=text[:1024])
+
+
+def reconcile(observed: Observed, settings: OperatorSettings) -> Decision:
+    """Decide how to converge one FineTuneJob; see the module docstring for the steps."""
+    draft = _Draft(observed)
+    if draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED):
+        _expire_training_children(draft)
+        _decide_serving(draft)
+        return draft.decision()
+    try:
+        rendered = render.trainer_config_for(observed.job)
+    except render.SpecError as error:
+        message = "; ".join(error.problems)
+        draft.set(conditions.VALIDATED, "False", conditions.INVALID_SPEC, message)
+        draft.finish(False, conditions.INVALID_SPEC, message)
+        _decide_serving(draft)
+        return draft.decision()
+    _ensure_credentials(draft, settings)
+    _ensure_config(draft, rendered)
+    if _validate_dataset(draft, rendered, settings):
+        _train(draft, rendered, settings)
+    _decide_serving(draft)
+    return draft.decision()
+
+
+# --- step 3: credentials and config --------------------------------------------------
+
+def _ensure_credentials(draft: _Draft, settings: OperatorSettings) -> None:
+    if not settings.progress_url or draft.observed.progress_secret is not None:
+        return
+    key = reports.JobKey(draft.metadata.get("namespace", ""), draft.name, draft.metadata.get("uid", ""))
+    token = reports.job_token(settings.secret_key, key)
+    draft.actions.append(CreateChild(builders.progress_secret(draft.observed.job, token)))
+
+
+def _ensure_config(draft: _Draft, rendered: render.RenderedConfig) -> None:
+    desired = builders.trainer_configmap(draft.observed.job, rendered)
+    actual = draft.observed.config_map
+    if actual is None:
+        draft.actions.append(CreateChild(desired))
+    elif actual.get("data") != desired["data"] and draft.observed.trainer_job is None:
+        # The spec changed before training started: the trainer will read the new config.
+        draft.actions.append(PatchChild("v1", "ConfigMap", desired["metadata"]["name"], {
+            "metadata": {"annotations": desired["metadata"]["annotations"]}, "data": desired["data"]}))
+
+
+# --- step 4: dataset validation --------------------------------------------------------
+
+def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSettings) -> bool:
+    """Returns True when training may go ahead."""
+    observed = draft.observed
+    if draft.is_true(conditions.VALIDATED) or observed.trainer_job is not None:
+        if not draft.is_true(conditions.VALIDATED):
+            draft.set(conditions.VALIDATED, "True", conditions.DATASET_VALID, "training already started")
+        return True
+    vjob = observed.validation_job
+    desired_hash = builders.config_hash(rendered)
+    if vjob is not None and _annotation(vjob, builders.ANNOTATION_CONFIG_HASH) not in (None, desired_hash):
+        # The spec changed while validating: validate the new config instead.
+        draft.actions.append(DeleteChild("batch/v1", "Job", vjob["metadata"]["name"]))
+        vjob = None
+    if vjob is None:
+        if not any(isinstance(a, DeleteChild) for a in draft.actions):
+            draft.actions.append(CreateChild(builders.validation_job(observed.job, rendered, settings)))
+        _waiting_for_validation(draft, "the dataset-validation pod was created")
+        return False
+    outcome = job_outcome(vjob)
+    if outcome == "Complete":
+        ended = latest_termination(observed.validation_pods, builders.VALIDATION_CONTAINER)
+        detail = _summary_text(ended) if ended else ""
+        draft.set(conditions.VALIDATED, "True", conditions.DATASET_VALID,
+                  "dataset validated" + (f": {detail}" if detail else ""))
+        return True
+    if outcome == "Failed":
+        reason, message = _validation_failure(vjob, observed.validation_pods)
+        draft.set(conditions.VALIDATED, "False", reason, message)
+        draft.finish(False, reason, message)
+        return False
+    _waiting_for_validation(draft, "the dataset-validation pod is running or pending")
+    return False
+
+
+def _waiting_for_validation(draft: _Draft, message: str) -> None:
+    draft.set(conditions.VALIDATED, "Unknown", conditions.VALIDATING, message)
+    draft.set(conditions.RUNNING, "False", conditions.WAITING_FOR_VALIDATION,
+              "training starts once the dataset is validated")
+    draft.set(conditions.SUCCEEDED, "False", conditions.NOT_FINISHED, "")
+    draft.set(conditions.FAILED, "False", conditions.NOT_FINISHED, "")
+    _set_suspended(draft, holding_pods=False)
+
+
+def _validation_failure(vjob: Body, pods: tuple[Body, ...]) -> tuple[str, str]:
+    ended = latest_termination(pods, builders.VALIDATION_CONTAINER)
+    if ended is not None and ended.exit_code == trainer_config.EXIT_PERMANENT:
+        return conditions.INVALID_DATASET, _summary_text(ended) or "the dataset-validation pod rejected the data"
+    condition = _job_condition(vjob, "Failed") or _job_condition(vjob, "FailureTarget") or {}
+    if condition.get("reason") == "PodFailurePolicy":
+        return conditions.INVALID_DATASET, (_summary_text(ended) if ended else "") or str(
+            condition.get("message") or "the dataset-validation pod rejected the data")
+    detail = _summary_text(ended) if ended else ""
+    message = f"dataset validation failed ({condition.get('reason', 'unknown reason')}: " \
+              f"{condition.get('message', '')})"
+    return conditions.VALIDATION_ERROR, message + (f"; last pod said: {detail}" if detail else "")
+
+
+# --- step 5: training ------------------------------------------------------------------
+
+def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSettings) -> None:
+    observed = draft.observed
+    tjob = observed.trainer_job
+    if tjob is None:
+        draft.actions.append(CreateChild(builders.trainer_job(observed.job, rendered, settings)))
+        draft.set(conditions.RUNNING, "False", conditions.PENDING, "the trainer Job was created")
+        draft.set(conditions.SUCCEEDED, "False", conditions.NOT_FINISHED, "")
+        draft.set(conditions.FAILED, "False", conditions.NOT_FINISHED, "")
+        _set_suspended(draft, holding_pods=False)
+        return
+    _sync_suspend(draft, tjob)
+    job_status = tjob.get("status") or {}
+    attempts = int(job_status.get("failed") or 0) + int(job_status.get("succeeded") or 0) + int(
+        job_status.get("active") or 0)
+    if attempts > int(draft.status.get("attempts") or 0):
+        draft.patch["attempts"] = attempts
+    if job_status.get("startTime") and not draft.status.get("startTime"):
+        draft.patch["startTime"] = job_status["startTime"]
+    outcome = job_outcome(tjob)
+    if outcome == "Complete":
+        _succeed(draft, rendered, tjob)
+    elif outcome == "Failed":
+        reason, message = _training_failure(tjob, observed.trainer_pods)
+        draft.finish(False, reason, message, job_status.get("completionTime"))
+    else:
+        _report_running(draft, tjob)
+
+
+def _sync_suspend(draft: _Draft, tjob: Body) -> None:
+    want = bool(draft.spec.get("suspend"))
+    have = bool((tjob.get("spec") or {}).get("suspend"))
+    queued = bool((draft.spec.get("resources") or {}).get("queueName"))
+    # With a queue, Kueue unsuspends the Job when it admits it; we only ever suspend it.
+    if want != have and (want or not queued):
+        draft.actions.append(PatchChild("batch/v1", "Job", tjob["metadata"]["name"], {"spec": {"suspend": want}}))
+
+
+def _set_suspended(draft: _Draft, *, holding_pods: bool) -> None:
+    if draft.spec.get("suspend"):
+        message = "suspended: no trainer pod runs; checkpoints are kept and resuming continues from the latest"
+        draft.set(conditions.SUSPENDED, "True", conditions.SUSPENDED_BY_USER,
+                  message if not holding_pods else "suspending: stopping the trainer pod")
+    else:
+        draft.set(conditions.SUSPENDED, "False", conditions.NOT_SUSPENDED, "")
+
+
+def _report_running(draft: _Draft, tjob: Body) -> None:
+    pods = draft.observed.trainer_pods
+    live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")
+            and (p.get("status") or {}).get("phase") in ("Pending", "Running")]
+    running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
+    draft.set(conditions.SUCCEEDED, "False", conditions.NOT_FINISHED, "")
+    draft.set(conditions.FAILED, "False", conditions.NOT_FINISHED, "")
+    suspended = bool(draft.spec.get("suspend"))
+    _set_suspended(draft, holding_pods=suspended and bool(live))
+    attempt = _attempt_of(running[0] if running else live[0]) if live else None
+    if suspended:
+        draft.set(conditions.RUNNING, "False", conditions.SUSPENDED_BY_USER, "the job is suspended")
+    elif running:
+        draft.set(conditions.RUNNING, "True", conditions.TRAINING, f"training (attempt {attempt})")
+    elif live and attempt:
+        last = latest_termination(pods, builders.TRAINER_CONTAINER)
+        why = f" after exit code {last.exit_code}: {_summary_text(last)}" if last else ""
+        draft.set(conditions.RUNNING, "False", conditions.RESUMING,
+                  f"attempt {attempt} resumes from the latest checkpoint{why}"[:1024])
+    else:
+        draft.set(conditions.RUNNING, "False", conditions.PENDING, "waiting for the trainer pod to start")
+
+
+def _attempt_of(pod: Body) -> int:
+    value = ((pod.get("metadata") or {}).get("annotations") or {}).get(builders.ANNOTATION_ATTEMPT, "0")
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return 0
+
+
+def _succeed(draft: _Draft, rendered: render.RenderedConfig, tjob: Body) -> None:
+    ended = latest_termination(draft.observed.trainer_pods, builders.TRAINER_CONTAINER, exit_code=0)
+    summary = ended.summary if ended else {}
+    # The termination message finishes the status even when the last report push was lost.
+    model = dict(draft.status.get("model") or {})
+    model.setdefault("uri", rendered.model_uri)
+    if isinstance(summary.get("modelDigest"), str) and summary["modelDigest"]:
+        model["digest"] = summary["modelDigest"]
+    draft.patch["model"] = model
+    if isinstance(summary.get("results"), dict) and summary["results"]:
+        draft.patch["results"] = summary["results"]
+    progress = dict(draft.status.get("progress") or {})
+    if isinstance(summary.get("step"), int):
+        progress["step"] = summary["step"]
+    progress["percent"] = 100.0
+    progress["etaSeconds"] = 0
+    draft.patch["progress"] = progress
+    if isinstance(summary.get("valLoss"), (int, float)) and not isinstance(summary.get("valLoss"), bool):
+        metrics = dict(draft.status.get("metrics") or {})
+        metrics.setdefault("valLoss", summary["valLoss"])
+        draft.patch["metrics"] = metrics
+    message = f"model written to {model['uri']}"
+    if summary.get("message"):
+        message += f": {summary['message']}"
+    draft.finish(True, conditions.TRAINING_COMPLETE, message[:1024],
+                 (tjob.get("status") or {}).get("completionTime"))
+    _set_suspended(draft, holding_pods=False)
+
+
+_FAILURE_REASONS = {
+    "PodFailurePolicy": conditions.PERMANENT_ERROR,
+    "BackoffLimitExceeded": conditions.BACKOFF_LIMIT_EXCEEDED,
+    "FailedIndexes": conditions.BACKOFF_LIMIT_EXCEEDED,
+    "MaxFailedIndexesExceeded": conditions.BACKOFF_LIMIT_EXCEEDED,
+    "DeadlineExceeded": conditions.DEADLINE_EXCEEDED,
+}
+
+
+def _training_failure(tjob: Body, pods: tuple[Body, ...]) -> tuple[str, str]:
+    condition = _job_condition(tjob, "Failed") or _job_condition(tjob, "FailureTarget") or {}
+    job_reason = str(condition.get("reason") or "")
+    reason = _FAILURE_REASONS.get(job_reason, conditions.TRAINER_JOB_FAILED)
+    ended = latest_termination(pods, builders.TRAINER_CONTAINER, failed_only=True)
+    if ended is not None and ended.exit_code == trainer_config.EXIT_PERMANENT:
+        reason = conditions.PERMANENT_ERROR
+    detail = _summary_text(ended) if ended else ""
+    if reason == conditions.PERMANENT_ERROR:
+        message = f"the trainer stopped with a permanent error (no retry): {detail or condition.get('message', '')}"
+    elif reason == conditions.BACKOFF_LIMIT_EXCEEDED:
+        limit = (tjob.get("spec") or {}).get("backoffLimitPerIndex", (tjob.get("spec") or {}).get("backoffLimit"))
+        message = f"retryable failures used up backoffLimit ({limit})" + (f"; last: {detail}" if detail else "")
+    elif reason == conditions.DEADLINE_EXCEEDED:
+        message = f"the run exceeded activeDeadlineSeconds " \
+                  f"({(tjob.get('spec') or {}).get('activeDeadlineSeconds')})"
+    else:
+        message = f"the trainer Job failed ({job_reason}: {condition.get('message', '')})"
+    return reason, message[:1024]
+
+
+# --- step 1: finished jobs ----------------------------------------------------------------
+
+def _expire_training_children(draft: _Draft) -> None:
+    ttl = draft.spec.get("ttlSecondsAfterFinished")
+    completion = _parse_time(draft.status.get("completionTime") or draft.patch.get("completionTime"))
+    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0 or completion is None:
+        return
+    due = completion + timedelta(seconds=ttl)
+    if draft.observed.now < due:
+        draft.requeue_after = (due - draft.observed.now).total_seconds()
+        return
+    observed = draft.observed
+    present = [("batch/v1", "Job", observed.trainer_job), ("batch/v1", "Job", observed.validation_job),
+               ("v1", "ConfigMap", observed.config_map), ("v1", "Secret", observed.progress_secret)]
+    removed = []
+    for api_version, kind, child in present:
+        if child is not None:
+            draft.actions.append(DeleteChild(api_version, kind, child["metadata"]["name"]))
+            removed.append(f"{kind} {child['metadata']['name']}")
+    if removed:
+        draft.extra_events.append(Event("Normal", "TrainingChildrenRemoved",
+                                        f"ttlSecondsAfterFinished ({ttl}s) passed: removed {', '.join(removed)}; "
+                                        "the FineTuneJob, the model and serving stay"))
+
+
+# --- step 6: serving (seam) ----------------------------------------------------------------
+
+def _decide_serving(draft: _Draft) -> None:
+    """Serving children are a later version's work; say why nothing is served."""
+    serving = draft.spec.get("serving") or {}
+    if not serving.get("enabled"):
+        draft.set(conditions.SERVING_READY, "False", conditions.SERVING_DISABLED, "spec.serving.enabled is false")
+    elif not draft.is_true(conditions.SUCCEEDED):
+        draft.set(conditions.SERVING_READY, "False", conditions.WAITING_FOR_MODEL,
+                  "serving starts once training succeeds")
+    else:
+        draft.set(conditions.SERVING_READY, "False", conditions.SERVING_NOT_IMPLEMENTED,
+                  "this operator version does not create serving objects yet")
+
+
+# --- reading children ---------------------------------------------------------------------
+
+def _job_condition(job: Body, type_: str) -> Body | None:
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == type_ and condition.get("status") == "True":
+            return dict(condition)
+    return None
+
+
+def job_outcome(job: Body) -> str:
+    """`Complete`, `Failed` or `Active` for a batch/v1 Job (terminal as soon as the controller decides)."""
+    if _job_condition(job, "Complete") or _job_condition(job, "SuccessCriteriaMet"):
+        return "Complete"
+    if _job_condition(job, "Failed") or _job_condition(job, "FailureTarget"):
+        return "Failed"
+    return "Active"
+
+
+def latest_termination(pods: tuple[Body, ...], container: str, *, exit_code: int | None = None,
+                       failed_only: bool = False) -> Termination | None:
+    """How the most recently finished container of that name ended, optionally filtered."""
+    found: list[Termination] = []
+    for pod in pods:
+        conditions_ = (pod.get("status") or {}).get("conditions") or []
+        disrupted = any(c.get("type") == "DisruptionTarget" and c.get("status") == "True" for c in conditions_)
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            terminated = (status.get("state") or {}).get("terminated")
+            if status.get("name") != container or not isinstance(terminated, dict):
+                continue
+            code = int(terminated.get("exitCode", -1))
+            if (exit_code is not None and code != exit_code) or (failed_only and code == 0):
+                continue
+            message = str(terminated.get("message") or "")
+            found.append(Termination(exit_code=code, message=message, summary=_parse_summary(message),
+                                     finished_at=str(terminated.get("finishedAt") or ""), disrupted=disrupted))
+    if not found:
+        return None
+    return max(found, key=lambda t: t.finished_at)
+
+
+def _parse_summary(message: str) -> Body:
+    try:
+        parsed = json.loads(message)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
+def _summary_text(ended: Termination) -> str:
+    if ended.summary:
+        text = ended.summary.get("message")
+        return str(text)[:1000] if text else ""
+    return ended.message.strip()[-1000:]
+
+
+def _annotation(obj: Body, key: str) -> str | None:
+    value = ((obj.get("metadata") or {}).get("annotations") or {}).get(key)
+    return str(value) if value is not None else None
+
+
+def _rfc3339(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def state_of(status: Body) -> str:
+    """One word for a job's state, for metrics and printer columns."""
+    found: list[Condition] = list(status.get("conditions") or [])
+    if conditions.is_true(found, conditions.SUCCEEDED):
+        return "Succeeded"
+    if conditions.is_true(found, conditions.FAILED):
+        return "Failed"
+    if conditions.is_true(found, conditions.SUSPENDED):
+        return "Suspended"
+    if conditions.is_true(found, conditions.RUNNING):
+        return "Running"
+    validated = conditions.find(found, conditions.VALIDATED)
+    if validated is None or validated.get("status") == "Unknown":
+        return "Validating"
+    return "Pending"
+
+
+def child_names(job_name: str) -> dict[str, str]:
+    """The names of every child of a job (for the client to read them)."""
+    return {
+        "config_map": names.config_map(job_name),
+        "progress_secret": names.progress_secret(job_name),
+        "validation_job": names.validation_job(job_name),
+        "trainer_job": names.trainer_job(job_name),
+    }

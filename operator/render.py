@@ -1,0 +1,159 @@
+"""Render a FineTuneJob spec into the trainer's config file (pure).
+
+The trainer config uses the spec's own vocabulary (camelCase keys) for its
+sections `model`, `dataset`, `method`, `hyperparameters`, `training` and
+`evaluation`, plus `output` and `job`. The operator's part is to turn storage
+URIs into paths inside the pod: `pvc://claim/some/path` becomes
+`/mnt/pvc/claim/some/path`, and the claim is mounted there. Other sources
+(`hf://`, `s3://`, `http(s)://`, local paths in local mode) pass through.
+
+The result is checked with the trainer's own `config_from_dict`, so a spec the
+trainer would reject is rejected here, before any pod starts, with the same
+field-by-field problems.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from typing import Any
+
+from kubetune.trainer import config as trainer_config
+
+PVC_SCHEME = "pvc://"
+PVC_MOUNT_ROOT = "/mnt/pvc"
+"""Claims are mounted at `/mnt/pvc/<claim>` in trainer and validation pods."""
+CONFIG_MOUNT_DIR = "/etc/kubetune"
+"""Where the ConfigMap with the trainer config is mounted."""
+CONFIG_FILE_NAME = "trainer-config.json"
+"""Key of the trainer config in the ConfigMap, and its file name."""
+
+TRAINER_SECTIONS = ("model", "dataset", "method", "hyperparameters", "training", "evaluation")
+"""Spec sections copied into the trainer config verbatim (after source rewriting)."""
+DATASET_SPLITS = ("train", "validation", "test")
+
+
+class SpecError(ValueError):
+    """The spec cannot be rendered; `problems` lists each as "spec.field: what is wrong"."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class RenderedConfig:
+    """The trainer config and what the pod needs to run it."""
+
+    config: dict[str, Any]
+    """The trainer config (JSON-ready, camelCase keys)."""
+    claims: tuple[str, ...]
+    """PersistentVolumeClaims to mount at `/mnt/pvc/<claim>`, sorted."""
+    output_uri: str
+    """Where the run writes, as a storage URI (e.g. `pvc://models/finetunes/my-job`)."""
+    model_uri: str
+    """Where the finished model will be (`<output_uri>/model`)."""
+
+    def config_json(self) -> str:
+        """The config file's content (stable key order, so equal specs give equal ConfigMaps)."""
+        return json.dumps(self.config, indent=2, sort_keys=True)
+
+
+def parse_pvc(uri: str, field: str) -> tuple[str, str]:
+    """`pvc://claim/a/b` -> (`claim`, `a/b`); SpecError naming the field when malformed."""
+    rest = uri[len(PVC_SCHEME):]
+    claim, _, path = rest.partition("/")
+    if not claim or not _is_dns_label(claim):
+        raise SpecError([f"{field}: {uri!r} must be pvc://<claim>/<path> with a valid claim name "
+                         "(lower-case letters, digits and '-', at most 63 characters)"])
+    if ".." in path.split("/"):
+        raise SpecError([f"{field}: {uri!r} must not contain '..'"])
+    return claim, path.strip("/")
+
+
+def _is_dns_label(name: str) -> bool:
+    return (0 < len(name) <= 63 and name[0].isalnum() and name[-1].isalnum()
+            and all(ch.islower() or ch.isdigit() or ch == "-" for ch in name))
+
+
+def localize(uri: str, field: str, claims: set[str]) -> str:
+    """A storage URI as the pod sees it; records PVC claims to mount."""
+    if uri.startswith(PVC_SCHEME):
+        claim, path = parse_pvc(uri, field)
+        claims.add(claim)
+        return f"{PVC_MOUNT_ROOT}/{claim}/{path}".rstrip("/")
+    if uri.startswith("file://"):
+        return uri[len("file://"):]
+    return uri
+
+
+def output_location(spec: dict[str, Any], job_name: str) -> str:
+    """The run's output URI: `<spec.output.storage>/<job name>[-<nameSuffix>]`."""
+    output = spec.get("output") or {}
+    storage = output.get("storage")
+    if not isinstance(storage, str) or not storage.strip():
+        raise SpecError(["spec.output.storage: required: where the model and checkpoints go "
+                         "(pvc://<claim>/<path>)"])
+    if storage.startswith("s3://"):
+        raise SpecError(["spec.output.storage: s3:// output is not supported by this operator version; "
+                         "use pvc://<claim>/<path> (checkpoints must survive a pod restart)"])
+    suffix = output.get("nameSuffix") or ""
+    leaf = f"{job_name}-{suffix}" if suffix else job_name
+    return f"{storage.rstrip('/')}/{leaf}"
+
+
+def trainer_config_for(job: dict[str, Any]) -> RenderedConfig:
+    """Render the FineTuneJob into the trainer config; SpecError lists every problem."""
+    metadata = job.get("metadata") or {}
+    spec = job.get("spec")
+    if not isinstance(spec, dict):
+        raise SpecError(["spec: required"])
+    problems: list[str] = []
+    claims: set[str] = set()
+    config: dict[str, Any] = {}
+    for section in TRAINER_SECTIONS:
+        value = spec.get(section)
+        if value is not None:
+            config[section] = copy.deepcopy(value)
+
+    def rewrite(holder: dict[str, Any], key: str, field: str) -> None:
+        value = holder.get(key)
+        if isinstance(value, str):
+            try:
+                holder[key] = localize(value, field, claims)
+            except SpecError as error:
+                problems.extend(error.problems)
+
+    if isinstance(config.get("model"), dict):
+        rewrite(config["model"], "source", "spec.model.source")
+    dataset = config.get("dataset")
+    if isinstance(dataset, dict):
+        for split in DATASET_SPLITS:
+            if isinstance(dataset.get(split), dict):
+                rewrite(dataset[split], "source", f"spec.dataset.{split}.source")
+
+    output_uri = ""
+    try:
+        output_uri = output_location(spec, str(metadata.get("name", "")))
+        output_dir = localize(output_uri, "spec.output.storage", claims)
+        config["output"] = {"dir": output_dir, "checkpointDir": f"{output_dir}/checkpoints"}
+    except SpecError as error:
+        problems.extend(error.problems)
+    config["job"] = {"namespace": metadata.get("namespace", ""), "name": metadata.get("name", ""),
+                     "uid": metadata.get("uid", "")}
+    if problems:
+        raise SpecError(problems)
+    try:
+        trainer_config.config_from_dict(config)
+    except trainer_config.ConfigError as error:
+        raise SpecError([_spec_path(problem) for problem in error.problems]) from None
+    return RenderedConfig(config=config, claims=tuple(sorted(claims)), output_uri=output_uri,
+                          model_uri=f"{output_uri}/model")
+
+
+def _spec_path(problem: str) -> str:
+    """A trainer problem ("dataset.format: …") named as the user wrote it ("spec.dataset.format: …")."""
+    if problem.startswith(("(", "output", "job")):
+        return problem
+    return f"spec.{problem}"

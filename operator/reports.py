@@ -1,0 +1,287 @@
+"""Progress reports from trainer pods: authentication, validation, replay guard, status patches (pure).
+
+A trainer pod pushes small JSON reports (see the contract in DESIGN.md). This
+module decides whether one is acceptable and what it changes in the
+FineTuneJob's status; the HTTP endpoint in `progress` only wires it to aiohttp
+and the API server.
+
+Authentication: each job gets the token HMAC-SHA256(operator key,
+"<namespace>/<name>/<uid>") in a Secret of its own; a report is accepted only
+when its bearer token is the token of the job it names, so a job can report
+for itself and for nothing else (the uid also tells a recreated job with the
+same name apart).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import json
+import math
+from datetime import datetime
+from typing import Any
+
+Body = dict[str, Any]
+
+KINDS = ("started", "progress", "evaluation", "checkpoint", "completed", "failed")
+TERMINAL_KINDS = ("completed", "failed")
+NUMBER_FIELDS = ("epoch", "trainLoss", "valLoss", "valPerplexity", "learningRate", "tokensPerSecond",
+                 "etaSeconds")
+COUNT_FIELDS = ("step", "totalSteps", "tokensSeen")
+MAX_MESSAGE_CHARS = 1024
+MAX_RESULTS = 64
+
+
+class ReportError(ValueError):
+    """A rejected report: `status` is the HTTP status to answer, `reason` a CamelCase word for metrics."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        self.status = status
+        self.reason = reason
+        super().__init__(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobKey:
+    """Identity of a FineTuneJob, as named in a report and signed in its token."""
+
+    namespace: str
+    name: str
+    uid: str
+
+    def signed_text(self) -> str:
+        return f"{self.namespace}/{self.name}/{self.uid}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    """A parsed, well-formed report (not yet authenticated)."""
+
+    job: JobKey
+    attempt: int
+    seq: int
+    time: datetime
+    kind: str
+    body: Body
+    """The whole report, as sent."""
+
+    @property
+    def terminal(self) -> bool:
+        return self.kind in TERMINAL_KINDS
+
+
+def job_token(key: bytes, job: JobKey) -> str:
+    """The bearer token of one job."""
+    return hmac.new(key, job.signed_text().encode(), hashlib.sha256).hexdigest()
+
+
+def authenticate(key: bytes, authorization: str | None, job: JobKey) -> None:
+    """Raise ReportError 401 without a bearer token, 403 when the token is not this job's."""
+    if not key:
+        raise ReportError(503, "NoKey", "the operator has no secret key; it accepts no reports")
+    if not authorization or not authorization.startswith("Bearer "):
+        raise ReportError(401, "MissingToken", "Authorization: Bearer <token> required")
+    presented = authorization[len("Bearer "):].strip()
+    if not hmac.compare_digest(presented.encode(), job_token(key, job).encode()):
+        raise ReportError(403, "WrongToken", f"token is not valid for job {job.signed_text()}")
+
+
+def parse_report(raw: bytes, max_bytes: int) -> Report:
+    """Parse and check a report body; ReportError 413/400 naming the problem."""
+    if len(raw) > max_bytes:
+        raise ReportError(413, "TooLarge", f"report is {len(raw)} bytes; at most {max_bytes} allowed")
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ReportError(400, "Malformed", f"report is not JSON: {error}") from None
+    if not isinstance(body, dict):
+        raise ReportError(400, "Malformed", "report must be a JSON object")
+    problems: list[str] = []
+    job = body.get("job")
+    key = None
+    if not isinstance(job, dict) or not all(isinstance(job.get(f), str) and job.get(f)
+                                            for f in ("namespace", "name", "uid")):
+        problems.append("job: must be an object with non-empty namespace, name and uid")
+    else:
+        key = JobKey(job["namespace"], job["name"], job["uid"])
+    attempt, seq = body.get("attempt"), body.get("seq")
+    if not _is_count(attempt):
+        problems.append(f"attempt: must be an integer >= 0, got {attempt!r}")
+    if not _is_count(seq):
+        problems.append(f"seq: must be an integer >= 0, got {seq!r}")
+    kind = body.get("kind")
+    if kind not in KINDS:
+        problems.append(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
+    when = _parse_time(body.get("time"))
+    if when is None:
+        problems.append(f"time: must be an RFC 3339 timestamp, got {body.get('time')!r}")
+    for field in NUMBER_FIELDS:
+        if field in body and body[field] is not None and not _is_number(body[field]):
+            problems.append(f"{field}: must be a finite number, got {body[field]!r}")
+    for field in COUNT_FIELDS:
+        if field in body and body[field] is not None and not _is_count(body[field]):
+            problems.append(f"{field}: must be an integer >= 0, got {body[field]!r}")
+    problems.extend(_optional_part_problems(body))
+    if problems or key is None or when is None or not isinstance(attempt, int) or not isinstance(seq, int):
+        raise ReportError(400, "Malformed", "; ".join(problems))
+    return Report(job=key, attempt=attempt, seq=seq, time=when, kind=str(kind), body=body)
+
+
+def _optional_part_problems(body: Body) -> list[str]:
+    problems = []
+    checkpoint = body.get("checkpoint")
+    if checkpoint is not None and (not isinstance(checkpoint, dict) or not _is_count(checkpoint.get("step"))
+                                   or not isinstance(checkpoint.get("path", ""), str)):
+        problems.append("checkpoint: must be an object with an integer step and a string path")
+    results = body.get("results")
+    if results is not None and (not isinstance(results, dict) or len(results) > MAX_RESULTS
+                                or not all(isinstance(k, str) and _is_number(v) for k, v in results.items())):
+        problems.append(f"results: must be an object of at most {MAX_RESULTS} metric names to numbers")
+    model = body.get("model")
+    if model is not None and (not isinstance(model, dict)
+                              or not all(isinstance(model.get(k, ""), str) for k in ("uri", "digest"))):
+        problems.append("model: must be an object with string uri and digest")
+    if body.get("message") is not None and not isinstance(body.get("message"), str):
+        problems.append("message: must be a string")
+    return problems
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or len(value) > 40:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
+
+
+@dataclasses.dataclass
+class _AttemptState:
+    seq: int
+    time: datetime
+
+
+class ReplayGuard:
+    """Rejects replayed and stale reports.
+
+    Per job uid and attempt, `seq` must grow. A pod that replaces another within
+    the same attempt (after a preemption, or a suspend/resume) starts its
+    sequence again; it may do so with a `started` report newer than anything
+    accepted for that attempt. Reports of an attempt older than the newest one
+    seen are stale.
+    """
+
+    def __init__(self) -> None:
+        self._attempts: dict[tuple[str, int], _AttemptState] = {}
+        self._latest_attempt: dict[str, int] = {}
+
+    def check(self, report: Report) -> None:
+        """Raise ReportError 409 if the report is a replay or stale; do not record it."""
+        uid = report.job.uid
+        latest = self._latest_attempt.get(uid)
+        if latest is not None and report.attempt < latest:
+            raise ReportError(409, "StaleAttempt",
+                              f"attempt {report.attempt} is older than attempt {latest} already reporting")
+        state = self._attempts.get((uid, report.attempt))
+        if state is None or report.seq > state.seq:
+            return
+        if report.kind == "started" and report.time > state.time:
+            return
+        raise ReportError(409, "Replayed", f"seq {report.seq} of attempt {report.attempt} is not newer than "
+                                           f"seq {state.seq} already accepted")
+
+    def record(self, report: Report) -> None:
+        """Remember an accepted report."""
+        uid = report.job.uid
+        self._latest_attempt[uid] = max(report.attempt, self._latest_attempt.get(uid, 0))
+        self._attempts[(uid, report.attempt)] = _AttemptState(seq=report.seq, time=report.time)
+
+    def forget(self, uid: str) -> None:
+        """Drop what is known about a deleted job."""
+        self._latest_attempt.pop(uid, None)
+        for key in [k for k in self._attempts if k[0] == uid]:
+            del self._attempts[key]
+
+
+class WriteThrottle:
+    """At most one status write per job per `interval` seconds; terminal reports always pass."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+
+    def due(self, uid: str, now: float, *, terminal: bool) -> bool:
+        """Whether a write may happen now."""
+        last = self._last.get(uid)
+        return terminal or last is None or now - last >= self.interval
+
+    def wrote(self, uid: str, now: float) -> None:
+        self._last[uid] = now
+
+    def wait_seconds(self, uid: str, now: float) -> float:
+        """How long until the next write is due (0 when due now)."""
+        last = self._last.get(uid)
+        return 0.0 if last is None else max(0.0, self.interval - (now - last))
+
+
+def _pick(body: Body, fields: tuple[str, ...]) -> Body:
+    return {f: body[f] for f in fields if body.get(f) is not None}
+
+
+def merge_report(status: Body, report: Report, *, recent_checkpoints: int) -> Body:
+    """The status fields a report changes: `progress`, `metrics`, `checkpoints`, `results`, `model`.
+
+    `status` holds these fields as last known (from earlier reports or the
+    object); the result is a new dict of the same fields, ready to merge-patch.
+    """
+    body = report.body
+    progress = dict(status.get("progress") or {})
+    progress.update(_pick(body, ("step", "totalSteps", "epoch", "tokensSeen", "tokensPerSecond", "etaSeconds")))
+    progress["attempt"] = report.attempt
+    step, total = progress.get("step"), progress.get("totalSteps")
+    if isinstance(step, int) and isinstance(total, int) and total > 0:
+        progress["percent"] = round(min(100.0, 100.0 * step / total), 1)
+    if report.kind == "completed":
+        progress["percent"] = 100.0
+        progress["etaSeconds"] = 0
+    metrics = dict(status.get("metrics") or {})
+    metrics.update(_pick(body, ("trainLoss", "valLoss", "valPerplexity", "learningRate")))
+    checkpoints = [dict(c) for c in (status.get("checkpoints") or []) if isinstance(c, dict)]
+    checkpoint = body.get("checkpoint")
+    if isinstance(checkpoint, dict):
+        entry = {"step": checkpoint["step"], "path": checkpoint.get("path", ""), "time": body["time"]}
+        val_loss = checkpoint.get("valLoss", body.get("valLoss"))
+        if _is_number(val_loss):
+            entry["valLoss"] = val_loss
+        checkpoints = [c for c in checkpoints if c.get("step") != entry["step"]] + [entry]
+        checkpoints.sort(key=lambda c: int(c.get("step", 0)))
+        best = _best_checkpoint(checkpoints, metrics.get("bestCheckpoint"))
+        if best is not None:
+            metrics["bestCheckpoint"] = best
+        checkpoints = checkpoints[-recent_checkpoints:] if recent_checkpoints else []
+    patch: Body = {"progress": progress, "metrics": metrics, "checkpoints": checkpoints}
+    if isinstance(body.get("results"), dict):
+        patch["results"] = dict(body["results"])
+    if isinstance(body.get("model"), dict):
+        patch["model"] = {k: v for k, v in body["model"].items() if k in ("uri", "digest") and v}
+    return patch
+
+
+def _best_checkpoint(checkpoints: list[Body], previous: Any) -> Body | None:
+    candidates = [c for c in checkpoints if _is_number(c.get("valLoss"))]
+    if isinstance(previous, dict) and _is_number(previous.get("valLoss")):
+        candidates.append(previous)
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda c: (c["valLoss"], -int(c.get("step", 0))))
+    return {"step": best["step"], "path": best.get("path", ""), "valLoss": best["valLoss"]}

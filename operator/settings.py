@@ -1,0 +1,94 @@
+"""Operator settings: one dataclass, read from the environment at start-up.
+
+Every field has a `KUBETUNE_*` environment variable (named in its docstring).
+The defaults suit a cluster install by the Helm chart; tests override them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the operator cannot use."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OperatorSettings:
+    namespaces: tuple[str, ...] = ()
+    """Namespaces to watch; empty = the whole cluster. `KUBETUNE_NAMESPACES`, comma-separated."""
+    trainer_image: str = "ghcr.io/kubetune/trainer:0.1.0"
+    """Image of the trainer pods (the Dockerfile's `trainer` target). `KUBETUNE_TRAINER_IMAGE`."""
+    image_pull_policy: str = "IfNotPresent"
+    """Pull policy of trainer pods. `KUBETUNE_IMAGE_PULL_POLICY`."""
+    progress_url: str = ""
+    """URL trainer pods POST progress reports to, e.g. `http://kubetune-operator.kubetune:8080/v1/reports`;
+    empty = pods push nothing and the operator finishes the status from termination messages.
+    `KUBETUNE_PROGRESS_URL`."""
+    secret_key: bytes = b""
+    """Key that signs per-job progress tokens (HMAC-SHA256). Must be set for the progress endpoint to
+    accept anything; keep it in a Secret. `KUBETUNE_SECRET_KEY`."""
+    http_host: str = "0.0.0.0"
+    """Address the progress and metrics server binds to. `KUBETUNE_HTTP_HOST`."""
+    http_port: int = 8080
+    """Port of the progress (`/v1/reports`) and metrics (`/metrics`) server; 0 = pick a free one.
+    `KUBETUNE_HTTP_PORT`."""
+    resync_seconds: float = 30.0
+    """Interval of the timer that re-runs reconcile for every job (seconds). Child events trigger
+    reconcile at once, so this only bounds how stale a missed event can leave a status.
+    `KUBETUNE_RESYNC_SECONDS`."""
+    status_write_interval: float = 2.0
+    """At most one status write per job per this many seconds from progress reports; terminal
+    reports (`completed`, `failed`) are always written at once. `KUBETUNE_STATUS_WRITE_INTERVAL`."""
+    max_report_bytes: int = 64 * 1024
+    """Progress reports larger than this are rejected with 413 (bytes). `KUBETUNE_MAX_REPORT_BYTES`."""
+    recent_checkpoints: int = 5
+    """How many recent checkpoints `status.checkpoints` keeps. `KUBETUNE_RECENT_CHECKPOINTS`."""
+    validation_cpu: str = "500m"
+    """CPU request of the dataset-validation pod (it holds no GPU). `KUBETUNE_VALIDATION_CPU`."""
+    validation_memory: str = "1Gi"
+    """Memory request and limit of the dataset-validation pod. `KUBETUNE_VALIDATION_MEMORY`."""
+    peering_name: str = "kubetune"
+    """kopf peering object name: a second operator copy with the same name pauses. `KUBETUNE_PEERING`."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
+        """Settings from `KUBETUNE_*` variables (default: os.environ); unknown values raise SettingsError."""
+        source = os.environ if env is None else env
+        defaults = cls()
+
+        def text(key: str, default: str) -> str:
+            return source.get(key, default).strip()
+
+        def number(key: str, default: float, kind: type[float] | type[int]) -> float:
+            raw = source.get(key)
+            if raw is None or not raw.strip():
+                return default
+            try:
+                value = kind(raw)
+            except ValueError:
+                raise SettingsError(f"{key}: must be a number, got {raw!r}") from None
+            if value < 0:
+                raise SettingsError(f"{key}: must be >= 0, got {raw!r}")
+            return value
+
+        namespaces = tuple(n.strip() for n in text("KUBETUNE_NAMESPACES", "").split(",") if n.strip())
+        return cls(
+            namespaces=namespaces,
+            trainer_image=text("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
+            image_pull_policy=text("KUBETUNE_IMAGE_PULL_POLICY", defaults.image_pull_policy),
+            progress_url=text("KUBETUNE_PROGRESS_URL", defaults.progress_url),
+            secret_key=text("KUBETUNE_SECRET_KEY", "").encode(),
+            http_host=text("KUBETUNE_HTTP_HOST", defaults.http_host),
+            http_port=int(number("KUBETUNE_HTTP_PORT", defaults.http_port, int)),
+            resync_seconds=float(number("KUBETUNE_RESYNC_SECONDS", defaults.resync_seconds, float)),
+            status_write_interval=float(
+                number("KUBETUNE_STATUS_WRITE_INTERVAL", defaults.status_write_interval, float)),
+            max_report_bytes=int(number("KUBETUNE_MAX_REPORT_BYTES", defaults.max_report_bytes, int)),
+            recent_checkpoints=int(number("KUBETUNE_RECENT_CHECKPOINTS", defaults.recent_checkpoints, int)),
+            validation_cpu=text("KUBETUNE_VALIDATION_CPU", defaults.validation_cpu),
+            validation_memory=text("KUBETUNE_VALIDATION_MEMORY", defaults.validation_memory),
+            peering_name=text("KUBETUNE_PEERING", defaults.peering_name),
+        )

@@ -1,0 +1,287 @@
+"""The level-based reconcile: from what it observes, it decides status, child actions and events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from kubetune.operator import builders, conditions, reconcile, render
+from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed, PatchChild
+from kubetune.operator.settings import OperatorSettings
+
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+MakeJob = Callable[..., dict[str, Any]]
+
+
+def condition(decision: reconcile.Decision, type_: str) -> dict[str, Any]:
+    found = conditions.find(decision.status_patch["conditions"], type_)
+    assert found is not None, f"no {type_} condition"
+    return dict(found)
+
+
+def created_kinds(decision: reconcile.Decision) -> list[str]:
+    return [f"{a.manifest['kind']}/{a.manifest['metadata']['name']}" for a in decision.actions
+            if isinstance(a, CreateChild)]
+
+
+def job_with_conditions(name: str, *conds: tuple[str, str], spec: dict[str, Any] | None = None,
+                        **status: Any) -> dict[str, Any]:
+    return {"metadata": {"name": name, "annotations": {}}, "spec": spec or {},
+            "status": {"conditions": [{"type": t, "status": "True", "reason": r, "message": f"{r} happened"}
+                                      for t, r in conds], **status}}
+
+
+def pod(phase: str, *, exit_code: int | None = None, message: str = "", attempt: int = 0,
+        container: str = "trainer", finished_at: str = "2026-03-01T11:00:00Z") -> dict[str, Any]:
+    status: dict[str, Any] = {"phase": phase}
+    if exit_code is not None:
+        status["containerStatuses"] = [{"name": container, "state": {"terminated": {
+            "exitCode": exit_code, "message": message, "finishedAt": finished_at}}}]
+    return {"metadata": {"name": f"p-{attempt}-{phase}",
+                         "annotations": {builders.ANNOTATION_ATTEMPT: str(attempt)}}, "status": status}
+
+
+def with_children(job: dict[str, Any], settings: OperatorSettings, **children: Any) -> Observed:
+    """An observation where the config and secret exist (as the first reconcile created them)."""
+    rendered = render.trainer_config_for(job)
+    base: dict[str, Any] = {
+        "config_map": builders.trainer_configmap(job, rendered),
+        "progress_secret": builders.progress_secret(job, "t"),
+    }
+    base.update(children)
+    return Observed(job=job, now=NOW, **base)
+
+
+def validated_status() -> dict[str, Any]:
+    return {"conditions": [{"type": "Validated", "status": "True", "reason": "DatasetValid", "message": "",
+                            "observedGeneration": 1, "lastTransitionTime": "2026-03-01T10:00:00Z"}]}
+
+
+class TestANewJob:
+    def test_creates_credentials_config_and_the_validation_job_but_no_trainer(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        decision = reconcile.reconcile(Observed(job=make_job(), now=NOW), settings)
+        assert created_kinds(decision) == ["Secret/demo-progress", "ConfigMap/demo-config", "Job/demo-validate"]
+        assert condition(decision, "Validated")["status"] == "Unknown"
+        assert condition(decision, "Validated")["reason"] == "ValidatingDataset"
+        assert condition(decision, "Running")["reason"] == "WaitingForValidation"
+        assert decision.status_patch["observedGeneration"] == 1
+
+    def test_emits_events_for_the_conditions_it_sets(self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        decision = reconcile.reconcile(Observed(job=make_job(), now=NOW), settings)
+        assert ("Normal", "ValidatingDataset") in [(e.type, e.reason) for e in decision.events]
+
+    def test_reconciling_the_same_state_again_emits_no_events(self, make_job: MakeJob,
+                                                              settings: OperatorSettings) -> None:
+        first = reconcile.reconcile(Observed(job=make_job(), now=NOW), settings)
+        job = make_job(status={"conditions": first.status_patch["conditions"]})
+        again = reconcile.reconcile(with_children(job, settings, validation_job=job_with_conditions("demo-validate")),
+                                    settings)
+        assert again.events == () and again.actions == ()
+
+    def test_an_invalid_spec_creates_nothing_and_fails_with_the_problem(self, make_job: MakeJob,
+                                                                         settings: OperatorSettings) -> None:
+        decision = reconcile.reconcile(Observed(job=make_job(hyperparameters={"epochs": 0}), now=NOW), settings)
+        assert decision.actions == ()
+        validated = condition(decision, "Validated")
+        assert (validated["status"], validated["reason"]) == ("False", "InvalidSpec")
+        assert "spec.hyperparameters.epochs" in validated["message"]
+        assert condition(decision, "Failed")["status"] == "True"
+        assert decision.status_patch["completionTime"] == "2026-03-01T12:00:00Z"
+        assert ("Warning", "InvalidSpec") in [(e.type, e.reason) for e in decision.events]
+
+
+class TestDatasetValidation:
+    def test_a_rejected_dataset_ends_the_job_with_invalid_dataset_and_the_trainers_message(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        summary = json.dumps({"outcome": "failed", "message": "dataset.train: 0 examples left after cleaning"})
+        observed = with_children(
+            make_job(), settings,
+            validation_job=job_with_conditions("demo-validate", ("Failed", "PodFailurePolicy")),
+            validation_pods=(pod("Failed", exit_code=78, message=summary, container="validate"),))
+        decision = reconcile.reconcile(observed, settings)
+        for type_, status in (("Validated", "False"), ("Failed", "True"), ("Succeeded", "False")):
+            found = condition(decision, type_)
+            assert (found["status"], found["reason"]) == (status, "InvalidDataset")
+        assert condition(decision, "Validated")["message"] == "dataset.train: 0 examples left after cleaning"
+        assert "Job/demo-train" not in created_kinds(decision)
+
+    def test_a_validation_pod_that_fails_for_other_reasons_is_a_validation_error(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        observed = with_children(
+            make_job(), settings,
+            validation_job=job_with_conditions("demo-validate", ("Failed", "BackoffLimitExceeded")),
+            validation_pods=(pod("Failed", exit_code=1, message="Traceback: boom", container="validate"),))
+        decision = reconcile.reconcile(observed, settings)
+        assert condition(decision, "Failed")["reason"] == "ValidationError"
+        assert "Traceback: boom" in condition(decision, "Failed")["message"]
+
+    def test_a_passed_validation_creates_the_trainer_job(self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        observed = with_children(make_job(), settings,
+                                 validation_job=job_with_conditions("demo-validate", ("Complete", "Completed")))
+        decision = reconcile.reconcile(observed, settings)
+        assert condition(decision, "Validated")["status"] == "True"
+        assert created_kinds(decision) == ["Job/demo-train"]
+        assert condition(decision, "Running")["reason"] == "Pending"
+
+    def test_a_spec_change_while_validating_restarts_validation(self, make_job: MakeJob,
+                                                                settings: OperatorSettings) -> None:
+        stale = job_with_conditions("demo-validate")
+        stale["metadata"]["annotations"][builders.ANNOTATION_CONFIG_HASH] = "old"
+        decision = reconcile.reconcile(with_children(make_job(), settings, validation_job=stale), settings)
+        assert DeleteChild("batch/v1", "Job", "demo-validate") in decision.actions
+        assert created_kinds(decision) == []
+
+
+class TestTraining:
+    def test_a_running_pod_means_running(self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        observed = with_children(make_job(status=validated_status()), settings,
+                                 trainer_job=job_with_conditions("demo-train", active=1,
+                                                                 startTime="2026-03-01T11:00:00Z"),
+                                 trainer_pods=(pod("Running"),))
+        decision = reconcile.reconcile(observed, settings)
+        assert (condition(decision, "Running")["status"], condition(decision, "Running")["reason"]) == (
+            "True", "Training")
+        assert decision.status_patch["startTime"] == "2026-03-01T11:00:00Z"
+        assert decision.status_patch["attempts"] == 1
+        assert decision.actions == ()
+
+    def test_a_retryable_failure_is_reported_as_resuming(self, make_job: MakeJob,
+                                                         settings: OperatorSettings) -> None:
+        observed = with_children(
+            make_job(status=validated_status()), settings,
+            trainer_job=job_with_conditions("demo-train", active=1, failed=1),
+            trainer_pods=(pod("Failed", exit_code=1, message="CUDA error"), pod("Pending", attempt=1)))
+        decision = reconcile.reconcile(observed, settings)
+        running = condition(decision, "Running")
+        assert (running["status"], running["reason"]) == ("False", "Resuming")
+        assert "attempt 1 resumes from the latest checkpoint after exit code 1: CUDA error" == running["message"]
+        assert decision.status_patch["attempts"] == 2
+
+    def test_success_fills_the_status_from_the_termination_message(self, make_job: MakeJob,
+                                                                   settings: OperatorSettings) -> None:
+        summary = {"outcome": "succeeded", "step": 120, "valLoss": 1.25, "results": {"perplexity": 3.5},
+                   "modelDigest": "sha256:abc", "message": "done"}
+        observed = with_children(
+            make_job(status=validated_status()), settings,
+            trainer_job=job_with_conditions("demo-train", ("Complete", "CompletionsReached"), succeeded=1,
+                                            completionTime="2026-03-01T11:30:00Z"),
+            trainer_pods=(pod("Succeeded", exit_code=0, message=json.dumps(summary)),))
+        decision = reconcile.reconcile(observed, settings)
+        patch = decision.status_patch
+        assert condition(decision, "Succeeded")["status"] == "True"
+        assert condition(decision, "Failed")["status"] == "False"
+        assert condition(decision, "Running")["status"] == "False"
+        assert patch["model"] == {"uri": "pvc://models/finetunes/demo/model", "digest": "sha256:abc"}
+        assert patch["results"] == {"perplexity": 3.5}
+        assert patch["progress"]["step"] == 120 and patch["progress"]["percent"] == 100.0
+        assert patch["metrics"] == {"valLoss": 1.25}
+        assert patch["completionTime"] == "2026-03-01T11:30:00Z"
+
+    def test_a_permanent_error_fails_at_once_with_the_trainers_message(self, make_job: MakeJob,
+                                                                       settings: OperatorSettings) -> None:
+        observed = with_children(
+            make_job(status=validated_status()), settings,
+            trainer_job=job_with_conditions("demo-train", ("Failed", "PodFailurePolicy"), failed=1),
+            trainer_pods=(pod("Failed", exit_code=78, message=json.dumps({"message": "model.source: not found"})),))
+        decision = reconcile.reconcile(observed, settings)
+        failed = condition(decision, "Failed")
+        assert (failed["status"], failed["reason"]) == ("True", "PermanentError")
+        assert failed["message"] == "the trainer stopped with a permanent error (no retry): model.source: not found"
+
+    def test_exhausted_retries_fail_with_backoff_limit_exceeded(self, make_job: MakeJob,
+                                                                settings: OperatorSettings) -> None:
+        observed = with_children(
+            make_job(status=validated_status()), settings,
+            trainer_job=job_with_conditions("demo-train", ("Failed", "FailedIndexes"),
+                                            spec={"backoffLimitPerIndex": 2}, failed=3),
+            trainer_pods=(pod("Failed", exit_code=137, message="OOMKilled", attempt=2),))
+        decision = reconcile.reconcile(observed, settings)
+        assert condition(decision, "Failed")["reason"] == "BackoffLimitExceeded"
+        assert condition(decision, "Failed")["message"] == "retryable failures used up backoffLimit (2); last: OOMKilled"
+
+    def test_deadline(self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        observed = with_children(
+            make_job(status=validated_status()), settings,
+            trainer_job=job_with_conditions("demo-train", ("Failed", "DeadlineExceeded"),
+                                            spec={"activeDeadlineSeconds": 60}))
+        assert condition(reconcile.reconcile(observed, settings), "Failed")["reason"] == "DeadlineExceeded"
+
+
+class TestSuspendAndResume:
+    def test_suspending_patches_the_trainer_job_and_reports_suspended(self, make_job: MakeJob,
+                                                                      settings: OperatorSettings) -> None:
+        observed = with_children(make_job(suspend=True, status=validated_status()), settings,
+                                 trainer_job=job_with_conditions("demo-train", spec={"suspend": False}, active=1),
+                                 trainer_pods=(pod("Running"),))
+        decision = reconcile.reconcile(observed, settings)
+        assert PatchChild("batch/v1", "Job", "demo-train", {"spec": {"suspend": True}}) in decision.actions
+        assert condition(decision, "Suspended")["status"] == "True"
+        assert condition(decision, "Running")["status"] == "False"
+
+    def test_resuming_unsuspends_the_trainer_job(self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        observed = with_children(make_job(suspend=False, status=validated_status()), settings,
+                                 trainer_job=job_with_conditions("demo-train", ("Suspended", "JobSuspended"),
+                                                                 spec={"suspend": True}))
+        decision = reconcile.reconcile(observed, settings)
+        assert PatchChild("batch/v1", "Job", "demo-train", {"spec": {"suspend": False}}) in decision.actions
+        assert condition(decision, "Suspended")["status"] == "False"
+
+    def test_with_a_queue_the_operator_never_unsuspends(self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        observed = with_children(make_job(resources={"queueName": "q"}, status=validated_status()), settings,
+                                 trainer_job=job_with_conditions("demo-train", spec={"suspend": True}))
+        assert reconcile.reconcile(observed, settings).actions == ()
+
+
+class TestFinishedJobs:
+    def finished(self, make_job: MakeJob, **spec: Any) -> dict[str, Any]:
+        status = validated_status()
+        status["conditions"].append({"type": "Succeeded", "status": "True", "reason": "TrainingComplete",
+                                     "message": "", "observedGeneration": 1, "lastTransitionTime": "x"})
+        status["completionTime"] = "2026-03-01T11:00:00Z"
+        return make_job(status=status, **spec)
+
+    def test_children_are_removed_once_the_ttl_passed_and_the_job_stays(self, make_job: MakeJob,
+                                                                        settings: OperatorSettings) -> None:
+        observed = with_children(self.finished(make_job, ttlSecondsAfterFinished=600), settings,
+                                 trainer_job=job_with_conditions("demo-train"),
+                                 validation_job=job_with_conditions("demo-validate"))
+        decision = reconcile.reconcile(observed, settings)
+        assert set(decision.actions) == {
+            DeleteChild("batch/v1", "Job", "demo-train"), DeleteChild("batch/v1", "Job", "demo-validate"),
+            DeleteChild("v1", "ConfigMap", "demo-config"), DeleteChild("v1", "Secret", "demo-progress")}
+        assert "TrainingChildrenRemoved" in [e.reason for e in decision.events]
+
+    def test_before_the_ttl_nothing_is_removed_and_a_requeue_is_asked(self, make_job: MakeJob,
+                                                                      settings: OperatorSettings) -> None:
+        observed = with_children(self.finished(make_job, ttlSecondsAfterFinished=7200), settings,
+                                 trainer_job=job_with_conditions("demo-train"))
+        decision = reconcile.reconcile(observed, settings)
+        assert decision.actions == ()
+        assert decision.requeue_after == 3600.0
+
+    def test_a_finished_job_never_recreates_children(self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        decision = reconcile.reconcile(Observed(job=self.finished(make_job), now=NOW), settings)
+        assert decision.actions == ()
+
+
+class TestServingSeam:
+    def test_serving_waits_for_the_model_and_is_not_built_yet(self, make_job: MakeJob,
+                                                              settings: OperatorSettings) -> None:
+        decision = reconcile.reconcile(Observed(job=make_job(serving={"enabled": True}), now=NOW), settings)
+        assert condition(decision, "ServingReady")["reason"] == "WaitingForModel"
+        decision = reconcile.reconcile(Observed(job=make_job(), now=NOW), settings)
+        assert condition(decision, "ServingReady")["reason"] == "ServingDisabled"
+
+
+def test_state_words_for_metrics() -> None:
+    def status(*pairs: tuple[str, str]) -> dict[str, Any]:
+        return {"conditions": [{"type": t, "status": s} for t, s in pairs]}
+    assert reconcile.state_of(status()) == "Validating"
+    assert reconcile.state_of(status(("Validated", "True"))) == "Pending"
+    assert reconcile.state_of(status(("Validated", "True"), ("Running", "True"))) == "Running"
+    assert reconcile.state_of(status(("Suspended", "True"))) == "Suspended"
+    assert reconcile.state_of(status(("Failed", "True"))) == "Failed"
+    assert reconcile.state_of(status(("Succeeded", "True"))) == "Succeeded"

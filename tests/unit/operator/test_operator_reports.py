@@ -1,0 +1,149 @@
+"""Progress reports: a job may only report for itself; malformed, oversized and replayed reports are refused."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from kubetune.operator import reports
+from kubetune.operator.reports import JobKey, ReportError
+
+KEY = b"operator-key"
+JOB_A = JobKey("team-a", "alpha", "uid-a")
+JOB_B = JobKey("team-a", "beta", "uid-b")
+
+
+def body(of: JobKey = JOB_A, **fields: Any) -> dict[str, Any]:
+    report = {"job": {"namespace": of.namespace, "name": of.name, "uid": of.uid}, "attempt": 0, "seq": 1,
+              "time": "2026-03-01T12:00:00Z", "kind": "progress", "step": 10, "totalSteps": 100,
+              "trainLoss": 2.5, "tokensSeen": 1000}
+    report.update(fields)
+    return report
+
+
+def parse(**fields: Any) -> reports.Report:
+    return reports.parse_report(json.dumps(body(**fields)).encode(), 65536)
+
+
+class TestAuthentication:
+    def test_the_jobs_own_token_is_accepted(self) -> None:
+        reports.authenticate(KEY, f"Bearer {reports.job_token(KEY, JOB_A)}", JOB_A)
+
+    def test_a_token_for_job_a_is_refused_for_job_b(self) -> None:
+        with pytest.raises(ReportError) as caught:
+            reports.authenticate(KEY, f"Bearer {reports.job_token(KEY, JOB_A)}", JOB_B)
+        assert caught.value.status == 403
+
+    def test_a_recreated_job_with_the_same_name_gets_a_different_token(self) -> None:
+        recreated = JobKey(JOB_A.namespace, JOB_A.name, "uid-new")
+        assert reports.job_token(KEY, recreated) != reports.job_token(KEY, JOB_A)
+
+    @pytest.mark.parametrize("header", [None, "", "Basic abc", "Bearer "])
+    def test_missing_tokens_are_refused(self, header: str | None) -> None:
+        with pytest.raises(ReportError) as caught:
+            reports.authenticate(KEY, header, JOB_A)
+        assert caught.value.status in (401, 403)
+
+    def test_without_a_key_nothing_is_accepted(self) -> None:
+        with pytest.raises(ReportError) as caught:
+            reports.authenticate(b"", f"Bearer {reports.job_token(b'', JOB_A)}", JOB_A)
+        assert caught.value.status == 503
+
+
+class TestParsing:
+    def test_a_well_formed_report(self) -> None:
+        report = parse(kind="checkpoint", checkpoint={"step": 10, "path": "/out/checkpoints/step-10"})
+        assert (report.job, report.attempt, report.seq, report.kind) == (JOB_A, 0, 1, "checkpoint")
+
+    def test_oversized_reports_are_refused_before_parsing(self) -> None:
+        with pytest.raises(ReportError) as caught:
+            reports.parse_report(b"{" + b" " * 70000 + b"}", 65536)
+        assert caught.value.status == 413
+
+    @pytest.mark.parametrize(("raw", "problem"), [
+        (b"not json", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+        (b"[1, 2]", "must be a JSON object"),
+        (json.dumps(body(job={"name": "x"})).encode(), "job: must be an object"),
+        (json.dumps(body(seq=-1)).encode(), "seq: must be an integer >= 0"),
+        (json.dumps(body(attempt="0")).encode(), "attempt: must be an integer >= 0"),
+        (json.dumps(body(kind="explode")).encode(), "kind: must be one of"),
+        (json.dumps(body(time="yesterday")).encode(), "time: must be an RFC 3339 timestamp"),
+        (json.dumps(body(time="2026-03-01T12:00:00")).encode(), "time: must be an RFC 3339 timestamp"),
+        (json.dumps(body(trainLoss="low")).encode(), "trainLoss: must be a finite number"),
+        (b'{"trainLoss": NaN}', "trainLoss: must be a finite number"),
+        (json.dumps(body(step=True)).encode(), "step: must be an integer >= 0"),
+        (json.dumps(body(checkpoint={"path": 3})).encode(), "checkpoint: must be an object"),
+        (json.dumps(body(results={"f1": "high"})).encode(), "results: must be an object"),
+        (json.dumps(body(model=["x"])).encode(), "model: must be an object"),
+    ])
+    def test_malformed_reports_are_refused_naming_the_field(self, raw: bytes, problem: str) -> None:
+        with pytest.raises(ReportError) as caught:
+            reports.parse_report(raw, 65536)
+        assert caught.value.status == 400
+        assert problem in str(caught.value)
+
+
+class TestReplayGuard:
+    def test_sequence_numbers_must_grow_within_an_attempt(self) -> None:
+        guard = reports.ReplayGuard()
+        guard.record(parse(seq=5))
+        guard.check(parse(seq=6))
+        for seq in (5, 4):
+            with pytest.raises(ReportError) as caught:
+                guard.check(parse(seq=seq))
+            assert caught.value.status == 409
+
+    def test_a_new_attempt_starts_its_own_sequence_and_older_attempts_become_stale(self) -> None:
+        guard = reports.ReplayGuard()
+        guard.record(parse(seq=50))
+        guard.check(parse(attempt=1, seq=1))
+        guard.record(parse(attempt=1, seq=1))
+        with pytest.raises(ReportError) as caught:
+            guard.check(parse(attempt=0, seq=51))
+        assert caught.value.reason == "StaleAttempt"
+
+    def test_a_replacement_pod_may_restart_the_sequence_with_a_newer_started_report(self) -> None:
+        guard = reports.ReplayGuard()
+        guard.record(parse(seq=50, time="2026-03-01T12:00:00Z"))
+        guard.check(parse(seq=1, kind="started", time="2026-03-01T12:10:00Z"))
+        with pytest.raises(ReportError):  # a replayed old "started" does not reset anything
+            guard.check(parse(seq=1, kind="started", time="2026-03-01T11:00:00Z"))
+
+
+class TestThrottle:
+    def test_one_write_per_interval_but_terminal_reports_always_pass(self) -> None:
+        throttle = reports.WriteThrottle(2.0)
+        assert throttle.due("u", 100.0, terminal=False)
+        throttle.wrote("u", 100.0)
+        assert not throttle.due("u", 101.0, terminal=False)
+        assert throttle.wait_seconds("u", 101.0) == 1.0
+        assert throttle.due("u", 101.0, terminal=True)
+        assert throttle.due("u", 102.0, terminal=False)
+        assert throttle.due("other", 101.0, terminal=False)
+
+
+class TestStatusFromReports:
+    def test_progress_and_metrics(self) -> None:
+        patch = reports.merge_report({}, parse(valLoss=2.0, epoch=0.5, learningRate=1e-4), recent_checkpoints=5)
+        assert patch["progress"] == {"step": 10, "totalSteps": 100, "epoch": 0.5, "tokensSeen": 1000,
+                                     "attempt": 0, "percent": 10.0}
+        assert patch["metrics"] == {"trainLoss": 2.5, "valLoss": 2.0, "learningRate": 1e-4}
+
+    def test_recent_checkpoints_are_kept_and_the_best_one_remembered(self) -> None:
+        status: dict[str, Any] = {}
+        for step, loss in ((10, 3.0), (20, 1.5), (30, 2.0)):
+            status |= reports.merge_report(status, parse(seq=step, kind="checkpoint", checkpoint={
+                "step": step, "path": f"/ckpt/step-{step}", "valLoss": loss}), recent_checkpoints=2)
+        assert [c["step"] for c in status["checkpoints"]] == [20, 30]
+        assert status["metrics"]["bestCheckpoint"] == {"step": 20, "path": "/ckpt/step-20", "valLoss": 1.5}
+
+    def test_completed_reports_carry_results_and_the_model(self) -> None:
+        patch = reports.merge_report({}, parse(kind="completed", step=100, results={"perplexity": 4.0},
+                                               model={"uri": "pvc://m/x/model", "digest": "sha256:1"}),
+                                     recent_checkpoints=5)
+        assert patch["progress"]["percent"] == 100.0
+        assert patch["results"] == {"perplexity": 4.0}
+        assert patch["model"] == {"uri": "pvc://m/x/model", "digest": "sha256:1"}
