@@ -1,0 +1,181 @@
+"""The operator's API-server access: read a job and its children, carry out a decision.
+
+Together with `handlers` and `progress`, the only module with network side
+effects. Creating answers 409 when the child is already there, which is fine:
+child names are deterministic. Deleting answers 404 when it is already gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from datetime import datetime, timezone
+from collections.abc import Callable
+from typing import Any, cast
+
+import kubernetes
+from kubernetes.client.exceptions import ApiException
+
+from kubetune.operator import builders, reconcile
+from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed, PatchChild
+
+Body = dict[str, Any]
+GROUP = builders.API_GROUP
+VERSION = builders.API_VERSION.split("/")[1]
+PLURAL = builders.PLURAL
+
+log = logging.getLogger(__name__)
+
+
+def api_client() -> kubernetes.client.ApiClient:
+    """An API client from the pod's service account, or from KUBECONFIG / ~/.kube/config."""
+    configuration = kubernetes.client.Configuration()
+    try:
+        kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
+    except kubernetes.config.ConfigException:
+        kubernetes.config.load_kube_config(  # type: ignore[no-untyped-call]
+            client_configuration=configuration)
+    return kubernetes.client.ApiClient(configuration)
+
+
+class KubeClient:
+    """Typed access to what reconcile needs, over one ApiClient."""
+
+    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+        self.api = client
+        self.core = kubernetes.client.CoreV1Api(client)
+        self.batch = kubernetes.client.BatchV1Api(client)
+        self.custom = kubernetes.client.CustomObjectsApi(client)
+
+    def _plain(self, obj: Any) -> Body:
+        result: Body = self.api.sanitize_for_serialization(obj)  # type: ignore[no-untyped-call]
+        return result
+
+    # -- reading -----------------------------------------------------------------
+
+    def get_finetunejob(self, namespace: str, name: str) -> Body | None:
+        try:
+            result = cast(Body, self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        return result
+
+    def _get(self, read: Any, namespace: str, name: str, owner_uid: str) -> Body | None:
+        try:
+            body = self._plain(read(name, namespace))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+        owners = (body.get("metadata") or {}).get("ownerReferences") or []
+        if not any(o.get("uid") == owner_uid and o.get("controller") for o in owners):
+            # Same name, other owner (e.g. a deleted job of that name still being collected): not ours.
+            log.warning("%s/%s exists but is not controlled by FineTuneJob uid %s", namespace, name, owner_uid)
+            return None
+        return body
+
+    def _pods(self, namespace: str, job_name: str) -> tuple[Body, ...]:
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
+        return tuple(self._plain(p) for p in pods.items)
+
+    def observe(self, namespace: str, name: str) -> Observed | None:
+        """The job and its children now, or None when the job is gone."""
+        job = self.get_finetunejob(namespace, name)
+        if job is None:
+            return None
+        uid = job["metadata"]["uid"]
+        child = reconcile.child_names(name)
+        trainer_job = self._get(self.batch.read_namespaced_job, namespace, child["trainer_job"], uid)
+        validation_job = self._get(self.batch.read_namespaced_job, namespace, child["validation_job"], uid)
+        return Observed(
+            job=job,
+            now=datetime.now(timezone.utc),
+            config_map=self._get(self.core.read_namespaced_config_map, namespace, child["config_map"], uid),
+            progress_secret=self._get(self.core.read_namespaced_secret, namespace, child["progress_secret"], uid),
+            validation_job=validation_job,
+            validation_pods=self._pods(namespace, child["validation_job"]) if validation_job else (),
+            trainer_job=trainer_job,
+            trainer_pods=self._pods(namespace, child["trainer_job"]) if trainer_job else (),
+        )
+
+    # -- writing -------------------------------------------------------------------
+
+    def apply(self, observed: Observed, decision: reconcile.Decision) -> None:
+        """Carry out the actions, write the status, post the events (in that order)."""
+        namespace = observed.job["metadata"]["namespace"]
+        for action in decision.actions:
+            if isinstance(action, CreateChild):
+                self.create(namespace, action.manifest)
+            elif isinstance(action, PatchChild):
+                self.patch(namespace, action)
+            elif isinstance(action, DeleteChild):
+                self.delete(namespace, action)
+        self.patch_status(namespace, observed.job["metadata"]["name"], decision.status_patch)
+        for event in decision.events:
+            self.post_event(observed.job, event)
+
+    def create(self, namespace: str, manifest: Body) -> None:
+        kind = manifest["kind"]
+        creators: dict[str, Callable[..., Any]] = {
+            "Job": self.batch.create_namespaced_job,
+            "ConfigMap": self.core.create_namespaced_config_map,
+            "Secret": self.core.create_namespaced_secret,
+        }
+        try:
+            creators[kind](namespace, manifest)
+            log.info("created %s %s/%s", kind, namespace, manifest["metadata"]["name"])
+        except ApiException as error:
+            if error.status != 409:
+                raise
+
+    def patch(self, namespace: str, action: PatchChild) -> None:
+        patchers = {"Job": self.batch.patch_namespaced_job, "ConfigMap": self.core.patch_namespaced_config_map}
+        patchers[action.kind](action.name, namespace, action.patch)
+
+    def delete(self, namespace: str, action: DeleteChild) -> None:
+        deleters = {
+            "Job": self.batch.delete_namespaced_job,
+            "ConfigMap": self.core.delete_namespaced_config_map,
+            "Secret": self.core.delete_namespaced_secret,
+        }
+        try:
+            deleters[action.kind](action.name, namespace, propagation_policy="Background")
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def patch_status(self, namespace: str, name: str, status: Body) -> None:
+        """Merge-patch `status` of a FineTuneJob (the status subresource)."""
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name,
+                                                              {"status": status})
+        except ApiException as error:
+            if error.status != 404:  # deleted meanwhile
+                raise
+
+    def post_event(self, job: Body, event: reconcile.Event) -> None:
+        metadata = job["metadata"]
+        now = datetime.now(timezone.utc)
+        body = {
+            "metadata": {"name": f"{metadata['name']}.{secrets.token_hex(8)}", "namespace": metadata["namespace"]},
+            "involvedObject": {"apiVersion": builders.API_VERSION, "kind": builders.KIND, "name": metadata["name"],
+                               "namespace": metadata["namespace"], "uid": metadata["uid"],
+                               "resourceVersion": metadata.get("resourceVersion")},
+            "type": event.type,
+            "reason": event.reason,
+            "message": event.message,
+            "source": {"component": builders.MANAGED_BY},
+            "reportingComponent": "kubetune.io/operator",
+            "reportingInstance": "kubetune-operator",
+            "firstTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(metadata["namespace"], cast(Any, body))
+        except ApiException as error:  # events are best-effort
+            log.warning("could not post event %s on %s/%s: %s", event.reason, metadata["namespace"],
+                        metadata["name"], error.reason)

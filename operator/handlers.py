@@ -1,0 +1,179 @@
+"""Thin kopf handlers: every event about a FineTuneJob or one of its children runs the same reconcile.
+
+Handlers return None (kopf would store return values in status) and write
+status explicitly through `client`. kopf's own bookkeeping lives in
+annotations under `kubetune.io`, and its finalizer (not used: children are
+removed by owner references) would be `kubetune.io/finalizer`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from datetime import datetime
+from typing import Any
+
+import kopf
+
+from kubetune.operator import builders, conditions, metrics, progress, reconcile
+from kubetune.operator.client import KubeClient, api_client
+from kubetune.operator.settings import OperatorSettings
+
+Body = dict[str, Any]
+log = logging.getLogger(__name__)
+
+SETTINGS = OperatorSettings.from_env()
+METRICS = metrics.OperatorMetrics()
+RESOURCE = (builders.API_GROUP, builders.API_VERSION.split("/")[1], builders.PLURAL)
+CHILD_LABELS = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
+
+
+class _Runtime:
+    """What the handlers share: the API client, per-job locks, the HTTP server."""
+
+    def __init__(self) -> None:
+        self.client: KubeClient | None = None
+        self.server: progress.HttpServer | None = None
+        self.service: progress.ProgressService | None = None
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def kube(self) -> KubeClient:
+        if self.client is None:
+            self.client = KubeClient(api_client())
+        return self.client
+
+
+RUNTIME = _Runtime()
+
+
+@kopf.on.startup()
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=builders.API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=builders.API_GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{builders.API_GROUP}/finalizer"
+    settings.peering.name = SETTINGS.peering_name
+    settings.peering.mandatory = False
+    settings.peering.clusterwide = not SETTINGS.namespaces
+    # We post our own Events on condition transitions; kopf's per-handler events would be noise.
+    settings.posting.enabled = False
+    settings.execution.max_workers = 8
+    kube = RUNTIME.kube()
+
+    async def get_job(namespace: str, name: str) -> Body | None:
+        return await asyncio.to_thread(kube.get_finetunejob, namespace, name)
+
+    async def patch_status(namespace: str, name: str, status: Body) -> None:
+        await asyncio.to_thread(kube.patch_status, namespace, name, status)
+
+    RUNTIME.service = progress.ProgressService(SETTINGS, METRICS, get_job, patch_status)
+    RUNTIME.server = progress.HttpServer(RUNTIME.service)
+    await RUNTIME.server.start()
+
+
+@kopf.on.cleanup()
+async def stop_server(**_: Any) -> None:
+    if RUNTIME.server is not None:
+        await RUNTIME.server.stop()
+
+
+def reconcile_job(namespace: str, name: str) -> None:
+    """Observe, decide, converge — for one job; serialised per job."""
+    with RUNTIME.lock(namespace, name):
+        kube = RUNTIME.kube()
+        try:
+            observed = kube.observe(namespace, name)
+            if observed is None:
+                return
+            decision = reconcile.reconcile(observed, SETTINGS)
+            kube.apply(observed, decision)
+        except Exception:
+            METRICS.reconcile_failed(namespace)
+            raise
+        _update_metrics(observed, decision)
+
+
+def _update_metrics(observed: reconcile.Observed, decision: reconcile.Decision) -> None:
+    metadata = observed.job["metadata"]
+    namespace, name = metadata["namespace"], metadata["name"]
+    status = {**(observed.job.get("status") or {}), **decision.status_patch}
+    METRICS.observe_state(namespace, name, reconcile.state_of(status))
+    found = list(status.get("conditions") or [])
+    running = conditions.is_true(found, conditions.RUNNING)
+    gpus = builders.gpu_count(observed.job.get("spec") or {}) if running else 0
+    METRICS.observe_gpus(namespace, name, gpus, time.time())
+    before = list((observed.job.get("status") or {}).get("conditions") or [])
+    for outcome in (conditions.SUCCEEDED, conditions.FAILED):
+        if conditions.is_true(found, outcome) and not conditions.is_true(before, outcome):
+            start = _time(status.get("startTime")) or _time(metadata.get("creationTimestamp"))
+            end = _time(status.get("completionTime"))
+            if start is not None and end is not None:
+                METRICS.observe_finished(namespace, outcome, (end - start).total_seconds())
+
+
+def _time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _reconcile_or_retry(namespace: str | None, name: str | None) -> None:
+    if not namespace or not name:
+        return
+    try:
+        reconcile_job(namespace, name)
+    except Exception as error:
+        log.exception("reconcile of %s/%s failed", namespace, name)
+        raise kopf.TemporaryError(f"reconcile failed: {error}", delay=10) from error
+
+
+@kopf.on.create(*RESOURCE)
+@kopf.on.update(*RESOURCE)
+@kopf.on.resume(*RESOURCE)
+def on_job_changed(namespace: str | None, name: str | None, **_: Any) -> None:
+    _reconcile_or_retry(namespace, name)
+
+
+@kopf.timer(*RESOURCE, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+def resync(namespace: str | None, name: str | None, **_: Any) -> None:
+    _reconcile_or_retry(namespace, name)
+
+
+@kopf.on.delete(*RESOURCE, optional=True)
+def on_job_deleted(namespace: str | None, name: str | None, uid: str | None, **_: Any) -> None:
+    """Children go with the job (owner references); only the operator's memory needs clearing."""
+    if namespace and name:
+        METRICS.forget_job(namespace, name)
+    if uid and RUNTIME.service is not None:
+        RUNTIME.service.forget(uid)
+
+
+def _owner_name(body: kopf.Body) -> str | None:
+    for owner in body.get("metadata", {}).get("ownerReferences") or []:
+        if owner.get("kind") == builders.KIND and owner.get("apiVersion") == builders.API_VERSION:
+            return str(owner.get("name"))
+    labels = body.get("metadata", {}).get("labels") or {}
+    instance = labels.get(builders.LABEL_INSTANCE)
+    return str(instance) if instance else None
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
+@kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
+def on_child_event(namespace: str | None, body: kopf.Body, **_: Any) -> None:
+    """A child changed (a pod started or ended, a Job finished): converge its FineTuneJob now."""
+    name = _owner_name(body)
+    if namespace and name:
+        try:
+            reconcile_job(namespace, name)
+        except Exception:  # event handlers are not retried; the timer converges later
+            log.exception("reconcile of %s/%s after a child event failed", namespace, name)
