@@ -12,16 +12,16 @@ by ``hack/controlplane/build.sh``) as child processes with random free ports:
   accounts and Deployments (there is no scheduler and no kubelet: the local node
   of the dev tooling or the tests play the kubelet's part).
 
-Every child dies with the Python process that started it (``PR_SET_PDEATHSIG``),
-and :meth:`ControlPlane.stop` (also on context exit and at interpreter exit)
-terminates them, so no process outlives a failed test run.
+Every child dies with the Python process that started it (a
+:class:`kubetune.dev.orphans.ProcessGuard`), and :meth:`ControlPlane.stop` (also
+on context exit and at interpreter exit) terminates them, so no process
+outlives a failed or killed test run.
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import yaml
+
+from kubetune.dev import orphans
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BUILD_SCRIPT = REPO_ROOT / "hack" / "controlplane" / "build.sh"
@@ -77,13 +79,6 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
-
-
-def _die_with_parent() -> None:
-    """In the child before exec: get SIGTERM when the parent dies, even by SIGKILL."""
-    PR_SET_PDEATHSIG = 1
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _openssl(*args: str, cwd: Path) -> None:
@@ -154,6 +149,7 @@ class ControlPlane:
         self.kubeconfig = self.workdir / "admin.kubeconfig"
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, IO[bytes]] = {}
+        self._guard = orphans.ProcessGuard(self.workdir / "children.pids")
         self.certs: Certificates | None = None
 
     # -- lifecycle ---------------------------------------------------------
@@ -195,18 +191,21 @@ class ControlPlane:
         """Terminates every component (SIGTERM, then SIGKILL after 10 s); idempotent."""
         for name in reversed(list(self._procs)):
             self._stop_process(name)
+        self._guard.close()
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
 
     def _stop_process(self, name: str) -> None:
         proc = self._procs.pop(name, None)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if proc is not None:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            self._guard.discard(proc.pid)
         log = self._logs.pop(name, None)
         if log is not None:
             log.close()
@@ -215,8 +214,9 @@ class ControlPlane:
         log = open(self.workdir / f"{name}.log", "ab")
         self._logs[name] = log
         proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=self.workdir, preexec_fn=_die_with_parent)
+                                cwd=self.workdir, preexec_fn=orphans.die_with_parent)
         self._procs[name] = proc
+        self._guard.add(proc.pid)
         return proc
 
     def _binary(self, name: str) -> str:
@@ -267,6 +267,8 @@ class ControlPlane:
             self._binary("kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{self.ports.etcd_client}",
             "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            # Loopback cannot be a `kubernetes` Service endpoint; nothing here needs one.
+            "--endpoint-reconciler-type=none",
             f"--secure-port={self.ports.apiserver}",
             f"--tls-cert-file={certs.serving_crt}", f"--tls-private-key-file={certs.serving_key}",
             f"--client-ca-file={certs.ca_crt}",
@@ -303,7 +305,7 @@ class ControlPlane:
             f"--root-ca-file={certs.ca_crt}",
             "--use-service-account-credentials=false",
             # Cloud and node-lifecycle controllers have nothing to manage here.
-            "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle,-service,-route,"
+            "--controllers=*,-nodeipam,-nodelifecycle,"
             "-persistentvolume-binder,-attachdetach,-persistentvolume-expander,-ttl",
             f"--cluster-signing-cert-file={certs.ca_crt}", f"--cluster-signing-key-file={certs.ca_key}",
             "--concurrent-gc-syncs=5",

@@ -15,7 +15,9 @@ if [[ -x "$out/bin/kube-apiserver" && -x "$out/bin/kube-controller-manager" \
   exit 0
 fi
 
-k8s_version=$(awk '$1 == "require" && $2 == "k8s.io/kubernetes" {print $3}' "$here/go.mod")
+cd "$here"
+k8s_version=$(go list -m -f '{{.Version}}' k8s.io/kubernetes)
+[[ $k8s_version == v1.* ]] || { echo "cannot read the k8s.io/kubernetes version from go.mod" >&2; exit 1; }
 major=${k8s_version#v}; major=${major%%.*}
 minor=${k8s_version#v*.}; minor=${minor%%.*}
 ldflags="-s -w"
@@ -28,7 +30,6 @@ tmp="$out.tmp.$$"
 rm -rf "$tmp"
 mkdir -p "$tmp/bin"
 start=$(date +%s)
-cd "$here"
 # The k8s binaries build without cgo upstream; etcd too.
 CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$tmp/bin/" \
   k8s.io/kubernetes/cmd/kube-apiserver \
@@ -38,4 +39,6 @@ CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$tmp/bin/etcd" go.etcd.io/
 echo "built control plane $k8s_version in $(( $(date +%s) - start ))s: $(du -sh "$tmp/bin" | cut -f1)" >&2
 rm -rf "$out"
 mv "$tmp" "$out"
+# Older builds (other keys) are dead weight: keep only this one.
+find "$cache_root/controlplane" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
 echo "$out/bin"
