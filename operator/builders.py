@@ -209,9 +209,9 @@ def trainer_resources(spec: Body) -> Body:
         limits["memory"] = str(resources["memory"])
     gpus = gpu_count(spec)
     if gpus:
-        # Extended resources cannot be overcommitted: requests must equal limits.
-        requests[GPU_RESOURCE] = gpus
-        limits[GPU_RESOURCE] = gpus
+        # Extended resources cannot be overcommitted: requests must equal limits. Quantities are strings.
+        requests[GPU_RESOURCE] = str(gpus)
+        limits[GPU_RESOURCE] = str(gpus)
     result: Body = {}
     if requests:
         result["requests"] = requests

@@ -281,8 +281,11 @@ def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSet
         return
     _sync_suspend(draft, tjob)
     job_status = tjob.get("status") or {}
-    attempts = int(job_status.get("failed") or 0) + int(job_status.get("succeeded") or 0) + int(
+    # Pods of the Job stay until it is deleted: each one is an attempt (a retry, or a restart after a
+    # preemption or a resume); the Job's counters cover pods already garbage-collected.
+    counted = int(job_status.get("failed") or 0) + int(job_status.get("succeeded") or 0) + int(
         job_status.get("active") or 0)
+    attempts = max(counted, len(observed.trainer_pods))
     if attempts > int(draft.status.get("attempts") or 0):
         draft.patch["attempts"] = attempts
     if job_status.get("startTime") and not draft.status.get("startTime"):

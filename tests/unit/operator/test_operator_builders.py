@@ -97,8 +97,8 @@ def test_trainer_job_golden(placed_job: dict[str, Any], settings: OperatorSettin
                     {"name": "KUBETUNE_PROGRESS_TOKEN",
                      "valueFrom": {"secretKeyRef": {"name": "demo-progress", "key": "token"}}},
                 ],
-                "resources": {"requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": 1},
-                              "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}},
+                "resources": {"requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+                              "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"}},
                 "securityContext": RESTRICTED_CONTAINER,
                 "volumeMounts": MOUNTS,
                 "terminationMessagePath": "/dev/termination-log",
@@ -148,9 +148,9 @@ def test_progress_secret_holds_the_token(placed_job: dict[str, Any]) -> None:
     assert manifest["metadata"]["ownerReferences"] == [OWNER]
 
 
-@pytest.mark.parametrize(("gpus", "expected"), [(0, {}), (None, {}), ("auto", {"nvidia.com/gpu": 1}),
-                                                (4, {"nvidia.com/gpu": 4})])
-def test_gpu_requests(make_job: Callable[..., dict[str, Any]], gpus: Any, expected: dict[str, int]) -> None:
+@pytest.mark.parametrize(("gpus", "expected"), [(0, {}), (None, {}), ("auto", {"nvidia.com/gpu": "1"}),
+                                                (4, {"nvidia.com/gpu": "4"})])
+def test_gpu_requests(make_job: Callable[..., dict[str, Any]], gpus: Any, expected: dict[str, str]) -> None:
     resources = builders.trainer_resources(make_job(resources={} if gpus is None else {"gpus": gpus})["spec"])
     assert resources.get("limits", {}) == expected
 
