@@ -150,6 +150,7 @@ class _Draft:
 
     def decision(self) -> Decision:
         self.patch["conditions"] = self.conditions
+        self.patch["phase"] = state_of({"conditions": self.conditions})
         events = [_event_for(c) for c in conditions.changes(self.before, self.conditions)]
         return Decision(status_patch=self.patch, actions=tuple(self.actions),
                         events=tuple(events + self.extra_events), requeue_after=self.requeue_after)

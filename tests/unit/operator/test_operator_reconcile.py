@@ -68,6 +68,7 @@ class TestANewJob:
         assert condition(decision, "Validated")["reason"] == "ValidatingDataset"
         assert condition(decision, "Running")["reason"] == "WaitingForValidation"
         assert decision.status_patch["observedGeneration"] == 1
+        assert decision.status_patch["phase"] == "Validating"
 
     def test_emits_events_for_the_conditions_it_sets(self, make_job: MakeJob, settings: OperatorSettings) -> None:
         decision = reconcile.reconcile(Observed(job=make_job(), now=NOW), settings)
@@ -172,6 +173,7 @@ class TestTraining:
         decision = reconcile.reconcile(observed, settings)
         patch = decision.status_patch
         assert condition(decision, "Succeeded")["status"] == "True"
+        assert patch["phase"] == "Succeeded"
         assert condition(decision, "Failed")["status"] == "False"
         assert condition(decision, "Running")["status"] == "False"
         assert patch["model"] == {"uri": "pvc://models/finetunes/demo/model", "digest": "sha256:abc"}
