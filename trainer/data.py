@@ -1,0 +1,690 @@
+"""Data preparation: read, clean, split, rebalance, tokenise and pack.
+
+The path a dataset takes, each step a small function:
+
+    read_records (local path, http(s)://, s3:// via fsspec; jsonl/json/csv/parquet/txt)
+    -> to_examples (one `Example` per record, by format and field names)
+    -> clean (whitespace, empty/short/long, exact duplicates; counts per reason)
+    -> split_examples (train/validation/test by ratios and seed, stratified by label)
+    -> check_labels, rebalance (classification: oversample/undersample/class weights)
+    -> tokenize_examples (loss only on completions for prompt_completion, chat, classification)
+    -> pack (examples into full sequences; position ids restart at each example)
+
+Everything the user can get wrong raises `DataError` with a message naming the
+file, the record and the field; the trainer exits with the permanent-error code.
+
+Packing and attention: packed sequences carry `position_ids` that restart at 0
+for every example and no attention mask. transformers (>= 4.54) then builds a
+block-diagonal causal mask from the position ids (for sdpa, eager and flash
+attention), so tokens never attend across examples; the first token of each
+example carries no loss, so no example is asked to predict its neighbour.
+"""
+
+from __future__ import annotations
+
+import bisect
+import csv
+import dataclasses
+import io
+import json
+import random
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import PurePosixPath
+from typing import Any
+from urllib.parse import urlparse
+
+from kubetune.trainer.config import Cleaning, Curriculum, DatasetConfig, DataSource, FieldNames, Split
+from kubetune.trainer.errors import DataError
+
+IGNORE_INDEX = -100
+"""Label value the loss skips (the PyTorch cross-entropy convention)."""
+
+_EXTENSIONS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+    ".txt": "txt",
+    ".text": "txt",
+    ".md": "txt",
+}
+
+
+# --- Records ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Example:
+    """One training example, whatever the dataset format."""
+
+    prompt: str = ""
+    """Context the model sees but is not trained to produce (empty for plain text)."""
+    completion: str = ""
+    """Text the loss is computed on (the whole text for format `text`)."""
+    messages: list[dict[str, str]] | None = None
+    """Chat turns ({role, content}); the loss covers the assistant turns."""
+    label: str | None = None
+    """Class label (format `classification`)."""
+    weight: float = 1.0
+    """Loss weight of every token of this example (class weights)."""
+
+    def char_length(self) -> int:
+        if self.messages is not None:
+            return sum(len(m["content"]) for m in self.messages)
+        return len(self.prompt) + len(self.completion)
+
+    def has_content(self) -> bool:
+        if self.messages is not None:
+            return any(m["role"] == "assistant" and m["content"] for m in self.messages)
+        return bool(self.completion) and (self.label is None or bool(self.prompt))
+
+    def dedupe_key(self) -> tuple[Any, ...]:
+        messages = tuple((m["role"], m["content"]) for m in self.messages) if self.messages else None
+        return (self.prompt, self.completion, messages, self.label)
+
+
+def detect_file_format(source: DataSource) -> str:
+    if source.file_format != "auto":
+        return source.file_format
+    path = urlparse(source.source).path if "://" in source.source else source.source
+    suffix = PurePosixPath(path).suffix.lower()
+    if suffix not in _EXTENSIONS:
+        raise DataError(
+            f"{source.source}: cannot tell the file format from the extension {suffix or '(none)'!r}; "
+            f"set fileFormat to one of jsonl, json, csv, parquet, txt"
+        )
+    return _EXTENSIONS[suffix]
+
+
+def read_bytes(location: str) -> bytes:
+    """The file's bytes from a local path, `file://`, `http(s)://` or `s3://` URL."""
+    import fsspec
+
+    try:
+        with fsspec.open(location, "rb") as handle:
+            return bytes(handle.read())
+    except FileNotFoundError as error:
+        raise DataError(f"{location}: data file not found") from error
+    except IsADirectoryError as error:
+        raise DataError(f"{location}: is a directory, expected a data file") from error
+    except ImportError as error:  # e.g. s3:// without s3fs
+        raise DataError(f"{location}: no filesystem support installed for this URL: {error}") from error
+
+
+def _decode(data: bytes, location: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(
+            f"{location}: not UTF-8 text (undecodable byte at offset {error.start}); "
+            f"is fileFormat right and the file uncompressed?"
+        ) from error
+
+
+def _parse_jsonl(text: str, location: str) -> list[dict[str, Any]]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{location}: line {number} is not valid JSON: {error.msg}") from error
+        if not isinstance(record, dict):
+            raise DataError(f"{location}: line {number} must be a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return records
+
+
+def _parse_json(text: str, location: str) -> list[dict[str, Any]]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{location}: not valid JSON: {error.msg} (line {error.lineno})") from error
+    if isinstance(data, dict):
+        lists = [value for value in data.values() if isinstance(value, list)]
+        if len(lists) != 1:
+            raise DataError(f"{location}: a JSON file must hold a list of records (or an object with one list)")
+        data = lists[0]
+    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        raise DataError(f"{location}: a JSON file must hold a list of objects")
+    return data
+
+
+def _parse_csv(text: str, location: str) -> list[dict[str, Any]]:
+    try:
+        return [dict(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
+    except csv.Error as error:
+        raise DataError(f"{location}: not valid CSV: {error}") from error
+
+
+def _parse_parquet(data: bytes, location: str) -> list[dict[str, Any]]:
+    import pyarrow
+    import pyarrow.parquet
+
+    try:
+        return list(pyarrow.parquet.read_table(io.BytesIO(data)).to_pylist())
+    except (pyarrow.ArrowException, OSError) as error:
+        raise DataError(f"{location}: not a readable Parquet file: {error}") from error
+
+
+def _parse_txt(text: str, field: str) -> list[dict[str, Any]]:
+    """One record per paragraph (blocks separated by blank lines)."""
+    return [{field: block} for block in re.split(r"\n\s*\n", text) if block.strip()]
+
+
+def read_records(source: DataSource, fields: FieldNames) -> list[dict[str, Any]]:
+    """All records of one data file as dictionaries."""
+    file_format = detect_file_format(source)
+    data = read_bytes(source.source)
+    if file_format == "parquet":
+        return _parse_parquet(data, source.source)
+    text = _decode(data, source.source)
+    if file_format == "jsonl":
+        return _parse_jsonl(text, source.source)
+    if file_format == "json":
+        return _parse_json(text, source.source)
+    if file_format == "csv":
+        return _parse_csv(text, source.source)
+    return _parse_txt(text, fields.text)
+
+
+# --- Examples --------------------------------------------------------------------
+
+
+def _text_field(record: dict[str, Any], name: str, setting: str, where: str) -> str:
+    if name not in record or record[name] is None:
+        present = ", ".join(sorted(map(str, record))) or "none"
+        raise DataError(f"{where}: missing field {name!r} (dataset.fields.{setting}); fields present: {present}")
+    value = record[name]
+    if isinstance(value, (dict, list)):
+        raise DataError(f"{where}: field {name!r} must be text, got {type(value).__name__}")
+    return str(value)
+
+
+def _messages_field(record: dict[str, Any], name: str, where: str) -> list[dict[str, str]]:
+    raw = record.get(name)
+    if raw is None:
+        present = ", ".join(sorted(map(str, record))) or "none"
+        raise DataError(f"{where}: missing field {name!r} (dataset.fields.messages); fields present: {present}")
+    if isinstance(raw, str):  # CSV cells hold JSON text
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: field {name!r} is text but not a JSON list of messages") from error
+    if not isinstance(raw, list) or not raw:
+        raise DataError(f"{where}: field {name!r} must be a non-empty list of {{role, content}} messages")
+    messages = []
+    for index, message in enumerate(raw):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or "content" not in message:
+            raise DataError(f"{where}: message {index} must be an object with 'role' and 'content'")
+        messages.append({"role": message["role"], "content": str(message["content"] or "")})
+    return messages
+
+
+def to_examples(records: Sequence[dict[str, Any]], config: DatasetConfig, origin: str) -> list[Example]:
+    """One Example per record; DataError names the first record that lacks a needed field."""
+    fields = config.fields
+    examples = []
+    for number, record in enumerate(records, start=1):
+        where = f"{origin}: record {number}"
+        if config.format == "text":
+            examples.append(Example(completion=_text_field(record, fields.text, "text", where)))
+        elif config.format == "prompt_completion":
+            examples.append(
+                Example(
+                    prompt=_text_field(record, fields.prompt, "prompt", where),
+                    completion=_text_field(record, fields.completion, "completion", where),
+                )
+            )
+        elif config.format == "chat":
+            examples.append(Example(messages=_messages_field(record, fields.messages, where)))
+        else:
+            label = _text_field(record, fields.label, "label", where).strip()
+            text = _text_field(record, fields.text, "text", where)
+            examples.append(Example(prompt=text, completion=classification_completion(label), label=label))
+    return examples
+
+
+def classification_prompt(text: str) -> str:
+    """What the model reads before it names a label, in training and in evaluation."""
+    return f"{text}\nLabel:"
+
+
+def classification_completion(label: str) -> str:
+    return f" {label}"
+
+
+# --- Cleaning --------------------------------------------------------------------
+
+_SPACES = re.compile(r"[ \t\f\v\u00a0\u2000-\u200a\u3000]+")
+_BLANK_LINES = re.compile(r"\n{3,}")
+
+
+def normalize_whitespace(text: str) -> str:
+    """Collapse runs of spaces, strip each line and the ends, keep at most one blank line."""
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
+    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
+
+
+@dataclasses.dataclass
+class CleaningReport:
+    """What cleaning did to one data file, by reason."""
+
+    read: int = 0
+    kept: int = 0
+    empty: int = 0
+    too_short: int = 0
+    too_long: int = 0
+    duplicate: int = 0
+
+    def to_report(self) -> dict[str, int]:
+        return {
+            "read": self.read,
+            "kept": self.kept,
+            "droppedEmpty": self.empty,
+            "droppedTooShort": self.too_short,
+            "droppedTooLong": self.too_long,
+            "droppedDuplicate": self.duplicate,
+        }
+
+
+def _normalized(example: Example) -> Example:
+    if example.messages is not None:
+        messages = [{"role": m["role"], "content": normalize_whitespace(m["content"])} for m in example.messages]
+        return dataclasses.replace(example, messages=messages)
+    prompt = normalize_whitespace(example.prompt)
+    if example.label is not None:  # keep the " label" completion exactly
+        return dataclasses.replace(example, prompt=prompt)
+    return dataclasses.replace(example, prompt=prompt, completion=normalize_whitespace(example.completion))
+
+
+def clean(examples: Iterable[Example], cleaning: Cleaning) -> tuple[list[Example], CleaningReport]:
+    """Drop empty, too short, too long and duplicate examples, counting each reason."""
+    report = CleaningReport()
+    seen: set[tuple[Any, ...]] = set()
+    kept = []
+    for example in examples:
+        report.read += 1
+        if cleaning.normalize_whitespace:
+            example = _normalized(example)
+        length = example.char_length()
+        if cleaning.drop_empty and not example.has_content():
+            report.empty += 1
+        elif length < cleaning.min_chars:
+            report.too_short += 1
+        elif cleaning.max_chars and length > cleaning.max_chars:
+            report.too_long += 1
+        elif cleaning.dedupe and example.dedupe_key() in seen:
+            report.duplicate += 1
+        else:
+            seen.add(example.dedupe_key())
+            kept.append(example)
+    report.kept = len(kept)
+    return kept, report
+
+
+# --- Splitting, labels, imbalance ---------------------------------------------------
+
+
+@dataclasses.dataclass
+class Splits:
+    train: list[Example]
+    validation: list[Example]
+    test: list[Example]
+
+
+def _held_out_count(total: int, ratio: float) -> int:
+    count = round(total * ratio)
+    return 1 if ratio > 0 and count == 0 and total >= 3 else count
+
+
+def split_examples(
+    examples: Sequence[Example], split: Split, *, take_validation: bool, take_test: bool, stratify: bool
+) -> Splits:
+    """Shuffle with `split.seed` and hold out validation/test fractions (per label when stratified)."""
+    rng = random.Random(split.seed)
+    groups: dict[str | None, list[Example]] = {}
+    for example in examples:
+        groups.setdefault(example.label if stratify else None, []).append(example)
+    train, validation, test = [], [], []
+    for key in sorted(groups, key=str):
+        group = list(groups[key])
+        rng.shuffle(group)
+        n_val = _held_out_count(len(group), split.validation) if take_validation else 0
+        n_test = _held_out_count(len(group), split.test) if take_test else 0
+        excess = n_val + n_test - (len(group) - 1)  # keep at least one training example per group
+        if excess > 0:
+            n_test -= min(n_test, excess)
+            n_val = min(n_val, len(group) - 1 - n_test)
+        validation += group[:n_val]
+        test += group[n_val : n_val + n_test]
+        train += group[n_val + n_test :]
+    for part in (train, validation, test):
+        rng.shuffle(part)
+    return Splits(train=train, validation=validation, test=test)
+
+
+def check_labels(splits: Splits, configured: list[str] | None) -> list[str]:
+    """The label set; DataError for any example whose label is outside it."""
+    labels = list(configured) if configured else sorted({e.label for e in splits.train if e.label is not None})
+    allowed = set(labels)
+    for name, part in (("train", splits.train), ("validation", splits.validation), ("test", splits.test)):
+        unknown = Counter(e.label for e in part if e.label not in allowed)
+        if unknown:
+            label, count = unknown.most_common(1)[0]
+            origin = "dataset.labels" if configured else "the labels seen in the training data"
+            raise DataError(
+                f"dataset {name} split: unknown label {label!r} in {count} record(s); "
+                f"allowed by {origin}: {', '.join(map(repr, labels))}"
+            )
+    if len(labels) < 2:
+        raise DataError(f"dataset: classification needs at least 2 labels in the training data, found {labels}")
+    return labels
+
+
+@dataclasses.dataclass
+class ImbalanceReport:
+    strategy: str
+    before: dict[str, int]
+    after: dict[str, int]
+    class_weights: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def to_report(self) -> dict[str, Any]:
+        report: dict[str, Any] = {"strategy": self.strategy, "before": self.before, "after": self.after}
+        if self.class_weights:
+            report["classWeights"] = self.class_weights
+        return report
+
+
+def class_counts(examples: Iterable[Example], labels: Sequence[str]) -> dict[str, int]:
+    counts = Counter(e.label for e in examples)
+    return {label: counts.get(label, 0) for label in labels}
+
+
+def rebalance(
+    train: Sequence[Example], labels: Sequence[str], strategy: str, seed: int
+) -> tuple[list[Example], ImbalanceReport]:
+    """Oversample minority classes, undersample majority ones, or set inverse-frequency weights."""
+    rng = random.Random(seed)
+    before = class_counts(train, labels)
+    by_label = {label: [e for e in train if e.label == label] for label in labels}
+    present = {label: group for label, group in by_label.items() if group}
+    weights: dict[str, float] = {}
+    if strategy == "oversample":
+        target = max(len(g) for g in present.values())
+        result = []
+        for group in present.values():
+            repeats, remainder = divmod(target, len(group))
+            result += group * repeats + rng.sample(group, remainder)
+    elif strategy == "undersample":
+        target = min(len(g) for g in present.values())
+        result = [e for group in present.values() for e in rng.sample(group, target)]
+    elif strategy == "classWeights":
+        total, classes = len(train), len(present)
+        weights = {label: total / (classes * len(group)) for label, group in present.items()}
+        result = [dataclasses.replace(e, weight=weights[e.label or ""]) for e in train]
+    else:
+        return list(train), ImbalanceReport(strategy, before, before)
+    rng.shuffle(result)
+    return result, ImbalanceReport(strategy, before, class_counts(result, labels), weights)
+
+
+def curriculum_fraction(epoch: int, curriculum: Curriculum) -> float:
+    """Fraction of the (shortest-first) training set used in `epoch` (0-based)."""
+    if not curriculum.enabled:
+        return 1.0
+    grown = curriculum.start_fraction + (1 - curriculum.start_fraction) * epoch / curriculum.epochs_to_full
+    return min(1.0, grown)
+
+
+# --- The whole preparation before tokenisation ----------------------------------------
+
+
+@dataclasses.dataclass
+class PreparedData:
+    """Clean, split examples and what happened on the way (for metrics.json and --validate-only)."""
+
+    splits: Splits
+    labels: list[str] | None
+    cleaning: dict[str, CleaningReport]
+    imbalance: ImbalanceReport | None
+
+    def statistics(self) -> dict[str, Any]:
+        stats: dict[str, Any] = {
+            "cleaning": {name: report.to_report() for name, report in self.cleaning.items()},
+            "splits": {
+                "train": len(self.splits.train),
+                "validation": len(self.splits.validation),
+                "test": len(self.splits.test),
+            },
+        }
+        if self.labels is not None:
+            stats["labels"] = self.labels
+            stats["labelCounts"] = {
+                name: class_counts(part, self.labels)
+                for name, part in (("train", self.splits.train), ("validation", self.splits.validation),
+                                   ("test", self.splits.test))
+            }
+        if self.imbalance is not None:
+            stats["imbalance"] = self.imbalance.to_report()
+        return stats
+
+
+def _load_clean(source: DataSource, config: DatasetConfig, name: str) -> tuple[list[Example], CleaningReport]:
+    records = read_records(source, config.fields)
+    examples, report = clean(to_examples(records, config, source.source), config.cleaning)
+    if not examples:
+        raise DataError(
+            f"dataset.{name} ({source.source}): no records left after cleaning: {report.read} read, "
+            f"{report.empty} empty, {report.too_short} shorter than minChars, "
+            f"{report.too_long} longer than maxChars, {report.duplicate} duplicates"
+        )
+    return examples, report
+
+
+def prepare(config: DatasetConfig) -> PreparedData:
+    """Read, clean and split the dataset; check and rebalance labels for classification."""
+    train, train_report = _load_clean(config.train, config, "train")
+    reports = {"train": train_report}
+    validation = test = None
+    if config.validation is not None:
+        validation, reports["validation"] = _load_clean(config.validation, config, "validation")
+    if config.test is not None:
+        test, reports["test"] = _load_clean(config.test, config, "test")
+    classification = config.format == "classification"
+    splits = split_examples(
+        train,
+        config.split,
+        take_validation=validation is None,
+        take_test=test is None,
+        stratify=classification and config.split.stratify,
+    )
+    splits.validation = validation if validation is not None else splits.validation
+    splits.test = test if test is not None else splits.test
+    labels = imbalance = None
+    if classification:
+        labels = check_labels(splits, config.labels)
+        splits.train, imbalance = rebalance(splits.train, labels, config.imbalance.strategy, config.split.seed)
+    return PreparedData(splits=splits, labels=labels, cleaning=reports, imbalance=imbalance)
+
+
+# --- Tokenisation ---------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TokenizedExample:
+    input_ids: list[int]
+    loss_mask: list[bool]
+    """True where the token is a training target."""
+    weight: float = 1.0
+
+
+def _chat_segments(messages: list[dict[str, str]], tokenizer: Any) -> list[tuple[str, bool]]:
+    """The rendered conversation as (text, is_target) pieces: assistant turns are targets.
+
+    Renders growing prefixes of the conversation with the model's own chat
+    template, so it works with any template: the text an assistant turn adds
+    after the generation prompt is exactly what the model must learn to write.
+    """
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise DataError("dataset: the model's chat template does not render conversations incrementally")
+        segments += [(prompt[len(done) :], False), (full[len(prompt) :], True)]
+        done = full
+    whole = tokenizer.apply_chat_template(messages, tokenize=False)
+    if whole.startswith(done) and len(whole) > len(done):
+        segments.append((whole[len(done) :], False))
+    return [(text, target) for text, target in segments if text]
+
+
+def example_segments(example: Example, tokenizer: Any) -> list[tuple[str, bool]]:
+    if example.messages is not None:
+        return _chat_segments(example.messages, tokenizer)
+    if example.label is not None:
+        return [(classification_prompt(example.prompt), False), (example.completion, True)]
+    if example.prompt:
+        return [(example.prompt, False), (example.completion, True)]
+    return [(example.completion, True)]
+
+
+def tokenize_example(example: Example, tokenizer: Any, append_eos: bool) -> TokenizedExample:
+    ids: list[int] = []
+    mask: list[bool] = []
+    for index, (text, target) in enumerate(example_segments(example, tokenizer)):
+        # Special tokens (e.g. a BOS) only at the very start; chat templates write their own.
+        piece = tokenizer(text, add_special_tokens=index == 0 and example.messages is None)["input_ids"]
+        ids += piece
+        mask += [target] * len(piece)
+    eos = tokenizer.eos_token_id
+    if append_eos and eos is not None and (not ids or ids[-1] != eos):
+        ids.append(eos)
+        mask.append(True)
+    return TokenizedExample(input_ids=ids, loss_mask=mask, weight=example.weight)
+
+
+def tokenize_examples(examples: Iterable[Example], tokenizer: Any) -> list[TokenizedExample]:
+    """Tokenise; plain text, completions and labels end with EOS so the model learns to stop."""
+    return [tokenize_example(e, tokenizer, append_eos=e.messages is None) for e in examples]
+
+
+# --- Packing ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class PackedSequence:
+    """One training row: several whole examples back to back, at most max_seq_length tokens."""
+
+    input_ids: list[int]
+    labels: list[int]
+    """Target token ids, IGNORE_INDEX where no loss (prompt tokens, first token of each example)."""
+    position_ids: list[int]
+    """Restart at 0 for every example: the model attends only within an example."""
+    weights: list[float]
+    num_examples: int = 1
+
+
+@dataclasses.dataclass
+class PackingReport:
+    sequences: int = 0
+    examples: int = 0
+    tokens: int = 0
+    capacity: int = 0
+    truncated: int = 0
+    """Supervised examples cut to max_seq_length (their tail is lost)."""
+    dropped_no_target: int = 0
+    """Examples with no target token left after truncation."""
+    chunked: int = 0
+    """Plain-text examples split into several sequences."""
+
+    def to_report(self) -> dict[str, Any]:
+        return {
+            "sequences": self.sequences,
+            "examples": self.examples,
+            "tokens": self.tokens,
+            "fill": round(self.tokens / self.capacity, 4) if self.capacity else 0.0,
+            "truncated": self.truncated,
+            "droppedNoTarget": self.dropped_no_target,
+            "chunked": self.chunked,
+        }
+
+
+def _fit(examples: Iterable[TokenizedExample], max_len: int, chunk: bool, report: PackingReport) -> list[TokenizedExample]:
+    """Cut every example to at most max_len tokens: chunk plain text, truncate supervised examples."""
+    fitted = []
+    for example in examples:
+        if len(example.input_ids) <= max_len:
+            pieces = [example]
+        elif chunk:
+            report.chunked += 1
+            pieces = [
+                TokenizedExample(example.input_ids[i : i + max_len], example.loss_mask[i : i + max_len], example.weight)
+                for i in range(0, len(example.input_ids), max_len)
+            ]
+        else:
+            report.truncated += 1
+            pieces = [TokenizedExample(example.input_ids[:max_len], example.loss_mask[:max_len], example.weight)]
+        for piece in pieces:
+            if any(piece.loss_mask[1:]):
+                fitted.append(piece)
+            else:
+                report.dropped_no_target += 1
+    return fitted
+
+
+def _as_sequence(parts: Sequence[TokenizedExample]) -> PackedSequence:
+    ids: list[int] = []
+    labels: list[int] = []
+    positions: list[int] = []
+    weights: list[float] = []
+    for part in parts:
+        ids += part.input_ids
+        labels += [IGNORE_INDEX] + [t if m else IGNORE_INDEX for t, m in zip(part.input_ids[1:], part.loss_mask[1:])]
+        positions += list(range(len(part.input_ids)))
+        weights += [part.weight] * len(part.input_ids)
+    return PackedSequence(ids, labels, positions, weights, num_examples=len(parts))
+
+
+def _best_fit_decreasing(examples: Sequence[TokenizedExample], max_len: int) -> list[list[TokenizedExample]]:
+    """Bins of total length <= max_len, few and full: each example goes to the fullest bin it fits."""
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    bins: list[list[TokenizedExample]] = []
+    free: list[tuple[int, int]] = []  # sorted (space left, bin index)
+    for i in order:
+        size = len(examples[i].input_ids)
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot < len(free):
+            space, index = free.pop(slot)
+        else:
+            space, index = max_len, len(bins)
+            bins.append([])
+        bins[index].append(examples[i])
+        if space - size > 0:
+            bisect.insort(free, (space - size, index))
+    return bins
+
+
+def pack(
+    examples: Sequence[TokenizedExample], max_len: int, *, packing: bool, chunk_long: bool
+) -> tuple[list[PackedSequence], PackingReport]:
+    """Sequences for training or evaluation: packed when `packing`, one example per row otherwise."""
+    report = PackingReport()
+    fitted = _fit(examples, max_len, chunk_long, report)
+    groups = _best_fit_decreasing(fitted, max_len) if packing else [[e] for e in fitted]
+    sequences = [_as_sequence(group) for group in groups]
+    report.sequences = len(sequences)
+    report.examples = len(fitted)
+    report.tokens = sum(len(s.input_ids) for s in sequences)
+    report.capacity = max_len * len(sequences)
+    return sequences, report
