@@ -66,6 +66,13 @@ class Ports:
     """kube-controller-manager's secure (health/metrics) port."""
 
 
+class KubectlError(subprocess.CalledProcessError):
+    """kubectl failed; the message carries its stderr."""
+
+    def __str__(self) -> str:
+        return f"{super().__str__()}\n{self.stderr}"
+
+
 def build_binaries() -> Path:
     """Builds (or finds in the cache) the control-plane binaries; returns their folder."""
     proc = subprocess.run(["bash", str(BUILD_SCRIPT)], capture_output=True, text=True)
@@ -370,7 +377,7 @@ class ControlPlane:
         proc = subprocess.run([self._binary("kubectl"), f"--kubeconfig={config}", *args],
                               input=input, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
-            raise subprocess.CalledProcessError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+            raise KubectlError(proc.returncode, proc.args, proc.stdout, proc.stderr)
         return proc
 
     def api_client(self, kubeconfig: Path | None = None) -> Any:
