@@ -1,0 +1,751 @@
+"""The FineTuneJob API (`kubetune.io/v1alpha1`): typed spec and status models.
+
+These classes are the one source of truth for the CRD: `kubetune.operator.crd`
+generates `crds/finetunejobs.kubetune.io.yaml` from them (descriptions are the
+field docstrings below, so `kubectl explain ftj.spec.dataset` prints them), and
+`FineTuneJobSpec.from_dict(body["spec"])` reads an object back, typed, with the
+same defaults the API server applies.
+
+The spec sections `model`, `dataset`, `method`, `hyperparameters`, `training`
+and `evaluation` use exactly the trainer config's vocabulary
+(`kubetune.trainer.config`): the operator copies them into the trainer config.
+
+`auto` values: integer hyperparameters accept the string "auto" (the default);
+number hyperparameters (`learningRate`, `warmupRatio`, `weightDecay`,
+`dropout`) are automatic when left out, because a Kubernetes schema cannot say
+"a number or a string". The trainer resolves every automatic value (rules in
+docs/api.md) and the operator records them in `status.resolved`.
+
+Pure: no kopf, no kubernetes client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
+
+from kubetune.operator import apischema
+from kubetune.operator.apischema import (
+    AUTO,
+    Format,
+    Immutable,
+    IntOrAuto,
+    ListType,
+    MaxItems,
+    MaxLength,
+    MaxProperties,
+    Maximum,
+    MinItems,
+    MinLength,
+    Minimum,
+    Pattern,
+    PreserveUnknownFields,
+    Quantity,
+    Rule,
+    rules,
+)
+
+GROUP = "kubetune.io"
+VERSION = "v1alpha1"
+KIND = "FineTuneJob"
+
+# --- reusable value types ---------------------------------------------------------------
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+"""A Kubernetes object name that must also be a DNS label (RFC 1123)."""
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+"""A Kubernetes object name (RFC 1123 subdomain)."""
+
+_PVC_REF_RULE = Rule(
+    "!self.startsWith('pvc://') || self.matches('^pvc://[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/.*)?$')",
+    "a pvc:// reference names a PersistentVolumeClaim in the job's own namespace: use "
+    "pvc://<claim>/<path> where <claim> is a plain claim name (lower-case letters, digits and '-', "
+    "at most 63 characters); namespaces and other separators are not allowed",
+)
+_NO_DOT_DOT_RULE = Rule("!self.contains('/../') && !self.endsWith('/..')",
+                        "must not contain '..' path segments")
+
+ModelURI = Annotated[str, MinLength(1), MaxLength(1024), Rule(
+    "self.matches('^(hf://[A-Za-z0-9][-A-Za-z0-9._]*/[A-Za-z0-9][-A-Za-z0-9._]*|pvc://.+|"
+    "s3://[a-z0-9][-a-z0-9.]*[a-z0-9]/.+|file:///.+|/.+)$')",
+    "must be hf://<org>/<name>, pvc://<claim>/<path>, s3://<bucket>/<key>, or (local mode) an "
+    "absolute path or file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE]
+"""Where a model comes from."""
+
+DataURI = Annotated[str, MinLength(1), MaxLength(2048), Rule(
+    "self.matches('^(https?://.+|s3://[a-z0-9][-a-z0-9.]*[a-z0-9]/.+|pvc://.+|file:///.+|/.+)$')",
+    "must be pvc://<claim>/<path>, http(s)://<url>, s3://<bucket>/<key>, or (local mode) an absolute "
+    "path or file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE]
+"""Where data comes from."""
+
+StorageURI = Annotated[str, MinLength(1), MaxLength(1024), Rule(
+    "self.matches('^(pvc://.+|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|file:///.+|/.+)$')",
+    "must be pvc://<claim>/<path>, s3://<bucket>/<prefix>, or (local mode) an absolute path or "
+    "file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE]
+"""Where outputs go."""
+
+ColumnName = Annotated[str, MinLength(1), MaxLength(256)]
+"""A column (field) name in a data file."""
+
+Fraction = Annotated[float, Minimum(0), Maximum(1, exclusive=True)]
+"""A number in [0, 1)."""
+
+KubeQuantity = Annotated[int | str, Quantity(), MaxLength(64)]
+"""A Kubernetes resource quantity: `4`, `500m`, `16Gi`."""
+
+RFC3339 = Annotated[str, Format("date-time"), MaxLength(64)]
+"""A timestamp."""
+
+DataFormat = Literal["text", "prompt_completion", "chat", "classification"]
+FileFormat = Literal["auto", "jsonl", "json", "csv", "parquet", "txt"]
+ImbalanceStrategy = Literal["none", "oversample", "undersample", "classWeights"]
+MethodType = Literal["full", "lora"]
+Scheduler = Literal["auto", "linear", "cosine", "constant", "constantWithWarmup"]
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy"]
+EvaluationMetric = Literal["perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1"]
+ServingRuntime = Literal["builtin", "vllm"]
+Phase = Literal["Validating", "Pending", "Running", "Suspended", "Succeeded", "Failed"]
+
+CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1")
+"""Evaluation metrics that only a classification dataset has."""
+
+_RUN_DEFINITION = "it defines the training run; create a new FineTuneJob to change it"
+
+
+# --- spec.model ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The base model to fine-tune."""
+
+    source: ModelURI
+    """Where the base model comes from: `hf://<org>/<name>` (Hugging Face hub id),
+    `pvc://<claim>/<path>` (a folder on a PersistentVolumeClaim in this namespace, as written by
+    `save_pretrained`), `s3://<bucket>/<key>`, or in local mode an absolute path / `file:///<path>`."""
+    revision: Annotated[str, MaxLength(255)] | None = None
+    """Hub revision (branch, tag or commit hash) when `source` is `hf://`. Default: the main branch."""
+    gguf_file: Annotated[str, MaxLength(255), Pattern(r"^[^/]+\.gguf$")] | None = None
+    """File name (no folders) of a GGUF checkpoint inside `source`, e.g. `model.Q4_1.gguf`;
+    transformers dequantises it on load. Leave out for safetensors/pytorch checkpoints."""
+    trust_remote_code: bool = False
+    """Allow Python code shipped with the checkpoint to run. Off by default: it runs arbitrary code
+    in the trainer pod."""
+
+
+# --- spec.dataset ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSource:
+    """One data file (or folder of files)."""
+
+    source: DataURI
+    """Where the data is: `pvc://<claim>/<path>`, `http(s)://<url>`, `s3://<bucket>/<key>`, or in
+    local mode an absolute path / `file:///<path>`."""
+    file_format: FileFormat = "auto"
+    """How to parse it: `jsonl`, `json`, `csv`, `parquet` or `txt` (one record per line for format
+    `text`). `auto` picks from the file extension."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FieldNames:
+    """Column names in the data files; each defaults to its own name."""
+
+    text: ColumnName = "text"
+    """Column with the text (formats `text` and `classification`)."""
+    prompt: ColumnName = "prompt"
+    """Column with the prompt (format `prompt_completion`); no loss is computed on it."""
+    completion: ColumnName = "completion"
+    """Column with the completion (format `prompt_completion`): the only tokens the loss is
+    computed on."""
+    messages: ColumnName = "messages"
+    """Column with a list of `{role, content}` messages (format `chat`), rendered with the model's
+    chat template; the loss is computed on assistant turns."""
+    label: ColumnName = "label"
+    """Column with the class label (format `classification`)."""
+
+
+@rules(Rule("self.maxChars == 0 || self.maxChars >= self.minChars",
+            "maxChars must be 0 (no limit) or at least minChars", field_path=".maxChars"))
+@dataclasses.dataclass(frozen=True)
+class Cleaning:
+    """Record cleaning, applied before splitting."""
+
+    normalize_whitespace: bool = True
+    """Collapse runs of spaces and tabs, strip each line and both ends; paragraph breaks stay."""
+    drop_empty: bool = True
+    """Drop records whose text is empty after normalisation."""
+    min_chars: Annotated[int, Minimum(0), Maximum(1_000_000)] = 1
+    """Drop records shorter than this many characters (after normalisation)."""
+    max_chars: Annotated[int, Minimum(0), Maximum(100_000_000)] = 0
+    """Drop records longer than this many characters; 0 means no limit."""
+    dedupe: bool = True
+    """Drop exact duplicates (after normalisation), keeping the first."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """How the training data is split when no separate validation/test source is given."""
+
+    validation: Fraction = 0.1
+    """Fraction of the training data held out for validation (ignored when `dataset.validation`
+    is given). Together with `test` it must leave some training data."""
+    test: Fraction = 0.1
+    """Fraction held out for the final test evaluation (ignored when `dataset.test` is given)."""
+    seed: Annotated[int, Minimum(0), Maximum(2**31 - 1)] = 42
+    """Shuffle seed: the same seed and data give the same split."""
+    stratify: bool = True
+    """Keep label proportions equal across the splits (format `classification` only)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Imbalance:
+    """Class-imbalance handling (format `classification` only)."""
+
+    strategy: ImbalanceStrategy = "none"
+    """`oversample` repeats minority-class examples, `undersample` drops majority-class ones,
+    `classWeights` weights each example's loss by its inverse class frequency, `none` trains on the
+    data as it is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Curriculum:
+    """An easiest-first (shortest-first) curriculum over epochs."""
+
+    enabled: bool = False
+    """Train on a growing fraction of the training set, shortest examples first."""
+    start_fraction: Annotated[float, Minimum(0, exclusive=True), Maximum(1)] = 0.25
+    """Fraction of the training set used in the first epoch, in (0, 1]."""
+    epochs_to_full: Annotated[int, Minimum(1), Maximum(1000)] = 1
+    """Epochs over which the fraction grows linearly to the whole set."""
+
+
+@rules(
+    Rule("(has(self.validation) ? 0.0 : self.split.validation) + (has(self.test) ? 0.0 : self.split.test) < 1.0",
+         "split.validation + split.test must be below 1 so that a training split remains "
+         "(fractions given by a separate validation/test source do not count)", field_path=".split"),
+    Rule("self.format == 'classification' || !has(self.labels)",
+         "labels apply only to format classification", field_path=".labels", reason="FieldValueForbidden"),
+    Rule("self.format == 'classification' || self.imbalance.strategy == 'none'",
+         "imbalance.strategy applies only to format classification; use 'none'",
+         field_path=".imbalance.strategy", reason="FieldValueForbidden"),
+    Rule("self.format != 'classification' || self.fields.label != self.fields.text",
+         "format classification needs a label field: fields.label must name a column other than fields.text",
+         field_path=".fields.label"),
+    Rule("self.format != 'prompt_completion' || self.fields.prompt != self.fields.completion",
+         "fields.prompt and fields.completion must name different columns", field_path=".fields.completion"),
+)
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """The data and how to prepare it."""
+
+    train: DataSource
+    """Training data (required). Validation and test splits are carved out of it unless given
+    separately."""
+    format: DataFormat = "text"
+    """Record shape: `text` (plain text, for domain adaptation), `prompt_completion` (loss on the
+    completion only), `chat` (a list of messages rendered with the model's chat template) or
+    `classification` (text plus a label; the model learns to generate the label)."""
+    validation: DataSource | None = None
+    """Validation data. Absent: `split.validation` of the training data is held out."""
+    test: DataSource | None = None
+    """Test data for the final evaluation. Absent: `split.test` of the training data is held out."""
+    fields: FieldNames = dataclasses.field(default_factory=FieldNames)
+    """Column names in the data files."""
+    labels: Annotated[list[Annotated[str, MinLength(1), MaxLength(256)]], MinItems(2), MaxItems(1000),
+                      ListType("set")] | None = None
+    """The classification label set (format `classification` only); records with another label
+    are an error. Absent: the labels found in the training data."""
+    cleaning: Cleaning = dataclasses.field(default_factory=Cleaning)
+    """Record cleaning before splitting."""
+    split: Split = dataclasses.field(default_factory=Split)
+    """Train/validation/test split ratios and seed."""
+    imbalance: Imbalance = dataclasses.field(default_factory=Imbalance)
+    """Class-imbalance handling (format `classification` only)."""
+    curriculum: Curriculum = dataclasses.field(default_factory=Curriculum)
+    """Optional curriculum over epochs."""
+
+
+# --- spec.method -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapter settings."""
+
+    rank: Annotated[int, Minimum(1), Maximum(1024)] = 8
+    """LoRA rank r: adapter capacity. 8 suits most instruction tuning; 16-64 for bigger shifts."""
+    alpha: Annotated[float, Minimum(0, exclusive=True), Maximum(4096)] = 16
+    """LoRA scaling alpha; the adapter update is scaled by alpha / rank."""
+    dropout: Fraction = 0.05
+    """Dropout on the adapter input, in [0, 1)."""
+    target_modules: Annotated[list[Annotated[str, MinLength(1), MaxLength(128),
+                                             Pattern(r"^[A-Za-z0-9_.*-]+$")]],
+                              MaxItems(64), ListType("set")] = dataclasses.field(default_factory=list)
+    """Module names to adapt (e.g. `q_proj`, `v_proj`, `c_attn`). Empty: the attention projections
+    of the model's architecture."""
+    merge: bool = True
+    """Merge the adapters into the saved model (true), or save them separately in `adapter/` next
+    to a reference to the base model (false)."""
+
+
+@rules(Rule("self.type == 'lora' || !has(self.lora)", "lora settings apply only when type is 'lora'",
+            field_path=".lora", reason="FieldValueForbidden"))
+@dataclasses.dataclass(frozen=True)
+class MethodSpec:
+    """How the weights are trained."""
+
+    type: MethodType = "lora"
+    """`lora` trains small low-rank adapters (far less memory; the default), `full` updates every
+    weight."""
+    lora: LoraSettings | None = None
+    """LoRA settings; only with type `lora`. Absent: the defaults shown on each field."""
+
+    def lora_settings(self) -> LoraSettings:
+        """The LoRA settings in effect (defaults when the section is absent)."""
+        return self.lora or LoraSettings()
+
+
+# --- spec.hyperparameters ------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Hyperparameters:
+    """Optimisation settings. Integers accept "auto"; numbers left out are automatic. The trainer
+    resolves every automatic value (see docs/api.md) and the operator records the result in
+    `status.resolved`."""
+
+    epochs: Annotated[IntOrAuto, Minimum(1), Maximum(1000)] = AUTO
+    """Passes over the training data. auto: 3, more for tiny datasets (so ~100 examples are seen),
+    fewer for huge ones (so ~25k examples are seen, at least 1)."""
+    batch_size: Annotated[IntOrAuto, Minimum(1), Maximum(4096)] = AUTO
+    """Per-device micro-batch, in sequences. auto: a token budget for the device and model size,
+    divided by the sequence length (LoRA gets twice the budget of full fine-tuning)."""
+    learning_rate: Annotated[float, Minimum(0, exclusive=True), Maximum(1)] | None = None
+    """Peak learning rate. Leave out for auto: 2e-4 for LoRA; for full fine-tuning 2e-5 at 1B
+    parameters, scaled by sqrt(1e9 / parameters) and clamped to [5e-6, 1e-3]."""
+    scheduler: Scheduler = AUTO
+    """Learning-rate schedule after warmup. auto: cosine."""
+    warmup_ratio: Fraction | None = None
+    """Fraction of the optimizer steps spent warming up linearly from 0, in [0, 1). Leave out for
+    auto: 0.03 (at least one step)."""
+    weight_decay: Annotated[float, Minimum(0), Maximum(1)] | None = None
+    """AdamW weight decay (not applied to biases and norms). Leave out for auto: 0 for LoRA, 0.01
+    for full fine-tuning."""
+    dropout: Fraction | None = None
+    """Override the model's dropout probabilities, in [0, 1). Leave out to keep the model's own."""
+    max_seq_length: Annotated[IntOrAuto, Minimum(16), Maximum(1_048_576)] = AUTO
+    """Tokens per training sequence. auto: the longest record rounded up, at least 64 and at most
+    min(model context, 1024)."""
+    gradient_accumulation_steps: Annotated[IntOrAuto, Minimum(1), Maximum(1024)] = AUTO
+    """Micro-batches per optimizer step. auto: enough for ~16 sequences per step per device, but
+    never fewer than 8 optimizer steps per epoch."""
+    seed: Annotated[IntOrAuto, Minimum(0), Maximum(2**31 - 1)] = AUTO
+    """Seed for adapter initialisation, data order and dropout. auto: 42."""
+
+
+# --- spec.training ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EarlyStopping:
+    """Stop when a validation metric stops improving."""
+
+    enabled: bool = False
+    """Stop when `metric` has not improved for `patience` evaluations."""
+    metric: EarlyStoppingMetric = "valLoss"
+    """What to watch: `valLoss` and `valPerplexity` are minimised, `valAccuracy` (format
+    `classification` only) maximised."""
+    patience: Annotated[int, Minimum(1), Maximum(1000)] = 3
+    """Evaluations without improvement before training stops."""
+    min_delta: Annotated[float, Minimum(0)] = 0.0
+    """Smallest change of the metric that counts as an improvement."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSpec:
+    """Precision, evaluation cadence, early stopping and checkpoints."""
+
+    precision: Precision = AUTO
+    """Mixed precision. auto: bf16 on GPUs that support it, else fp16 on GPUs, fp32 on CPU."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: much less memory, about 30% slower."""
+    eval_interval: Annotated[int, Minimum(0), Maximum(10_000_000)] = 0
+    """Validate every this many optimizer steps; 0 means once per epoch."""
+    early_stopping: EarlyStopping = dataclasses.field(default_factory=EarlyStopping)
+    """Early stopping on a validation metric."""
+    checkpoint_interval: Annotated[int, Minimum(0), Maximum(10_000_000)] = 0
+    """Save a checkpoint every this many optimizer steps; 0 means at every evaluation. A retried
+    pod resumes from the latest complete checkpoint."""
+    keep_checkpoints: Annotated[int, Minimum(1), Maximum(100)] = 2
+    """How many recent periodic checkpoints stay on disk."""
+    keep_best: bool = True
+    """Also keep the best checkpoint by the early-stopping metric, and save that model at the end."""
+    packing: bool = True
+    """Pack short examples into full sequences (no padding); attention does not cross examples."""
+
+
+# --- spec.evaluation ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluationSpec:
+    """The final evaluation on the test split."""
+
+    metrics: Annotated[list[EvaluationMetric], MaxItems(6), ListType("set")] = dataclasses.field(
+        default_factory=list)
+    """Test metrics to report. `perplexity` and `tokenAccuracy` are always computed; `accuracy`,
+    `precision`, `recall` and `f1` (macro-averaged, plus per class) need format `classification`,
+    where they are always computed too."""
+    max_test_examples: Annotated[int, Minimum(0), Maximum(100_000_000)] = 0
+    """Evaluate at most this many test examples; 0 means all."""
+
+
+# --- spec.resources -----------------------------------------------------------------------------
+
+
+@rules(Rule("self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            "value must be empty when operator is Exists", field_path=".value"),
+       Rule("has(self.key) || self.operator == 'Exists'",
+            "a toleration without key must use operator Exists (it tolerates every taint)", field_path=".operator"))
+@dataclasses.dataclass(frozen=True)
+class Toleration:
+    """A toleration for a node taint (as in a Pod's spec)."""
+
+    key: Annotated[str, MaxLength(316)] | None = None
+    """Taint key to tolerate; absent with operator Exists tolerates every taint."""
+    operator: Literal["Exists", "Equal"] = "Equal"
+    """`Equal` matches key and value; `Exists` matches the key with any value."""
+    value: Annotated[str, MaxLength(63)] | None = None
+    """Taint value to match (operator `Equal`)."""
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to tolerate; absent tolerates every effect."""
+    toleration_seconds: Annotated[int, Minimum(0)] | None = None
+    """How long a NoExecute taint is tolerated before eviction; absent means forever."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ResourcesSpec:
+    """What the trainer pod needs and where it may run."""
+
+    gpus: Annotated[IntOrAuto, Minimum(0), Maximum(64)] | None = None
+    """GPUs (`nvidia.com/gpu`) per trainer pod; more than one trains data-parallel. `auto` asks for
+    one GPU; absent or 0 trains on CPU."""
+    cpu: KubeQuantity | None = None
+    """CPU request of the trainer pod, e.g. `4` or `3500m`."""
+    memory: KubeQuantity | None = None
+    """Memory request and limit of the trainer pod, e.g. `32Gi`."""
+    node_selector: Annotated[dict[str, Annotated[str, MaxLength(63)]], MaxProperties(32)] | None = None
+    """Node labels the trainer pod requires, e.g. `nvidia.com/gpu.product: NVIDIA-H100-80GB-HBM3`."""
+    tolerations: Annotated[list[Toleration], MaxItems(32), ListType("atomic")] | None = None
+    """Node taints the trainer pod tolerates. With GPUs, `nvidia.com/gpu:NoSchedule` is tolerated
+    automatically."""
+    priority_class_name: Annotated[str, MaxLength(253), Pattern(DNS_SUBDOMAIN)] | None = None
+    """PriorityClass of the trainer pod (preemption order when GPUs are scarce)."""
+    queue_name: Annotated[str, MaxLength(63), Pattern(DNS_LABEL)] | None = None
+    """Kueue LocalQueue (in this namespace) to admit the trainer Job through. Set: the Job is
+    created suspended with the `kueue.x-k8s.io/queue-name` label and Kueue decides when it runs."""
+
+    def gpu_count(self) -> int:
+        """GPUs per trainer pod: "auto" is one, absent is none."""
+        if self.gpus == AUTO:
+            return 1
+        return int(self.gpus or 0)
+
+
+# --- spec.output, spec.serving -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputSpec:
+    """Where the finished model, metrics and checkpoints go."""
+
+    storage: StorageURI
+    """Storage root, e.g. `pvc://models/finetunes`; the run writes to
+    `<storage>/<job name>[-<nameSuffix>]` (`model/`, `metrics.json`, `README.md`, `checkpoints/`).
+    In local mode an absolute path."""
+    name_suffix: Annotated[str, MaxLength(32), Pattern(DNS_LABEL)] | None = None
+    """Appended to the job name in the output folder, e.g. a date or a version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServingResources:
+    """What each serving pod needs."""
+
+    gpus: Annotated[int, Minimum(0), Maximum(8)] = 0
+    """GPUs per serving replica (vLLM needs at least one)."""
+    cpu: KubeQuantity | None = None
+    """CPU request per replica."""
+    memory: KubeQuantity | None = None
+    """Memory request and limit per replica."""
+
+
+@rules(Rule("!self.enabled || self.runtime != 'vllm' || (has(self.resources) && self.resources.gpus >= 1)",
+            "runtime vllm needs at least one GPU per replica: set resources.gpus", field_path=".resources"))
+@dataclasses.dataclass(frozen=True)
+class ServingSpec:
+    """Serve the finished model behind an OpenAI-compatible API. Editable at any time."""
+
+    enabled: bool = False
+    """Create a serving Deployment and Service once training succeeds."""
+    replicas: Annotated[int, Minimum(0), Maximum(64)] = 1
+    """Serving replicas; 0 keeps the Service but scales the server down."""
+    runtime: ServingRuntime = "builtin"
+    """`builtin`: kubetune's server (transformers; CPU or GPU). `vllm`: the vLLM OpenAI server
+    (GPU only, much higher throughput)."""
+    resources: ServingResources | None = None
+    """Resources per replica. Absent: no GPU, the cluster's default CPU and memory."""
+    image: Annotated[str, MaxLength(512)] | None = None
+    """Override the serving image (default: the trainer image for `builtin`, the operator's vLLM
+    image for `vllm`)."""
+
+
+# --- the spec ------------------------------------------------------------------------------------
+
+
+@rules(
+    Rule("!self.training.earlyStopping.enabled || self.training.earlyStopping.metric != 'valAccuracy' "
+         "|| self.dataset.format == 'classification'",
+         "valAccuracy needs dataset.format classification; use valLoss or valPerplexity",
+         field_path=".training.earlyStopping.metric"),
+    Rule("!self.training.earlyStopping.enabled || has(self.dataset.validation) "
+         "|| self.dataset.split.validation > 0.0",
+         "early stopping needs validation data: set dataset.validation or dataset.split.validation > 0",
+         field_path=".training.earlyStopping.enabled"),
+    Rule("self.dataset.format == 'classification' || !has(self.evaluation.metrics) || "
+         "self.evaluation.metrics.all(m, !(m in ['accuracy', 'precision', 'recall', 'f1']))",
+         "accuracy, precision, recall and f1 need dataset.format classification",
+         field_path=".evaluation.metrics"),
+)
+@dataclasses.dataclass(frozen=True)
+class FineTuneJobSpec:
+    """FineTuneJobSpec is the desired fine-tuning run: a base model, a dataset, a method and how to
+    train, evaluate, store and serve the result. Everything that defines the run is immutable once
+    created; `suspend`, `serving` and the run-policy fields stay editable."""
+
+    model: Annotated[ModelSpec, Immutable(_RUN_DEFINITION)]
+    """The base model to fine-tune."""
+    dataset: Annotated[DatasetSpec, Immutable(_RUN_DEFINITION)]
+    """Training data: sources, format, field mapping, cleaning, split, class imbalance and
+    curriculum."""
+    output: Annotated[OutputSpec, Immutable(_RUN_DEFINITION)]
+    """Where the model, metrics and checkpoints are written."""
+    method: Annotated[MethodSpec, Immutable(_RUN_DEFINITION)] = dataclasses.field(default_factory=MethodSpec)
+    """Full fine-tuning or LoRA."""
+    hyperparameters: Annotated[Hyperparameters, Immutable(_RUN_DEFINITION)] = dataclasses.field(
+        default_factory=Hyperparameters)
+    """Optimisation settings; any may be automatic."""
+    training: Annotated[TrainingSpec, Immutable(_RUN_DEFINITION)] = dataclasses.field(
+        default_factory=TrainingSpec)
+    """Precision, evaluation cadence, early stopping and checkpoints."""
+    evaluation: Annotated[EvaluationSpec, Immutable(_RUN_DEFINITION)] = dataclasses.field(
+        default_factory=EvaluationSpec)
+    """The final evaluation on the test split."""
+    resources: Annotated[ResourcesSpec, Immutable(
+        "the trainer's resources shape the run (batch size, world size); create a new FineTuneJob")] | None = None
+    """GPUs, CPU, memory and placement of the trainer pod, and an optional Kueue queue."""
+    serving: ServingSpec | None = None
+    """Serving of the finished model (editable)."""
+    suspend: bool = False
+    """Suspend the run (editable): the trainer pod is stopped after saving a checkpoint and
+    resumes from it when set back to false."""
+    backoff_limit: Annotated[int, Minimum(0), Maximum(100)] = 3
+    """Retries of retryable trainer failures (each resumes from the latest checkpoint). Preemption
+    and node drains do not count; bad data or config fail at once (editable)."""
+    active_deadline_seconds: Annotated[int, Minimum(1)] | None = None
+    """Fail the run when it has been running longer than this many seconds, retries included
+    (editable)."""
+    ttl_seconds_after_finished: Annotated[int, Minimum(0)] | None = None
+    """Delete the FineTuneJob this many seconds after it succeeded or failed; absent keeps it
+    (editable). Outputs in storage are kept."""
+
+    @classmethod
+    def from_dict(cls, data: Any, path: str = "spec") -> FineTuneJobSpec:
+        """The typed spec of `body["spec"]`, defaults applied; ModelError names every bad field."""
+        return apischema.parse(cls, data, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as JSON-ready data (camelCase keys); `from_dict` reads it back unchanged."""
+        result: dict[str, Any] = apischema.to_dict(self)
+        return result
+
+
+# --- status ---------------------------------------------------------------------------------------
+
+
+class Condition(TypedDict):
+    """One observation of the job's state, per the Kubernetes API conventions."""
+
+    type: Annotated[str, MaxLength(316), Pattern(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")]
+    """Condition type: Validated, Running, Succeeded, Failed, Suspended or ServingReady."""
+    status: Literal["True", "False", "Unknown"]
+    """Whether the condition holds."""
+    reason: Annotated[str, MaxLength(1024), Pattern(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")]
+    """Why, as a CamelCase word (e.g. TrainingComplete, PermanentError)."""
+    message: Annotated[str, MaxLength(32768)]
+    """Details for humans."""
+    observedGeneration: NotRequired[Annotated[int, Minimum(0)]]
+    """The spec generation this condition was computed from."""
+    lastTransitionTime: RFC3339
+    """When `status` last changed."""
+
+
+class Progress(TypedDict, total=False):
+    """How far the run is."""
+
+    step: Annotated[int, Minimum(0)]
+    """Optimizer steps done."""
+    totalSteps: Annotated[int, Minimum(0)]
+    """Optimizer steps the run will take (before early stopping)."""
+    epoch: Annotated[float, Minimum(0)]
+    """Epochs done, fractional."""
+    percent: Annotated[float, Minimum(0), Maximum(100)]
+    """step / totalSteps in percent (100 once the run completed)."""
+    tokensSeen: Annotated[int, Minimum(0)]
+    """Training tokens processed so far."""
+    tokensPerSecond: Annotated[float, Minimum(0)]
+    """Recent training throughput."""
+    etaSeconds: Annotated[float, Minimum(0)]
+    """Estimated seconds until training ends."""
+    attempt: Annotated[int, Minimum(0)]
+    """The attempt (retry number, from 0) these figures come from."""
+
+
+class CheckpointRef(TypedDict, total=False):
+    """A saved checkpoint."""
+
+    step: Annotated[int, Minimum(0)]
+    """Optimizer step it was saved at."""
+    path: Annotated[str, MaxLength(2048)]
+    """Where it is (inside the output storage)."""
+    valLoss: float
+    """Validation loss at that step, when evaluated."""
+    time: RFC3339
+    """When it was saved."""
+
+
+class LatestMetrics(TypedDict, total=False):
+    """The latest training and validation figures."""
+
+    trainLoss: float
+    """Training loss (recent average)."""
+    valLoss: float
+    """Latest validation loss."""
+    valPerplexity: float
+    """Latest validation perplexity (exp of valLoss)."""
+    learningRate: Annotated[float, Minimum(0)]
+    """Current learning rate."""
+    bestCheckpoint: CheckpointRef
+    """The checkpoint with the lowest validation loss so far."""
+
+
+class ClassMetrics(TypedDict, total=False):
+    """Test metrics of one class."""
+
+    precision: float
+    """Of the examples predicted as this class, the fraction that are."""
+    recall: float
+    """Of the examples of this class, the fraction predicted as it."""
+    f1: float
+    """Harmonic mean of precision and recall."""
+    support: Annotated[int, Minimum(0)]
+    """Test examples of this class."""
+
+
+class EvaluationResults(TypedDict, total=False):
+    """Metrics on the test split, after training. The trainer may report further metrics; they are kept."""
+
+    loss: float
+    """Mean token loss on the test completions/text."""
+    perplexity: float
+    """exp(loss)."""
+    tokenAccuracy: float
+    """Fraction of target tokens predicted exactly (greedy)."""
+    accuracy: float
+    """Classification: fraction of test examples whose label was generated correctly."""
+    precision: float
+    """Classification: macro-averaged precision."""
+    recall: float
+    """Classification: macro-averaged recall."""
+    f1: float
+    """Classification: macro-averaged F1."""
+    examples: Annotated[int, Minimum(0)]
+    """Test examples evaluated."""
+    perClass: Annotated[dict[str, ClassMetrics], MaxProperties(1000)]
+    """Classification: metrics per label."""
+
+
+class ModelArtifact(TypedDict, total=False):
+    """The finished model."""
+
+    uri: Annotated[str, MaxLength(2048)]
+    """Where it is, e.g. `pvc://models/finetunes/my-job/model`."""
+    digest: Annotated[str, MaxLength(128)]
+    """Content digest (sha256 over the model files), to tell models apart and verify copies."""
+
+
+class ResolvedHyperparameters(TypedDict, total=False):
+    """The hyperparameters the run actually uses, `auto` values resolved."""
+
+    epochs: float
+    """Epochs."""
+    batchSize: int
+    """Per-device micro-batch."""
+    learningRate: float
+    """Peak learning rate."""
+    scheduler: Annotated[str, MaxLength(64)]
+    """Learning-rate schedule."""
+    warmupRatio: float
+    """Warmup fraction."""
+    weightDecay: float
+    """AdamW weight decay."""
+    dropout: float
+    """Dropout override (absent: the model's own)."""
+    maxSeqLength: int
+    """Tokens per sequence."""
+    gradientAccumulationSteps: int
+    """Micro-batches per optimizer step."""
+    seed: int
+    """Seed."""
+    automatic: Annotated[list[Annotated[str, MaxLength(64)]], MaxItems(32)]
+    """Names of the fields that were automatic."""
+
+
+class FineTuneJobStatus(TypedDict, total=False):
+    """FineTuneJobStatus is the observed state of the run, written by the operator only."""
+
+    phase: Phase
+    """One-word summary for `kubectl get` (the Status column), derived from the conditions:
+    Succeeded, Failed, Suspended, Running, Validating or Pending. Conditions hold the details."""
+    conditions: Annotated[list[Condition], MaxItems(16), ListType("map", ("type",))]
+    """Validated, Running, Succeeded, Failed, Suspended and ServingReady, per the Kubernetes API
+    conventions."""
+    observedGeneration: Annotated[int, Minimum(0)]
+    """The spec generation the status reflects."""
+    startTime: RFC3339
+    """When the first trainer pod started."""
+    completionTime: RFC3339
+    """When the run succeeded or failed."""
+    attempts: Annotated[int, Minimum(0)]
+    """Trainer pods started so far (retries included)."""
+    progress: Progress
+    """How far training is."""
+    metrics: LatestMetrics
+    """The latest training and validation figures."""
+    checkpoints: Annotated[list[CheckpointRef], MaxItems(100), ListType("atomic")]
+    """Recent checkpoints, oldest first."""
+    results: Annotated[EvaluationResults, PreserveUnknownFields()]
+    """Metrics on the test split, after training."""
+    model: ModelArtifact
+    """The finished model."""
+    endpoint: Annotated[str, MaxLength(2048)]
+    """Base URL of the OpenAI-compatible serving endpoint (inside the cluster)."""
+    resolved: ResolvedHyperparameters
+    """The hyperparameters in effect, `auto` values resolved by the trainer."""
+
+
+def status_from_dict(data: Any, path: str = "status") -> FineTuneJobStatus:
+    """The status of `body["status"]`, checked against the schema; ModelError names every bad field."""
+    return apischema.parse(FineTuneJobStatus, data, path)
