@@ -62,14 +62,14 @@ def _place(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-def prepare_demo_volumes(stack: Any, *, tiny: bool) -> Path:
-    """Fills the demo's PVCs (base model, dataset) and returns the manifest to apply."""
+def prepare_demo_volumes(stack: Any, *, tiny: bool, namespace: str = DEMO_NAMESPACE) -> Path:
+    """Fills the demo's PVCs (base model, dataset) in ``namespace``; returns the manifest to apply."""
     from kubetune.dev import tinymodel
 
-    data_claim = stack.claim_path(DEMO_NAMESPACE, "datasets")
+    data_claim = stack.claim_path(namespace, "datasets")
     for file in (EXAMPLES / "local").glob("*.jsonl"):
         _place(file, data_claim / file.name)
-    models_claim = stack.claim_path(DEMO_NAMESPACE, "base-models")
+    models_claim = stack.claim_path(namespace, "base-models")
     if tiny:
         target = models_claim / "tiny-llama"
         if not (target / "config.json").exists():
