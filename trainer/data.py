@@ -643,7 +643,7 @@ def _fit(examples: Iterable[TokenizedExample], max_len: int, chunk: bool, report
     return fitted
 
 
-def _as_sequence(parts: Sequence[TokenizedExample]) -> PackedSequence:
+def as_sequence(parts: Sequence[TokenizedExample]) -> PackedSequence:
     ids: list[int] = []
     labels: list[int] = []
     positions: list[int] = []
@@ -682,7 +682,7 @@ def pack(
     report = PackingReport()
     fitted = _fit(examples, max_len, chunk_long, report)
     groups = _best_fit_decreasing(fitted, max_len) if packing else [[e] for e in fitted]
-    sequences = [_as_sequence(group) for group in groups]
+    sequences = [as_sequence(group) for group in groups]
     report.sequences = len(sequences)
     report.examples = len(fitted)
     report.tokens = sum(len(s.input_ids) for s in sequences)

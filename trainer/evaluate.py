@@ -1,0 +1,151 @@
+"""Evaluation: loss, perplexity and token accuracy on packed sequences; classification by label likelihood.
+
+Classification is scored the way the model was trained: for every test text,
+each label's completion (" label" + EOS) is scored by its summed token
+log-likelihood after the classification prompt, and the most likely label is
+the prediction. No generation, no parsing of free text, and labels that share
+a prefix ("pos" / "positive") are still told apart because EOS is scored too.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
+
+from kubetune.trainer import data
+from kubetune.trainer.data import IGNORE_INDEX, PackedSequence
+
+
+def collate(sequences: Sequence[PackedSequence], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Right-pad a batch. Pads sit after every real token, so causal attention never sees them."""
+    width = max(len(s.input_ids) for s in sequences)
+    ids, labels, positions, weights = [], [], [], []
+    for s in sequences:
+        pad = width - len(s.input_ids)
+        ids.append(s.input_ids + [pad_id] * pad)
+        labels.append(s.labels + [IGNORE_INDEX] * pad)
+        positions.append(s.position_ids + list(range(pad)))
+        weights.append(s.weights + [0.0] * pad)
+    return {
+        "input_ids": torch.tensor(ids, device=device),
+        "labels": torch.tensor(labels, device=device),
+        "position_ids": torch.tensor(positions, device=device),
+        "weights": torch.tensor(weights, device=device, dtype=torch.float32),
+    }
+
+
+def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-target cross-entropy, target mask and predictions, each (batch, seq-1)."""
+    # position_ids without an attention mask: transformers builds per-example causal masks.
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    logits = logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
+    targets = batch["labels"][:, 1:]
+    mask = targets != IGNORE_INDEX
+    losses = F.cross_entropy(logits.transpose(1, 2), targets.clamp(min=0), reduction="none")  # (B, T-1)
+    return losses * mask, mask, logits.argmax(dim=-1)
+
+
+def training_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Weighted mean token loss, sum(w * ce) / sum(w) as in weighted cross-entropy; and target count."""
+    losses, mask, _ = token_losses(model, batch)
+    weights = batch["weights"][:, 1:] * mask
+    return (losses * weights).sum() / weights.sum().clamp(min=1e-8), int(mask.sum())
+
+
+@torch.no_grad()
+def language_model_metrics(
+    model: Any,
+    sequences: Sequence[PackedSequence],
+    *,
+    batch_size: int,
+    pad_id: int,
+    device: torch.device,
+    reduce: Callable[[torch.Tensor], torch.Tensor] = lambda t: t,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> dict[str, float]:
+    """Token-weighted loss, perplexity = exp(loss), and next-token accuracy over the targets.
+
+    `reduce` sums the totals across processes when the sequences are sharded.
+    """
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss sum, targets, correct
+    try:
+        for start in range(0, len(sequences), batch_size):
+            if should_stop():
+                break
+            batch = collate(sequences[start : start + batch_size], pad_id, device)
+            losses, mask, predictions = token_losses(model, batch)
+            correct = ((predictions == batch["labels"][:, 1:]) & mask).sum()
+            totals += torch.stack([losses.sum().double(), mask.sum().double(), correct.double()])
+    finally:
+        model.train(was_training)
+    loss_sum, count, correct = reduce(totals).tolist()
+    if count == 0:
+        return {}
+    loss = loss_sum / count
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700)), "tokenAccuracy": correct / count}
+
+
+@torch.no_grad()
+def label_log_likelihoods(model: Any, tokenizer: Any, text: str, labels: Sequence[str], device: torch.device) -> list[float]:
+    """Summed log-probability of each label's completion (with EOS) after the classification prompt."""
+    example_tokens = [
+        data.tokenize_example(
+            data.Example(prompt=text, completion=data.classification_completion(label), label=label),
+            tokenizer,
+            append_eos=True,
+        )
+        for label in labels
+    ]
+    sequences = [data.as_sequence([tokens]) for tokens in example_tokens]
+    batch = collate(sequences, tokenizer.pad_token_id or 0, device)
+    losses, mask, _ = token_losses(model, batch)
+    return [-float(row.sum()) for row in losses]
+
+
+def predict_labels(model: Any, tokenizer: Any, texts: Sequence[str], labels: Sequence[str], device: torch.device) -> list[str]:
+    was_training = model.training
+    model.eval()
+    try:
+        predictions = []
+        for text in texts:
+            scores = label_log_likelihoods(model, tokenizer, text, labels, device)
+            predictions.append(labels[max(range(len(labels)), key=scores.__getitem__)])
+        return predictions
+    finally:
+        model.train(was_training)
+
+
+def classification_metrics(truth: Sequence[str], predicted: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    """Accuracy; precision, recall and F1 per class and macro-averaged; confusion matrix [true][predicted].
+
+    A class never predicted has precision 0; a class absent from `truth` has recall 0
+    (the scikit-learn `zero_division=0` convention).
+    """
+    index = {label: i for i, label in enumerate(labels)}
+    matrix = [[0] * len(labels) for _ in labels]
+    for t, p in zip(truth, predicted, strict=True):
+        matrix[index[t]][index[p]] += 1
+    per_class: dict[str, dict[str, float]] = {}
+    for i, label in enumerate(labels):
+        true_positive = matrix[i][i]
+        predicted_count = sum(row[i] for row in matrix)
+        actual_count = sum(matrix[i])
+        precision = true_positive / predicted_count if predicted_count else 0.0
+        recall = true_positive / actual_count if actual_count else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[label] = {"precision": precision, "recall": recall, "f1": f1, "support": actual_count}
+    count = len(labels)
+    return {
+        "accuracy": sum(matrix[i][i] for i in range(count)) / max(1, len(truth)),
+        "precision": sum(c["precision"] for c in per_class.values()) / count,
+        "recall": sum(c["recall"] for c in per_class.values()) / count,
+        "f1": sum(c["f1"] for c in per_class.values()) / count,
+        "perClass": per_class,
+        "confusionMatrix": {"labels": list(labels), "matrix": matrix},
+    }

@@ -1,0 +1,174 @@
+"""Loading the base model and tokenizer, and preparing the model for the chosen method.
+
+Any Hugging Face causal LM works: a local folder (a PVC mount in a pod), a hub
+id (`org/name` or `hf://org/name`, where the hub is reachable), or a GGUF file
+inside a folder (`model.ggufFile`; transformers dequantises it). LoRA uses peft
+with per-architecture default target modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetune.trainer.config import LoraSettings, ModelConfig
+from kubetune.trainer.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+# Attention projections per architecture: the usual LoRA targets (QLoRA, peft defaults).
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn", "c_proj"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mixtral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen3": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "phi3": ["qkv_proj", "o_proj"],
+    "gpt_neox": ["query_key_value", "dense"],
+    "gptj": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "falcon": ["query_key_value", "dense"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj"],
+    "bloom": ["query_key_value", "dense"],
+}
+"""Architectures not listed get peft's "all-linear" (every linear layer except the output head)."""
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+"""Used for chat data when the tokenizer brings no chat template of its own."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLocation:
+    """Where from_pretrained looks, and with which arguments."""
+
+    name_or_path: str
+    kwargs: dict[str, Any]
+
+    @property
+    def is_local(self) -> bool:
+        return Path(self.name_or_path).exists()
+
+
+def locate(model: ModelConfig) -> ModelLocation:
+    """Turn `model.source` into from_pretrained arguments; a missing local path is a permanent error."""
+    source = model.source.strip()
+    for prefix in ("hf://", "file://"):
+        source = source.removeprefix(prefix)
+    kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
+    if model.revision:
+        kwargs["revision"] = model.revision
+    if model.gguf_file:
+        kwargs["gguf_file"] = model.gguf_file
+    looks_local = source.startswith(("/", "./", "../", "~")) or model.source.startswith("file://")
+    path = Path(source).expanduser()
+    if looks_local and not path.exists():
+        raise ModelError(f"model.source: {model.source}: no such file or directory")
+    if path.is_dir() and model.gguf_file and not (path / model.gguf_file).is_file():
+        ggufs = sorted(p.name for p in path.glob("*.gguf")) or ["none"]
+        raise ModelError(f"model.ggufFile: {model.gguf_file!r} not found in {source}; GGUF files there: {', '.join(ggufs)}")
+    if path.is_dir() and not model.gguf_file and not (path / "config.json").is_file():
+        raise ModelError(f"model.source: {source} has no config.json: not a Hugging Face model folder (set ggufFile for GGUF)")
+    return ModelLocation(str(path) if path.exists() else source, kwargs)
+
+
+def _permanent_or_transient(error: OSError, location: ModelLocation) -> Exception:
+    text = str(error)
+    if location.is_local or "not a valid model identifier" in text or "Repository Not Found" in text:
+        return ModelError(f"model.source: cannot load {location.name_or_path}: {text.splitlines()[0]}")
+    return error  # network trouble: retryable
+
+
+def load_tokenizer(model: ModelConfig) -> Any:
+    """The model's tokenizer, with a pad token and a chat template guaranteed."""
+    from transformers import AutoTokenizer
+
+    location = locate(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location.name_or_path, **location.kwargs)
+    except OSError as error:
+        raise _permanent_or_transient(error, location) from error
+    except (ValueError, KeyError) as error:
+        raise ModelError(f"model.source: cannot load the tokenizer of {location.name_or_path}: {error}") from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+    return tokenizer
+
+
+def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
+    """The base causal LM in `dtype` (mixed precision keeps master weights in fp32)."""
+    from transformers import AutoModelForCausalLM
+
+    location = locate(model)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(location.name_or_path, dtype=dtype, **location.kwargs)
+    except OSError as error:
+        raise _permanent_or_transient(error, location) from error
+    except (ValueError, KeyError) as error:
+        raise ModelError(f"model.source: cannot load {location.name_or_path} as a causal LM: {error}") from error
+    return loaded
+
+
+def override_dropout(model: Any, probability: float) -> int:
+    """Set every dropout layer (and the config's dropout fields) to `probability`; returns layers changed."""
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = probability
+            changed += 1
+    for name, value in vars(model.config).items():
+        if isinstance(value, float) and ("dropout" in name or name.endswith("pdrop")):
+            setattr(model.config, name, probability)
+    return changed
+
+
+def lora_target_modules(model: Any, settings: LoraSettings) -> list[str] | str:
+    if settings.target_modules:
+        return list(settings.target_modules)
+    return DEFAULT_LORA_TARGETS.get(model.config.model_type, "all-linear")
+
+
+def apply_lora(model: Any, settings: LoraSettings) -> Any:
+    """Wrap the model with trainable LoRA adapters; the base weights are frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = lora_target_modules(model, settings)
+    lora = LoraConfig(
+        r=settings.rank,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=targets,
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=model.config.model_type == "gpt2",  # GPT-2 uses Conv1D (transposed) layers
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:
+        raise ModelError(f"method.lora.targetModules: {targets} do not match this model: {error}") from error
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(all parameters, trainable parameters)."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return total, trainable
+
+
+def context_length(model_config: Any, tokenizer: Any) -> int | None:
+    """The longest sequence the model accepts, as far as the config says."""
+    for name in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    return limit if isinstance(limit, int) and limit < 1_000_000 else None

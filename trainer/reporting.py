@@ -1,0 +1,160 @@
+"""Progress reports: JSON lines on stdout, best-effort POSTs to the operator, the termination message.
+
+Every report is one JSON object (the contract's camelCase body) printed on
+stdout and, when `KUBETUNE_PROGRESS_URL` is set, POSTed there with the bearer
+token from `KUBETUNE_PROGRESS_TOKEN`. POSTs run on a background thread with a
+short timeout: a slow or failing endpoint never stops or slows training.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TextIO
+
+from kubetune.trainer import config as cfg
+
+log = logging.getLogger(__name__)
+
+POST_TIMEOUT_SECONDS = 5.0
+"""One POST may take this long before it is given up."""
+FLUSH_TIMEOUT_SECONDS = 10.0
+"""At exit, queued reports get this long to go out."""
+TERMINATION_MESSAGE_LIMIT = 4096
+"""Kubernetes keeps at most 4 KiB of a termination message."""
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class Reporter:
+    """Numbers, prints and sends reports for one attempt."""
+
+    def __init__(
+        self,
+        job: cfg.JobIdentity,
+        *,
+        url: str | None = None,
+        token: str | None = None,
+        attempt: int = 0,
+        stream: TextIO | None = None,
+    ) -> None:
+        self.job = {"namespace": job.namespace, "name": job.name, "uid": job.uid}
+        self.url = url
+        self.token = token
+        self.attempt = attempt
+        self.stream = stream or sys.stdout
+        self.seq = 0
+        self.failed_posts = 0
+        self._lock = threading.Lock()
+        self._outbox: queue.Queue[bytes | None] = queue.Queue()
+        self._sender: threading.Thread | None = None
+        if url:
+            self._sender = threading.Thread(target=self._send_loop, name="progress-reports", daemon=True)
+            self._sender.start()
+
+    @classmethod
+    def from_environment(cls, job: cfg.JobIdentity, stream: TextIO | None = None) -> Reporter:
+        attempt_text = os.environ.get(cfg.ENV_ATTEMPT, "0")
+        return cls(
+            job,
+            url=os.environ.get(cfg.ENV_PROGRESS_URL) or None,
+            token=os.environ.get(cfg.ENV_PROGRESS_TOKEN) or None,
+            attempt=int(attempt_text) if attempt_text.isdigit() else 0,
+            stream=stream,
+        )
+
+    def report(self, kind: str, **fields: Any) -> dict[str, Any]:
+        """Print and queue one report; fields with value None are left out."""
+        with self._lock:
+            self.seq += 1
+            body = {"job": self.job, "attempt": self.attempt, "seq": self.seq, "time": _now(), "kind": kind}
+            body.update({key: value for key, value in fields.items() if value is not None})
+            line = json.dumps(body, default=str)
+            print(line, file=self.stream, flush=True)
+        if self._sender is not None:
+            self._outbox.put(line.encode())
+        return body
+
+    def _send_loop(self) -> None:
+        while (payload := self._outbox.get()) is not None:
+            self._post(payload)
+            self._outbox.task_done()
+        self._outbox.task_done()
+
+    def _post(self, payload: bytes) -> None:
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url or "", data=payload, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=POST_TIMEOUT_SECONDS) as response:
+                response.read()
+        except Exception as error:  # noqa: BLE001 - best effort: never let reporting stop training
+            self.failed_posts += 1
+            if self.failed_posts <= 3:
+                log.warning("progress report to %s failed: %s", self.url, error)
+
+    def close(self, timeout: float = FLUSH_TIMEOUT_SECONDS) -> None:
+        """Send what is queued (for at most `timeout` seconds) and stop the sender."""
+        if self._sender is None:
+            return
+        self._outbox.put(None)
+        self._sender.join(timeout)
+        self._sender = None
+
+
+def termination_summary(
+    outcome: str,
+    *,
+    step: int | None = None,
+    val_loss: float | None = None,
+    results: Mapping[str, Any] | None = None,
+    model_digest: str | None = None,
+    message: str = "",
+) -> str:
+    """The pod's termination message: short JSON, under 4 KiB (per-class details dropped first)."""
+    summary: dict[str, Any] = {
+        "outcome": outcome,
+        "step": step,
+        "valLoss": val_loss,
+        "results": dict(results or {}),
+        "modelDigest": model_digest,
+        "message": message,
+    }
+    text = json.dumps(summary)
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+        summary["results"] = {k: v for k, v in summary["results"].items() if isinstance(v, (int, float, str))}
+        text = json.dumps(summary)
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+        summary["message"] = message[:1000]
+        text = json.dumps(summary)
+    return text
+
+
+def termination_log_path() -> Path | None:
+    """KUBETUNE_TERMINATION_LOG, else /dev/termination-log when it exists and is writable."""
+    configured = os.environ.get(cfg.ENV_TERMINATION_LOG)
+    if configured:
+        return Path(configured)
+    default = Path(cfg.DEFAULT_TERMINATION_LOG)
+    return default if default.exists() and os.access(default, os.W_OK) else None
+
+
+def write_termination_message(text: str) -> None:
+    path = termination_log_path()
+    if path is None:
+        return
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as error:
+        log.warning("cannot write the termination message to %s: %s", path, error)

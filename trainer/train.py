@@ -1,0 +1,580 @@
+"""The training loop: setup -> fit, on accelerate, with exact resume and SIGTERM handling.
+
+Data order is a pure function of (seed, epoch): each epoch's packed sequences
+are shuffled with `Random(seed, epoch)` and cut into micro-batches, and
+micro-batches into optimizer steps. A checkpoint therefore only needs the
+step counters to continue exactly where it stopped: the resumed run skips the
+steps already done in the epoch, never repeats a batch, and (with optimizer,
+scheduler and RNG states restored) reproduces the uninterrupted run's losses.
+
+Multi-GPU runs (`accelerate launch`) give each process every world_size-th
+micro-batch of a step; gradients are synchronised on the step's last one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kubetune.trainer import data, evaluate, hyperparameters, modeling
+from kubetune.trainer.config import TrainerConfig
+from kubetune.trainer.errors import Preempted
+from kubetune.trainer.hyperparameters import ResolvedHyperparameters
+from kubetune.trainer.reporting import Reporter
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^step-(\d+)$")
+STATE_FILE = "trainer_state.json"
+"""Written last into a checkpoint folder: its presence marks the checkpoint complete."""
+PROGRESS_INTERVAL_ENV = "KUBETUNE_PROGRESS_INTERVAL"
+"""Seconds between `progress` reports (default 5; 0 reports every step)."""
+MAX_GRAD_NORM = 1.0
+
+
+# --- State -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Everything about the run's position that a checkpoint must carry besides tensors."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Epoch in progress (0-based)."""
+    step_in_epoch: int = 0
+    """Optimizer steps done within `epoch`."""
+    tokens_seen: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    best_checkpoint: str | None = None
+    evaluations_without_improvement: int = 0
+    stopped_early: bool = False
+    pending_evaluation: bool = False
+    """A validation was due at `step` but SIGTERM cut it short: the resumed run does it first."""
+    train_losses: list[list[float]] = dataclasses.field(default_factory=list)
+    """[step, loss] for every optimizer step."""
+    evaluations: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """{"step", "valLoss", "valPerplexity", "valTokenAccuracy", ...} per validation."""
+
+
+@dataclasses.dataclass
+class Run:
+    """What setup() builds and fit() uses."""
+
+    config: TrainerConfig
+    accelerator: Any
+    model: Any
+    tokenizer: Any
+    optimizer: Any
+    scheduler: Any
+    hp: ResolvedHyperparameters
+    train_examples: list[data.TokenizedExample]
+    validation: list[data.PackedSequence]
+    validation_texts: list[tuple[str, str]]
+    """(text, label) of validation examples, for valAccuracy."""
+    labels: list[str] | None
+    epoch_steps: list[int]
+    """Optimizer steps in each epoch (the last may be partial for fractional epochs)."""
+    statistics: dict[str, Any]
+    device_kind: str
+    num_parameters: int
+    trainable_parameters: int
+    state: TrainState = dataclasses.field(default_factory=TrainState)
+    resumed_from: str | None = None
+    _packed_cache: dict[float, list[data.PackedSequence]] = dataclasses.field(default_factory=dict)
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.epoch_steps)
+
+    @property
+    def world_size(self) -> int:
+        return int(self.accelerator.num_processes)
+
+    @property
+    def pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
+
+
+# --- Epoch plans ---------------------------------------------------------------------
+
+
+def epoch_sequences(run: Run, epoch: int) -> list[data.PackedSequence]:
+    """The packed training sequences of `epoch` (a growing shortest-first subset under curriculum)."""
+    fraction = data.curriculum_fraction(epoch, run.config.dataset.curriculum)
+    if fraction not in run._packed_cache:
+        examples = run.train_examples
+        if fraction < 1.0:
+            by_length = sorted(range(len(examples)), key=lambda i: (len(examples[i].input_ids), i))
+            examples = [examples[i] for i in by_length[: max(1, math.ceil(fraction * len(examples)))]]
+        run._packed_cache[fraction], _ = data.pack(
+            examples,
+            run.hp.max_seq_length,
+            packing=run.config.training.packing,
+            chunk_long=run.config.dataset.format == "text",
+        )
+    return run._packed_cache[fraction]
+
+
+def epoch_plan(num_sequences: int, *, seed: int, epoch: int, batch_size: int, accumulation: int, world_size: int) -> list[list[list[int]]]:
+    """Sequence indices per optimizer step, per micro-batch: [step][micro-batch][sequence].
+
+    Each step holds accumulation * world_size micro-batches (the last step of an
+    epoch may hold fewer; a remainder that cannot be shared equally by all
+    processes is dropped).
+    """
+    order = list(range(num_sequences))
+    random.Random(f"{seed}:{epoch}").shuffle(order)
+    micro = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    per_step = accumulation * world_size
+    steps = []
+    for start in range(0, len(micro), per_step):
+        chunk = micro[start : start + per_step]
+        usable = len(chunk) - len(chunk) % world_size
+        if usable:
+            steps.append(chunk[:usable])
+    return steps
+
+
+def _plan_for(run: Run, epoch: int) -> list[list[list[int]]]:
+    return epoch_plan(
+        len(epoch_sequences(run, epoch)),
+        seed=run.hp.seed,
+        epoch=epoch,
+        batch_size=run.hp.batch_size,
+        accumulation=run.hp.gradient_accumulation_steps,
+        world_size=run.world_size,
+    )
+
+
+def _epoch_step_counts(run: Run) -> list[int]:
+    whole, fraction = divmod(run.hp.epochs, 1)
+    counts = [len(_plan_for(run, e)) for e in range(int(whole))]
+    if fraction > 1e-9:
+        counts.append(max(1, round(fraction * len(_plan_for(run, int(whole))))))
+    return counts
+
+
+# --- Setup -----------------------------------------------------------------------------
+
+
+def _precision(requested: str, device_kind: str) -> str:
+    """accelerate's mixed_precision value for the configured precision."""
+    if requested == "fp32" or (requested == "auto" and device_kind != "cuda"):
+        return "no"
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return requested
+
+
+def _optimizer(model: Any, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, hp: ResolvedHyperparameters, total_steps: int) -> Any:
+    from transformers import get_scheduler
+
+    names = {"linear": "linear", "cosine": "cosine", "constant": "constant", "constantWithWarmup": "constant_with_warmup"}
+    warmup = math.ceil(hp.warmup_ratio * total_steps) if hp.scheduler != "constant" else 0
+    return get_scheduler(names[hp.scheduler], optimizer, num_warmup_steps=warmup, num_training_steps=max(1, total_steps))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) -> Run:
+    """Load the model, tokenise and pack the data, resolve `auto` hyperparameters, build optimizer and schedule."""
+    from accelerate import Accelerator
+
+    device_kind = "cuda" if torch.cuda.is_available() else "cpu"
+    accelerator = Accelerator(mixed_precision=_precision(config.training.precision, device_kind))
+    seed = hyperparameters.resolve_seed(config.hyperparameters)
+    seed_everything(seed)
+
+    model = modeling.load_model(config.model)
+    num_parameters = sum(p.numel() for p in model.parameters())
+    train_tokens = data.tokenize_examples(prepared.splits.train, tokenizer)
+    longest = max((len(t.input_ids) for t in train_tokens), default=1)
+    max_len = hyperparameters.resolve_max_seq_length(
+        config.hyperparameters, longest, modeling.context_length(model.config, tokenizer)
+    )
+    chunk = config.dataset.format == "text"
+    train_sequences, train_packing = data.pack(train_tokens, max_len, packing=config.training.packing, chunk_long=chunk)
+    hp = hyperparameters.resolve(
+        config.hyperparameters,
+        method=config.method.type,
+        num_parameters=num_parameters,
+        num_train_examples=len(prepared.splits.train),
+        num_train_sequences=len(train_sequences),
+        max_seq_length=max_len,
+        device="cuda" if device_kind == "cuda" else "cpu",
+        world_size=accelerator.num_processes,
+    )
+    validation, validation_packing = data.pack(
+        data.tokenize_examples(prepared.splits.validation, tokenizer), max_len, packing=config.training.packing, chunk_long=chunk
+    )
+
+    if hp.dropout is not None:
+        modeling.override_dropout(model, hp.dropout)
+    if config.training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if config.method.type == "lora":
+            model.enable_input_require_grads()
+    if config.method.type == "lora":
+        model = modeling.apply_lora(model, config.method.lora)
+    _, trainable = modeling.count_parameters(model)
+    model.train()
+
+    optimizer = _optimizer(model, hp.learning_rate, hp.weight_decay)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    statistics = dict(prepared.statistics())
+    statistics["packing"] = {"train": train_packing.to_report(), "validation": validation_packing.to_report()}
+    run = Run(
+        config=config,
+        accelerator=accelerator,
+        model=model,
+        tokenizer=tokenizer,
+        optimizer=optimizer,
+        scheduler=None,
+        hp=hp,
+        train_examples=train_tokens,
+        validation=validation,
+        validation_texts=[(e.prompt, e.label) for e in prepared.splits.validation if e.label is not None],
+        labels=prepared.labels,
+        epoch_steps=[],
+        statistics=statistics,
+        device_kind=device_kind,
+        num_parameters=num_parameters,
+        trainable_parameters=trainable,
+    )
+    run._packed_cache[1.0] = train_sequences
+    run.epoch_steps = _epoch_step_counts(run)
+    run.scheduler = _scheduler(optimizer, hp, run.total_steps)
+    return run
+
+
+# --- Checkpoints ---------------------------------------------------------------------------
+
+
+def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {name: p.detach().to("cpu").contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = []
+    for path in directory.iterdir():
+        match = CHECKPOINT_PATTERN.match(path.name)
+        if match and (path / STATE_FILE).is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Write a complete checkpoint to a temporary folder and rename it into place."""
+    from safetensors.torch import save_file
+
+    directory = run.config.output.checkpoint_path
+    final = directory / f"step-{run.state.step}"
+    unwrapped = run.accelerator.unwrap_model(run.model)
+    if run.accelerator.is_main_process:
+        temporary = directory / f".tmp-step-{run.state.step}-{os.getpid()}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        save_file(_trainable_state(unwrapped), str(temporary / "trainable.safetensors"))
+        torch.save(run.optimizer.state_dict(), temporary / "optimizer.pt")
+        torch.save(run.scheduler.state_dict(), temporary / "scheduler.pt")
+        torch.save(_rng_state(), temporary / "rng.pt")
+        state = dataclasses.asdict(run.state) | {"hyperparameters": run.hp.to_report(), "totalSteps": run.total_steps}
+        (temporary / STATE_FILE).write_text(json.dumps(state))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(temporary, final)
+        _prune_checkpoints(run)
+    run.accelerator.wait_for_everyone()
+    return final
+
+
+def _prune_checkpoints(run: Run) -> None:
+    keep = run.config.training.keep_checkpoints
+    checkpoints = list_checkpoints(run.config.output.checkpoint_path)
+    best = run.state.best_checkpoint if run.config.training.keep_best else None
+    for _, path in checkpoints[:-keep]:
+        if best is None or path.name != Path(best).name:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def load_trainable_weights(run: Run, checkpoint: Path) -> None:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(checkpoint / "trainable.safetensors"))
+    parameters = dict(run.accelerator.unwrap_model(run.model).named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            parameters[name].copy_(tensor.to(parameters[name].device, parameters[name].dtype))
+
+
+def resume(run: Run) -> bool:
+    """Continue from the latest complete checkpoint, if any: weights, optimizer, schedule, RNG, position."""
+    checkpoints = list_checkpoints(run.config.output.checkpoint_path)
+    if not checkpoints:
+        return False
+    _, latest = checkpoints[-1]
+    saved = json.loads((latest / STATE_FILE).read_text())
+    recorded = hyperparameters.ResolvedHyperparameters.from_report(saved.pop("hyperparameters"))
+    saved.pop("totalSteps", None)
+    if recorded != run.hp:
+        # The same config and data resolve to the same values; keep the run consistent regardless.
+        log.warning("resolved hyperparameters differ from the checkpoint's; using the checkpoint's")
+        run.hp = recorded
+        run._packed_cache.clear()
+        run.epoch_steps = _epoch_step_counts(run)
+        run.scheduler = _scheduler(run.optimizer, run.hp, run.total_steps)
+    load_trainable_weights(run, latest)
+    run.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=False))
+    run.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
+    _set_rng_state(torch.load(latest / "rng.pt", weights_only=False))
+    run.state = TrainState(**saved)
+    run.resumed_from = str(latest)
+    return True
+
+
+# --- Fit --------------------------------------------------------------------------------------
+
+
+class _TermSignal:
+    """Records SIGTERM so the loop can stop at the next step boundary and checkpoint."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _TermSignal:
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        log.warning("SIGTERM received: checkpointing at the end of this step")
+        self.received = True
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def _is_better(value: float, best: float | None, metric: str, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if metric == "valAccuracy" else value < best - min_delta
+
+
+def validate(run: Run, should_stop: Callable[[], bool] = lambda: False) -> dict[str, float]:
+    """valLoss, valPerplexity, valTokenAccuracy (and valAccuracy for classification when watched)."""
+    metrics = evaluate.language_model_metrics(
+        run.model,
+        run.validation[run.accelerator.process_index :: run.world_size],
+        batch_size=run.hp.batch_size,
+        pad_id=run.pad_id,
+        device=run.accelerator.device,
+        reduce=run.accelerator.reduce,
+        should_stop=should_stop,
+    )
+    result = {f"val{key[0].upper()}{key[1:]}": value for key, value in metrics.items()}
+    if run.config.training.early_stopping.metric == "valAccuracy" and run.labels and run.validation_texts:
+        texts = [t for t, _ in run.validation_texts]
+        predicted = evaluate.predict_labels(
+            run.accelerator.unwrap_model(run.model), run.tokenizer, texts, run.labels, run.accelerator.device
+        )
+        truth = [label for _, label in run.validation_texts]
+        result["valAccuracy"] = evaluate.classification_metrics(truth, predicted, run.labels)["accuracy"]
+    return result
+
+
+def _micro_batch_loss(run: Run, sequences: list[data.PackedSequence]) -> tuple[torch.Tensor, int, int]:
+    batch = evaluate.collate(sequences, run.pad_id, run.accelerator.device)
+    loss, targets = evaluate.training_loss(run.model, batch)
+    tokens = sum(len(s.input_ids) for s in sequences)
+    return loss, targets, tokens
+
+
+def _optimizer_step(run: Run, sequences: list[data.PackedSequence], step_micro_batches: list[list[int]]) -> float:
+    """One optimizer step over this process's share of the step's micro-batches; returns the mean loss."""
+    mine = step_micro_batches[run.accelerator.process_index :: run.world_size]
+    losses = []
+    for index, micro in enumerate(mine):
+        last = index == len(mine) - 1
+        context = run.accelerator.no_sync(run.model) if not last else _null_context()
+        with context:
+            loss, _, tokens = _micro_batch_loss(run, [sequences[i] for i in micro])
+            run.accelerator.backward(loss / len(mine))
+        losses.append(loss.detach())
+        run.state.tokens_seen += tokens * run.world_size
+    if run.accelerator.sync_gradients:
+        run.accelerator.clip_grad_norm_(run.model.parameters(), MAX_GRAD_NORM)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    mean = torch.stack(losses).mean()
+    return float(run.accelerator.reduce(mean, reduction="mean"))
+
+
+class _null_context:  # noqa: N801 - used like contextlib.nullcontext, typed for clarity
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def fit(run: Run, reporter: Reporter) -> TrainState:
+    """Train until the planned steps are done, early stopping triggers, or SIGTERM arrives (Preempted)."""
+    config = run.config.training
+    stopping = config.early_stopping
+    state = run.state
+    interval = float(os.environ.get(PROGRESS_INTERVAL_ENV, "5"))
+    started = time.monotonic()
+    tokens_at_start = state.tokens_seen
+    last_progress = 0.0
+
+    def report_progress(kind: str, **extra: Any) -> None:
+        elapsed = max(1e-9, time.monotonic() - started)
+        steps_done = max(1, state.step - steps_at_start)
+        reporter.report(
+            kind,
+            step=state.step,
+            totalSteps=run.total_steps,
+            epoch=_epoch_float(run, state),
+            trainLoss=state.train_losses[-1][1] if state.train_losses else None,
+            learningRate=run.scheduler.get_last_lr()[0],
+            tokensSeen=state.tokens_seen,
+            tokensPerSecond=round((state.tokens_seen - tokens_at_start) / elapsed, 1),
+            etaSeconds=round(elapsed / steps_done * (run.total_steps - state.step), 1),
+            **extra,
+        )
+
+    steps_at_start = state.step
+    with _TermSignal() as term:
+
+        def checkpoint(val_loss: float | None = None) -> Path:
+            path = save_checkpoint(run)
+            report_progress("checkpoint", checkpoint={"step": state.step, "path": str(path), "valLoss": val_loss})
+            return path
+
+        def run_validation() -> bool:
+            """Validate, track the best, checkpoint; True when early stopping says stop."""
+            state.pending_evaluation = True
+            metrics = validate(run, should_stop=lambda: term.received)
+            if term.received or not metrics:
+                return False
+            state.pending_evaluation = False
+            state.evaluations.append({"step": state.step, **metrics})
+            report_progress("evaluation", valLoss=metrics.get("valLoss"), valPerplexity=metrics.get("valPerplexity"),
+                            results={k: v for k, v in metrics.items() if k not in ("valLoss", "valPerplexity")})
+            value = metrics.get(stopping.metric)
+            improved = value is not None and _is_better(value, state.best_metric, stopping.metric, stopping.min_delta)
+            if improved:
+                state.best_metric, state.best_step = value, state.step
+                state.evaluations_without_improvement = 0
+            else:
+                state.evaluations_without_improvement += 1
+            periodic = config.checkpoint_interval == 0
+            if improved and config.keep_best:
+                state.best_checkpoint = str(run.config.output.checkpoint_path / f"step-{state.step}")
+            if periodic or (improved and config.keep_best):
+                checkpoint(metrics.get("valLoss"))
+            return stopping.enabled and state.evaluations_without_improvement >= stopping.patience
+
+        if state.step == 0:
+            initial = validate(run)
+            if initial:
+                state.evaluations.append({"step": 0, **initial})
+        if state.pending_evaluation and run_validation():
+            state.stopped_early = True
+        while state.epoch < len(run.epoch_steps) and not state.stopped_early:
+            sequences = epoch_sequences(run, state.epoch)
+            plan = _plan_for(run, state.epoch)[: run.epoch_steps[state.epoch]]
+            for step_micro_batches in plan[state.step_in_epoch :]:
+                loss = _optimizer_step(run, sequences, step_micro_batches)
+                state.step += 1
+                state.step_in_epoch += 1
+                state.train_losses.append([state.step, loss])
+                if state.step_in_epoch == len(plan):
+                    state.epoch, state.step_in_epoch = state.epoch + 1, 0
+                if time.monotonic() - last_progress >= interval or state.step == 1:
+                    report_progress("progress")
+                    last_progress = time.monotonic()
+                evaluate_now = config.eval_interval > 0 and state.step % config.eval_interval == 0
+                evaluate_now = evaluate_now or (config.eval_interval == 0 and state.step_in_epoch == 0)
+                if term.received:
+                    state.pending_evaluation = evaluate_now and bool(run.validation)
+                elif evaluate_now and run.validation and run_validation():
+                    state.stopped_early = True
+                    break
+                if term.received:
+                    checkpoint()
+                    raise Preempted(f"SIGTERM at step {state.step}: checkpoint saved")
+                if config.checkpoint_interval and state.step % config.checkpoint_interval == 0:
+                    checkpoint()
+                if state.step_in_epoch == 0:
+                    break  # epoch finished: plan the next one
+        if run.validation and (not state.evaluations or state.evaluations[-1]["step"] != state.step):
+            run_validation()
+    return state
+
+
+def _epoch_float(run: Run, state: TrainState) -> float:
+    if state.epoch >= len(run.epoch_steps):
+        return round(float(run.hp.epochs), 4)
+    return round(state.epoch + state.step_in_epoch / max(1, run.epoch_steps[state.epoch]), 4)
+
+
+def restore_best(run: Run) -> int:
+    """Load the best checkpoint's weights when it is not the last step; returns the step the model is from."""
+    state = run.state
+    if not (run.config.training.keep_best and state.best_checkpoint and state.best_step is not None):
+        return state.step
+    if state.best_step == state.step or not Path(state.best_checkpoint).is_dir():
+        return state.step
+    load_trainable_weights(run, Path(state.best_checkpoint))
+    return state.best_step
