@@ -1,0 +1,104 @@
+{{/*
+Names, labels and small values shared by the templates.
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "kubetune.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The full name: fullnameOverride, else "<release>-<name>" (just "<release>" when the
+release name already contains the chart name). Truncated to 63 characters (DNS label).
+*/}}
+{{- define "kubetune.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "name-version" for the helm.sh/chart label (never in selectors: it changes on upgrade). */}}
+{{- define "kubetune.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels every object of the release carries. */}}
+{{- define "kubetune.labels" -}}
+helm.sh/chart: {{ include "kubetune.chart" . }}
+{{ include "kubetune.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: kubetune
+{{- end }}
+
+{{/* Labels that select the operator pod: stable across upgrades. */}}
+{{- define "kubetune.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "kubetune.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* The operator's ServiceAccount name. */}}
+{{- define "kubetune.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "kubetune.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* "repository:tag" or "repository@digest" of an image block; the tag defaults to appVersion. */}}
+{{- define "kubetune.image" -}}
+{{- $image := index . 0 }}{{- $root := index . 1 }}
+{{- if $image.digest }}
+{{- printf "%s@%s" $image.repository $image.digest }}
+{{- else }}
+{{- printf "%s:%s" $image.repository (default $root.Chart.AppVersion $image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The Secret that holds the progress-token signing key. */}}
+{{- define "kubetune.progressKeySecret" -}}
+{{- default (printf "%s-progress-key" (include "kubetune.fullname" .)) .Values.progressKey.existingSecret }}
+{{- end }}
+
+{{/* The URL trainer pods POST progress reports to. */}}
+{{- define "kubetune.progressUrl" -}}
+{{- if .Values.operator.progressUrl }}
+{{- .Values.operator.progressUrl }}
+{{- else }}
+{{- printf "http://%s.%s.svc:%d/v1/reports" (include "kubetune.fullname" .) .Release.Namespace (int .Values.service.port) }}
+{{- end }}
+{{- end }}
+
+{{/*
+The platform policy document the operator reads (see docs/install.md#platform-policy).
+Each namespace entry is complete: a key it leaves out takes the value from `defaults`
+(checked with hasKey, so an explicit 0 or [] there is kept, not replaced).
+*/}}
+{{- define "kubetune.policy" -}}
+apiVersion: kubetune.io/v1alpha1
+kind: PlatformPolicy
+defaults:
+  {{- toYaml .Values.policy.defaults | nindent 2 }}
+{{- if .Values.policy.namespaces }}
+namespaces:
+  {{- range $namespace, $limits := .Values.policy.namespaces }}
+  {{- $complete := dict }}
+  {{- range $key, $default := $.Values.policy.defaults }}
+  {{- $_ := set $complete $key (ternary (get $limits $key) $default (hasKey $limits $key)) }}
+  {{- end }}
+  {{ $namespace | quote }}:
+    {{- toYaml $complete | nindent 4 }}
+  {{- end }}
+{{- else }}
+namespaces: {}
+{{- end }}
+{{- end }}
