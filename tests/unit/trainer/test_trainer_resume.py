@@ -1,0 +1,87 @@
+"""Exact resume: SIGTERM checkpoints and exits 75; the retry continues at the same step, no batch repeated."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kubetune.trainer import config as cfg
+from kubetune.trainer import train
+
+from .trainer_runs import config, text_records, write_config, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def _trainer(config_path: Path, termination_log: Path) -> subprocess.Popen[str]:
+    env = os.environ | {
+        "KUBETUNE_PROGRESS_INTERVAL": "0",  # a progress line per step, so the test can aim its SIGTERM
+        cfg.ENV_TERMINATION_LOG: str(termination_log),
+    }
+    env.pop(cfg.ENV_PROGRESS_URL, None)
+    return subprocess.Popen(
+        [sys.executable, "-m", "kubetune.trainer", "--config", str(config_path)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
+    )
+
+
+class TestEpochPlan:
+    def test_every_sequence_once_per_epoch_in_a_seeded_order(self) -> None:
+        plan = train.epoch_plan(23, seed=5, epoch=0, batch_size=2, accumulation=3, world_size=1)
+
+        flat = [i for step in plan for micro in step for i in micro]
+        assert sorted(flat) == list(range(23))
+        assert len(plan) == 4  # 12 micro-batches, 3 per step
+        assert plan == train.epoch_plan(23, seed=5, epoch=0, batch_size=2, accumulation=3, world_size=1)
+        assert plan != train.epoch_plan(23, seed=5, epoch=1, batch_size=2, accumulation=3, world_size=1)
+
+    def test_processes_share_each_step_equally(self) -> None:
+        plan = train.epoch_plan(21, seed=0, epoch=0, batch_size=2, accumulation=2, world_size=2)
+
+        assert all(len(step) % 2 == 0 for step in plan)
+        assert [len(step) for step in plan] == [4, 4, 2]  # 11 micro-batches: the odd one out is dropped
+
+
+class TestResumeAfterSigterm:
+    def test_resumed_run_matches_the_uninterrupted_one_step_for_step(self, tmp_path: Path, tiny_gpt2: Path) -> None:
+        train_file = write_jsonl(tmp_path / "train.jsonl", text_records(300))
+        settings = {"hyperparameters": {"epochs": 4, "batchSize": 2, "learningRate": 3e-3}, "training": {"evalInterval": 10}}
+        reference = write_config(tmp_path / "a.json", config(tiny_gpt2, train_file, tmp_path / "a", **settings))
+        interrupted = write_config(tmp_path / "b.json", config(tiny_gpt2, train_file, tmp_path / "b", **settings))
+
+        assert _trainer(reference, tmp_path / "log-a").wait(timeout=300) == cfg.EXIT_OK
+
+        process = _trainer(interrupted, tmp_path / "log-b")
+        assert process.stdout is not None
+        for line in process.stdout:
+            report = json.loads(line)
+            if report["kind"] == "progress" and report["step"] >= 7:
+                process.send_signal(signal.SIGTERM)
+                break
+        process.stdout.read()
+        assert process.wait(timeout=120) == cfg.EXIT_PREEMPTED
+        assert json.loads((tmp_path / "log-b").read_text())["outcome"] == "preempted"
+        (stopped_at, checkpoint), = [c for c in train.list_checkpoints(tmp_path / "b" / "checkpoints") if c[0] >= 7][-1:]
+        assert not list((tmp_path / "b" / "checkpoints").glob(".tmp-*"))
+
+        assert _trainer(interrupted, tmp_path / "log-b").wait(timeout=300) == cfg.EXIT_OK
+
+        expected = json.loads((tmp_path / "a" / "metrics.json").read_text())
+        resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())
+        assert stopped_at < expected["totalSteps"]
+        assert resumed["resumedFrom"] == str(checkpoint)
+        assert resumed["step"] == expected["step"] == expected["totalSteps"]
+        steps = [s for s, _ in resumed["history"]["trainLoss"]]
+        assert steps == list(range(1, expected["step"] + 1))  # no step repeated or skipped
+        # Same batches in the same order, same dropout draws: the same loss at every step.
+        assert [loss for _, loss in resumed["history"]["trainLoss"]] == pytest.approx(
+            [loss for _, loss in expected["history"]["trainLoss"]], rel=1e-5
+        )
+        assert resumed["valLoss"] == pytest.approx(expected["valLoss"], rel=1e-5)
+        assert resumed["tokensSeen"] == expected["tokensSeen"]
