@@ -499,6 +499,8 @@ def object_schema(model: type) -> Schema:
         default = _schema_default(info)
         if default is not dataclasses.MISSING:
             prop["default"] = default
+            if not isinstance(default, dict):  # `kubectl explain` prints descriptions, not defaults
+                prop["description"] = f"{info.description} Defaults to {json.dumps(default)}."
         properties[info.key] = prop
         if info.required:
             required.append(info.key)
@@ -678,11 +680,19 @@ def parse(model: type[T], data: Any, path: str) -> T:
     return typing.cast(T, result)
 
 
+def _absent(value: Any) -> bool:
+    return value is None or (isinstance(value, (list, dict)) and not value)
+
+
 def to_dict(value: Any) -> Any:
-    """A model instance (or list/map of them) as JSON-ready data with camelCase keys; None fields are left out."""
+    """A model instance (or list/map of them) as JSON-ready data with camelCase keys.
+
+    None fields and empty lists/maps are left out: the schema gives them no default
+    (absent means empty), so this is what the API server stores.
+    """
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {info.key: to_dict(getattr(value, info.name)) for info in fields_of(type(value))
-                if getattr(value, info.name) is not None}
+                if not _absent(getattr(value, info.name))}
     if isinstance(value, list):
         return [to_dict(item) for item in value]
     if isinstance(value, dict):

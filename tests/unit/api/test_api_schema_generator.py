@@ -91,7 +91,7 @@ class TestSchemaGeneration:
 
     def test_descriptions_come_from_field_docstrings_reflowed(self) -> None:
         assert self.schema["description"] == "An example kind's spec."
-        assert self.schema["properties"]["inner"]["properties"]["size"]["description"] == "How big, in units."
+        assert self.schema["properties"]["inner"]["properties"]["size"]["description"] == "How big, in units. Defaults to 2."
 
     def test_fields_without_default_are_required(self) -> None:
         assert self.schema["required"] == ["name"]
