@@ -321,8 +321,8 @@ class Hyperparameters:
     """Passes over the training data. auto: 3, more for tiny datasets (so ~100 examples are seen),
     fewer for huge ones (so ~25k examples are seen, at least 1)."""
     batch_size: Annotated[IntOrAuto, Minimum(1), Maximum(4096)] = AUTO
-    """Per-device micro-batch, in sequences. auto: a token budget for the device and model size,
-    divided by the sequence length (LoRA gets twice the budget of full fine-tuning)."""
+    """Per-device micro-batch, in sequences. auto: a token budget for the device and model size
+    (on GPUs twice as much for LoRA) divided by the sequence length; see docs/api.md."""
     learning_rate: Annotated[float, Minimum(0, exclusive=True), Maximum(1)] | None = None
     """Peak learning rate. Leave out for auto: 2e-4 for LoRA; for full fine-tuning 2e-5 at 1B
     parameters, scaled by sqrt(1e9 / parameters) and clamped to [5e-6, 1e-3]."""
@@ -337,8 +337,8 @@ class Hyperparameters:
     dropout: Fraction | None = None
     """Override the model's dropout probabilities, in [0, 1). Leave out to keep the model's own."""
     max_seq_length: Annotated[IntOrAuto, Minimum(16), Maximum(1_048_576)] = AUTO
-    """Tokens per training sequence. auto: the longest record rounded up, at least 64 and at most
-    min(model context, 1024)."""
+    """Tokens per training sequence. auto: the next power of two holding the longest record, at
+    least 64 and at most min(model context, 1024)."""
     gradient_accumulation_steps: Annotated[IntOrAuto, Minimum(1), Maximum(1024)] = AUTO
     """Micro-batches per optimizer step. auto: enough for ~16 sequences per step per device, but
     never fewer than 8 optimizer steps per epoch."""
@@ -654,6 +654,15 @@ class ClassMetrics(TypedDict, total=False):
     """Test examples of this class."""
 
 
+class ConfusionMatrix(TypedDict, total=False):
+    """Counts of test examples by true and generated label."""
+
+    labels: Annotated[list[Annotated[str, MaxLength(256)]], MaxItems(1000)]
+    """The labels, in the order of the rows and columns."""
+    matrix: Annotated[list[Annotated[list[Annotated[int, Minimum(0)]], MaxItems(1000)]], MaxItems(1000)]
+    """matrix[true][generated]: how many test examples of label `true` got label `generated`."""
+
+
 class EvaluationResults(TypedDict, total=False):
     """Metrics on the test split, after training. The trainer may report further metrics; they are kept."""
 
@@ -675,6 +684,8 @@ class EvaluationResults(TypedDict, total=False):
     """Test examples evaluated."""
     perClass: Annotated[dict[str, ClassMetrics], MaxProperties(1000)]
     """Classification: metrics per label."""
+    confusionMatrix: ConfusionMatrix
+    """Classification: counts of true label (row) against generated label (column)."""
 
 
 class ModelArtifact(TypedDict, total=False):

@@ -106,6 +106,15 @@ class TestStatus:
         with pytest.raises(apischema.ModelError, match="status.results.accuracy: must be a number"):
             models.status_from_dict({"results": {"accuracy": "high"}})
 
+    def test_the_trainers_classification_results_fit(self) -> None:
+        from kubetune.trainer import evaluate
+
+        results = evaluate.classification_metrics(["a", "a", "b"], ["a", "b", "b"], ["a", "b"])
+        parsed = models.status_from_dict({"results": {"loss": 0.5, "perplexity": 1.6, "tokenAccuracy": 0.7,
+                                                      "examples": 3, **results}})
+        assert parsed["results"]["confusionMatrix"]["matrix"] == [[1, 1], [0, 1]]
+        assert parsed["results"]["perClass"]["b"]["support"] == 1
+
     def test_condition_needs_its_type(self) -> None:
         with pytest.raises(apischema.ModelError, match=r"status.conditions\[0\].type: required"):
             models.status_from_dict({"conditions": [{"status": "True", "reason": "R", "message": "",
