@@ -1,0 +1,363 @@
+"""The Helm chart, rendered offline: conventions, the operator Deployment, the platform policy and options.
+
+What the objects do on a real API server is tested in tests/integration/chart/.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kubetune.dev import chart
+from kubetune.operator import settings as operator_settings
+
+REPO = Path(__file__).resolve().parents[3]
+CHART = REPO / "charts" / "kubetune"
+Render = Callable[..., list[dict[str, Any]]]
+
+
+def only(manifests: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = chart.find(manifests, kind, name)
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[m['metadata']['name'] for m in found]}"
+    return found[0]
+
+
+def operator_container(manifests: list[dict[str, Any]]) -> dict[str, Any]:
+    containers = only(manifests, "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert [c["name"] for c in containers] == ["operator"]
+    return dict(containers[0])
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+class TestChartConventions:
+    def test_chart_yaml_is_apiversion_v2_with_a_kube_version_constraint(self) -> None:
+        meta = yaml.safe_load((CHART / "Chart.yaml").read_text())
+        assert meta["apiVersion"] == "v2"
+        assert meta["name"] == "kubetune"
+        assert meta["kubeVersion"] == ">=1.30.0-0"
+        assert meta["appVersion"] == "0.1.0"
+
+    def test_lints_strictly_with_defaults_and_with_every_option_on(self, helm_bin: Path) -> None:
+        chart.lint(helm_bin)
+        chart.lint(helm_bin, {"watchNamespaces": ["team-a", "team-b"], "serviceMonitor": {"enabled": True},
+                              "grafanaDashboard": {"enabled": True},
+                              "policy": {"defaults": {"maxConcurrentJobs": 2},
+                                         "namespaces": {"team-a": {"maxTotalGpus": 8}}}})
+
+    def test_the_chart_has_helpers_notes_and_a_values_schema(self) -> None:
+        helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+        for name in ("kubetune.name", "kubetune.fullname", "kubetune.labels", "kubetune.selectorLabels"):
+            assert f'define "{name}"' in helpers
+        assert (CHART / "templates" / "NOTES.txt").read_text().strip()
+        json.loads((CHART / "values.schema.json").read_text())
+
+    def test_selectors_never_carry_the_chart_version_label(self, render: Render) -> None:
+        manifests = render({"serviceMonitor": {"enabled": True}})
+        deployment = only(manifests, "Deployment")
+        selector = deployment["spec"]["selector"]["matchLabels"]
+        service_selector = only(manifests, "Service")["spec"]["selector"]
+        monitor_selector = only(manifests, "ServiceMonitor")["spec"]["selector"]["matchLabels"]
+        for labels in (selector, service_selector, monitor_selector):
+            assert "helm.sh/chart" not in labels
+            assert "app.kubernetes.io/version" not in labels
+        assert service_selector == selector == monitor_selector
+        pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert selector.items() <= pod_labels.items()
+
+    def test_every_object_carries_the_recommended_labels(self, render: Render) -> None:
+        for manifest in render():
+            labels = manifest["metadata"]["labels"]
+            assert labels["app.kubernetes.io/name"] == "kubetune", manifest["metadata"]["name"]
+            assert labels["app.kubernetes.io/instance"] == "kubetune"
+            assert labels["app.kubernetes.io/managed-by"] == "Helm"
+            assert labels["helm.sh/chart"] == "kubetune-0.1.0"
+
+    def test_names_follow_the_release_and_the_overrides(self, render: Render) -> None:
+        assert only(render(release="prod"), "Deployment")["metadata"]["name"] == "prod-kubetune"
+        assert only(render(release="kubetune"), "Deployment")["metadata"]["name"] == "kubetune"
+        assert only(render({"fullnameOverride": "tuner"}), "Deployment")["metadata"]["name"] == "tuner"
+
+
+def _schema_keys(schema: dict[str, Any], prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for key, sub in (schema.get("properties") or {}).items():
+        path = f"{prefix}{key}"
+        keys.add(path)
+        keys |= _schema_keys(sub, f"{path}.")
+    return keys
+
+
+def _values_keys(values: Any, schema: dict[str, Any], prefix: str = "") -> set[str]:
+    """Keys of values.yaml down to where the schema stops describing properties (free-form objects)."""
+    keys: set[str] = set()
+    if not isinstance(values, dict):
+        return keys
+    for key, value in values.items():
+        path = f"{prefix}{key}"
+        keys.add(path)
+        sub = (schema.get("properties") or {}).get(key) or {}
+        if sub.get("properties"):
+            keys |= _values_keys(value, sub, f"{path}.")
+    return keys
+
+
+class TestValues:
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    values_text = (CHART / "values.yaml").read_text()
+
+    def test_values_yaml_and_the_schema_describe_the_same_keys(self) -> None:
+        values = yaml.safe_load(self.values_text)
+        assert _values_keys(values, self.schema) == _schema_keys(self.schema)
+
+    def test_every_key_has_a_comment_right_above_it(self) -> None:
+        lines = self.values_text.splitlines()
+        stack: list[tuple[int, str]] = []
+        undocumented = []
+        schema_keys = _schema_keys(self.schema)
+        for number, line in enumerate(lines):
+            match = re.match(r"^(\s*)([A-Za-z][\w-]*):", line)
+            if not match:
+                continue
+            indent, key = len(match.group(1)), match.group(2)
+            while stack and stack[-1][0] >= indent:
+                stack.pop()
+            path = ".".join([k for _, k in stack] + [key])
+            stack.append((indent, key))
+            if path in schema_keys and not lines[number - 1].strip().startswith("#"):
+                undocumented.append(path)
+        assert undocumented == []
+
+    @pytest.mark.parametrize(("values", "complaint"), [
+        ({"policy": {"namespaces": {"team-a": {"maxGPUsPerJob": 2}}}}, "maxGPUsPerJob"),
+        ({"policy": {"defaults": {"maxConcurrentJobs": -1}}}, "maxConcurrentJobs"),
+        ({"operator": {"logLevel": "LOUD"}}, "logLevel"),
+        ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
+        ({"image": {"digest": "latest"}}, "digest"),
+        ({"unknownKey": 1}, "unknownKey"),
+    ])
+    def test_the_schema_rejects_bad_values_naming_the_key(self, helm_bin: Path, values: dict[str, Any],
+                                                          complaint: str) -> None:
+        with pytest.raises(chart.ChartError, match=complaint):
+            chart.render(helm_bin, values)
+
+
+class TestOperatorDeployment:
+    def test_one_replica_replaced_by_recreate(self, render: Render) -> None:
+        spec = only(render(), "Deployment")["spec"]
+        assert spec["replicas"] == 1
+        assert spec["strategy"] == {"type": "Recreate"}
+
+    def test_pod_and_container_meet_the_restricted_pod_security_level(self, render: Render) -> None:
+        pod = only(render(), "Deployment")["spec"]["template"]["spec"]
+        container = operator_container(render())
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] > 0
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        security = container["securityContext"]
+        assert security["allowPrivilegeEscalation"] is False
+        assert security["capabilities"] == {"drop": ["ALL"]}
+        assert security["readOnlyRootFilesystem"] is True
+        assert not any("hostPath" in v for v in pod["volumes"])
+
+    def test_tmp_is_a_writable_empty_dir_on_the_read_only_root(self, render: Render) -> None:
+        manifests = render()
+        pod = only(manifests, "Deployment")["spec"]["template"]["spec"]
+        mounts = {m["mountPath"]: m["name"] for m in operator_container(manifests)["volumeMounts"]}
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes[mounts["/tmp"]]
+
+    def test_probes_hit_the_operators_health_endpoint_on_its_http_port(self, render: Render) -> None:
+        container = operator_container(render({"operator": {"httpPort": 9090}}))
+        assert container["ports"] == [{"name": "http", "containerPort": 9090, "protocol": "TCP"}]
+        assert env_of(container)["KUBETUNE_HTTP_PORT"] == "9090"
+        for probe in ("livenessProbe", "readinessProbe"):
+            # /healthz is served by operator/progress.py next to /metrics and /v1/reports.
+            assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+
+    def test_image_tag_defaults_to_the_app_version_and_a_digest_wins(self, render: Render) -> None:
+        assert operator_container(render())["image"] == "ghcr.io/kubetune/operator:0.1.0"
+        digest = "sha256:" + "a" * 64
+        container = operator_container(render({"image": {"repository": "registry.example/op", "digest": digest},
+                                               "trainer": {"image": {"repository": "registry.example/tr",
+                                                                     "tag": "v2"}}}))
+        assert container["image"] == f"registry.example/op@{digest}"
+        assert env_of(container)["KUBETUNE_TRAINER_IMAGE"] == "registry.example/tr:v2"
+
+    def test_resources_are_set_and_configurable(self, render: Render) -> None:
+        assert operator_container(render())["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
+        custom = {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"memory": "2Gi"}}
+        assert operator_container(render({"resources": custom}))["resources"] == custom
+
+    def test_every_setting_the_operator_reads_is_set_from_values(self, render: Render) -> None:
+        env = env_of(operator_container(render()))
+        source = Path(operator_settings.__file__).read_text()
+        read_by_operator = set(re.findall(r'"(KUBETUNE_[A-Z_]+)"', source))
+        assert read_by_operator, "no KUBETUNE_* variables found in operator/settings.py"
+        assert read_by_operator <= env.keys()
+
+    def test_every_variable_the_chart_sets_is_one_the_operator_reads(self, render: Render) -> None:
+        env = env_of(operator_container(render()))
+        operator_source = "\n".join(p.read_text() for p in (REPO / "operator").glob("*.py"))
+        unread = sorted(name for name in env if f'"{name}"' not in operator_source)
+        assert unread == [], f"the chart sets variables no operator module reads: {unread}"
+
+    def test_the_progress_url_points_at_the_charts_service(self, render: Render) -> None:
+        manifests = render(namespace="ml-platform")
+        service = only(manifests, "Service")
+        env = env_of(operator_container(manifests))
+        assert env["KUBETUNE_PROGRESS_URL"] == (
+            f"http://{service['metadata']['name']}.ml-platform.svc:{service['spec']['ports'][0]['port']}/v1/reports")
+        assert service["spec"]["ports"][0]["targetPort"] == "http"
+
+    def test_the_signing_key_is_a_generated_secret_unless_one_is_given(self, render: Render) -> None:
+        manifests = render()
+        secret = only(manifests, "Secret")
+        env = env_of(operator_container(manifests))
+        assert env["KUBETUNE_SECRET_KEY"] == {"secretKeyRef": {"name": secret["metadata"]["name"],
+                                                               "key": "secret-key"}}
+        assert len(base64.b64decode(secret["data"]["secret-key"])) == 48
+
+        given = render({"progressKey": {"existingSecret": "my-key", "secretKey": "hmac"}})
+        assert chart.find(given, "Secret") == []
+        assert env_of(operator_container(given))["KUBETUNE_SECRET_KEY"] == {
+            "secretKeyRef": {"name": "my-key", "key": "hmac"}}
+
+
+class TestWatchScope:
+    def test_cluster_wide_by_default_with_a_cluster_role(self, render: Render) -> None:
+        manifests = render()
+        assert env_of(operator_container(manifests))["KUBETUNE_NAMESPACES"] == ""
+        binding = only(manifests, "ClusterRoleBinding", "kubetune-operator")
+        assert binding["roleRef"]["name"] == only(manifests, "ClusterRole", "kubetune-operator")["metadata"]["name"]
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune",
+                                        "namespace": "kubetune-system"}]
+        assert chart.find(manifests, "Role") == []
+
+    def test_listed_namespaces_get_a_role_each_and_no_cluster_wide_operator_role(self, render: Render) -> None:
+        manifests = render({"watchNamespaces": ["team-a", "team-b"]})
+        assert env_of(operator_container(manifests))["KUBETUNE_NAMESPACES"] == "team-a,team-b"
+        assert sorted(r["metadata"]["namespace"] for r in chart.find(manifests, "Role")) == ["team-a", "team-b"]
+        assert sorted(b["metadata"]["namespace"] for b in chart.find(manifests, "RoleBinding")) == ["team-a", "team-b"]
+        assert chart.find(manifests, "ClusterRole", "kubetune-operator") == []
+        cluster_wide = [rule for role in chart.find(manifests, "ClusterRole") for rule in role["rules"]
+                        if role["metadata"]["name"] not in ("kubetune-edit", "kubetune-view")]
+        assert {r for rule in cluster_wide for r in rule["resources"]} == {"customresourcedefinitions", "namespaces"}
+        assert {v for rule in cluster_wide for v in rule["verbs"]} == {"list", "watch"}
+
+    def test_nothing_cluster_scoped_for_the_operator_without_the_observer(self, render: Render) -> None:
+        manifests = render({"watchNamespaces": ["team-a"], "rbac": {"clusterObserver": False}})
+        assert [r["metadata"]["name"] for r in chart.find(manifests, "ClusterRole")] == ["kubetune-edit",
+                                                                                        "kubetune-view"]
+        assert chart.find(manifests, "ClusterRoleBinding") == []
+
+
+class TestPlatformPolicy:
+    def policy(self, render: Render, values: dict[str, Any] | None = None) -> dict[str, Any]:
+        document = yaml.safe_load(chart.policy_document(render(values)))
+        assert document["apiVersion"] == "kubetune.io/v1alpha1"
+        assert document["kind"] == "PlatformPolicy"
+        return dict(document)
+
+    def test_defaults_mean_no_limits(self, render: Render) -> None:
+        assert self.policy(render) == {
+            "apiVersion": "kubetune.io/v1alpha1", "kind": "PlatformPolicy",
+            "defaults": {"maxConcurrentJobs": 0, "maxGpusPerJob": 0, "maxTotalGpus": 0,
+                         "allowedModelSources": [], "allowedTrainerImages": []},
+            "namespaces": {}}
+
+    def test_a_namespace_entry_is_complete_taking_left_out_keys_from_the_defaults(self, render: Render) -> None:
+        policy = self.policy(render, {"policy": {
+            "defaults": {"maxConcurrentJobs": 2, "maxGpusPerJob": 4, "maxTotalGpus": 8,
+                         "allowedModelSources": ["pvc://*"], "allowedTrainerImages": []},
+            "namespaces": {"team-a": {"maxTotalGpus": 16, "maxConcurrentJobs": 0,
+                                      "allowedModelSources": ["hf://org/*", "pvc://*"]}}}})
+        assert policy["namespaces"]["team-a"] == {
+            "maxConcurrentJobs": 0,  # an explicit 0 (no limit) is kept, not replaced by the default 2
+            "maxGpusPerJob": 4, "maxTotalGpus": 16,
+            "allowedModelSources": ["hf://org/*", "pvc://*"], "allowedTrainerImages": []}
+        assert policy["defaults"]["maxConcurrentJobs"] == 2
+
+    def test_the_operator_reads_the_mounted_policy_file(self, render: Render) -> None:
+        manifests = render()
+        deployment = only(manifests, "Deployment")
+        container = operator_container(manifests)
+        path = Path(env_of(container)["KUBETUNE_POLICY_FILE"])
+        mount = next(m for m in container["volumeMounts"] if m["mountPath"] == str(path.parent))
+        volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == mount["name"])
+        config_map = only(manifests, "ConfigMap", volume["configMap"]["name"])
+        assert path.name in config_map["data"]
+
+    def test_a_policy_change_restarts_the_operator(self, render: Render) -> None:
+        def checksum(values: dict[str, Any] | None) -> str:
+            annotations = only(render(values), "Deployment")["spec"]["template"]["metadata"]["annotations"]
+            return str(annotations["checksum/policy"])
+        assert checksum(None) == checksum(None)
+        assert checksum(None) != checksum({"policy": {"defaults": {"maxConcurrentJobs": 1}}})
+
+
+class TestOptionalFeatures:
+    def test_service_monitor_and_dashboard_are_off_by_default(self, render: Render) -> None:
+        manifests = render()
+        assert chart.find(manifests, "ServiceMonitor") == []
+        assert [c["metadata"]["name"] for c in chart.find(manifests, "ConfigMap")] == ["kubetune-policy"]
+
+    def test_service_monitor_scrapes_metrics_on_the_http_port(self, render: Render) -> None:
+        manifests = render({"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}})
+        monitor = only(manifests, "ServiceMonitor")
+        assert monitor["metadata"]["labels"]["release"] == "prom"
+        assert monitor["spec"]["endpoints"][0]["port"] == only(manifests, "Service")["spec"]["ports"][0]["name"]
+        assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+
+    def test_dashboard_shows_progress_losses_and_gpu_seconds_per_namespace(self, render: Render) -> None:
+        manifests = render({"grafanaDashboard": {"enabled": True}})
+        config_map = only(manifests, "ConfigMap", "kubetune-dashboard")
+        assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+        dashboard = json.loads(config_map["data"]["kubetune.json"])
+        panels = {p["title"]: [t["expr"] for t in p["targets"]] for p in dashboard["panels"]}
+        assert any("kubetune_job_progress_ratio" in e for e in panels["Training progress"])
+        assert any("kubetune_job_train_loss" in e for e in panels["Training loss"])
+        assert any("kubetune_job_validation_loss" in e for e in panels["Validation loss"])
+        gpu = panels["GPU-seconds per namespace (dashboard range)"]
+        assert any("sum by (namespace)" in e and "kubetune_gpu_seconds_total" in e for e in gpu)
+
+    def test_dashboard_queries_only_series_the_operator_exports(self) -> None:
+        from kubetune.operator import metrics
+
+        exported = metrics.OperatorMetrics()
+        exported.observe_state("ns", "job", "Running")
+        exported.observe_gpus("ns", "job", 1, 0.0)
+        exported.observe_gpus("ns", "job", 1, 10.0)
+        exported.observe_report("ns", "job", 0, {"trainLoss": 1.0, "valLoss": 1.0, "step": 1, "totalSteps": 2,
+                                                 "tokensSeen": 10})
+        exported.report_accepted()
+        exported.reconcile_failed("ns")
+        exported.observe_finished("ns", "Succeeded", 5.0)
+        names = {line.split("{")[0].split(" ")[0]
+                 for line in exported.exposition().decode().splitlines() if line and not line.startswith("#")}
+        dashboard = (CHART / "files" / "dashboard.json").read_text()
+        queried = set(re.findall(r"kubetune_[a-z_]+", dashboard)) - {"kubetune_json"}
+        assert queried, "the dashboard queries no kubetune series"
+        assert queried <= names, f"not exported by operator/metrics.py: {sorted(queried - names)}"
+
+
+class TestCustomResourceDefinitions:
+    def test_the_charts_crds_are_byte_identical_to_the_repositorys(self) -> None:
+        repo_crds = {p.name: p.read_bytes() for p in (REPO / "crds").glob("*.yaml")}
+        chart_crds = {p.name: p.read_bytes() for p in (CHART / "crds").glob("*.yaml")}
+        assert repo_crds, "crds/ holds no CRDs"
+        assert sorted(chart_crds) == sorted(repo_crds)
+        stale = sorted(name for name in repo_crds if chart_crds[name] != repo_crds[name])
+        assert stale == [], f"charts/kubetune/crds is stale ({stale}): run `cp crds/*.yaml charts/kubetune/crds/`"
+
+    def test_helm_template_leaves_crds_to_the_crds_folder(self, render: Render) -> None:
+        assert chart.find(render(), "CustomResourceDefinition") == []
