@@ -14,6 +14,7 @@ its names, its spec and status models and its printer columns.
 from __future__ import annotations
 
 import argparse
+import itertools
 import dataclasses
 import sys
 from pathlib import Path
@@ -25,6 +26,8 @@ from kubetune.operator import apischema, models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = REPO_ROOT / "crds"
+CHART_CRD_DIR = REPO_ROOT / "charts" / "kubetune" / "crds"
+"""The Helm chart carries the same files (Helm installs, never upgrades, what is there)."""
 
 Manifest = dict[str, Any]
 
@@ -185,12 +188,15 @@ def main(argv: list[str] | None = None) -> int:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--write", action="store_true", help="rewrite crds/*.yaml")
     mode.add_argument("--check", action="store_true", help="exit 1 when crds/*.yaml differ from the models")
-    parser.add_argument("--dir", type=Path, default=CRD_DIR, help="folder of the CRD files (default: crds/)")
+    parser.add_argument("--dir", type=Path, action="append", dest="dirs",
+                        help="folder of the CRD files (repeatable; default: crds/ and charts/kubetune/crds/)")
     args = parser.parse_args(argv)
     stale = []
-    for resource in RESOURCES:
+    for resource, folder in itertools.product(RESOURCES, args.dirs or [CRD_DIR, CHART_CRD_DIR]):
         text = render_yaml(resource)
-        path = args.dir / resource.file_name
+        path = folder / resource.file_name
+        if not (args.write or args.check) and folder != (args.dirs or [CRD_DIR])[0]:
+            continue
         if args.write:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text, encoding="utf-8")

@@ -558,8 +558,9 @@ class FineTuneJobSpec:
     """Fail the run when it has been running longer than this many seconds, retries included
     (editable)."""
     ttl_seconds_after_finished: Annotated[int, Minimum(0)] | None = None
-    """Delete the FineTuneJob this many seconds after it succeeded or failed; absent keeps it
-    (editable). Outputs in storage are kept."""
+    """Clean up training children (trainer and validation Jobs, their pods, the config ConfigMap and
+    the progress Secret) this many seconds after the run succeeded or failed; absent keeps them
+    (editable). The FineTuneJob, its status, the model in storage and serving are kept."""
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "spec") -> FineTuneJobSpec:
