@@ -1,0 +1,139 @@
+"""The chart grants the operator exactly the API calls its code makes: nothing missing, nothing extra.
+
+The calls are read from the operator's source: every Kubernetes API method `client.py` names
+on its API objects (e.g. `self.batch.create_namespaced_job` -> create jobs.batch), and every
+resource a kopf handler in `handlers.py` watches (list + watch; change handlers also patch,
+for kopf's bookkeeping annotations). The chart's rules come from `helm template`.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kubetune.dev import chart
+
+REPO = Path(__file__).resolve().parents[3]
+OPERATOR = REPO / "operator"
+Render = Callable[..., list[dict[str, Any]]]
+Permission = tuple[str, str, str]
+"""(API group, resource, verb)."""
+
+VERBS = {"read": "get", "get": "get", "list": "list", "create": "create", "patch": "patch",
+         "replace": "update", "delete": "delete"}
+RESOURCES = {
+    "job": ("batch", "jobs"), "config_map": ("", "configmaps"), "secret": ("", "secrets"),
+    "pod": ("", "pods"), "event": ("", "events"), "service": ("", "services"),
+    "deployment": ("apps", "deployments"), "persistent_volume_claim": ("", "persistentvolumeclaims"),
+    "custom_object": ("kubetune.io", "finetunejobs"), "custom_object_status": ("kubetune.io", "finetunejobs/status"),
+    "job_status": ("batch", "jobs/status"), "deployment_status": ("apps", "deployments/status"),
+}
+CHANGE_HANDLERS = {"create", "update", "resume", "delete", "field"}
+API_OBJECTS = {"core", "batch", "custom", "apps", "networking", "events"}
+
+
+def client_calls() -> set[Permission]:
+    """Permissions behind every `self.<api>.<verb>_namespaced_<resource>` in client.py."""
+    found: set[Permission] = set()
+    tree = ast.parse((OPERATOR / "client.py").read_text())
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
+                and node.value.attr in API_OBJECTS):
+            continue
+        match = re.fullmatch(r"([a-z]+)_(?:namespaced_)?(\w+?)(?:_for_all_namespaces)?", node.attr)
+        assert match and match.group(1) in VERBS and match.group(2) in RESOURCES, (
+            f"client.py calls {node.value.attr}.{node.attr}: teach this test its permission, "
+            "then grant it in charts/kubetune/templates/rbac-operator.yaml")
+        group, resource = RESOURCES[match.group(2)]
+        found.add((group, resource, VERBS[match.group(1)]))
+    return found
+
+
+def kopf_watches() -> set[Permission]:
+    """Permissions kopf needs for the handlers in handlers.py."""
+    found: set[Permission] = set()
+    tree = ast.parse((OPERATOR / "handlers.py").read_text())
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+            continue
+        dotted = ast.unparse(node.func)
+        if not (dotted.startswith("kopf.on.") or dotted in ("kopf.timer", "kopf.daemon", "kopf.index")):
+            continue
+        kind = dotted.rsplit(".", 1)[1]
+        if kind in ("startup", "cleanup", "login", "probe"):
+            continue
+        if node.args and isinstance(node.args[0], ast.Starred):
+            group, resource = "kubetune.io", "finetunejobs"  # *RESOURCE: the FineTuneJob triple
+        else:
+            literals = [a.value for a in node.args if isinstance(a, ast.Constant)]
+            assert len(literals) == 3, f"cannot read the resource of {ast.unparse(node)}"
+            group, resource = literals[0], literals[2]
+        found |= {(group, resource, "list"), (group, resource, "watch")}
+        if kind in CHANGE_HANDLERS or kind in ("timer", "daemon"):
+            found.add((group, resource, "patch"))
+    return found
+
+
+def granted(rules: list[dict[str, Any]]) -> set[Permission]:
+    return {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def operator_rules(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    roles = chart.find(manifests, "ClusterRole", "kubetune-operator") or chart.find(manifests, "Role")
+    assert roles, "the chart renders no operator role"
+    return list(roles[0]["rules"])
+
+
+def test_only_client_and_handlers_talk_to_the_api() -> None:
+    """Otherwise the scan below would miss calls: other modules must stay free of API objects."""
+    for path in OPERATOR.glob("*.py"):
+        if path.name in ("client.py", "handlers.py"):
+            continue
+        source = path.read_text()
+        assert not re.search(r"kubernetes\.client\.\w+Api\(|\bkopf\.on\.", source), path.name
+
+
+def test_the_scan_finds_the_calls_we_know_of() -> None:
+    needed = client_calls() | kopf_watches()
+    assert {("kubetune.io", "finetunejobs/status", "patch"), ("batch", "jobs", "create"),
+            ("", "secrets", "get"), ("batch", "jobs", "watch")} <= needed
+
+
+@pytest.mark.parametrize("values", [None, {"watchNamespaces": ["team-a"]}], ids=["cluster-wide", "namespaced"])
+def test_the_operator_role_grants_exactly_what_the_operator_calls(render: Render, values: Any) -> None:
+    needed = client_calls() | kopf_watches()
+    rules = granted(operator_rules(render(values)))
+    assert sorted(needed - rules) == [], "the operator calls these but the chart does not grant them"
+    assert sorted(rules - needed) == [], "the chart grants these but the operator never calls them"
+
+
+def test_no_wildcards_and_no_secret_listing(render: Render) -> None:
+    for values in (None, {"watchNamespaces": ["team-a"]}):
+        for role in chart.find(render(values), "ClusterRole") + chart.find(render(values), "Role"):
+            for rule in role["rules"]:
+                assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"], role["metadata"]["name"]
+                if "secrets" in rule["resources"]:
+                    assert not {"list", "watch"} & set(rule["verbs"]), role["metadata"]["name"]
+
+
+def test_tenant_roles_grant_finetunejobs_only_and_aggregate(render: Render) -> None:
+    manifests = render()
+    edit = chart.find(manifests, "ClusterRole", "kubetune-edit")[0]
+    view = chart.find(manifests, "ClusterRole", "kubetune-view")[0]
+    for role in (edit, view):
+        assert {r for rule in role["rules"] for r in rule["resources"]} <= {"finetunejobs", "finetunejobs/status"}
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+    assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
+    assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
+    assert ("kubetune.io", "finetunejobs", "create") in granted(edit["rules"])
+    assert {verb for _, _, verb in granted(view["rules"])} == {"get", "list", "watch"}
+    unaggregated = render({"tenantRoles": {"aggregate": False}})
+    assert not any(k.startswith("rbac.authorization.k8s.io/aggregate")
+                   for k in chart.find(unaggregated, "ClusterRole", "kubetune-edit")[0]["metadata"]["labels"])
