@@ -477,7 +477,7 @@ class LocalNode:
         termination.write_text("")
         mounts.append((termination, spec.get("terminationMessagePath", "/dev/termination-log"), False))
         script = container_dir / "start.sh"
-        script.write_text(_mount_script(mounts, spec.get("workingDir")))
+        script.write_text(_mount_script(mounts, spec.get("workingDir"), self.workdir))
         full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(container_dir),
                     "HOSTNAME": run.name, "PYTHONUNBUFFERED": "1",
                     "KUBERNETES_SERVICE_HOST": "", **env}
@@ -675,11 +675,19 @@ class LocalNode:
                     if c.process is not None and c.process.poll() is None]
 
 
-def _mount_script(mounts: list[tuple[Path, str, bool]], working_dir: str | None) -> str:
+STAGE = "/run/kubetune-localnode"
+"""Where the node's work directory is bind-mounted first inside each pod's mount namespace: volume
+sources are taken from there, so a volume mounted over their host path (an emptyDir at /tmp while
+the work directory lives under /tmp) cannot hide them."""
+
+
+def _mount_script(mounts: list[tuple[Path, str, bool]], working_dir: str | None, workdir: Path) -> str:
     """A shell script run inside the new mount namespace: bind each volume, then exec the command."""
-    lines = ["set -e"]
-    for source, target, read_only in mounts:
-        quoted_source, quoted_target = shlex.quote(str(source)), shlex.quote(target)
+    lines = ["set -e", f"mkdir -p {STAGE}", f"mount --bind {shlex.quote(str(workdir))} {STAGE}"]
+    # Parents before children, so a volume at /a/b is not hidden by a later one at /a.
+    for source, target, read_only in sorted(mounts, key=lambda m: m[1].rstrip("/").count("/")):
+        staged = Path(STAGE) / source.relative_to(workdir)
+        quoted_source, quoted_target = shlex.quote(str(staged)), shlex.quote(target)
         if source.is_dir():
             lines.append(f"mkdir -p {quoted_target}")
         else:

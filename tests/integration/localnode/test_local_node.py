@@ -169,3 +169,25 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().split()[2] != "Z"
+
+
+class TestVolumesCannotHideEachOther:
+    def test_emptydir_over_tmp_does_not_hide_volume_sources_under_tmp(
+        self, cluster: controlplane.ControlPlane, node: localnode.LocalNode, namespace: str
+    ) -> None:
+        # The node's work directory lives under /tmp in tests; a pod mounting an emptyDir at /tmp
+        # must still see its PVC and ConfigMap volumes.
+        assert str(node.workdir).startswith("/tmp/")
+        cluster.kubectl("create", "configmap", "cfg", "-n", namespace, "--from-literal=k=v")
+        code = "import os; assert open('/etc/cfg/k').read() == 'v'; open('/tmp/scratch', 'w').write('x'); " \
+               "open('/mnt/pvc/data/f', 'w').write('ok')"
+        pod = python_pod("shadow", code, container={"volumeMounts": [
+            {"name": "scratch", "mountPath": "/tmp"}, {"name": "cfg", "mountPath": "/etc/cfg"},
+            {"name": "data", "mountPath": "/mnt/pvc/data"}]},
+            volumes=[{"name": "scratch", "emptyDir": {}}, {"name": "cfg", "configMap": {"name": "cfg"}},
+                     {"name": "data", "persistentVolumeClaim": {"claimName": "data"}}])
+        apply(cluster, namespace, pod)
+        status = wait_for(lambda: (s := pod_status(cluster, namespace, "shadow")).get("phase") in ("Succeeded", "Failed")
+                          and s, what="the pod to finish")
+        assert status["phase"] == "Succeeded", node.log_path(namespace, "shadow").read_text()  # type: ignore[union-attr]
+        assert (node.workdir / "volumes" / namespace / "data" / "f").read_text() == "ok"
