@@ -13,6 +13,7 @@ writes to an emptyDir at /tmp.
 from __future__ import annotations
 
 import hashlib
+import json
 from typing import Any
 
 from kubetune.operator import names, render
@@ -37,6 +38,12 @@ ANNOTATION_CONFIG_HASH = "kubetune.io/config-hash"
 ANNOTATION_ATTEMPT = "batch.kubernetes.io/job-index-failure-count"
 """The Job controller counts failed pods of an index here (backoffLimitPerIndex); it is the attempt."""
 
+ANNOTATION_MODEL_DIGEST = "kubetune.io/model-digest"
+"""On the serving pod template: a new model digest changes the template, so the Deployment rolls."""
+ANNOTATION_SERVING_HASH = "kubetune.io/serving-hash"
+"""On the serving Deployment: digest of the manifest the operator last wrote (tells when to replace it)."""
+
+COMPONENT_SERVING = "serving"
 COMPONENT_TRAINER = "trainer"
 COMPONENT_VALIDATION = "validation"
 COMPONENT_CONFIG = "config"
@@ -371,3 +378,201 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
     if isinstance(spec.get("activeDeadlineSeconds"), int) and spec["activeDeadlineSeconds"] > 0:
         job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
+
+
+# --- serving -----------------------------------------------------------------------
+
+SERVING_CONTAINER = "server"
+SERVING_PORT = 8000
+SERVING_PORT_NAME = "http"
+RUNTIME_BUILTIN = "builtin"
+RUNTIME_VLLM = "vllm"
+SHM_VOLUME = "shm"
+SHM_SIZE = "2Gi"
+"""vLLM's workers share tensors through /dev/shm; the container runtime's default (64 MiB) is too small."""
+SERVING_GRACE_SECONDS = 30
+SERVING_STARTUP_SECONDS = 1800
+"""How long a serving container may take to load its model before liveness checks begin."""
+
+
+def serving_spec(job: Body) -> Body:
+    """`spec.serving`, or {} when absent."""
+    serving = (job.get("spec") or {}).get("serving")
+    return serving if isinstance(serving, dict) else {}
+
+
+def serving_replicas(job: Body) -> int:
+    """`spec.serving.replicas` (default 1)."""
+    replicas = serving_spec(job).get("replicas", 1)
+    return replicas if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas >= 0 else 1
+
+
+def serving_runtime(job: Body) -> str:
+    """`spec.serving.runtime`: `builtin` (default) or `vllm`."""
+    return str(serving_spec(job).get("runtime") or RUNTIME_BUILTIN)
+
+
+def serving_image(job: Body, settings: OperatorSettings) -> str:
+    """`spec.serving.image`, else the trainer image (builtin) or the operator's pinned vLLM image."""
+    image = serving_spec(job).get("image")
+    if isinstance(image, str) and image.strip():
+        return image.strip()
+    return settings.vllm_image if serving_runtime(job) == RUNTIME_VLLM else settings.trainer_image
+
+
+def serving_gpu_count(job: Body) -> int:
+    """GPUs per serving replica; vLLM always gets at least one (it cannot run without)."""
+    gpus = (serving_spec(job).get("resources") or {}).get("gpus", 0)
+    count = gpus if isinstance(gpus, int) and not isinstance(gpus, bool) and gpus > 0 else 0
+    return max(count, 1) if serving_runtime(job) == RUNTIME_VLLM else count
+
+
+def serving_resources(job: Body) -> Body:
+    """Requests and limits per serving replica (`spec.serving.resources`)."""
+    resources = serving_spec(job).get("resources") or {}
+    requests: dict[str, str] = {}
+    limits: dict[str, str] = {}
+    if resources.get("cpu") not in (None, ""):
+        requests["cpu"] = str(resources["cpu"])
+    if resources.get("memory") not in (None, ""):
+        requests["memory"] = limits["memory"] = str(resources["memory"])
+    gpus = serving_gpu_count(job)
+    if gpus:
+        requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
+    result: Body = {}
+    if requests:
+        result["requests"] = requests
+    if limits:
+        result["limits"] = limits
+    return result
+
+
+def serving_selector(job: Body) -> dict[str, str]:
+    """Labels the serving Deployment and Service select their pods by (immutable once created)."""
+    return {LABEL_INSTANCE: job["metadata"]["name"], LABEL_COMPONENT: COMPONENT_SERVING,
+            LABEL_MANAGED_BY: MANAGED_BY}
+
+
+def _http_probe(path: str, *, period: int, failures: int, delay: int = 0) -> Body:
+    probe: Body = {"httpGet": {"path": path, "port": SERVING_PORT_NAME}, "periodSeconds": period,
+                   "timeoutSeconds": 5, "failureThreshold": failures}
+    if delay:
+        probe["initialDelaySeconds"] = delay
+    return probe
+
+
+def _serving_container(job: Body, model: render.ModelLocation, settings: OperatorSettings) -> Body:
+    job_name = job["metadata"]["name"]
+    runtime = serving_runtime(job)
+    env = _scratch_env()
+    container: Body = {"name": SERVING_CONTAINER, "image": serving_image(job, settings),
+                       "imagePullPolicy": settings.image_pull_policy}
+    if runtime == RUNTIME_VLLM:
+        # The image's entrypoint is the vLLM OpenAI server; only its arguments are ours.
+        args = ["--model", model.path, "--served-model-name", job_name, "--host", "0.0.0.0",
+                "--port", str(SERVING_PORT)]
+        gpus = serving_gpu_count(job)
+        if gpus > 1:
+            args += ["--tensor-parallel-size", str(gpus)]
+        container["args"] = args
+        health = ready = "/health"
+    else:
+        container["command"] = ["python", "-m", "kubetune.trainer.serve", "--model", model.path,
+                                "--host", "$(POD_IP)", "--port", str(SERVING_PORT),
+                                "--served-model-name", job_name]
+        # Binding the pod IP is valid in any cluster, and lets a local node give each pod its own address.
+        env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}] + env
+        health, ready = "/healthz", "/readyz"
+    mounts: list[Body] = [{"name": SCRATCH_VOLUME, "mountPath": "/tmp"}]
+    if runtime == RUNTIME_VLLM:
+        mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+    mounts += [{"name": claim_volume_name(claim), "mountPath": f"{render.PVC_MOUNT_ROOT}/{claim}",
+                "readOnly": True} for claim in model.claims]
+    container |= {
+        "env": env,
+        "ports": [{"name": SERVING_PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
+        # Loading a large model takes minutes: liveness waits until the server first answers.
+        "startupProbe": _http_probe(health, period=10, failures=SERVING_STARTUP_SECONDS // 10),
+        "readinessProbe": _http_probe(ready, period=5, failures=3),
+        "livenessProbe": _http_probe(health, period=20, failures=3),
+        "resources": serving_resources(job),
+        "securityContext": container_security_context(),
+        "volumeMounts": mounts,
+    }
+    return container
+
+
+def _serving_volumes(job: Body, model: render.ModelLocation) -> list[Body]:
+    volumes: list[Body] = [{"name": SCRATCH_VOLUME, "emptyDir": {}}]
+    if serving_runtime(job) == RUNTIME_VLLM:
+        volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
+    volumes += [{"name": claim_volume_name(claim),
+                 "persistentVolumeClaim": {"claimName": claim, "readOnly": True}} for claim in model.claims]
+    return volumes
+
+
+def serving_deployment(job: Body, model: render.ModelLocation, digest: str, settings: OperatorSettings) -> Body:
+    """The Deployment that serves the finished model (runtime `builtin` or `vllm`).
+
+    The model digest is a pod-template annotation: a new model rolls the Deployment. The
+    model's claim is mounted read-only at the path the trainer wrote to.
+    """
+    name = names.serving(job["metadata"]["name"])
+    pod: Body = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": SERVING_GRACE_SECONDS,
+        "securityContext": pod_security_context(),
+        "containers": [_serving_container(job, model, settings)],
+        "volumes": _serving_volumes(job, model),
+    }
+    if serving_gpu_count(job):
+        pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
+    manifest: Body = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": _metadata(job, name, COMPONENT_SERVING),
+        "spec": {
+            "replicas": serving_replicas(job),
+            "selector": {"matchLabels": serving_selector(job)},
+            # Never more model copies in memory than asked for, but no gap in serving either.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "revisionHistoryLimit": 3,
+            "template": {
+                "metadata": {"labels": labels(job, COMPONENT_SERVING),
+                             "annotations": {ANNOTATION_MODEL_DIGEST: digest}},
+                "spec": pod,
+            },
+        },
+    }
+    manifest["metadata"]["annotations"] = {ANNOTATION_SERVING_HASH: manifest_hash(manifest)}
+    return manifest
+
+
+def manifest_hash(manifest: Body) -> str:
+    """A short digest of a manifest's content (metadata annotations excluded)."""
+    content = {k: v for k, v in manifest.items() if k != "metadata"}
+    content["labels"] = (manifest.get("metadata") or {}).get("labels")
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def serving_service(job: Body) -> Body:
+    """The ClusterIP Service in front of the serving pods: port 8000 -> the container's `http` port."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, names.serving(job["metadata"]["name"]), COMPONENT_SERVING),
+        "spec": {
+            "type": "ClusterIP",
+            "selector": serving_selector(job),
+            "ports": [{"name": SERVING_PORT_NAME, "port": SERVING_PORT, "targetPort": SERVING_PORT_NAME,
+                       "protocol": "TCP"}],
+        },
+    }
+
+
+def serving_endpoint(job: Body, settings: OperatorSettings) -> str:
+    """The in-cluster URL of the serving Service (its first DNS label is the Service's name)."""
+    metadata = job["metadata"]
+    return (f"http://{names.serving(metadata['name'])}.{metadata['namespace']}.svc."
+            f"{settings.cluster_domain}:{SERVING_PORT}")

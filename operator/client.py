@@ -17,7 +17,7 @@ import kubernetes
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.operator import builders, reconcile
-from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed, PatchChild
+from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed, PatchChild, ReplaceChild
 
 Body = dict[str, Any]
 GROUP = builders.API_GROUP
@@ -46,6 +46,7 @@ class KubeClient:
         self.api = client
         self.core = kubernetes.client.CoreV1Api(client)
         self.batch = kubernetes.client.BatchV1Api(client)
+        self.apps = kubernetes.client.AppsV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
 
     def _plain(self, obj: Any) -> Body:
@@ -99,6 +100,8 @@ class KubeClient:
             validation_pods=self._pods(namespace, child["validation_job"]) if validation_job else (),
             trainer_job=trainer_job,
             trainer_pods=self._pods(namespace, child["trainer_job"]) if trainer_job else (),
+            serving_deployment=self._get(self.apps.read_namespaced_deployment, namespace, child["serving"], uid),
+            serving_service=self._get(self.core.read_namespaced_service, namespace, child["serving"], uid),
         )
 
     # -- writing -------------------------------------------------------------------
@@ -111,9 +114,12 @@ class KubeClient:
                 self.create(namespace, action.manifest)
             elif isinstance(action, PatchChild):
                 self.patch(namespace, action)
+            elif isinstance(action, ReplaceChild):
+                self.replace(namespace, action)
             elif isinstance(action, DeleteChild):
                 self.delete(namespace, action)
-        self.patch_status(namespace, observed.job["metadata"]["name"], decision.status_patch)
+        if decision.status_patch:
+            self.patch_status(namespace, observed.job["metadata"]["name"], decision.status_patch)
         for event in decision.events:
             self.post_event(observed.job, event)
 
@@ -123,6 +129,8 @@ class KubeClient:
             "Job": self.batch.create_namespaced_job,
             "ConfigMap": self.core.create_namespaced_config_map,
             "Secret": self.core.create_namespaced_secret,
+            "Deployment": self.apps.create_namespaced_deployment,
+            "Service": self.core.create_namespaced_service,
         }
         try:
             creators[kind](namespace, manifest)
@@ -132,14 +140,25 @@ class KubeClient:
                 raise
 
     def patch(self, namespace: str, action: PatchChild) -> None:
-        patchers = {"Job": self.batch.patch_namespaced_job, "ConfigMap": self.core.patch_namespaced_config_map}
+        patchers = {"Job": self.batch.patch_namespaced_job, "ConfigMap": self.core.patch_namespaced_config_map,
+                    "Service": self.core.patch_namespaced_service}
         patchers[action.kind](action.name, namespace, action.patch)
+
+    def replace(self, namespace: str, action: ReplaceChild) -> None:
+        """PUT the manifest; a 409 (changed since observed) raises, and the retry observes again."""
+        replacers: dict[str, Callable[..., Any]] = {"Deployment": self.apps.replace_namespaced_deployment}
+        manifest = {**action.manifest, "metadata": {**action.manifest["metadata"],
+                                                    "resourceVersion": action.resource_version}}
+        replacers[action.manifest["kind"]](manifest["metadata"]["name"], namespace, manifest)
+        log.info("replaced %s %s/%s", action.manifest["kind"], namespace, manifest["metadata"]["name"])
 
     def delete(self, namespace: str, action: DeleteChild) -> None:
         deleters = {
             "Job": self.batch.delete_namespaced_job,
             "ConfigMap": self.core.delete_namespaced_config_map,
             "Secret": self.core.delete_namespaced_secret,
+            "Deployment": self.apps.delete_namespaced_deployment,
+            "Service": self.core.delete_namespaced_service,
         }
         try:
             deleters[action.kind](action.name, namespace, propagation_policy="Background")

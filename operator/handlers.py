@@ -169,8 +169,10 @@ def _owner_name(body: kopf.Body) -> str | None:
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
+@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
 def on_child_event(namespace: str | None, body: kopf.Body, **_: Any) -> None:
-    """A child changed (a pod started or ended, a Job finished): converge its FineTuneJob now."""
+    """A child changed (a pod started or ended, a Job finished, serving became available):
+    converge its FineTuneJob now."""
     name = _owner_name(body)
     if namespace and name:
         try:

@@ -42,3 +42,25 @@ def validation_job(job_name: str) -> str:
 def trainer_job(job_name: str) -> str:
     """The Job that trains."""
     return child_name(job_name, "train")
+
+
+def serving(job_name: str) -> str:
+    """The serving Deployment and its Service (one name for both).
+
+    Service names are DNS-1035 labels: lower-case letters, digits and '-', starting with a
+    letter. A job name that is not one (it has a '.', or starts with a digit) is made one, with
+    a hash of the full name so that `a.b` and `a-b` stay apart.
+    """
+    name = child_name(job_name, "serving")
+    if _is_dns1035_label(name):
+        return name
+    digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
+    cleaned = "".join(ch if ch.isalnum() else "-" for ch in job_name.lower())
+    keep = MAX_NAME_LENGTH - len("ftj---serving") - len(digest)
+    parts = ("ftj", cleaned[:keep].strip("-"), digest, "serving")
+    return "-".join(part for part in parts if part)
+
+
+def _is_dns1035_label(name: str) -> bool:
+    return (0 < len(name) <= MAX_NAME_LENGTH and "a" <= name[0] <= "z" and name[-1].isalnum()
+            and all(("a" <= ch <= "z") or ch.isdigit() or ch == "-" for ch in name))

@@ -14,7 +14,8 @@ The steps, in order:
 3. the progress-token Secret and the config ConfigMap;
 4. dataset validation in a pod without accelerators (`InvalidDataset` ends the job);
 5. the trainer Job: create, suspend/resume, and read its outcome;
-6. serving (a seam for a later version: it only reports why nothing is served).
+6. serving: once training succeeded and `spec.serving.enabled`, a Deployment and a
+   Service serve the model; `ServingReady` follows the Deployment's availability.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ class Observed:
     validation_pods: tuple[Body, ...] = ()
     trainer_job: Body | None = None
     trainer_pods: tuple[Body, ...] = ()
+    serving_deployment: Body | None = None
+    serving_service: Body | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +69,15 @@ class PatchChild:
 
 
 @dataclasses.dataclass(frozen=True)
+class ReplaceChild:
+    """Replace (PUT) an existing child with this manifest: fields it leaves out are removed.
+    `resource_version` guards against overwriting a change made since the observation (409)."""
+
+    manifest: Body
+    resource_version: str
+
+
+@dataclasses.dataclass(frozen=True)
 class DeleteChild:
     """Delete a child (and, for Jobs, its pods); 404 means it is already gone."""
 
@@ -74,7 +86,7 @@ class DeleteChild:
     name: str
 
 
-Action = CreateChild | PatchChild | DeleteChild
+Action = CreateChild | PatchChild | ReplaceChild | DeleteChild
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +179,14 @@ def _event_for(condition: Condition) -> Event:
 
 def reconcile(observed: Observed, settings: OperatorSettings) -> Decision:
     """Decide how to converge one FineTuneJob; see the module docstring for the steps."""
+    if (observed.job.get("metadata") or {}).get("deletionTimestamp"):
+        # Being deleted: the garbage collector is removing the children; recreating them would
+        # hold a foreground deletion open forever.
+        return Decision(status_patch={}, actions=(), events=())
     draft = _Draft(observed)
     if draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED):
         _expire_training_children(draft)
-        _decide_serving(draft)
+        _decide_serving(draft, settings)
         return draft.decision()
     try:
         rendered = render.trainer_config_for(observed.job)
@@ -178,13 +194,13 @@ def reconcile(observed: Observed, settings: OperatorSettings) -> Decision:
         message = "; ".join(error.problems)
         draft.set(conditions.VALIDATED, "False", conditions.INVALID_SPEC, message)
         draft.finish(False, conditions.INVALID_SPEC, message)
-        _decide_serving(draft)
+        _decide_serving(draft, settings)
         return draft.decision()
     _ensure_credentials(draft, settings)
     _ensure_config(draft, rendered)
     if _validate_dataset(draft, rendered, settings):
         _train(draft, rendered, settings)
-    _decide_serving(draft)
+    _decide_serving(draft, settings)
     return draft.decision()
 
 
@@ -361,6 +377,9 @@ def _succeed(draft: _Draft, rendered: render.RenderedConfig, tjob: Body) -> None
     draft.patch["model"] = model
     if isinstance(summary.get("results"), dict) and summary["results"]:
         draft.patch["results"] = summary["results"]
+    resolved = reports.resolved_hyperparameters(summary.get("resolved"))
+    if resolved:
+        draft.patch["resolved"] = resolved
     progress = dict(draft.status.get("progress") or {})
     if isinstance(summary.get("step"), int):
         progress["step"] = summary["step"]
@@ -434,19 +453,93 @@ def _expire_training_children(draft: _Draft) -> None:
                                         "the FineTuneJob, the model and serving stay"))
 
 
-# --- step 6: serving (seam) ----------------------------------------------------------------
+# --- step 6: serving ----------------------------------------------------------------------
 
-def _decide_serving(draft: _Draft) -> None:
-    """Serving children are a later version's work; say why nothing is served."""
-    serving = draft.spec.get("serving") or {}
+def _decide_serving(draft: _Draft, settings: OperatorSettings) -> None:
+    """Converge the serving Deployment and Service, and say in `ServingReady` how serving is."""
+    serving = builders.serving_spec(draft.observed.job)
     if not serving.get("enabled"):
+        _remove_serving(draft)
         draft.set(conditions.SERVING_READY, "False", conditions.SERVING_DISABLED, "spec.serving.enabled is false")
-    elif not draft.is_true(conditions.SUCCEEDED):
-        draft.set(conditions.SERVING_READY, "False", conditions.WAITING_FOR_MODEL,
-                  "serving starts once training succeeds")
-    else:
-        draft.set(conditions.SERVING_READY, "False", conditions.SERVING_NOT_IMPLEMENTED,
-                  "this operator version does not create serving objects yet")
+        return
+    if not draft.is_true(conditions.SUCCEEDED):
+        _remove_serving(draft)
+        if draft.is_true(conditions.FAILED):
+            draft.set(conditions.SERVING_READY, "False", conditions.NO_MODEL, "training failed: no model to serve")
+        else:
+            draft.set(conditions.SERVING_READY, "False", conditions.WAITING_FOR_MODEL,
+                      "serving starts once training succeeds")
+        return
+    try:
+        model = render.model_location(draft.observed.job)
+    except render.SpecError as error:
+        _remove_serving(draft)
+        draft.set(conditions.SERVING_READY, "False", conditions.SERVING_INVALID, "; ".join(error.problems))
+        return
+    job = draft.observed.job
+    known = {**draft.status, **draft.patch}.get("model") or {}
+    digest = str(known.get("digest") or "") if isinstance(known, dict) else ""
+    deployment = builders.serving_deployment(job, model, digest, settings)
+    actual = draft.observed.serving_deployment
+    if actual is None:
+        draft.actions.append(CreateChild(deployment))
+    elif _annotation(actual, builders.ANNOTATION_SERVING_HASH) != \
+            deployment["metadata"]["annotations"][builders.ANNOTATION_SERVING_HASH]:
+        # Replace, not merge: a field the new manifest leaves out (a GPU limit, an argument) must go.
+        draft.actions.append(ReplaceChild(deployment, str(actual["metadata"].get("resourceVersion") or "")))
+    service = builders.serving_service(job)
+    actual_service = draft.observed.serving_service
+    if actual_service is None:
+        draft.actions.append(CreateChild(service))
+    elif _service_drifted(actual_service, service):
+        draft.actions.append(PatchChild("v1", "Service", service["metadata"]["name"], {"spec": {
+            "selector": service["spec"]["selector"], "ports": service["spec"]["ports"]}}))
+    endpoint = builders.serving_endpoint(job, settings)
+    if draft.status.get("endpoint") != endpoint:
+        draft.patch["endpoint"] = endpoint
+    status, reason, message = serving_readiness(actual, builders.serving_replicas(job), digest)
+    draft.set(conditions.SERVING_READY, status, reason, message)
+
+
+def serving_readiness(deployment: Body | None, replicas: int, digest: str) -> tuple[conditions.Status, str, str]:
+    """`ServingReady` from the serving Deployment as observed: (status, reason, message)."""
+    if replicas == 0:
+        return "False", conditions.SCALED_TO_ZERO, "spec.serving.replicas is 0: the Service stays, nothing answers"
+    if deployment is None:
+        return "False", conditions.DEPLOYMENT_PROGRESSING, "the serving Deployment was created"
+    state = deployment.get("status") or {}
+    generation = int((deployment.get("metadata") or {}).get("generation") or 0)
+    current = int(state.get("observedGeneration") or 0) >= generation
+    available = int(state.get("availableReplicas") or 0)
+    updated = int(state.get("updatedReplicas") or 0)
+    if current and available >= min(1, replicas):
+        message = f"{available}/{replicas} serving replicas available"
+        if updated < replicas:
+            message += f"; rolling out model {digest or '(no digest)'} ({updated}/{replicas} updated)"
+        return "True", conditions.SERVING_AVAILABLE, message
+    for condition in state.get("conditions") or []:
+        if condition.get("type") == "Progressing" and condition.get("reason") == "ProgressDeadlineExceeded":
+            return "False", conditions.DEPLOYMENT_STALLED, \
+                f"the serving Deployment made no progress: {condition.get('message', '')}"[:1024]
+    return "False", conditions.DEPLOYMENT_PROGRESSING, \
+        f"waiting for a serving replica to become ready ({available}/{replicas} available)"
+
+
+def _service_drifted(actual: Body, desired: Body) -> bool:
+    spec = actual.get("spec") or {}
+    ports = [{k: p.get(k) for k in ("name", "port", "targetPort", "protocol")} for p in spec.get("ports") or []]
+    return bool(spec.get("selector") != desired["spec"]["selector"] or ports != desired["spec"]["ports"])
+
+
+def _remove_serving(draft: _Draft) -> None:
+    """Serving is off (or there is no model): delete its objects and forget the endpoint."""
+    observed = draft.observed
+    for api_version, kind, child in (("apps/v1", "Deployment", observed.serving_deployment),
+                                     ("v1", "Service", observed.serving_service)):
+        if child is not None:
+            draft.actions.append(DeleteChild(api_version, kind, child["metadata"]["name"]))
+    if draft.status.get("endpoint"):
+        draft.patch["endpoint"] = None  # merge-patch null removes the field
 
 
 # --- reading children ---------------------------------------------------------------------
@@ -546,4 +639,5 @@ def child_names(job_name: str) -> dict[str, str]:
         "progress_secret": names.progress_secret(job_name),
         "validation_job": names.validation_job(job_name),
         "trainer_job": names.trainer_job(job_name),
+        "serving": names.serving(job_name),
     }

@@ -88,6 +88,38 @@ def localize(uri: str, field: str, claims: set[str]) -> str:
     return uri
 
 
+def storage_uri(path: str) -> str:
+    """The inverse of `localize` for claims: `/mnt/pvc/claim/a/b` -> `pvc://claim/a/b`; others unchanged."""
+    prefix = f"{PVC_MOUNT_ROOT}/"
+    if path.startswith(prefix) and len(path) > len(prefix):
+        return f"{PVC_SCHEME}{path[len(prefix):]}"
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelLocation:
+    """Where a finished model is, as a serving pod sees it."""
+
+    uri: str
+    """Storage URI, e.g. `pvc://models/finetunes/my-job/model`."""
+    path: str
+    """The folder inside the pod, e.g. `/mnt/pvc/models/finetunes/my-job/model`."""
+    claims: tuple[str, ...]
+    """PersistentVolumeClaims to mount (read-only) at `/mnt/pvc/<claim>`."""
+
+
+def model_location(job: dict[str, Any]) -> ModelLocation:
+    """Where the job's trainer writes the finished model (`<output>/model`); SpecError when the
+    output storage is unusable. The same mapping as the trainer config, so serving pods find the
+    model at the path the trainer wrote it to."""
+    metadata = job.get("metadata") or {}
+    spec = job.get("spec")
+    uri = output_location(spec if isinstance(spec, dict) else {}, str(metadata.get("name", ""))) + "/model"
+    claims: set[str] = set()
+    path = localize(uri, "spec.output.storage", claims)
+    return ModelLocation(uri=uri, path=path, claims=tuple(sorted(claims)))
+
+
 def output_location(spec: dict[str, Any], job_name: str) -> str:
     """The run's output URI: `<spec.output.storage>/<job name>[-<nameSuffix>]`."""
     output = spec.get("output") or {}

@@ -22,6 +22,8 @@ import math
 from datetime import datetime
 from typing import Any
 
+from kubetune.operator import apischema, models, render
+
 Body = dict[str, Any]
 
 KINDS = ("started", "progress", "evaluation", "checkpoint", "completed", "failed")
@@ -31,6 +33,8 @@ NUMBER_FIELDS = ("epoch", "trainLoss", "valLoss", "valPerplexity", "learningRate
 COUNT_FIELDS = ("step", "totalSteps", "tokensSeen")
 MAX_MESSAGE_CHARS = 1024
 MAX_RESULTS = 64
+RESOLVED_FIELDS = tuple(models.ResolvedHyperparameters.__annotations__)
+"""Keys of `resolved` (the trainer's resolved hyperparameters) that reach `status.resolved`."""
 
 
 class ReportError(ValueError):
@@ -144,7 +148,32 @@ def _optional_part_problems(body: Body) -> list[str]:
         problems.append("model: must be an object with string uri and digest")
     if body.get("message") is not None and not isinstance(body.get("message"), str):
         problems.append("message: must be a string")
+    resolved = body.get("resolved")
+    if resolved is not None:
+        if not isinstance(resolved, dict):
+            problems.append("resolved: must be an object of resolved hyperparameters")
+        else:
+            try:
+                apischema.parse(models.ResolvedHyperparameters, _known_resolved(resolved), "resolved")
+            except apischema.ModelError as error:
+                problems.extend(error.problems)
     return problems
+
+
+def _known_resolved(value: Body) -> Body:
+    # A newer trainer may resolve more fields; those are dropped rather than failing the report.
+    return {k: v for k, v in value.items() if k in RESOLVED_FIELDS}
+
+
+def resolved_hyperparameters(value: Any) -> Body:
+    """The known, well-typed part of a `resolved` object (from a report or the termination summary);
+    {} when it is absent or does not fit the status schema."""
+    if not isinstance(value, dict):
+        return {}
+    try:
+        return dict(apischema.parse(models.ResolvedHyperparameters, _known_resolved(value), "resolved"))
+    except apischema.ModelError:
+        return {}
 
 
 def _is_count(value: Any) -> bool:
@@ -239,7 +268,8 @@ def _pick(body: Body, fields: tuple[str, ...]) -> Body:
 
 
 def merge_report(status: Body, report: Report, *, recent_checkpoints: int) -> Body:
-    """The status fields a report changes: `progress`, `metrics`, `checkpoints`, `results`, `model`.
+    """The status fields a report changes: `progress`, `metrics`, `checkpoints`, `results`, `model`,
+    `resolved`.
 
     `status` holds these fields as last known (from earlier reports or the
     object); the result is a new dict of the same fields, ready to merge-patch.
@@ -273,7 +303,13 @@ def merge_report(status: Body, report: Report, *, recent_checkpoints: int) -> Bo
     if isinstance(body.get("results"), dict):
         patch["results"] = dict(body["results"])
     if isinstance(body.get("model"), dict):
-        patch["model"] = {k: v for k, v in body["model"].items() if k in ("uri", "digest") and v}
+        model = {k: v for k, v in body["model"].items() if k in ("uri", "digest") and v}
+        if "uri" in model:  # the trainer names the folder as its pod sees it; status names the storage
+            model["uri"] = render.storage_uri(model["uri"])
+        patch["model"] = model
+    resolved = resolved_hyperparameters(body.get("resolved"))
+    if resolved:
+        patch["resolved"] = resolved
     return patch
 
 

@@ -52,6 +52,15 @@ class OperatorSettings:
     """Memory request and limit of the dataset-validation pod. `KUBETUNE_VALIDATION_MEMORY`."""
     peering_name: str = "kubetune"
     """kopf peering object name: a second operator copy with the same name pauses. `KUBETUNE_PEERING`."""
+    vllm_image: str = "vllm/vllm-openai:v0.11.0"
+    """Image of `runtime: vllm` serving pods (the vLLM OpenAI-compatible server), pinned so an
+    operator version always serves with the vLLM it was tested with. `KUBETUNE_VLLM_IMAGE`."""
+    cluster_domain: str = "cluster.local"
+    """DNS domain of the cluster, for `status.endpoint`
+    (`http://<service>.<namespace>.svc.<domain>:8000`). `KUBETUNE_CLUSTER_DOMAIN`."""
+    policy_file: str = ""
+    """YAML file with the platform policy (per-namespace quotas, allowed model sources and
+    images; see docs/operator.md); empty = no limits. `KUBETUNE_POLICY_FILE`."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -91,4 +100,7 @@ class OperatorSettings:
             validation_cpu=text("KUBETUNE_VALIDATION_CPU", defaults.validation_cpu),
             validation_memory=text("KUBETUNE_VALIDATION_MEMORY", defaults.validation_memory),
             peering_name=text("KUBETUNE_PEERING", defaults.peering_name),
+            vllm_image=text("KUBETUNE_VLLM_IMAGE", defaults.vllm_image),
+            cluster_domain=text("KUBETUNE_CLUSTER_DOMAIN", defaults.cluster_domain).strip("."),
+            policy_file=text("KUBETUNE_POLICY_FILE", defaults.policy_file),
         )

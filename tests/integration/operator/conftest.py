@@ -60,6 +60,7 @@ class Kube:
         self.client = client
         self.core = kubernetes.client.CoreV1Api(client)
         self.batch = kubernetes.client.BatchV1Api(client)
+        self.apps = kubernetes.client.AppsV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
 
     def plain(self, obj: Any) -> dict[str, Any]:
@@ -98,6 +99,28 @@ class Kube:
     def pods(self, namespace: str, job_name: str) -> list[dict[str, Any]]:
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
         return [self.plain(p) for p in pods.items]
+
+    def deployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.plain(self.apps.read_namespaced_deployment(name, namespace))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def service(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.plain(self.core.read_namespaced_service(name, namespace))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def pods_with(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """Live pods (not ended, not being deleted) matching a label selector."""
+        pods = [self.plain(p) for p in self.core.list_namespaced_pod(namespace, label_selector=selector).items]
+        return [p for p in pods if p["status"].get("phase") in ("Pending", "Running")
+                and not p["metadata"].get("deletionTimestamp")]
 
     def live_pod(self, namespace: str, job_name: str) -> dict[str, Any] | None:
         """The job's pod that has not ended and is not being deleted."""

@@ -164,7 +164,8 @@ class TestTraining:
     def test_success_fills_the_status_from_the_termination_message(self, make_job: MakeJob,
                                                                    settings: OperatorSettings) -> None:
         summary = {"outcome": "succeeded", "step": 120, "valLoss": 1.25, "results": {"perplexity": 3.5},
-                   "modelDigest": "sha256:abc", "message": "done"}
+                   "modelDigest": "sha256:abc", "message": "done",
+                   "resolved": {"batchSize": 8, "learningRate": 0.0002, "automatic": ["batchSize"]}}
         observed = with_children(
             make_job(status=validated_status()), settings,
             trainer_job=job_with_conditions("demo-train", ("Complete", "CompletionsReached"), succeeded=1,
@@ -178,6 +179,7 @@ class TestTraining:
         assert condition(decision, "Running")["status"] == "False"
         assert patch["model"] == {"uri": "pvc://models/finetunes/demo/model", "digest": "sha256:abc"}
         assert patch["results"] == {"perplexity": 3.5}
+        assert patch["resolved"] == {"batchSize": 8, "learningRate": 0.0002, "automatic": ["batchSize"]}
         assert patch["progress"]["step"] == 120 and patch["progress"]["percent"] == 100.0
         assert patch["metrics"] == {"valLoss": 1.25}
         assert patch["completionTime"] == "2026-03-01T11:30:00Z"
@@ -267,15 +269,6 @@ class TestFinishedJobs:
     def test_a_finished_job_never_recreates_children(self, make_job: MakeJob, settings: OperatorSettings) -> None:
         decision = reconcile.reconcile(Observed(job=self.finished(make_job), now=NOW), settings)
         assert decision.actions == ()
-
-
-class TestServingSeam:
-    def test_serving_waits_for_the_model_and_is_not_built_yet(self, make_job: MakeJob,
-                                                              settings: OperatorSettings) -> None:
-        decision = reconcile.reconcile(Observed(job=make_job(serving={"enabled": True}), now=NOW), settings)
-        assert condition(decision, "ServingReady")["reason"] == "WaitingForModel"
-        decision = reconcile.reconcile(Observed(job=make_job(), now=NOW), settings)
-        assert condition(decision, "ServingReady")["reason"] == "ServingDisabled"
 
 
 def test_state_words_for_metrics() -> None:

@@ -147,3 +147,35 @@ class TestStatusFromReports:
         assert patch["progress"]["percent"] == 100.0
         assert patch["results"] == {"perplexity": 4.0}
         assert patch["model"] == {"uri": "pvc://m/x/model", "digest": "sha256:1"}
+
+    def test_the_model_folder_as_the_pod_sees_it_is_recorded_as_its_storage_uri(self) -> None:
+        patch = reports.merge_report({}, parse(kind="completed", model={
+            "uri": "/mnt/pvc/models/finetunes/alpha/model", "digest": "sha256:1"}), recent_checkpoints=5)
+        assert patch["model"] == {"uri": "pvc://models/finetunes/alpha/model", "digest": "sha256:1"}
+
+
+class TestResolvedHyperparameters:
+    RESOLVED = {"epochs": 3, "batchSize": 8, "learningRate": 2e-4, "scheduler": "cosine", "warmupRatio": 0.03,
+                "maxSeqLength": 512, "gradientAccumulationSteps": 4, "seed": 42,
+                "automatic": ["batchSize", "learningRate"]}
+
+    def test_a_started_report_writes_status_resolved(self) -> None:
+        patch = reports.merge_report({}, parse(kind="started", resolved=self.RESOLVED), recent_checkpoints=5)
+        assert patch["resolved"] == {**self.RESOLVED, "epochs": 3.0}
+
+    def test_fields_a_newer_trainer_adds_are_dropped_not_refused(self) -> None:
+        report = parse(kind="started", resolved={**self.RESOLVED, "loraRankSchedule": "x"})
+        assert "loraRankSchedule" not in reports.merge_report({}, report, recent_checkpoints=5)["resolved"]
+
+    @pytest.mark.parametrize(("resolved", "problem"), [
+        ([1, 2], "resolved: must be an object"),
+        ({"batchSize": "eight"}, "resolved.batchSize: must be an integer"),
+        ({"automatic": "batchSize"}, "resolved.automatic"),
+    ])
+    def test_a_badly_typed_resolved_object_is_refused_naming_the_field(self, resolved: Any, problem: str) -> None:
+        with pytest.raises(ReportError) as caught:
+            parse(kind="started", resolved=resolved)
+        assert caught.value.status == 400 and problem in str(caught.value)
+
+    def test_reports_without_resolved_leave_it_alone(self) -> None:
+        assert "resolved" not in reports.merge_report({}, parse(), recent_checkpoints=5)
