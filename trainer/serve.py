@@ -1,0 +1,546 @@
+"""The built-in OpenAI-compatible model server: `python -m kubetune.trainer.serve --model DIR`.
+
+Endpoints:
+
+- `POST /v1/completions`, `POST /v1/chat/completions` (prompt rendered with the
+  model's chat template); `stream: true` answers with server-sent events in
+  OpenAI's chunk format, ending with `data: [DONE]`;
+- `GET /v1/models`, `GET /v1/models/{id}`;
+- `GET /healthz` (the process is alive), `GET /readyz` (200 only once the model
+  is loaded), `GET /metrics` (Prometheus text format).
+
+The port opens first and the model loads in a background thread, so Kubernetes
+sees a live process whose readiness flips when it can serve. Until then the
+generation endpoints answer 503.
+
+Concurrency: generation runs on one worker thread (never on the event loop),
+one request at a time; the others wait in that thread pool's FIFO queue.
+`--max-concurrency` bounds how many generation requests are admitted at once
+(generating + waiting); more get 429, which the `openai` client retries.
+HF `generate` has no continuous batching, so serialising costs little
+throughput, keeps memory bounded and seeded sampling reproducible; use the
+`vllm` runtime for high-throughput serving.
+
+Errors: every refused request gets an OpenAI-style body
+`{"error": {"message", "type", "param", "code"}}` with a 4xx status (503 while
+loading, 500 with no internals for a bug, which is logged here); the server
+keeps serving.
+
+SIGTERM/SIGINT: stop accepting connections, let in-flight requests (streams
+included) finish within `--shutdown-timeout`, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from kubetune.trainer import serve_protocol as protocol
+from kubetune.trainer.serve_engine import (
+    ChatTemplateMissing,
+    DType,
+    Device,
+    Engine,
+    GenerationParams,
+    GenerationResult,
+    ModelSource,
+    ModelSourceError,
+    load_engine,
+    resolve_model_source,
+)
+from kubetune.trainer.serve_metrics import ServerMetrics
+from kubetune.trainer.serve_protocol import ApiError
+
+log = logging.getLogger("kubetune.serve")
+
+EXIT_BAD_ARGUMENTS = 2
+"""`--model` (or another option) cannot work; nothing was served."""
+EXIT_LOAD_FAILED = 1
+"""The model files were found but loading them failed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeSettings:
+    """Command-line settings of the server."""
+
+    model: str
+    """Model folder, trainer output folder, peft adapter folder or .gguf file."""
+    served_model_name: str | None = None
+    """Name clients pass as `model`; default: the model folder's (or .gguf file's) name."""
+    host: str = "0.0.0.0"
+    """Address to listen on; all interfaces by default, as a pod needs."""
+    port: int = 8000
+    """TCP port; 0 picks a free one (printed on stdout)."""
+    max_tokens_limit: int = 512
+    """Largest `max_tokens` a request may ask for; bounds the time one request holds the model."""
+    max_concurrency: int = 16
+    """Generation requests admitted at once (one generates, the rest queue); more get 429."""
+    device: Device = "auto"
+    """`auto` (CUDA when available), `cpu` or `cuda`."""
+    dtype: DType = "auto"
+    """Weights dtype; `auto` = float32 on CPU, bfloat16 (or float16) on GPU."""
+    chat_template: str | None = None
+    """Path of a Jinja chat template that replaces the tokenizer's."""
+    shutdown_timeout: float = 60.0
+    """Seconds in-flight requests get to finish after SIGTERM before they are cut."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
+    """Parse the command line into `ServeSettings`."""
+    parser = argparse.ArgumentParser(prog="python -m kubetune.trainer.serve", description=__doc__.split("\n")[0])
+    defaults = ServeSettings(model="")
+    parser.add_argument("--model", required=True, help="model folder, trainer output, peft adapter folder or .gguf file")
+    parser.add_argument("--served-model-name", default=None, help="name clients use (default: the folder name)")
+    parser.add_argument("--host", default=defaults.host)
+    parser.add_argument("--port", type=int, default=defaults.port, help="0 = pick a free port")
+    parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit)
+    parser.add_argument("--max-concurrency", type=int, default=defaults.max_concurrency)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
+    parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=defaults.dtype)
+    parser.add_argument("--chat-template", default=None, help="file with a Jinja chat template to use instead of the tokenizer's")
+    parser.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout)
+    args = parser.parse_args(argv)
+    if args.max_tokens_limit < 1:
+        parser.error(f"--max-tokens-limit: must be >= 1, got {args.max_tokens_limit}")
+    if args.max_concurrency < 1:
+        parser.error(f"--max-concurrency: must be >= 1, got {args.max_concurrency}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port: must be from 0 to 65535, got {args.port}")
+    return ServeSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServeSettings)})
+
+
+def _sse(payload: object) -> bytes:
+    """One server-sent event carrying `payload` as JSON (or the literal [DONE])."""
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+class ModelServer:
+    """The aiohttp application and the state behind it: the engine (once loaded), metrics, admission."""
+
+    def __init__(self, settings: ServeSettings, source: ModelSource, chat_template: str | None = None) -> None:
+        self.settings = settings
+        self.source = source
+        self.model_name = settings.served_model_name or source.default_name
+        """The one name `model` must carry in requests."""
+        self.created = protocol.now()
+        self.metrics = ServerMetrics()
+        self.engine: Engine | None = None
+        """Set (on the event loop) once loading finished."""
+        self.load_error: str | None = None
+        """Why loading failed, if it did."""
+        self.draining = False
+        """Set on SIGTERM: /readyz turns 503 so no new traffic is routed here."""
+        self._chat_template = chat_template
+        self._admitted = 0
+        # One worker: generations run one at a time, in arrival order.
+        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+
+    # --- lifecycle -------------------------------------------------------------
+
+    def start_loading(self, loop: asyncio.AbstractEventLoop, on_failure: Callable[[], None]) -> None:
+        """Load the model in a daemon thread (a SIGTERM during a long load need not wait for it)."""
+
+        def load() -> None:
+            try:
+                engine = load_engine(
+                    self.source, device=self.settings.device, dtype=self.settings.dtype, chat_template=self._chat_template
+                )
+            except Exception as error:  # noqa: BLE001 - any failure to load is reported the same way
+                log.exception("loading the model failed")
+                message = f"{type(error).__name__}: {error}"
+                loop.call_soon_threadsafe(self._loading_failed, message, on_failure)
+                return
+            loop.call_soon_threadsafe(self._loaded, engine)
+
+        threading.Thread(target=load, name="load-model", daemon=True).start()
+
+    def _loaded(self, engine: Engine) -> None:
+        self.engine = engine
+        self.metrics.model_loaded.set(1)
+        log.info("model %r ready on %s (context length %s)", self.model_name, engine.device, engine.context_length)
+
+    def _loading_failed(self, message: str, on_failure: Callable[[], None]) -> None:
+        self.load_error = message
+        on_failure()
+
+    def close(self) -> None:
+        """Wait for the generation thread (after the HTTP server stopped)."""
+        self._executor.shutdown(wait=True)
+
+    def app(self) -> web.Application:
+        """The aiohttp application with all routes."""
+        app = web.Application(middlewares=[self._errors_and_metrics], client_max_size=4 * 1024 * 1024)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.prometheus)
+        return app
+
+    # --- middleware ------------------------------------------------------------
+
+    @web.middleware
+    async def _errors_and_metrics(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Turn every failure into an OpenAI-style error body, and count every answer."""
+        started = time.perf_counter()
+        route = request.match_info.route.resource
+        endpoint = route.canonical if route is not None else "unmatched"
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except ApiError as error:
+            status = error.status
+            return web.json_response(error.body(), status=error.status)
+        except web.HTTPException as error:
+            # Router and body-size errors (404 unknown path, 405, 413), in the same error shape.
+            status = error.status
+            message = f"{request.method} {request.path}: {error.reason}"
+            if error.status == 405:
+                message += f"; allowed: {error.headers.get('Allow', '')}"
+            code = error.reason.lower().replace(" ", "_")
+            return web.json_response(protocol.error_body(message, code=code), status=error.status)
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's convention)
+            raise
+        except Exception:
+            log.exception("internal error answering %s %s", request.method, request.path)
+            body = protocol.error_body("Internal server error; details are in the server log", error_type="server_error")
+            return web.json_response(body, status=500)
+        finally:
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+
+    # --- probes and metadata ---------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        """Liveness: the process answers."""
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        """Readiness: 200 once the model is loaded (and not shutting down)."""
+        if self.engine is not None and not self.draining:
+            return web.json_response({"status": "ready", "model": self.model_name})
+        state = "draining" if self.draining else ("failed" if self.load_error else "loading")
+        return web.json_response({"status": state, "model": self.model_name}, status=503)
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        """Prometheus metrics of this server."""
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Content-Type-Options": "nosniff"})  # fmt: skip
+
+    async def models(self, request: web.Request) -> web.Response:
+        """`GET /v1/models`."""
+        return web.json_response(protocol.models_body(self.model_name, self.created))
+
+    async def model(self, request: web.Request) -> web.Response:
+        """`GET /v1/models/{id}`."""
+        self._check_model_name(request.match_info["model"])
+        return web.json_response(protocol.model_body(self.model_name, self.created))
+
+    # --- generation endpoints --------------------------------------------------
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/completions`."""
+        engine = self._ready_engine()
+        body = await self._json_body(request)
+        parsed = protocol.parse_completion_request(body, max_tokens_limit=self.settings.max_tokens_limit)
+        if isinstance(parsed.prompt, str):
+            prompt_ids = engine.encode_prompt(parsed.prompt)
+            prompt_text = parsed.prompt
+        else:
+            self._check_token_ids(parsed.prompt, engine)
+            prompt_ids = list(parsed.prompt)
+            prompt_text = engine.decode(prompt_ids)
+        params = self._generation_params(parsed.sampling, len(prompt_ids), engine, "prompt", protocol.DEFAULT_COMPLETION_MAX_TOKENS)
+        echo = prompt_text if parsed.echo else ""
+        response_id, created = protocol.new_completion_id("cmpl"), protocol.now()
+
+        async with self._admission():
+            if not parsed.stream:
+                result = await self._generate(engine, prompt_ids, params)
+                usage = protocol.Usage(len(prompt_ids), result.completion_tokens)
+                body_out = protocol.completion_body(
+                    response_id, created, self.model_name, echo + result.text, result.finish_reason, usage
+                )
+                return web.json_response(body_out)
+
+            def piece(text: str) -> dict[str, Any]:
+                return protocol.completion_chunk(response_id, created, self.model_name, text)
+
+            def last(result: GenerationResult) -> list[dict[str, Any]]:
+                return [protocol.completion_chunk(response_id, created, self.model_name, "", result.finish_reason)]
+
+            first = [piece(echo)] if echo else []
+            return await self._stream(
+                request, engine, prompt_ids, params, first, piece, last, parsed.include_usage, response_id, created, chat=False
+            )
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/chat/completions`."""
+        engine = self._ready_engine()
+        body = await self._json_body(request)
+        parsed = protocol.parse_chat_request(body, max_tokens_limit=self.settings.max_tokens_limit)
+        try:
+            prompt_ids = engine.encode_chat(parsed.messages)
+        except ChatTemplateMissing as error:
+            raise ApiError(400, str(error), param="messages", code="chat_template_missing") from error
+        # Chat's default: as much as the limit and the context allow (OpenAI's behaviour).
+        params = self._generation_params(parsed.sampling, len(prompt_ids), engine, "messages", None)
+        response_id, created = protocol.new_completion_id("chatcmpl"), protocol.now()
+
+        async with self._admission():
+            if not parsed.stream:
+                result = await self._generate(engine, prompt_ids, params)
+                usage = protocol.Usage(len(prompt_ids), result.completion_tokens)
+                return web.json_response(
+                    protocol.chat_body(response_id, created, self.model_name, result.text, result.finish_reason, usage)
+                )
+
+            def piece(text: str) -> dict[str, Any]:
+                return protocol.chat_chunk(response_id, created, self.model_name, {"content": text})
+
+            def last(result: GenerationResult) -> list[dict[str, Any]]:
+                return [protocol.chat_chunk(response_id, created, self.model_name, {}, result.finish_reason)]
+
+            first = [protocol.chat_chunk(response_id, created, self.model_name, {"role": "assistant", "content": ""})]
+            return await self._stream(
+                request, engine, prompt_ids, params, first, piece, last, parsed.include_usage, response_id, created, chat=True
+            )
+
+    # --- helpers ---------------------------------------------------------------
+
+    def _ready_engine(self) -> Engine:
+        if self.engine is None or self.draining:
+            state = "shutting down" if self.draining else "still loading"
+            raise ApiError(503, f"The model is {state}; retry later (GET /readyz says when it is ready)",
+                           code="model_not_ready", error_type="server_error")  # fmt: skip
+        return self.engine
+
+    async def _json_body(self, request: web.Request) -> object:
+        raw = await request.read()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ApiError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from error
+        # The model is checked before the other fields, so a wrong name gets 404 whatever else is wrong.
+        if isinstance(body, dict) and isinstance(body.get("model"), str) and body["model"]:
+            self._check_model_name(body["model"])
+        return body
+
+    def _check_model_name(self, name: str) -> None:
+        if name != self.model_name:
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+                           param="model", code="model_not_found")  # fmt: skip
+
+    @staticmethod
+    def _check_token_ids(ids: Sequence[int], engine: Engine) -> None:
+        bad = [t for t in ids if t >= engine.vocab_size]
+        if bad:
+            raise protocol.invalid("prompt", f"token ids must be below the vocabulary size {engine.vocab_size}, got {bad[0]}")
+
+    def _generation_params(
+        self,
+        sampling: protocol.SamplingParams,
+        prompt_tokens: int,
+        engine: Engine,
+        prompt_param: str,
+        default_max_tokens: int | None,
+    ) -> GenerationParams:
+        """Resolve max_tokens against the limit and the model's context length."""
+        limit = self.settings.max_tokens_limit
+        context = engine.context_length
+        room = None if context is None else context - prompt_tokens
+        if room is not None and room < 1:
+            raise ApiError(400, f"The prompt has {prompt_tokens} tokens; this model's context length is {context} tokens, "
+                           "which leaves no room for a completion", param=prompt_param, code="context_length_exceeded")  # fmt: skip
+        if sampling.max_tokens is not None:
+            max_tokens = sampling.max_tokens
+            if room is not None and max_tokens > room:
+                raise ApiError(
+                    400,
+                    f"This model's maximum context length is {context} tokens; the prompt has {prompt_tokens} tokens "
+                    f"and max_tokens asks for {max_tokens} (at most {room} fit)",
+                    param="max_tokens",
+                    code="context_length_exceeded",
+                )
+        else:
+            max_tokens = min(default_max_tokens or limit, limit, room if room is not None else limit)
+        return GenerationParams(
+            max_new_tokens=max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            stop=sampling.stop,
+            seed=sampling.seed,
+        )
+
+    def _admission(self) -> _Admission:
+        return _Admission(self)
+
+    async def _generate(self, engine: Engine, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
+        loop = asyncio.get_running_loop()
+        cancelled = threading.Event()
+        try:
+            result = await loop.run_in_executor(self._executor, engine.generate, prompt_ids, params, None, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()  # the handler was cancelled (shutdown timeout): stop the generation too
+            raise
+        self._count_tokens(len(prompt_ids), result)
+        return result
+
+    def _count_tokens(self, prompt_tokens: int, result: GenerationResult) -> None:
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.generated_tokens.inc(result.completion_tokens)
+
+    async def _stream(
+        self,
+        request: web.Request,
+        engine: Engine,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        first: list[dict[str, Any]],
+        piece: Callable[[str], dict[str, Any]],
+        last: Callable[[GenerationResult], list[dict[str, Any]]],
+        include_usage: bool,
+        response_id: str,
+        created: int,
+        *,
+        chat: bool,
+    ) -> web.StreamResponse:
+        """Run one generation and send its text as server-sent events while it is produced."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue[str | None] = asyncio.Queue()
+        cancelled = threading.Event()
+
+        def on_text(text: str) -> None:  # on the generation thread
+            loop.call_soon_threadsafe(pieces.put_nowait, text)
+
+        generation = loop.run_in_executor(self._executor, engine.generate, prompt_ids, params, on_text, cancelled)
+        # Runs after every on_text callback: they were scheduled earlier from the same thread.
+        generation.add_done_callback(lambda _: pieces.put_nowait(None))
+
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
+        try:
+            await response.prepare(request)
+            for chunk in first:
+                await response.write(_sse(chunk))
+            while (text := await pieces.get()) is not None:
+                await response.write(_sse(piece(text)))
+            try:
+                result = await generation
+            except Exception:
+                log.exception("generation failed while streaming")
+                error = protocol.error_body("Internal server error during generation", error_type="server_error")
+                await response.write(_sse(error))
+                await response.write(_sse("[DONE]"))
+                return response
+            self._count_tokens(len(prompt_ids), result)
+            for chunk in last(result):
+                await response.write(_sse(chunk))
+            if include_usage:
+                usage = protocol.Usage(len(prompt_ids), result.completion_tokens)
+                await response.write(_sse(protocol.usage_chunk(response_id, created, self.model_name, usage, chat=chat)))
+            await response.write(_sse("[DONE]"))
+            await response.write_eof()
+            return response
+        except (ConnectionError, asyncio.CancelledError):
+            # The client went away (or shutdown timed out): free the model at the next token.
+            cancelled.set()
+            raise
+
+
+class _Admission:
+    """Counts a generation request in flight; refuses it with 429 when --max-concurrency are already admitted."""
+
+    def __init__(self, server: ModelServer) -> None:
+        self._server = server
+
+    async def __aenter__(self) -> None:
+        server = self._server
+        if server._admitted >= server.settings.max_concurrency:
+            raise ApiError(429, f"The server is busy: {server._admitted} requests are in progress "
+                           f"(--max-concurrency {server.settings.max_concurrency}); retry later",
+                           code="too_many_requests", error_type="rate_limit_error")  # fmt: skip
+        server._admitted += 1
+        server.metrics.in_flight.inc()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._server._admitted -= 1
+        self._server.metrics.in_flight.dec()
+
+
+def _read_chat_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text()
+    except OSError as error:
+        raise ModelSourceError(f"--chat-template: cannot read {path}: {error}") from error
+
+
+async def serve(settings: ServeSettings, source: ModelSource, chat_template: str | None = None) -> int:
+    """Run the server until SIGTERM/SIGINT (exit code 0) or a failed model load (1)."""
+    server = ModelServer(settings, source, chat_template)
+    runner = web.AppRunner(server.app(), shutdown_timeout=settings.shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, settings.host, settings.port)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    # One machine-readable line on stdout: tests and scripts started with --port 0 read the port from it.
+    print(f"kubetune.serve listening on http://{host}:{port} model={server.model_name}", flush=True)
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    server.start_loading(loop, stop.set)
+    await stop.wait()
+
+    server.draining = True
+    log.info("shutting down: no new connections, waiting for in-flight requests (up to %ss)", settings.shutdown_timeout)
+    await runner.cleanup()
+    server.close()
+    if server.load_error:
+        log.error("exiting: the model could not be loaded: %s", server.load_error)
+        return EXIT_LOAD_FAILED
+    log.info("stopped")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m kubetune.trainer.serve`."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = parse_args(argv)
+    try:
+        source = resolve_model_source(settings.model)
+        chat_template = _read_chat_template(settings.chat_template)
+    except ModelSourceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_BAD_ARGUMENTS
+    log.info("serving %s as %r", source.describe(), settings.served_model_name or source.default_name)
+    return asyncio.run(serve(settings, source, chat_template))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

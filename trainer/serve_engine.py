@@ -1,0 +1,492 @@
+"""The built-in server's model side: find the model on disk, load it, generate text.
+
+`resolve_model_source(path)` looks at what `--model` points to and decides how
+to load it (no weights are read, so it is fast and runs before the port opens):
+
+- a transformers model folder (`config.json` + weights + tokenizer);
+- a trainer output folder holding `model/` and/or `adapter/` (the trainer's
+  output contract; when both exist and the adapter's base is `model/`, the
+  adapter is applied on top of it, otherwise `model/` is the merged model);
+- a peft adapter folder (`adapter_config.json` whose `base_model_name_or_path`
+  is a local folder: the base is loaded and the adapter merged into it);
+- a `.gguf` checkpoint file (or a folder holding exactly one), loaded with
+  transformers' `gguf_file` support (dequantised into a regular torch model).
+
+`load_engine(source, ...)` reads the weights and returns an `Engine`, whose
+`generate` runs transformers `generate` for one prompt, streaming text pieces
+through a callback. Torch and transformers are imported only when loading, so
+the server can open its port (and answer /healthz) while they import.
+
+Concurrency: `Engine.generate` holds a lock for the whole generation, so one
+request uses the model at a time (the server queues the others, see
+`serve.py`). HF `generate` has no continuous batching; serialising keeps
+per-request seeds reproducible and memory bounded. High-throughput serving is
+what the `vllm` runtime is for.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from kubetune.trainer.serve_protocol import ChatMessage, FinishReason
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+Device = Literal["auto", "cpu", "cuda"]
+DType = Literal["auto", "float32", "float16", "bfloat16"]
+SourceKind = Literal["transformers", "adapter", "gguf"]
+
+
+class ModelSourceError(ValueError):
+    """`--model` does not point to something the server can load; the message says why."""
+
+
+class ChatTemplateMissing(Exception):
+    """The tokenizer has no chat template and none was given with --chat-template."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSource:
+    """Where the weights, adapter and tokenizer are, decided from the `--model` path."""
+
+    kind: SourceKind
+    """How to load: a transformers folder, base + peft adapter, or a GGUF file."""
+    weights_dir: Path
+    """Folder passed to `from_pretrained` for the (base) model."""
+    tokenizer_dir: Path
+    """Folder the tokenizer loads from (the adapter folder when it carries one)."""
+    default_name: str
+    """The served model name when `--served-model-name` is not given."""
+    gguf_file: str | None = None
+    """File name inside `weights_dir` for a GGUF checkpoint."""
+    adapter_dir: Path | None = None
+    """The peft adapter folder, for kind `adapter`."""
+
+    def describe(self) -> str:
+        """One line for the log: what will be loaded from where."""
+        if self.kind == "gguf":
+            return f"GGUF checkpoint {self.weights_dir / str(self.gguf_file)}"
+        if self.kind == "adapter":
+            return f"base model {self.weights_dir} + peft adapter {self.adapter_dir}"
+        return f"transformers model {self.weights_dir}"
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in _TOKENIZER_FILES)
+
+
+def _adapter_base(adapter_dir: Path) -> Path:
+    """The local base-model folder an adapter's `adapter_config.json` names."""
+    config_path = adapter_dir / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as error:
+        raise ModelSourceError(f"--model: cannot read {config_path}: {error}") from error
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    if not isinstance(base, str) or not base:
+        raise ModelSourceError(f"--model: {config_path} has no base_model_name_or_path; the server needs a local base model")
+    candidates = [Path(base)] if Path(base).is_absolute() else [adapter_dir / base, Path.cwd() / base]
+    for candidate in candidates:
+        if (candidate / "config.json").is_file():
+            return candidate.resolve()
+    raise ModelSourceError(
+        f"--model: {config_path} names base model {base!r}, which is not a local model folder with config.json "
+        f"(looked at {', '.join(str(c) for c in candidates)}); this server loads local models only, no hub access"
+    )
+
+
+def _adapter_source(adapter_dir: Path, name: str) -> ModelSource:
+    base = _adapter_base(adapter_dir)
+    return ModelSource(
+        kind="adapter",
+        weights_dir=base,
+        tokenizer_dir=adapter_dir if _has_tokenizer(adapter_dir) else base,
+        default_name=name,
+        adapter_dir=adapter_dir,
+    )
+
+
+def _gguf_source(file: Path, name: str) -> ModelSource:
+    return ModelSource(kind="gguf", weights_dir=file.parent, tokenizer_dir=file.parent, default_name=name, gguf_file=file.name)
+
+
+def _trainer_output_source(folder: Path) -> ModelSource | None:
+    """A trainer output folder (`model/`, `adapter/`), or None when `folder` is not one."""
+    model_dir, adapter_dir = folder / "model", folder / "adapter"
+    has_model = (model_dir / "config.json").is_file()
+    has_adapter = (adapter_dir / "adapter_config.json").is_file()
+    if has_adapter and (not has_model or _adapter_base(adapter_dir) == model_dir.resolve()):
+        return _adapter_source(adapter_dir, folder.name)
+    if has_model:
+        return ModelSource(kind="transformers", weights_dir=model_dir, tokenizer_dir=model_dir, default_name=folder.name)
+    return None
+
+
+def resolve_model_source(path: str | Path) -> ModelSource:
+    """Decide how to load `path` (see the module docstring); raise `ModelSourceError` if it cannot be served."""
+    target = Path(path).expanduser().absolute()
+    if not target.exists():
+        raise ModelSourceError(f"--model: no such file or folder: {target}")
+    if target.is_file():
+        if target.suffix != ".gguf":
+            raise ModelSourceError(f"--model: a file must be a .gguf checkpoint, got {target.name}")
+        return _gguf_source(target, target.stem)
+    if (target / "adapter_config.json").is_file():
+        return _adapter_source(target, target.name)
+    if (target / "config.json").is_file():
+        return ModelSource(kind="transformers", weights_dir=target, tokenizer_dir=target, default_name=target.name)
+    trainer_output = _trainer_output_source(target)
+    if trainer_output is not None:
+        return trainer_output
+    ggufs = sorted(target.glob("*.gguf"))
+    if len(ggufs) == 1:
+        return _gguf_source(ggufs[0], target.name)
+    raise ModelSourceError(
+        f"--model: {target} is not a model folder: expected config.json (a transformers model), "
+        "adapter_config.json (a peft adapter), model/ or adapter/ (a trainer output), or one .gguf file"
+        + (f"; found {len(ggufs)} .gguf files, pass one of them" if ggufs else "")
+    )
+
+
+# --- Generation -----------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationParams:
+    """Resolved settings for one generation (limits already checked by the server)."""
+
+    max_new_tokens: int
+    """Most tokens to generate (OpenAI's max_tokens)."""
+    temperature: float = 1.0
+    """0 = greedy decoding."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold; 1 = off."""
+    stop: tuple[str, ...] = ()
+    """Stop sequences; the text ends before the first one found."""
+    seed: int | None = None
+    """Seed for torch's RNG before sampling; None = leave the RNG as it is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    """What one generation produced."""
+
+    text: str
+    """The completion text (stop sequence and special tokens removed)."""
+    completion_tokens: int
+    """Tokens generated, counting an end-of-sequence token the model chose."""
+    finish_reason: FinishReason
+    """`stop` (end of sequence or a stop sequence) or `length` (max_new_tokens reached)."""
+
+
+def held_back_length(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters of `text` must not be streamed yet.
+
+    Those that could be the start of a stop sequence (a later token may
+    complete it, and then they must not appear), and a trailing U+FFFD from a
+    multi-byte character whose remaining bytes are in the next token.
+    """
+    hold = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:k]):
+                hold = k
+                break
+    trailing_replacement = len(text) - len(text.rstrip("\ufffd"))
+    return max(hold, trailing_replacement)
+
+
+class TokenSink:
+    """Receives generated tokens from `generate` (as its streamer) and decides when to stop.
+
+    It is the single source of truth for a generation: it counts tokens,
+    detects end-of-sequence tokens and stop sequences, truncates the text at a
+    stop sequence, and hands out text pieces that are safe to stream. Tokens
+    arriving after it decided to stop (`generate` may run a step further
+    before the stopping criterion sees `done`) are ignored.
+    """
+
+    def __init__(
+        self,
+        decode: Callable[[list[int]], str],
+        eos_ids: frozenset[int],
+        params: GenerationParams,
+        on_text: Callable[[str], None] | None = None,
+    ) -> None:
+        self._decode = decode
+        self._eos_ids = eos_ids
+        self._params = params
+        self._on_text = on_text
+        self._prompt_skipped = False
+        self._text_tokens: list[int] = []
+        self.tokens = 0
+        """Tokens accepted so far (including an end-of-sequence token)."""
+        self.text = ""
+        """Decoded completion so far (truncated at a stop sequence once found)."""
+        self.emitted = 0
+        """Characters of `text` already handed to `on_text`."""
+        self.finish_reason: FinishReason | None = None
+        """Set once generation must end."""
+
+    @property
+    def done(self) -> bool:
+        """True once an end-of-sequence token, a stop sequence or max_new_tokens was reached."""
+        return self.finish_reason is not None
+
+    def put(self, value: torch.Tensor) -> None:
+        """`generate`'s streamer hook: first the prompt (skipped), then each new token."""
+        if not self._prompt_skipped:
+            self._prompt_skipped = True
+            return
+        for token in value.reshape(-1).tolist():
+            self.add(int(token))
+
+    def end(self) -> None:
+        """`generate` finished; if no stop condition fired, it ran out of tokens."""
+        if not self.done:
+            self._finish("length")
+
+    def add(self, token: int) -> None:
+        """Accept one generated token."""
+        if self.done:
+            return
+        self.tokens += 1
+        if token in self._eos_ids:
+            self._finish("stop")
+            return
+        self._text_tokens.append(token)
+        text = self._decode(self._text_tokens)
+        found = [i for i in (text.find(stop) for stop in self._params.stop) if i >= 0]
+        if found:
+            self.text = text[: min(found)]
+            self._finish("stop")
+            return
+        self.text = text
+        if self.tokens >= self._params.max_new_tokens:
+            self._finish("length")
+            return
+        self._emit(len(text) - held_back_length(text, self._params.stop))
+
+    def result(self) -> GenerationResult:
+        """The finished generation."""
+        return GenerationResult(text=self.text, completion_tokens=self.tokens, finish_reason=self.finish_reason or "length")
+
+    def _finish(self, reason: FinishReason) -> None:
+        self.finish_reason = reason
+        self._emit(len(self.text))
+
+    def _emit(self, end: int) -> None:
+        if end > self.emitted:
+            piece = self.text[self.emitted : end]
+            self.emitted = end
+            if self._on_text is not None:
+                self._on_text(piece)
+
+
+class Engine:
+    """A loaded model and tokenizer, and one-at-a-time generation on them."""
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        device: str,
+        chat_template: str | None = None,
+    ) -> None:
+        self.model = model
+        """The transformers causal LM, in eval mode on `device`."""
+        self.tokenizer = tokenizer
+        """Its tokenizer."""
+        self.device = device
+        """Where the model runs (`cpu`, `cuda`, `cuda:0`, ...)."""
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        """Jinja template for chat prompts (the tokenizer's, unless --chat-template overrides it)."""
+        self.context_length = _context_length(model, tokenizer)
+        """Most tokens (prompt + completion) the model takes; None if it does not say."""
+        self.vocab_size = max(len(tokenizer), int(getattr(model.config, "vocab_size", 0) or 0))
+        """Token ids must be below this."""
+        self.eos_ids = _eos_ids(model, tokenizer)
+        """Token ids that end a generation."""
+        self.pad_id = _pad_id(model, tokenizer, self.eos_ids)
+        """Padding id `generate` needs (never attended to: one prompt, no padding)."""
+        self._lock = threading.Lock()
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Token ids of a completion prompt (with the tokenizer's special tokens, e.g. BOS)."""
+        ids: list[int] = list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        if not ids and self.tokenizer.bos_token_id is not None:
+            ids = [int(self.tokenizer.bos_token_id)]  # an empty prompt: start from BOS
+        return ids
+
+    def encode_chat(self, messages: Sequence[ChatMessage]) -> list[int]:
+        """Token ids of a conversation rendered with the chat template, ready for the assistant's turn."""
+        if not self.chat_template:
+            raise ChatTemplateMissing("this model has no chat template; use /v1/completions or start the server with --chat-template")
+        rendered = self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages],
+            chat_template=self.chat_template,
+            add_generation_prompt=True,
+            tokenize=False,
+        )
+        # The template writes the special tokens itself; do not add BOS again.
+        return list(self.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, special tokens dropped."""
+        return str(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenerationParams,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> GenerationResult:
+        """Generate a completion of `prompt_ids`; blocking, call from a worker thread.
+
+        `on_text` receives text pieces as they become final (called on this
+        thread). Setting `cancelled` stops the generation at the next token.
+        """
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        sink = TokenSink(self.decode, self.eos_ids, params, on_text)
+        stop_flag = cancelled or threading.Event()
+
+        class SinkSaysStop(StoppingCriteria):  # type: ignore[misc]
+            """Ends `generate` once the sink is done or the client went away."""
+
+            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+                stop = sink.done or stop_flag.is_set()
+                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        with self._lock, torch.inference_mode():
+            if params.seed is not None:
+                torch.manual_seed(params.seed)
+            self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                generation_config=self._generation_config(params),
+                streamer=sink,
+                stopping_criteria=StoppingCriteriaList([SinkSaysStop()]),
+            )
+        return sink.result()
+
+    def _generation_config(self, params: GenerationParams) -> Any:
+        """A full config: OpenAI semantics, not the checkpoint's sampling defaults (top_k, repetition penalty...)."""
+        from transformers import GenerationConfig
+
+        sampling = params.temperature > 0
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            min_new_tokens=0,
+            do_sample=sampling,
+            temperature=params.temperature if sampling else 1.0,
+            top_p=params.top_p if sampling else 1.0,
+            top_k=0,
+            num_beams=1,
+            repetition_penalty=1.0,
+            no_repeat_ngram_size=0,
+            eos_token_id=sorted(self.eos_ids),
+            pad_token_id=self.pad_id,
+        )
+
+
+def _context_length(model: Any, tokenizer: Any) -> int | None:
+    config = model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers without a limit report a huge sentinel (1e30).
+    return limit if isinstance(limit, int) and 0 < limit < 10**7 else None
+
+
+def _as_id_set(value: object) -> set[int]:
+    if isinstance(value, int):
+        return {value}
+    if isinstance(value, (list, tuple)):
+        return {int(v) for v in value if isinstance(v, int)}
+    return set()
+
+
+def _eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    ids = _as_id_set(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    ids |= _as_id_set(getattr(model.config, "eos_token_id", None))
+    ids |= _as_id_set(tokenizer.eos_token_id)
+    return frozenset(ids)
+
+
+def _pad_id(model: Any, tokenizer: Any, eos_ids: frozenset[int]) -> int | None:
+    for candidate in (getattr(getattr(model, "generation_config", None), "pad_token_id", None), tokenizer.pad_token_id):
+        if isinstance(candidate, int):
+            return candidate
+    return min(eos_ids) if eos_ids else None
+
+
+# --- Loading --------------------------------------------------------------------
+
+
+def resolve_device(device: Device) -> str:
+    """`auto` = CUDA when available, else CPU; asking for CUDA without one is an error."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ModelSourceError("--device: cuda was requested but no CUDA device is available")
+    return device
+
+
+def resolve_dtype(dtype: DType, device: str) -> torch.dtype:
+    """`auto` = float32 on CPU; bfloat16 on GPUs that support it, else float16."""
+    import torch
+
+    if dtype == "auto":
+        if device.startswith("cuda"):
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_engine(
+    source: ModelSource,
+    *,
+    device: Device = "auto",
+    dtype: DType = "auto",
+    chat_template: str | None = None,
+) -> Engine:
+    """Read the weights and tokenizer described by `source`; slow (seconds to minutes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target_device)
+    gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    log.info("loading %s on %s as %s", source.describe(), target_device, torch_dtype)
+    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, **gguf)
+    model = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=torch_dtype, **gguf)
+    if source.adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, source.adapter_dir)
+        # Merged weights generate as fast as the base model; unmergeable adapter types stay wrapped.
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+    model.to(target_device)
+    model.eval()
+    return Engine(model, tokenizer, device=target_device, chat_template=chat_template)
