@@ -128,8 +128,10 @@ def install_operator_rbac(cluster: Any, helm: Path | None = None, values: Mappin
     if cluster.kubectl("get", "namespace", namespace, check=False).returncode != 0:
         cluster.kubectl("create", "namespace", namespace)
     rbac = [m for m in manifests if m["kind"] in RBAC_KINDS]
-    cluster.kubectl("apply", "--server-side", "--field-manager=kubetune-chart-test", "-f", "-",
-                    input=yaml.safe_dump_all(rbac, sort_keys=False))
+    # --force-conflicts: the tenant ClusterRoles have fixed names, so another release of the chart
+    # may have applied them already (with its own release labels).
+    cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=kubetune-chart-test",
+                    "-f", "-", input=yaml.safe_dump_all(rbac, sort_keys=False))
     account = accounts[0]["metadata"]["name"]
     identity_groups = ("system:serviceaccounts", f"system:serviceaccounts:{namespace}")
     kubeconfig = cluster.mint_kubeconfig(f"system:serviceaccount:{namespace}:{account}", identity_groups)

@@ -73,7 +73,7 @@ def kopf_watches() -> set[Permission]:
         else:
             literals = [a.value for a in node.args if isinstance(a, ast.Constant)]
             assert len(literals) == 3, f"cannot read the resource of {ast.unparse(node)}"
-            group, resource = literals[0], literals[2]
+            group, resource = str(literals[0]), str(literals[2])
         found |= {(group, resource, "list"), (group, resource, "watch")}
         if kind in CHANGE_HANDLERS or kind in ("timer", "daemon"):
             found.add((group, resource, "patch"))
