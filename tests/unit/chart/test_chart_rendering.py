@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -60,6 +61,23 @@ class TestChartConventions:
             assert f'define "{name}"' in helpers
         assert (CHART / "templates" / "NOTES.txt").read_text().strip()
         json.loads((CHART / "values.schema.json").read_text())
+
+    def test_kube_version_is_enforced(self, helm_bin: Path) -> None:
+        def template(kube_version: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([str(helm_bin), "template", "kt", str(CHART), "--kube-version", kube_version],
+                                  capture_output=True, text=True, timeout=60)
+        assert template("1.30.0").returncode == 0
+        too_old = template("1.29.9")
+        assert too_old.returncode != 0 and "kubeVersion" in too_old.stderr + too_old.stdout
+
+    def test_notes_tell_how_to_check_bind_tenants_and_upgrade_crds(self, helm_bin: Path) -> None:
+        proc = subprocess.run([str(helm_bin), "install", "kt", str(CHART), "--namespace", "ml", "--dry-run=client"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        notes = proc.stdout.split("NOTES:", 1)[1]
+        assert "kubectl -n ml rollout status deployment/kt-kubetune" in notes
+        assert "--clusterrole=kubetune-edit" in notes
+        assert "kubectl apply --server-side -f kubetune/crds/" in notes
 
     def test_selectors_never_carry_the_chart_version_label(self, render: Render) -> None:
         manifests = render({"serviceMonitor": {"enabled": True}})
