@@ -104,7 +104,12 @@ def watch_job(stack: Any, name: str, namespace: str, *, timeout: float, out: Any
 
 
 def resolve_endpoint(stack: Any, job: dict[str, Any]) -> str:
-    """The served model's URL reachable from this machine: the Service's ready endpoint."""
+    """The served model's URL reachable from this machine, routed as kube-proxy would.
+
+    ``status.endpoint`` names the Service; its selector picks the serving pods and the first Ready
+    one answers at ``podIP:targetPort``. (The local node's pod IPs are loopback addresses, which
+    the API server refuses in EndpointSlices, so the Service's own endpoints stay empty here.)
+    """
     namespace = job["metadata"]["namespace"]
     endpoint = (job.get("status") or {}).get("endpoint") or ""
     host_port = endpoint.split("://", 1)[-1].split("/", 1)[0]
@@ -113,19 +118,23 @@ def resolve_endpoint(stack: Any, job: dict[str, Any]) -> str:
     svc = stack.get("service", service, namespace)
     if svc is None:
         raise RuntimeError(f"status.endpoint {endpoint!r} names Service {service!r}, which does not exist")
-    target_port = port
+    target: Any = port
     for item in svc["spec"].get("ports") or []:
         if str(item.get("port")) == port:
-            target_port = str(item.get("targetPort", port))
-    slices = json.loads(stack.plane.kubectl("get", "endpointslices", "-n", namespace, "-l",
-                                            f"kubernetes.io/service-name={service}", "-o", "json").stdout)
-    for item in slices.get("items", []):
-        for address in item.get("endpoints") or []:
-            if (address.get("conditions") or {}).get("ready"):
-                for slice_port in item.get("ports") or []:
-                    target_port = str(slice_port.get("port", target_port))
-                return f"http://{address['addresses'][0]}:{target_port}"
-    raise RuntimeError(f"Service {namespace}/{service} has no ready endpoint")
+            target = item.get("targetPort", port)
+    selector = ",".join(f"{k}={v}" for k, v in (svc["spec"].get("selector") or {}).items())
+    pods = json.loads(stack.plane.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)
+    for pod in pods.get("items", []):
+        status = pod.get("status") or {}
+        ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+        if not ready or pod["metadata"].get("deletionTimestamp") or not status.get("podIP"):
+            continue
+        pod_port = target
+        if not str(target).isdigit():
+            pod_port = next((p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports") or []
+                             if p.get("name") == target), target)
+        return f"http://{status['podIP']}:{pod_port}"
+    raise RuntimeError(f"Service {namespace}/{service} has no ready pod")
 
 
 def ask(url: str, model: str, question: str, max_tokens: int = 48) -> str:
