@@ -114,6 +114,8 @@ class TestOperatorIdentityHelper:
         listed = cluster.kubectl("get", "finetunejobs", "--all-namespaces", kubeconfig=identity.kubeconfig,
                                  check=False)
         assert listed.returncode == 0, listed.stderr
+        # kopf matches KUBETUNE_NAMESPACES patterns (e.g. `kubetune-optest-*`) against listed namespaces.
+        assert cluster.kubectl("get", "namespaces", kubeconfig=identity.kubeconfig, check=False).returncode == 0
         secrets_listed = cluster.kubectl("get", "secrets", "--all-namespaces", kubeconfig=identity.kubeconfig,
                                          check=False)
         assert secrets_listed.returncode != 0 and "forbidden" in secrets_listed.stderr.lower()
