@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Installs everything kubetune's tests and local mode need on a fresh Debian
 # machine, reusing what an earlier run installed:
-#   - Debian packages (openssl for the control plane's certificates),
+#   - Debian packages (openssl for the control plane's certificates, lua5.4 to
+#     test the Argo CD health check, unshare for the local node),
 #   - a virtual environment outside the checkout with kubetune[dev] (torch,
 #     transformers, ...) installed editable; pip's cache is kept, so a second
 #     machine-local run downloads nothing,
-#   - the control-plane binaries, built from Go modules into a content-keyed
-#     cache (hack/controlplane/build.sh).
+#   - the control-plane binaries and helm, built from Go modules into
+#     content-keyed caches (hack/controlplane/build.sh, hack/helm/build.sh).
 # Prints nothing on stdout but the venv path on its last line.
 #
 #   KUBETUNE_VENV    the virtual environment (default ~/.cache/kubetune/venv)
@@ -16,7 +17,7 @@ repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${KUBETUNE_VENV:-$HOME/.cache/kubetune/venv}
 
 need_apt=()
-for tool in openssl:openssl make:make; do
+for tool in openssl:openssl make:make lua5.4:lua5.4 unshare:util-linux; do
   command -v "${tool%%:*}" >/dev/null || need_apt+=("${tool#*:}")
 done
 if ((${#need_apt[@]})); then
@@ -43,4 +44,5 @@ if [[ "$(cat "$stamp" 2>/dev/null)" != "$want" ]]; then
 fi
 
 echo "setup: control plane binaries in $("$repo/hack/controlplane/build.sh")" >&2
+echo "setup: helm in $("$repo/hack/helm/build.sh")" >&2
 echo "$venv"
