@@ -87,6 +87,27 @@ def trained_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def endless_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny model that never ends a greedy generation by itself.
+
+    The output embeddings of its end-of-sequence tokens are zero, so their
+    logits are exactly 0 while some other token's is always above 0: greedy
+    decoding runs to max_tokens. Used to hold the model busy for a known time.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = create_tiny_model(tmp_path_factory.mktemp("models") / "endless", arch="gpt2")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    eos_ids = tokenizer.convert_tokens_to_ids([tokenizer.eos_token, "<|im_end|>"])
+    with torch.no_grad():
+        model.get_output_embeddings().weight[eos_ids] = 0.0
+    model.save_pretrained(path)
+    return path
+
+
 StartServer = Callable[..., ServerProcess]
 
 
