@@ -341,8 +341,10 @@ def trainer_env(job: Body, settings: OperatorSettings) -> list[Body]:
     return env
 
 
-def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSettings) -> Body:
-    """The training Job.
+def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSettings, *,
+                admitted: bool = True) -> Body:
+    """The training Job; created suspended when the user suspended the job, when a Kueue queue
+    admits it, or when the namespace's quota has no room yet (`admitted=False`).
 
     One Indexed completion with `backoffLimitPerIndex`, so the Job controller
     retries retryable failures itself and counts them in the pod annotation
@@ -369,7 +371,7 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": _pod_failure_policy(TRAINER_CONTAINER),
         # Kueue admits a queued job by unsuspending it.
-        "suspend": bool(spec.get("suspend")) or bool(queue),
+        "suspend": bool(spec.get("suspend")) or bool(queue) or not admitted,
         "template": {
             "metadata": {"labels": labels(job, COMPONENT_TRAINER)},
             "spec": _pod_spec(job, rendered, container, grace=TRAINER_GRACE_SECONDS),

@@ -82,8 +82,19 @@ class KubeClient:
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"batch.kubernetes.io/job-name={job_name}")
         return tuple(self._plain(p) for p in pods.items)
 
-    def observe(self, namespace: str, name: str) -> Observed | None:
-        """The job and its children now, or None when the job is gone."""
+    def list_finetunejobs(self, namespace: str) -> tuple[Body, ...]:
+        listing = cast(Body, self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))
+        return tuple(listing.get("items") or [])
+
+    def list_trainer_jobs(self, namespace: str) -> tuple[Body, ...]:
+        selector = (f"{builders.LABEL_MANAGED_BY}={builders.MANAGED_BY},"
+                    f"{builders.LABEL_COMPONENT}={builders.COMPONENT_TRAINER}")
+        jobs = self.batch.list_namespaced_job(namespace, label_selector=selector)
+        return tuple(self._plain(j) for j in jobs.items)
+
+    def observe(self, namespace: str, name: str, *, with_quota: bool = False) -> Observed | None:
+        """The job and its children now, or None when the job is gone; `with_quota` also reads the
+        namespace's FineTuneJobs and trainer Jobs (what quota admission counts)."""
         job = self.get_finetunejob(namespace, name)
         if job is None:
             return None
@@ -102,6 +113,8 @@ class KubeClient:
             trainer_pods=self._pods(namespace, child["trainer_job"]) if trainer_job else (),
             serving_deployment=self._get(self.apps.read_namespaced_deployment, namespace, child["serving"], uid),
             serving_service=self._get(self.core.read_namespaced_service, namespace, child["serving"], uid),
+            namespace_jobs=self.list_finetunejobs(namespace) if with_quota else (),
+            namespace_trainer_jobs=self.list_trainer_jobs(namespace) if with_quota else (),
         )
 
     # -- writing -------------------------------------------------------------------

@@ -9,6 +9,7 @@ removed by owner references) would be `kubetune.io/finalizer`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -17,7 +18,7 @@ from typing import Any
 
 import kopf
 
-from kubetune.operator import builders, conditions, metrics, progress, reconcile
+from kubetune.operator import builders, conditions, metrics, policy, progress, quota, reconcile
 from kubetune.operator.client import KubeClient, api_client
 from kubetune.operator.settings import OperatorSettings
 
@@ -25,6 +26,9 @@ Body = dict[str, Any]
 log = logging.getLogger(__name__)
 
 SETTINGS = OperatorSettings.from_env()
+POLICY = policy.load_policy(SETTINGS.policy_file)
+"""The platform policy (quotas, allowed sources and images); read once at start-up (the chart restarts
+the operator when it changes)."""
 METRICS = metrics.OperatorMetrics()
 RESOURCE = (builders.API_GROUP, builders.API_VERSION.split("/")[1], builders.PLURAL)
 CHILD_LABELS = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
@@ -85,19 +89,35 @@ async def stop_server(**_: Any) -> None:
 
 
 def reconcile_job(namespace: str, name: str) -> None:
-    """Observe, decide, converge — for one job; serialised per job."""
-    with RUNTIME.lock(namespace, name):
-        kube = RUNTIME.kube()
+    """Observe, decide, converge — for one job; serialised per job, and per namespace when the
+    namespace's quota counts running jobs (so two admissions never both take the last place)."""
+    counted = POLICY.limits_for(namespace).limits_running_jobs
+    with RUNTIME.lock(namespace, "") if counted else contextlib.nullcontext():
+        with RUNTIME.lock(namespace, name):
+            kube = RUNTIME.kube()
+            try:
+                observed = kube.observe(namespace, name, with_quota=counted)
+                if observed is None:
+                    return
+                decision = reconcile.reconcile(observed, SETTINGS, POLICY)
+                kube.apply(observed, decision)
+            except Exception:
+                METRICS.reconcile_failed(namespace)
+                raise
+            _update_metrics(observed, decision)
+
+
+def admit_waiting_jobs(namespace: str) -> None:
+    """Room may have freed up in the namespace: reconcile its waiting jobs, oldest first."""
+    if not POLICY.limits_for(namespace).limits_running_jobs:
+        return
+    kube = RUNTIME.kube()
+    usage = quota.namespace_usage(kube.list_finetunejobs(namespace), kube.list_trainer_jobs(namespace))
+    for waiting in sorted((u for u in usage if u.waiting), key=lambda u: u.order):
         try:
-            observed = kube.observe(namespace, name)
-            if observed is None:
-                return
-            decision = reconcile.reconcile(observed, SETTINGS)
-            kube.apply(observed, decision)
+            reconcile_job(namespace, waiting.name)
         except Exception:
-            METRICS.reconcile_failed(namespace)
-            raise
-        _update_metrics(observed, decision)
+            log.exception("reconcile of waiting job %s/%s failed", namespace, waiting.name)
 
 
 def _update_metrics(observed: reconcile.Observed, decision: reconcile.Decision) -> None:
@@ -156,6 +176,8 @@ def on_job_deleted(namespace: str | None, name: str | None, uid: str | None, **_
         METRICS.forget_job(namespace, name)
     if uid and RUNTIME.service is not None:
         RUNTIME.service.forget(uid)
+    if namespace:
+        admit_waiting_jobs(namespace)
 
 
 def _owner_name(body: kopf.Body) -> str | None:
@@ -170,12 +192,28 @@ def _owner_name(body: kopf.Body) -> str | None:
 @kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
 @kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
 @kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
-def on_child_event(namespace: str | None, body: kopf.Body, **_: Any) -> None:
+def on_child_event(namespace: str | None, body: kopf.Body, type: str | None = None, **_: Any) -> None:
     """A child changed (a pod started or ended, a Job finished, serving became available):
-    converge its FineTuneJob now."""
+    converge its FineTuneJob now; when a trainer Job stops holding quota, start waiting jobs."""
     name = _owner_name(body)
     if namespace and name:
         try:
             reconcile_job(namespace, name)
         except Exception:  # event handlers are not retried; the timer converges later
             log.exception("reconcile of %s/%s after a child event failed", namespace, name)
+    if namespace and _frees_quota(body, type):
+        try:
+            admit_waiting_jobs(namespace)
+        except Exception:
+            log.exception("admitting waiting jobs in %s failed", namespace)
+
+
+def _frees_quota(body: kopf.Body, event_type: str | None) -> bool:
+    """A trainer Job that finished, was suspended or was deleted no longer holds its quota share."""
+    if body.get("kind") != "Job":
+        return False
+    if (body.get("metadata", {}).get("labels") or {}).get(builders.LABEL_COMPONENT) != builders.COMPONENT_TRAINER:
+        return False
+    if event_type == "DELETED" or body.get("spec", {}).get("suspend"):
+        return True
+    return quota.trainer_finished(dict(body))

@@ -25,8 +25,9 @@ import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kubetune.operator import builders, conditions, names, render, reports
+from kubetune.operator import builders, conditions, names, quota, render, reports
 from kubetune.operator.conditions import Condition
+from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy
 from kubetune.operator.settings import OperatorSettings
 from kubetune.trainer import config as trainer_config
 
@@ -49,6 +50,10 @@ class Observed:
     trainer_pods: tuple[Body, ...] = ()
     serving_deployment: Body | None = None
     serving_service: Body | None = None
+    namespace_jobs: tuple[Body, ...] = ()
+    """Every FineTuneJob in the namespace (read only when the namespace's quota needs it)."""
+    namespace_trainer_jobs: tuple[Body, ...] = ()
+    """Every trainer Job in the namespace (read only when the namespace's quota needs it)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,16 +182,17 @@ def _event_for(condition: Condition) -> Event:
     return Event(type="Warning" if warning else "Normal", reason=condition["reason"], message=text[:1024])
 
 
-def reconcile(observed: Observed, settings: OperatorSettings) -> Decision:
+def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPolicy = NO_POLICY) -> Decision:
     """Decide how to converge one FineTuneJob; see the module docstring for the steps."""
     if (observed.job.get("metadata") or {}).get("deletionTimestamp"):
         # Being deleted: the garbage collector is removing the children; recreating them would
         # hold a foreground deletion open forever.
         return Decision(status_patch={}, actions=(), events=())
     draft = _Draft(observed)
+    limits = policy.limits_for(str(draft.metadata.get("namespace", "")))
     if draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED):
         _expire_training_children(draft)
-        _decide_serving(draft, settings)
+        _decide_serving(draft, settings, limits)
         return draft.decision()
     try:
         rendered = render.trainer_config_for(observed.job)
@@ -194,14 +200,50 @@ def reconcile(observed: Observed, settings: OperatorSettings) -> Decision:
         message = "; ".join(error.problems)
         draft.set(conditions.VALIDATED, "False", conditions.INVALID_SPEC, message)
         draft.finish(False, conditions.INVALID_SPEC, message)
-        _decide_serving(draft, settings)
+        _decide_serving(draft, settings, limits)
+        return draft.decision()
+    if not _model_source_allowed(draft, limits):
+        _decide_serving(draft, settings, limits)
         return draft.decision()
     _ensure_credentials(draft, settings)
     _ensure_config(draft, rendered)
     if _validate_dataset(draft, rendered, settings):
-        _train(draft, rendered, settings)
-    _decide_serving(draft, settings)
+        _train(draft, rendered, settings, limits)
+    _decide_serving(draft, settings, limits)
     return draft.decision()
+
+
+# --- step 2b: platform policy --------------------------------------------------------------
+
+def _model_source_allowed(draft: _Draft, limits: NamespaceLimits) -> bool:
+    """A base model the platform does not allow here ends the job before anything runs."""
+    if draft.observed.trainer_job is not None:
+        return True  # already training: a later policy change does not stop a run
+    source = str((draft.spec.get("model") or {}).get("source") or "")
+    if limits.model_source_allowed(source):
+        return True
+    message = (f"spec.model.source: {source!r} is not allowed in namespace "
+               f"{draft.metadata.get('namespace', '')}; allowed: {', '.join(limits.allowed_model_sources)}")
+    draft.set(conditions.VALIDATED, "False", conditions.MODEL_SOURCE_NOT_ALLOWED, message)
+    draft.finish(False, conditions.MODEL_SOURCE_NOT_ALLOWED, message)
+    return False
+
+
+def _admission(draft: _Draft, limits: NamespaceLimits) -> quota.Admission:
+    """Whether the trainer may run now under the namespace's quota."""
+    observed = draft.observed
+    tjob = observed.trainer_job
+    waiting_to_start = tjob is None or bool((tjob.get("spec") or {}).get("suspend"))
+    if not waiting_to_start:
+        return quota.ADMITTED  # it holds its share already; quota never stops a running trainer
+    never = quota.never_fits(builders.gpu_count(draft.spec), limits)
+    if never and (tjob is None or not quota.queued(observed.job)):
+        return quota.Admission(False, f"{never}; it starts only if the platform policy changes")
+    if draft.spec.get("suspend") or quota.queued(observed.job):
+        return quota.ADMITTED  # the user's suspend, or Kueue, decides
+    me = dataclasses.replace(quota.usage_of(observed.job, tjob), waiting=True)
+    usage = quota.namespace_usage(observed.namespace_jobs, observed.namespace_trainer_jobs)
+    return quota.admit(me, usage, limits)
 
 
 # --- step 3: credentials and config --------------------------------------------------
@@ -286,17 +328,24 @@ def _validation_failure(vjob: Body, pods: tuple[Body, ...]) -> tuple[str, str]:
 
 # --- step 5: training ------------------------------------------------------------------
 
-def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSettings) -> None:
+def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSettings,
+           limits: NamespaceLimits) -> None:
     observed = draft.observed
     tjob = observed.trainer_job
+    admission = _admission(draft, limits)
     if tjob is None:
-        draft.actions.append(CreateChild(builders.trainer_job(observed.job, rendered, settings)))
-        draft.set(conditions.RUNNING, "False", conditions.PENDING, "the trainer Job was created")
+        if admission.admitted or not quota.queued(observed.job):
+            draft.actions.append(CreateChild(builders.trainer_job(observed.job, rendered, settings,
+                                                                  admitted=admission.admitted)))
+        if admission.admitted:
+            draft.set(conditions.RUNNING, "False", conditions.PENDING, "the trainer Job was created")
+        else:
+            draft.set(conditions.RUNNING, "False", conditions.QUOTA_EXCEEDED, admission.message[:1024])
         draft.set(conditions.SUCCEEDED, "False", conditions.NOT_FINISHED, "")
         draft.set(conditions.FAILED, "False", conditions.NOT_FINISHED, "")
         _set_suspended(draft, holding_pods=False)
         return
-    _sync_suspend(draft, tjob)
+    _sync_suspend(draft, tjob, admission.admitted)
     job_status = tjob.get("status") or {}
     # Pods of the Job stay until it is deleted: each one is an attempt (a retry, or a restart after a
     # preemption or a resume); the Job's counters cover pods already garbage-collected.
@@ -314,11 +363,11 @@ def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSet
         reason, message = _training_failure(tjob, observed.trainer_pods)
         draft.finish(False, reason, message, job_status.get("completionTime"))
     else:
-        _report_running(draft, tjob)
+        _report_running(draft, tjob, admission)
 
 
-def _sync_suspend(draft: _Draft, tjob: Body) -> None:
-    want = bool(draft.spec.get("suspend"))
+def _sync_suspend(draft: _Draft, tjob: Body, admitted: bool) -> None:
+    want = bool(draft.spec.get("suspend")) or not admitted
     have = bool((tjob.get("spec") or {}).get("suspend"))
     queued = bool((draft.spec.get("resources") or {}).get("queueName"))
     # With a queue, Kueue unsuspends the Job when it admits it; we only ever suspend it.
@@ -335,7 +384,7 @@ def _set_suspended(draft: _Draft, *, holding_pods: bool) -> None:
         draft.set(conditions.SUSPENDED, "False", conditions.NOT_SUSPENDED, "")
 
 
-def _report_running(draft: _Draft, tjob: Body) -> None:
+def _report_running(draft: _Draft, tjob: Body, admission: quota.Admission) -> None:
     pods = draft.observed.trainer_pods
     live = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")
             and (p.get("status") or {}).get("phase") in ("Pending", "Running")]
@@ -347,6 +396,8 @@ def _report_running(draft: _Draft, tjob: Body) -> None:
     attempt = _attempt_of(running[0] if running else live[0]) if live else None
     if suspended:
         draft.set(conditions.RUNNING, "False", conditions.SUSPENDED_BY_USER, "the job is suspended")
+    elif not admission.admitted:
+        draft.set(conditions.RUNNING, "False", conditions.QUOTA_EXCEEDED, admission.message[:1024])
     elif running:
         draft.set(conditions.RUNNING, "True", conditions.TRAINING, f"training (attempt {attempt})")
     elif live and attempt:
@@ -455,7 +506,7 @@ def _expire_training_children(draft: _Draft) -> None:
 
 # --- step 6: serving ----------------------------------------------------------------------
 
-def _decide_serving(draft: _Draft, settings: OperatorSettings) -> None:
+def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: NamespaceLimits) -> None:
     """Converge the serving Deployment and Service, and say in `ServingReady` how serving is."""
     serving = builders.serving_spec(draft.observed.job)
     if not serving.get("enabled"):
@@ -469,6 +520,13 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings) -> None:
         else:
             draft.set(conditions.SERVING_READY, "False", conditions.WAITING_FOR_MODEL,
                       "serving starts once training succeeds")
+        return
+    image = serving.get("image")
+    if isinstance(image, str) and image and not limits.image_allowed(image):
+        _remove_serving(draft)
+        draft.set(conditions.SERVING_READY, "False", conditions.IMAGE_NOT_ALLOWED,
+                  f"spec.serving.image: {image!r} is not allowed in namespace {draft.metadata.get('namespace', '')}; "
+                  f"allowed: {', '.join(limits.allowed_trainer_images)}")
         return
     try:
         model = render.model_location(draft.observed.job)

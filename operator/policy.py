@@ -1,0 +1,157 @@
+"""The platform policy: per-namespace limits the operator enforces for multi-tenancy (pure).
+
+The Helm chart renders `values.policy` into a ConfigMap that the operator reads
+from `KUBETUNE_POLICY_FILE` (YAML)::
+
+    apiVersion: kubetune.io/v1alpha1
+    kind: PlatformPolicy
+    defaults:                      # every namespace without an entry of its own
+      maxConcurrentJobs: 0         # jobs holding a trainer at once; 0 = no limit
+      maxGpusPerJob: 0             # GPUs one job may request; 0 = no limit
+      maxTotalGpus: 0              # GPUs a namespace's running jobs hold together; 0 = no limit
+      allowedModelSources: []      # globs spec.model.source must match; [] = any
+      allowedTrainerImages: []     # globs spec.serving.image must match; [] = any
+    namespaces:
+      team-a: {maxConcurrentJobs: 2}   # keys left out come from `defaults`
+
+Globs use `*` for any characters, `/` included (`hf://meta-llama/*`, `pvc://*`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+API_VERSION = "kubetune.io/v1alpha1"
+KIND = "PlatformPolicy"
+
+
+class PolicyError(ValueError):
+    """The policy file cannot be used; `problems` names each bad field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = list(problems)
+        super().__init__("platform policy: " + "; ".join(problems))
+
+
+@dataclasses.dataclass(frozen=True)
+class NamespaceLimits:
+    """What one namespace's FineTuneJobs may use."""
+
+    max_concurrent_jobs: int = 0
+    """Jobs whose trainer may run at once (suspended and Kueue-queued trainers excluded); 0 = no limit."""
+    max_gpus_per_job: int = 0
+    """GPUs one job's trainer may request; 0 = no limit."""
+    max_total_gpus: int = 0
+    """GPUs all running trainers of the namespace may hold together; 0 = no limit."""
+    allowed_model_sources: tuple[str, ...] = ()
+    """Globs that `spec.model.source` must match; empty = any source."""
+    allowed_trainer_images: tuple[str, ...] = ()
+    """Globs that an image named in the spec (`spec.serving.image`) must match; empty = any image."""
+
+    @property
+    def limits_running_jobs(self) -> bool:
+        """Whether starting a trainer needs a look at what else runs in the namespace."""
+        return self.max_concurrent_jobs > 0 or self.max_total_gpus > 0
+
+    def model_source_allowed(self, source: str) -> bool:
+        return _matches(source, self.allowed_model_sources)
+
+    def image_allowed(self, image: str) -> bool:
+        return _matches(image, self.allowed_trainer_images)
+
+
+def _matches(value: str, patterns: tuple[str, ...]) -> bool:
+    return not patterns or any(fnmatch.fnmatchcase(value, pattern) for pattern in patterns)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlatformPolicy:
+    """Defaults plus per-namespace overrides."""
+
+    defaults: NamespaceLimits = NamespaceLimits()
+    """Limits of every namespace without an entry of its own."""
+    namespaces: Mapping[str, NamespaceLimits] = dataclasses.field(default_factory=dict)
+    """Per-namespace limits (complete: keys left out in the file were taken from `defaults`)."""
+
+    def limits_for(self, namespace: str) -> NamespaceLimits:
+        return self.namespaces.get(namespace, self.defaults)
+
+
+NO_POLICY = PlatformPolicy()
+"""No limits at all (no policy file)."""
+
+_COUNT_KEYS = {"maxConcurrentJobs": "max_concurrent_jobs", "maxGpusPerJob": "max_gpus_per_job",
+               "maxTotalGpus": "max_total_gpus"}
+_LIST_KEYS = {"allowedModelSources": "allowed_model_sources", "allowedTrainerImages": "allowed_trainer_images"}
+
+
+def _limits_from(data: Any, path: str, base: NamespaceLimits, problems: list[str]) -> NamespaceLimits:
+    if data is None:
+        return base
+    if not isinstance(data, dict):
+        problems.append(f"{path}: must be a mapping, got {type(data).__name__}")
+        return base
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in _COUNT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                problems.append(f"{path}.{key}: must be an integer >= 0 (0 = no limit), got {value!r}")
+            else:
+                values[_COUNT_KEYS[key]] = value
+        elif key in _LIST_KEYS:
+            if value is None:
+                value = []
+            if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                problems.append(f"{path}.{key}: must be a list of non-empty glob strings, got {value!r}")
+            else:
+                values[_LIST_KEYS[key]] = tuple(value)
+        else:
+            allowed = ", ".join(sorted([*_COUNT_KEYS, *_LIST_KEYS]))
+            problems.append(f"{path}.{key}: unknown key; allowed: {allowed}")
+    return dataclasses.replace(base, **values)
+
+
+def policy_from_dict(data: Any) -> PlatformPolicy:
+    """The policy in a parsed file; PolicyError lists every problem by field path."""
+    if data is None:
+        return NO_POLICY
+    if not isinstance(data, dict):
+        raise PolicyError([f"the document must be a mapping, got {type(data).__name__}"])
+    problems: list[str] = []
+    if data.get("kind", KIND) != KIND:
+        problems.append(f"kind: must be {KIND}, got {data.get('kind')!r}")
+    unknown = set(data) - {"apiVersion", "kind", "defaults", "namespaces"}
+    if unknown:
+        problems.append(f"{sorted(unknown)[0]}: unknown key; allowed: apiVersion, kind, defaults, namespaces")
+    defaults = _limits_from(data.get("defaults"), "defaults", NamespaceLimits(), problems)
+    namespaces: dict[str, NamespaceLimits] = {}
+    raw_namespaces = data.get("namespaces") or {}
+    if not isinstance(raw_namespaces, dict):
+        problems.append(f"namespaces: must be a mapping of namespace names to limits, got {raw_namespaces!r}")
+    else:
+        for name, limits in raw_namespaces.items():
+            namespaces[str(name)] = _limits_from(limits, f"namespaces.{name}", defaults, problems)
+    if problems:
+        raise PolicyError(problems)
+    return PlatformPolicy(defaults=defaults, namespaces=namespaces)
+
+
+def load_policy(path: str) -> PlatformPolicy:
+    """The policy in a YAML file; empty path = no limits; PolicyError when unreadable or invalid."""
+    if not path:
+        return NO_POLICY
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise PolicyError([f"{path}: cannot be read ({error.strerror})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise PolicyError([f"{path}: not valid YAML ({error})"]) from None
+    return policy_from_dict(data)
