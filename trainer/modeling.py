@@ -116,7 +116,20 @@ def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
         raise _permanent_or_transient(error, location) from error
     except (ValueError, KeyError) as error:
         raise ModelError(f"model.source: cannot load {location.name_or_path} as a causal LM: {error}") from error
+    if model.gguf_file:
+        _forget_gguf_quantizer(loaded)
     return loaded
+
+
+def _forget_gguf_quantizer(model: Any) -> None:
+    """A GGUF checkpoint is dequantised into ordinary tensors while loading, but transformers keeps
+    its quantizer on the model and then refuses `save_pretrained` ("quantized with gguf and is not
+    serializable"). The weights are plain floats: drop the marker so the fine-tuned (or merged LoRA)
+    model saves as safetensors like any other."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def override_dropout(model: Any, probability: float) -> int:
