@@ -23,7 +23,7 @@ import types
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Final, Literal, Union
 
 # --- Contract constants ---------------------------------------------------------
 
@@ -45,7 +45,7 @@ ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
 """Where the final summary goes; default /dev/termination-log when writable."""
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
 
-AUTO = "auto"
+AUTO: Final = "auto"
 Auto = Literal["auto"]
 
 DataFormat = Literal["text", "prompt_completion", "chat", "classification"]

@@ -1,0 +1,92 @@
+"""The architecture's rules, checked on the source: import directions, pure modules, strict typing.
+
+From DESIGN.md and STYLE.md: dependencies point one way (dev tooling -> operator ->
+trainer.config); the trainer never imports the operator; nothing imports the dev
+tooling; only the operator's handler, client and HTTP-server modules touch kopf or
+the Kubernetes client; the operator type-checks under `mypy --strict`.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = {"operator": "kubetune.operator", "trainer": "kubetune.trainer", "dev": "kubetune.dev"}
+
+# Operator modules allowed to import kopf or the kubernetes client (side effects live here).
+OPERATOR_NETWORK_MODULES = {"handlers", "client", "progress", "__main__", "sweep_handlers", "sweep_client"}
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module name imported by a source file (absolute names, `from x import y` -> x and x.y)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return names
+
+
+def modules(folder: str) -> list[Path]:
+    return sorted((REPO / folder).glob("*.py"))
+
+
+class TestImportDirection:
+    @pytest.mark.parametrize("path", modules("trainer"), ids=lambda p: p.name)
+    def test_trainer_never_imports_the_operator_or_dev_tooling(self, path: Path) -> None:
+        bad = {n for n in imports_of(path) if n.startswith(("kubetune.operator", "kubetune.dev"))}
+        assert not bad, f"trainer/{path.name} imports {sorted(bad)}"
+
+    @pytest.mark.parametrize("path", modules("operator"), ids=lambda p: p.name)
+    def test_operator_imports_only_the_trainer_config_and_no_dev_tooling(self, path: Path) -> None:
+        names = imports_of(path)
+        dev = {n for n in names if n.startswith("kubetune.dev")}
+        trainer = {n for n in names if n.startswith("kubetune.trainer") and n not in
+                   ("kubetune.trainer", "kubetune.trainer.config")}
+        assert not dev, f"operator/{path.name} imports dev tooling {sorted(dev)}"
+        assert not trainer, f"operator/{path.name} imports trainer modules beyond config: {sorted(trainer)}"
+
+    def test_trainer_config_imports_nothing_heavy(self) -> None:
+        code = ("import sys, kubetune.trainer.config\n"
+                "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'peft') if m in sys.modules)\n"
+                "print(','.join(heavy))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "", f"importing kubetune.trainer.config pulled in {out.strip()}"
+
+
+class TestPureOperatorModules:
+    @pytest.mark.parametrize("path", [p for p in modules("operator") if p.stem not in OPERATOR_NETWORK_MODULES],
+                             ids=lambda p: p.name)
+    def test_imports_neither_kopf_nor_the_kubernetes_client(self, path: Path) -> None:
+        bad = {n for n in imports_of(path) if n.split(".")[0] in ("kopf", "kubernetes", "aiohttp")}
+        assert not bad, f"operator/{path.name} should be pure but imports {sorted(bad)}"
+
+
+class TestLayout:
+    @pytest.mark.parametrize("folder", sorted(PACKAGES))
+    def test_source_folders_are_namespace_portions_so_operator_never_shadows_the_stdlib(self, folder: str) -> None:
+        assert not (REPO / folder / "__init__.py").exists()
+
+    def test_stdlib_operator_module_wins_from_the_repository_root(self) -> None:
+        out = subprocess.run([sys.executable, "-c", "import operator; print(operator.__file__)"],
+                             cwd=REPO, capture_output=True, text=True, check=True).stdout
+        assert "/work" not in out and out.strip().endswith("operator.py"), out
+
+
+@pytest.mark.slow
+def test_operator_type_checks_strictly(tmp_path: Path) -> None:
+    # The editable install maps folders onto kubetune.*; mypy needs a real tree.
+    root = tmp_path / "kubetune"
+    root.mkdir()
+    for folder in PACKAGES:
+        (root / folder).symlink_to(REPO / folder)
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "-p", "kubetune.operator"],
+                          cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-4000:]
