@@ -212,11 +212,15 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
     from accelerate import Accelerator
 
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
-    accelerator = Accelerator(mixed_precision=_precision(config.training.precision, device_kind))
+    precision = _precision(config.training.precision, device_kind)
+    accelerator = Accelerator(mixed_precision=precision)
     seed = hyperparameters.resolve_seed(config.hyperparameters)
     seed_everything(seed)
 
-    model = modeling.load_model(config.model)
+    # Frozen LoRA base weights need no fp32 master copy: load them in bf16 (half the memory);
+    # peft keeps the adapters themselves in fp32. Full fine-tuning keeps fp32 master weights.
+    base_dtype = torch.bfloat16 if config.method.type == "lora" and precision == "bf16" else torch.float32
+    model = modeling.load_model(config.model, dtype=base_dtype)
     num_parameters = sum(p.numel() for p in model.parameters())
     train_tokens = data.tokenize_examples(prepared.splits.train, tokenizer)
     longest = max((len(t.input_ids) for t in train_tokens), default=1)

@@ -44,3 +44,9 @@ def http_files(tmp_path: Path) -> Iterator[tuple[Path, str]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama-style model folder (shared, never modified by tests)."""
+    return tinymodel.create_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arch="llama")

@@ -91,6 +91,18 @@ class TestSmokeRun:
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["parameters"]["trainable"] < metrics["parameters"]["total"] / 5
 
+    def test_lora_on_a_llama_architecture_adapts_the_attention_projections(
+        self, tmp_path: Path, tiny_llama: Path, termination_log: Path
+    ) -> None:
+        train = write_jsonl(tmp_path / "train.jsonl", text_records(120))
+        out = tmp_path / "out"
+
+        code = _run(tmp_path, config(tiny_llama, train, out, method={"type": "lora", "lora": {"merge": False}}))
+
+        assert code == cfg.EXIT_OK
+        adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+        assert sorted(adapter_config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+
     def test_lora_merged_model_is_a_plain_model(self, tmp_path: Path, tiny_gpt2: Path, termination_log: Path) -> None:
         from safetensors import safe_open
 
@@ -115,7 +127,11 @@ class TestSmokeRun:
 
         assert _run(tmp_path, content) == cfg.EXIT_OK
 
-        results = json.loads((out / "metrics.json").read_text())["results"]
+        metrics = json.loads((out / "metrics.json").read_text())
+        results = metrics["results"]
+        imbalance = metrics["data"]["imbalance"]
+        assert imbalance["strategy"] == "classWeights"
+        assert imbalance["classWeights"]["negative"] > 1 > imbalance["classWeights"]["positive"]
         matrix = results["confusionMatrix"]
         assert matrix["labels"] == ["negative", "positive"]
         assert sum(map(sum, matrix["matrix"])) == results["examples"] == 24

@@ -85,3 +85,31 @@ class TestResumeAfterSigterm:
         )
         assert resumed["valLoss"] == pytest.approx(expected["valLoss"], rel=1e-5)
         assert resumed["tokensSeen"] == expected["tokensSeen"]
+
+
+class TestCurriculum:
+    def test_epochs_grow_from_the_shortest_examples_to_the_whole_set(self, tmp_path: Path, tiny_gpt2: Path) -> None:
+        from transformers import AutoTokenizer
+
+        from kubetune.trainer import data
+
+        records = [{"text": "word " * (1 + i % 20)} for i in range(200)]
+        train_file = write_jsonl(tmp_path / "train.jsonl", records)
+        content = config(
+            tiny_gpt2, train_file, tmp_path / "out",
+            dataset={"curriculum": {"enabled": True, "startFraction": 0.25, "epochsToFull": 2}, "cleaning": {"dedupe": False}},
+            hyperparameters={"epochs": 3, "batchSize": 1, "maxSeqLength": 128},
+            training={"packing": False},
+        )
+        trainer_config = cfg.config_from_dict(content)
+        prepared = data.prepare(trainer_config.dataset)
+
+        run = train.setup(trainer_config, prepared, AutoTokenizer.from_pretrained(tiny_gpt2))
+
+        first, second, third = (train.epoch_sequences(run, e) for e in range(3))
+        assert run.statistics["packing"]["train"]["chunked"] == 0  # one sequence per example here
+        assert len(first) == pytest.approx(0.25 * len(third), abs=1)
+        assert len(second) == pytest.approx(0.625 * len(third), abs=1)
+        all_lengths = sorted(len(s.input_ids) for s in third)
+        assert sorted(len(s.input_ids) for s in first) == all_lengths[: len(first)]  # the shortest quarter
+        assert run.epoch_steps == [len(first), len(second), len(third)]
