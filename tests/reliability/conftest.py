@@ -16,9 +16,8 @@ import copy
 import json
 import secrets
 import shutil
-import signal
 import os
-import time
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.dev import cli, localnode, progress_view, stack as local_stack, tinymodel
+from kubetune.dev import progress_view, stack as local_stack, tinymodel
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"

@@ -28,8 +28,8 @@ from typing import Any
 import pytest
 
 from kubetune.dev import stack as local_stack
-from tests.reliability.conftest import Kube, Tenants, condition, is_true, tiny_manifest, trainer_process,
-                                         trainer_reports, wait_until
+from tests.reliability.conftest import (Kube, Tenants, condition, is_true, tiny_manifest, trainer_process,
+                                        trainer_reports, wait_until)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
