@@ -97,7 +97,10 @@ class TestSmokeRun:
         train = write_jsonl(tmp_path / "train.jsonl", text_records(120))
         out = tmp_path / "out"
 
-        code = _run(tmp_path, config(tiny_llama, train, out, method={"type": "lora", "lora": {"merge": False}}))
+        code = _run(
+            tmp_path,
+            config(tiny_llama, train, out, method={"type": "lora", "lora": {"merge": False}}, training={"gradientCheckpointing": True}),
+        )
 
         assert code == cfg.EXIT_OK
         adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
@@ -109,8 +112,12 @@ class TestSmokeRun:
         train = write_jsonl(tmp_path / "train.jsonl", text_records(120))
         out = tmp_path / "out"
 
-        assert _run(tmp_path, config(tiny_gpt2, train, out, method={"type": "lora"})) == cfg.EXIT_OK
+        content = config(tiny_gpt2, train, out, method={"type": "lora"}, hyperparameters={"dropout": 0.0, "weightDecay": 0.1})
 
+        assert _run(tmp_path, content) == cfg.EXIT_OK
+
+        saved_config = json.loads((out / "model" / "config.json").read_text())
+        assert saved_config["resid_pdrop"] == saved_config["attn_pdrop"] == 0.0  # dropout override
         with safe_open(out / "model" / "model.safetensors", "pt") as weights:
             assert not [k for k in weights.keys() if "lora" in k]
 
