@@ -560,6 +560,8 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                     raise Preempted(f"SIGTERM at step {state.step}: checkpoint saved")
                 if config.checkpoint_interval and state.step % config.checkpoint_interval == 0:
                     checkpoint()
+                elif not config.checkpoint_interval and not run.validation and state.step_in_epoch == 0:
+                    checkpoint()  # no validations to checkpoint at: keep one per epoch
                 if state.step_in_epoch == 0:
                     break  # epoch finished: plan the next one
         if run.validation and (not state.evaluations or state.evaluations[-1]["step"] != state.step):

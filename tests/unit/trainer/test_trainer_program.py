@@ -164,6 +164,21 @@ class TestSmokeRun:
         assert metrics["valLoss"] < metrics["initialValLoss"]
 
 
+    def test_without_validation_or_test_data_it_trains_and_says_so(self, tmp_path: Path, tiny_gpt2: Path, termination_log: Path) -> None:
+        train = write_jsonl(tmp_path / "train.jsonl", text_records(60))
+        out = tmp_path / "out"
+
+        code = _run(tmp_path, config(tiny_gpt2, train, out, dataset={"split": {"validation": 0.0, "test": 0.0}}))
+
+        assert code == cfg.EXIT_OK
+        metrics = json.loads((out / "metrics.json").read_text())
+        assert metrics["valLoss"] is None and metrics["results"] == {}
+        assert metrics["data"]["splits"] == {"train": 60, "validation": 0, "test": 0}
+        assert (out / "model" / "model.safetensors").is_file() and (out / "loss_curve.png").is_file()
+        per_epoch = metrics["totalSteps"] // 2
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [f"step-{per_epoch}", f"step-{2 * per_epoch}"]
+
+
 class TestEarlyStopping:
     def test_stops_after_patience_evaluations_without_improvement(self, tmp_path: Path, tiny_gpt2: Path, termination_log: Path) -> None:
         train = write_jsonl(tmp_path / "train.jsonl", text_records())
