@@ -13,6 +13,13 @@ from `KUBETUNE_POLICY_FILE` (YAML)::
       allowedTrainerImages: []     # globs spec.serving.image must match; [] = any
     namespaces:
       team-a: {maxConcurrentJobs: 2}   # keys left out come from `defaults`
+    gpuTypes:                      # the node pools' GPUs, for `resources.gpus: auto` and memory checks
+      - name: A100-40GB
+        memoryGiB: 40
+        maxPerNode: 8              # default 8
+        tflops: 312                # peak dense bf16, for the ETA (default 100)
+        nodeSelector: {nvidia.com/gpu.product: NVIDIA-A100-SXM4-40GB}
+    targetTrainingHours: 0         # auto adds GPUs (up to a node) to finish within this; 0 = one GPU
 
 Globs use `*` for any characters, `/` included (`hf://meta-llama/*`, `pvc://*`).
 """
@@ -26,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from kubetune.operator.estimate import GpuType
 
 API_VERSION = "kubetune.io/v1alpha1"
 KIND = "PlatformPolicy"
@@ -78,6 +87,10 @@ class PlatformPolicy:
     """Limits of every namespace without an entry of its own."""
     namespaces: Mapping[str, NamespaceLimits] = dataclasses.field(default_factory=dict)
     """Per-namespace limits (complete: keys left out in the file were taken from `defaults`)."""
+    gpu_types: tuple[GpuType, ...] = ()
+    """The GPU types the node pools offer; empty = unknown (`gpus: auto` trains on CPU, GPU memory unchecked)."""
+    target_training_hours: float = 0.0
+    """`gpus: auto` uses the fewest GPUs (up to a node) whose ETA is within this; 0 = always one GPU."""
 
     def limits_for(self, namespace: str) -> NamespaceLimits:
         return self.namespaces.get(namespace, self.defaults)
@@ -126,9 +139,15 @@ def policy_from_dict(data: Any) -> PlatformPolicy:
     problems: list[str] = []
     if data.get("kind", KIND) != KIND:
         problems.append(f"kind: must be {KIND}, got {data.get('kind')!r}")
-    unknown = set(data) - {"apiVersion", "kind", "defaults", "namespaces"}
+    unknown = set(data) - {"apiVersion", "kind", "defaults", "namespaces", "gpuTypes", "targetTrainingHours"}
     if unknown:
-        problems.append(f"{sorted(unknown)[0]}: unknown key; allowed: apiVersion, kind, defaults, namespaces")
+        problems.append(f"{sorted(unknown)[0]}: unknown key; allowed: apiVersion, kind, defaults, namespaces, "
+                        "gpuTypes, targetTrainingHours")
+    gpu_types = _gpu_types_from(data.get("gpuTypes"), problems)
+    target = data.get("targetTrainingHours", 0)
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or target < 0:
+        problems.append(f"targetTrainingHours: must be a number >= 0 (0 = off), got {target!r}")
+        target = 0
     defaults = _limits_from(data.get("defaults"), "defaults", NamespaceLimits(), problems)
     namespaces: dict[str, NamespaceLimits] = {}
     raw_namespaces = data.get("namespaces") or {}
@@ -139,7 +158,44 @@ def policy_from_dict(data: Any) -> PlatformPolicy:
             namespaces[str(name)] = _limits_from(limits, f"namespaces.{name}", defaults, problems)
     if problems:
         raise PolicyError(problems)
-    return PlatformPolicy(defaults=defaults, namespaces=namespaces)
+    return PlatformPolicy(defaults=defaults, namespaces=namespaces, gpu_types=gpu_types,
+                          target_training_hours=float(target))
+
+
+_GPU_TYPE_KEYS = ("name", "memoryGiB", "maxPerNode", "nodeSelector", "tflops")
+
+
+def _gpu_types_from(data: Any, problems: list[str]) -> tuple[GpuType, ...]:
+    if data is None:
+        return ()
+    if not isinstance(data, list):
+        problems.append(f"gpuTypes: must be a list of {{name, memoryGiB, maxPerNode, nodeSelector, tflops}}, got {data!r}")
+        return ()
+    found: list[GpuType] = []
+    for index, item in enumerate(data):
+        path = f"gpuTypes[{index}]"
+        if not isinstance(item, dict):
+            problems.append(f"{path}: must be a mapping, got {item!r}")
+            continue
+        bad = len(problems)
+        for key in sorted(set(item) - set(_GPU_TYPE_KEYS)):
+            problems.append(f"{path}.{key}: unknown key; allowed: {', '.join(_GPU_TYPE_KEYS)}")
+        name, memory = item.get("name"), item.get("memoryGiB")
+        per_node, tflops = item.get("maxPerNode", 8), item.get("tflops", 100.0)
+        selector = item.get("nodeSelector") or {}
+        if not isinstance(name, str) or not name:
+            problems.append(f"{path}.name: must be a non-empty string, got {name!r}")
+        if isinstance(memory, bool) or not isinstance(memory, (int, float)) or memory <= 0:
+            problems.append(f"{path}.memoryGiB: must be a number > 0, got {memory!r}")
+        if isinstance(per_node, bool) or not isinstance(per_node, int) or per_node < 1:
+            problems.append(f"{path}.maxPerNode: must be an integer >= 1, got {per_node!r}")
+        if isinstance(tflops, bool) or not isinstance(tflops, (int, float)) or tflops <= 0:
+            problems.append(f"{path}.tflops: must be a number > 0, got {tflops!r}")
+        if not isinstance(selector, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in selector.items()):
+            problems.append(f"{path}.nodeSelector: must map label names to string values, got {selector!r}")
+        if len(problems) == bad:
+            found.append(GpuType(str(name), float(memory), int(per_node), dict(selector), float(tflops)))
+    return tuple(found)
 
 
 def load_policy(path: str) -> PlatformPolicy:

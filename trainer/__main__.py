@@ -55,6 +55,19 @@ def validate_only(config: cfg.TrainerConfig) -> dict[str, Any]:
     return statistics
 
 
+def validation_sizing(config: cfg.TrainerConfig, statistics: dict[str, Any]) -> dict[str, Any] | None:
+    """Model and data facts for the operator's resource estimate; None when the model's shape cannot be read."""
+    from kubetune.trainer import sizing
+
+    tokens = statistics["trainTokens"]
+    try:
+        return sizing.sizing_facts(config, train_examples=int(statistics.get("splits", {}).get("train", 0) or 0),
+                                   train_tokens=tokens["total"], longest_example=tokens["longestExample"])
+    except Exception as error:  # noqa: BLE001 - the estimate is advisory; validation itself passed
+        log.warning("no sizing facts for the resource estimate: %s: %s", type(error).__name__, error)
+        return None
+
+
 def test_metrics(run: Any, prepared: Any) -> dict[str, Any]:
     """Perplexity and token accuracy on the test split; classification metrics by label likelihood."""
     from kubetune.trainer import data, evaluate
@@ -164,7 +177,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cfg.EXIT_PERMANENT
     if args.validate_only:
         try:
-            print(json.dumps({"kind": "validation", "valid": True, "statistics": validate_only(config)}, default=str))
+            statistics = validate_only(config)
+            facts = validation_sizing(config, statistics)
+            print(json.dumps({"kind": "validation", "valid": True, "statistics": statistics, "sizing": facts}, default=str))
+            reporting.write_termination_message(reporting.validation_summary(statistics, facts))
         except (PermanentError, cfg.ConfigError) as error:
             _fail(None, "failed", str(error))
             return cfg.EXIT_PERMANENT

@@ -141,6 +141,22 @@ def termination_summary(
     return text
 
 
+def validation_summary(statistics: Mapping[str, Any], sizing: Mapping[str, Any] | None) -> str:
+    """The validation pod's termination message: outcome `validated`, a one-line data summary and the
+    sizing facts the operator estimates resources from (dropped if they would pass 4 KiB)."""
+    splits = statistics.get("splits") or {}
+    tokens = (statistics.get("trainTokens") or {}).get("total")
+    message = (f"{splits.get('train', 0)} train / {splits.get('validation', 0)} validation / "
+               f"{splits.get('test', 0)} test examples, {tokens} training tokens")
+    summary: dict[str, Any] = {"outcome": "validated", "message": message}
+    if sizing:
+        summary["sizing"] = dict(sizing)
+    text = json.dumps(summary)
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+        text = json.dumps({"outcome": "validated", "message": message})
+    return text
+
+
 def termination_log_path() -> Path | None:
     """KUBETUNE_TERMINATION_LOG, else /dev/termination-log when it exists and is writable."""
     configured = os.environ.get(cfg.ENV_TERMINATION_LOG)
