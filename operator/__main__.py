@@ -16,6 +16,7 @@ def main() -> None:
     import kopf
 
     from kubetune.operator import handlers  # registers the handlers
+    from kubetune.operator import sweep_handlers  # noqa: F401  (registers the FineTuneSweep handlers)
 
     settings = handlers.SETTINGS
     kopf.run(

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from kubetune.operator import apischema, models
+from kubetune.operator import apischema, models, sweep_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = REPO_ROOT / "crds"
@@ -178,7 +178,35 @@ FINETUNEJOB = CustomResource(
 )
 """The FineTuneJob kind."""
 
-RESOURCES = (FINETUNEJOB,)
+FINETUNESWEEP = CustomResource(
+    group=sweep_models.GROUP,
+    kind=sweep_models.KIND,
+    plural=sweep_models.PLURAL,
+    singular="finetunesweep",
+    version=sweep_models.VERSION,
+    spec_model=sweep_models.FineTuneSweepSpec,
+    status_model=sweep_models.FineTuneSweepStatus,
+    description=(
+        "FineTuneSweep searches hyperparameters: it runs FineTuneJobs (trials) from a template with "
+        "values from a search space (grid or seeded random), at most parallelTrials at a time, ranks "
+        "them by an objective metric, optionally stops trailing trials early and serves the best."
+    ),
+    short_names=("fts",),
+    categories=("kubetune",),
+    printer_columns=(
+        PrinterColumn("Status", "string", ".status.phase", "One-word summary derived from the conditions"),
+        PrinterColumn("Best", "number", ".status.bestTrial.objective", "Best objective value so far"),
+        PrinterColumn("Done", "integer", ".status.counts.completed", "Trials succeeded, failed or stopped"),
+        PrinterColumn("Total", "integer", ".status.counts.total", "Trials the sweep runs"),
+        PrinterColumn("Age", "date", ".metadata.creationTimestamp", "Time since creation"),
+        PrinterColumn("Metric", "string", ".status.objectiveMetric", "The objective metric", priority=1),
+        PrinterColumn("Best-Trial", "string", ".status.bestTrial.name", "The best trial's FineTuneJob",
+                      priority=1),
+    ),
+)
+"""The FineTuneSweep kind."""
+
+RESOURCES = (FINETUNEJOB, FINETUNESWEEP)
 """Every CRD kubetune ships, written to crds/."""
 
 

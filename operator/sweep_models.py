@@ -170,7 +170,7 @@ class EarlyTermination:
 
 @rules(
     Rule("self.parameters.all(p, self.parameters.exists_one(q, q.name == p.name))",
-         "parameter names must be unique", field_path=".parameters", reason="FieldValueDuplicate"),
+         "parameter names must be unique", field_path=".parameters"),
     Rule("self.parallelTrials <= self.maxTrials", "parallelTrials must not exceed maxTrials",
          field_path=".parallelTrials"),
     Rule("!self.parameters.exists(p, p.name.startsWith('method.lora.')) || "

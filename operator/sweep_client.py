@@ -1,0 +1,91 @@
+"""The FineTuneSweep's API-server access: read a sweep and its trials, carry out a decision.
+
+Built on `client.KubeClient` (same ApiClient and API objects). Creating a trial
+answers 409 when it is already there, which is fine: trial names are
+deterministic. A sweep or trial deleted meanwhile (404) is not an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, cast
+
+from kubernetes.client.exceptions import ApiException
+
+from kubetune.operator import sweep, sweep_models
+from kubetune.operator.client import KubeClient
+
+Body = dict[str, Any]
+GROUP, VERSION = sweep_models.GROUP, sweep_models.VERSION
+SWEEPS = sweep_models.PLURAL
+JOBS = "finetunejobs"
+
+log = logging.getLogger(__name__)
+
+
+class SweepClient:
+    """What the sweep handlers need, over the operator's `KubeClient`."""
+
+    def __init__(self, kube: KubeClient) -> None:
+        self.custom = kube.custom
+
+    def get_sweep(self, namespace: str, name: str) -> Body | None:
+        try:
+            return cast(Body, self.custom.get_namespaced_custom_object(GROUP, VERSION, namespace, SWEEPS, name))
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            raise
+
+    def list_trials(self, sweep_body: Body) -> list[Body]:
+        """The sweep's trial FineTuneJobs: labelled with its name and controlled by its uid."""
+        metadata = sweep_body["metadata"]
+        listing = cast(Body, self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, metadata["namespace"], JOBS,
+            label_selector=f"{sweep.LABEL_SWEEP}={metadata['name'][:63]}"))
+        owned = []
+        for item in listing.get("items") or []:
+            owners = (item.get("metadata") or {}).get("ownerReferences") or []
+            if any(o.get("uid") == metadata["uid"] and o.get("controller") for o in owners):
+                owned.append(item)
+        return owned
+
+    def apply(self, sweep_body: Body, decision: sweep.SweepDecision) -> None:
+        """Create, stop and (un)serve trials, then write the status (if it changed)."""
+        namespace, name = sweep_body["metadata"]["namespace"], sweep_body["metadata"]["name"]
+        for manifest in decision.create:
+            self.create_trial(namespace, manifest)
+        for stop in decision.stop:
+            self.patch_trial(namespace, stop.name, {
+                "metadata": {"annotations": {sweep.ANNOTATION_STOPPED: stop.reason[:1024]}},
+                "spec": {"suspend": True}})
+            log.info("stopped trial %s/%s: %s", namespace, stop.name, stop.reason)
+        for change in decision.serve:
+            self.patch_trial(namespace, change.name, {"spec": {"serving": change.serving}})
+            log.info("set serving of trial %s/%s to %s", namespace, change.name, change.serving)
+        if sweep.status_changed(sweep_body.get("status") or {}, decision.status):
+            self.patch_sweep_status(namespace, name, decision.status)
+
+    def create_trial(self, namespace: str, manifest: Body) -> None:
+        try:
+            self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, JOBS, manifest)
+            log.info("created trial %s/%s", namespace, manifest["metadata"]["name"])
+        except ApiException as error:
+            if error.status != 409:
+                raise
+
+    def patch_trial(self, namespace: str, name: str, patch: Body) -> None:
+        try:
+            self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, JOBS, name, patch)
+        except ApiException as error:
+            if error.status != 404:
+                raise
+
+    def patch_sweep_status(self, namespace: str, name: str, status: Body) -> None:
+        """Merge-patch `status` of a FineTuneSweep (the status subresource)."""
+        try:
+            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, SWEEPS, name,
+                                                              {"status": status})
+        except ApiException as error:
+            if error.status != 404:
+                raise

@@ -1,0 +1,85 @@
+"""Thin kopf handlers for FineTuneSweeps: every event about a sweep or one of its trials runs the same
+level-based reconcile (`sweep.decide`), serialised per sweep.
+
+They share the FineTuneJob handlers' runtime (API client, settings, the
+metrics registry served at `/metrics`, kopf's persistence settings), so the
+operator imports this module next to `handlers`. Handlers return None and
+write status explicitly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from kubetune.operator import handlers, sweep, sweep_metrics, sweep_models
+from kubetune.operator.sweep_client import SweepClient
+
+log = logging.getLogger(__name__)
+
+SWEEP_RESOURCE = (sweep_models.GROUP, sweep_models.VERSION, sweep_models.PLURAL)
+METRICS = sweep_metrics.SweepMetrics(handlers.METRICS.registry)
+_LOCK_PREFIX = "sweep:"
+"""Per-sweep locks live in the shared runtime's lock table, under names no FineTuneJob can have."""
+
+
+def reconcile_sweep(namespace: str, name: str) -> None:
+    """Observe the sweep and its trials, decide, carry out — for one sweep at a time."""
+    with handlers.RUNTIME.lock(namespace, _LOCK_PREFIX + name):
+        client = SweepClient(handlers.RUNTIME.kube())
+        body = client.get_sweep(namespace, name)
+        if body is None or body["metadata"].get("deletionTimestamp"):
+            return  # deleted: the garbage collector removes the trials
+        decision = sweep.decide(body, client.list_trials(body))
+        client.apply(body, decision)
+        METRICS.observe(namespace, name, {**(body.get("status") or {}), **decision.status})
+
+
+def _reconcile_or_retry(namespace: str | None, name: str | None) -> None:
+    if not namespace or not name:
+        return
+    try:
+        reconcile_sweep(namespace, name)
+    except Exception as error:
+        log.exception("reconcile of sweep %s/%s failed", namespace, name)
+        raise kopf.TemporaryError(f"sweep reconcile failed: {error}", delay=10) from error
+
+
+@kopf.on.create(*SWEEP_RESOURCE)
+@kopf.on.update(*SWEEP_RESOURCE)
+@kopf.on.resume(*SWEEP_RESOURCE)
+def on_sweep_changed(namespace: str | None, name: str | None, **_: Any) -> None:
+    _reconcile_or_retry(namespace, name)
+
+
+@kopf.timer(*SWEEP_RESOURCE, interval=handlers.SETTINGS.resync_seconds,
+            initial_delay=handlers.SETTINGS.resync_seconds)
+def resync_sweep(namespace: str | None, name: str | None, **_: Any) -> None:
+    _reconcile_or_retry(namespace, name)
+
+
+@kopf.on.delete(*SWEEP_RESOURCE, optional=True)
+def on_sweep_deleted(namespace: str | None, name: str | None, **_: Any) -> None:
+    """Trials go with the sweep (owner references); only the metrics need clearing."""
+    if namespace and name:
+        METRICS.forget(namespace, name)
+
+
+def _sweep_of(body: kopf.Body) -> str | None:
+    for owner in body.get("metadata", {}).get("ownerReferences") or []:
+        if owner.get("kind") == sweep_models.KIND and owner.get("apiVersion") == sweep.API_VERSION:
+            return str(owner.get("name"))
+    return None
+
+
+@kopf.on.event(sweep_models.GROUP, sweep_models.VERSION, "finetunejobs", labels={sweep.LABEL_SWEEP: kopf.PRESENT})
+def on_trial_event(namespace: str | None, body: kopf.Body, **_: Any) -> None:
+    """A trial changed (progress, an outcome, deletion): converge its sweep now."""
+    name = _sweep_of(body)
+    if namespace and name:
+        try:
+            reconcile_sweep(namespace, name)
+        except Exception:  # event handlers are not retried; the timer converges later
+            log.exception("reconcile of sweep %s/%s after a trial event failed", namespace, name)
