@@ -229,3 +229,14 @@ def test_a_good_sweep_is_stored_with_its_defaults_equal_to_the_typed_models(crds
                                                          sweep_manifest("good"), dry_run="All")
     spec = FineTuneSweepSpec.from_dict(sweep_manifest("good")["spec"])
     assert stored["spec"] == spec.to_dict()
+
+
+def test_the_example_sweep_is_accepted_and_stored_as_the_typed_model_reads_it(crds_only: None, kube: Kube) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    body = yaml.safe_load((Path(__file__).resolve().parents[3] / "examples" / "sweep-learning-rate.yaml").read_text())
+    stored = kube.custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", "default", "finetunesweeps",
+                                                         body, dry_run="All")
+    assert stored["spec"] == FineTuneSweepSpec.from_dict(body["spec"]).to_dict()
