@@ -199,6 +199,24 @@ def test_promote_best_serves_the_winner_and_nothing_else(sweeps: Sweeps, kube: K
     assert deployments() == ["promo-t1-serving"]
 
 
+def test_an_operator_restart_neither_repeats_nor_changes_trials(sweeps: Sweeps, operator: OperatorProcess) -> None:
+    body = sweep_manifest("restart", parameters=[{"name": LR, "type": "logUniform", "min": 1e-5, "max": 1e-3}],
+                          algorithm={"type": "random", "seed": 5}, maxTrials=3, parallelTrials=2)
+    sweeps.create(body)
+    wait_for(lambda: len(sweeps.trials("restart")) == 2, "the first two trials")
+    before = {t["metadata"]["name"]: (t["metadata"]["uid"], t["spec"]["hyperparameters"]["learningRate"])
+              for t in sweeps.trials("restart")}
+    operator.kill()
+    operator.start()
+    sweeps.run("restart-t0", val_loss=1.0)
+    wait_for(lambda: len(sweeps.trials("restart")) == 3, "the third trial after the restart")
+    after = {t["metadata"]["name"]: (t["metadata"]["uid"], t["spec"]["hyperparameters"]["learningRate"])
+             for t in sweeps.trials("restart")}
+    assert {name: after[name] for name in before} == before, "the same objects with the same values"
+    spec = FineTuneSweepSpec.from_dict(sweeps.get("restart")["spec"])
+    assert after["restart-t2"][1] == sweep.trial_parameters(spec, 2)[LR]
+
+
 @pytest.mark.parametrize(("change", "message"), [
     ({"parameters": [{"name": LR, "type": "uniform", "min": 0.01, "max": 0.001}]}, "min must be below max"),
     ({"parameters": [{"name": LR, "type": "logUniform", "min": 0, "max": 0.01}]}, "logUniform needs min > 0"),
