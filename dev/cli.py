@@ -239,6 +239,54 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- kubetune estimate ----------------------------------------------------------------------
+
+
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    """Memory, tokens, ETA and the GPU recommendation for a manifest, computed here like the validation pod does."""
+    from kubetune.operator import estimate, policy, render
+    from kubetune.trainer import __main__ as trainer_main
+    from kubetune.trainer import config as trainer_config
+
+    jobs = [d for d in yaml.safe_load_all(Path(args.manifest).read_text()) if d and d.get("kind") == "FineTuneJob"]
+    if len(jobs) != 1:
+        print(f"kubetune estimate: {args.manifest} must hold exactly one FineTuneJob, found {len(jobs)}", file=sys.stderr)
+        return 2
+    job = jobs[0]
+    job.setdefault("metadata", {}).setdefault("namespace", "local")
+    job["metadata"].setdefault("name", "estimate")
+    try:
+        rendered = render.trainer_config_for(job)
+        text = rendered.config_json()
+        for claim, folder in (item.split("=", 1) for item in args.volume):
+            text = text.replace(f'"{render.PVC_MOUNT_ROOT}/{claim}', f'"{Path(folder).resolve()}')
+        config = trainer_config.config_from_dict(json.loads(text))
+        platform = policy.load_policy(args.policy or os.environ.get("KUBETUNE_POLICY_FILE", ""))
+        statistics = trainer_main.validate_only(config)
+        sizing = trainer_main.validation_sizing(config, statistics)
+        if sizing is None:
+            print("kubetune estimate: cannot read the model's configuration (see the warning above)", file=sys.stderr)
+            return 2
+        result = estimate.plan_for_job(job.get("spec") or {}, sizing, gpu_types=platform.gpu_types,
+                                       target_seconds=platform.target_training_hours * 3600)
+    except (ValueError, OSError) as error:
+        print(f"kubetune estimate: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps({"estimate": result.to_status(), "breakdown": result.breakdown.to_report(),
+                          "sizing": sizing}, indent=2))
+    else:
+        print(f"model: {sizing['model']['parameters']:,} parameters; {result.tokens:,} tokens to process")
+        print("training memory per device: " + estimate.human_bytes(result.train_bytes_per_device) + " = " + ", ".join(
+            f"{name} {estimate.human_bytes(value)}" for name, value in result.breakdown.to_report().items()
+            if name != "total" and value))
+        print(f"serving memory: {estimate.human_bytes(result.serve_bytes)}")
+        print(f"ETA: {result.eta_seconds / 3600:.2f} h")
+        verdict = "fits" if result.fits else "DOES NOT FIT (the operator rejects it: InsufficientResources)"
+        print(f"recommendation ({verdict}): {result.recommendation.message}")
+    return 0 if result.fits else 1
+
+
 # -- questions about a job on any cluster ----------------------------------------------------
 
 
@@ -317,6 +365,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--serve", action="store_true", help="serve the model after training")
     run.add_argument("--port", type=int, default=8000)
     run.set_defaults(func=_cmd_run)
+
+    sizing = commands.add_parser("estimate", help="GPU memory, tokens, ETA and GPUs a FineTuneJob needs (no cluster)")
+    sizing.add_argument("manifest")
+    sizing.add_argument("--volume", action="append", default=[], metavar="CLAIM=DIR",
+                        help="the local folder that stands for PersistentVolumeClaim CLAIM (repeatable)")
+    sizing.add_argument("--policy", help="platform policy file with gpuTypes (default: $KUBETUNE_POLICY_FILE)")
+    sizing.add_argument("--json", action="store_true", help="print JSON")
+    sizing.set_defaults(func=_cmd_estimate)
 
     for name, func, text in (("status", _cmd_status, "conditions, progress, metrics, results"),
                              ("loss", _cmd_loss, "the loss curve from the checkpoints"),

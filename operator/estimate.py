@@ -52,6 +52,13 @@ MLP keeps gate, up, activation and product: 4, see `ModelFacts.gated_mlp`)."""
 EAGER_ATTENTION_FACTOR = 2
 """Eager attention keeps the attention probabilities and their pre-softmax scores (heads × seq² each);
 SDPA/flash kernels keep none (they recompute)."""
+DROPOUT_ATTENTION_FACTOR = 4
+"""With attention dropout on a materialising path (eager, or SDPA on CPU, whose fused kernels do not
+do dropout), four value-sized copies of the heads × seq² scores plus a one-byte mask are kept
+(measured on CPU: 17.5 bytes per fp32 score)."""
+PYTHON_GELU_EXTRA = 7
+"""GPT-2's `gelu_new` is written in Python (0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³)))): autograd keeps
+about seven more intermediate-sized tensors per token and layer than a fused activation (measured)."""
 LOGIT_FP32_COPIES = 2
 """The loss upcasts the logits to fp32 and keeps the fp32 log-softmax for the backward pass."""
 GPU_OVERHEAD_BYTES = 1 * GIB
@@ -113,6 +120,10 @@ class ModelFacts:
     """`model_type` from config.json (e.g. `gpt2`, `llama`)."""
     gated_mlp: bool = False
     """The MLP is gated (SwiGLU: gate, up, down projections), as in Llama."""
+    python_gelu: bool = False
+    """The MLP activation is GPT-2's Python `gelu_new` (keeps many temporaries for the backward pass)."""
+    attention_dropout: bool = False
+    """Attention dropout is on (probability > 0): non-fused attention kernels keep the scores."""
     lora_inputs_outputs: int = 0
     """Sum of (in + out features) over every module LoRA adapts, all layers: LoRA trainable parameters
     are rank × this. 0 = derive from the default targets of the architecture."""
@@ -140,7 +151,7 @@ class ModelFacts:
                     raise EstimateError(f"{path}.{key}: missing")
                 continue
             value = data[key]
-            expected: type = str if field.name == "model_type" else bool if field.name == "gated_mlp" else int
+            expected: type = str if field.name == "model_type" else bool if field.type == "bool" else int
             if not isinstance(value, expected) or (expected is int and isinstance(value, bool)):
                 raise EstimateError(f"{path}.{key}: must be {expected.__name__}, got {value!r}")
             values[field.name] = value
@@ -170,6 +181,11 @@ class ModelFacts:
         intermediate = _first_int(config, _INTERMEDIATE_KEYS, "", default=4 * hidden)
         context = _first_int(config, _CONTEXT_KEYS, "", default=0)
         gated = model_type in _GATED_MLP_TYPES or str(config.get("hidden_act", "")) in ("silu", "swiglu")
+        activation = str(config.get("activation_function") or config.get("hidden_act") or "")
+        dropout = config.get("attn_pdrop", config.get("attention_dropout", 0.0))
+        python_gelu = activation == "gelu_new" or (model_type == "gpt2" and not activation)
+        attention_dropout = isinstance(dropout, (int, float)) and dropout > 0 or (
+            model_type == "gpt2" and "attn_pdrop" not in config)  # GPT2Config's default is 0.1
         tied = bool(config.get("tie_word_embeddings", True))
         head_size = int(config.get("head_dim") or hidden // heads)
         kv_width = kv_heads * head_size
@@ -186,7 +202,8 @@ class ModelFacts:
         parameters = layers * per_layer + embeddings + positions + final_norm
         return cls(parameters=parameters, layers=layers, hidden_size=hidden, vocab_size=vocab,
                    attention_heads=heads, kv_heads=kv_heads, intermediate_size=intermediate,
-                   context_length=context, model_type=model_type, gated_mlp=gated)
+                   context_length=context, model_type=model_type, gated_mlp=gated, python_gelu=python_gelu,
+                   attention_dropout=bool(attention_dropout))
 
 
 def default_lora_inputs_outputs(facts: ModelFacts) -> int:
@@ -294,12 +311,17 @@ def activation_bytes_per_layer(facts: ModelFacts, shape: TrainingShape) -> int:
     """What one transformer block keeps for its backward pass (all sequences of the micro-batch)."""
     tokens = shape.micro_batch * shape.seq_length
     mlp_factor = 4 if facts.gated_mlp else ACTIVATION_MLP_FACTOR
-    per_token = _activation_bytes(shape.precision) * (
-        ACTIVATION_HIDDEN_FACTOR * facts.hidden_size + mlp_factor * facts.intermediate_size)
+    if facts.python_gelu:
+        mlp_factor += PYTHON_GELU_EXTRA
+    value = _activation_bytes(shape.precision)
+    per_token = value * (ACTIVATION_HIDDEN_FACTOR * facts.hidden_size + mlp_factor * facts.intermediate_size)
+    scores = shape.micro_batch * facts.attention_heads * shape.seq_length**2
+    materialised = shape.attention == "eager" or (facts.attention_dropout and shape.device == "cpu")
     attention = 0
-    if shape.attention == "eager":
-        attention = (EAGER_ATTENTION_FACTOR * _activation_bytes(shape.precision) * shape.micro_batch
-                     * facts.attention_heads * shape.seq_length**2)
+    if materialised and facts.attention_dropout:
+        attention = scores * (DROPOUT_ATTENTION_FACTOR * value + 1)
+    elif materialised:
+        attention = scores * EAGER_ATTENTION_FACTOR * value
     return tokens * per_token + attention
 
 
@@ -607,12 +629,9 @@ def facts_from_sizing(sizing: Mapping[str, Any]) -> ModelFacts:
     if not isinstance(model, Mapping) or not isinstance(model.get("config"), Mapping):
         raise EstimateError("sizing.model.config: missing")
     facts = ModelFacts.from_config(model["config"])
-    exact = {}
-    for key, field in (("parameters", "parameters"), ("loraInputsOutputs", "lora_inputs_outputs")):
-        value = model.get(key)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            exact[field] = value
-    return dataclasses.replace(facts, **exact)
+    # The pod counted these exactly on the real architecture; the config-derived ones are the fallback.
+    return dataclasses.replace(facts, parameters=_int_or(model.get("parameters"), facts.parameters),
+                               lora_inputs_outputs=_int_or(model.get("loraInputsOutputs"), facts.lora_inputs_outputs))
 
 
 def _int_or(value: Any, default: int) -> int:

@@ -194,7 +194,8 @@ def _gpu_types_from(data: Any, problems: list[str]) -> tuple[GpuType, ...]:
         if not isinstance(selector, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in selector.items()):
             problems.append(f"{path}.nodeSelector: must map label names to string values, got {selector!r}")
         if len(problems) == bad:
-            found.append(GpuType(str(name), float(memory), int(per_node), dict(selector), float(tflops)))
+            assert isinstance(memory, (int, float)) and isinstance(per_node, int) and isinstance(tflops, (int, float))
+            found.append(GpuType(str(name), float(memory), per_node, dict(selector), float(tflops)))
     return tuple(found)
 
 

@@ -23,7 +23,7 @@ CONFIG_KEYS = (
     "model_type", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer", "num_layers",
     "num_attention_heads", "n_head", "num_key_value_heads", "intermediate_size", "n_inner", "ffn_dim",
     "vocab_size", "max_position_embeddings", "n_positions", "head_dim", "hidden_act", "tie_word_embeddings",
-    "attention_bias", "mlp_bias",
+    "attention_bias", "mlp_bias", "activation_function", "attn_pdrop", "attention_dropout",
 )
 """The config keys the estimate reads (the report must stay under the 4 KiB termination-message limit)."""
 
@@ -68,7 +68,7 @@ def model_facts(config: TrainerConfig) -> dict[str, Any]:
     raw = model_config.to_dict()
     text = model_config.get_text_config().to_dict() if hasattr(model_config, "get_text_config") else raw
     shape = {k: v for k, v in {**raw, **text}.items()
-             if k in CONFIG_KEYS and isinstance(v, (int, str, bool)) and not (isinstance(v, str) and len(v) > 64)}
+             if k in CONFIG_KEYS and isinstance(v, (int, float, str, bool)) and not (isinstance(v, str) and len(v) > 64)}
     targets = modeling.lora_target_modules(model, config.method.lora)
     return {
         "config": shape,
