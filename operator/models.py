@@ -725,6 +725,26 @@ class ResolvedHyperparameters(TypedDict, total=False):
     """Names of the fields that were automatic."""
 
 
+class ResourceEstimate(TypedDict, total=False):
+    """The operator's estimate of the run, made from the dataset-validation pod's facts before training
+    starts (formula in docs/sizing.md)."""
+
+    trainMemoryBytesPerDevice: Annotated[int, Minimum(0)]
+    """Peak training memory on each device (each GPU, or the CPU pod), bytes."""
+    serveMemoryBytes: Annotated[int, Minimum(0)]
+    """Memory to serve the model (weights plus a KV cache for 8 sequences), bytes."""
+    tokensToProcess: Annotated[int, Minimum(0)]
+    """Training tokens the run will process: dataset tokens × epochs."""
+    gpus: Annotated[int, Minimum(0)]
+    """GPUs the trainer pod gets (`resources.gpus: auto` resolved; 0 = CPU)."""
+    gpuType: Annotated[str, MaxLength(253)]
+    """The GPU type chosen from the platform's `gpuTypes` (absent on CPU or when none are listed)."""
+    etaSeconds: Annotated[float, Minimum(0)]
+    """Estimated training time from FLOPs and the device's throughput (rough: ±2×)."""
+    message: Annotated[str, MaxLength(1024)]
+    """The recommendation in words."""
+
+
 class FineTuneJobStatus(TypedDict, total=False):
     """FineTuneJobStatus is the observed state of the run, written by the operator only."""
 
@@ -756,6 +776,8 @@ class FineTuneJobStatus(TypedDict, total=False):
     """Base URL of the OpenAI-compatible serving endpoint (inside the cluster)."""
     resolved: ResolvedHyperparameters
     """The hyperparameters in effect, `auto` values resolved by the trainer."""
+    estimate: ResourceEstimate
+    """Memory, tokens, GPUs and ETA estimated before training starts."""
 
 
 def status_from_dict(data: Any, path: str = "status") -> FineTuneJobStatus:

@@ -12,7 +12,9 @@ The steps, in order:
 1. finished jobs: only the TTL of training children and serving;
 2. render the spec into the trainer config (a bad spec ends here, `Validated=False`);
 3. the progress-token Secret and the config ConfigMap;
-4. dataset validation in a pod without accelerators (`InvalidDataset` ends the job);
+4. dataset validation in a pod without accelerators (`InvalidDataset` ends the job); its sizing facts
+   give `status.estimate`, resolve `resources.gpus: auto`, and reject a job that cannot fit
+   (`InsufficientResources`) before any GPU is held;
 5. the trainer Job: create, suspend/resume, and read its outcome;
 6. serving: once training succeeded and `spec.serving.enabled`, a Deployment and a
    Service serve the model; `ServingReady` follows the Deployment's availability.
@@ -20,12 +22,13 @@ The steps, in order:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kubetune.operator import builders, conditions, names, quota, render, reports
+from kubetune.operator import builders, conditions, estimate, names, quota, render, reports
 from kubetune.operator.conditions import Condition
 from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy
 from kubetune.operator.settings import OperatorSettings
@@ -145,6 +148,8 @@ class _Draft:
         self.actions: list[Action] = []
         self.extra_events: list[Event] = []
         self.requeue_after: float | None = None
+        self.plan: estimate.Plan | None = None
+        """The resource plan made in this pass (None: read `status.estimate`)."""
 
     @property
     def name(self) -> str:
@@ -207,8 +212,8 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
         return draft.decision()
     _ensure_credentials(draft, settings)
     _ensure_config(draft, rendered)
-    if _validate_dataset(draft, rendered, settings):
-        _train(draft, rendered, settings, limits)
+    if _validate_dataset(draft, rendered, settings, policy):
+        _train(draft, rendered, settings, limits, policy)
     _decide_serving(draft, settings, limits)
     return draft.decision()
 
@@ -229,14 +234,14 @@ def _model_source_allowed(draft: _Draft, limits: NamespaceLimits) -> bool:
     return False
 
 
-def _admission(draft: _Draft, limits: NamespaceLimits) -> quota.Admission:
+def _admission(draft: _Draft, limits: NamespaceLimits, gpus: int) -> quota.Admission:
     """Whether the trainer may run now under the namespace's quota."""
     observed = draft.observed
     tjob = observed.trainer_job
     waiting_to_start = tjob is None or bool((tjob.get("spec") or {}).get("suspend"))
     if not waiting_to_start:
         return quota.ADMITTED  # it holds its share already; quota never stops a running trainer
-    never = quota.never_fits(builders.gpu_count(draft.spec), limits)
+    never = quota.never_fits(gpus, limits)
     if never and (tjob is None or not quota.queued(observed.job)):
         return quota.Admission(False, f"{never}; it starts only if the platform policy changes")
     if draft.spec.get("suspend") or quota.queued(observed.job):
@@ -269,7 +274,8 @@ def _ensure_config(draft: _Draft, rendered: render.RenderedConfig) -> None:
 
 # --- step 4: dataset validation --------------------------------------------------------
 
-def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSettings) -> bool:
+def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSettings,
+                      policy: PlatformPolicy) -> bool:
     """Returns True when training may go ahead."""
     observed = draft.observed
     if draft.is_true(conditions.VALIDATED) or observed.trainer_job is not None:
@@ -291,6 +297,8 @@ def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: 
     if outcome == "Complete":
         ended = latest_termination(observed.validation_pods, builders.VALIDATION_CONTAINER)
         detail = _summary_text(ended) if ended else ""
+        if not _estimate_resources(draft, ended.summary if ended else {}, policy):
+            return False
         draft.set(conditions.VALIDATED, "True", conditions.DATASET_VALID,
                   "dataset validated" + (f": {detail}" if detail else ""))
         return True
@@ -301,6 +309,64 @@ def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: 
         return False
     _waiting_for_validation(draft, "the dataset-validation pod is running or pending")
     return False
+
+
+def _estimate_resources(draft: _Draft, summary: Body, policy: PlatformPolicy) -> bool:
+    """`status.estimate` from the validation pod's sizing facts; False (job failed) when it cannot fit."""
+    sizing = summary.get("sizing")
+    if not isinstance(sizing, dict):
+        if _gpus_auto(draft.spec):
+            draft.patch["estimate"] = {"gpus": _default_auto_gpus(policy), "message": (
+                "the validation pod reported no sizing facts: gpus auto means one GPU when the platform lists "
+                "GPU types, else CPU")}
+        return True
+    try:
+        plan = estimate.plan_for_job(draft.spec, sizing, gpu_types=policy.gpu_types,
+                                     target_seconds=policy.target_training_hours * 3600)
+    except estimate.EstimateError as error:
+        draft.patch["estimate"] = {"gpus": _default_auto_gpus(policy) if _gpus_auto(draft.spec)
+                                   else builders.gpu_count(draft.spec), "message": f"no estimate: {error}"[:1024]}
+        return True
+    draft.plan = plan
+    draft.patch["estimate"] = plan.to_status()
+    if plan.fits:
+        return True
+    message = f"{plan.recommendation.message}; {plan.summary()}"[:1024]
+    draft.set(conditions.VALIDATED, "False", conditions.INSUFFICIENT_RESOURCES, message)
+    draft.finish(False, conditions.INSUFFICIENT_RESOURCES, message)
+    return False
+
+
+def _gpus_auto(spec: Body) -> bool:
+    return (spec.get("resources") or {}).get("gpus") == trainer_config.AUTO
+
+
+def _default_auto_gpus(policy: PlatformPolicy) -> int:
+    return 1 if policy.gpu_types else 0
+
+
+def resolved_job(draft: _Draft, policy: PlatformPolicy) -> Body:
+    """The job with `resources.gpus: auto` replaced by the estimate's choice and the chosen GPU type's
+    node selector added (the user's own nodeSelector keys win)."""
+    job = draft.observed.job
+    known = {**draft.status, **draft.patch}.get("estimate")
+    known = known if isinstance(known, dict) else {}
+    auto = _gpus_auto(draft.spec)
+    selector: dict[str, str] = {}
+    if draft.plan is not None:
+        selector = dict(draft.plan.recommendation.node_selector)
+    elif auto and known.get("gpuType"):
+        selector = next((dict(t.node_selector) for t in policy.gpu_types if t.name == known["gpuType"]), {})
+    if not auto and not selector:
+        return job
+    resolved = copy.deepcopy(job)
+    resources = resolved.setdefault("spec", {}).setdefault("resources", {})
+    if auto:
+        gpus = known.get("gpus")
+        resources["gpus"] = gpus if isinstance(gpus, int) and not isinstance(gpus, bool) else _default_auto_gpus(policy)
+    if selector:
+        resources["nodeSelector"] = selector | dict(resources.get("nodeSelector") or {})
+    return resolved
 
 
 def _waiting_for_validation(draft: _Draft, message: str) -> None:
@@ -329,13 +395,14 @@ def _validation_failure(vjob: Body, pods: tuple[Body, ...]) -> tuple[str, str]:
 # --- step 5: training ------------------------------------------------------------------
 
 def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSettings,
-           limits: NamespaceLimits) -> None:
+           limits: NamespaceLimits, policy: PlatformPolicy = NO_POLICY) -> None:
     observed = draft.observed
     tjob = observed.trainer_job
-    admission = _admission(draft, limits)
+    job = resolved_job(draft, policy)
+    admission = _admission(draft, limits, builders.gpu_count(job.get("spec") or {}))
     if tjob is None:
         if admission.admitted or not quota.queued(observed.job):
-            draft.actions.append(CreateChild(builders.trainer_job(observed.job, rendered, settings,
+            draft.actions.append(CreateChild(builders.trainer_job(job, rendered, settings,
                                                                   admitted=admission.admitted)))
         if admission.admitted:
             draft.set(conditions.RUNNING, "False", conditions.PENDING, "the trainer Job was created")
