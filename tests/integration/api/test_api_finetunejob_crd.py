@@ -23,7 +23,8 @@ from kubetune.operator import models
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
-EXAMPLES = sorted(p for p in (REPO / "examples").rglob("*.yaml") if "data" not in p.relative_to(REPO / "examples").parts)
+EXAMPLES = sorted(p for p in (REPO / "examples").rglob("*.yaml") if "data" not in p.relative_to(REPO / "examples").parts
+                  and yaml.safe_load(p.read_text()).get("kind") == "FineTuneJob")
 
 DELETE = object()
 """In a patch: remove this key."""

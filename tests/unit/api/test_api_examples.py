@@ -14,7 +14,8 @@ import yaml
 from kubetune.operator import models, render
 
 REPO = Path(__file__).resolve().parents[3]
-EXAMPLES = sorted(p for p in (REPO / "examples").rglob("*.yaml") if "data" not in p.relative_to(REPO / "examples").parts)
+EXAMPLES = sorted(p for p in (REPO / "examples").rglob("*.yaml") if "data" not in p.relative_to(REPO / "examples").parts
+                  and yaml.safe_load(p.read_text()).get("kind") == "FineTuneJob")
 
 
 def load(path: Path) -> dict[str, Any]:

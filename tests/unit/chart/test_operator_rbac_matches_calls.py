@@ -1,9 +1,10 @@
 """The chart grants the operator exactly the API calls its code makes: nothing missing, nothing extra.
 
-The calls are read from the operator's source: every Kubernetes API method `client.py` names
-on its API objects (e.g. `self.batch.create_namespaced_job` -> create jobs.batch), and every
-resource a kopf handler in `handlers.py` watches (list + watch; change handlers also patch,
-for kopf's bookkeeping annotations). The chart's rules come from `helm template`.
+The calls are read from the operator's source: every Kubernetes API method the client modules
+(`client.py`, `sweep_client.py`) name on their API objects (e.g. `self.batch.create_namespaced_job`
+-> create jobs.batch; custom objects by the plural they pass), and every resource a kopf handler in
+the handler modules (`handlers.py`, `sweep_handlers.py`) watches (list + watch; change handlers
+also patch, for kopf's bookkeeping annotations). The chart's rules come from `helm template`.
 """
 
 from __future__ import annotations
@@ -33,50 +34,68 @@ RESOURCES = {
     "custom_object": ("kubetune.io", "finetunejobs"), "custom_object_status": ("kubetune.io", "finetunejobs/status"),
     "job_status": ("batch", "jobs/status"), "deployment_status": ("apps", "deployments/status"),
 }
+CLIENT_MODULES = ("client.py", "sweep_client.py")
+HANDLER_MODULES = ("handlers.py", "sweep_handlers.py")
+CUSTOM_PLURALS = {"PLURAL": "finetunejobs", "JOBS": "finetunejobs", "SWEEPS": "finetunesweeps"}
+"""Names the client modules give the custom-object plural they pass."""
+STARRED_RESOURCES = {"RESOURCE": "finetunejobs", "SWEEP_RESOURCE": "finetunesweeps"}
+"""The (group, version, plural) triples handler decorators unpack."""
 CHANGE_HANDLERS = {"create", "update", "resume", "delete", "field"}
 API_OBJECTS = {"core", "batch", "custom", "apps", "networking", "events"}
 
 
 def client_calls() -> set[Permission]:
-    """Permissions behind every `self.<api>.<verb>_namespaced_<resource>` in client.py."""
+    """Permissions behind every `self.<api>.<verb>_namespaced_<resource>` in the client modules."""
     found: set[Permission] = set()
-    tree = ast.parse((OPERATOR / "client.py").read_text())
-    for node in ast.walk(tree):
-        if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-                and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
-                and node.value.attr in API_OBJECTS):
-            continue
-        match = re.fullmatch(r"([a-z]+)_(?:namespaced_)?(\w+?)(?:_for_all_namespaces)?", node.attr)
-        assert match and match.group(1) in VERBS and match.group(2) in RESOURCES, (
-            f"client.py calls {node.value.attr}.{node.attr}: teach this test its permission, "
-            "then grant it in charts/kubetune/templates/rbac-operator.yaml")
-        group, resource = RESOURCES[match.group(2)]
-        found.add((group, resource, VERBS[match.group(1)]))
+    for module in CLIENT_MODULES:
+        tree = ast.parse((OPERATOR / module).read_text())
+        called_with = {id(node.func): node.args for node in ast.walk(tree) if isinstance(node, ast.Call)}
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                    and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
+                    and node.value.attr in API_OBJECTS):
+                continue
+            match = re.fullmatch(r"([a-z]+)_(?:namespaced_)?(\w+?)(?:_for_all_namespaces)?", node.attr)
+            assert match and match.group(1) in VERBS and match.group(2) in RESOURCES, (
+                f"{module} calls {node.value.attr}.{node.attr}: teach this test its permission, "
+                "then grant it in charts/kubetune/templates/rbac-operator.yaml")
+            group, resource = RESOURCES[match.group(2)]
+            if match.group(2).startswith("custom_object"):
+                args = called_with.get(id(node), [])
+                plural = next((a.id for a in args if isinstance(a, ast.Name) and a.id in CUSTOM_PLURALS), None)
+                assert plural, f"{module}: cannot tell which custom resource {node.attr} is called on"
+                resource = CUSTOM_PLURALS[plural] + resource.removeprefix("finetunejobs")
+            found.add((group, resource, VERBS[match.group(1)]))
     return found
 
 
 def kopf_watches() -> set[Permission]:
-    """Permissions kopf needs for the handlers in handlers.py."""
+    """Permissions kopf needs for the handlers in the handler modules."""
     found: set[Permission] = set()
-    tree = ast.parse((OPERATOR / "handlers.py").read_text())
-    for node in ast.walk(tree):
-        if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
-            continue
-        dotted = ast.unparse(node.func)
-        if not (dotted.startswith("kopf.on.") or dotted in ("kopf.timer", "kopf.daemon", "kopf.index")):
-            continue
-        kind = dotted.rsplit(".", 1)[1]
-        if kind in ("startup", "cleanup", "login", "probe"):
-            continue
-        if node.args and isinstance(node.args[0], ast.Starred):
-            group, resource = "kubetune.io", "finetunejobs"  # *RESOURCE: the FineTuneJob triple
-        else:
-            literals = [a.value for a in node.args if isinstance(a, ast.Constant)]
-            assert len(literals) == 3, f"cannot read the resource of {ast.unparse(node)}"
-            group, resource = str(literals[0]), str(literals[2])
-        found |= {(group, resource, "list"), (group, resource, "watch")}
-        if kind in CHANGE_HANDLERS or kind in ("timer", "daemon"):
-            found.add((group, resource, "patch"))
+    for module in HANDLER_MODULES:
+        tree = ast.parse((OPERATOR / module).read_text())
+        for node in ast.walk(tree):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            dotted = ast.unparse(node.func)
+            if not (dotted.startswith("kopf.on.") or dotted in ("kopf.timer", "kopf.daemon", "kopf.index")):
+                continue
+            kind = dotted.rsplit(".", 1)[1]
+            if kind in ("startup", "cleanup", "login", "probe"):
+                continue
+            if node.args and isinstance(node.args[0], ast.Starred):
+                starred = ast.unparse(node.args[0].value)
+                assert starred in STARRED_RESOURCES, f"{module}: unknown resource triple {starred}"
+                group, resource = "kubetune.io", STARRED_RESOURCES[starred]
+            else:
+                literals = [a.value for a in node.args if isinstance(a, ast.Constant)]
+                if isinstance(node.args[0], ast.Attribute) and node.args[0].attr == "GROUP" and literals:
+                    literals = ["kubetune.io", "v1alpha1", literals[-1]]  # (models.GROUP, models.VERSION, "x")
+                assert len(literals) == 3, f"cannot read the resource of {ast.unparse(node)}"
+                group, resource = str(literals[0]), str(literals[2])
+            found |= {(group, resource, "list"), (group, resource, "watch")}
+            if kind in CHANGE_HANDLERS or kind in ("timer", "daemon"):
+                found.add((group, resource, "patch"))
     return found
 
 
@@ -94,7 +113,7 @@ def operator_rules(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def test_only_client_and_handlers_talk_to_the_api() -> None:
     """Otherwise the scan below would miss calls: other modules must stay free of API objects."""
     for path in OPERATOR.glob("*.py"):
-        if path.name in ("client.py", "handlers.py"):
+        if path.name in CLIENT_MODULES + HANDLER_MODULES:
             continue
         source = path.read_text()
         assert not re.search(r"kubernetes\.client\.\w+Api\(|\bkopf\.on\.", source), path.name
@@ -123,12 +142,13 @@ def test_no_wildcards_and_no_secret_listing(render: Render) -> None:
                     assert not {"list", "watch"} & set(rule["verbs"]), role["metadata"]["name"]
 
 
-def test_tenant_roles_grant_finetunejobs_only_and_aggregate(render: Render) -> None:
+def test_tenant_roles_grant_kubetune_resources_only_and_aggregate(render: Render) -> None:
     manifests = render()
     edit = chart.find(manifests, "ClusterRole", "kubetune-edit")[0]
     view = chart.find(manifests, "ClusterRole", "kubetune-view")[0]
     for role in (edit, view):
-        assert {r for rule in role["rules"] for r in rule["resources"]} <= {"finetunejobs", "finetunejobs/status"}
+        assert {r for rule in role["rules"] for r in rule["resources"]} == {
+            "finetunejobs", "finetunejobs/status", "finetunesweeps", "finetunesweeps/status"}
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
     assert edit["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-admin"] == "true"
     assert view["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-view"] == "true"
