@@ -138,13 +138,15 @@ class LocalNode:
         self._threads: list[threading.Thread] = []
         self._ips = (f"127.1.{n // 250}.{n % 250 + 2}" for n in itertools.count())
         self._guard = orphans.ProcessGuard(self.workdir / "pods.pids")
+        self._unwritten: set[str] = set()
+        """Uids of pods whose latest status could not be written (API server down): retried."""
 
     # -- lifecycle ---------------------------------------------------------------
 
     def start(self) -> None:
         """Registers the node and starts the watch and probe loops in threads."""
         self.register()
-        for target in (self._watch_loop, self._probe_loop, self._heartbeat_loop):
+        for target in (self._watch_loop, self._probe_loop, self._heartbeat_loop, self._status_retry_loop):
             thread = threading.Thread(target=target, name=f"localnode-{target.__name__}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -202,6 +204,16 @@ class LocalNode:
         while not self._stop.wait(20):
             with contextlib.suppress(Exception):
                 self._patch_node_status()
+
+    def _status_retry_loop(self) -> None:
+        """Writes again every pod status that could not be written, as a kubelet's status sync does:
+        a container that ended while the API server was down must still reach the API."""
+        while not self._stop.wait(1):
+            with self._lock:
+                pending = [self.pods[uid] for uid in self._unwritten if uid in self.pods]
+                self._unwritten.clear()
+            for run in pending:
+                self._report(run)
 
     # -- watch --------------------------------------------------------------------
 
@@ -575,8 +587,15 @@ class LocalNode:
             if error.status == 404:
                 return
             log.warning("status of %s/%s not written: %s", run.namespace, run.name, error.reason)
-        except Exception as error:  # API server down: the next report or resync writes it
+            self._retry_report(run)
+        except Exception as error:  # API server down: the status retry loop writes it
             log.warning("status of %s/%s not written: %s", run.namespace, run.name, error)
+            self._retry_report(run)
+
+    def _retry_report(self, run: PodRun) -> None:
+        with self._lock:
+            if run.uid in self.pods:
+                self._unwritten.add(run.uid)
 
     # -- probes -----------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -45,11 +46,14 @@ class ProcessGuard:
         self.pidfile = pidfile
         self._pids: set[int] = set()
         self._watchdog: subprocess.Popen[bytes] | None = None
+        self._lock = threading.RLock()
+        """The local node adds and discards pids from many threads; one pid-file write at a time."""
 
     def add(self, pid: int) -> None:
         """Guard ``pid``; starts the watchdog on first use."""
-        self._pids.add(pid)
-        self._write()
+        with self._lock:
+            self._pids.add(pid)
+            self._write()
         if self._watchdog is None or self._watchdog.poll() is not None:
             self._watchdog = subprocess.Popen(
                 [sys.executable, "-m", "kubetune.dev.orphans", str(os.getpid()), str(self.pidfile)],
@@ -59,8 +63,9 @@ class ProcessGuard:
 
     def discard(self, pid: int) -> None:
         """Stop guarding ``pid`` (it was stopped on purpose)."""
-        self._pids.discard(pid)
-        self._write()
+        with self._lock:
+            self._pids.discard(pid)
+            self._write()
 
     def close(self) -> None:
         """Stops the watchdog; the caller has stopped every guarded process."""
@@ -72,9 +77,10 @@ class ProcessGuard:
         self._watchdog = None
 
     def _write(self) -> None:
-        tmp = self.pidfile.with_suffix(".tmp")
-        tmp.write_text("".join(f"{pid}\n" for pid in sorted(self._pids)))
-        tmp.replace(self.pidfile)
+        with self._lock:
+            tmp = self.pidfile.with_suffix(".tmp")
+            tmp.write_text("".join(f"{pid}\n" for pid in sorted(self._pids)))
+            tmp.replace(self.pidfile)
 
 
 def _read_pids(pidfile: Path) -> list[int]:

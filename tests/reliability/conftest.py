@@ -12,12 +12,17 @@ trainer printed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import secrets
 import shutil
 import os
 import signal
+import socket
+import struct
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -225,3 +230,85 @@ def tenants(stack: local_stack.LocalStack, kube: Kube, tmp_path_factory: pytest.
 
 
 
+
+
+class FaultyLink:
+    """A TCP relay between the operator and the API server that tests can break.
+
+    The operator's kubeconfig points at the relay; TLS passes through untouched
+    (the API server's certificate names 127.0.0.1). `drop()` cuts every open
+    connection at once, as a load balancer or a NAT table losing its state
+    would: watch streams and pooled connections end mid-flight and the
+    operator must reconnect.
+    """
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self._listener.getsockname()[1])
+        self._lock = threading.Lock()
+        self._open: set[socket.socket] = set()
+        self._closed = threading.Event()
+        self.drops = 0
+        threading.Thread(target=self._accept, name="faulty-link", daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed.is_set():
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port), timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._open.update((client, upstream))
+            for source, target in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, target), daemon=True).start()
+
+    def _pump(self, source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, target):
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+                sock.close()
+                with self._lock:
+                    self._open.discard(sock)
+
+    def connections(self) -> int:
+        """Open relayed connections (each counted once)."""
+        with self._lock:
+            return len(self._open) // 2
+
+    def drop(self) -> int:
+        """Resets every open connection (RST, no goodbye); returns how many there were."""
+        with self._lock:
+            sockets = list(self._open)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                sock.shutdown(socket.SHUT_RDWR)
+        self.drops += 1
+        return len(sockets) // 2
+
+    def kubeconfig(self, source: Path, target: Path) -> Path:
+        """A copy of `source` whose server is this relay."""
+        config = yaml.safe_load(source.read_text())
+        for cluster in config["clusters"]:
+            cluster["cluster"]["server"] = f"https://127.0.0.1:{self.port}"
+        target.write_text(yaml.safe_dump(config))
+        target.chmod(0o600)
+        return target
+
+    def close(self) -> None:
+        self._closed.set()
+        self._listener.close()
+        self.drop()
