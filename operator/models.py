@@ -431,8 +431,10 @@ class ResourcesSpec:
     """What the trainer pod needs and where it may run."""
 
     gpus: Annotated[IntOrAuto, Minimum(0), Maximum(64)] | None = None
-    """GPUs (`nvidia.com/gpu`) per trainer pod; more than one trains data-parallel. `auto` asks for
-    one GPU; absent or 0 trains on CPU."""
+    """GPUs (`nvidia.com/gpu`) per trainer pod; more than one trains data-parallel. `auto`: the operator
+    estimates the memory the run needs (docs/sizing.md) and picks the platform GPU type with the least
+    memory that fits (one GPU, more only to meet the platform's target time), or CPU when the platform
+    lists no GPU types; absent or 0 trains on CPU. A job that cannot fit is rejected before it starts."""
     cpu: KubeQuantity | None = None
     """CPU request of the trainer pod, e.g. `4` or `3500m`."""
     memory: KubeQuantity | None = None
