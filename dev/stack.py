@@ -38,7 +38,7 @@ class LocalStack:
     """Control plane + CRDs + operator subprocess + local node. Use as a context manager."""
 
     def __init__(self, workdir: Path, *, operator_env: dict[str, str] | None = None,
-                 resync_seconds: float = 10.0) -> None:
+                 resync_seconds: float = 10.0, with_node: bool = True) -> None:
         self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.plane = controlplane.ControlPlane(self.workdir / "controlplane")
@@ -50,6 +50,8 @@ class LocalStack:
         self.resync_seconds = resync_seconds
         self._guard = orphans.ProcessGuard(self.workdir / "operator.pids")
         self.operator_restarts = 0
+        self.with_node = with_node
+        """False: no local node, pods stay Pending unless a test plays the kubelet (load tests)."""
 
     def __enter__(self) -> LocalStack:
         self.start()
@@ -72,8 +74,9 @@ class LocalStack:
         self.plane.start()
         try:
             self.install_crds()
-            self.node = localnode.LocalNode(self.kubeconfig, self.workdir / "node")
-            self.node.start()
+            if self.with_node:
+                self.node = localnode.LocalNode(self.kubeconfig, self.workdir / "node")
+                self.node.start()
             self.start_operator()
         except BaseException:
             self.stop()
