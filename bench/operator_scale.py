@@ -1,0 +1,430 @@
+"""Operator latency and scale on the real control plane: N FineTuneJobs created at R per second.
+
+Starts etcd + kube-apiserver + kube-controller-manager (`kubetune.dev.controlplane`)
+and the operator as a real subprocess (`python -m kubetune.operator`, as in
+its pod), then creates `--jobs` FineTuneJobs at `--rate` per second and plays
+the kubelet: every validation pod ends at once with exit 0 and a `validated`
+summary, every trainer pod with exit 0 and a `succeeded` summary, so each job
+runs its whole lifecycle (ConfigMap, Secret, validation Job, trainer Job,
+Succeeded) against the real API server and the real Job controller.
+
+Measured:
+- latency from the create request to the operator's validation Job and to
+  its trainer Job, from watch events stamped on receipt in this process
+  (creationTimestamps only have 1 s resolution); the trainer Job latency
+  includes the Job controller creating the validation pod, the (instant)
+  pod run and the Job controller marking the validation Job complete, so it
+  is also split at the moment the validation Job was seen complete;
+- the operator's peak resident memory (VmHWM of its process);
+- the operator's API requests, counted by the API server itself: an audit
+  policy logs only the operator's user (it runs with its own client
+  certificate), by verb and resource; per job, and per job per minute
+  while nothing changes (which would reveal polling).
+
+    python bench/operator_scale.py                      # 1000 jobs at 10/s (about 3-4 minutes)
+    python bench/operator_scale.py --jobs 100 --quick   # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import concurrent.futures
+import json
+import os
+import secrets
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"
+OPERATOR_USER = "kubetune-operator-bench"
+NAMESPACE = "kubetune-bench"
+AUDIT_POLICY = f"""apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: ["RequestReceived"]
+rules:
+  - level: Metadata
+    users: ["{OPERATOR_USER}"]
+  - level: None
+"""
+
+
+def _controlplane_class() -> Any:
+    from kubetune.dev import controlplane
+
+    class AuditedControlPlane(controlplane.ControlPlane):  # type: ignore[misc]
+        """The dev control plane, with an audit log of the operator's requests only."""
+
+        @property
+        def audit_log(self) -> Path:
+            return Path(self.workdir) / "audit.log"
+
+        def _spawn(self, name: str, args: list[str]) -> Any:
+            if name == "kube-apiserver":
+                policy = Path(self.workdir) / "audit-policy.yaml"
+                policy.write_text(AUDIT_POLICY)
+                args = [*args, f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
+                        "--audit-log-format=json", "--audit-log-maxsize=0"]
+            return super()._spawn(name, args)
+
+    return AuditedControlPlane
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def finetunejob(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob", "metadata": {"name": name},
+        "spec": {
+            "model": {"source": "pvc://models/base/tiny-gpt2"},
+            "dataset": {"format": "text", "train": {"source": "pvc://data/train.jsonl"}},
+            "output": {"storage": "pvc://models/finetunes"},
+            "resources": {"gpus": 1, "cpu": "1", "memory": "2Gi"},
+        },
+    }
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Observer:
+    """Watches Jobs, pods and FineTuneJobs; stamps events on receipt; plays the kubelet for pods."""
+
+    def __init__(self, api_client: Any, namespace: str) -> None:
+        import kubernetes
+
+        self.namespace = namespace
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.batch = kubernetes.client.BatchV1Api(api_client)
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.created: dict[str, float] = {}
+        """FineTuneJob name -> monotonic time the create request was sent."""
+        self.validation_job: dict[str, float] = {}
+        self.validation_complete: dict[str, float] = {}
+        self.trainer_job: dict[str, float] = {}
+        self.succeeded: dict[str, float] = {}
+        self.kubelet_patches = 0
+        self._pods_done: set[str] = set()
+        self._stop = threading.Event()
+        self._kubelet = concurrent.futures.ThreadPoolExecutor(4, thread_name_prefix="kubelet")
+        self._threads = [threading.Thread(target=self._loop, args=(watch,), daemon=True)
+                         for watch in (self._watch_jobs, self._watch_pods, self._watch_finetunejobs)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._kubelet.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self, watch: Any) -> None:
+        while not self._stop.is_set():
+            try:
+                watch()
+            except Exception as error:  # noqa: BLE001 - a dropped watch is restarted
+                if not self._stop.is_set():
+                    print(f"watch restarted after {type(error).__name__}: {error}", file=sys.stderr)
+                    time.sleep(0.2)
+
+    def _stream(self, list_call: Any, *args: Any) -> Any:
+        import kubernetes
+
+        return kubernetes.watch.Watch().stream(list_call, *args, timeout_seconds=3600, _request_timeout=3700)
+
+    def _watch_jobs(self) -> None:
+        for event in self._stream(self.batch.list_namespaced_job, self.namespace):
+            received = time.monotonic()
+            job = event["object"]
+            name = job.metadata.name
+            if name.endswith("-validate"):
+                owner = name[: -len("-validate")]
+                self.validation_job.setdefault(owner, received)
+                if any(c.type == "Complete" and c.status == "True" for c in (job.status.conditions or [])):
+                    self.validation_complete.setdefault(owner, received)
+            elif name.endswith("-train"):
+                self.trainer_job.setdefault(name[: -len("-train")], received)
+
+    def _watch_pods(self) -> None:
+        for event in self._stream(self.core.list_namespaced_pod, self.namespace):
+            pod = event["object"]
+            job_name = (pod.metadata.labels or {}).get("batch.kubernetes.io/job-name", "")
+            if event["type"] == "DELETED" or pod.metadata.name in self._pods_done or not job_name:
+                continue
+            if (pod.status.phase or "Pending") != "Pending":
+                continue
+            self._pods_done.add(pod.metadata.name)
+            if job_name.endswith("-validate"):
+                summary = {"outcome": "validated", "message": "120 train / 15 validation / 15 test examples"}
+            else:
+                summary = {"outcome": "succeeded", "step": 10, "valLoss": 1.5, "results": {"perplexity": 4.5},
+                           "modelDigest": "sha256:" + "0" * 64, "message": "trained 10 steps"}
+            self._kubelet.submit(self._finish_pod, pod.metadata.name, pod.spec.containers[0], json.dumps(summary))
+
+    def _finish_pod(self, pod_name: str, container: Any, message: str) -> None:
+        now = _now_rfc3339()
+        status = {"status": {
+            "phase": "Succeeded", "startTime": now,
+            "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": now}],
+            "containerStatuses": [{"name": container.name, "image": container.image, "imageID": "",
+                                   "ready": False, "restartCount": 0, "started": False,
+                                   "state": {"terminated": {"exitCode": 0, "reason": "Completed", "message": message,
+                                                            "startedAt": now, "finishedAt": now}}}]}}
+        try:
+            self.core.patch_namespaced_pod_status(pod_name, self.namespace, status)
+            self.kubelet_patches += 1
+        except Exception as error:  # noqa: BLE001 - reported, the job then never finishes and shows in the counts
+            print(f"kubelet patch of {pod_name} failed: {error}", file=sys.stderr)
+
+    def _watch_finetunejobs(self) -> None:
+        for event in self._stream(self.custom.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURAL):
+            received = time.monotonic()
+            body = event["object"]
+            found = (body.get("status") or {}).get("conditions") or []
+            if any(c.get("type") == "Succeeded" and c.get("status") == "True" for c in found):
+                self.succeeded.setdefault(body["metadata"]["name"], received)
+
+
+def percentiles(values: list[float]) -> str:
+    if not values:
+        return "none measured"
+    ordered = sorted(values)
+    p99 = ordered[min(len(ordered) - 1, int(round(0.99 * (len(ordered) - 1))))]
+    return (f"p50 {statistics.median(ordered):.3f} s  p99 {p99:.3f} s  max {ordered[-1]:.3f} s"
+            f"  ({len(ordered)} jobs)")
+
+
+def latencies(start: dict[str, float], end: dict[str, float]) -> list[float]:
+    return [end[name] - start[name] for name in start if name in end]
+
+
+def audit_counts(path: Path, since: float, until: float) -> collections.Counter[str]:
+    """The operator's requests between two wall-clock times, by 'verb resource[/subresource]'."""
+    counts: collections.Counter[str] = collections.Counter()
+    if not path.exists():
+        return counts
+    with path.open() as handle:
+        for line in handle:
+            entry = json.loads(line)
+            if entry.get("stage") not in ("ResponseComplete", "Panic"):
+                continue
+            stamp = datetime.fromisoformat(entry["stageTimestamp"].replace("Z", "+00:00")).timestamp()
+            if not since <= stamp < until:
+                continue
+            ref = entry.get("objectRef") or {}
+            resource = ref.get("resource", entry.get("requestURI", "?"))
+            if ref.get("subresource"):
+                resource += "/" + ref["subresource"]
+            counts[f"{entry['verb']} {resource}"] += 1
+    return counts
+
+
+def vm_hwm_mib(pid: int) -> tuple[float, float]:
+    """(peak, current) resident memory of a process, MiB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
+
+
+def start_operator(plane: Any, kubeconfig: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(kubeconfig),
+        "KUBETUNE_NAMESPACES": NAMESPACE,
+        "KUBETUNE_HTTP_HOST": "127.0.0.1",
+        "KUBETUNE_HTTP_PORT": str(port),
+        "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{port}/v1/reports",
+        "KUBETUNE_SECRET_KEY": secrets.token_hex(16),
+        "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:bench",
+        "KUBETUNE_PEERING": f"kubetune-bench-{secrets.token_hex(3)}",
+    }
+    log = open(workdir / "operator.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "kubetune.operator"], env=env, cwd=REPO, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the operator exited with {proc.returncode}; see {workdir / 'operator.log'}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+                if response.status == 200:
+                    return proc, port
+        except OSError:
+            time.sleep(0.3)
+    raise RuntimeError("the operator did not answer /healthz within 90 s")
+
+
+def install_crds(plane: Any) -> None:
+    files = sorted((REPO / "crds").glob("*.yaml"))
+    for path in files:
+        plane.kubectl("apply", "--server-side", "-f", str(path))
+    plane.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
+
+
+def create_jobs(custom: Any, observer: Observer, count: int, rate: float) -> float:
+    """Creates `count` FineTuneJobs at `rate` per second; returns how long creating took."""
+    started = time.monotonic()
+    pool = concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="create")
+
+    def create(name: str) -> None:
+        observer.created[name] = time.monotonic()
+        custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, finetunejob(name))
+
+    futures = []
+    for index in range(count):
+        delay = started + index / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        futures.append(pool.submit(create, f"bench-{index:04d}"))
+    for future in futures:
+        future.result()
+    pool.shutdown()
+    return time.monotonic() - started
+
+
+def warm_up(observer: Observer) -> None:
+    """One job through its whole lifecycle first: the operator's watches are up before the clock starts
+    (right after the CRD is installed, the API server answers 429 for a few seconds)."""
+    observer.custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, finetunejob("warm-up"))
+    if not wait_for(lambda: "warm-up" in observer.succeeded, timeout=120):
+        raise RuntimeError("the warm-up FineTuneJob did not succeed within 120 s")
+    time.sleep(2)
+
+
+def wait_for(predicate: Any, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.5)
+    return bool(predicate())
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=1000)
+    parser.add_argument("--rate", type=float, default=10.0, help="FineTuneJobs created per second")
+    parser.add_argument("--idle", type=float, default=60.0,
+                        help="seconds to count requests after every job finished (polling shows here)")
+    parser.add_argument("--settle", type=float, default=30.0,
+                        help="seconds after the last Succeeded before the idle window (the Job controller's "
+                             "last status updates still arrive then)")
+    parser.add_argument("--quick", action="store_true", help="20 jobs, short idle window: a smoke test")
+    parser.add_argument("--keep", type=Path, help="work directory to keep (logs, audit log)")
+    args = parser.parse_args()
+    if args.quick:
+        args.jobs, args.idle, args.settle = min(args.jobs, 20), min(args.idle, 10.0), min(args.settle, 10.0)
+
+    control_plane = _controlplane_class()
+    with tempfile.TemporaryDirectory(prefix="kubetune-opbench-") as scratch:
+        workdir = args.keep or Path(scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        plane = control_plane(workdir / "controlplane")
+        plane.start()
+        operator = None
+        try:
+            install_crds(plane)
+            plane.kubectl("create", "namespace", NAMESPACE)
+            plane.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
+            operator_kubeconfig = plane.mint_kubeconfig(OPERATOR_USER, ("system:masters",))
+            operator, _ = start_operator(plane, operator_kubeconfig, workdir)
+            client = plane.api_client()
+            client.configuration.connection_pool_maxsize = 16
+            observer = Observer(client, NAMESPACE)
+            observer.start()
+            warm_up(observer)
+            baseline_hwm, baseline_rss = vm_hwm_mib(operator.pid)
+            first_wall = time.time()
+            print(f"operator started: {baseline_rss:.0f} MiB resident before any job; creating {args.jobs} "
+                  f"FineTuneJobs at {args.rate:g}/s", flush=True)
+            creating = create_jobs(observer.custom, observer, args.jobs, args.rate)
+            print(f"created {args.jobs} in {creating:.1f} s", flush=True)
+            finished = wait_for(lambda: sum(n in observer.succeeded for n in observer.created) >= args.jobs, timeout=max(120.0, args.jobs * 0.3))
+            lifecycle_end_wall = time.time()
+            done_at = time.monotonic()
+            print(f"{len(observer.succeeded)}/{args.jobs} Succeeded "
+                  f"{done_at - min(observer.created.values()):.1f} s after the first create", flush=True)
+            time.sleep(args.settle)
+            idle_start_wall = time.time()
+            time.sleep(args.idle)
+            idle_end_wall = time.time()
+            peak, current = vm_hwm_mib(operator.pid)
+            time.sleep(2)  # the audit log's last batch
+            lifecycle = audit_counts(plane.audit_log, first_wall, lifecycle_end_wall)
+            settling = audit_counts(plane.audit_log, lifecycle_end_wall, idle_start_wall)
+            idle = audit_counts(plane.audit_log, idle_start_wall, idle_end_wall)
+        finally:
+            if operator is not None:
+                operator.terminate()
+                try:
+                    operator.wait(timeout=20)
+                except subprocess.TimeoutExpired:
+                    operator.kill()
+            plane.stop()
+
+    observer.stop()
+    to_validation = latencies(observer.created, observer.validation_job)
+    to_trainer = latencies(observer.created, observer.trainer_job)
+    reaction = latencies(observer.validation_complete, observer.trainer_job)
+    to_succeeded = latencies(observer.created, observer.succeeded)
+    lifecycle += settling  # the tail of the lifecycle: the last child updates after Succeeded
+    total_requests = sum(lifecycle.values())
+    idle_requests = sum(idle.values())
+    print(f"jobs              {args.jobs} created at {args.rate:g}/s ({creating:.1f} s); "
+          f"{len(observer.succeeded)} reached Succeeded{'' if finished else ' (TIMED OUT waiting for the rest)'}")
+    print(f"create -> validation Job   {percentiles(to_validation)}")
+    print(f"create -> trainer Job      {percentiles(to_trainer)}  (target p50 < 0.5 s, p99 < 2 s)")
+    print(f"validation Job complete -> trainer Job  {percentiles(reaction)}  (the operator's own reaction)")
+    print(f"create -> Succeeded        {percentiles(to_succeeded)}")
+    print(f"operator memory   peak {peak:.0f} MiB (VmHWM; {baseline_hwm:.0f} MiB before the first job), "
+          f"{current:.0f} MiB at the end (target peak < 250 MiB)")
+    print(f"API requests      {total_requests} by the operator over the lifecycle = "
+          f"{total_requests / max(1, args.jobs):.1f} per job; {idle_requests} in {args.idle:.0f} s idle "
+          f"({args.settle:.0f} s after the last job finished) "
+          f"= {idle_requests / max(1, args.jobs) / (args.idle / 60):.2f} per job per minute")
+    for key, value in lifecycle.most_common():
+        print(f"    {value / max(1, args.jobs):7.2f} per job  {key}")
+    if idle:
+        print("  idle:", ", ".join(f"{key} {value}" for key, value in idle.most_common()))
+    print("RESULT " + json.dumps({
+        "bench": "operator_scale", "jobs": args.jobs, "rate": args.rate, "succeeded": len(observer.succeeded),
+        "createToValidationJobP50": _p(to_validation, 0.5), "createToValidationJobP99": _p(to_validation, 0.99),
+        "createToTrainerJobP50": _p(to_trainer, 0.5), "createToTrainerJobP99": _p(to_trainer, 0.99),
+        "operatorReactionP50": _p(reaction, 0.5), "operatorReactionP99": _p(reaction, 0.99),
+        "operatorPeakMiB": round(peak, 1), "requestsPerJob": round(total_requests / max(1, args.jobs), 2),
+        "idleRequestsPerJobPerMinute": round(idle_requests / max(1, args.jobs) / (args.idle / 60), 3),
+    }))
+    return 0 if finished else 1
+
+
+def _p(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))], 4)
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    # The watch threads sit in blocking reads of connections to a control plane that is gone;
+    # interpreter shutdown would wait on (or abort in) them.
+    os._exit(code)
