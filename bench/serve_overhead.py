@@ -25,7 +25,7 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from kubetune.trainer.serve_engine import load_engine, resolve_model_source
@@ -61,7 +61,6 @@ def direct_runner(model_path: str, max_tokens: int, device: str) -> Runner:
                 attention_mask=torch.ones_like(ids),
                 max_new_tokens=max_tokens,
                 do_sample=False,
-                top_k=0,
                 eos_token_id=sorted(engine.eos_ids),
                 pad_token_id=engine.pad_id,
             )
@@ -76,7 +75,9 @@ def server_runner(server: ServerProcess, max_tokens: int) -> Runner:
 
     def run(prompt: str) -> int:
         status, answer = server.post_json(
-            "/v1/completions", {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0}
+            "/v1/completions",
+            {"model": model_name, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0},
+            timeout=3600,
         )
         assert status == 200, answer
         return int(answer["usage"]["completion_tokens"])
@@ -90,14 +91,14 @@ def timed(run: Runner, prompt: str) -> tuple[float, int]:
     return time.perf_counter() - started, tokens
 
 
-def measure(direct: Runner, served: Runner, repeats: int) -> list[tuple[str, int, float, float]]:
+def measure(direct: Runner, served: Runner, prompts: Sequence[str], repeats: int) -> list[tuple[str, int, float, float]]:
     """Per prompt: (prompt, tokens, median direct seconds, median server seconds).
 
     Direct and server calls alternate, so background load on the machine hits both alike.
     """
-    direct(PROMPTS[0]), served(PROMPTS[0])  # warm-up both
+    direct(prompts[0]), served(prompts[0])  # warm-up both
     rows = []
-    for prompt in PROMPTS:
+    for prompt in prompts:
         direct_times, served_times = [], []
         for _ in range(repeats):
             seconds, direct_tokens = timed(direct, prompt)
@@ -115,6 +116,7 @@ def main() -> None:
     parser.add_argument("--model", help="model folder or .gguf file (default: a tiny model created in a temp folder)")
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    parser.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts (fewer for slow models)")
     parser.add_argument("--repeats", type=int, default=5, help="runs per prompt and side; medians are compared")
     args = parser.parse_args()
 
@@ -133,11 +135,11 @@ def main() -> None:
             server.wait_listening()
             direct = direct_runner(model_path, args.max_tokens, args.device)
             server.wait_ready(timeout=600)
-            rows = measure(direct, server_runner(server, args.max_tokens), args.repeats)
+            rows = measure(direct, server_runner(server, args.max_tokens), PROMPTS[: args.prompts], args.repeats)
         finally:
             server.stop()
 
-    print(f"\nmodel: {model_path}\nmax_tokens: {args.max_tokens} (greedy), {len(PROMPTS)} prompts, device {args.device}")
+    print(f"\nmodel: {model_path}\nmax_tokens: {args.max_tokens} (greedy), {len(rows)} prompts, device {args.device}")
     print(f"{'prompt':<48} {'tokens':>6} {'direct ms':>10} {'server ms':>10} {'ratio':>6}")
     for prompt, tokens, a, b in rows:
         print(f"{prompt:<48} {tokens:>6} {a * 1000:>10.1f} {b * 1000:>10.1f} {b / a:>6.2f}")

@@ -366,7 +366,7 @@ class Engine:
         sink = TokenSink(self.decode, self.eos_ids, params, on_text)
         stop_flag = cancelled or threading.Event()
 
-        class SinkSaysStop(StoppingCriteria):  # type: ignore[misc]
+        class SinkSaysStop(StoppingCriteria):
             """Ends `generate` once the sink is done or the client went away."""
 
             def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
@@ -391,13 +391,13 @@ class Engine:
         from transformers import GenerationConfig
 
         sampling = params.temperature > 0
-        return GenerationConfig(
+        return GenerationConfig(  # type: ignore[no-untyped-call]
             max_new_tokens=params.max_new_tokens,
             min_new_tokens=0,
             do_sample=sampling,
             temperature=params.temperature if sampling else 1.0,
             top_p=params.top_p if sampling else 1.0,
-            top_k=0,
+            top_k=0 if sampling else None,  # 0 = off (OpenAI has no top_k); unset when greedy, to avoid a warning
             num_beams=1,
             repetition_penalty=1.0,
             no_repeat_ngram_size=0,
@@ -479,7 +479,7 @@ def load_engine(
     gguf = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     log.info("loading %s on %s as %s", source.describe(), target_device, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, **gguf)
-    model = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=torch_dtype, **gguf)
+    model: Any = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=torch_dtype, **gguf)
     if source.adapter_dir is not None:
         from peft import PeftModel
 

@@ -74,9 +74,9 @@ class ServerProcess:
         """GET `path`; (status, body), also for 4xx/5xx."""
         return self.request("GET", path)
 
-    def post_json(self, path: str, body: Any) -> tuple[int, Any]:
+    def post_json(self, path: str, body: Any, timeout: float = 120) -> tuple[int, Any]:
         """POST a JSON body; (status, decoded JSON answer)."""
-        status, raw = self.request("POST", path, json.dumps(body).encode())
+        status, raw = self.request("POST", path, json.dumps(body).encode(), timeout)
         return status, json.loads(raw)
 
     def post_stream(self, path: str, body: Any) -> tuple[int, str, list[str]]:

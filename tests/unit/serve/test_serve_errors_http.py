@@ -74,6 +74,12 @@ class TestModelAndBody:
         assert status == 400
         assert "JSON object" in _error(status, raw)["message"]
 
+    def test_a_body_over_4_mib_is_413(self, served: ServerProcess) -> None:
+        body = json.dumps({"model": MODEL, "prompt": "x" * (5 * 1024 * 1024)}).encode()
+        status, raw = served.request("POST", "/v1/completions", body)
+        assert status == 413
+        assert _error(status, raw)["type"] == "invalid_request_error"
+
     def test_an_unknown_path_is_404_and_a_wrong_method_is_405_in_the_same_shape(self, served: ServerProcess) -> None:
         status, raw = served.get("/v1/engines")
         assert status == 404 and _error(status, raw)["code"] == "not_found"
