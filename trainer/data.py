@@ -125,11 +125,21 @@ def _decode(data: bytes, location: str) -> str:
         ) from error
 
 
+MAX_RECORD_CHARS = 4 * 1024 * 1024
+"""Longest JSONL line (characters). One record this long is not a training example but a broken export,
+and tokenising it would take the validation pod's memory and minutes before failing anyway."""
+
+
 def _parse_jsonl(text: str, location: str) -> list[dict[str, Any]]:
     records = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
+        if len(line) > MAX_RECORD_CHARS:
+            raise DataError(
+                f"{location}: line {number} is {len(line)} characters long; a record may have at most "
+                f"{MAX_RECORD_CHARS} (is the file one JSON document rather than JSON Lines?)"
+            )
         try:
             record = json.loads(line)
         except json.JSONDecodeError as error:
