@@ -2,7 +2,7 @@
 VENV := $(shell echo $${KUBETUNE_VENV:-$$HOME/.cache/kubetune/venv})
 PYTEST_ARGS ?=
 
-.PHONY: setup dev test test-unit
+.PHONY: setup dev test test-unit test-reliability test-load
 
 setup:
 	@hack/setup.sh >/dev/null
@@ -18,3 +18,13 @@ test: setup
 # Only the tests that need no control plane.
 test-unit: setup
 	$(VENV)/bin/pytest -m "not integration and not e2e" $(PYTEST_ARGS)
+
+# Fault injection, hostile input and load (also part of `make test`): SIGKILLed operator,
+# killed trainer, restarted API server, cut watch connections, 520 generated specs, bad data,
+# forged reports, secrets, 100 jobs across 20 namespaces. About 15 minutes on 2 cores.
+test-reliability: setup
+	$(VENV)/bin/pytest tests/reliability -s $(PYTEST_ARGS)
+
+# The 500-job load figure (about 10 minutes): time for all to start, operator peak memory.
+test-load: setup
+	KUBETUNE_LOAD_JOBS=500 $(VENV)/bin/pytest tests/reliability/test_load_many_jobs.py -s $(PYTEST_ARGS)
