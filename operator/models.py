@@ -104,6 +104,7 @@ Scheduler = Literal["auto", "linear", "cosine", "constant", "constantWithWarmup"
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy"]
 EvaluationMetric = Literal["perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1"]
+AugmentationOperation = Literal["wordDeletion", "wordSwap", "wordInsertion", "charNoise"]
 ServingRuntime = Literal["builtin", "vllm"]
 Phase = Literal["Validating", "Pending", "Running", "Suspended", "Succeeded", "Failed"]
 
@@ -222,6 +223,75 @@ class Curriculum:
     """Epochs over which the fraction grows linearly to the whole set."""
 
 
+GeneratorModelURI = Annotated[str, MinLength(1), MaxLength(1024), Rule(
+    "self.matches('^(hf://[A-Za-z0-9][-A-Za-z0-9._]*/[A-Za-z0-9][-A-Za-z0-9._]*|file:///.+|/.+)$')",
+    "must be hf://<org>/<name> or (local mode, or a path already mounted in the trainer pod) an "
+    "absolute path or file:///<path>"), _NO_DOT_DOT_RULE]
+"""Where a synthetic-data generator model comes from."""
+
+
+@rules(
+    Rule("self.maxChars == 0 || self.maxChars >= self.minChars",
+         "maxChars must be 0 (no limit) or at least minChars", field_path=".maxChars"),
+    Rule("!self.enabled || has(self.promptTemplate)",
+         "synthetic augmentation needs a promptTemplate", field_path=".promptTemplate", reason="FieldValueRequired"),
+)
+@dataclasses.dataclass(frozen=True)
+class SyntheticAugmentation:
+    """Training examples written by a language model (any format). Each of `count` generations is
+    seeded by a training example drawn at random: the model writes a new input side (the text, the
+    prompt, or the first user message) and the seed's target side (label, completion, assistant
+    turns) is copied. Generations are cut at the first blank line, filtered by length and deduped
+    against every real example (train, validation and test) and each other."""
+
+    enabled: bool = False
+    """Generate synthetic training examples."""
+    model: GeneratorModelURI | None = None
+    """The generator model: `hf://<org>/<name>` or an absolute path (a folder with config.json).
+    Absent: the base model (`spec.model`, GGUF included)."""
+    prompt_template: Annotated[str, MinLength(1), MaxLength(8192)] | None = None
+    """What the generator is asked. Placeholders: `{text}` or `{prompt}` (the seed example's input
+    side) and `{label}` (its label; format classification only); other braces are literal. Required
+    when enabled."""
+    count: Annotated[int, Minimum(1), Maximum(100_000)] = 100
+    """Examples to generate; those the filters drop are not replaced."""
+    max_new_tokens: Annotated[int, Minimum(1), Maximum(4096)] = 64
+    """Longest generation, in tokens."""
+    min_chars: Annotated[int, Minimum(0), Maximum(1_000_000)] = 8
+    """Drop generations shorter than this many characters (after whitespace normalisation)."""
+    max_chars: Annotated[int, Minimum(0), Maximum(100_000_000)] = 0
+    """Drop generations longer than this many characters; 0 means no limit."""
+    temperature: Annotated[float, Minimum(0), Maximum(5)] = 0.8
+    """Sampling temperature; 0 means greedy decoding (the same output for the same prompt)."""
+    chat_template: bool = False
+    """Send the filled template as one user message through the generator's chat template (for
+    instruct models); false sends it as plain text."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Augmentation:
+    """Augmentation of the training split only: validation and test are never edited, seeded from or
+    drawn on, and an augmented example equal to a held-out one is dropped. Off by default. Counts go
+    to metrics.json (`data.augmentation`)."""
+
+    enabled: bool = False
+    """Add edited copies of the training examples (formats text and classification only; the label is
+    copied unchanged). For prompt_completion and chat use `synthetic`."""
+    operations: Annotated[list[AugmentationOperation], MinItems(1), MaxItems(4), ListType("set")] = \
+        dataclasses.field(default_factory=lambda: ["wordDeletion", "wordSwap", "wordInsertion", "charNoise"])
+    """Edits to draw from, one per copy: `wordDeletion`, `wordSwap`, `wordInsertion` (words from the
+    training split's own vocabulary) and `charNoise` (typos: a character substituted, deleted,
+    doubled or transposed)."""
+    rate: Annotated[float, Minimum(0, exclusive=True), Maximum(0.5)] = 0.1
+    """Fraction of the words (characters for charNoise) a copy edits, in (0, 0.5]; at least one edit."""
+    multiplier: Annotated[int, Minimum(1), Maximum(10)] = 1
+    """Edited copies added per real training example: 1 doubles the training split."""
+    seed: Annotated[int, Minimum(0), Maximum(2**31 - 1)] = 42
+    """Seed of every random choice: the same seed and data give the same augmented examples."""
+    synthetic: SyntheticAugmentation = dataclasses.field(default_factory=SyntheticAugmentation)
+    """Model-generated examples."""
+
+
 @rules(
     Rule("(has(self.validation) ? 0.0 : self.split.validation) + (has(self.test) ? 0.0 : self.split.test) < 1.0",
          "split.validation + split.test must be below 1 so that a training split remains "
@@ -236,6 +306,13 @@ class Curriculum:
          field_path=".fields.label"),
     Rule("self.format != 'prompt_completion' || self.fields.prompt != self.fields.completion",
          "fields.prompt and fields.completion must name different columns", field_path=".fields.completion"),
+    Rule("!self.augmentation.enabled || self.format == 'text' || self.format == 'classification'",
+         "augmentation edits apply only to formats text and classification; for prompt_completion and "
+         "chat use augmentation.synthetic", field_path=".augmentation.enabled", reason="FieldValueForbidden"),
+    Rule("self.format == 'classification' || !has(self.augmentation.synthetic.promptTemplate) || "
+         "!self.augmentation.synthetic.promptTemplate.contains('{label}')",
+         "the {label} placeholder needs format classification",
+         field_path=".augmentation.synthetic.promptTemplate"),
 )
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
@@ -266,6 +343,8 @@ class DatasetSpec:
     """Class-imbalance handling (format `classification` only)."""
     curriculum: Curriculum = dataclasses.field(default_factory=Curriculum)
     """Optional curriculum over epochs."""
+    augmentation: Augmentation = dataclasses.field(default_factory=Augmentation)
+    """Optional augmentation of the training split (edited copies, model-generated examples)."""
 
 
 # --- spec.method -------------------------------------------------------------------------

@@ -36,19 +36,20 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_data(config: cfg.TrainerConfig) -> tuple[Any, Any]:
-    """The tokenizer (proves the model source exists) and the cleaned, split dataset."""
+def load_data(config: cfg.TrainerConfig, *, synthetic: bool = True) -> tuple[Any, Any]:
+    """The tokenizer (proves the model source exists) and the cleaned, split (and augmented) dataset;
+    `synthetic=False` skips model-generated examples (no weights are loaded)."""
     from kubetune.trainer import data, modeling
 
     tokenizer = modeling.load_tokenizer(config.model)
-    return tokenizer, data.prepare(config.dataset)
+    return tokenizer, data.prepare(config.dataset, synthetic_model=config.model if synthetic else None)
 
 
 def validate_only(config: cfg.TrainerConfig) -> dict[str, Any]:
     """Data statistics including token counts, as --validate-only prints them."""
     from kubetune.trainer import data
 
-    tokenizer, prepared = load_data(config)
+    tokenizer, prepared = load_data(config, synthetic=False)
     statistics = prepared.statistics()
     lengths = [len(t.input_ids) for t in data.tokenize_examples(prepared.splits.train, tokenizer)]
     statistics["trainTokens"] = {"total": sum(lengths), "longestExample": max(lengths), "meanExample": round(sum(lengths) / len(lengths), 1)}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -56,6 +57,16 @@ Scheduler = Literal["auto", "linear", "cosine", "constant", "constantWithWarmup"
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy"]
 EvaluationMetric = Literal["perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1"]
+AugmentationOperation = Literal["wordDeletion", "wordSwap", "wordInsertion", "charNoise"]
+AUGMENTATION_OPERATIONS: Final[tuple[AugmentationOperation, ...]] = (
+    "wordDeletion", "wordSwap", "wordInsertion", "charNoise"
+)
+EDIT_AUGMENTATION_FORMATS: Final = ("text", "classification")
+"""Formats whose text the edit operations change (the label is copied). Prompt/completion and chat
+data get synthetic examples only: an edited prompt could ask a different question than the
+completion answers."""
+SYNTHETIC_TEMPLATE_PLACEHOLDERS: Final = ("text", "prompt", "label")
+"""`{text}`/`{prompt}`: the seed example's input side; `{label}`: its label (classification only)."""
 
 
 class ConfigError(ValueError):
@@ -91,6 +102,18 @@ def _open_fraction(value: Any) -> str | None:
 
 def _not_blank(value: Any) -> str | None:
     return None if value.strip() else "must not be empty"
+
+
+def _edit_rate(value: Any) -> str | None:
+    return None if 0 < value <= 0.5 else "must be in (0, 0.5]"
+
+
+def _multiplier(value: Any) -> str | None:
+    return None if 1 <= value <= 10 else "must be from 1 to 10"
+
+
+def _not_empty_list(value: Any) -> str | None:
+    return None if value else "must name at least one operation"
 
 
 def _field(default: Any = dataclasses.MISSING, *, check: Check | None = None, factory: Any = None) -> Any:
@@ -181,6 +204,50 @@ class Curriculum:
 
 
 @dataclasses.dataclass
+class SyntheticAugmentation:
+    enabled: bool = False
+    """Add examples written by a language model from `promptTemplate`, one per sampled training
+    example; the seed example's target side (label, completion, assistant turns) is copied."""
+    model: str | None = None
+    """Generator model folder or hub id. Absent: the base model (`model` section, GGUF included)."""
+    prompt_template: str | None = None
+    """What the generator is asked, with placeholders `{text}` (or `{prompt}`: the seed example's
+    input side) and `{label}` (classification). Required when enabled."""
+    count: int = _field(100, check=_positive)
+    """Examples to generate; those the filters drop are not replaced."""
+    max_new_tokens: int = _field(64, check=_positive)
+    """Longest generation, in tokens."""
+    min_chars: int = _field(8, check=_non_negative)
+    """Drop generations shorter than this (after whitespace normalisation)."""
+    max_chars: int = _field(0, check=_non_negative)
+    """Drop generations longer than this; 0 means no limit."""
+    temperature: float = _field(0.8, check=_non_negative)
+    """Sampling temperature; 0 means greedy decoding."""
+    chat_template: bool = False
+    """Send the filled template as one user message through the generator's chat template
+    (instruct models); false sends it as plain text."""
+
+
+@dataclasses.dataclass
+class Augmentation:
+    enabled: bool = False
+    """Add edited copies of the training examples (formats text and classification)."""
+    operations: list[AugmentationOperation] = _field(
+        factory=lambda: list(AUGMENTATION_OPERATIONS), check=_not_empty_list
+    )
+    """Edits to draw from, one per copy: `wordDeletion`, `wordSwap`, `wordInsertion` (words from
+    the training split's own vocabulary), `charNoise` (typos)."""
+    rate: float = _field(0.1, check=_edit_rate)
+    """Fraction of the words (characters for charNoise) edited in a copy; at least one edit."""
+    multiplier: int = _field(1, check=_multiplier)
+    """Edited copies added per real training example (1 doubles the training split)."""
+    seed: int = 42
+    """Seed of every random choice; the same seed and data give the same examples."""
+    synthetic: SyntheticAugmentation = _field(factory=SyntheticAugmentation)
+    """Model-generated examples (any format)."""
+
+
+@dataclasses.dataclass
 class DatasetConfig:
     train: DataSource = _field()
     """Training data (required)."""
@@ -204,6 +271,8 @@ class DatasetConfig:
     """Class imbalance handling (classification only)."""
     curriculum: Curriculum = _field(factory=Curriculum)
     """Optional curriculum over epochs."""
+    augmentation: Augmentation = _field(factory=Augmentation)
+    """Optional augmentation of the training split only (validation and test stay untouched)."""
 
 
 @dataclasses.dataclass
@@ -474,9 +543,47 @@ def _cross_field_problems(config: TrainerConfig) -> list[str]:
         problems.append(
             f"dataset.cleaning.maxChars: must be 0 (no limit) or >= minChars ({cleaning.min_chars}), got {cleaning.max_chars}"
         )
+    problems.extend(_augmentation_problems(dataset))
     if config.training.early_stopping.metric == "valAccuracy" and config.training.early_stopping.enabled:
         if dataset.format != "classification":
             problems.append("training.earlyStopping.metric: valAccuracy needs format classification")
+    return problems
+
+
+def template_placeholders(template: str) -> list[str]:
+    """The `{name}` placeholders in a synthetic prompt template, in order (other braces are literal)."""
+    return re.findall(r"\{([A-Za-z_][A-Za-z0-9_]*)\}", template)
+
+
+def _augmentation_problems(dataset: DatasetConfig) -> list[str]:
+    problems = []
+    augmentation = dataset.augmentation
+    if augmentation.enabled and dataset.format not in EDIT_AUGMENTATION_FORMATS:
+        problems.append(
+            f"dataset.augmentation.enabled: edit operations apply only to formats text and classification, "
+            f"got format {dataset.format!r}; use dataset.augmentation.synthetic for {dataset.format} data"
+        )
+    synthetic = augmentation.synthetic
+    template = synthetic.prompt_template
+    if synthetic.enabled and (template is None or not template.strip()):
+        problems.append("dataset.augmentation.synthetic.promptTemplate: required when synthetic.enabled is true")
+    if template is not None:
+        for name in template_placeholders(template):
+            if name not in SYNTHETIC_TEMPLATE_PLACEHOLDERS:
+                problems.append(
+                    f"dataset.augmentation.synthetic.promptTemplate: unknown placeholder {{{name}}}; "
+                    f"allowed: {{text}}, {{prompt}}, {{label}}"
+                )
+            elif name == "label" and dataset.format != "classification":
+                problems.append(
+                    f"dataset.augmentation.synthetic.promptTemplate: {{label}} needs format classification, "
+                    f"got format {dataset.format!r}"
+                )
+    if synthetic.max_chars and synthetic.max_chars < synthetic.min_chars:
+        problems.append(
+            f"dataset.augmentation.synthetic.maxChars: must be 0 (no limit) or >= minChars "
+            f"({synthetic.min_chars}), got {synthetic.max_chars}"
+        )
     return problems
 
 

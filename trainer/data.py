@@ -6,7 +6,9 @@ The path a dataset takes, each step a small function:
     -> to_examples (one `Example` per record, by format and field names)
     -> clean (whitespace, empty/short/long, exact duplicates; counts per reason)
     -> split_examples (train/validation/test by ratios and seed, stratified by label)
-    -> check_labels, rebalance (classification: oversample/undersample/class weights)
+    -> check_labels (classification)
+    -> augment (optional, training split only: edited copies, synthetic examples; see augment.py)
+    -> rebalance (classification: oversample/undersample/class weights)
     -> tokenize_examples (loss only on completions for prompt_completion, chat, classification)
     -> pack (examples into full sequences; position ids restart at each example)
 
@@ -35,7 +37,7 @@ from pathlib import PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
-from kubetune.trainer.config import Cleaning, Curriculum, DatasetConfig, DataSource, FieldNames, Split
+from kubetune.trainer.config import Cleaning, Curriculum, DatasetConfig, DataSource, FieldNames, ModelConfig, Split
 from kubetune.trainer.errors import DataError
 
 IGNORE_INDEX = -100
@@ -464,6 +466,8 @@ class PreparedData:
     labels: list[str] | None
     cleaning: dict[str, CleaningReport]
     imbalance: ImbalanceReport | None
+    augmentation: dict[str, Any] | None = None
+    """What augmentation added to the training split (`augment.AugmentationReport.to_report`)."""
 
     def statistics(self) -> dict[str, Any]:
         stats: dict[str, Any] = {
@@ -483,6 +487,8 @@ class PreparedData:
             }
         if self.imbalance is not None:
             stats["imbalance"] = self.imbalance.to_report()
+        if self.augmentation is not None:
+            stats["augmentation"] = self.augmentation
         return stats
 
 
@@ -498,8 +504,30 @@ def _load_clean(source: DataSource, config: DatasetConfig, name: str) -> tuple[l
     return examples, report
 
 
-def prepare(config: DatasetConfig) -> PreparedData:
-    """Read, clean and split the dataset; check and rebalance labels for classification."""
+def _augment_train(splits: Splits, config: DatasetConfig, base_model: ModelConfig | None) -> dict[str, Any]:
+    """Replace `splits.train` by itself plus its augmented examples; the report for metrics.json."""
+    from kubetune.trainer import augment
+
+    generator = None
+    generator_name = ""
+    if config.augmentation.synthetic.enabled and base_model is not None:
+        model = augment.generator_model(config, base_model)
+        generator_name = model.source
+        generator = augment.ModelGenerator.load(model, config.augmentation.synthetic, config.augmentation.seed)
+    try:
+        splits.train, report = augment.augment_training_split(splits, config, generator, generator_name)
+    finally:
+        if generator is not None:
+            generator.close()
+    return report.to_report()
+
+
+def prepare(config: DatasetConfig, synthetic_model: ModelConfig | None = None) -> PreparedData:
+    """Read, clean and split the dataset; check labels, augment the training split, rebalance.
+
+    `synthetic_model` is the base model: it writes synthetic examples when
+    `augmentation.synthetic` is enabled (unless that names another model); None skips them
+    (--validate-only loads no weights)."""
     train, train_report = _load_clean(config.train, config, "train")
     reports = {"train": train_report}
     validation = test = None
@@ -517,11 +545,14 @@ def prepare(config: DatasetConfig) -> PreparedData:
     )
     splits.validation = validation if validation is not None else splits.validation
     splits.test = test if test is not None else splits.test
-    labels = imbalance = None
+    labels = imbalance = augmentation = None
     if classification:
         labels = check_labels(splits, config.labels)
+    if config.augmentation.enabled or config.augmentation.synthetic.enabled:
+        augmentation = _augment_train(splits, config, synthetic_model)
+    if classification and labels is not None:
         splits.train, imbalance = rebalance(splits.train, labels, config.imbalance.strategy, config.split.seed)
-    return PreparedData(splits=splits, labels=labels, cleaning=reports, imbalance=imbalance)
+    return PreparedData(splits=splits, labels=labels, cleaning=reports, imbalance=imbalance, augmentation=augmentation)
 
 
 # --- Tokenisation ---------------------------------------------------------------------
