@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -43,15 +44,67 @@ class _Runtime:
         self.service: progress.ProgressService | None = None
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
+        self._queued: set[tuple[str, str]] = set()
+        """Jobs with a reconcile waiting for the job's lock that has not observed the cluster yet."""
+        self._child_states: dict[str, tuple[Any, ...]] = {}
+        self.settled: set[tuple[str, str]] = set()
+        """Finished jobs with nothing pending (`has_pending_work`): their children's events are ignored."""
+        """Child uid -> the part of its state reconcile reads, as last seen."""
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault((namespace, name), threading.Lock())
 
+    def enqueue(self, namespace: str, name: str) -> bool:
+        """Claim the job's one queued reconcile; False when one is already waiting (it will observe
+        whatever changed, so a second would repeat its work: child events come in bursts)."""
+        with self._guard:
+            if (namespace, name) in self._queued:
+                return False
+            self._queued.add((namespace, name))
+            return True
+
+    def dequeue(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._queued.discard((namespace, name))
+
+    def child_changed(self, body: kopf.Body, event_type: str | None) -> bool:
+        """Whether this child event changes anything reconcile reads (first sight and deletion do)."""
+        uid = str(body.get("metadata", {}).get("uid") or "")
+        state = child_state(body)
+        with self._guard:
+            if event_type == "DELETED":
+                self._child_states.pop(uid, None)
+                return True
+            if not uid or self._child_states.get(uid) == state:
+                return not uid
+            self._child_states[uid] = state
+            return True
+
     def kube(self) -> KubeClient:
         if self.client is None:
             self.client = KubeClient(api_client())
         return self.client
+
+
+def child_state(body: kopf.Body) -> tuple[Any, ...]:
+    """What reconcile reads from a child Job, pod or Deployment. Most child events change none of
+    it (a finalizer removed, a pod-tracking count moved, a resourceVersion bumped): those need no
+    reconcile, which would otherwise cost ~10 API requests each."""
+    metadata = body.get("metadata", {})
+    status = body.get("status") or {}
+    spec = body.get("spec") or {}
+    containers = tuple(
+        (c.get("name"), tuple(sorted((c.get("state") or {}).keys())), c.get("ready"), c.get("restartCount"),
+         json.dumps((c.get("state") or {}).get("terminated"), sort_keys=True))
+        for c in status.get("containerStatuses") or [])
+    found = tuple((c.get("type"), c.get("status"), c.get("reason")) for c in status.get("conditions") or [])
+    counts = tuple(status.get(k) for k in ("phase", "active", "succeeded", "failed", "ready", "replicas",
+                                          "readyReplicas", "availableReplicas", "updatedReplicas",
+                                          "observedGeneration", "completionTime", "startTime"))
+    return (metadata.get("deletionTimestamp"), metadata.get("generation"),
+            json.dumps(metadata.get("annotations") or {}, sort_keys=True),
+            spec.get("suspend"), spec.get("replicas"), counts, found, containers)
 
 
 RUNTIME = _Runtime()
@@ -92,8 +145,11 @@ def reconcile_job(namespace: str, name: str) -> None:
     """Observe, decide, converge — for one job; serialised per job, and per namespace when the
     namespace's quota counts running jobs (so two admissions never both take the last place)."""
     counted = POLICY.limits_for(namespace).limits_running_jobs
+    if not RUNTIME.enqueue(namespace, name):
+        return
     with RUNTIME.lock(namespace, "") if counted else contextlib.nullcontext():
         with RUNTIME.lock(namespace, name):
+            RUNTIME.dequeue(namespace, name)  # from here on, a new event needs a new pass
             kube = RUNTIME.kube()
             try:
                 observed = kube.observe(namespace, name, with_quota=counted)
@@ -105,6 +161,11 @@ def reconcile_job(namespace: str, name: str) -> None:
                 METRICS.reconcile_failed(namespace)
                 raise
             _update_metrics(observed, decision)
+            status = {**(observed.job.get("status") or {}), **decision.status_patch}
+            if has_pending_work(observed.job.get("spec"), status):
+                RUNTIME.settled.discard((namespace, name))
+            else:
+                RUNTIME.settled.add((namespace, name))
 
 
 def admit_waiting_jobs(namespace: str) -> None:
@@ -164,7 +225,24 @@ def on_job_changed(namespace: str | None, name: str | None, **_: Any) -> None:
     _reconcile_or_retry(namespace, name)
 
 
-@kopf.timer(*RESOURCE, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds)
+def has_pending_work(spec: Any, status: Any) -> bool:
+    """Unfinished jobs have work left, and finished ones that still keep something (serving
+    children, a ttlSecondsAfterFinished clock); a finished job without either has nothing to
+    converge: neither the timer nor its old Jobs' and pods' events need to reconcile it."""
+    found = list((status or {}).get("conditions") or [])
+    if not (conditions.is_true(found, conditions.SUCCEEDED) or conditions.is_true(found, conditions.FAILED)):
+        return True
+    serving = (spec or {}).get("serving") or {}
+    return bool(serving.get("enabled")) or (spec or {}).get("ttlSecondsAfterFinished") is not None
+
+
+def _needs_resync(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """Polling a job with nothing pending would cost ~10 requests per job per interval forever."""
+    return has_pending_work(dict(spec), dict(status))
+
+
+@kopf.timer(*RESOURCE, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
+            when=_needs_resync)
 def resync(namespace: str | None, name: str | None, **_: Any) -> None:
     _reconcile_or_retry(namespace, name)
 
@@ -174,6 +252,7 @@ def on_job_deleted(namespace: str | None, name: str | None, uid: str | None, **_
     """Children go with the job (owner references); only the operator's memory needs clearing."""
     if namespace and name:
         METRICS.forget_job(namespace, name)
+        RUNTIME.settled.discard((namespace, name))
     if uid and RUNTIME.service is not None:
         RUNTIME.service.forget(uid)
     if namespace:
@@ -196,7 +275,8 @@ def on_child_event(namespace: str | None, body: kopf.Body, type: str | None = No
     """A child changed (a pod started or ended, a Job finished, serving became available):
     converge its FineTuneJob now; when a trainer Job stops holding quota, start waiting jobs."""
     name = _owner_name(body)
-    if namespace and name:
+    settled = (namespace, name) in RUNTIME.settled and body.get("kind") != "Deployment"
+    if namespace and name and not settled and RUNTIME.child_changed(body, type):
         try:
             reconcile_job(namespace, name)
         except Exception:  # event handlers are not retried; the timer converges later
