@@ -2,7 +2,7 @@
 VENV := $(shell echo $${KUBETUNE_VENV:-$$HOME/.cache/kubetune/venv})
 PYTEST_ARGS ?=
 
-.PHONY: setup dev test test-unit test-reliability test-load
+.PHONY: setup dev test test-unit test-reliability test-load bench bench-operator
 
 setup:
 	@hack/setup.sh >/dev/null
@@ -28,3 +28,12 @@ test-reliability: setup
 # The 500-job load figure (about 10 minutes): time for all to start, operator peak memory.
 test-load: setup
 	KUBETUNE_LOAD_JOBS=500 $(VENV)/bin/pytest tests/reliability/test_load_many_jobs.py -s $(PYTEST_ARGS)
+
+# Benchmarks (figures and ratios against a baseline measured in the same run; see bench/README.md).
+bench: setup
+	$(VENV)/bin/python bench/trainer_throughput.py --rounds 2
+	$(VENV)/bin/python bench/trainer_overhead.py
+	$(VENV)/bin/python bench/gpu_mfu.py
+
+bench-operator: setup
+	$(VENV)/bin/python bench/operator_scale.py --jobs 1000 --rate 10
