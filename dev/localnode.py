@@ -699,10 +699,31 @@ STAGE = "/run/kubetune-localnode"
 sources are taken from there, so a volume mounted over their host path (an emptyDir at /tmp while
 the work directory lives under /tmp) cannot hide them."""
 
+KEEP = "/run/kubetune-localnode-keep"
+"""Where the "image" (this Python environment and kubetune's source) is staged before the volumes
+are mounted, to be bound back if a volume hides it: a pod's emptyDir at /tmp must not hide a
+checkout or virtual environment that lives under /tmp, as a container's image never is."""
 
-def _mount_script(mounts: list[tuple[Path, str, bool]], working_dir: str | None, workdir: Path) -> str:
+
+def image_paths() -> list[Path]:
+    """What a pod's "image" is made of here: the interpreter's environments and kubetune's source."""
+    paths = {Path(sys.prefix), Path(sys.base_prefix), Path(__file__).resolve().parent.parent}
+    return sorted(p.resolve() for p in paths if p.exists())
+
+
+def _under(path: str, mount: str) -> bool:
+    mount = mount.rstrip("/") or "/"
+    return path != mount and path.startswith(mount + "/")
+
+
+def _mount_script(mounts: list[tuple[Path, str, bool]], working_dir: str | None, workdir: Path,
+                  keep: list[Path] | None = None) -> str:
     """A shell script run inside the new mount namespace: bind each volume, then exec the command."""
+    keep = image_paths() if keep is None else keep
+    hidden = [p for p in keep if any(_under(str(p), target) or str(p) == target.rstrip("/") for _, target, _ in mounts)]
     lines = ["set -e", f"mkdir -p {STAGE}", f"mount --bind {shlex.quote(str(workdir))} {STAGE}"]
+    for index, path in enumerate(hidden):
+        lines.append(f"mkdir -p {KEEP}/{index}; mount --bind {shlex.quote(str(path))} {KEEP}/{index}")
     # Parents before children, so a volume at /a/b is not hidden by a later one at /a.
     for source, target, read_only in sorted(mounts, key=lambda m: m[1].rstrip("/").count("/")):
         staged = Path(STAGE) / source.relative_to(workdir)
@@ -714,6 +735,9 @@ def _mount_script(mounts: list[tuple[Path, str, bool]], working_dir: str | None,
         lines.append(f"mount --bind {quoted_source} {quoted_target}")
         if read_only:
             lines.append(f"mount -o remount,bind,ro {quoted_target}")
+    for index, path in enumerate(hidden):
+        quoted = shlex.quote(str(path))
+        lines.append(f"mkdir -p {quoted}; mount --bind {KEEP}/{index} {quoted}")
     if working_dir:
         lines.append(f"mkdir -p {shlex.quote(working_dir)}; cd {shlex.quote(working_dir)}")
     lines.append('exec "$@"')

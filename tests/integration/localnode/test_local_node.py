@@ -191,3 +191,27 @@ class TestVolumesCannotHideEachOther:
                           and s, what="the pod to finish")
         assert status["phase"] == "Succeeded", node.log_path(namespace, "shadow").read_text()  # type: ignore[union-attr]
         assert (node.workdir / "volumes" / namespace / "data" / "f").read_text() == "ok"
+
+
+class TestTheImageStaysVisible:
+    def test_a_volume_over_the_checkouts_parent_does_not_hide_the_python_environment(
+        self, cluster: controlplane.ControlPlane, node: localnode.LocalNode, namespace: str, tmp_path: Path
+    ) -> None:
+        # CI clones the repository into a folder that may live under /tmp, and pods mount an
+        # emptyDir at /tmp: the "image" (venv + kubetune's source) must still be there, as a
+        # container image's files are.
+        fake_checkout = tmp_path / "checkout"
+        (fake_checkout / "pkg").mkdir(parents=True)
+        (fake_checkout / "pkg" / "marker.txt").write_text("image file")
+        script = localnode._mount_script([(node.workdir, "/tmp", False)], None, node.workdir, keep=[fake_checkout])
+        proc = __import__("subprocess").run(
+            ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+             script.replace('exec "$@"', f"cat {fake_checkout}/pkg/marker.txt; echo")],
+            capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines()[0] == "image file"
+
+    def test_image_paths_cover_the_interpreter_and_the_source(self) -> None:
+        paths = [str(p) for p in localnode.image_paths()]
+        assert str(Path(__import__("sys").prefix).resolve()) in paths
+        assert str(Path(localnode.__file__).resolve().parent.parent) in paths
