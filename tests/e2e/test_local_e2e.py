@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from kubetune.dev import cli, progress_view, stack as local_stack
+from kubetune.operator import builders
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -36,8 +37,8 @@ def job_status(stack: local_stack.LocalStack, name: str, namespace: str) -> dict
 
 def children(stack: local_stack.LocalStack, namespace: str) -> list[str]:
     kinds = "jobs.batch,pods,configmaps,deployments.apps,services,secrets"
-    out = stack.plane.kubectl("get", kinds, "-n", namespace, "-l", "app.kubernetes.io/managed-by=kubetune",
-                              "-o", "name").stdout
+    out = stack.plane.kubectl("get", kinds, "-n", namespace, "-l",
+                              f"{builders.LABEL_MANAGED_BY}={builders.MANAGED_BY}", "-o", "name").stdout
     return [line for line in out.splitlines() if line]
 
 
@@ -80,6 +81,9 @@ class TestHappyPath:
         assert stack.node is not None
         serving_pids = stack.node.running_processes()
         assert serving_pids, "the serving pod should be running"
+        before = children(stack, namespace)
+        for kind in ("job.batch/", "deployment.apps/", "service/", "configmap/", "pod/"):
+            assert any(line.startswith(kind) for line in before), f"no {kind} child before deletion: {before}"
         stack.plane.kubectl("delete", "finetunejob", name, "-n", namespace, "--timeout=60s")
         local_stack.wait_until(lambda: not children(stack, namespace), 90, "every child to be deleted")
         local_stack.wait_until(lambda: not stack.node.running_processes(), 30, "every pod process to end")
@@ -103,6 +107,8 @@ class TestBadDataset:
         assert failed["reason"] == "InvalidDataset", failed
         assert "messages" in failed["message"]
         assert progress_view.condition(status, "Validated")["status"] == "False"
-        assert not any(line.startswith("deployment") for line in children(stack, namespace))
+        left = children(stack, namespace)
+        assert any(line.startswith("job.batch/") for line in left), f"the validation Job should be there: {left}"
+        assert not any(line.startswith(("deployment", "service/")) for line in left), left
         assert stack.node is not None
         local_stack.wait_until(lambda: not stack.node.running_processes(), 30, "no pod process left")
