@@ -38,6 +38,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -539,7 +540,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
     log.info("serving %s as %r", source.describe(), settings.served_model_name or source.default_name)
-    return asyncio.run(serve(settings, source, chat_template))
+    code = asyncio.run(serve(settings, source, chat_template))
+    if code == EXIT_LOAD_FAILED:
+        # A load that failed inside native code (safetensors, torch) can leave native threads behind
+        # whose destructors abort interpreter finalisation ("terminate called without an active
+        # exception", exit -6 instead of 1, seen in CI): nothing is left to clean up, leave at once.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

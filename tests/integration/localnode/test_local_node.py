@@ -154,12 +154,21 @@ class TestControllersDriveTheNode:
         apply(cluster, namespace, deployment)
         wait_for(lambda: json.loads(cluster.kubectl("get", "deploy", "srv", "-n", namespace, "-o", "json").stdout)
                  .get("status", {}).get("availableReplicas") == 2, what="2 available replicas")
-        pids = node.running_processes()
-        assert len(pids) >= 2
+        pids = [pid for pid in node.running_processes() if "SimpleHTTPRequestHandler" in _cmdline(pid)]
+        assert len(pids) == 2
         cluster.kubectl("delete", "deploy", "srv", "-n", namespace)
         wait_for(lambda: cluster.kubectl("get", "pods", "-n", namespace, "-l", "app=srv", "-o", "name").stdout == "",
                  what="the pods to be gone")
-        wait_for(lambda: not any(_alive(pid) for pid in pids), timeout=15, what="the processes to end")
+        # By the cmdline too: a busy machine may hand a freed pid to a new process within seconds.
+        wait_for(lambda: not any(_alive(pid) and "SimpleHTTPRequestHandler" in _cmdline(pid) for pid in pids),
+                 timeout=30, what="the processes to end")
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def _alive(pid: int) -> bool:
