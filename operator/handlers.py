@@ -14,6 +14,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -208,14 +209,20 @@ def _time(value: Any) -> datetime | None:
         return None
 
 
-def _reconcile_or_retry(namespace: str | None, name: str | None) -> None:
+def reconcile_or_retry(reconcile: Callable[[str, str], None], namespace: str | None, name: str | None,
+                       what: str = "") -> None:
+    """Run one object's reconcile; on any error log it and let kopf retry in 10 s."""
     if not namespace or not name:
         return
     try:
-        reconcile_job(namespace, name)
+        reconcile(namespace, name)
     except Exception as error:
-        log.exception("reconcile of %s/%s failed", namespace, name)
-        raise kopf.TemporaryError(f"reconcile failed: {error}", delay=10) from error
+        log.exception("reconcile of %s%s/%s failed", what, namespace, name)
+        raise kopf.TemporaryError(f"{what}reconcile failed: {error}", delay=10) from error
+
+
+def _reconcile_or_retry(namespace: str | None, name: str | None) -> None:
+    reconcile_or_retry(reconcile_job, namespace, name)
 
 
 @kopf.on.create(*RESOURCE)

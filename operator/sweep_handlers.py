@@ -38,13 +38,7 @@ def reconcile_sweep(namespace: str, name: str) -> None:
 
 
 def _reconcile_or_retry(namespace: str | None, name: str | None) -> None:
-    if not namespace or not name:
-        return
-    try:
-        reconcile_sweep(namespace, name)
-    except Exception as error:
-        log.exception("reconcile of sweep %s/%s failed", namespace, name)
-        raise kopf.TemporaryError(f"sweep reconcile failed: {error}", delay=10) from error
+    handlers.reconcile_or_retry(reconcile_sweep, namespace, name, what="sweep ")
 
 
 @kopf.on.create(*SWEEP_RESOURCE)
