@@ -18,7 +18,7 @@ How a pod maps onto this machine:
   ``mountPath`` inside a private mount namespace (``unshare --mount``), so paths
   in args, env and config files mean what they mean in a pod; the termination
   message path is such a file too;
-- network -> each pod gets its own loopback address (127.1.x.y) as its pod IP:
+- network -> each pod gets its own loopback address (127.N.x.y, N random per node) as its pod IP:
   servers that bind ``$(POD_IP)`` never collide on ports, and Services'
   endpoints point at reachable addresses;
 - env, ``$(VAR)`` expansion, ``valueFrom`` (fieldRef, configMapKeyRef,
@@ -38,6 +38,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import re
 import shlex
 import shutil
@@ -136,7 +137,10 @@ class LocalNode:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._ips = (f"127.1.{n // 250}.{n % 250 + 2}" for n in itertools.count())
+        # A random second octet per node, so that two local stacks on one machine (parallel
+        # test runs) never hand out the same pod IP; 127.0.x.x stays the host's.
+        net = random.SystemRandom().randint(1, 250)
+        self._ips = (f"127.{net}.{n // 250}.{n % 250 + 2}" for n in itertools.count())
         self._guard = orphans.ProcessGuard(self.workdir / "pods.pids")
         self._unwritten: set[str] = set()
         """Uids of pods whose latest status could not be written (API server down): retried."""
