@@ -179,7 +179,7 @@ class TestSecretsStaySecret:
             "operator log": (stack.workdir / "operator.log").read_text(errors="replace"),
             "pod logs": "\n".join(p.read_text(errors="replace")
                                   for p in (stack.node.workdir / "pods").glob("*/*/output.log")),
-            "metrics": urllib.request.urlopen(f"{stack.operator_url}/metrics", timeout=10).read().decode(),
+            "metrics": urllib.request.urlopen(f"{stack.metrics_url}/metrics", timeout=10).read().decode(),
         }
         for place, text in places.items():
             assert text, f"nothing read from {place}"
