@@ -2,7 +2,7 @@
 
 The path a dataset takes, each step a small function:
 
-    read_records (local path, http(s)://, s3:// via fsspec; jsonl/json/csv/parquet/txt)
+    iter_records (local path, http(s)://, s3:// via fsspec; jsonl/json/csv/parquet/txt; streamed)
     -> to_examples (one `Example` per record, by format and field names)
     -> clean (whitespace, empty/short/long, exact duplicates; counts per reason)
     -> split_examples (train/validation/test by ratios and seed, stratified by label)
@@ -28,7 +28,6 @@ import bisect
 import contextlib
 import csv
 import dataclasses
-import io
 import json
 import random
 import re
@@ -187,9 +186,10 @@ def _lines(handle: BinaryIO, location: str) -> Iterator[tuple[int, str]]:
         except UnicodeDecodeError as error:
             raise _not_utf8(location, offset + error.start) from error
         offset += len(raw)
-        if len(text) > MAX_RECORD_CHARS + 1:
+        length = len(text) - text.endswith("\n")
+        if length > MAX_RECORD_CHARS:
             raise DataError(
-                f"{location}: line {number} is {len(text.rstrip(chr(10)))} characters long; a record may have at most "
+                f"{location}: line {number} is {length} characters long; a record may have at most "
                 f"{MAX_RECORD_CHARS} (is the file one JSON document rather than JSON Lines, or without line ends?)"
             )
         yield number, text
@@ -241,17 +241,13 @@ def _parse_json(handle: BinaryIO, location: str) -> list[dict[str, Any]]:
 
 
 def _parse_csv(handle: BinaryIO, location: str) -> Iterator[dict[str, Any]]:
-    text = io.TextIOWrapper(handle, encoding="utf-8-sig", newline="")
+    # csv reads any iterable of lines and carries quoted fields across them; lines keep their \r\n, as
+    # with open(newline=""), and come bounded and checked from _lines
     try:
-        for row in csv.DictReader(text):
+        for row in csv.DictReader(text for _, text in _lines(handle, location)):
             yield dict(row)
     except csv.Error as error:
         raise DataError(f"{location}: not valid CSV: {error}") from error
-    except UnicodeDecodeError as error:
-        raise DataError(f"{location}: not UTF-8 text ({error.reason}); is fileFormat right and the file "
-                        f"uncompressed?") from error
-    finally:
-        text.detach()  # the handle belongs to the caller
 
 
 def _parse_parquet(handle: BinaryIO, location: str, columns: Sequence[str] | None) -> Iterator[dict[str, Any]]:

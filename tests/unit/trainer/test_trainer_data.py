@@ -411,3 +411,12 @@ class TestHostileFiles:
         pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "ok.parquet", row_group_size=50)
 
         assert len(_load(_dataset("text", str(tmp_path / "ok.parquet")))) == 300
+
+
+def test_csv_quoted_fields_keep_their_line_breaks_and_a_bom_is_dropped(tmp_path: Path) -> None:
+    (tmp_path / "pc.csv").write_bytes('\ufeffprompt,completion\r\n"line one\r\nline two",done\r\nsecond,row\r\n'
+                                      .encode("utf-8"))
+
+    examples = _load(_dataset("prompt_completion", str(tmp_path / "pc.csv")))
+
+    assert [(e.prompt, e.completion) for e in examples] == [("line one\r\nline two", "done"), ("second", "row")]
