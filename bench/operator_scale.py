@@ -251,6 +251,7 @@ def start_operator(plane: Any, kubeconfig: Path, workdir: Path) -> tuple[subproc
         "KUBETUNE_NAMESPACES": NAMESPACE,
         "KUBETUNE_HTTP_HOST": "127.0.0.1",
         "KUBETUNE_HTTP_PORT": str(port),
+        "KUBETUNE_METRICS_PORT": "0",
         "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{port}/v1/reports",
         "KUBETUNE_SECRET_KEY": secrets.token_hex(16),
         "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:bench",

@@ -45,6 +45,7 @@ class LocalStack:
         self.node: localnode.LocalNode | None = None
         self.operator: subprocess.Popen[bytes] | None = None
         self.operator_port = controlplane.free_port()
+        self.metrics_port = controlplane.free_port()
         self.secret_key = secrets.token_hex(32)
         self.operator_env = dict(operator_env or {})
         self.resync_seconds = resync_seconds
@@ -66,8 +67,13 @@ class LocalStack:
 
     @property
     def operator_url(self) -> str:
-        """The operator's progress/metrics server."""
+        """The operator's progress-report server."""
         return f"http://127.0.0.1:{self.operator_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        """The operator's metrics server (`/metrics`)."""
+        return f"http://127.0.0.1:{self.metrics_port}"
 
     def start(self) -> None:
         """Starts everything and waits until each part answers."""
@@ -110,6 +116,7 @@ class LocalStack:
             "KUBETUNE_SECRET_KEY": self.secret_key,
             "KUBETUNE_HTTP_HOST": "127.0.0.1",
             "KUBETUNE_HTTP_PORT": str(self.operator_port),
+            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
             "KUBETUNE_PROGRESS_URL": f"{self.operator_url}/v1/reports",
             "KUBETUNE_TRAINER_IMAGE": "kubetune/trainer:local",
             "KUBETUNE_RESYNC_SECONDS": str(self.resync_seconds),
@@ -129,7 +136,7 @@ class LocalStack:
         while time.monotonic() < deadline:
             if self.operator.poll() is not None:
                 raise StackError(f"the operator exited with {self.operator.returncode}; see {self.workdir / 'operator.log'}")
-            if controlplane._http_ok(f"{self.operator_url}/metrics"):
+            if controlplane._http_ok(f"{self.metrics_url}/metrics"):
                 return
             time.sleep(0.3)
         raise StackError(f"the operator did not serve /metrics within 60 s; see {self.workdir / 'operator.log'}")

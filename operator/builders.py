@@ -338,6 +338,8 @@ def trainer_env(job: Body, settings: OperatorSettings) -> list[Body]:
         env.append({"name": trainer_config.ENV_PROGRESS_URL, "value": settings.progress_url})
         env.append({"name": trainer_config.ENV_PROGRESS_TOKEN, "valueFrom": {"secretKeyRef": {
             "name": names.progress_secret(job["metadata"]["name"]), "key": TOKEN_KEY}}})
+        if settings.progress_ca:  # public: the pod verifies the endpoint before it sends its token
+            env.append({"name": trainer_config.ENV_PROGRESS_CA, "value": settings.progress_ca})
     return env
 
 

@@ -5,6 +5,11 @@ module decides whether one is acceptable and what it changes in the
 FineTuneJob's status; the HTTP endpoint in `progress` only wires it to aiohttp
 and the API server.
 
+Order of checks, cheapest and least revealing first: size, nesting depth and
+JSON syntax (`decode_report`), the job it names (`report_job`), the token
+(`authenticate`), the per-job rate (`RateLimiter`), and only then the fields
+(`validate_report`), so a caller without a token learns nothing about them.
+
 Authentication: each job gets the token HMAC-SHA256(operator key,
 "<namespace>/<name>/<uid>") in a Secret of its own; a report is accepted only
 when its bearer token is the token of the job it names, so a job can report
@@ -33,6 +38,9 @@ NUMBER_FIELDS = ("epoch", "trainLoss", "valLoss", "valPerplexity", "learningRate
 COUNT_FIELDS = ("step", "totalSteps", "tokensSeen")
 MAX_MESSAGE_CHARS = 1024
 MAX_RESULTS = 64
+MAX_REPORT_DEPTH = 16
+"""Deepest nesting of objects and arrays a report may have (real reports nest 3 deep), so nothing that
+handles a report later can run out of recursion."""
 RESOLVED_FIELDS = tuple(models.ResolvedHyperparameters.__annotations__)
 """Keys of `resolved` (the trainer's resolved hyperparameters) that reach `status.resolved`."""
 
@@ -40,9 +48,11 @@ RESOLVED_FIELDS = tuple(models.ResolvedHyperparameters.__annotations__)
 class ReportError(ValueError):
     """A rejected report: `status` is the HTTP status to answer, `reason` a CamelCase word for metrics."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(self, status: int, reason: str, message: str, *, retry_after: float | None = None) -> None:
         self.status = status
         self.reason = reason
+        self.retry_after = retry_after
+        """Seconds the sender should wait before trying again (HTTP 429's Retry-After)."""
         super().__init__(message)
 
 
@@ -91,24 +101,69 @@ def authenticate(key: bytes, authorization: str | None, job: JobKey) -> None:
         raise ReportError(403, "WrongToken", f"token is not valid for job {job.signed_text()}")
 
 
-def parse_report(raw: bytes, max_bytes: int) -> Report:
-    """Parse and check a report body; ReportError 413/400 naming the problem."""
+def _nesting_depth(value: Any, limit: int) -> int:
+    """How deep arrays and objects nest in a decoded value (iteratively; stops counting past `limit`)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, depth)
+        if deepest > limit:
+            break
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
+def decode_report(raw: bytes, max_bytes: int) -> Body:
+    """The report's JSON object: size, nesting depth and syntax checked (ReportError 413/400); nothing else."""
     if len(raw) > max_bytes:
         raise ReportError(413, "TooLarge", f"report is {len(raw)} bytes; at most {max_bytes} allowed")
+    too_deep = ReportError(400, "Malformed", f"report nests arrays/objects more than {MAX_REPORT_DEPTH} deep")
     try:
+        # json's C decoder raises RecursionError (it used to escape as a 500) near 1000 levels
         body = json.loads(raw)
+    except RecursionError:
+        raise too_deep from None
     except (UnicodeDecodeError, ValueError) as error:
         raise ReportError(400, "Malformed", f"report is not JSON: {error}") from None
     if not isinstance(body, dict):
         raise ReportError(400, "Malformed", "report must be a JSON object")
-    problems: list[str] = []
+    # Depth cannot exceed the number of opening brackets, and real reports have a handful: only a
+    # report with many is walked.
+    if raw.count(b"[") + raw.count(b"{") > MAX_REPORT_DEPTH and _nesting_depth(body, MAX_REPORT_DEPTH) > MAX_REPORT_DEPTH:
+        raise too_deep
+    return body
+
+
+def report_job(body: Body) -> JobKey:
+    """The job a decoded report names (what its token must be for); ReportError 400 when it names none."""
     job = body.get("job")
-    key = None
     if not isinstance(job, dict) or not all(isinstance(job.get(f), str) and job.get(f)
                                             for f in ("namespace", "name", "uid")):
-        problems.append("job: must be an object with non-empty namespace, name and uid")
-    else:
-        key = JobKey(job["namespace"], job["name"], job["uid"])
+        raise ReportError(400, "Malformed", "job: must be an object with non-empty namespace, name and uid")
+    return JobKey(job["namespace"], job["name"], job["uid"])
+
+
+def parse_report(raw: bytes, max_bytes: int) -> Report:
+    """Decode and check a whole report without authenticating it; ReportError 413/400 naming the problem."""
+    body = decode_report(raw, max_bytes)
+    try:
+        key = report_job(body)
+    except ReportError as job_problem:
+        try:
+            validate_report(body, JobKey("", "", ""))
+        except ReportError as other_problems:  # one message lists every problem
+            raise ReportError(400, "Malformed", f"{job_problem}; {other_problems}") from None
+        raise
+    return validate_report(body, key)
+
+
+def validate_report(body: Body, key: JobKey) -> Report:
+    """Check the fields of a decoded report from job `key`; ReportError 400 listing every problem."""
+    problems: list[str] = []
     attempt, seq = body.get("attempt"), body.get("seq")
     if not _is_count(attempt):
         problems.append(f"attempt: must be an integer >= 0, got {attempt!r}")
@@ -127,7 +182,7 @@ def parse_report(raw: bytes, max_bytes: int) -> Report:
         if field in body and body[field] is not None and not _is_count(body[field]):
             problems.append(f"{field}: must be an integer >= 0, got {body[field]!r}")
     problems.extend(_optional_part_problems(body))
-    if problems or key is None or when is None or not isinstance(attempt, int) or not isinstance(seq, int):
+    if problems or when is None or not isinstance(attempt, int) or not isinstance(seq, int):
         raise ReportError(400, "Malformed", "; ".join(problems))
     return Report(job=key, attempt=attempt, seq=seq, time=when, kind=str(kind), body=body)
 
@@ -261,6 +316,42 @@ class WriteThrottle:
         """How long until the next write is due (0 when due now)."""
         last = self._last.get(uid)
         return 0.0 if last is None else max(0.0, self.interval - (now - last))
+
+
+@dataclasses.dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class RateLimiter:
+    """A token bucket per job: up to `burst` reports at once, then `rate` per second.
+
+    A trainer reports a few times a second at most; a job that sends far more is
+    misbehaving or hostile, and each accepted report costs the operator a merge
+    and, eventually, a status write."""
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self._buckets: dict[str, _Bucket] = {}
+
+    def take(self, uid: str, now: float) -> float:
+        """Take one report's token: 0.0 when the report may pass, else the seconds until one is free."""
+        if self.rate <= 0:
+            return 0.0
+        bucket = self._buckets.get(uid)
+        if bucket is None:
+            bucket = self._buckets[uid] = _Bucket(tokens=float(self.burst), updated=now)
+        bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.updated) * self.rate)
+        bucket.updated = now
+        if bucket.tokens >= 1.0:
+            bucket.tokens -= 1.0
+            return 0.0
+        return (1.0 - bucket.tokens) / self.rate
+
+    def forget(self, uid: str) -> None:
+        self._buckets.pop(uid, None)
 
 
 def _pick(body: Body, fields: tuple[str, ...]) -> Body:

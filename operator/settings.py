@@ -33,8 +33,27 @@ class OperatorSettings:
     http_host: str = "0.0.0.0"
     """Address the progress and metrics server binds to. `KUBETUNE_HTTP_HOST`."""
     http_port: int = 8080
-    """Port of the progress (`/v1/reports`) and metrics (`/metrics`) server; 0 = pick a free one.
+    """Port of the progress-report server (`/v1/reports`, `/healthz`); 0 = pick a free one.
     `KUBETUNE_HTTP_PORT`."""
+    metrics_port: int = 8081
+    """Port of the Prometheus server (`/metrics`, `/healthz`), always plain HTTP. Separate from the
+    report port because the series name every tenant's jobs: a NetworkPolicy can open this port to the
+    monitoring namespace only while trainer pods reach the report port. 0 = pick a free one.
+    `KUBETUNE_METRICS_PORT`."""
+    tls_cert_file: str = ""
+    """PEM certificate (chain) the report port serves HTTPS with; empty = plain HTTP (local mode, tests).
+    The chart generates one for the Service's DNS names. `KUBETUNE_TLS_CERT_FILE`."""
+    tls_key_file: str = ""
+    """PEM private key of `tls_cert_file`. `KUBETUNE_TLS_KEY_FILE`."""
+    progress_ca: str = ""
+    """PEM of the CA that issued the report port's certificate; given to trainer pods
+    (`KUBETUNE_PROGRESS_CA`) so they verify the endpoint before sending their token. Empty = pods use
+    the system's trust store. `KUBETUNE_PROGRESS_CA`."""
+    report_rate: float = 20.0
+    """Progress reports per second one job may send on average (a trainer sends a few); more get
+    HTTP 429 with Retry-After. 0 = no limit. `KUBETUNE_REPORT_RATE`."""
+    report_burst: int = 100
+    """Progress reports one job may send at once before `report_rate` applies. `KUBETUNE_REPORT_BURST`."""
     resync_seconds: float = 30.0
     """Interval of the timer that re-runs reconcile for every job (seconds). Child events trigger
     reconcile at once, so this only bounds how stale a missed event can leave a status.
@@ -83,6 +102,14 @@ class OperatorSettings:
                 raise SettingsError(f"{key}: must be >= 0, got {raw!r}")
             return value
 
+        if bool(text("KUBETUNE_TLS_CERT_FILE", "")) != bool(text("KUBETUNE_TLS_KEY_FILE", "")):
+            raise SettingsError("KUBETUNE_TLS_CERT_FILE and KUBETUNE_TLS_KEY_FILE: set both (HTTPS) or neither "
+                                "(plain HTTP)")
+        ports = [text(key, str(default)) for key, default in (("KUBETUNE_HTTP_PORT", defaults.http_port),
+                                                               ("KUBETUNE_METRICS_PORT", defaults.metrics_port))]
+        if ports[0] == ports[1] and ports[0] not in ("", "0"):
+            raise SettingsError(f"KUBETUNE_METRICS_PORT: must differ from KUBETUNE_HTTP_PORT ({ports[0]}); "
+                                f"metrics are served on a port of their own")
         namespaces = tuple(n.strip() for n in text("KUBETUNE_NAMESPACES", "").split(",") if n.strip())
         return cls(
             namespaces=namespaces,
@@ -92,6 +119,12 @@ class OperatorSettings:
             secret_key=text("KUBETUNE_SECRET_KEY", "").encode(),
             http_host=text("KUBETUNE_HTTP_HOST", defaults.http_host),
             http_port=int(number("KUBETUNE_HTTP_PORT", defaults.http_port, int)),
+            metrics_port=int(number("KUBETUNE_METRICS_PORT", defaults.metrics_port, int)),
+            tls_cert_file=text("KUBETUNE_TLS_CERT_FILE", defaults.tls_cert_file),
+            tls_key_file=text("KUBETUNE_TLS_KEY_FILE", defaults.tls_key_file),
+            progress_ca=text("KUBETUNE_PROGRESS_CA", defaults.progress_ca),
+            report_rate=float(number("KUBETUNE_REPORT_RATE", defaults.report_rate, float)),
+            report_burst=int(number("KUBETUNE_REPORT_BURST", defaults.report_burst, int)),
             resync_seconds=float(number("KUBETUNE_RESYNC_SECONDS", defaults.resync_seconds, float)),
             status_write_interval=float(
                 number("KUBETUNE_STATUS_WRITE_INTERVAL", defaults.status_write_interval, float)),

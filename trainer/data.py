@@ -2,7 +2,7 @@
 
 The path a dataset takes, each step a small function:
 
-    read_records (local path, http(s)://, s3:// via fsspec; jsonl/json/csv/parquet/txt)
+    iter_records (local path, http(s)://, s3:// via fsspec; jsonl/json/csv/parquet/txt; streamed)
     -> to_examples (one `Example` per record, by format and field names)
     -> clean (whitespace, empty/short/long, exact duplicates; counts per reason)
     -> split_examples (train/validation/test by ratios and seed, stratified by label)
@@ -25,16 +25,16 @@ example carries no loss, so no example is asked to predict its neighbour.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import csv
 import dataclasses
-import io
 import json
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from kubetune.trainer.config import Cleaning, Curriculum, DatasetConfig, DataSource, FieldNames, ModelConfig, Split
@@ -102,13 +102,14 @@ def detect_file_format(source: DataSource) -> str:
     return _EXTENSIONS[suffix]
 
 
-def read_bytes(location: str) -> bytes:
-    """The file's bytes from a local path, `file://`, `http(s)://` or `s3://` URL."""
+@contextlib.contextmanager
+def _open(location: str) -> Iterator[BinaryIO]:
+    """The data file as a binary stream (local path, `file://`, `http(s)://`, `s3://`); DataError when absent."""
     import fsspec
 
     try:
         with fsspec.open(location, "rb") as handle:
-            return bytes(handle.read())
+            yield handle
     except FileNotFoundError as error:
         raise DataError(f"{location}: data file not found") from error
     except IsADirectoryError as error:
@@ -117,92 +118,198 @@ def read_bytes(location: str) -> bytes:
         raise DataError(f"{location}: no filesystem support installed for this URL: {error}") from error
 
 
-def _decode(data: bytes, location: str) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise DataError(
-            f"{location}: not UTF-8 text (undecodable byte at offset {error.start}); "
-            f"is fileFormat right and the file uncompressed?"
-        ) from error
+def _not_utf8(location: str, offset: int, what: str = "undecodable byte") -> DataError:
+    return DataError(
+        f"{location}: not UTF-8 text ({what} at offset {offset}); is fileFormat right and the file uncompressed?"
+    )
 
 
 MAX_RECORD_CHARS = 4 * 1024 * 1024
-"""Longest JSONL line (characters). One record this long is not a training example but a broken export,
-and tokenising it would take the validation pod's memory and minutes before failing anyway."""
+"""Longest JSONL line or text line (characters). One record this long is not a training example but a broken
+export, and tokenising it would take the validation pod's memory and minutes before failing anyway."""
+_MAX_LINE_BYTES = 4 * MAX_RECORD_CHARS
+"""A line is read at most this far (UTF-8 takes at most 4 bytes a character), so memory stays bounded
+even when a file has no newline at all."""
+_READ_BLOCK_BYTES = 1024 * 1024
+"""Bytes read from a data file at a time."""
+MAX_JSON_DOCUMENT_BYTES = 256 * 1024 * 1024
+"""Largest `json` file (one document must be parsed whole); larger datasets belong in JSON Lines, which is
+read a line at a time."""
+MAX_PARQUET_ROW_GROUP_BYTES = 512 * 1024 * 1024
+"""Largest uncompressed row group of a Parquet file (bytes, as its footer declares). A row group is the
+unit Parquet decompresses at once; a small file that declares a huge one is a decompression bomb, and a
+real one this large needs more memory than a validation pod has."""
+_PARQUET_BATCH_ROWS = 1024
+"""Rows converted to Python objects at a time, so a row group is never held twice."""
 
 
-def _parse_jsonl(text: str, location: str) -> list[dict[str, Any]]:
-    records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+def _raw_lines(handle: BinaryIO, limit: int) -> Iterator[bytes]:
+    """Lines of a binary stream with their b"\\n", read in blocks (fsspec's remote files have no
+    bounded readline); a line longer than `limit` is cut at `limit + 1` bytes so the caller can refuse it."""
+    pending = b""
+    start = 0  # lines are sliced off `pending` by index: re-slicing the rest per line would be quadratic
+    while True:
+        end = pending.find(b"\n", start)
+        if end >= 0:
+            yield pending[start : end + 1]
+            start = end + 1
+            continue
+        if len(pending) - start > limit:
+            yield pending[start : start + limit + 1]
+            return
+        block = handle.read(_READ_BLOCK_BYTES)
+        if not block:
+            if start < len(pending):
+                yield pending[start:]
+            return
+        pending = pending[start:] + block
+        start = 0
+
+
+def _lines(handle: BinaryIO, location: str) -> Iterator[tuple[int, str]]:
+    """(line number, text with its line end) for each line, split on \\n only (U+2028, U+0085 and \\r
+    are text, as JSON Lines and RFC 8259 say), read one at a time and bounded by `MAX_RECORD_CHARS`."""
+    offset = 0
+    number = 0
+    for raw in _raw_lines(handle, _MAX_LINE_BYTES):
+        number += 1
+        if len(raw) > _MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            raise DataError(
+                f"{location}: line {number} is over {_MAX_LINE_BYTES} bytes long; a record may have at most "
+                f"{MAX_RECORD_CHARS} characters (is the file one JSON document rather than JSON Lines, or without line ends?)"
+            )
+        nul = raw.find(b"\0")
+        if nul >= 0:  # valid text never holds NUL; binary and UTF-16 files do
+            raise _not_utf8(location, offset + nul, "NUL byte")
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise _not_utf8(location, offset + error.start) from error
+        offset += len(raw)
+        length = len(text) - text.endswith("\n")
+        if length > MAX_RECORD_CHARS:
+            raise DataError(
+                f"{location}: line {number} is {length} characters long; a record may have at most "
+                f"{MAX_RECORD_CHARS} (is the file one JSON document rather than JSON Lines, or without line ends?)"
+            )
+        yield number, text
+
+
+def _json_value(text: str, what: str, *, document: bool = False) -> Any:
+    """json.loads, with every way it can fail (syntax, nesting past the recursion limit, integers past
+    Python's 4300-digit conversion limit) turned into a DataError naming `what`."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        where = f" (line {error.lineno})" if document else ""
+        raise DataError(f"{what} is not valid JSON: {error.msg}{where}") from None
+    except RecursionError:
+        raise DataError(f"{what} is not usable JSON: nested too deeply") from None
+    except ValueError as error:  # e.g. "Exceeds the limit (4300 digits) for integer string conversion"
+        raise DataError(f"{what} is not usable JSON: {error}") from None
+
+
+def _parse_jsonl(handle: BinaryIO, location: str) -> Iterator[dict[str, Any]]:
+    for number, line in _lines(handle, location):
         if not line.strip():
             continue
-        if len(line) > MAX_RECORD_CHARS:
-            raise DataError(
-                f"{location}: line {number} is {len(line)} characters long; a record may have at most "
-                f"{MAX_RECORD_CHARS} (is the file one JSON document rather than JSON Lines?)"
-            )
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{location}: line {number} is not valid JSON: {error.msg}") from error
+        record = _json_value(line, f"{location}: line {number}")
         if not isinstance(record, dict):
             raise DataError(f"{location}: line {number} must be a JSON object, got {type(record).__name__}")
-        records.append(record)
-    return records
+        yield record
 
 
-def _parse_json(text: str, location: str) -> list[dict[str, Any]]:
+def _parse_json(handle: BinaryIO, location: str) -> list[dict[str, Any]]:
+    data = handle.read(MAX_JSON_DOCUMENT_BYTES + 1)
+    if len(data) > MAX_JSON_DOCUMENT_BYTES:
+        raise DataError(f"{location}: a JSON file may be at most {MAX_JSON_DOCUMENT_BYTES} bytes; "
+                        f"use JSON Lines (one record a line, fileFormat jsonl) for larger datasets")
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise DataError(f"{location}: not valid JSON: {error.msg} (line {error.lineno})") from error
-    if isinstance(data, dict):
-        lists = [value for value in data.values() if isinstance(value, list)]
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise _not_utf8(location, error.start) from error
+    del data
+    parsed = _json_value(text, location, document=True)
+    if isinstance(parsed, dict):
+        lists = [value for value in parsed.values() if isinstance(value, list)]
         if len(lists) != 1:
             raise DataError(f"{location}: a JSON file must hold a list of records (or an object with one list)")
-        data = lists[0]
-    if not isinstance(data, list) or not all(isinstance(item, dict) for item in data):
+        parsed = lists[0]
+    if not isinstance(parsed, list) or not all(isinstance(item, dict) for item in parsed):
         raise DataError(f"{location}: a JSON file must hold a list of objects")
-    return data
+    return parsed
 
 
-def _parse_csv(text: str, location: str) -> list[dict[str, Any]]:
+def _parse_csv(handle: BinaryIO, location: str) -> Iterator[dict[str, Any]]:
+    # csv reads any iterable of lines and carries quoted fields across them; lines keep their \r\n, as
+    # with open(newline=""), and come bounded and checked from _lines
     try:
-        return [dict(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
+        for row in csv.DictReader(text for _, text in _lines(handle, location)):
+            yield dict(row)
     except csv.Error as error:
         raise DataError(f"{location}: not valid CSV: {error}") from error
 
 
-def _parse_parquet(data: bytes, location: str) -> list[dict[str, Any]]:
+def _parse_parquet(handle: BinaryIO, location: str, columns: Sequence[str] | None) -> Iterator[dict[str, Any]]:
     import pyarrow
     import pyarrow.parquet
 
     try:
-        return list(pyarrow.parquet.read_table(io.BytesIO(data)).to_pylist())
+        parquet = pyarrow.parquet.ParquetFile(handle)
+        metadata = parquet.metadata
+        for index in range(metadata.num_row_groups):
+            size = metadata.row_group(index).total_byte_size
+            if size > MAX_PARQUET_ROW_GROUP_BYTES:
+                raise DataError(
+                    f"{location}: row group {index} is {size} bytes uncompressed; at most "
+                    f"{MAX_PARQUET_ROW_GROUP_BYTES} allowed (write the file with smaller row groups)"
+                )
+        present = set(parquet.schema_arrow.names)
+        # Only the columns the dataset uses are decompressed; when one is missing, all are read, so the
+        # error can list what the file holds.
+        wanted = list(columns) if columns is not None and present.issuperset(columns) else None
+        for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=wanted):
+            yield from batch.to_pylist()
     except (pyarrow.ArrowException, OSError) as error:
         raise DataError(f"{location}: not a readable Parquet file: {error}") from error
 
 
-def _parse_txt(text: str, field: str) -> list[dict[str, Any]]:
-    """One record per paragraph (blocks separated by blank lines)."""
-    return [{field: block} for block in re.split(r"\n\s*\n", text) if block.strip()]
+def _parse_txt(handle: BinaryIO, location: str, field: str) -> Iterator[dict[str, Any]]:
+    """One record per paragraph (blocks of lines separated by blank lines), read a line at a time."""
+    block: list[str] = []
+    for _, line in _lines(handle, location):
+        if line.endswith("\n") and not line.strip():
+            if block:  # a blank line ends the paragraph; its own line end is not part of it
+                yield {field: "".join(block)[:-1]}
+                block = []
+            continue
+        block.append(line)
+    if block:
+        yield {field: "".join(block)}
+
+
+def iter_records(source: DataSource, fields: FieldNames,
+                 columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+    """The records of one data file as dictionaries, read as they are needed: a line at a time (JSON
+    Lines, CSV, text) or a batch of rows at a time (Parquet); only a `json` document is read whole.
+    `columns`: the fields the caller uses (Parquet then reads no other column); None = all."""
+    file_format = detect_file_format(source)
+    with _open(source.source) as handle:
+        if file_format == "parquet":
+            yield from _parse_parquet(handle, source.source, columns)
+        elif file_format == "jsonl":
+            yield from _parse_jsonl(handle, source.source)
+        elif file_format == "json":
+            yield from _parse_json(handle, source.source)
+        elif file_format == "csv":
+            yield from _parse_csv(handle, source.source)
+        else:
+            yield from _parse_txt(handle, source.source, fields.text)
 
 
 def read_records(source: DataSource, fields: FieldNames) -> list[dict[str, Any]]:
     """All records of one data file as dictionaries."""
-    file_format = detect_file_format(source)
-    data = read_bytes(source.source)
-    if file_format == "parquet":
-        return _parse_parquet(data, source.source)
-    text = _decode(data, source.source)
-    if file_format == "jsonl":
-        return _parse_jsonl(text, source.source)
-    if file_format == "json":
-        return _parse_json(text, source.source)
-    if file_format == "csv":
-        return _parse_csv(text, source.source)
-    return _parse_txt(text, fields.text)
+    return list(iter_records(source, fields))
 
 
 # --- Examples --------------------------------------------------------------------
@@ -226,7 +333,7 @@ def _messages_field(record: dict[str, Any], name: str, where: str) -> list[dict[
     if isinstance(raw, str):  # CSV cells hold JSON text
         try:
             raw = json.loads(raw)
-        except json.JSONDecodeError as error:
+        except (ValueError, RecursionError) as error:  # also too deep or too large a number
             raise DataError(f"{where}: field {name!r} is text but not a JSON list of messages") from error
     if not isinstance(raw, list) or not raw:
         raise DataError(f"{where}: field {name!r} must be a non-empty list of {{role, content}} messages")
@@ -238,7 +345,7 @@ def _messages_field(record: dict[str, Any], name: str, where: str) -> list[dict[
     return messages
 
 
-def to_examples(records: Sequence[dict[str, Any]], config: DatasetConfig, origin: str) -> list[Example]:
+def to_examples(records: Iterable[dict[str, Any]], config: DatasetConfig, origin: str) -> list[Example]:
     """One Example per record; DataError names the first record that lacks a needed field."""
     fields = config.fields
     examples = []
@@ -492,8 +599,14 @@ class PreparedData:
         return stats
 
 
+def _used_fields(config: DatasetConfig) -> list[str]:
+    fields = config.fields
+    return {"text": [fields.text], "prompt_completion": [fields.prompt, fields.completion],
+            "chat": [fields.messages], "classification": [fields.text, fields.label]}[config.format]
+
+
 def _load_clean(source: DataSource, config: DatasetConfig, name: str) -> tuple[list[Example], CleaningReport]:
-    records = read_records(source, config.fields)
+    records = iter_records(source, config.fields, _used_fields(config))  # streamed: only the examples are held, not the file
     examples, report = clean(to_examples(records, config, source.source), config.cleaning)
     if not examples:
         raise DataError(

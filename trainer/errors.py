@@ -20,5 +20,10 @@ class ModelError(PermanentError):
     """The base model cannot be found or loaded."""
 
 
+class CheckpointError(PermanentError):
+    """A checkpoint on the output volume cannot be loaded safely: it holds something other than tensors
+    and plain values (a pickle that could run code), or does not fit this run."""
+
+
 class Preempted(Exception):  # noqa: N818 - a signal, not a failure
     """SIGTERM arrived; the run stops after saving a checkpoint (exit code 75)."""

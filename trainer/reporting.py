@@ -4,6 +4,12 @@ Every report is one JSON object (the contract's camelCase body) printed on
 stdout and, when `KUBETUNE_PROGRESS_URL` is set, POSTed there with the bearer
 token from `KUBETUNE_PROGRESS_TOKEN`. POSTs run on a background thread with a
 short timeout: a slow or failing endpoint never stops or slows training.
+
+An https:// endpoint is verified against the CA in `KUBETUNE_PROGRESS_CA`
+(the operator's chart-generated CA), or the system's CAs when that is unset,
+before the token is sent. A 429 answer is honoured: the sender waits the
+Retry-After seconds (capped) and sends the same report again, so reports stay
+in order and none is dropped for being early.
 """
 
 from __future__ import annotations
@@ -13,8 +19,11 @@ import json
 import logging
 import os
 import queue
+import ssl
 import sys
 import threading
+import time
+import urllib.error
 import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +39,10 @@ FLUSH_TIMEOUT_SECONDS = 10.0
 """At exit, queued reports get this long to go out."""
 TERMINATION_MESSAGE_LIMIT = 4096
 """Kubernetes keeps at most 4 KiB of a termination message."""
+RATE_LIMIT_RETRIES = 3
+"""Times one report is sent again after HTTP 429 before it is given up."""
+MAX_RETRY_AFTER_SECONDS = 5.0
+"""Longest wait honoured from a Retry-After header (the operator asks for about a second)."""
 
 
 def _now() -> str:
@@ -47,6 +60,7 @@ class Reporter:
         token: str | None = None,
         attempt: int = 0,
         stream: TextIO | None = None,
+        ca: str | None = None,
     ) -> None:
         self.job = {"namespace": job.namespace, "name": job.name, "uid": job.uid}
         self.url = url
@@ -55,6 +69,8 @@ class Reporter:
         self.stream = stream or sys.stdout
         self.seq = 0
         self.failed_posts = 0
+        self._tls = ssl.create_default_context(cadata=ca) if ca else None
+        """Verifies an https:// endpoint against this CA only; None = urllib's default (system CAs)."""
         self._lock = threading.Lock()
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         self._sender: threading.Thread | None = None
@@ -71,6 +87,7 @@ class Reporter:
             token=os.environ.get(cfg.ENV_PROGRESS_TOKEN) or None,
             attempt=int(attempt_text) if attempt_text.isdigit() else 0,
             stream=stream,
+            ca=os.environ.get(cfg.ENV_PROGRESS_CA) or None,
         )
 
     def report(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -97,8 +114,15 @@ class Reporter:
             headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(self.url or "", data=payload, headers=headers, method="POST")
         try:
-            with urllib.request.urlopen(request, timeout=POST_TIMEOUT_SECONDS) as response:
-                response.read()
+            for retry in range(RATE_LIMIT_RETRIES + 1):
+                try:
+                    with urllib.request.urlopen(request, timeout=POST_TIMEOUT_SECONDS, context=self._tls) as response:
+                        response.read()
+                    return
+                except urllib.error.HTTPError as error:
+                    if error.code != 429 or retry == RATE_LIMIT_RETRIES:
+                        raise
+                    time.sleep(_retry_after(error.headers.get("Retry-After")))
         except Exception as error:  # noqa: BLE001 - best effort: never let reporting stop training
             self.failed_posts += 1
             if self.failed_posts <= 3:
@@ -111,6 +135,14 @@ class Reporter:
         self._outbox.put(None)
         self._sender.join(timeout)
         self._sender = None
+
+
+def _retry_after(header: str | None) -> float:
+    try:
+        seconds = float(header or 1)
+    except ValueError:
+        seconds = 1.0
+    return min(max(seconds, 0.0), MAX_RETRY_AFTER_SECONDS)
 
 
 def termination_summary(

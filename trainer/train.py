@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -32,7 +33,7 @@ import torch
 
 from kubetune.trainer import data, evaluate, hyperparameters, modeling
 from kubetune.trainer.config import TrainerConfig
-from kubetune.trainer.errors import Preempted
+from kubetune.trainer.errors import CheckpointError, Preempted
 from kubetune.trainer.hyperparameters import ResolvedHyperparameters
 from kubetune.trainer.reporting import Reporter
 
@@ -290,7 +291,15 @@ def _trainable_state(model: Any) -> dict[str, torch.Tensor]:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state as tensors and plain values only, so `torch.load(weights_only=True)` reads it
+    (numpy's own state tuple holds an ndarray, which only a full unpickler could rebuild)."""
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "hasGauss": int(has_gauss), "cachedGaussian": float(cached_gaussian)},
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -298,10 +307,25 @@ def _rng_state() -> dict[str, Any]:
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32),
+                         numpy_state["position"], numpy_state["hasGauss"], numpy_state["cachedGaussian"]))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _load_tensors_and_values(path: Path) -> Any:
+    """A torch.save file, unpickled with torch's weights-only loader: tensors, numbers, strings, lists,
+    tuples and dicts come back; anything else (a class, a function, `__reduce__` code) is refused, not
+    run. Checkpoints live on a claim other pods may write, so resuming must never execute its contents."""
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"checkpoint file {path} was refused: it holds objects other than tensors and plain values "
+            f"(written by an older trainer, or tampered with); delete {path.parent} to train from the "
+            f"previous checkpoint ({str(error).splitlines()[0][:200]})") from None
 
 
 def list_checkpoints(directory: Path) -> list[tuple[int, Path]]:
@@ -376,11 +400,17 @@ def resume(run: Run) -> bool:
         run._packed_cache.clear()
         run.epoch_steps = _epoch_step_counts(run)
         run.scheduler = _scheduler(run.optimizer, run.hp, run.total_steps)
-    load_trainable_weights(run, latest)
-    run.optimizer.load_state_dict(torch.load(latest / "optimizer.pt", weights_only=False))
-    run.scheduler.load_state_dict(torch.load(latest / "scheduler.pt", weights_only=False))
-    _set_rng_state(torch.load(latest / "rng.pt", weights_only=False))
-    run.state = TrainState(**saved)
+    optimizer_state = _load_tensors_and_values(latest / "optimizer.pt")
+    scheduler_state = _load_tensors_and_values(latest / "scheduler.pt")
+    rng_state = _load_tensors_and_values(latest / "rng.pt")
+    try:
+        load_trainable_weights(run, latest)
+        run.optimizer.load_state_dict(optimizer_state)
+        run.scheduler.load_state_dict(scheduler_state)
+        _set_rng_state(rng_state)
+        run.state = TrainState(**saved)
+    except (KeyError, TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"checkpoint {latest} does not fit this run: {error}") from error
     run.resumed_from = str(latest)
     return True
 

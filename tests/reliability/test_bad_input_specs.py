@@ -334,7 +334,7 @@ class TestGeneratedSpecs:
         validating = [j for j in kube.ftjs(namespace) if j["status"]["phase"] != "Failed"]
         jobs = {j["metadata"]["name"] for j in kube.jobs(namespace)}
         assert {f"{j['metadata']['name']}-validate" for j in validating} <= jobs
-        with urllib.request.urlopen(f"{stack.operator_url}/metrics", timeout=10) as response:
+        with urllib.request.urlopen(f"{stack.metrics_url}/metrics", timeout=10) as response:
             metrics = response.read().decode()
         errors = [line for line in metrics.splitlines() if line.startswith("kubetune_reconcile_errors_total{")
                   and not line.endswith(" 0.0")]

@@ -50,6 +50,11 @@ def bad_datasets() -> dict[str, tuple[bytes, dict[str, Any], str]]:
         "all-empty": ("\n".join(json.dumps({"messages": [{"role": "user", "content": " "},
                                                          {"role": "assistant", "content": "  "}]})
                                 for _ in range(20)).encode(), {}, "no records left after cleaning"),
+        # json.loads raises RecursionError / ValueError (not JSONDecodeError) for these: they must still
+        # end InvalidDataset naming the line, not a retried crash.
+        "deeply-nested": ("\n".join(good[:5] + ['{"messages": ' + "[" * 50_000 + "]" * 50_000 + "}"]).encode(),
+                          {}, "line 6"),
+        "huge-integer": ("\n".join(good[:5] + ['{"messages": ' + "7" * 5000 + "}"]).encode(), {}, "line 6"),
         "unknown-label": ("\n".join(classified + [json.dumps({"text": "odd one", "label": "sales"})]).encode(),
                           {"dataset": {"format": "classification", "labels": ["billing", "outage"]}}, "sales"),
     }
@@ -174,7 +179,7 @@ class TestSecretsStaySecret:
             "operator log": (stack.workdir / "operator.log").read_text(errors="replace"),
             "pod logs": "\n".join(p.read_text(errors="replace")
                                   for p in (stack.node.workdir / "pods").glob("*/*/output.log")),
-            "metrics": urllib.request.urlopen(f"{stack.operator_url}/metrics", timeout=10).read().decode(),
+            "metrics": urllib.request.urlopen(f"{stack.metrics_url}/metrics", timeout=10).read().decode(),
         }
         for place, text in places.items():
             assert text, f"nothing read from {place}"

@@ -74,7 +74,7 @@ app.kubernetes.io/component: operator
 {{- if .Values.operator.progressUrl }}
 {{- .Values.operator.progressUrl }}
 {{- else }}
-{{- printf "http://%s.%s.svc:%d/v1/reports" (include "kubetune.fullname" .) .Release.Namespace (int .Values.service.port) }}
+{{- printf "%s://%s.%s.svc:%d/v1/reports" (ternary "https" "http" .Values.progressTls.enabled) (include "kubetune.fullname" .) .Release.Namespace (int .Values.service.port) }}
 {{- end }}
 {{- end }}
 

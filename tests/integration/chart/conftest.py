@@ -75,7 +75,7 @@ class Release:
 
     @property
     def signing_key_secret(self) -> str:
-        return self.name_of("Secret")
+        return next(str(s["metadata"]["name"]) for s in chart.find(self.manifests, "Secret") if s["type"] == "Opaque")
 
 
 @pytest.fixture(scope="module")

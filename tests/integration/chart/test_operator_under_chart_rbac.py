@@ -98,7 +98,7 @@ def scene(cluster: Any, helm_bin: Path, chart_crds: None,
     log = tmp_path_factory.mktemp("operator-under-chart-rbac") / "operator.log"
     port = _free_port()
     env = {**os.environ, "KUBECONFIG": str(identity.kubeconfig), "KUBETUNE_NAMESPACES": namespace,
-           "KUBETUNE_HTTP_HOST": "127.0.0.1", "KUBETUNE_HTTP_PORT": str(port),
+           "KUBETUNE_HTTP_HOST": "127.0.0.1", "KUBETUNE_HTTP_PORT": str(port), "KUBETUNE_METRICS_PORT": "0",
            "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{port}/v1/reports",
            "KUBETUNE_SECRET_KEY": secrets.token_hex(16), "KUBETUNE_RESYNC_SECONDS": "2",
            "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:test", "KUBETUNE_PEERING": f"kubetune-rbac-{suffix}"}

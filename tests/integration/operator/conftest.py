@@ -172,6 +172,7 @@ class OperatorProcess:
 
     def __init__(self, kubeconfig: Path, log_dir: Path) -> None:
         self.port = free_port()
+        self.metrics_port = free_port()
         self.secret_key = secrets.token_hex(16)
         self.env = {
             **os.environ,
@@ -179,6 +180,7 @@ class OperatorProcess:
             "KUBETUNE_NAMESPACES": f"{NAMESPACE_PREFIX}*",
             "KUBETUNE_HTTP_HOST": "127.0.0.1",
             "KUBETUNE_HTTP_PORT": str(self.port),
+            "KUBETUNE_METRICS_PORT": str(self.metrics_port),
             "KUBETUNE_PROGRESS_URL": f"http://127.0.0.1:{self.port}/v1/reports",
             "KUBETUNE_SECRET_KEY": self.secret_key,
             "KUBETUNE_RESYNC_SECONDS": "2",
@@ -206,7 +208,8 @@ class OperatorProcess:
         if self.proc.poll() is not None:
             pytest.fail(f"the operator exited with {self.proc.returncode}:\n{self.log_tail()}")
         try:
-            with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as response:
+            # the metrics port is plain HTTP whether or not the report port serves HTTPS
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/healthz", timeout=2) as response:
                 return bool(response.status == 200)
         except OSError:
             return False
@@ -246,7 +249,7 @@ class OperatorProcess:
             return error.code, json.loads(error.read() or b"null")
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"{self.url}/metrics", timeout=10) as response:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as response:
             return str(response.read().decode())
 
 

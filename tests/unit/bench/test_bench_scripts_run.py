@@ -65,3 +65,10 @@ def test_operator_scale_runs_jobs_through_their_lifecycle_on_the_real_control_pl
     assert result["succeeded"] >= 5
     assert result["createToTrainerJobP50"] is not None and result["operatorPeakMiB"] > 0
     assert result["requestsPerJob"] > 0
+
+
+def test_data_read_memory_compares_the_streamed_reader_with_reading_whole() -> None:
+    out, result = run_bench("data_read_memory.py", "--quick")
+    assert "peak RSS ratio" in out and "read whole" in out and "streamed" in out
+    assert result["wholePeakRssMiB"][0] > 0 and result["kubetunePeakRssMiB"][0] > 0
+    assert result["rounds"] == 1

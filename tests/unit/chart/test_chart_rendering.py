@@ -194,13 +194,14 @@ class TestOperatorDeployment:
         volumes = {v["name"]: v for v in pod["volumes"]}
         assert "emptyDir" in volumes[mounts["/tmp"]]
 
-    def test_probes_hit_the_operators_health_endpoint_on_its_http_port(self, render: Render) -> None:
-        container = operator_container(render({"operator": {"httpPort": 9090}}))
-        assert container["ports"] == [{"name": "http", "containerPort": 9090, "protocol": "TCP"}]
-        assert env_of(container)["KUBETUNE_HTTP_PORT"] == "9090"
+    def test_probes_hit_the_operators_health_endpoint_on_its_plain_http_metrics_port(self, render: Render) -> None:
+        container = operator_container(render({"operator": {"httpPort": 9090, "metricsPort": 9091}}))
+        assert container["ports"] == [{"name": "http", "containerPort": 9090, "protocol": "TCP"},
+                                      {"name": "metrics", "containerPort": 9091, "protocol": "TCP"}]
+        assert (env_of(container)["KUBETUNE_HTTP_PORT"], env_of(container)["KUBETUNE_METRICS_PORT"]) == ("9090", "9091")
         for probe in ("livenessProbe", "readinessProbe"):
-            # /healthz is served by operator/progress.py next to /metrics and /v1/reports.
-            assert container[probe]["httpGet"] == {"path": "/healthz", "port": "http"}
+            # /healthz is on both ports (operator/progress.py); the metrics port is never HTTPS.
+            assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
 
     def test_image_tag_defaults_to_the_app_version_and_a_digest_wins(self, render: Render) -> None:
         assert operator_container(render())["image"] == "ghcr.io/kubetune/operator:0.1.0"
@@ -234,19 +235,21 @@ class TestOperatorDeployment:
         service = only(manifests, "Service")
         env = env_of(operator_container(manifests))
         assert env["KUBETUNE_PROGRESS_URL"] == (
-            f"http://{service['metadata']['name']}.ml-platform.svc:{service['spec']['ports'][0]['port']}/v1/reports")
+            f"https://{service['metadata']['name']}.ml-platform.svc:{service['spec']['ports'][0]['port']}/v1/reports")
         assert service["spec"]["ports"][0]["targetPort"] == "http"
+        plain = env_of(operator_container(render({"progressTls": {"enabled": False}}, namespace="ml-platform")))
+        assert plain["KUBETUNE_PROGRESS_URL"].startswith("http://")
 
     def test_the_signing_key_is_a_generated_secret_unless_one_is_given(self, render: Render) -> None:
         manifests = render()
-        secret = only(manifests, "Secret")
+        secret = only(manifests, "Secret", "kubetune-progress-key")
         env = env_of(operator_container(manifests))
         assert env["KUBETUNE_SECRET_KEY"] == {"secretKeyRef": {"name": secret["metadata"]["name"],
                                                                "key": "secret-key"}}
         assert len(base64.b64decode(secret["data"]["secret-key"])) == 48
 
         given = render({"progressKey": {"existingSecret": "my-key", "secretKey": "hmac"}})
-        assert chart.find(given, "Secret") == []
+        assert [s for s in chart.find(given, "Secret") if s["type"] == "Opaque"] == []
         assert env_of(operator_container(given))["KUBETUNE_SECRET_KEY"] == {
             "secretKeyRef": {"name": "my-key", "key": "hmac"}}
 
@@ -329,11 +332,13 @@ class TestOptionalFeatures:
         assert chart.find(manifests, "ServiceMonitor") == []
         assert [c["metadata"]["name"] for c in chart.find(manifests, "ConfigMap")] == ["kubetune-policy"]
 
-    def test_service_monitor_scrapes_metrics_on_the_http_port(self, render: Render) -> None:
+    def test_service_monitor_scrapes_metrics_on_the_metrics_port(self, render: Render) -> None:
         manifests = render({"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}})
         monitor = only(manifests, "ServiceMonitor")
         assert monitor["metadata"]["labels"]["release"] == "prom"
-        assert monitor["spec"]["endpoints"][0]["port"] == only(manifests, "Service")["spec"]["ports"][0]["name"]
+        ports = {p["name"]: p for p in only(manifests, "Service")["spec"]["ports"]}
+        assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+        assert ports["metrics"]["targetPort"] == "metrics" and ports["metrics"]["port"] == 8081
         assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
 
     def test_dashboard_shows_progress_losses_and_gpu_seconds_per_namespace(self, render: Render) -> None:
@@ -379,3 +384,77 @@ class TestCustomResourceDefinitions:
 
     def test_helm_template_leaves_crds_to_the_crds_folder(self, render: Render) -> None:
         assert chart.find(render(), "CustomResourceDefinition") == []
+
+
+class TestProgressTls:
+    """The report port serves HTTPS with a certificate the chart makes; trainer pods get the CA."""
+
+    def test_the_generated_certificate_is_valid_for_the_service_name_and_signed_by_the_ca(
+            self, render: Render, tmp_path: Path) -> None:
+        import asyncio
+        import ssl
+
+        from aiohttp import web
+
+        from kubetune.operator import progress
+
+        manifests = render(namespace="ml-platform")
+        secret = only(manifests, "Secret", "kubetune-progress-tls")
+        assert secret["type"] == "kubernetes.io/tls"
+        files = {key: base64.b64decode(value).decode() for key, value in secret["data"].items()}
+        (tmp_path / "tls.crt").write_text(files["tls.crt"])
+        (tmp_path / "tls.key").write_text(files["tls.key"])
+        service = only(manifests, "Service")["metadata"]["name"]
+
+        async def handshake(server_hostname: str) -> str:
+            async def ok(_: web.Request) -> web.Response:
+                return web.Response(text="ok")
+
+            app = web.Application()
+            app.router.add_get("/", ok)
+            runner = web.AppRunner(app)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0,
+                               ssl_context=progress.server_tls_context(str(tmp_path / "tls.crt"),
+                                                                       str(tmp_path / "tls.key")))
+            await site.start()
+            port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            try:
+                client = ssl.create_default_context(cadata=files["ca.crt"])
+                reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=client,
+                                                               server_hostname=server_hostname)
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                answer = (await reader.read()).decode()
+                writer.close()
+                return answer
+            finally:
+                await runner.cleanup()
+
+        for name in (f"{service}.ml-platform.svc", f"{service}.ml-platform.svc.cluster.local", service):
+            assert asyncio.run(handshake(name)).endswith("ok"), name
+        with pytest.raises(ssl.SSLCertVerificationError):
+            asyncio.run(handshake(f"{service}.other-namespace.svc"))
+
+    def test_the_operator_serves_it_and_pods_get_the_ca(self, render: Render) -> None:
+        manifests = render()
+        container = operator_container(manifests)
+        env = env_of(container)
+        assert env["KUBETUNE_TLS_CERT_FILE"] == "/etc/kubetune-tls/tls.crt"
+        assert env["KUBETUNE_TLS_KEY_FILE"] == "/etc/kubetune-tls/tls.key"
+        assert env["KUBETUNE_PROGRESS_CA"] == {"secretKeyRef": {"name": "kubetune-progress-tls", "key": "ca.crt"}}
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        volumes = {v["name"]: v for v in only(manifests, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+        assert volumes[mounts["/etc/kubetune-tls"]]["secret"]["secretName"] == "kubetune-progress-tls"
+
+    def test_an_existing_secret_is_used_as_given(self, render: Render) -> None:
+        manifests = render({"progressTls": {"existingSecret": "from-cert-manager"}})
+        assert chart.find(manifests, "Secret", "kubetune-progress-tls") == []
+        assert env_of(operator_container(manifests))["KUBETUNE_PROGRESS_CA"] == {
+            "secretKeyRef": {"name": "from-cert-manager", "key": "ca.crt"}}
+
+    def test_off_means_plain_http_and_no_certificate(self, render: Render) -> None:
+        manifests = render({"progressTls": {"enabled": False}})
+        assert [s["type"] for s in chart.find(manifests, "Secret")] == ["Opaque"]
+        env = env_of(operator_container(manifests))
+        assert env["KUBETUNE_TLS_CERT_FILE"] == env["KUBETUNE_TLS_KEY_FILE"] == env["KUBETUNE_PROGRESS_CA"] == ""
+        assert "/etc/kubetune-tls" not in {m["mountPath"] for m in operator_container(manifests)["volumeMounts"]}

@@ -176,3 +176,13 @@ def test_default_backoff_limit(make_job: Callable[..., dict[str, Any]]) -> None:
     spec = make_job()["spec"]
     del spec["backoffLimit"]
     assert builders.backoff_limit(spec) == 3
+
+
+def test_with_an_https_endpoint_pods_get_the_ca_that_verifies_it(make_job: Callable[..., dict[str, Any]]) -> None:
+    job = make_job()
+    pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
+    settings = OperatorSettings(progress_url="https://kubetune.kubetune.svc:8080/v1/reports", progress_ca=pem)
+    manifest = builders.trainer_job(job, render.trainer_config_for(job), settings)
+    env = {e["name"]: e for e in manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KUBETUNE_PROGRESS_URL"]["value"] == "https://kubetune.kubetune.svc:8080/v1/reports"
+    assert env["KUBETUNE_PROGRESS_CA"] == {"name": "KUBETUNE_PROGRESS_CA", "value": pem}

@@ -179,3 +179,50 @@ class TestResolvedHyperparameters:
 
     def test_reports_without_resolved_leave_it_alone(self) -> None:
         assert "resolved" not in reports.merge_report({}, parse(), recent_checkpoints=5)
+
+
+class TestCheckOrder:
+    """What a caller without the job's token can learn is only whether the body is JSON naming a job."""
+
+    @pytest.mark.parametrize("raw", [b"[" * 100_000, b'{"a": ' * 50_000, json.dumps(body(results=json.loads(
+        "[" * 20 + "]" * 20))).encode()])
+    def test_deep_nesting_is_a_400_not_a_crash(self, raw: bytes) -> None:
+        with pytest.raises(ReportError) as caught:
+            reports.decode_report(raw, 1_000_000)
+        assert (caught.value.status, caught.value.reason) == (400, "Malformed")
+        assert f"more than {reports.MAX_REPORT_DEPTH} deep" in str(caught.value)
+
+    def test_a_report_nested_up_to_the_bound_is_accepted(self) -> None:
+        nested: Any = 1
+        for _ in range(reports.MAX_REPORT_DEPTH - 1):
+            nested = [nested]
+        assert reports.decode_report(json.dumps({"extra": nested}).encode(), 65536)["extra"] == nested
+
+    def test_the_job_is_known_before_any_other_field_is_checked(self) -> None:
+        decoded = reports.decode_report(json.dumps(body(step="many", kind="explode")).encode(), 65536)
+        assert reports.report_job(decoded) == JOB_A
+        with pytest.raises(ReportError, match="step: must be an integer"):
+            reports.validate_report(decoded, JOB_A)
+
+    def test_a_report_naming_no_job_is_refused_before_authentication(self) -> None:
+        with pytest.raises(ReportError, match="job: must be an object") as caught:
+            reports.report_job(reports.decode_report(b'{"job": "alpha"}', 65536))
+        assert caught.value.status == 400
+
+
+class TestRateLimiter:
+    def test_a_burst_then_the_rate_per_job(self) -> None:
+        limiter = reports.RateLimiter(rate=2.0, burst=3)
+        assert [limiter.take("a", 0.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+        assert limiter.take("a", 0.0) == pytest.approx(0.5)
+        assert limiter.take("b", 0.0) == 0.0, "another job has a bucket of its own"
+        assert limiter.take("a", 0.5) == 0.0
+        assert limiter.take("a", 0.5) == pytest.approx(0.5)
+
+    def test_rate_zero_is_no_limit_and_a_forgotten_job_starts_full(self) -> None:
+        unlimited = reports.RateLimiter(rate=0.0, burst=1)
+        assert all(unlimited.take("a", 0.0) == 0.0 for _ in range(1000))
+        limiter = reports.RateLimiter(rate=1.0, burst=1)
+        limiter.take("a", 0.0)
+        limiter.forget("a")
+        assert limiter.take("a", 0.0) == 0.0

@@ -305,3 +305,118 @@ class TestTokenisationAndPacking:
         other = alone[1] if longer is first else alone[0]
         rest = together[len(longer.input_ids):] if offset == 0 else together[: offset]
         assert torch.allclose(rest, other, atol=1e-5)
+
+
+class TestHostileFiles:
+    """Whatever a data file holds, reading it ends in examples or a DataError naming the place (never a
+    crash that the trainer would retry), and memory does not grow with the file."""
+
+    @pytest.mark.parametrize(("line", "problem"), [
+        ('{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ('{"text": ' + "9" * 5000 + "}", "4300"),
+    ])
+    def test_deep_nesting_and_huge_integers_name_the_jsonl_line(self, tmp_path: Path, line: str, problem: str) -> None:
+        (tmp_path / "t.jsonl").write_text('{"text": "fine"}\n\n' + line + "\n")
+
+        with pytest.raises(DataError, match=f"t.jsonl: line 3 is not usable JSON: .*{problem}"):
+            _load(_dataset("text", str(tmp_path / "t.jsonl")))
+
+    @pytest.mark.parametrize("document", ["[" * 100_000 + "]" * 100_000, '[{"text": ' + "1" * 5000 + "}]"])
+    def test_deep_nesting_and_huge_integers_in_a_json_document(self, tmp_path: Path, document: str) -> None:
+        (tmp_path / "t.json").write_text(document)
+
+        with pytest.raises(DataError, match="t.json is not usable JSON"):
+            _load(_dataset("text", str(tmp_path / "t.json")))
+
+    def test_a_deeply_nested_chat_cell_in_csv_names_the_record(self, tmp_path: Path) -> None:
+        with (tmp_path / "c.csv").open("w", newline="") as handle:
+            csv.writer(handle).writerows([["messages"], ["[" * 100_000]])
+
+        with pytest.raises(DataError, match="record 1: field 'messages' is text but not a JSON list"):
+            _load(_dataset("chat", str(tmp_path / "c.csv")))
+
+    @pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\u0085"])
+    def test_jsonl_lines_end_only_at_newline(self, tmp_path: Path, separator: str) -> None:
+        # JSON allows these unescaped inside strings; str.splitlines() would cut the record in two.
+        records = [{"text": f"before{separator}after"}, {"text": "second"}]
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records),
+                                          encoding="utf-8")
+
+        assert [e.completion for e in _load(_dataset("text", str(tmp_path / "t.jsonl")))] == [
+            f"before{separator}after", "second"]
+
+    def test_text_paragraphs_split_only_at_blank_lines(self, tmp_path: Path) -> None:
+        (tmp_path / "t.txt").write_text("one\u2028still one\r\n\r\ntwo\n  \n\n three\n", encoding="utf-8")
+
+        assert [e.completion for e in _load(_dataset("text", str(tmp_path / "t.txt")))] == [
+            "one\u2028still one\r", "two", " three\n"]
+
+    def test_a_binary_file_with_newlines_is_not_utf8_text(self, tmp_path: Path) -> None:
+        (tmp_path / "t.jsonl").write_bytes(bytes(range(256)) * 4)
+
+        with pytest.raises(DataError, match=r"not UTF-8 text \(NUL byte at offset 0\)"):
+            _load(_dataset("text", str(tmp_path / "t.jsonl")))
+
+    def test_an_undecodable_byte_late_in_the_file_names_its_offset(self, tmp_path: Path) -> None:
+        (tmp_path / "t.jsonl").write_bytes(b'{"text": "a"}\n' * 3 + b'{"text": "caf\xe9"}\n')
+
+        with pytest.raises(DataError, match=r"undecodable byte at offset 55\)"):
+            _load(_dataset("text", str(tmp_path / "t.jsonl")))
+
+    @pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+    def test_files_are_streamed_not_read_whole(self, tmp_path: Path, suffix: str) -> None:
+        # 2,000 records with a 10 KB column the dataset does not use: 20 MB of file, ~0.1 MB of examples.
+        import tracemalloc
+
+        rows = [{"text": f"example {i}", "metadata": f"{i}" * 10_000} for i in range(2000)]
+        path = tmp_path / f"big.{suffix}"
+        if suffix == "jsonl":
+            _write_jsonl(path, rows)
+        elif suffix == "csv":
+            with path.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=["text", "metadata"])
+                writer.writeheader()
+                writer.writerows(rows)
+        else:
+            pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), path, row_group_size=200,
+                                        compression="none")
+        size = path.stat().st_size
+        dataset = _dataset("text", str(path))
+
+        tracemalloc.start()
+        try:
+            prepared = data.prepare(dataset)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+
+        assert len(prepared.splits.train) + len(prepared.splits.validation) + len(prepared.splits.test) == 2000
+        assert size > 20_000_000
+        assert peak < size / 3, f"reading a {size}-byte file peaked at {peak} bytes of Python memory"
+
+    def test_a_parquet_row_group_over_the_bound_is_refused_before_decompression(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(data, "MAX_PARQUET_ROW_GROUP_BYTES", 1024 * 1024)
+        bomb = pyarrow.table({"text": ["a" * 1_000_000 for _ in range(8)]})  # 8 MB that compress to ~1 KB
+        pyarrow.parquet.write_table(bomb, tmp_path / "bomb.parquet", compression="zstd", use_dictionary=False)
+        assert (tmp_path / "bomb.parquet").stat().st_size < 100_000
+
+        with pytest.raises(DataError, match=r"bomb.parquet: row group 0 is \d+ bytes uncompressed; at most 1048576"):
+            _load(_dataset("text", str(tmp_path / "bomb.parquet")))
+
+    def test_parquet_with_row_groups_under_the_bound_reads_every_row(
+            self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(data, "MAX_PARQUET_ROW_GROUP_BYTES", 1024 * 1024)
+        rows = [{"text": f"row {i} " + "a" * 10_000} for i in range(300)]
+        pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / "ok.parquet", row_group_size=50)
+
+        assert len(_load(_dataset("text", str(tmp_path / "ok.parquet")))) == 300
+
+
+def test_csv_quoted_fields_keep_their_line_breaks_and_a_bom_is_dropped(tmp_path: Path) -> None:
+    (tmp_path / "pc.csv").write_bytes('\ufeffprompt,completion\r\n"line one\r\nline two",done\r\nsecond,row\r\n'
+                                      .encode("utf-8"))
+
+    examples = _load(_dataset("prompt_completion", str(tmp_path / "pc.csv")))
+
+    assert [(e.prompt, e.completion) for e in examples] == [("line one\r\nline two", "done"), ("second", "row")]

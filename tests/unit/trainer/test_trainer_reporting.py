@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import io
 import json
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -43,3 +46,51 @@ def test_termination_log_path_comes_from_the_environment(tmp_path: Path, monkeyp
     reporting.write_termination_message('{"outcome": "failed"}')
 
     assert json.loads((tmp_path / "log").read_text()) == {"outcome": "failed"}
+
+
+class _Endpoint(http.server.BaseHTTPRequestHandler):
+    """Answers the first `busy` POSTs with 429 (Retry-After: 1), later ones with 202; records bodies."""
+
+    busy = 0
+    received: list[tuple[int, dict[str, object]]] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        payload = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        status = 429 if type(self).busy > 0 else 202
+        type(self).busy -= 1
+        type(self).received.append((status, payload))
+        self.send_response(status)
+        if status == 429:
+            self.send_header("Retry-After", "1")
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        pass
+
+
+def test_a_429_is_waited_out_and_the_same_report_sent_again_in_order() -> None:
+    _Endpoint.busy, _Endpoint.received = 2, []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Endpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        reporter = reporting.Reporter(cfg.JobIdentity("ns", "job", "uid"), url=f"http://127.0.0.1:{server.server_address[1]}",
+                                      token="t", stream=io.StringIO())
+        reporter.report("progress", step=1)
+        reporter.report("progress", step=2)
+        started = time.monotonic()
+        reporter.close(timeout=30)
+        waited = time.monotonic() - started
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert [(status, body["seq"]) for status, body in _Endpoint.received] == [(429, 1), (429, 1), (202, 1), (202, 2)]
+    assert reporter.failed_posts == 0
+    assert waited >= 2.0, "each Retry-After: 1 was honoured"
+
+
+@pytest.mark.parametrize(("header", "seconds"), [(None, 1.0), ("0", 0.0), ("2", 2.0), ("3600", 5.0), ("soon", 1.0)])
+def test_retry_after_is_read_and_capped(header: str | None, seconds: float) -> None:
+    assert reporting._retry_after(header) == seconds

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from kubetune.trainer import config as cfg
 from kubetune.trainer import train
@@ -113,3 +116,46 @@ class TestCurriculum:
         all_lengths = sorted(len(s.input_ids) for s in third)
         assert sorted(len(s.input_ids) for s in first) == all_lengths[: len(first)]  # the shortest quarter
         assert run.epoch_steps == [len(first), len(second), len(third)]
+
+
+class _RunsCodeWhenUnpickled:
+    """What an attacker with write access to the output claim could leave as optimizer.pt."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.mkdir, (str(self.marker),))
+
+
+class TestCheckpointsFromTheClaim:
+    """Resume state comes from a volume other pods may write: loading it must never run code."""
+
+    def test_resume_state_round_trips_through_the_weights_only_loader(self, tmp_path: Path) -> None:
+        train.seed_everything(7)
+        torch.save(train._rng_state(), tmp_path / "rng.pt")
+        expected = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+        train.seed_everything(99)
+        train._set_rng_state(train._load_tensors_and_values(tmp_path / "rng.pt"))
+
+        assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
+
+    def test_a_pickle_that_runs_code_is_refused_not_executed(self, tmp_path: Path, tiny_gpt2: Path) -> None:
+        train_file = write_jsonl(tmp_path / "train.jsonl", text_records(40))
+        settings = {"hyperparameters": {"epochs": 1, "batchSize": 4}, "training": {"evalInterval": 3}}
+        config_path = write_config(tmp_path / "c.json", config(tiny_gpt2, train_file, tmp_path / "out", **settings))
+        assert _trainer(config_path, tmp_path / "log-1").wait(timeout=300) == cfg.EXIT_OK
+        (_, latest), = train.list_checkpoints(tmp_path / "out" / "checkpoints")[-1:]
+        marker = tmp_path / "code-ran"
+        torch.save({"state": _RunsCodeWhenUnpickled(marker), "param_groups": []}, latest / "optimizer.pt")
+
+        process = _trainer(config_path, tmp_path / "log-2")
+        assert process.stdout is not None
+        process.stdout.read()
+
+        assert process.wait(timeout=300) == cfg.EXIT_PERMANENT
+        assert not marker.exists(), "unpickling the checkpoint ran the attacker's code"
+        summary = json.loads((tmp_path / "log-2").read_text())
+        assert summary["outcome"] == "failed"
+        assert f"checkpoint file {latest / 'optimizer.pt'} was refused" in summary["message"]
