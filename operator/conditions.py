@@ -75,6 +75,9 @@ TRAINER_JOB_FAILED = "TrainerJobFailed"
 """The trainer Job failed for another reason (named in the message)."""
 TRAINER_JOB_MISSING = "TrainerJobMissing"
 """The trainer Job disappeared before the outcome was known."""
+POLICY_VIOLATION = "PolicyViolation"
+"""The spec asks for something the platform policy does not allow in this namespace (tolerations, node
+selectors, priority class, trustRemoteCode, generator model, output claim, image); names field and rule."""
 QUOTA_EXCEEDED = "QuotaExceeded"
 """The namespace's quota (platform policy) has no room for this job's trainer yet; it starts when room
 frees up, oldest waiting job first."""

@@ -30,7 +30,7 @@ from typing import Any
 
 from kubetune.operator import builders, conditions, estimate, names, quota, render, reports
 from kubetune.operator.conditions import Condition
-from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy
+from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy, violations
 from kubetune.operator.settings import OperatorSettings
 from kubetune.trainer import config as trainer_config
 
@@ -207,7 +207,7 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
         draft.finish(False, conditions.INVALID_SPEC, message)
         _decide_serving(draft, settings, limits)
         return draft.decision()
-    if not _model_source_allowed(draft, limits):
+    if not _model_source_allowed(draft, limits) or not _spec_allowed(draft, limits, settings):
         _decide_serving(draft, settings, limits)
         return draft.decision()
     _ensure_credentials(draft, settings)
@@ -231,6 +231,25 @@ def _model_source_allowed(draft: _Draft, limits: NamespaceLimits) -> bool:
                f"{draft.metadata.get('namespace', '')}; allowed: {', '.join(limits.allowed_model_sources)}")
     draft.set(conditions.VALIDATED, "False", conditions.MODEL_SOURCE_NOT_ALLOWED, message)
     draft.finish(False, conditions.MODEL_SOURCE_NOT_ALLOWED, message)
+    return False
+
+
+def own_images(settings: OperatorSettings) -> tuple[str, ...]:
+    """The images the operator itself runs: a spec may always name these."""
+    return (settings.trainer_image, settings.vllm_image)
+
+
+def _spec_allowed(draft: _Draft, limits: NamespaceLimits, settings: OperatorSettings) -> bool:
+    """Defence in depth behind the chart's ValidatingAdmissionPolicy: a spec asking for placement,
+    code execution, images or writes the platform does not allow here ends before anything runs."""
+    if draft.observed.trainer_job is not None:
+        return True  # already training: a later policy change does not stop a run
+    found = violations(draft.spec, limits, str(draft.metadata.get("namespace", "")), own_images(settings))
+    if not found:
+        return True
+    message = "; ".join(found)[:4096]
+    draft.set(conditions.VALIDATED, "False", conditions.POLICY_VIOLATION, message)
+    draft.finish(False, conditions.POLICY_VIOLATION, message)
     return False
 
 
@@ -290,7 +309,8 @@ def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: 
         vjob = None
     if vjob is None:
         if not any(isinstance(a, DeleteChild) for a in draft.actions):
-            draft.actions.append(CreateChild(builders.validation_job(observed.job, rendered, settings)))
+            draft.actions.append(CreateChild(builders.validation_job(
+                observed.job, rendered, settings, policy.limits_for(str(draft.metadata.get("namespace", ""))))))
         _waiting_for_validation(draft, "the dataset-validation pod was created")
         return False
     outcome = job_outcome(vjob)
@@ -403,7 +423,7 @@ def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSet
     if tjob is None:
         if admission.admitted or not quota.queued(observed.job):
             draft.actions.append(CreateChild(builders.trainer_job(job, rendered, settings,
-                                                                  admitted=admission.admitted)))
+                                                                  admitted=admission.admitted, limits=limits)))
         if admission.admitted:
             draft.set(conditions.RUNNING, "False", conditions.PENDING, "the trainer Job was created")
         else:
@@ -589,11 +609,12 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
                       "serving starts once training succeeds")
         return
     image = serving.get("image")
-    if isinstance(image, str) and image and not limits.image_allowed(image):
+    if isinstance(image, str) and image.strip() and not limits.image_allowed(image.strip(), own_images(settings)):
         _remove_serving(draft)
         draft.set(conditions.SERVING_READY, "False", conditions.IMAGE_NOT_ALLOWED,
                   f"spec.serving.image: {image!r} is not allowed in namespace {draft.metadata.get('namespace', '')}; "
-                  f"allowed: {', '.join(limits.allowed_trainer_images)}")
+                  f"allowed: {', '.join(limits.allowed_trainer_images) or 'none'} (allowedTrainerImages) and "
+                  f"the operator's own images {', '.join(own_images(settings))}")
         return
     try:
         model = render.model_location(draft.observed.job)
@@ -604,7 +625,7 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
     job = draft.observed.job
     known = {**draft.status, **draft.patch}.get("model") or {}
     digest = str(known.get("digest") or "") if isinstance(known, dict) else ""
-    deployment = builders.serving_deployment(job, model, digest, settings)
+    deployment = builders.serving_deployment(job, model, digest, settings, limits)
     actual = draft.observed.serving_deployment
     if actual is None:
         draft.actions.append(CreateChild(deployment))
