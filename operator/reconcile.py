@@ -57,6 +57,9 @@ class Observed:
     """Every FineTuneJob in the namespace (read only when the namespace's quota needs it)."""
     namespace_trainer_jobs: tuple[Body, ...] = ()
     """Every trainer Job in the namespace (read only when the namespace's quota needs it)."""
+    foreign_children: tuple[str, ...] = ()
+    """Objects with a child's name that this job does not control (`describe_foreign`): a leftover of
+    a deleted job of the same name, or someone else's object. Nothing is created while one is there."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +198,9 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
         return Decision(status_patch={}, actions=(), events=())
     draft = _Draft(observed)
     limits = policy.limits_for(str(draft.metadata.get("namespace", "")))
+    if observed.foreign_children:
+        _blocked_by_foreign_children(draft)
+        return draft.decision()
     if draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED):
         _expire_training_children(draft)
         _decide_serving(draft, settings, limits)
@@ -216,6 +222,50 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
         _train(draft, rendered, settings, limits, policy)
     _decide_serving(draft, settings, limits)
     return draft.decision()
+
+
+# --- step 0: children this job does not own ---------------------------------------------------
+
+FOREIGN_RETRY_SECONDS = 10.0
+"""How soon to look again while a same-named object of a deleted job is being garbage-collected."""
+
+
+def controlled_by(child: Body, owner_uid: str) -> bool:
+    """Whether `child`'s controller owner reference points at the object with that uid."""
+    owners = (child.get("metadata") or {}).get("ownerReferences") or []
+    return any(o.get("uid") == owner_uid and o.get("controller") for o in owners)
+
+
+def describe_foreign(child: Body, kind: str, job_name: str) -> str:
+    """A same-named child this job does not control, in words: whose it is and whether it is going."""
+    metadata = child.get("metadata") or {}
+    controller = next((o for o in metadata.get("ownerReferences") or [] if o.get("controller")), None)
+    name = f"{kind} {metadata.get('name', '')}"
+    if controller is None:
+        whose = "has no controller (made by someone else)"
+    elif controller.get("kind") == builders.KIND and controller.get("name") == job_name:
+        whose = f"belongs to an earlier FineTuneJob of this name (uid {controller.get('uid', '')})"
+    else:
+        whose = f"is controlled by {controller.get('kind', '')} {controller.get('name', '')}"
+    going = " and is being deleted" if metadata.get("deletionTimestamp") else ""
+    return f"{name} {whose}{going}"
+
+
+def _blocked_by_foreign_children(draft: _Draft) -> None:
+    """A child name is taken by an object this job does not own. Creating around it would stall
+    silently (409 looks like "already there") or, worse, start pods that mount the other object
+    (a deleted job's ConfigMap or token): create nothing and say why."""
+    found = "; ".join(draft.observed.foreign_children)
+    stale = all("earlier FineTuneJob" in f for f in draft.observed.foreign_children)
+    if stale:
+        message = f"waiting for the garbage collector to remove {found}; kubetune creates nothing until then"
+        draft.requeue_after = FOREIGN_RETRY_SECONDS
+    else:
+        message = (f"{found}: kubetune creates nothing for this job while it is there; delete or rename it, "
+                   "or give the FineTuneJob another name")
+    finished = draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED)
+    draft.set(conditions.SERVING_READY if finished else conditions.RUNNING, "False",
+              conditions.WAITING_FOR_OLD_CHILDREN if stale else conditions.CHILD_NAME_CONFLICT, message[:4096])
 
 
 # --- step 2b: platform policy --------------------------------------------------------------
