@@ -7,6 +7,7 @@ child names are deterministic. Deleting answers 404 when it is already gone.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import secrets
@@ -24,6 +25,8 @@ Body = dict[str, Any]
 GROUP = builders.API_GROUP
 VERSION = builders.API_VERSION.split("/")[1]
 PLURAL = builders.PLURAL
+SIGNING_KEY_FIELD = "secret-key"
+"""Key of the signing key inside its Secret (the chart's `progressKey.secretKey` default)."""
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 """Accept header that makes the API server answer a GET with the object's metadata only."""
 
@@ -224,6 +227,29 @@ class KubeClient:
         except ApiException as error:
             if error.status != 404:
                 raise
+
+    def ensure_signing_key(self, namespace: str, name: str) -> bytes:
+        """The progress-token signing key in Secret `namespace/name` (key `secret-key`): created with
+        a random value when absent (create first, so the operator only reads a Secret it made, or
+        one a person put there for it), else reused."""
+        key = secrets.token_urlsafe(36)
+        manifest: Body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                          "metadata": {"name": name, "namespace": namespace,
+                                       "labels": {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}},
+                          "stringData": {SIGNING_KEY_FIELD: key}}
+        try:
+            create: Callable[..., Any] = self.core.create_namespaced_secret  # takes a plain dict body too
+            create(namespace, manifest)
+            log.info("created the signing key Secret %s/%s", namespace, name)
+            return key.encode()
+        except ApiException as error:
+            if error.status != 409:
+                raise
+        data = self._json(self.core.read_namespaced_secret, name, namespace).get("data") or {}
+        if not data.get(SIGNING_KEY_FIELD):
+            raise RuntimeError(f"Secret {namespace}/{name} has no {SIGNING_KEY_FIELD!r} key: add one (any random "
+                               "string of 32+ characters) or delete the Secret so the operator creates it")
+        return base64.b64decode(data[SIGNING_KEY_FIELD])
 
     def patch_status(self, namespace: str, name: str, status: Body) -> None:
         """Merge-patch `status` of a FineTuneJob (the status subresource)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -157,6 +158,7 @@ _RESYNC_TASKS: list[asyncio.Task[None]] = []
 
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global SETTINGS
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=builders.API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=builders.API_GROUP, key="last-handled-configuration")
@@ -168,6 +170,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = False
     settings.execution.max_workers = 8
     kube = RUNTIME.kube()
+    if not SETTINGS.secret_key and SETTINGS.secret_key_secret:
+        key_namespace, _slash, key_name = SETTINGS.secret_key_secret.partition("/")
+        key = await asyncio.to_thread(kube.ensure_signing_key, key_namespace, key_name)
+        SETTINGS = dataclasses.replace(SETTINGS, secret_key=key)
 
     async def get_job(namespace: str, name: str) -> Body | None:
         return await asyncio.to_thread(kube.get_finetunejob, namespace, name)

@@ -5,7 +5,6 @@ What the objects do on a real API server is tested in tests/integration/chart/.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import subprocess
@@ -237,16 +236,21 @@ class TestOperatorDeployment:
             f"http://{service['metadata']['name']}.ml-platform.svc:{service['spec']['ports'][0]['port']}/v1/reports")
         assert service["spec"]["ports"][0]["targetPort"] == "http"
 
-    def test_the_signing_key_is_a_generated_secret_unless_one_is_given(self, render: Render) -> None:
-        manifests = render()
-        secret = only(manifests, "Secret")
-        env = env_of(operator_container(manifests))
-        assert env["KUBETUNE_SECRET_KEY"] == {"secretKeyRef": {"name": secret["metadata"]["name"],
-                                                               "key": "secret-key"}}
-        assert len(base64.b64decode(secret["data"]["secret-key"])) == 48
+    def test_the_operator_makes_the_signing_key_unless_one_is_given(self, render: Render) -> None:
+        """No random value in the rendered chart: re-rendering (every Argo CD sync; Helm's lookup
+        returns nothing there) would rotate the key and invalidate every running job's token."""
+        first, second = render(), render()
+        assert first == second
+        assert chart.find(first, "Secret") == []
+        env = env_of(operator_container(first))
+        assert "KUBETUNE_SECRET_KEY" not in env
+        assert env["KUBETUNE_SECRET_KEY_SECRET"] == "kubetune-system/kubetune-progress-key"
+        role = only(first, "Role", "kubetune-signing-key")
+        assert {(tuple(r["verbs"]), tuple(r.get("resourceNames", ()))) for r in role["rules"]} == {
+            (("create",), ()), (("get",), ("kubetune-progress-key",))}
 
         given = render({"progressKey": {"existingSecret": "my-key", "secretKey": "hmac"}})
-        assert chart.find(given, "Secret") == []
+        assert chart.find(given, "Secret") == [] and chart.find(given, "Role") == []
         assert env_of(operator_container(given))["KUBETUNE_SECRET_KEY"] == {
             "secretKeyRef": {"name": "my-key", "key": "hmac"}}
 
@@ -259,13 +263,15 @@ class TestWatchScope:
         assert binding["roleRef"]["name"] == only(manifests, "ClusterRole", "kubetune-operator")["metadata"]["name"]
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune",
                                         "namespace": "kubetune-system"}]
-        assert chart.find(manifests, "Role") == []
+        assert chart.find(manifests, "Role", "kubetune-operator") == []
 
     def test_listed_namespaces_get_a_role_each_and_no_cluster_wide_operator_role(self, render: Render) -> None:
         manifests = render({"watchNamespaces": ["team-a", "team-b"]})
         assert env_of(operator_container(manifests))["KUBETUNE_NAMESPACES"] == "team-a,team-b"
-        assert sorted(r["metadata"]["namespace"] for r in chart.find(manifests, "Role")) == ["team-a", "team-b"]
-        assert sorted(b["metadata"]["namespace"] for b in chart.find(manifests, "RoleBinding")) == ["team-a", "team-b"]
+        assert sorted(r["metadata"]["namespace"] for r in chart.find(manifests, "Role", "kubetune-operator")) == [
+            "team-a", "team-b"]
+        assert sorted(b["metadata"]["namespace"] for b in chart.find(manifests, "RoleBinding", "kubetune-operator")) \
+            == ["team-a", "team-b"]
         assert chart.find(manifests, "ClusterRole", "kubetune-operator") == []
         cluster_wide = [rule for role in chart.find(manifests, "ClusterRole") for rule in role["rules"]
                         if role["metadata"]["name"] not in ("kubetune-edit", "kubetune-view")]
