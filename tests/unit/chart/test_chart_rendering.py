@@ -217,10 +217,13 @@ class TestOperatorDeployment:
 
     def test_every_setting_the_operator_reads_is_set_from_values(self, render: Render) -> None:
         env = env_of(operator_container(render()))
+        given = env_of(operator_container(render({"progressKey": {"existingSecret": "my-key"}})))
         source = Path(operator_settings.__file__).read_text()
         read_by_operator = set(re.findall(r'"(KUBETUNE_[A-Z_]+)"', source))
         assert read_by_operator, "no KUBETUNE_* variables found in operator/settings.py"
-        assert read_by_operator <= env.keys()
+        # The signing key comes either from a given Secret or from the Secret the operator makes.
+        assert read_by_operator <= env.keys() | {"KUBETUNE_SECRET_KEY"}
+        assert read_by_operator <= given.keys() | {"KUBETUNE_SECRET_KEY_SECRET"}
 
     def test_every_variable_the_chart_sets_is_one_the_operator_reads(self, render: Render) -> None:
         env = env_of(operator_container(render()))
@@ -285,6 +288,12 @@ class TestWatchScope:
         assert chart.find(manifests, "ClusterRoleBinding") == []
 
 
+SPEC_RULE_DEFAULTS = {"allowedTolerations": [], "allowedNodeSelectors": [], "allowedPriorityClasses": [],
+                      "allowTrustRemoteCode": False, "writableClaims": ["*"], "defaultCpu": "", "defaultMemory": "",
+                      "scratchSizeLimit": "64Gi"}
+"""The spec rules' defaults: nothing beyond what a tenant could do itself."""
+
+
 class TestPlatformPolicy:
     def policy(self, render: Render, values: dict[str, Any] | None = None) -> dict[str, Any]:
         document = yaml.safe_load(chart.policy_document(render(values)))
@@ -292,11 +301,11 @@ class TestPlatformPolicy:
         assert document["kind"] == "PlatformPolicy"
         return dict(document)
 
-    def test_defaults_mean_no_limits(self, render: Render) -> None:
+    def test_defaults_mean_no_quota_and_nothing_a_tenant_could_not_do_itself(self, render: Render) -> None:
         assert self.policy(render) == {
             "apiVersion": "kubetune.io/v1alpha1", "kind": "PlatformPolicy",
             "defaults": {"maxConcurrentJobs": 0, "maxGpusPerJob": 0, "maxTotalGpus": 0,
-                         "allowedModelSources": [], "allowedTrainerImages": []},
+                         "allowedModelSources": [], "allowedTrainerImages": [], **SPEC_RULE_DEFAULTS},
             "namespaces": {}}
 
     def test_a_namespace_entry_is_complete_taking_left_out_keys_from_the_defaults(self, render: Render) -> None:
@@ -308,7 +317,7 @@ class TestPlatformPolicy:
         assert policy["namespaces"]["team-a"] == {
             "maxConcurrentJobs": 0,  # an explicit 0 (no limit) is kept, not replaced by the default 2
             "maxGpusPerJob": 4, "maxTotalGpus": 16,
-            "allowedModelSources": ["hf://org/*", "pvc://*"], "allowedTrainerImages": []}
+            "allowedModelSources": ["hf://org/*", "pvc://*"], "allowedTrainerImages": [], **SPEC_RULE_DEFAULTS}
         assert policy["defaults"]["maxConcurrentJobs"] == 2
 
     def test_the_operator_reads_the_mounted_policy_file(self, render: Render) -> None:
@@ -333,7 +342,8 @@ class TestOptionalFeatures:
     def test_service_monitor_and_dashboard_are_off_by_default(self, render: Render) -> None:
         manifests = render()
         assert chart.find(manifests, "ServiceMonitor") == []
-        assert [c["metadata"]["name"] for c in chart.find(manifests, "ConfigMap")] == ["kubetune-policy"]
+        assert sorted(c["metadata"]["name"] for c in chart.find(manifests, "ConfigMap")) == [
+            "kubetune-admission-params", "kubetune-policy"]
 
     def test_service_monitor_scrapes_metrics_on_the_http_port(self, render: Render) -> None:
         manifests = render({"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}})

@@ -119,7 +119,7 @@ def granted(rules: list[dict[str, Any]]) -> set[Permission]:
 
 
 def operator_rules(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    roles = chart.find(manifests, "ClusterRole", "kubetune-operator") or chart.find(manifests, "Role")
+    roles = chart.find(manifests, "ClusterRole", "kubetune-operator") or chart.find(manifests, "Role", "kubetune-operator")
     assert roles, "the chart renders no operator role"
     return list(roles[0]["rules"])
 
