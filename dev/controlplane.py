@@ -145,8 +145,14 @@ class ControlPlane:
     """
 
     def __init__(self, workdir: Path, *, controller_manager: bool = True,
-                 bin_dir: Path | None = None, ready_timeout: float = 90.0) -> None:
+                 bin_dir: Path | None = None, ready_timeout: float = 90.0,
+                 extra_admission_plugins: tuple[str, ...] = (), audit_policy: str | None = None) -> None:
+        """`extra_admission_plugins` are enabled besides the default set (e.g.
+        ``OwnerReferencesPermissionEnforcement``, as OpenShift runs it); `audit_policy` (an
+        audit.k8s.io/v1 Policy as YAML) turns on the audit log at :attr:`audit_log` (JSON lines)."""
         self.workdir = workdir.resolve()
+        self.extra_admission_plugins = tuple(extra_admission_plugins)
+        self.audit_policy = audit_policy
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.with_controller_manager = controller_manager
         self.bin_dir = bin_dir
@@ -283,7 +289,8 @@ class ControlPlane:
             "--authorization-mode=RBAC",
             "--enable-admission-plugins=NamespaceLifecycle,LimitRanger,ServiceAccount,PodSecurity,"
             "ResourceQuota,DefaultStorageClass,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,"
-            "ValidatingAdmissionPolicy",
+            "ValidatingAdmissionPolicy" + "".join(f",{plugin}" for plugin in self.extra_admission_plugins),
+            *self._audit_args(),
             f"--service-account-issuer=https://kubernetes.default.svc",
             f"--service-account-key-file={certs.sa_pub}",
             f"--service-account-signing-key-file={certs.sa_key}",
@@ -293,6 +300,19 @@ class ControlPlane:
             "--v=1",
         ])
         self._wait("kube-apiserver", self._apiserver_ready, "ready")
+
+    @property
+    def audit_log(self) -> Path:
+        """The API server's audit log (one JSON event per line) when `audit_policy` was given."""
+        return self.workdir / "audit.log"
+
+    def _audit_args(self) -> list[str]:
+        if self.audit_policy is None:
+            return []
+        policy = self.workdir / "audit-policy.yaml"
+        policy.write_text(self.audit_policy)
+        return [f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
+                "--audit-log-mode=blocking"]
 
     def _apiserver_ready(self) -> bool:
         return _http_ok(f"{self.server}/readyz", token=self.admin_token, ca=self.certs.ca_crt if self.certs else None)

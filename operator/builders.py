@@ -17,6 +17,7 @@ import json
 from typing import Any
 
 from kubetune.operator import names, render
+from kubetune.operator.policy import NamespaceLimits
 from kubetune.operator.settings import OperatorSettings
 from kubetune.trainer import config as trainer_config
 
@@ -66,6 +67,8 @@ VALIDATION_DEADLINE_SECONDS = 3600
 """A validation pod that runs longer than this is stopped."""
 SCRATCH_VOLUME = "scratch"
 CONFIG_VOLUME = "trainer-config"
+DEFAULT_LIMITS = NamespaceLimits()
+"""Pod defaults (scratch sizeLimit, default requests) when no platform policy applies."""
 
 
 def selector_labels(job_name: str) -> dict[str, str]:
@@ -162,23 +165,41 @@ def claim_volume_name(claim: str) -> str:
     return names.child_name("pvc", claim)[:63]
 
 
-def _volumes(rendered: render.RenderedConfig, job_name: str) -> list[Body]:
+def scratch_volume(limits: NamespaceLimits) -> Body:
+    """The /tmp emptyDir; its sizeLimit makes a pod that fills it get evicted, not the node's disk full."""
+    empty_dir: Body = {"sizeLimit": limits.scratch_size_limit} if limits.scratch_size_limit else {}
+    return {"name": SCRATCH_VOLUME, "emptyDir": empty_dir}
+
+
+def _volumes(rendered: render.RenderedConfig, job_name: str, limits: NamespaceLimits) -> list[Body]:
     volumes: list[Body] = [
         {"name": CONFIG_VOLUME, "configMap": {"name": names.config_map(job_name)}},
-        {"name": SCRATCH_VOLUME, "emptyDir": {}},
+        scratch_volume(limits),
     ]
     for claim in rendered.claims:
         volumes.append({"name": claim_volume_name(claim), "persistentVolumeClaim": {"claimName": claim}})
     return volumes
 
 
-def _volume_mounts(rendered: render.RenderedConfig) -> list[Body]:
+def output_claim(rendered: render.RenderedConfig) -> str:
+    """The claim the run writes to (`spec.output.storage`), or "" when the output is not on a claim."""
+    if rendered.output_uri.startswith("pvc://"):
+        return rendered.output_uri[len("pvc://"):].partition("/")[0]
+    return ""
+
+
+def _volume_mounts(rendered: render.RenderedConfig, *, writes_output: bool) -> list[Body]:
     mounts: list[Body] = [
         {"name": CONFIG_VOLUME, "mountPath": render.CONFIG_MOUNT_DIR, "readOnly": True},
         {"name": SCRATCH_VOLUME, "mountPath": "/tmp"},
     ]
+    writable = output_claim(rendered) if writes_output else ""
     for claim in rendered.claims:
-        mounts.append({"name": claim_volume_name(claim), "mountPath": f"{render.PVC_MOUNT_ROOT}/{claim}"})
+        mount: Body = {"name": claim_volume_name(claim), "mountPath": f"{render.PVC_MOUNT_ROOT}/{claim}"}
+        if claim != writable:
+            # Model and data claims are only read: a job must not become a way to write any claim.
+            mount["readOnly"] = True
+        mounts.append(mount)
     return mounts
 
 
@@ -204,16 +225,19 @@ def gpu_count(spec: Body) -> int:
     return gpus
 
 
-def trainer_resources(spec: Body) -> Body:
-    """Requests and limits of the trainer container: CPU, memory and `nvidia.com/gpu`."""
+def trainer_resources(spec: Body, defaults: NamespaceLimits = DEFAULT_LIMITS) -> Body:
+    """Requests and limits of the trainer container: CPU, memory and `nvidia.com/gpu`; CPU and memory
+    the spec leaves out come from the policy's `defaultCpu`/`defaultMemory`."""
     resources = spec.get("resources") or {}
     requests: dict[str, Any] = {}
     limits: dict[str, Any] = {}
-    if resources.get("cpu") not in (None, ""):
-        requests["cpu"] = str(resources["cpu"])
-    if resources.get("memory") not in (None, ""):
-        requests["memory"] = str(resources["memory"])
-        limits["memory"] = str(resources["memory"])
+    cpu = resources.get("cpu") if resources.get("cpu") not in (None, "") else defaults.default_cpu
+    memory = resources.get("memory") if resources.get("memory") not in (None, "") else defaults.default_memory
+    if cpu:
+        requests["cpu"] = str(cpu)
+    if memory:
+        requests["memory"] = str(memory)
+        limits["memory"] = str(memory)
     gpus = gpu_count(spec)
     if gpus:
         # Extended resources cannot be overcommitted: requests must equal limits. Quantities are strings.
@@ -240,7 +264,8 @@ def _trainer_command(*extra: str) -> list[str]:
             f"{render.CONFIG_MOUNT_DIR}/{render.CONFIG_FILE_NAME}", *extra]
 
 
-def _pod_spec(job: Body, rendered: render.RenderedConfig, container: Body, *, grace: int) -> Body:
+def _pod_spec(job: Body, rendered: render.RenderedConfig, container: Body, *, grace: int,
+              limits: NamespaceLimits) -> Body:
     spec = job.get("spec") or {}
     resources = spec.get("resources") or {}
     pod: Body = {
@@ -250,7 +275,7 @@ def _pod_spec(job: Body, rendered: render.RenderedConfig, container: Body, *, gr
         "terminationGracePeriodSeconds": grace,
         "securityContext": pod_security_context(),
         "containers": [container],
-        "volumes": _volumes(rendered, job["metadata"]["name"]),
+        "volumes": _volumes(rendered, job["metadata"]["name"], limits),
     }
     return pod | _placement(resources, spec, include_gpu_toleration=container["name"] == TRAINER_CONTAINER)
 
@@ -268,7 +293,7 @@ def _placement(resources: Body, spec: Body, *, include_gpu_toleration: bool) -> 
 
 
 def _container(name: str, image: str, pull_policy: str, command: list[str], env: list[Body],
-               resources: Body, rendered: render.RenderedConfig) -> Body:
+               resources: Body, rendered: render.RenderedConfig, *, writes_output: bool) -> Body:
     return {
         "name": name,
         "image": image,
@@ -277,14 +302,15 @@ def _container(name: str, image: str, pull_policy: str, command: list[str], env:
         "env": env,
         "resources": resources,
         "securityContext": container_security_context(),
-        "volumeMounts": _volume_mounts(rendered),
+        "volumeMounts": _volume_mounts(rendered, writes_output=writes_output),
         "terminationMessagePath": trainer_config.DEFAULT_TERMINATION_LOG,
         # The trainer writes a JSON summary there; a crash before that leaves the log tail.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
 
 
-def validation_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSettings) -> Body:
+def validation_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSettings,
+                   limits: NamespaceLimits = DEFAULT_LIMITS) -> Body:
     """The accelerator-free Job that runs `--validate-only` before any GPU is held."""
     name = names.validation_job(job["metadata"]["name"])
     resources = {
@@ -292,7 +318,8 @@ def validation_job(job: Body, rendered: render.RenderedConfig, settings: Operato
         "limits": {"memory": settings.validation_memory},
     }
     container = _container(VALIDATION_CONTAINER, settings.trainer_image, settings.image_pull_policy,
-                           _trainer_command("--validate-only"), _scratch_env(), resources, rendered)
+                           _trainer_command("--validate-only"), _scratch_env(), resources, rendered,
+                           writes_output=False)
     metadata = _metadata(job, name, COMPONENT_VALIDATION)
     metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(rendered)}
     return {
@@ -305,7 +332,7 @@ def validation_job(job: Body, rendered: render.RenderedConfig, settings: Operato
             "podFailurePolicy": _pod_failure_policy(VALIDATION_CONTAINER),
             "template": {
                 "metadata": {"labels": labels(job, COMPONENT_VALIDATION)},
-                "spec": _pod_spec(job, rendered, container, grace=30),
+                "spec": _pod_spec(job, rendered, container, grace=30, limits=limits),
             },
         },
     }
@@ -344,7 +371,7 @@ def trainer_env(job: Body, settings: OperatorSettings) -> list[Body]:
 
 
 def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSettings, *,
-                admitted: bool = True) -> Body:
+                admitted: bool = True, limits: NamespaceLimits = DEFAULT_LIMITS) -> Body:
     """The training Job; created suspended when the user suspended the job, when a Kueue queue
     admits it, or when the namespace's quota has no room yet (`admitted=False`).
 
@@ -357,7 +384,8 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
     name = names.trainer_job(job["metadata"]["name"])
     limit = backoff_limit(spec)
     container = _container(TRAINER_CONTAINER, settings.trainer_image, settings.image_pull_policy,
-                           _trainer_command(), trainer_env(job, settings), trainer_resources(spec), rendered)
+                           _trainer_command(), trainer_env(job, settings), trainer_resources(spec, limits), rendered,
+                           writes_output=True)
     metadata = _metadata(job, name, COMPONENT_TRAINER)
     metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(rendered)}
     queue = (spec.get("resources") or {}).get("queueName")
@@ -376,7 +404,7 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
         "suspend": bool(spec.get("suspend")) or bool(queue) or not admitted,
         "template": {
             "metadata": {"labels": labels(job, COMPONENT_TRAINER)},
-            "spec": _pod_spec(job, rendered, container, grace=TRAINER_GRACE_SECONDS),
+            "spec": _pod_spec(job, rendered, container, grace=TRAINER_GRACE_SECONDS, limits=limits),
         },
     }
     if isinstance(spec.get("activeDeadlineSeconds"), int) and spec["activeDeadlineSeconds"] > 0:
@@ -431,15 +459,18 @@ def serving_gpu_count(job: Body) -> int:
     return max(count, 1) if serving_runtime(job) == RUNTIME_VLLM else count
 
 
-def serving_resources(job: Body) -> Body:
-    """Requests and limits per serving replica (`spec.serving.resources`)."""
+def serving_resources(job: Body, defaults: NamespaceLimits = DEFAULT_LIMITS) -> Body:
+    """Requests and limits per serving replica (`spec.serving.resources`; CPU and memory left out come
+    from the policy's `defaultCpu`/`defaultMemory`)."""
     resources = serving_spec(job).get("resources") or {}
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
-    if resources.get("cpu") not in (None, ""):
-        requests["cpu"] = str(resources["cpu"])
-    if resources.get("memory") not in (None, ""):
-        requests["memory"] = limits["memory"] = str(resources["memory"])
+    cpu = resources.get("cpu") if resources.get("cpu") not in (None, "") else defaults.default_cpu
+    memory = resources.get("memory") if resources.get("memory") not in (None, "") else defaults.default_memory
+    if cpu:
+        requests["cpu"] = str(cpu)
+    if memory:
+        requests["memory"] = limits["memory"] = str(memory)
     gpus = serving_gpu_count(job)
     if gpus:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
@@ -465,7 +496,8 @@ def _http_probe(path: str, *, period: int, failures: int, delay: int = 0) -> Bod
     return probe
 
 
-def _serving_container(job: Body, model: render.ModelLocation, settings: OperatorSettings) -> Body:
+def _serving_container(job: Body, model: render.ModelLocation, settings: OperatorSettings,
+                       defaults: NamespaceLimits) -> Body:
     job_name = job["metadata"]["name"]
     runtime = serving_runtime(job)
     env = _scratch_env()
@@ -499,15 +531,15 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
         "startupProbe": _http_probe(health, period=10, failures=SERVING_STARTUP_SECONDS // 10),
         "readinessProbe": _http_probe(ready, period=5, failures=3),
         "livenessProbe": _http_probe(health, period=20, failures=3),
-        "resources": serving_resources(job),
+        "resources": serving_resources(job, defaults),
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
     }
     return container
 
 
-def _serving_volumes(job: Body, model: render.ModelLocation) -> list[Body]:
-    volumes: list[Body] = [{"name": SCRATCH_VOLUME, "emptyDir": {}}]
+def _serving_volumes(job: Body, model: render.ModelLocation, defaults: NamespaceLimits) -> list[Body]:
+    volumes: list[Body] = [scratch_volume(defaults)]
     if serving_runtime(job) == RUNTIME_VLLM:
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
     volumes += [{"name": claim_volume_name(claim),
@@ -515,7 +547,8 @@ def _serving_volumes(job: Body, model: render.ModelLocation) -> list[Body]:
     return volumes
 
 
-def serving_deployment(job: Body, model: render.ModelLocation, digest: str, settings: OperatorSettings) -> Body:
+def serving_deployment(job: Body, model: render.ModelLocation, digest: str, settings: OperatorSettings,
+                       defaults: NamespaceLimits = DEFAULT_LIMITS) -> Body:
     """The Deployment that serves the finished model (runtime `builtin` or `vllm`).
 
     The model digest is a pod-template annotation: a new model rolls the Deployment. The
@@ -527,8 +560,8 @@ def serving_deployment(job: Body, model: render.ModelLocation, digest: str, sett
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": SERVING_GRACE_SECONDS,
         "securityContext": pod_security_context(),
-        "containers": [_serving_container(job, model, settings)],
-        "volumes": _serving_volumes(job, model),
+        "containers": [_serving_container(job, model, settings, defaults)],
+        "volumes": _serving_volumes(job, model, defaults),
     }
     if serving_gpu_count(job):
         pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]

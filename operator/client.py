@@ -7,6 +7,7 @@ child names are deterministic. Deleting answers 404 when it is already gone.
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import secrets
@@ -24,6 +25,17 @@ Body = dict[str, Any]
 GROUP = builders.API_GROUP
 VERSION = builders.API_VERSION.split("/")[1]
 PLURAL = builders.PLURAL
+SIGNING_KEY_FIELD = "secret-key"
+"""Key of the signing key inside its Secret (the chart's `progressKey.secretKey` default)."""
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+"""Accept header that makes the API server answer a GET with the object's metadata only."""
+
+
+def kind_of(read: Callable[..., Any]) -> str:
+    """`read_namespaced_config_map` -> `ConfigMap` (for messages)."""
+    words = getattr(read, "__name__", "object").removeprefix("read_namespaced_").split("_")
+    return "".join(word.capitalize() for word in words)
+
 
 log = logging.getLogger(__name__)
 
@@ -79,19 +91,20 @@ class KubeClient:
         response = call(*args, _preload_content=False, **kwargs)
         return cast(Body, json.loads(response.data))
 
-    def _get(self, read: Any, namespace: str, name: str, owner_uid: str) -> Body | None:
+    def _get(self, read: Any, namespace: str, name: str, owner_uid: str, foreign: list[str],
+             job_name: str = "", **kwargs: Any) -> Body | None:
+        """The child of that name when this job (`owner_uid`) controls it; a same-named object that it
+        does not control is described in `foreign` (reconcile then creates nothing that would use it)."""
         try:
-            body = self._json(read, name, namespace)
+            body = self._json(read, name, namespace, **kwargs)
         except ApiException as error:
             if error.status == 404:
                 return None
             raise
-        owners = (body.get("metadata") or {}).get("ownerReferences") or []
-        if not any(o.get("uid") == owner_uid and o.get("controller") for o in owners):
-            # Same name, other owner (e.g. a deleted job of that name still being collected): not ours.
-            log.warning("%s/%s exists but is not controlled by FineTuneJob uid %s", namespace, name, owner_uid)
-            return None
-        return body
+        if reconcile.controlled_by(body, owner_uid):
+            return body
+        foreign.append(reconcile.describe_foreign(body, kind_of(read), job_name))
+        return None
 
     def _pods(self, namespace: str, job_name: str) -> tuple[Body, ...]:
         pods = self._json(self.core.list_namespaced_pod, namespace,
@@ -116,8 +129,10 @@ class KubeClient:
             return None
         uid = job["metadata"]["uid"]
         child = reconcile.child_names(name)
-        trainer_job = self._get(self.batch.read_namespaced_job, namespace, child["trainer_job"], uid)
-        validation_job = self._get(self.batch.read_namespaced_job, namespace, child["validation_job"], uid)
+        foreign: list[str] = []
+        trainer_job = self._get(self.batch.read_namespaced_job, namespace, child["trainer_job"], uid, foreign, name)
+        validation_job = self._get(self.batch.read_namespaced_job, namespace, child["validation_job"], uid,
+                                   foreign, name)
         # Skipped reads (each reconcile pass costs requests; child events make many passes): the
         # validation pods only matter until the trainer Job exists, and serving children can only
         # exist once the job has finished (or still holds an endpoint).
@@ -125,20 +140,28 @@ class KubeClient:
         finished = any(c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
                        for c in status.get("conditions") or [])
         serving = finished or bool(status.get("endpoint"))
+        config_map = self._get(self.core.read_namespaced_config_map, namespace, child["config_map"], uid, foreign, name)
+        # Metadata only: the operator never reads a Secret's data (its own token included; it can
+        # derive that), so a same-named Secret someone else made leaks nothing to it.
+        progress_secret = self._get(self.core.read_namespaced_secret, namespace, child["progress_secret"], uid,
+                                    foreign, name, _headers={"Accept": METADATA_ONLY})
+        serving_deployment = self._get(self.apps.read_namespaced_deployment, namespace, child["serving"], uid,
+                                       foreign, name) if serving else None
+        serving_service = self._get(self.core.read_namespaced_service, namespace, child["serving"], uid,
+                                    foreign, name) if serving else None
         return Observed(
             job=job,
             now=datetime.now(timezone.utc),
-            config_map=self._get(self.core.read_namespaced_config_map, namespace, child["config_map"], uid),
-            progress_secret=self._get(self.core.read_namespaced_secret, namespace, child["progress_secret"], uid),
+            config_map=config_map,
+            progress_secret=progress_secret,
             validation_job=validation_job,
             validation_pods=self._pods(namespace, child["validation_job"]) if validation_job and not trainer_job
             else (),
             trainer_job=trainer_job,
             trainer_pods=self._pods(namespace, child["trainer_job"]) if trainer_job else (),
-            serving_deployment=self._get(self.apps.read_namespaced_deployment, namespace, child["serving"], uid)
-            if serving else None,
-            serving_service=self._get(self.core.read_namespaced_service, namespace, child["serving"], uid)
-            if serving else None,
+            serving_deployment=serving_deployment,
+            serving_service=serving_service,
+            foreign_children=tuple(foreign),
             namespace_jobs=self.list_finetunejobs(namespace) if with_quota else (),
             namespace_trainer_jobs=self.list_trainer_jobs(namespace) if with_quota else (),
         )
@@ -204,6 +227,29 @@ class KubeClient:
         except ApiException as error:
             if error.status != 404:
                 raise
+
+    def ensure_signing_key(self, namespace: str, name: str) -> bytes:
+        """The progress-token signing key in Secret `namespace/name` (key `secret-key`): created with
+        a random value when absent (create first, so the operator only reads a Secret it made, or
+        one a person put there for it), else reused."""
+        key = secrets.token_urlsafe(36)
+        manifest: Body = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                          "metadata": {"name": name, "namespace": namespace,
+                                       "labels": {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}},
+                          "stringData": {SIGNING_KEY_FIELD: key}}
+        try:
+            create: Callable[..., Any] = self.core.create_namespaced_secret  # takes a plain dict body too
+            create(namespace, manifest)
+            log.info("created the signing key Secret %s/%s", namespace, name)
+            return key.encode()
+        except ApiException as error:
+            if error.status != 409:
+                raise
+        data = self._json(self.core.read_namespaced_secret, name, namespace).get("data") or {}
+        if not data.get(SIGNING_KEY_FIELD):
+            raise RuntimeError(f"Secret {namespace}/{name} has no {SIGNING_KEY_FIELD!r} key: add one (any random "
+                               "string of 32+ characters) or delete the Secret so the operator creates it")
+        return base64.b64decode(data[SIGNING_KEY_FIELD])
 
     def patch_status(self, namespace: str, name: str, status: Body) -> None:
         """Merge-patch `status` of a FineTuneJob (the status subresource)."""

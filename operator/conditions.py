@@ -75,6 +75,13 @@ TRAINER_JOB_FAILED = "TrainerJobFailed"
 """The trainer Job failed for another reason (named in the message)."""
 TRAINER_JOB_MISSING = "TrainerJobMissing"
 """The trainer Job disappeared before the outcome was known."""
+CHILD_NAME_CONFLICT = "ChildNameConflict"
+"""An object with a child's name exists that the job does not own; nothing is created while it is there."""
+WAITING_FOR_OLD_CHILDREN = "WaitingForOldChildren"
+"""Children of a deleted job of the same name are still being garbage-collected; nothing is created yet."""
+POLICY_VIOLATION = "PolicyViolation"
+"""The spec asks for something the platform policy does not allow in this namespace (tolerations, node
+selectors, priority class, trustRemoteCode, generator model, output claim, image); names field and rule."""
 QUOTA_EXCEEDED = "QuotaExceeded"
 """The namespace's quota (platform policy) has no room for this job's trainer yet; it starts when room
 frees up, oldest waiting job first."""

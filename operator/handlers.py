@@ -2,14 +2,18 @@
 
 Handlers return None (kopf would store return values in status) and write
 status explicitly through `client`. kopf's own bookkeeping lives in
-annotations under `kubetune.io`, and its finalizer (not used: children are
-removed by owner references) would be `kubetune.io/finalizer`.
+annotations under `kubetune.io`. No handler needs a finalizer (children are
+removed by owner references, and the periodic resync is `Resync`, not a kopf
+timer): so deleting a job, or the CRD after the operator was uninstalled, never
+waits for an operator. kopf removes a finalizer (`kubetune.io/finalizer`) that an
+older version left, the next time it sees the object.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import threading
@@ -111,8 +115,50 @@ def child_state(body: kopf.Body) -> tuple[Any, ...]:
 RUNTIME = _Runtime()
 
 
+class Resync:
+    """Reconciles every tracked object once per interval, a fallback for missed events.
+
+    Not a kopf timer: kopf puts a finalizer on every object a timer matches, and once the
+    operator is uninstalled nobody removes it, so `kubectl delete crd` hangs forever. Which
+    objects need polling is tracked from kopf's watch events (`track`), so it costs no requests.
+    """
+
+    def __init__(self, reconcile: Callable[[str, str], None], what: str, parallel: int = 8) -> None:
+        self.reconcile = reconcile
+        self.what = what
+        self.parallel = parallel
+        self.keys: set[tuple[str, str]] = set()
+
+    def track(self, namespace: str | None, name: str | None, pending: bool) -> None:
+        if namespace and name:
+            (self.keys.add if pending else self.keys.discard)((namespace, name))
+
+    async def run_once(self) -> None:
+        limit = asyncio.Semaphore(self.parallel)
+
+        async def one(namespace: str, name: str) -> None:
+            async with limit:
+                try:
+                    await asyncio.to_thread(self.reconcile, namespace, name)
+                except Exception:
+                    log.exception("resync of %s%s/%s failed", self.what, namespace, name)
+
+        await asyncio.gather(*(one(namespace, name) for namespace, name in sorted(self.keys)))
+
+    async def run_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.run_once()
+
+
+RESYNCS: list[Resync] = []
+"""Started by `configure`; the sweep handlers add theirs."""
+_RESYNC_TASKS: list[asyncio.Task[None]] = []
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    global SETTINGS
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=builders.API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=builders.API_GROUP, key="last-handled-configuration")
@@ -124,6 +170,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = False
     settings.execution.max_workers = 8
     kube = RUNTIME.kube()
+    if not SETTINGS.secret_key and SETTINGS.secret_key_secret:
+        key_namespace, _slash, key_name = SETTINGS.secret_key_secret.partition("/")
+        key = await asyncio.to_thread(kube.ensure_signing_key, key_namespace, key_name)
+        SETTINGS = dataclasses.replace(SETTINGS, secret_key=key)
 
     async def get_job(namespace: str, name: str) -> Body | None:
         return await asyncio.to_thread(kube.get_finetunejob, namespace, name)
@@ -134,10 +184,13 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     RUNTIME.service = progress.ProgressService(SETTINGS, METRICS, get_job, patch_status)
     RUNTIME.server = progress.HttpServer(RUNTIME.service)
     await RUNTIME.server.start()
+    _RESYNC_TASKS.extend(asyncio.create_task(r.run_forever(SETTINGS.resync_seconds)) for r in RESYNCS)
 
 
 @kopf.on.cleanup()
 async def stop_server(**_: Any) -> None:
+    for task in _RESYNC_TASKS:
+        task.cancel()
     if RUNTIME.server is not None:
         await RUNTIME.server.stop()
 
@@ -243,15 +296,15 @@ def has_pending_work(spec: Any, status: Any) -> bool:
     return bool(serving.get("enabled")) or (spec or {}).get("ttlSecondsAfterFinished") is not None
 
 
-def _needs_resync(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+JOB_RESYNC = Resync(reconcile_job, "")
+RESYNCS.append(JOB_RESYNC)
+
+
+@kopf.on.event(*RESOURCE)
+def track_job(namespace: str | None, name: str | None, spec: kopf.Spec, status: kopf.Status,
+              type: str | None = None, **_: Any) -> None:
     """Polling a job with nothing pending would cost ~10 requests per job per interval forever."""
-    return has_pending_work(dict(spec), dict(status))
-
-
-@kopf.timer(*RESOURCE, interval=SETTINGS.resync_seconds, initial_delay=SETTINGS.resync_seconds,
-            when=_needs_resync)
-def resync(namespace: str | None, name: str | None, **_: Any) -> None:
-    _reconcile_or_retry(namespace, name)
+    JOB_RESYNC.track(namespace, name, type != "DELETED" and has_pending_work(dict(spec), dict(status)))
 
 
 @kopf.on.delete(*RESOURCE, optional=True)

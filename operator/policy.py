@@ -9,8 +9,16 @@ from `KUBETUNE_POLICY_FILE` (YAML)::
       maxConcurrentJobs: 0         # jobs holding a trainer at once; 0 = no limit
       maxGpusPerJob: 0             # GPUs one job may request; 0 = no limit
       maxTotalGpus: 0              # GPUs a namespace's running jobs hold together; 0 = no limit
-      allowedModelSources: []      # globs spec.model.source must match; [] = any
-      allowedTrainerImages: []     # globs spec.serving.image must match; [] = any
+      allowedModelSources: []      # globs spec.model.source and augmentation.synthetic.model must match; [] = any
+      allowedTrainerImages: []     # globs spec.serving.image must match; [] = the operator's own images only
+      allowedTolerations: []       # "key", "key:Effect" or "*"; [] = none (the GPU toleration is the operator's)
+      allowedNodeSelectors: []     # "label=value", "label=*" or "*"; [] = none
+      allowedPriorityClasses: []   # PriorityClass names or "*"; [] = none
+      allowTrustRemoteCode: false  # whether spec.model.trustRemoteCode may be true
+      writableClaims: ["*"]        # claims spec.output.storage may write to; "*" = any claim of the namespace
+      defaultCpu: ""               # CPU request of trainer/serving containers that set none; "" = none
+      defaultMemory: ""            # memory request+limit of trainer/serving containers that set none
+      scratchSizeLimit: 64Gi       # sizeLimit of the /tmp emptyDir (caches, downloaded models)
     namespaces:
       team-a: {maxConcurrentJobs: 2}   # keys left out come from `defaults`
     gpuTypes:                      # the node pools' GPUs, for `resources.gpus: auto` and memory checks
@@ -28,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -61,7 +70,28 @@ class NamespaceLimits:
     allowed_model_sources: tuple[str, ...] = ()
     """Globs that `spec.model.source` must match; empty = any source."""
     allowed_trainer_images: tuple[str, ...] = ()
-    """Globs that an image named in the spec (`spec.serving.image`) must match; empty = any image."""
+    """Globs that an image named in the spec (`spec.serving.image`) must match; empty = only the
+    operator's own images (its trainer and vLLM images): any other image's entrypoint would run."""
+    allowed_tolerations: tuple[str, ...] = ()
+    """Tolerations `spec.resources.tolerations` may hold: `key` (any effect), `key:Effect`, or `*`
+    (anything, a key-less `Exists` included); empty = none."""
+    allowed_node_selectors: tuple[str, ...] = ()
+    """Labels `spec.resources.nodeSelector` may require: `label=value`, `label=*` (any value) or `*`;
+    empty = none (the GPU type's selector from `gpuTypes` is the operator's own)."""
+    allowed_priority_classes: tuple[str, ...] = ()
+    """PriorityClass names `spec.resources.priorityClassName` may name, or `*`; empty = none."""
+    allow_trust_remote_code: bool = False
+    """Whether `spec.model.trustRemoteCode: true` (checkpoint code runs in the trainer) is allowed."""
+    writable_claims: tuple[str, ...] = ("*",)
+    """Claims `spec.output.storage` may write to (the only claim a trainer mounts read-write), or `*`
+    for any claim of the namespace; empty = none."""
+    default_cpu: str = ""
+    """CPU request of trainer and serving containers whose spec sets none; empty = no request."""
+    default_memory: str = ""
+    """Memory request and limit of trainer and serving containers whose spec sets none; empty = none."""
+    scratch_size_limit: str = "64Gi"
+    """sizeLimit of the pods' /tmp emptyDir (caches and hf:// downloads): a pod past it is evicted
+    instead of filling the node's disk."""
 
     @property
     def limits_running_jobs(self) -> bool:
@@ -71,8 +101,29 @@ class NamespaceLimits:
     def model_source_allowed(self, source: str) -> bool:
         return _matches(source, self.allowed_model_sources)
 
-    def image_allowed(self, image: str) -> bool:
-        return _matches(image, self.allowed_trainer_images)
+    def image_allowed(self, image: str, own_images: tuple[str, ...] = ()) -> bool:
+        """An image named in a spec: one of the operator's own, or one the policy's globs allow."""
+        if image in own_images:
+            return True
+        return bool(self.allowed_trainer_images) and _matches(image, self.allowed_trainer_images)
+
+    def claim_writable(self, claim: str) -> bool:
+        return "*" in self.writable_claims or claim in self.writable_claims
+
+    def toleration_allowed(self, toleration: Mapping[str, Any]) -> bool:
+        """`key` entries allow every effect of that key; `key:Effect` only that effect."""
+        if "*" in self.allowed_tolerations:
+            return True
+        key, effect = str(toleration.get("key") or ""), str(toleration.get("effect") or "")
+        return bool(key) and (key in self.allowed_tolerations
+                              or (bool(effect) and f"{key}:{effect}" in self.allowed_tolerations))
+
+    def node_selector_allowed(self, label: str, value: str) -> bool:
+        allowed = self.allowed_node_selectors
+        return "*" in allowed or f"{label}=*" in allowed or f"{label}={value}" in allowed
+
+    def priority_class_allowed(self, name: str) -> bool:
+        return "*" in self.allowed_priority_classes or name in self.allowed_priority_classes
 
 
 def _matches(value: str, patterns: tuple[str, ...]) -> bool:
@@ -101,7 +152,13 @@ NO_POLICY = PlatformPolicy()
 
 _COUNT_KEYS = {"maxConcurrentJobs": "max_concurrent_jobs", "maxGpusPerJob": "max_gpus_per_job",
                "maxTotalGpus": "max_total_gpus"}
-_LIST_KEYS = {"allowedModelSources": "allowed_model_sources", "allowedTrainerImages": "allowed_trainer_images"}
+_LIST_KEYS = {"allowedModelSources": "allowed_model_sources", "allowedTrainerImages": "allowed_trainer_images",
+              "allowedTolerations": "allowed_tolerations", "allowedNodeSelectors": "allowed_node_selectors",
+              "allowedPriorityClasses": "allowed_priority_classes", "writableClaims": "writable_claims"}
+_BOOL_KEYS = {"allowTrustRemoteCode": "allow_trust_remote_code"}
+_QUANTITY_KEYS = {"defaultCpu": "default_cpu", "defaultMemory": "default_memory",
+                  "scratchSizeLimit": "scratch_size_limit"}
+_QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
 
 
 def _limits_from(data: Any, path: str, base: NamespaceLimits, problems: list[str]) -> NamespaceLimits:
@@ -124,8 +181,20 @@ def _limits_from(data: Any, path: str, base: NamespaceLimits, problems: list[str
                 problems.append(f"{path}.{key}: must be a list of non-empty glob strings, got {value!r}")
             else:
                 values[_LIST_KEYS[key]] = tuple(value)
+        elif key in _BOOL_KEYS:
+            if not isinstance(value, bool):
+                problems.append(f"{path}.{key}: must be true or false, got {value!r}")
+            else:
+                values[_BOOL_KEYS[key]] = value
+        elif key in _QUANTITY_KEYS:
+            text = "" if value is None else str(value)
+            if text and not _QUANTITY.match(text):
+                problems.append(f"{path}.{key}: must be a Kubernetes quantity such as 2, 500m or 16Gi "
+                                f"(empty = none), got {value!r}")
+            else:
+                values[_QUANTITY_KEYS[key]] = text
         else:
-            allowed = ", ".join(sorted([*_COUNT_KEYS, *_LIST_KEYS]))
+            allowed = ", ".join(sorted([*_COUNT_KEYS, *_LIST_KEYS, *_BOOL_KEYS, *_QUANTITY_KEYS]))
             problems.append(f"{path}.{key}: unknown key; allowed: {allowed}")
     return dataclasses.replace(base, **values)
 
@@ -212,3 +281,60 @@ def load_policy(path: str) -> PlatformPolicy:
     except yaml.YAMLError as error:
         raise PolicyError([f"{path}: not valid YAML ({error})"]) from None
     return policy_from_dict(data)
+
+
+# --- what a spec asks for against the policy ----------------------------------------------------
+
+def _claim_of(uri: Any) -> str:
+    """The claim of a `pvc://<claim>/...` URI, else ""."""
+    if isinstance(uri, str) and uri.startswith("pvc://"):
+        return uri[len("pvc://"):].partition("/")[0]
+    return ""
+
+
+def violations(spec: Mapping[str, Any], limits: NamespaceLimits, namespace: str,
+               own_images: tuple[str, ...] = ()) -> list[str]:
+    """Every part of a FineTuneJob spec the platform policy does not allow in `namespace`, each naming
+    the field, the value and the policy rule (the same rules the chart's ValidatingAdmissionPolicy
+    checks at `kubectl apply`). `spec.model.source` is checked apart (reason ModelSourceNotAllowed)."""
+    found: list[str] = []
+    where = f"in namespace {namespace} by the platform policy"
+
+    def listed(values: tuple[str, ...]) -> str:
+        return ", ".join(values) if values else "none"
+
+    resources = spec.get("resources") or {}
+    resources = resources if isinstance(resources, Mapping) else {}
+    for index, toleration in enumerate(resources.get("tolerations") or []):
+        if isinstance(toleration, Mapping) and not limits.toleration_allowed(toleration):
+            shown = toleration.get("key") or "(no key: every taint)"
+            found.append(f"spec.resources.tolerations[{index}]: toleration of {shown!s}"
+                         f"{':' + str(toleration['effect']) if toleration.get('effect') else ''} is not allowed "
+                         f"{where} (allowedTolerations: {listed(limits.allowed_tolerations)})")
+    selector = resources.get("nodeSelector") or {}
+    for label, value in (selector.items() if isinstance(selector, Mapping) else ()):
+        if not limits.node_selector_allowed(str(label), str(value)):
+            found.append(f"spec.resources.nodeSelector[{label}]: {label}={value} is not allowed {where} "
+                         f"(allowedNodeSelectors: {listed(limits.allowed_node_selectors)})")
+    priority = resources.get("priorityClassName")
+    if isinstance(priority, str) and priority and not limits.priority_class_allowed(priority):
+        found.append(f"spec.resources.priorityClassName: {priority!r} is not allowed {where} "
+                     f"(allowedPriorityClasses: {listed(limits.allowed_priority_classes)})")
+    model = spec.get("model") or {}
+    if isinstance(model, Mapping) and model.get("trustRemoteCode") is True and not limits.allow_trust_remote_code:
+        found.append(f"spec.model.trustRemoteCode: true is not allowed {where} (allowTrustRemoteCode: false)")
+    synthetic = (((spec.get("dataset") or {}).get("augmentation") or {}).get("synthetic") or {})
+    generator = synthetic.get("model") if isinstance(synthetic, Mapping) else None
+    if isinstance(generator, str) and generator and not limits.model_source_allowed(generator):
+        found.append(f"spec.dataset.augmentation.synthetic.model: {generator!r} is not allowed {where} "
+                     f"(allowedModelSources: {listed(limits.allowed_model_sources)})")
+    claim = _claim_of((spec.get("output") or {}).get("storage"))
+    if claim and not limits.claim_writable(claim):
+        found.append(f"spec.output.storage: claim {claim!r} may not be written {where} "
+                     f"(writableClaims: {listed(limits.writable_claims)})")
+    image = (spec.get("serving") or {}).get("image")
+    if isinstance(image, str) and image.strip() and not limits.image_allowed(image.strip(), own_images):
+        found.append(f"spec.serving.image: {image.strip()!r} is not allowed {where} "
+                     f"(allowedTrainerImages: {listed(limits.allowed_trainer_images)}; the operator's own "
+                     f"images: {listed(own_images)})")
+    return found

@@ -30,7 +30,7 @@ from typing import Any
 
 from kubetune.operator import builders, conditions, estimate, names, quota, render, reports
 from kubetune.operator.conditions import Condition
-from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy
+from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy, violations
 from kubetune.operator.settings import OperatorSettings
 from kubetune.trainer import config as trainer_config
 
@@ -57,6 +57,9 @@ class Observed:
     """Every FineTuneJob in the namespace (read only when the namespace's quota needs it)."""
     namespace_trainer_jobs: tuple[Body, ...] = ()
     """Every trainer Job in the namespace (read only when the namespace's quota needs it)."""
+    foreign_children: tuple[str, ...] = ()
+    """Objects with a child's name that this job does not control (`describe_foreign`): a leftover of
+    a deleted job of the same name, or someone else's object. Nothing is created while one is there."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +198,9 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
         return Decision(status_patch={}, actions=(), events=())
     draft = _Draft(observed)
     limits = policy.limits_for(str(draft.metadata.get("namespace", "")))
+    if observed.foreign_children:
+        _blocked_by_foreign_children(draft)
+        return draft.decision()
     if draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED):
         _expire_training_children(draft)
         _decide_serving(draft, settings, limits)
@@ -207,7 +213,7 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
         draft.finish(False, conditions.INVALID_SPEC, message)
         _decide_serving(draft, settings, limits)
         return draft.decision()
-    if not _model_source_allowed(draft, limits):
+    if not _model_source_allowed(draft, limits) or not _spec_allowed(draft, limits, settings):
         _decide_serving(draft, settings, limits)
         return draft.decision()
     _ensure_credentials(draft, settings)
@@ -216,6 +222,50 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
         _train(draft, rendered, settings, limits, policy)
     _decide_serving(draft, settings, limits)
     return draft.decision()
+
+
+# --- step 0: children this job does not own ---------------------------------------------------
+
+FOREIGN_RETRY_SECONDS = 10.0
+"""How soon to look again while a same-named object of a deleted job is being garbage-collected."""
+
+
+def controlled_by(child: Body, owner_uid: str) -> bool:
+    """Whether `child`'s controller owner reference points at the object with that uid."""
+    owners = (child.get("metadata") or {}).get("ownerReferences") or []
+    return any(o.get("uid") == owner_uid and o.get("controller") for o in owners)
+
+
+def describe_foreign(child: Body, kind: str, job_name: str) -> str:
+    """A same-named child this job does not control, in words: whose it is and whether it is going."""
+    metadata = child.get("metadata") or {}
+    controller = next((o for o in metadata.get("ownerReferences") or [] if o.get("controller")), None)
+    name = f"{kind} {metadata.get('name', '')}"
+    if controller is None:
+        whose = "has no controller (made by someone else)"
+    elif controller.get("kind") == builders.KIND and controller.get("name") == job_name:
+        whose = f"belongs to an earlier FineTuneJob of this name (uid {controller.get('uid', '')})"
+    else:
+        whose = f"is controlled by {controller.get('kind', '')} {controller.get('name', '')}"
+    going = " and is being deleted" if metadata.get("deletionTimestamp") else ""
+    return f"{name} {whose}{going}"
+
+
+def _blocked_by_foreign_children(draft: _Draft) -> None:
+    """A child name is taken by an object this job does not own. Creating around it would stall
+    silently (409 looks like "already there") or, worse, start pods that mount the other object
+    (a deleted job's ConfigMap or token): create nothing and say why."""
+    found = "; ".join(draft.observed.foreign_children)
+    stale = all("earlier FineTuneJob" in f for f in draft.observed.foreign_children)
+    if stale:
+        message = f"waiting for the garbage collector to remove {found}; kubetune creates nothing until then"
+        draft.requeue_after = FOREIGN_RETRY_SECONDS
+    else:
+        message = (f"{found}: kubetune creates nothing for this job while it is there; delete or rename it, "
+                   "or give the FineTuneJob another name")
+    finished = draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED)
+    draft.set(conditions.SERVING_READY if finished else conditions.RUNNING, "False",
+              conditions.WAITING_FOR_OLD_CHILDREN if stale else conditions.CHILD_NAME_CONFLICT, message[:4096])
 
 
 # --- step 2b: platform policy --------------------------------------------------------------
@@ -231,6 +281,25 @@ def _model_source_allowed(draft: _Draft, limits: NamespaceLimits) -> bool:
                f"{draft.metadata.get('namespace', '')}; allowed: {', '.join(limits.allowed_model_sources)}")
     draft.set(conditions.VALIDATED, "False", conditions.MODEL_SOURCE_NOT_ALLOWED, message)
     draft.finish(False, conditions.MODEL_SOURCE_NOT_ALLOWED, message)
+    return False
+
+
+def own_images(settings: OperatorSettings) -> tuple[str, ...]:
+    """The images the operator itself runs: a spec may always name these."""
+    return (settings.trainer_image, settings.vllm_image)
+
+
+def _spec_allowed(draft: _Draft, limits: NamespaceLimits, settings: OperatorSettings) -> bool:
+    """Defence in depth behind the chart's ValidatingAdmissionPolicy: a spec asking for placement,
+    code execution, images or writes the platform does not allow here ends before anything runs."""
+    if draft.observed.trainer_job is not None:
+        return True  # already training: a later policy change does not stop a run
+    found = violations(draft.spec, limits, str(draft.metadata.get("namespace", "")), own_images(settings))
+    if not found:
+        return True
+    message = "; ".join(found)[:4096]
+    draft.set(conditions.VALIDATED, "False", conditions.POLICY_VIOLATION, message)
+    draft.finish(False, conditions.POLICY_VIOLATION, message)
     return False
 
 
@@ -290,7 +359,8 @@ def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: 
         vjob = None
     if vjob is None:
         if not any(isinstance(a, DeleteChild) for a in draft.actions):
-            draft.actions.append(CreateChild(builders.validation_job(observed.job, rendered, settings)))
+            draft.actions.append(CreateChild(builders.validation_job(
+                observed.job, rendered, settings, policy.limits_for(str(draft.metadata.get("namespace", ""))))))
         _waiting_for_validation(draft, "the dataset-validation pod was created")
         return False
     outcome = job_outcome(vjob)
@@ -403,7 +473,7 @@ def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSet
     if tjob is None:
         if admission.admitted or not quota.queued(observed.job):
             draft.actions.append(CreateChild(builders.trainer_job(job, rendered, settings,
-                                                                  admitted=admission.admitted)))
+                                                                  admitted=admission.admitted, limits=limits)))
         if admission.admitted:
             draft.set(conditions.RUNNING, "False", conditions.PENDING, "the trainer Job was created")
         else:
@@ -589,11 +659,12 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
                       "serving starts once training succeeds")
         return
     image = serving.get("image")
-    if isinstance(image, str) and image and not limits.image_allowed(image):
+    if isinstance(image, str) and image.strip() and not limits.image_allowed(image.strip(), own_images(settings)):
         _remove_serving(draft)
         draft.set(conditions.SERVING_READY, "False", conditions.IMAGE_NOT_ALLOWED,
                   f"spec.serving.image: {image!r} is not allowed in namespace {draft.metadata.get('namespace', '')}; "
-                  f"allowed: {', '.join(limits.allowed_trainer_images)}")
+                  f"allowed: {', '.join(limits.allowed_trainer_images) or 'none'} (allowedTrainerImages) and "
+                  f"the operator's own images {', '.join(own_images(settings))}")
         return
     try:
         model = render.model_location(draft.observed.job)
@@ -604,7 +675,7 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
     job = draft.observed.job
     known = {**draft.status, **draft.patch}.get("model") or {}
     digest = str(known.get("digest") or "") if isinstance(known, dict) else ""
-    deployment = builders.serving_deployment(job, model, digest, settings)
+    deployment = builders.serving_deployment(job, model, digest, settings, limits)
     actual = draft.observed.serving_deployment
     if actual is None:
         draft.actions.append(CreateChild(deployment))

@@ -80,6 +80,11 @@ class OperatorSettings:
     policy_file: str = ""
     """YAML file with the platform policy (per-namespace quotas, allowed model sources and
     images; see docs/operator.md); empty = no limits. `KUBETUNE_POLICY_FILE`."""
+    secret_key_secret: str = ""
+    """`<namespace>/<name>` of the Secret holding the signing key (under `secret-key`), used when
+    `secret_key` is empty: the operator creates it with a random key when absent and reuses it
+    after, so no deploy tool (Argo CD renders without Helm's `lookup`) can rotate it by accident.
+    `KUBETUNE_SECRET_KEY_SECRET`."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -136,4 +141,5 @@ class OperatorSettings:
             vllm_image=text("KUBETUNE_VLLM_IMAGE", defaults.vllm_image),
             cluster_domain=text("KUBETUNE_CLUSTER_DOMAIN", defaults.cluster_domain).strip("."),
             policy_file=text("KUBETUNE_POLICY_FILE", defaults.policy_file),
+            secret_key_secret=text("KUBETUNE_SECRET_KEY_SECRET", defaults.secret_key_secret),
         )

@@ -48,10 +48,14 @@ def on_sweep_changed(namespace: str | None, name: str | None, **_: Any) -> None:
     _reconcile_or_retry(namespace, name)
 
 
-@kopf.timer(*SWEEP_RESOURCE, interval=handlers.SETTINGS.resync_seconds,
-            initial_delay=handlers.SETTINGS.resync_seconds)
-def resync_sweep(namespace: str | None, name: str | None, **_: Any) -> None:
-    _reconcile_or_retry(namespace, name)
+SWEEP_RESYNC = handlers.Resync(reconcile_sweep, "sweep ")
+handlers.RESYNCS.append(SWEEP_RESYNC)
+
+
+@kopf.on.event(*SWEEP_RESOURCE)
+def track_sweep(namespace: str | None, name: str | None, type: str | None = None, **_: Any) -> None:
+    """Every sweep is resynced (no kopf timer: it would put a finalizer on each sweep)."""
+    SWEEP_RESYNC.track(namespace, name, type != "DELETED")
 
 
 @kopf.on.delete(*SWEEP_RESOURCE, optional=True)

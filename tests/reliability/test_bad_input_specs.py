@@ -284,7 +284,7 @@ class TestGeneratedSpecs:
         conditions = {c["type"]: c for c in decision.status_patch.get("conditions", [])}
         if conditions.get("Failed", {}).get("status") == "True":
             failed = conditions["Failed"]
-            assert failed["reason"] in ("InvalidSpec", "ModelSourceNotAllowed"), failed
+            assert failed["reason"] in ("InvalidSpec", "ModelSourceNotAllowed", "PolicyViolation"), failed
             assert FIELD.search(failed["message"]), f"no field named in {failed['message']!r} for {mutations}"
             assert not decision.actions, "a failed spec creates nothing"
             tally.accepted_failed += 1

@@ -64,6 +64,32 @@ app.kubernetes.io/component: operator
 {{- end }}
 {{- end }}
 
+{{/*
+The namespaces the operator watches, as a JSON list: `watchNamespaces` plus, with
+`watchNamespaceSelector`, every namespace whose labels match it, found with `lookup` when the
+chart is installed or upgraded. `lookup` needs a live cluster (helm install/upgrade, or helm
+template --dry-run=server): rendered offline, as Argo CD does, it finds nothing, and an empty
+result fails the render instead of falling back to cluster-wide mode.
+*/}}
+{{- define "kubetune.watchedNamespaces" -}}
+{{- $names := .Values.watchNamespaces | default list }}
+{{- with .Values.watchNamespaceSelector }}
+{{- $selector := . }}
+{{- $found := list }}
+{{- range (lookup "v1" "Namespace" "" "").items | default list }}
+{{- $labels := .metadata.labels | default dict }}
+{{- $match := true }}
+{{- range $key, $value := $selector }}{{ if ne (toString (get $labels $key)) (toString $value) }}{{ $match = false }}{{ end }}{{ end }}
+{{- if $match }}{{ $found = append $found .metadata.name }}{{ end }}
+{{- end }}
+{{- if not $found }}
+{{- fail "watchNamespaceSelector matched no namespace (or the chart was rendered without a cluster, where Helm's lookup finds nothing, e.g. by Argo CD): list the namespaces in watchNamespaces instead" }}
+{{- end }}
+{{- $names = concat $names $found | uniq | sortAlpha }}
+{{- end }}
+{{- toJson $names }}
+{{- end }}
+
 {{/* The Secret that holds the progress-token signing key. */}}
 {{- define "kubetune.progressKeySecret" -}}
 {{- default (printf "%s-progress-key" (include "kubetune.fullname" .)) .Values.progressKey.existingSecret }}

@@ -75,17 +75,23 @@ class Release:
 
     @property
     def signing_key_secret(self) -> str:
-        return next(str(s["metadata"]["name"]) for s in chart.find(self.manifests, "Secret") if s["type"] == "Opaque")
+        """The Secret the operator creates for its signing key (the one name its Role may read)."""
+        role = chart.find(self.manifests, "Role", f"{self.name_of('ServiceAccount')}-signing-key")[0]
+        return str(next(r for r in role["rules"] if r.get("resourceNames"))["resourceNames"][0])
 
 
 @pytest.fixture(scope="module")
-def release(cluster: Any, helm_bin: Path, chart_crds: None) -> Release:
-    """The chart with default values (cluster-wide), applied for real in a restricted namespace."""
+def release(cluster: Any, helm_bin: Path, chart_crds: None) -> Iterator[Release]:
+    """The chart with default values (cluster-wide), applied for real in a restricted namespace.
+    Afterwards its admission-policy binding goes: it binds cluster-wide, and other modules' jobs
+    (created as admin, with whatever spec they test) must not meet this module's policy."""
     restricted_namespace(cluster, RELEASE_NAMESPACE)
     manifests = chart.render(helm_bin, {"grafanaDashboard": {"enabled": True}}, namespace=RELEASE_NAMESPACE)
     cluster.kubectl("apply", "--server-side", "--force-conflicts", "--field-manager=helm", "-f", "-",
                     input=yaml.safe_dump_all(manifests, sort_keys=False))
-    return Release(RELEASE_NAMESPACE, manifests)
+    yield Release(RELEASE_NAMESPACE, manifests)
+    for binding in chart.find(manifests, "ValidatingAdmissionPolicyBinding"):
+        cluster.kubectl("delete", "validatingadmissionpolicybinding", binding["metadata"]["name"], check=False)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,7 +5,6 @@ What the objects do on a real API server is tested in tests/integration/chart/.
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import subprocess
@@ -219,10 +218,13 @@ class TestOperatorDeployment:
 
     def test_every_setting_the_operator_reads_is_set_from_values(self, render: Render) -> None:
         env = env_of(operator_container(render()))
+        given = env_of(operator_container(render({"progressKey": {"existingSecret": "my-key"}})))
         source = Path(operator_settings.__file__).read_text()
         read_by_operator = set(re.findall(r'"(KUBETUNE_[A-Z_]+)"', source))
         assert read_by_operator, "no KUBETUNE_* variables found in operator/settings.py"
-        assert read_by_operator <= env.keys()
+        # The signing key comes either from a given Secret or from the Secret the operator makes.
+        assert read_by_operator <= env.keys() | {"KUBETUNE_SECRET_KEY"}
+        assert read_by_operator <= given.keys() | {"KUBETUNE_SECRET_KEY_SECRET"}
 
     def test_every_variable_the_chart_sets_is_one_the_operator_reads(self, render: Render) -> None:
         env = env_of(operator_container(render()))
@@ -240,16 +242,25 @@ class TestOperatorDeployment:
         plain = env_of(operator_container(render({"progressTls": {"enabled": False}}, namespace="ml-platform")))
         assert plain["KUBETUNE_PROGRESS_URL"].startswith("http://")
 
-    def test_the_signing_key_is_a_generated_secret_unless_one_is_given(self, render: Render) -> None:
-        manifests = render()
-        secret = only(manifests, "Secret", "kubetune-progress-key")
-        env = env_of(operator_container(manifests))
-        assert env["KUBETUNE_SECRET_KEY"] == {"secretKeyRef": {"name": secret["metadata"]["name"],
-                                                               "key": "secret-key"}}
-        assert len(base64.b64decode(secret["data"]["secret-key"])) == 48
+    def test_the_operator_makes_the_signing_key_unless_one_is_given(self, render: Render) -> None:
+        """No random value in the rendered chart: re-rendering (every Argo CD sync; Helm's lookup
+        returns nothing there) would rotate the key and invalidate every running job's token."""
+        first = render()
+        # The progress TLS Secret (type kubernetes.io/tls) is the only one the chart renders.
+        assert [s["type"] for s in chart.find(first, "Secret")] == ["kubernetes.io/tls"]
+        plain = {"progressTls": {"enabled": False}}
+        assert render(plain) == render(plain)
+        assert chart.find(render(plain), "Secret") == []
+        env = env_of(operator_container(first))
+        assert "KUBETUNE_SECRET_KEY" not in env
+        assert env["KUBETUNE_SECRET_KEY_SECRET"] == "kubetune-system/kubetune-progress-key"
+        role = only(first, "Role", "kubetune-signing-key")
+        assert {(tuple(r["verbs"]), tuple(r.get("resourceNames", ()))) for r in role["rules"]} == {
+            (("create",), ()), (("get",), ("kubetune-progress-key",))}
 
         given = render({"progressKey": {"existingSecret": "my-key", "secretKey": "hmac"}})
         assert [s for s in chart.find(given, "Secret") if s["type"] == "Opaque"] == []
+        assert chart.find(given, "Role") == []
         assert env_of(operator_container(given))["KUBETUNE_SECRET_KEY"] == {
             "secretKeyRef": {"name": "my-key", "key": "hmac"}}
 
@@ -262,13 +273,15 @@ class TestWatchScope:
         assert binding["roleRef"]["name"] == only(manifests, "ClusterRole", "kubetune-operator")["metadata"]["name"]
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "kubetune",
                                         "namespace": "kubetune-system"}]
-        assert chart.find(manifests, "Role") == []
+        assert chart.find(manifests, "Role", "kubetune-operator") == []
 
     def test_listed_namespaces_get_a_role_each_and_no_cluster_wide_operator_role(self, render: Render) -> None:
         manifests = render({"watchNamespaces": ["team-a", "team-b"]})
         assert env_of(operator_container(manifests))["KUBETUNE_NAMESPACES"] == "team-a,team-b"
-        assert sorted(r["metadata"]["namespace"] for r in chart.find(manifests, "Role")) == ["team-a", "team-b"]
-        assert sorted(b["metadata"]["namespace"] for b in chart.find(manifests, "RoleBinding")) == ["team-a", "team-b"]
+        assert sorted(r["metadata"]["namespace"] for r in chart.find(manifests, "Role", "kubetune-operator")) == [
+            "team-a", "team-b"]
+        assert sorted(b["metadata"]["namespace"] for b in chart.find(manifests, "RoleBinding", "kubetune-operator")) \
+            == ["team-a", "team-b"]
         assert chart.find(manifests, "ClusterRole", "kubetune-operator") == []
         cluster_wide = [rule for role in chart.find(manifests, "ClusterRole") for rule in role["rules"]
                         if role["metadata"]["name"] not in ("kubetune-edit", "kubetune-view")]
@@ -282,6 +295,12 @@ class TestWatchScope:
         assert chart.find(manifests, "ClusterRoleBinding") == []
 
 
+SPEC_RULE_DEFAULTS = {"allowedTolerations": [], "allowedNodeSelectors": [], "allowedPriorityClasses": [],
+                      "allowTrustRemoteCode": False, "writableClaims": ["*"], "defaultCpu": "", "defaultMemory": "",
+                      "scratchSizeLimit": "64Gi"}
+"""The spec rules' defaults: nothing beyond what a tenant could do itself."""
+
+
 class TestPlatformPolicy:
     def policy(self, render: Render, values: dict[str, Any] | None = None) -> dict[str, Any]:
         document = yaml.safe_load(chart.policy_document(render(values)))
@@ -289,11 +308,11 @@ class TestPlatformPolicy:
         assert document["kind"] == "PlatformPolicy"
         return dict(document)
 
-    def test_defaults_mean_no_limits(self, render: Render) -> None:
+    def test_defaults_mean_no_quota_and_nothing_a_tenant_could_not_do_itself(self, render: Render) -> None:
         assert self.policy(render) == {
             "apiVersion": "kubetune.io/v1alpha1", "kind": "PlatformPolicy",
             "defaults": {"maxConcurrentJobs": 0, "maxGpusPerJob": 0, "maxTotalGpus": 0,
-                         "allowedModelSources": [], "allowedTrainerImages": []},
+                         "allowedModelSources": [], "allowedTrainerImages": [], **SPEC_RULE_DEFAULTS},
             "namespaces": {}}
 
     def test_a_namespace_entry_is_complete_taking_left_out_keys_from_the_defaults(self, render: Render) -> None:
@@ -305,7 +324,7 @@ class TestPlatformPolicy:
         assert policy["namespaces"]["team-a"] == {
             "maxConcurrentJobs": 0,  # an explicit 0 (no limit) is kept, not replaced by the default 2
             "maxGpusPerJob": 4, "maxTotalGpus": 16,
-            "allowedModelSources": ["hf://org/*", "pvc://*"], "allowedTrainerImages": []}
+            "allowedModelSources": ["hf://org/*", "pvc://*"], "allowedTrainerImages": [], **SPEC_RULE_DEFAULTS}
         assert policy["defaults"]["maxConcurrentJobs"] == 2
 
     def test_the_operator_reads_the_mounted_policy_file(self, render: Render) -> None:
@@ -330,7 +349,8 @@ class TestOptionalFeatures:
     def test_service_monitor_and_dashboard_are_off_by_default(self, render: Render) -> None:
         manifests = render()
         assert chart.find(manifests, "ServiceMonitor") == []
-        assert [c["metadata"]["name"] for c in chart.find(manifests, "ConfigMap")] == ["kubetune-policy"]
+        assert sorted(c["metadata"]["name"] for c in chart.find(manifests, "ConfigMap")) == [
+            "kubetune-admission-params", "kubetune-policy"]
 
     def test_service_monitor_scrapes_metrics_on_the_metrics_port(self, render: Render) -> None:
         manifests = render({"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}})

@@ -99,13 +99,27 @@ def kopf_watches() -> set[Permission]:
     return found
 
 
+OWNER_MODULES = {"builders.py": "finetunejobs", "sweep.py": "finetunesweeps"}
+"""Modules that build children of a FineTuneJob / trial jobs of a FineTuneSweep."""
+
+
+def owner_reference_permissions() -> set[Permission]:
+    """An owner reference with `blockOwnerDeletion: true` needs update on the owner's `finalizers`
+    subresource where the OwnerReferencesPermissionEnforcement admission plugin runs."""
+    found: set[Permission] = set()
+    for module, owner in OWNER_MODULES.items():
+        if re.search(r'"blockOwnerDeletion":\s*True', (OPERATOR / module).read_text()):
+            found.add(("kubetune.io", f"{owner}/finalizers", "update"))
+    return found
+
+
 def granted(rules: list[dict[str, Any]]) -> set[Permission]:
     return {(group, resource, verb) for rule in rules for group in rule["apiGroups"]
             for resource in rule["resources"] for verb in rule["verbs"]}
 
 
 def operator_rules(manifests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    roles = chart.find(manifests, "ClusterRole", "kubetune-operator") or chart.find(manifests, "Role")
+    roles = chart.find(manifests, "ClusterRole", "kubetune-operator") or chart.find(manifests, "Role", "kubetune-operator")
     assert roles, "the chart renders no operator role"
     return list(roles[0]["rules"])
 
@@ -120,14 +134,15 @@ def test_only_client_and_handlers_talk_to_the_api() -> None:
 
 
 def test_the_scan_finds_the_calls_we_know_of() -> None:
-    needed = client_calls() | kopf_watches()
+    needed = client_calls() | kopf_watches() | owner_reference_permissions()
     assert {("kubetune.io", "finetunejobs/status", "patch"), ("batch", "jobs", "create"),
-            ("", "secrets", "get"), ("batch", "jobs", "watch")} <= needed
+            ("", "secrets", "get"), ("batch", "jobs", "watch"),
+            ("kubetune.io", "finetunejobs/finalizers", "update")} <= needed
 
 
 @pytest.mark.parametrize("values", [None, {"watchNamespaces": ["team-a"]}], ids=["cluster-wide", "namespaced"])
 def test_the_operator_role_grants_exactly_what_the_operator_calls(render: Render, values: Any) -> None:
-    needed = client_calls() | kopf_watches()
+    needed = client_calls() | kopf_watches() | owner_reference_permissions()
     rules = granted(operator_rules(render(values)))
     assert sorted(needed - rules) == [], "the operator calls these but the chart does not grant them"
     assert sorted(rules - needed) == [], "the chart grants these but the operator never calls them"

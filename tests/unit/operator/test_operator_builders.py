@@ -35,12 +35,12 @@ SCRATCH_ENV = [
 MOUNTS = [
     {"name": "trainer-config", "mountPath": "/etc/kubetune", "readOnly": True},
     {"name": "scratch", "mountPath": "/tmp"},
-    {"name": "pvc-data", "mountPath": "/mnt/pvc/data"},
+    {"name": "pvc-data", "mountPath": "/mnt/pvc/data", "readOnly": True},
     {"name": "pvc-models", "mountPath": "/mnt/pvc/models"},
 ]
 VOLUMES = [
     {"name": "trainer-config", "configMap": {"name": "demo-config"}},
-    {"name": "scratch", "emptyDir": {}},
+    {"name": "scratch", "emptyDir": {"sizeLimit": "64Gi"}},
     {"name": "pvc-data", "persistentVolumeClaim": {"claimName": "data"}},
     {"name": "pvc-models", "persistentVolumeClaim": {"claimName": "models"}},
 ]

@@ -108,7 +108,7 @@ class TestTheBuiltinRuntime:
                                              {"name": "pvc-models", "mountPath": "/mnt/pvc/models",
                                               "readOnly": True}],
                         }],
-                        "volumes": [{"name": "scratch", "emptyDir": {}},
+                        "volumes": [{"name": "scratch", "emptyDir": {"sizeLimit": "64Gi"}},
                                     {"name": "pvc-models",
                                      "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}],
                         "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],

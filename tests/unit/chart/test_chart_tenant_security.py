@@ -1,0 +1,85 @@
+"""What the chart renders for multi-tenant security: the admission policy's params (the platform
+policy in a form CEL can read), the policy and its binding, and the NetworkPolicies."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+import yaml
+
+from kubetune.dev import chart
+from kubetune.operator import policy
+
+Render = Callable[..., list[dict[str, Any]]]
+
+
+def params(manifests: list[dict[str, Any]]) -> dict[str, str]:
+    (config_map,) = chart.find(manifests, "ConfigMap", "kubetune-admission-params")
+    return dict(config_map["data"])
+
+
+class TestAdmissionPolicy:
+    def test_binds_the_policy_to_its_params_and_denies_without_them(self, render: Render) -> None:
+        manifests = render()
+        (vap,) = chart.find(manifests, "ValidatingAdmissionPolicy")
+        (binding,) = chart.find(manifests, "ValidatingAdmissionPolicyBinding")
+        assert binding["spec"]["policyName"] == vap["metadata"]["name"]
+        assert binding["spec"]["validationActions"] == ["Deny"]
+        assert binding["spec"]["paramRef"] == {"name": "kubetune-admission-params", "namespace": "kubetune-system",
+                                               "parameterNotFoundAction": "Deny"}
+        assert vap["spec"]["paramKind"] == {"apiVersion": "v1", "kind": "ConfigMap"}
+        assert vap["spec"]["failurePolicy"] == "Fail"
+        fields = [re.match(r"'([a-zA-Z.]+)", v["messageExpression"]).group(1)  # type: ignore[union-attr]
+                  for v in vap["spec"]["validations"]]
+        assert fields == ["spec.resources.tolerations", "spec.resources.nodeSelector",
+                          "spec.resources.priorityClassName", "spec.model.trustRemoteCode", "spec.model.source",
+                          "spec.dataset.augmentation.synthetic.model", "spec.output.storage", "spec.serving.image"]
+
+    def test_params_hold_every_scope_complete_with_globs_as_anchored_regexes(self, render: Render) -> None:
+        manifests = render({"policy": {
+            "defaults": {"allowedModelSources": ["pvc://*", "hf://org/*"], "allowedTolerations": ["dedicated"]},
+            "namespaces": {"team-a": {"allowedTrainerImages": ["registry.example/*"], "allowTrustRemoteCode": True}}}})
+        data = params(manifests)
+        assert data["defaults.allowedTolerations"] == ",dedicated,"
+        assert data["ns.team-a.allowedTolerations"] == ",dedicated,"  # taken from defaults
+        assert data["defaults.allowTrustRemoteCode"] == "false" and data["ns.team-a.allowTrustRemoteCode"] == "true"
+        sources = re.compile(data["ns.team-a.allowedModelSources"])
+        assert sources.match("hf://org/model") and sources.match("pvc://models/base")
+        assert not sources.match("hf://other/model") and not sources.match("xpvc://models")
+        images = re.compile(data["ns.team-a.allowedTrainerImages"])
+        assert images.match("registry.example/serve:1") and images.match("ghcr.io/kubetune/trainer:0.1.0")
+        assert not images.match("ghcr.io/kubetune/trainerX0.1.0")  # dots are literal
+        assert not re.compile(data["defaults.allowedTrainerImages"]).match("registry.example/serve:1")
+
+    def test_the_params_and_the_operators_policy_file_say_the_same(self, render: Render) -> None:
+        values = {"policy": {"defaults": {"allowedPriorityClasses": ["batch-low"], "writableClaims": ["models"]},
+                             "namespaces": {"team-a": {"allowedNodeSelectors": ["pool=gpu"]}}}}
+        manifests = render(values)
+        operator_view = policy.policy_from_dict(yaml.safe_load(chart.policy_document(manifests)))
+        data = params(manifests)
+        for scope, limits in (("defaults.", operator_view.defaults), ("ns.team-a.", operator_view.limits_for("team-a"))):
+            assert data[scope + "allowedPriorityClasses"] == "," + ",".join(limits.allowed_priority_classes) + ","
+            assert data[scope + "allowedNodeSelectors"] == "," + ",".join(limits.allowed_node_selectors) + ","
+            assert data[scope + "writableClaims"] == "," + ",".join(limits.writable_claims) + ","
+
+    def test_it_can_be_left_out(self, render: Render) -> None:
+        manifests = render({"admissionPolicy": {"enabled": False}})
+        assert chart.find(manifests, "ValidatingAdmissionPolicy") == []
+        assert chart.find(manifests, "ConfigMap", "kubetune-admission-params") == []
+
+
+class TestNetworkPolicies:
+    def test_the_operator_policy_by_default_and_serving_policies_per_tenant_namespace(self, render: Render) -> None:
+        assert [p["metadata"]["name"] for p in chart.find(render(), "NetworkPolicy")] == ["kubetune-operator"]
+        manifests = render({"watchNamespaces": ["team-a", "team-b"],
+                            "networkPolicies": {"servingFromNamespaces": ["gateway"]}})
+        serving = [p for p in chart.find(manifests, "NetworkPolicy") if p["metadata"]["name"] == "kubetune-serving"]
+        assert sorted(p["metadata"]["namespace"] for p in serving) == ["team-a", "team-b"]
+        assert serving[0]["spec"]["ingress"][0]["from"] == [
+            {"podSelector": {}}, {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "gateway"}}}]
+        listed = render({"networkPolicies": {"namespaces": ["team-c"]}})
+        assert [p["metadata"].get("namespace") for p in chart.find(listed, "NetworkPolicy")
+                if p["metadata"]["name"] == "kubetune-serving"] == ["team-c"]
+        assert chart.find(render({"networkPolicies": {"enabled": False}}), "NetworkPolicy") == []
