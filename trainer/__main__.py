@@ -121,7 +121,8 @@ def _answers(run: Any, prompts: list[Any]) -> list[str]:
 
 
 def baseline_pass(run: Any, prepared: Any) -> dict[str, Any] | None:
-    """The base model on the test split, before the first step: {"results", "answers", "seconds"}.
+    """The base model on the test split, before the first step: {"results", "seconds", "answers",
+    "sampleSeconds"} (`seconds`: the evaluation pass alone; `sampleSeconds`: the base answers).
 
     Same tokenisation, packing, prompts and metrics as the final test evaluation (it is the same
     function on the untrained model; fresh LoRA adapters change nothing, their B matrices are 0).
@@ -139,15 +140,18 @@ def baseline_pass(run: Any, prepared: Any) -> dict[str, Any] | None:
         return None
     started = time.monotonic()
     baseline: dict[str, Any] = {"results": test_metrics(run, prepared) if evaluation.baseline else {}, "answers": None}
+    baseline["seconds"] = round(time.monotonic() - started, 2) if evaluation.baseline else None
     prompts = _sample_prompts(run, prepared)
     if prompts and run.accelerator.is_main_process:
+        started = time.monotonic()
         baseline["answers"] = _answers(run, prompts)
-    baseline["seconds"] = round(time.monotonic() - started, 2)
+        baseline["sampleSeconds"] = round(time.monotonic() - started, 2)
     if run.accelerator.is_main_process:
         from kubetune.trainer import outputs
 
         outputs.write_json(path, baseline)
-    log.info("base model on the test split (%.1f s): %s", baseline["seconds"],
+    log.info("base model on the test split (%s s, sample answers %s s): %s", baseline["seconds"],
+             baseline.get("sampleSeconds"),
              json.dumps({k: v for k, v in baseline["results"].items() if isinstance(v, (int, float))}))
     return baseline
 
@@ -223,6 +227,7 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         "resumedFrom": run.resumed_from,
         "history": {"trainLoss": state.train_losses, "evaluations": state.evaluations},
         "baselineSeconds": (baseline or {}).get("seconds"),
+        "baseSampleSeconds": (baseline or {}).get("sampleSeconds"),
         "samples": sample_answers,
     }
     if run.accelerator.is_main_process:

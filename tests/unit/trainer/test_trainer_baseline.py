@@ -173,6 +173,7 @@ class TestBaselineRuns:
         assert results["improvement"]["f1Gain"] == pytest.approx((results["f1"] - results["baseline"]["f1"]) * 100)
         stored = json.loads((out / "samples.json").read_text())["samples"]
         assert stored == metrics["samples"] and len(stored) == 2
+        assert metrics["baseSampleSeconds"] > 0 and metrics["baselineSeconds"] > 0
         assert all(s["reference"] in ("positive", "negative") and {"base", "tuned"} <= set(s) for s in stored)
         assert "## Sample answers" in (out / "README.md").read_text()
         assert json.loads(termination_log.read_text())["samples"][0]["prompt"] == stored[0]["prompt"]
