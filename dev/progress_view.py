@@ -110,6 +110,9 @@ def comparison_rows(results: dict[str, Any]) -> list[str]:
     return rows
 
 
+EMPTY_ANSWER = "(nothing: the model ended its answer at once)"
+
+
 def samples_view(status: dict[str, Any]) -> str:
     """The sample answers of `status.samples`: each prompt with the base, fine-tuned and reference answers."""
     samples = status.get("samples") or []
@@ -121,6 +124,6 @@ def samples_view(status: dict[str, Any]) -> str:
         lines = [f"[{number}] prompt: {sample.get('prompt', '')}"]
         for key, label in (("base", "base model"), ("tuned", "fine-tuned"), ("reference", "reference")):
             if key in sample:
-                lines.append(f"    {label + ':':<12} {sample[key]}")
+                lines.append(f"    {label + ':':<12} {sample[key] or EMPTY_ANSWER}")
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

@@ -35,6 +35,8 @@ def test_sample_answers_are_printed_prompt_by_prompt() -> None:
                                  "    fine-tuned:  Set spec.suspend: true.",
                                  "    reference:   Set spec.suspend to true."]
     assert "spec.evaluation.samples" in progress_view.samples_view({})
+    empty = progress_view.samples_view({"samples": [{**SAMPLES[0], "base": ""}]})
+    assert "    base model:  (nothing: the model ended its answer at once)" in empty.splitlines()
 
 
 def test_status_takes_a_samples_flag() -> None:
