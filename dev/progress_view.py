@@ -65,7 +65,10 @@ def summary(job: dict[str, Any]) -> str:
     for item in status.get("conditions") or []:
         lines.append(f"  {item.get('type'):<13} {item.get('status'):<6} {item.get('reason', '')}: {item.get('message', '')}")
     results = status.get("results") or {}
-    if results:
+    if isinstance(results.get("baseline"), dict):
+        lines.append("  results on the test split:")
+        lines += ["    " + row for row in comparison_rows(results)]
+    elif results:
         shown = ", ".join(f"{k}={_number(v)}" for k, v in results.items() if isinstance(v, (int, float)))
         lines.append(f"  results: {shown}")
     model = status.get("model") or {}
@@ -74,3 +77,53 @@ def summary(job: dict[str, Any]) -> str:
     if status.get("endpoint"):
         lines.append(f"  endpoint: {status['endpoint']}")
     return "\n".join(lines)
+
+
+COMPARED = ("loss", "perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1")
+"""Test metrics shown side by side for the base and the fine-tuned model, in this order."""
+_CHANGE = {"perplexity": "perplexityDrop", "loss": "lossDrop", "tokenAccuracy": "tokenAccuracyGain",
+           "accuracy": "accuracyGain", "f1": "f1Gain"}
+
+
+def _change(metric: str, improvement: dict[str, Any]) -> str:
+    value = improvement.get(_CHANGE.get(metric, ""))
+    if not isinstance(value, (int, float)):
+        return ""
+    if metric == "perplexity":
+        return f"{abs(value) * 100:.1f}% {'lower' if value >= 0 else 'higher'}"
+    if metric == "loss":
+        return f"{-value:+.4f}"
+    return f"{value:+.1f} points"
+
+
+def comparison_rows(results: dict[str, Any]) -> list[str]:
+    """The base vs fine-tuned table: a header and one row per test metric both models have."""
+    baseline = results.get("baseline") or {}
+    improvement = results.get("improvement") or {}
+    rows = [f"{'metric':<14} {'base model':>12} {'fine-tuned':>12}  change"]
+    for metric in COMPARED:
+        tuned = results.get(metric)
+        if not isinstance(tuned, (int, float)):
+            continue
+        rows.append(f"{metric:<14} {_number(baseline.get(metric)):>12} {_number(tuned):>12}  "
+                    f"{_change(metric, improvement)}".rstrip())
+    return rows
+
+
+EMPTY_ANSWER = "(nothing: the model ended its answer at once)"
+
+
+def samples_view(status: dict[str, Any]) -> str:
+    """The sample answers of `status.samples`: each prompt with the base, fine-tuned and reference answers."""
+    samples = status.get("samples") or []
+    if not samples:
+        return ("no sample answers in status (set spec.evaluation.samples; they are also in samples.json "
+                "in the job's output folder)")
+    blocks = []
+    for number, sample in enumerate(samples, start=1):
+        lines = [f"[{number}] prompt: {sample.get('prompt', '')}"]
+        for key, label in (("base", "base model"), ("tuned", "fine-tuned"), ("reference", "reference")):
+            if key in sample:
+                lines.append(f"    {label + ':':<12} {sample[key] or EMPTY_ANSWER}")
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

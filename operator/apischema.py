@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import re
+import sys
 import textwrap
 import types
 import typing
@@ -274,6 +275,22 @@ def _docstrings(cls: type) -> dict[str, str]:
     return found
 
 
+def _model_classes(model: type) -> list[type]:
+    """The model and the model classes it inherits fields from, most basic first. Python 3.11 keeps
+    no trace of a TypedDict's bases at run time (it is a plain dict): read them from its source."""
+    if typing.is_typeddict(model):
+        (node,) = ast.parse(textwrap.dedent(inspect.getsource(model))).body
+        assert isinstance(node, ast.ClassDef)
+        namespace = vars(sys.modules[model.__module__])
+        found: list[type] = []
+        for base in node.bases:
+            candidate = namespace.get(base.id) if isinstance(base, ast.Name) else None
+            if candidate is not None and typing.is_typeddict(candidate):
+                found += _model_classes(candidate)
+        return found + [model]
+    return [k for k in reversed(model.__mro__) if k is not object and is_model(k) and k.__module__ != "typing"]
+
+
 _FIELDS_CACHE: dict[type, tuple[FieldInfo, ...]] = {}
 
 
@@ -283,9 +300,8 @@ def fields_of(model: type) -> tuple[FieldInfo, ...]:
         return _FIELDS_CACHE[model]
     hints = typing.get_type_hints(model, include_extras=True)
     docs: dict[str, str] = {}
-    for klass in reversed(model.__mro__):
-        if klass is not object and is_model(klass) and klass.__module__ != "typing":
-            docs.update(_docstrings(klass))
+    for klass in _model_classes(model):
+        docs.update(_docstrings(klass))
     result: list[FieldInfo] = []
     if dataclasses.is_dataclass(model):
         for field in dataclasses.fields(model):

@@ -244,6 +244,7 @@ def _update_metrics(observed: reconcile.Observed, decision: reconcile.Decision) 
     running = conditions.is_true(found, conditions.RUNNING)
     gpus = builders.gpu_count(observed.job.get("spec") or {}) if running else 0
     METRICS.observe_gpus(namespace, name, gpus, time.time())
+    METRICS.observe_results(namespace, name, status.get("results"))
     before = list((observed.job.get("status") or {}).get("conditions") or [])
     for outcome in (conditions.SUCCEEDED, conditions.FAILED):
         if conditions.is_true(found, outcome) and not conditions.is_true(before, outcome):

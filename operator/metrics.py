@@ -5,6 +5,10 @@ Series (all prefixed `kubetune_`):
 - `jobs{namespace,state}`: FineTuneJobs by state (Validating, Pending, Running, Suspended, Succeeded, Failed);
 - `job_duration_seconds{namespace,outcome}`: histogram of start-to-completion time of finished jobs;
 - `job_train_loss`, `job_validation_loss`, `job_progress_ratio{namespace,name}`: latest values per job;
+- `job_test_metric{namespace,name,model,metric}`: the test-split results of the fine-tuned model
+  (`model="tuned"`) and of the base model (`model="base"`): loss, perplexity, tokenAccuracy, and
+  accuracy/precision/recall/f1 for classification;
+- `job_improvement{namespace,name,metric}`: tuned against base (`status.results.improvement`);
 - `tokens_processed_total{namespace}`: training tokens seen, summed over jobs;
 - `gpu_seconds_total{namespace}`: GPU-seconds held by running trainer pods (chargeback);
 - `reconcile_errors_total{namespace}`: reconciles that raised;
@@ -25,6 +29,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 16 * 3600, 24 * 3600, 72 * 3600)
 """Fine-tuning runs last minutes to days."""
+
+
+TEST_METRICS = ("loss", "perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1")
+"""The test-split metrics exported per model (base and tuned)."""
 
 
 @dataclasses.dataclass
@@ -57,6 +65,14 @@ class OperatorMetrics:
                                         ["namespace"], registry=self.registry)
         self.reports = Counter("kubetune_progress_reports", "Progress reports by result",
                                ["result", "reason"], registry=self.registry)
+        self.test_metric = Gauge("kubetune_job_test_metric",
+                                 "Test-split metric of a job's fine-tuned (model=tuned) or base (model=base) model",
+                                 ["namespace", "name", "model", "metric"], registry=self.registry)
+        self.improvement = Gauge("kubetune_job_improvement",
+                                 "Fine-tuned against base model on the test split: perplexityDrop (relative), "
+                                 "lossDrop (nats), *Gain (percentage points)",
+                                 ["namespace", "name", "metric"], registry=self.registry)
+        self._result_series: dict[tuple[str, str], set[tuple[str, ...]]] = {}
         self._states: dict[tuple[str, str], str] = {}
         self._tokens_seen: dict[tuple[str, str, int], int] = {}
         self._gpu_clocks: dict[tuple[str, str], _GpuClock] = {}
@@ -93,8 +109,34 @@ class OperatorMetrics:
             except KeyError:
                 pass
         self._gpu_clocks.pop((namespace, name), None)
+        for labels in self._result_series.pop((namespace, name), set()):
+            gauge = self.test_metric if len(labels) == 2 else self.improvement
+            try:
+                gauge.remove(namespace, name, *labels)
+            except KeyError:
+                pass
         for key in [k for k in self._tokens_seen if k[:2] == (namespace, name)]:
             del self._tokens_seen[key]
+
+    # -- test results ------------------------------------------------------------------
+
+    def observe_results(self, namespace: str, name: str, results: object) -> None:
+        """Export `status.results`: the tuned model's test metrics, the baseline's, the improvement."""
+        if not isinstance(results, dict):
+            return
+        series = self._result_series.setdefault((namespace, name), set())
+        baseline = results.get("baseline")
+        for model, values in (("tuned", results), ("base", baseline if isinstance(baseline, dict) else {})):
+            for metric in TEST_METRICS:
+                value = values.get(metric)
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.test_metric.labels(namespace, name, model, metric).set(float(value))
+                    series.add((model, metric))
+        improvement = results.get("improvement")
+        for metric, value in (improvement.items() if isinstance(improvement, dict) else ()):
+            if isinstance(metric, str) and isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.improvement.labels(namespace, name, metric).set(float(value))
+                series.add((metric,))
 
     # -- GPU time ------------------------------------------------------------------
 
@@ -123,6 +165,7 @@ class OperatorMetrics:
             self.progress.labels(namespace, name).set(min(1.0, step / total))
         if values.get("kind") == "completed":
             self.progress.labels(namespace, name).set(1.0)
+            self.observe_results(namespace, name, values.get("results"))
         tokens = values.get("tokensSeen")
         if isinstance(tokens, int):
             # tokensSeen is cumulative within an attempt (a resumed attempt continues the count);

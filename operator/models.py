@@ -480,6 +480,15 @@ class EvaluationSpec:
     where they are always computed too."""
     max_test_examples: Annotated[int, Minimum(0), Maximum(100_000_000)] = 0
     """Evaluate at most this many test examples; 0 means all."""
+    baseline: bool = True
+    """Also evaluate the base model on the same test split before training (same tokenisation,
+    prompt formatting and metrics) and report it in `status.results.baseline`, with
+    `status.results.improvement`, so every job answers "did fine-tuning help?". Costs one
+    evaluation pass; false skips it."""
+    samples: Annotated[int, Minimum(0), Maximum(20)] = 0
+    """Answer this many test prompts with the base model (before training) and the tuned model
+    (after), greedy and at most 64 tokens each; they go to `samples.json` in the output folder,
+    `status.samples` and an Event. 0 means none."""
 
 
 # --- spec.resources -----------------------------------------------------------------------------
@@ -745,8 +754,8 @@ class ConfusionMatrix(TypedDict, total=False):
     """matrix[true][generated]: how many test examples of label `true` got label `generated`."""
 
 
-class EvaluationResults(TypedDict, total=False):
-    """Metrics on the test split, after training. The trainer may report further metrics; they are kept."""
+class TestMetrics(TypedDict, total=False):
+    """Metrics of one model on the test split."""
 
     loss: float
     """Mean token loss on the test completions/text."""
@@ -768,6 +777,45 @@ class EvaluationResults(TypedDict, total=False):
     """Classification: metrics per label."""
     confusionMatrix: ConfusionMatrix
     """Classification: counts of true label (row) against generated label (column)."""
+
+
+class Improvement(TypedDict, total=False):
+    """How much better the fine-tuned model did than the base model on the same test split; 0 means
+    fine-tuning did not help, negative that it hurt."""
+
+    perplexityDrop: float
+    """Relative perplexity drop, (base - tuned) / base: 0.3 means 30% lower."""
+    lossDrop: float
+    """Test loss of the base model minus that of the tuned one, nats per token."""
+    tokenAccuracyGain: float
+    """Token accuracy gain, percentage points."""
+    accuracyGain: float
+    """Classification: accuracy gain, percentage points."""
+    f1Gain: float
+    """Classification: macro F1 gain, percentage points."""
+
+
+class EvaluationResults(TestMetrics, total=False):
+    """Metrics on the test split, after training. The trainer may report further metrics; they are kept."""
+
+    baseline: Annotated[TestMetrics, PreserveUnknownFields()]
+    """The base model's metrics on the same test split, measured before training
+    (`spec.evaluation.baseline`)."""
+    improvement: Improvement
+    """Tuned against base: relative perplexity drop, accuracy and F1 gains in points."""
+
+
+class SampleAnswer(TypedDict, total=False):
+    """One test prompt answered by the base model and by the fine-tuned one."""
+
+    prompt: Annotated[str, MaxLength(1000)]
+    """The test prompt (the user's message, the prompt, the classified text or a text's start)."""
+    reference: Annotated[str, MaxLength(1000)]
+    """The test split's own answer."""
+    base: Annotated[str, MaxLength(1000)]
+    """The base model's greedy answer, before training."""
+    tuned: Annotated[str, MaxLength(1000)]
+    """The fine-tuned model's greedy answer."""
 
 
 class ModelArtifact(TypedDict, total=False):
@@ -859,6 +907,8 @@ class FineTuneJobStatus(TypedDict, total=False):
     """The hyperparameters in effect, `auto` values resolved by the trainer."""
     estimate: ResourceEstimate
     """Memory, tokens, GPUs and ETA estimated before training starts."""
+    samples: Annotated[list[SampleAnswer], MaxItems(20), ListType("atomic")]
+    """Test prompts with the base and the fine-tuned model's answers (`spec.evaluation.samples`)."""
 
 
 def status_from_dict(data: Any, path: str = "status") -> FineTuneJobStatus:

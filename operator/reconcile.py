@@ -581,9 +581,25 @@ def _succeed(draft: _Draft, rendered: render.RenderedConfig, tjob: Body) -> None
     message = f"model written to {model['uri']}"
     if summary.get("message"):
         message += f": {summary['message']}"
+    if not conditions.is_true(draft.before, conditions.SUCCEEDED):
+        # Once, when the job succeeds: the first sample answer, from the full report's samples or
+        # else the termination summary's excerpt (status.samples itself comes from the report only).
+        samples = reports.sample_answers(draft.status.get("samples")) or reports.sample_answers(summary.get("samples"))
+        if samples:
+            draft.extra_events.append(Event("Normal", "SampleAnswers", sample_excerpt(samples)))
     draft.finish(True, conditions.TRAINING_COMPLETE, message[:1024],
                  (tjob.get("status") or {}).get("completionTime"))
     _set_suspended(draft, holding_pods=False)
+
+
+def sample_excerpt(samples: list[Body], limit: int = 1024) -> str:
+    """`Q: … | base: … | tuned: …` for the first sample answer, at most `limit` characters."""
+    first = samples[0]
+    parts = [f"{label}: {' '.join(str(first[key]).split())}"
+             for key, label in (("prompt", "Q"), ("base", "base"), ("tuned", "tuned")) if key in first]
+    head = f"sample 1 of {len(samples)}: " if len(samples) > 1 else ""
+    text = head + " | ".join(parts)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 _FAILURE_REASONS = {

@@ -25,9 +25,10 @@ import hmac
 import json
 import math
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any, TypedDict
 
 from kubetune.operator import apischema, models, render
+from kubetune.operator.apischema import MaxItems, PreserveUnknownFields
 
 Body = dict[str, Any]
 
@@ -41,6 +42,9 @@ MAX_RESULTS = 64
 MAX_REPORT_DEPTH = 16
 """Deepest nesting of objects and arrays a report may have (real reports nest 3 deep), so nothing that
 handles a report later can run out of recursion."""
+STRUCTURED_RESULTS = ("perClass", "confusionMatrix", "baseline", "improvement")
+"""Keys of `results` whose values are objects (checked against `status.results`' schema); every
+other key is a metric name with a number."""
 RESOLVED_FIELDS = tuple(models.ResolvedHyperparameters.__annotations__)
 """Keys of `resolved` (the trainer's resolved hyperparameters) that reach `status.resolved`."""
 
@@ -193,10 +197,9 @@ def _optional_part_problems(body: Body) -> list[str]:
     if checkpoint is not None and (not isinstance(checkpoint, dict) or not _is_count(checkpoint.get("step"))
                                    or not isinstance(checkpoint.get("path", ""), str)):
         problems.append("checkpoint: must be an object with an integer step and a string path")
-    results = body.get("results")
-    if results is not None and (not isinstance(results, dict) or len(results) > MAX_RESULTS
-                                or not all(isinstance(k, str) and _is_number(v) for k, v in results.items())):
-        problems.append(f"results: must be an object of at most {MAX_RESULTS} metric names to numbers")
+    problems.extend(_results_problems(body.get("results")))
+    if body.get("samples") is not None:
+        problems.extend(_schema_problems("samples", body["samples"]))
     model = body.get("model")
     if model is not None and (not isinstance(model, dict)
                               or not all(isinstance(model.get(k, ""), str) for k in ("uri", "digest"))):
@@ -215,6 +218,44 @@ def _optional_part_problems(body: Body) -> list[str]:
     return problems
 
 
+class _StatusParts(TypedDict, total=False):
+    """Parts of a report that reach status as they are, typed as there."""
+
+    results: Annotated[models.EvaluationResults, PreserveUnknownFields()]
+    """Test metrics (`status.results`)."""
+    samples: Annotated[list[models.SampleAnswer], MaxItems(20)]
+    """Test prompts with the base and the tuned model's answers (`status.samples`)."""
+
+
+def _schema_problems(key: str, value: Any) -> list[str]:
+    """What in `value` does not fit `status.<key>`'s schema, by field path."""
+    try:
+        apischema.parse(_StatusParts, {key: value}, "")
+    except apischema.ModelError as error:
+        return [problem.removeprefix(".") for problem in error.problems]
+    return []
+
+
+def _results_problems(results: Any) -> list[str]:
+    """`results`: metric names to numbers, plus the structured fields of the status schema (per-class
+    metrics, confusion matrix, `baseline`, `improvement`), each checked against it."""
+    if results is None:
+        return []
+    message = (f"results: must be an object of at most {MAX_RESULTS} metric names to numbers "
+               f"(and {', '.join(STRUCTURED_RESULTS)} as in status.results)")
+    if not isinstance(results, dict) or len(results) > MAX_RESULTS:
+        return [message]
+    if not all(isinstance(k, str) and (_is_number(v) or k in STRUCTURED_RESULTS) for k, v in results.items()):
+        return [message]
+    problems = _schema_problems("results", results)
+    if problems:
+        return problems
+    baseline = results.get("baseline")
+    if isinstance(baseline, dict) and not all(_is_number(v) or k in STRUCTURED_RESULTS for k, v in baseline.items()):
+        return ["results.baseline: must be an object of metric names to numbers, like results"]
+    return []
+
+
 def _known_resolved(value: Body) -> Body:
     # A newer trainer may resolve more fields; those are dropped rather than failing the report.
     return {k: v for k, v in value.items() if k in RESOLVED_FIELDS}
@@ -229,6 +270,13 @@ def resolved_hyperparameters(value: Any) -> Body:
         return dict(apischema.parse(models.ResolvedHyperparameters, _known_resolved(value), "resolved"))
     except apischema.ModelError:
         return {}
+
+
+def sample_answers(value: Any) -> list[Body]:
+    """`value` when it is a list of sample answers that fits `status.samples`, else []."""
+    if not isinstance(value, list) or not value or _schema_problems("samples", value):
+        return []
+    return [dict(item) for item in value]
 
 
 def _is_count(value: Any) -> bool:
@@ -360,7 +408,7 @@ def _pick(body: Body, fields: tuple[str, ...]) -> Body:
 
 def merge_report(status: Body, report: Report, *, recent_checkpoints: int) -> Body:
     """The status fields a report changes: `progress`, `metrics`, `checkpoints`, `results`, `model`,
-    `resolved`.
+    `resolved`, `samples`.
 
     `status` holds these fields as last known (from earlier reports or the
     object); the result is a new dict of the same fields, ready to merge-patch.
@@ -393,6 +441,8 @@ def merge_report(status: Body, report: Report, *, recent_checkpoints: int) -> Bo
     patch: Body = {"progress": progress, "metrics": metrics, "checkpoints": checkpoints}
     if isinstance(body.get("results"), dict):
         patch["results"] = dict(body["results"])
+    if isinstance(body.get("samples"), list):
+        patch["samples"] = list(body["samples"])
     if isinstance(body.get("model"), dict):
         model = {k: v for k, v in body["model"].items() if k in ("uri", "digest") and v}
         if "uri" in model:  # the trainer names the folder as its pod sees it; status names the storage

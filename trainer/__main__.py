@@ -100,6 +100,86 @@ def test_metrics(run: Any, prepared: Any) -> dict[str, Any]:
     return results
 
 
+BASELINE_FILE = "baseline.json"
+"""In `output.dir`: the base model's test results and sample answers, measured before the first step."""
+
+
+def _sample_prompts(run: Any, prepared: Any) -> list[Any]:
+    from kubetune.trainer import samples
+
+    count = run.config.evaluation.samples
+    return samples.sample_prompts(prepared.splits.test, run.tokenizer, count) if count else []
+
+
+def _answers(run: Any, prompts: list[Any]) -> list[str]:
+    from kubetune.trainer import modeling, samples
+
+    model = run.accelerator.unwrap_model(run.model)
+    return samples.generate_answers(model, run.tokenizer, prompts, max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS,
+                                    context_length=modeling.context_length(model.config, run.tokenizer),
+                                    device=run.accelerator.device)
+
+
+def baseline_pass(run: Any, prepared: Any) -> dict[str, Any] | None:
+    """The base model on the test split, before the first step: {"results", "seconds", "answers",
+    "sampleSeconds"} (`seconds`: the evaluation pass alone; `sampleSeconds`: the base answers).
+
+    Same tokenisation, packing, prompts and metrics as the final test evaluation (it is the same
+    function on the untrained model; fresh LoRA adapters change nothing, their B matrices are 0).
+    Written to `baseline.json`, so a resumed attempt, whose model is already partly trained,
+    reuses it instead of measuring the wrong model.
+    """
+    evaluation = run.config.evaluation
+    if not evaluation.baseline and not evaluation.samples:
+        return None
+    path = Path(run.config.output.dir) / BASELINE_FILE
+    if run.resumed_from:
+        if path.is_file():
+            return dict(json.loads(path.read_text()))
+        log.warning("no baseline: resumed from %s, and no %s was written before it", run.resumed_from, path)
+        return None
+    started = time.monotonic()
+    baseline: dict[str, Any] = {"results": test_metrics(run, prepared) if evaluation.baseline else {}, "answers": None}
+    baseline["seconds"] = round(time.monotonic() - started, 2) if evaluation.baseline else None
+    prompts = _sample_prompts(run, prepared)
+    if prompts and run.accelerator.is_main_process:
+        started = time.monotonic()
+        baseline["answers"] = _answers(run, prompts)
+        baseline["sampleSeconds"] = round(time.monotonic() - started, 2)
+    if run.accelerator.is_main_process:
+        from kubetune.trainer import outputs
+
+        outputs.write_json(path, baseline)
+    log.info("base model on the test split (%s s, sample answers %s s): %s", baseline["seconds"],
+             baseline.get("sampleSeconds"),
+             json.dumps({k: v for k, v in baseline["results"].items() if isinstance(v, (int, float))}))
+    return baseline
+
+
+def compare_with_baseline(results: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
+    """`results` plus `baseline` (the base model's results) and `improvement` when there is a baseline."""
+    from kubetune.trainer import evaluate
+
+    base = (baseline or {}).get("results") or {}
+    if not base or not results:
+        return results
+    return results | {"baseline": base, "improvement": evaluate.improvement(base, results)}
+
+
+def comparison_text(results: dict[str, Any]) -> str:
+    """`test perplexity 12.3 vs 45.6 for the base model (73% lower)`, or "" without a baseline."""
+    base, tuned = (results.get("baseline") or {}).get("perplexity"), results.get("perplexity")
+    drop = (results.get("improvement") or {}).get("perplexityDrop")
+    if not isinstance(base, (int, float)) or not isinstance(tuned, (int, float)) or not isinstance(drop, (int, float)):
+        return ""
+    direction = "lower" if drop >= 0 else "higher"
+    text = f"test perplexity {tuned:.4g} vs {base:.4g} for the base model ({abs(drop) * 100:.1f}% {direction})"
+    f1_gain = (results.get("improvement") or {}).get("f1Gain")
+    if isinstance(f1_gain, (int, float)):
+        text += f", F1 {f1_gain:+.1f} points"
+    return text
+
+
 def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> dict[str, Any]:
     """The whole run; returns the final metrics (also written to metrics.json)."""
     from kubetune.trainer import outputs, train
@@ -114,9 +194,16 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         "training %s (%d parameters, %d trainable) for %d steps, hyperparameters %s",
         config.model.source, run.num_parameters, run.trainable_parameters, run.total_steps, json.dumps(run.hp.to_report()),
     )
+    baseline = baseline_pass(run, prepared)
     state = train.fit(run, reporter)
     model_step = train.restore_best(run)
-    results = test_metrics(run, prepared)
+    results = compare_with_baseline(test_metrics(run, prepared), baseline)
+    sample_answers: list[dict[str, str]] = []
+    prompts = _sample_prompts(run, prepared)
+    if prompts and run.accelerator.is_main_process:
+        from kubetune.trainer import samples
+
+        sample_answers = samples.records(prompts, (baseline or {}).get("answers"), _answers(run, prompts))
     final_eval = next((e for e in reversed(state.evaluations) if e["step"] == model_step), {})
     initial_eval = next((e for e in state.evaluations if e["step"] == 0), {})
     metrics: dict[str, Any] = {
@@ -139,6 +226,9 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         "device": f"{run.accelerator.num_processes}x {run.device_kind}",
         "resumedFrom": run.resumed_from,
         "history": {"trainLoss": state.train_losses, "evaluations": state.evaluations},
+        "baselineSeconds": (baseline or {}).get("seconds"),
+        "baseSampleSeconds": (baseline or {}).get("sampleSeconds"),
+        "samples": sample_answers,
     }
     if run.accelerator.is_main_process:
         from kubetune.trainer import modeling
@@ -156,6 +246,7 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         valPerplexity=metrics["valPerplexity"],
         tokensSeen=state.tokens_seen,
         results=results,
+        samples=sample_answers or None,
         model=metrics.get("model"),
     )
     return metrics
@@ -210,7 +301,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             val_loss=metrics["valLoss"],
             results=metrics["results"],
             model_digest=(metrics.get("model") or {}).get("digest"),
-            message=f"trained {metrics['step']} steps",
+            message="; ".join(filter(None, (f"trained {metrics['step']} steps", comparison_text(metrics["results"])))),
+            samples=metrics.get("samples"),
         )
     )
     return cfg.EXIT_OK

@@ -69,6 +69,10 @@ data get synthetic examples only: an edited prompt could ask a different questio
 completion answers."""
 SYNTHETIC_TEMPLATE_PLACEHOLDERS: Final = ("text", "prompt", "label")
 """`{text}`/`{prompt}`: the seed example's input side; `{label}`: its label (classification only)."""
+MAX_SAMPLES: Final = 20
+"""Most sample answers (`evaluation.samples`) a run writes: each costs two greedy generations."""
+SAMPLE_MAX_NEW_TOKENS: Final = 64
+"""Longest sample answer, in tokens: enough to see what a model says, bounded so it costs seconds."""
 
 
 class ConfigError(ValueError):
@@ -116,6 +120,10 @@ def _multiplier(value: Any) -> str | None:
 
 def _not_empty_list(value: Any) -> str | None:
     return None if value else "must name at least one operation"
+
+
+def _sample_count(value: Any) -> str | None:
+    return None if 0 <= value <= MAX_SAMPLES else f"must be from 0 to {MAX_SAMPLES}"
 
 
 def _field(default: Any = dataclasses.MISSING, *, check: Check | None = None, factory: Any = None) -> Any:
@@ -362,6 +370,13 @@ class EvaluationConfig:
     accuracy/precision/recall/f1 always for classification."""
     max_test_examples: int = _field(0, check=_non_negative)
     """Cap on test examples evaluated; 0 means all."""
+    baseline: bool = True
+    """Also evaluate the base model on the same test split before training (same tokenisation,
+    prompt formatting and metrics), so the results say whether fine-tuning helped. Costs one
+    evaluation pass; false skips it."""
+    samples: int = _field(0, check=_sample_count)
+    """Test prompts answered by the base model (before training) and the tuned model (after),
+    greedy and at most `SAMPLE_MAX_NEW_TOKENS` tokens each, written to `samples.json`; 0 means none."""
 
 
 @dataclasses.dataclass

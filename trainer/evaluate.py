@@ -149,3 +149,29 @@ def classification_metrics(truth: Sequence[str], predicted: Sequence[str], label
         "perClass": per_class,
         "confusionMatrix": {"labels": list(labels), "matrix": matrix},
     }
+
+
+def improvement(baseline: dict[str, Any], tuned: dict[str, Any]) -> dict[str, float]:
+    """How much better the tuned model did than the base model on the same test split.
+
+    `perplexityDrop` is relative, (base - tuned) / base: 0.3 means a 30% lower perplexity, 0 no
+    change, negative worse. `lossDrop` is in nats per token. Accuracies and F1 gain in percentage
+    points (tuned - base) * 100, so 0 says "it did not help" for every figure.
+    """
+    found: dict[str, float] = {}
+
+    def number(results: dict[str, Any], key: str) -> float | None:
+        value = results.get(key)
+        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) else None
+
+    base_ppl, tuned_ppl = number(baseline, "perplexity"), number(tuned, "perplexity")
+    if base_ppl and tuned_ppl is not None:
+        found["perplexityDrop"] = (base_ppl - tuned_ppl) / base_ppl
+    base_loss, tuned_loss = number(baseline, "loss"), number(tuned, "loss")
+    if base_loss is not None and tuned_loss is not None:
+        found["lossDrop"] = base_loss - tuned_loss
+    for key, name in (("tokenAccuracy", "tokenAccuracyGain"), ("accuracy", "accuracyGain"), ("f1", "f1Gain")):
+        before, after = number(baseline, key), number(tuned, key)
+        if before is not None and after is not None:
+            found[name] = (after - before) * 100.0
+    return found

@@ -3,6 +3,8 @@
     model/            save_pretrained folder (safetensors + tokenizer); with LoRA + merge, the merged model
     adapter/          peft adapter + tokenizer, when LoRA adapters are saved separately (merge: false)
     metrics.json      final metrics, resolved hyperparameters, data statistics, digest
+    baseline.json     the base model's test results and sample answers, measured before training
+    samples.json      sample test prompts with the base and the fine-tuned model's answers
     README.md         model card
     loss_curve.png    training and validation loss by step
 """
@@ -120,16 +122,53 @@ def model_card(config: TrainerConfig, metrics: dict[str, Any]) -> str:
         "",
         f"- validation loss: {_format(metrics.get('initialValLoss'))} before, {_format(metrics.get('valLoss'))} after",
     ]
-    for key, value in (metrics.get("results") or {}).items():
-        if isinstance(value, (int, float)):
-            lines.append(f"- test {key}: {_format(value)}")
+    results = metrics.get("results") or {}
+    if isinstance(results.get("baseline"), dict):
+        lines += ["", *comparison_table(results)]
+    else:
+        for key, value in results.items():
+            if isinstance(value, (int, float)):
+                lines.append(f"- test {key}: {_format(value)}")
     lines += ["", "![loss curve](loss_curve.png)", ""]
+    if metrics.get("samples"):
+        lines += ["## Sample answers", "", "Greedy answers to test prompts, before and after fine-tuning.", ""]
+        for sample in metrics["samples"]:
+            lines += [f"**Prompt:** {sample['prompt']}", ""]
+            if "base" in sample:
+                lines += [f"- base model: {sample['base']}"]
+            lines += [f"- fine-tuned: {sample['tuned']}", f"- reference: {sample['reference']}", ""]
     return "\n".join(lines)
+
+
+COMPARED_METRICS = ("loss", "perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1")
+"""Test metrics the model card and `kubetune status` put side by side, in this order."""
+
+
+def comparison_table(results: dict[str, Any]) -> list[str]:
+    """Markdown table: each test metric for the base model and the fine-tuned one, and the change."""
+    baseline = results.get("baseline") or {}
+    change = results.get("improvement") or {}
+    notes = {"perplexity": ("perplexityDrop", lambda v: f"{v * 100:.1f}% lower" if v >= 0 else f"{-v * 100:.1f}% higher"),
+             "loss": ("lossDrop", lambda v: f"{-v:+.4g}"),
+             "tokenAccuracy": ("tokenAccuracyGain", lambda v: f"{v:+.1f} points"),
+             "accuracy": ("accuracyGain", lambda v: f"{v:+.1f} points"),
+             "f1": ("f1Gain", lambda v: f"{v:+.1f} points")}
+    lines = ["| test metric | base model | fine-tuned | change |", "| --- | --- | --- | --- |"]
+    for key in COMPARED_METRICS:
+        if not isinstance(results.get(key), (int, float)):
+            continue
+        name, describe = notes.get(key, ("", str))
+        delta = change.get(name)
+        lines.append(f"| {key} | {_format(baseline.get(key, '-'))} | {_format(results[key])} | "
+                     f"{describe(delta) if isinstance(delta, (int, float)) else ''} |")
+    return lines
 
 
 def write_outputs(config: TrainerConfig, metrics: dict[str, Any], train_losses: list[list[float]], evaluations: list[dict[str, Any]]) -> None:
     output = Path(config.output.dir)
     metrics = metrics | {"config": config_to_dict(config)}
     write_json(output / "metrics.json", metrics)
+    if metrics.get("samples"):
+        write_json(output / "samples.json", {"samples": metrics["samples"]})
     (output / "README.md").write_text(model_card(config, metrics), encoding="utf-8")
     plot_loss_curve(train_losses, evaluations, output / "loss_curve.png")

@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -153,8 +153,13 @@ def termination_summary(
     results: Mapping[str, Any] | None = None,
     model_digest: str | None = None,
     message: str = "",
+    samples: Sequence[Mapping[str, str]] | None = None,
 ) -> str:
-    """The pod's termination message: short JSON, under 4 KiB (per-class details dropped first)."""
+    """The pod's termination message: short JSON, under 4 KiB.
+
+    When it would be longer, per-class details go first (the baseline's, then the run's own), then
+    the sample excerpt, then the message is cut; the headline figures of both models always stay.
+    """
     summary: dict[str, Any] = {
         "outcome": outcome,
         "step": step,
@@ -163,14 +168,33 @@ def termination_summary(
         "modelDigest": model_digest,
         "message": message,
     }
+    if samples:
+        # One sample, each text cut short: enough for the operator's Event when the report was lost.
+        summary["samples"] = [{k: _excerpt(v) for k, v in samples[0].items()}]
     text = json.dumps(summary)
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and isinstance(summary["results"].get("baseline"), dict):
+        summary["results"]["baseline"] = _scalars(summary["results"]["baseline"])
+        text = json.dumps(summary)
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
-        summary["results"] = {k: v for k, v in summary["results"].items() if isinstance(v, (int, float, str))}
+        kept = {k: v for k, v in summary["results"].items() if k in ("baseline", "improvement") and isinstance(v, dict)}
+        summary["results"] = _scalars(summary["results"]) | kept
+        text = json.dumps(summary)
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT and "samples" in summary:
+        del summary["samples"]
         text = json.dumps(summary)
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
         summary["message"] = message[:1000]
         text = json.dumps(summary)
     return text
+
+
+def _scalars(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if isinstance(v, (int, float, str))}
+
+
+def _excerpt(text: str, limit: int = 160) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
 def validation_summary(statistics: Mapping[str, Any], sizing: Mapping[str, Any] | None) -> str:

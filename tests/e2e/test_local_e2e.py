@@ -62,6 +62,24 @@ class TestHappyPath:
         model_dir = stack.claim_path(namespace, "models") / "finetunes" / name
         metrics = json.loads((model_dir / "metrics.json").read_text())
         assert metrics["results"]["perplexity"] == pytest.approx(status["results"]["perplexity"], rel=1e-6)
+        # Did it help? The base model on the same test split, measured in the trainer pod before training,
+        # reached status through the operator; the demo trains, so the tuned model must be better.
+        baseline = status["results"]["baseline"]
+        assert baseline["perplexity"] == pytest.approx(metrics["results"]["baseline"]["perplexity"], rel=1e-6)
+        assert baseline["examples"] == status["results"]["examples"] > 0
+        assert status["results"]["improvement"]["perplexityDrop"] > 0
+        assert "for the base model" in progress_view.condition(status, "Succeeded")["message"]
+        assert len(status["samples"]) == 3 == len(json.loads((model_dir / "samples.json").read_text())["samples"])
+        assert all({"prompt", "reference", "base", "tuned"} <= set(sample) for sample in status["samples"])
+        events = stack.plane.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                     f"involvedObject.name={name},reason=SampleAnswers", "-o", "json").stdout
+        (event,) = json.loads(events)["items"]
+        assert event["message"].startswith(f"sample 1 of 3: Q: {status['samples'][0]['prompt']}")
+        with urllib.request.urlopen(f"{stack.operator_url}/metrics", timeout=10) as response:
+            exported = response.read().decode()
+        for model_label in ("base", "tuned"):
+            assert (f'kubetune_job_test_metric{{metric="perplexity",model="{model_label}",name="{name}",'
+                    f'namespace="{namespace}"}}') in exported
 
         local_stack.wait_until(lambda: progress_view.is_true(job_status(stack, name, namespace), "ServingReady"),
                                240, "ServingReady")
