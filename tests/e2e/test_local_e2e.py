@@ -75,7 +75,7 @@ class TestHappyPath:
                                      f"involvedObject.name={name},reason=SampleAnswers", "-o", "json").stdout
         (event,) = json.loads(events)["items"]
         assert event["message"].startswith(f"sample 1 of 3: Q: {status['samples'][0]['prompt']}")
-        with urllib.request.urlopen(f"{stack.operator_url}/metrics", timeout=10) as response:
+        with urllib.request.urlopen(f"{stack.metrics_url}/metrics", timeout=10) as response:
             exported = response.read().decode()
         for model_label in ("base", "tuned"):
             assert (f'kubetune_job_test_metric{{metric="perplexity",model="{model_label}",name="{name}",'
