@@ -397,6 +397,20 @@ SERVING_STARTUP_SECONDS = 1800
 """How long a serving container may take to load its model before liveness checks begin."""
 
 
+VLLM_BASE_SUFFIX = "-base"
+"""vLLM serving an adapter also serves its base, under the job's name plus this suffix."""
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM's `--max-lora-rank` accepts."""
+
+
+def vllm_max_lora_rank(job: Body) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `spec.method.lora.rank` (default 8)."""
+    lora = ((job.get("spec") or {}).get("method") or {}).get("lora") or {}
+    rank = lora.get("rank", 8) if isinstance(lora, dict) else 8
+    rank = rank if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 else 8
+    return next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), VLLM_LORA_RANKS[-1])
+
+
 def serving_spec(job: Body) -> Body:
     """`spec.serving`, or {} when absent."""
     serving = (job.get("spec") or {}).get("serving")
@@ -471,8 +485,14 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
                        "imagePullPolicy": settings.image_pull_policy}
     if runtime == RUNTIME_VLLM:
         # The image's entrypoint is the vLLM OpenAI server; only its arguments are ours.
-        args = ["--model", model.path, "--served-model-name", job_name, "--host", "0.0.0.0",
-                "--port", str(SERVING_PORT)]
+        if model.base_path is None:
+            args = ["--model", model.path, "--served-model-name", job_name]
+        else:
+            # An unmerged adapter: vLLM serves the base and applies the adapter per request by model name.
+            args = ["--model", model.base_path, "--served-model-name", f"{job_name}{VLLM_BASE_SUFFIX}",
+                    "--enable-lora", "--lora-modules", f"{job_name}={model.path}",
+                    "--max-lora-rank", str(vllm_max_lora_rank(job))]
+        args += ["--host", "0.0.0.0", "--port", str(SERVING_PORT)]
         gpus = serving_gpu_count(job)
         if gpus > 1:
             args += ["--tensor-parallel-size", str(gpus)]
