@@ -13,13 +13,15 @@ The port opens first and the model loads in a background thread, so Kubernetes
 sees a live process whose readiness flips when it can serve. Until then the
 generation endpoints answer 503.
 
-Concurrency: generation runs on one worker thread (never on the event loop),
-one request at a time; the others wait in that thread pool's FIFO queue.
+Concurrency: generation runs on one thread (never on the event loop) that
+decodes concurrent requests together in batches of up to `--max-batch-size`
+(`serve_batch.py`); each request keeps its own sampling settings and seed.
 `--max-concurrency` bounds how many generation requests are admitted at once
 (generating + waiting); more get 429, which the `openai` client retries.
-HF `generate` has no continuous batching, so serialising costs little
-throughput, keeps memory bounded and seeded sampling reproducible; use the
-`vllm` runtime for high-throughput serving.
+
+Admission before work: the body size is checked from Content-Length before it
+is read, and parsing the JSON and tokenising the prompt run on a small thread
+pool, not on the event loop, so a 4 MiB prompt never delays `/healthz`.
 
 Errors: every refused request gets an OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status (503 while
@@ -45,17 +47,19 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from kubetune.trainer import serve_protocol as protocol
+from kubetune.trainer.serve_batch import BatchScheduler
 from kubetune.trainer.serve_engine import (
     ChatTemplateMissing,
     DType,
     Device,
     Engine,
     GenerationParams,
+    GenerationRequest,
     GenerationResult,
     ModelSource,
     ModelSourceError,
@@ -71,6 +75,10 @@ EXIT_BAD_ARGUMENTS = 2
 """`--model` (or another option) cannot work; nothing was served."""
 EXIT_LOAD_FAILED = 1
 """The model files were found but loading them failed."""
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body accepted (413 beyond it)."""
+
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,8 +95,12 @@ class ServeSettings:
     """TCP port; 0 picks a free one (printed on stdout)."""
     max_tokens_limit: int = 512
     """Largest `max_tokens` a request may ask for; bounds the time one request holds the model."""
-    max_concurrency: int = 16
-    """Generation requests admitted at once (one generates, the rest queue); more get 429."""
+    max_concurrency: int = 64
+    """Generation requests admitted at once (generating or queued); more get 429."""
+    max_batch_size: int = 16
+    """Most requests decoded together in one batch; more wait for the next batch."""
+    batch_window_ms: float = 10.0
+    """How long an idle model waits for more requests to start a batch with (milliseconds)."""
     device: Device = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
     dtype: DType = "auto"
@@ -109,6 +121,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
     parser.add_argument("--port", type=int, default=defaults.port, help="0 = pick a free port")
     parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit)
     parser.add_argument("--max-concurrency", type=int, default=defaults.max_concurrency)
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                        help="most requests decoded together")
+    parser.add_argument("--batch-window-ms", type=float, default=defaults.batch_window_ms,
+                        help="how long an idle model waits for companions before starting a batch")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=defaults.dtype)
     parser.add_argument("--chat-template", default=None, help="file with a Jinja chat template to use instead of the tokenizer's")
@@ -118,6 +134,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
         parser.error(f"--max-tokens-limit: must be >= 1, got {args.max_tokens_limit}")
     if args.max_concurrency < 1:
         parser.error(f"--max-concurrency: must be >= 1, got {args.max_concurrency}")
+    if args.max_batch_size < 1:
+        parser.error(f"--max-batch-size: must be >= 1, got {args.max_batch_size}")
+    if not 0 <= args.batch_window_ms <= 1000:
+        parser.error(f"--batch-window-ms: must be from 0 to 1000, got {args.batch_window_ms}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port: must be from 0 to 65535, got {args.port}")
     return ServeSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServeSettings)})
@@ -147,8 +167,10 @@ class ModelServer:
         """Set on SIGTERM: /readyz turns 503 so no new traffic is routed here."""
         self._chat_template = chat_template
         self._admitted = 0
-        # One worker: generations run one at a time, in arrival order.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._scheduler: BatchScheduler | None = None
+        """Runs generations in batches; created once the model is loaded."""
+        # Parsing and tokenising big bodies happen here, off the event loop (probes stay fast).
+        self._prepare = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -170,6 +192,9 @@ class ModelServer:
         threading.Thread(target=load, name="load-model", daemon=True).start()
 
     def _loaded(self, engine: Engine) -> None:
+        self._scheduler = BatchScheduler(engine, max_batch_size=self.settings.max_batch_size,
+                                         window=self.settings.batch_window_ms / 1000,
+                                         on_batch=self.metrics.batch_size.observe)
         self.engine = engine
         self.metrics.model_loaded.set(1)
         log.info("model %r ready on %s (context length %s)", self.model_name, engine.device, engine.context_length)
@@ -180,11 +205,13 @@ class ModelServer:
 
     def close(self) -> None:
         """Wait for the generation thread (after the HTTP server stopped)."""
-        self._executor.shutdown(wait=True)
+        if self._scheduler is not None:
+            self._scheduler.close()
+        self._prepare.shutdown(wait=True)
 
     def app(self) -> web.Application:
         """The aiohttp application with all routes."""
-        app = web.Application(middlewares=[self._errors_and_metrics], client_max_size=4 * 1024 * 1024)
+        app = web.Application(middlewares=[self._errors_and_metrics], client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -266,12 +293,14 @@ class ModelServer:
         body = await self._json_body(request)
         parsed = protocol.parse_completion_request(body, max_tokens_limit=self.settings.max_tokens_limit)
         if isinstance(parsed.prompt, str):
-            prompt_ids = engine.encode_prompt(parsed.prompt)
+            self._check_prompt_chars(len(parsed.prompt), engine, "prompt")
+            prompt_ids = await self._off_loop(engine.encode_prompt, parsed.prompt)
             prompt_text = parsed.prompt
         else:
+            self._check_prompt_tokens(len(parsed.prompt), engine)
             self._check_token_ids(parsed.prompt, engine)
             prompt_ids = list(parsed.prompt)
-            prompt_text = engine.decode(prompt_ids)
+            prompt_text = await self._off_loop(engine.decode, prompt_ids) if parsed.echo else ""
         params = self._generation_params(parsed.sampling, len(prompt_ids), engine, "prompt", protocol.DEFAULT_COMPLETION_MAX_TOKENS)
         echo = prompt_text if parsed.echo else ""
         response_id, created = protocol.new_completion_id("cmpl"), protocol.now()
@@ -301,8 +330,9 @@ class ModelServer:
         engine = self._ready_engine()
         body = await self._json_body(request)
         parsed = protocol.parse_chat_request(body, max_tokens_limit=self.settings.max_tokens_limit)
+        self._check_prompt_chars(sum(len(m.content) for m in parsed.messages), engine, "messages")
         try:
-            prompt_ids = engine.encode_chat(parsed.messages)
+            prompt_ids = await self._off_loop(engine.encode_chat, parsed.messages)
         except ChatTemplateMissing as error:
             raise ApiError(400, str(error), param="messages", code="chat_template_missing") from error
         # Chat's default: as much as the limit and the context allow (OpenAI's behaviour).
@@ -337,10 +367,18 @@ class ModelServer:
                            code="model_not_ready", error_type="server_error")  # fmt: skip
         return self.engine
 
+    async def _off_loop(self, function: Callable[..., _T], *args: Any) -> _T:
+        """Run CPU work proportional to the body's size (JSON, tokenising) on the prepare pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare, function, *args)
+
     async def _json_body(self, request: web.Request) -> object:
+        # Refuse an oversized body from its announced length, before reading a byte of it.
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise ApiError(413, f"The request body has {request.content_length} bytes; at most {MAX_BODY_BYTES} "
+                           "(4 MiB) are accepted", code="request_entity_too_large")  # fmt: skip
         raw = await request.read()
         try:
-            body = json.loads(raw)
+            body = await self._off_loop(json.loads, raw)
         except (ValueError, UnicodeDecodeError) as error:
             raise ApiError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from error
         # The model is checked before the other fields, so a wrong name gets 404 whatever else is wrong.
@@ -352,6 +390,29 @@ class ModelServer:
         if name != self.model_name:
             raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
                            param="model", code="model_not_found")  # fmt: skip
+
+    @staticmethod
+    def _check_prompt_chars(chars: int, engine: Engine, param: str) -> None:
+        """Refuse, without tokenising, a prompt too long for the context whatever its tokens.
+
+        No token is longer than the vocabulary's longest, so a text of `chars`
+        characters has at least `chars / longest` tokens.
+        """
+        context = engine.context_length
+        if context is None:
+            return
+        most = context * engine.longest_token_chars
+        if chars > most:
+            raise ApiError(400, f"The prompt has {chars} characters; this model's context length is {context} tokens, "
+                           f"and no token of its vocabulary is longer than {engine.longest_token_chars} characters, "
+                           f"so at most {most} characters can fit", param=param, code="context_length_exceeded")  # fmt: skip
+
+    @staticmethod
+    def _check_prompt_tokens(count: int, engine: Engine) -> None:
+        context = engine.context_length
+        if context is not None and count >= context:
+            raise ApiError(400, f"The prompt has {count} tokens; this model's context length is {context} tokens, "
+                           "which leaves no room for a completion", param="prompt", code="context_length_exceeded")  # fmt: skip
 
     @staticmethod
     def _check_token_ids(ids: Sequence[int], engine: Engine) -> None:
@@ -397,13 +458,17 @@ class ModelServer:
     def _admission(self) -> _Admission:
         return _Admission(self)
 
+    def _submit(self, request: GenerationRequest) -> None:
+        assert self._scheduler is not None, "the scheduler exists once the engine does"
+        self._scheduler.submit(request)
+
     async def _generate(self, engine: Engine, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
-        loop = asyncio.get_running_loop()
-        cancelled = threading.Event()
+        request = GenerationRequest(prompt_ids, params)
+        self._submit(request)
         try:
-            result = await loop.run_in_executor(self._executor, engine.generate, prompt_ids, params, None, cancelled)
+            result = await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
-            cancelled.set()  # the handler was cancelled (shutdown timeout): stop the generation too
+            request.cancelled.set()  # the handler was cancelled (shutdown timeout): stop the generation too
             raise
         self._count_tokens(len(prompt_ids), result)
         return result
@@ -430,14 +495,16 @@ class ModelServer:
         """Run one generation and send its text as server-sent events while it is produced."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        cancelled = threading.Event()
 
         def on_text(text: str) -> None:  # on the generation thread
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
-        generation = loop.run_in_executor(self._executor, engine.generate, prompt_ids, params, on_text, cancelled)
-        # Runs after every on_text callback: they were scheduled earlier from the same thread.
-        generation.add_done_callback(lambda _: pieces.put_nowait(None))
+        job = GenerationRequest(prompt_ids, params, on_text)
+        cancelled = job.cancelled
+        # The end marker is scheduled from the generation thread after every on_text callback, so it comes last.
+        job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        self._submit(job)
+        generation = asyncio.wrap_future(job.future)
 
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
