@@ -139,6 +139,8 @@ class KubeClient:
             if serving else None,
             serving_service=self._get(self.core.read_namespaced_service, namespace, child["serving"], uid)
             if serving else None,
+            serving_key_secret=self._get(self.core.read_namespaced_secret, namespace, child["serving_key"], uid)
+            if serving else None,
             namespace_jobs=self.list_finetunejobs(namespace) if with_quota else (),
             namespace_trainer_jobs=self.list_trainer_jobs(namespace) if with_quota else (),
         )

@@ -23,6 +23,11 @@ Admission before work: the body size is checked from Content-Length before it
 is read, and parsing the JSON and tokenising the prompt run on a small thread
 pool, not on the event loop, so a 4 MiB prompt never delays `/healthz`.
 
+Authentication: when the environment variable `KUBETUNE_SERVE_API_KEY` is set
+(the operator sets it from the job's serving-key Secret), every `/v1/*` request
+must carry `Authorization: Bearer <that key>`; others get 401 in OpenAI's error
+shape. Probes and `/metrics` stay open (kubelet and Prometheus hold no key).
+
 Errors: every refused request gets an OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status (503 while
 loading, 500 with no internals for a bug, which is logged here); the server
@@ -38,6 +43,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -75,6 +81,8 @@ EXIT_BAD_ARGUMENTS = 2
 """`--model` (or another option) cannot work; nothing was served."""
 EXIT_LOAD_FAILED = 1
 """The model files were found but loading them failed."""
+API_KEY_ENV = "KUBETUNE_SERVE_API_KEY"
+"""Environment variable with the API key clients must present (unset or empty: no authentication)."""
 MAX_BODY_BYTES = 4 * 1024 * 1024
 """Largest request body accepted (413 beyond it)."""
 
@@ -109,6 +117,9 @@ class ServeSettings:
     """Path of a Jinja chat template that replaces the tokenizer's."""
     shutdown_timeout: float = 60.0
     """Seconds in-flight requests get to finish after SIGTERM before they are cut."""
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    """The bearer token `/v1/*` requests must carry; None = no authentication. From the
+    environment (`KUBETUNE_SERVE_API_KEY`), never the command line, which other processes can read."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
@@ -140,7 +151,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
         parser.error(f"--batch-window-ms: must be from 0 to 1000, got {args.batch_window_ms}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port: must be from 0 to 65535, got {args.port}")
-    return ServeSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServeSettings)})
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServeSettings) if field.name != "api_key"}
+    return ServeSettings(**values, api_key=os.environ.get(API_KEY_ENV) or None)
 
 
 def _sse(payload: object) -> bytes:
@@ -233,12 +245,15 @@ class ModelServer:
         endpoint = route.canonical if route is not None else "unmatched"
         status = 500
         try:
+            if request.path.startswith("/v1/"):
+                self._authenticate(request)
             response = await handler(request)
             status = response.status
             return response
         except ApiError as error:
             status = error.status
-            return web.json_response(error.body(), status=error.status)
+            headers = {"WWW-Authenticate": 'Bearer realm="kubetune"'} if error.status == 401 else None
+            return web.json_response(error.body(), status=error.status, headers=headers)
         except web.HTTPException as error:
             # Router and body-size errors (404 unknown path, 405, 413), in the same error shape.
             status = error.status
@@ -257,6 +272,19 @@ class ModelServer:
         finally:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
             self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+
+    def _authenticate(self, request: web.Request) -> None:
+        """401 unless the request carries the server's API key as a bearer token (when it has one)."""
+        expected = self.settings.api_key
+        if expected is None:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise ApiError(401, "Missing API key: send the header 'Authorization: Bearer <key>' (the api-key entry of "
+                           "the job's <job>-serving-key Secret)", code="missing_api_key")  # fmt: skip
+        if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
 
     # --- probes and metadata ---------------------------------------------------
 

@@ -65,3 +65,16 @@ def test_operator_scale_runs_jobs_through_their_lifecycle_on_the_real_control_pl
     assert result["succeeded"] >= 5
     assert result["createToTrainerJobP50"] is not None and result["operatorPeakMiB"] > 0
     assert result["requestsPerJob"] > 0
+
+
+@pytest.mark.slow
+def test_serve_overhead_prints_overhead_and_concurrency_rows_for_both_servers() -> None:
+    out, result = run_bench("serve_overhead.py", "--quick")
+    assert "overhead ratio" in out and "load average" in out
+    figures = result["concurrency"]
+    for side in ("sequential", "batching"):
+        for clients in (1, 4):
+            row = figures[f"{side}-{clients}"]
+            assert row["refused"] == 0 and row["requests"] == clients
+            assert row["tokensPerSecond"]["min"] > 0 and row["ttftP50"] > 0
+    assert figures["batching4VsOneClient"] > 0 and figures["batchingVsSequential4"] > 0
