@@ -85,3 +85,75 @@ class TestTheServingContainer:
     @pytest.mark.parametrize(("rank", "flag"), [(1, 8), (8, 8), (9, 16), (64, 64), (300, 320), (1024, 512)])
     def test_the_max_lora_rank_is_the_smallest_vllm_accepts(self, make_job: MakeJob, rank: int, flag: int) -> None:
         assert builders.vllm_max_lora_rank(make_job(method={"type": "lora", "lora": {"rank": rank}})) == flag
+
+
+class TestTheApiKey:
+    """`spec.serving.auth`: a per-job key Secret, handed to the server from a secretKeyRef."""
+
+    def observed(self, job: dict[str, Any], secret: dict[str, Any] | None) -> Any:
+        from datetime import datetime, timezone
+
+        from kubetune.operator.reconcile import Observed
+
+        job["status"] = {"conditions": [{"type": "Succeeded", "status": "True", "reason": "TrainingComplete",
+                                         "message": "", "observedGeneration": 1, "lastTransitionTime": "x"}],
+                         "model": {"uri": "pvc://models/finetunes/demo/model", "digest": "sha256:" + "1" * 64}}
+        return Observed(job=job, now=datetime(2026, 3, 1, tzinfo=timezone.utc), serving_key_secret=secret)
+
+    def test_a_missing_key_secret_is_created_with_a_random_key_before_the_deployment(
+        self, make_job: MakeJob, settings: OperatorSettings
+    ) -> None:
+        from kubetune.operator import reconcile
+
+        keys = []
+        for _ in range(2):
+            decision = reconcile.reconcile(self.observed(make_job(serving={"enabled": True}), None), settings)
+            kinds = [a.manifest["kind"] for a in decision.actions]  # type: ignore[union-attr]
+            assert kinds == ["Secret", "Deployment", "Service"]
+            secret = decision.actions[0].manifest  # type: ignore[union-attr]
+            assert secret["metadata"]["name"] == "demo-serving-key"
+            assert secret["metadata"]["ownerReferences"][0]["uid"] == "uid-1"
+            key = secret["stringData"]["api-key"]
+            assert len(key) >= 40
+            template = decision.actions[1].manifest["spec"]["template"]  # type: ignore[union-attr]
+            assert template["metadata"]["annotations"]["kubetune.io/api-key-digest"] == builders.api_key_digest(key)
+            keys.append(key)
+        assert keys[0] != keys[1], "keys are random, not derived from anything guessable"
+
+    def test_the_stored_key_is_kept_and_its_digest_rolls_the_deployment_when_it_changes(
+        self, make_job: MakeJob, settings: OperatorSettings
+    ) -> None:
+        import base64
+
+        from kubetune.operator import reconcile
+
+        def decide(key: str) -> Any:
+            secret = {"metadata": {"name": "demo-serving-key"},
+                      "data": {"api-key": base64.b64encode(key.encode()).decode()}}
+            return reconcile.reconcile(self.observed(make_job(serving={"enabled": True}), secret), settings)
+
+        first, rotated = decide("key-one"), decide("key-two")
+        assert [a.manifest["kind"] for a in first.actions] == ["Deployment", "Service"]  # type: ignore[union-attr]
+        annotations = [d.actions[0].manifest["spec"]["template"]["metadata"]["annotations"]  # type: ignore[union-attr]
+                       for d in (first, rotated)]
+        assert annotations[0]["kubetune.io/api-key-digest"] == builders.api_key_digest("key-one")
+        assert annotations[0] != annotations[1]
+
+    def test_auth_none_has_no_key_and_no_secret(self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        from kubetune.operator import reconcile
+
+        decision = reconcile.reconcile(self.observed(make_job(serving={"enabled": True, "auth": "none"}), None),
+                                       settings)
+        assert [a.manifest["kind"] for a in decision.actions] == ["Deployment", "Service"]  # type: ignore[union-attr]
+        server = decision.actions[0].manifest["spec"]["template"]["spec"]["containers"][0]  # type: ignore[union-attr]
+        assert not [e for e in server["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+
+    @pytest.mark.parametrize(("runtime", "variable"), [("builtin", "KUBETUNE_SERVE_API_KEY"), ("vllm", "VLLM_API_KEY")])
+    def test_the_key_reaches_the_server_from_the_secret_never_the_command_line(
+        self, make_job: MakeJob, settings: OperatorSettings, runtime: str, variable: str
+    ) -> None:
+        job = make_job(serving={"enabled": True, "runtime": runtime, "resources": {"gpus": 1}})
+        server = container(job, settings)
+        assert {"name": variable, "valueFrom": {"secretKeyRef": {"name": "demo-serving-key", "key": "api-key"}}} \
+            in server["env"]
+        assert not any("key" in arg.lower() and "lora" not in arg for arg in server.get("args", server.get("command")))
