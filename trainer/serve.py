@@ -60,6 +60,8 @@ from aiohttp import web
 from kubetune.trainer import serve_protocol as protocol
 from kubetune.trainer.serve_batch import BatchScheduler
 from kubetune.trainer.serve_engine import (
+    MAIN_ADAPTER,
+    AdapterSource,
     ChatTemplateMissing,
     DType,
     Device,
@@ -70,6 +72,7 @@ from kubetune.trainer.serve_engine import (
     ModelSource,
     ModelSourceError,
     load_engine,
+    resolve_adapter,
     resolve_model_source,
 )
 from kubetune.trainer.serve_metrics import ServerMetrics
@@ -115,6 +118,8 @@ class ServeSettings:
     """Weights dtype; `auto` = float32 on CPU, bfloat16 (or float16) on GPU."""
     chat_template: str | None = None
     """Path of a Jinja chat template that replaces the tokenizer's."""
+    adapters: tuple[str, ...] = ()
+    """More LoRA adapters over the same base, as `NAME=PATH`; a request selects one by `model`."""
     shutdown_timeout: float = 60.0
     """Seconds in-flight requests get to finish after SIGTERM before they are cut."""
     api_key: str | None = dataclasses.field(default=None, repr=False)
@@ -138,6 +143,8 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
                         help="how long an idle model waits for companions before starting a batch")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=defaults.dtype)
+    parser.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=PATH",
+                        help="also serve this LoRA adapter (over the same base model) as model NAME; repeatable")
     parser.add_argument("--chat-template", default=None, help="file with a Jinja chat template to use instead of the tokenizer's")
     parser.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout)
     args = parser.parse_args(argv)
@@ -152,6 +159,7 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
     if not 0 <= args.port <= 65535:
         parser.error(f"--port: must be from 0 to 65535, got {args.port}")
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServeSettings) if field.name != "api_key"}
+    values["adapters"] = tuple(args.adapters)
     return ServeSettings(**values, api_key=os.environ.get(API_KEY_ENV) or None)
 
 
@@ -164,11 +172,16 @@ def _sse(payload: object) -> bytes:
 class ModelServer:
     """The aiohttp application and the state behind it: the engine (once loaded), metrics, admission."""
 
-    def __init__(self, settings: ServeSettings, source: ModelSource, chat_template: str | None = None) -> None:
+    def __init__(self, settings: ServeSettings, source: ModelSource, chat_template: str | None = None,
+                 adapters: Sequence[AdapterSource] = ()) -> None:
         self.settings = settings
         self.source = source
         self.model_name = settings.served_model_name or source.default_name
-        """The one name `model` must carry in requests."""
+        """The main model's name (what `--model` loads); requests without `model` get it."""
+        self.routes: dict[str, str | None] = {self.model_name: MAIN_ADAPTER if source.adapter_dir and adapters else None}
+        """Every servable `model` name -> the LoRA adapter that generates for it (None: the model as loaded)."""
+        self.routes |= {adapter.name: adapter.name for adapter in adapters}
+        self._adapters = tuple(adapters)
         self.created = protocol.now()
         self.metrics = ServerMetrics()
         self.engine: Engine | None = None
@@ -191,9 +204,8 @@ class ModelServer:
 
         def load() -> None:
             try:
-                engine = load_engine(
-                    self.source, device=self.settings.device, dtype=self.settings.dtype, chat_template=self._chat_template
-                )
+                engine = load_engine(self.source, device=self.settings.device, dtype=self.settings.dtype,
+                                     chat_template=self._chat_template, adapters=self._adapters)
             except Exception as error:  # noqa: BLE001 - any failure to load is reported the same way
                 log.exception("loading the model failed")
                 message = f"{type(error).__name__}: {error}"
@@ -306,12 +318,12 @@ class ModelServer:
 
     async def models(self, request: web.Request) -> web.Response:
         """`GET /v1/models`."""
-        return web.json_response(protocol.models_body(self.model_name, self.created))
+        return web.json_response(protocol.models_body(list(self.routes), self.created))
 
     async def model(self, request: web.Request) -> web.Response:
         """`GET /v1/models/{id}`."""
         self._check_model_name(request.match_info["model"])
-        return web.json_response(protocol.model_body(self.model_name, self.created))
+        return web.json_response(protocol.model_body(request.match_info["model"], self.created))
 
     # --- generation endpoints --------------------------------------------------
 
@@ -320,6 +332,7 @@ class ModelServer:
         engine = self._ready_engine()
         body = await self._json_body(request)
         parsed = protocol.parse_completion_request(body, max_tokens_limit=self.settings.max_tokens_limit)
+        name, adapter = self._route(body)
         if isinstance(parsed.prompt, str):
             self._check_prompt_chars(len(parsed.prompt), engine, "prompt")
             prompt_ids = await self._off_loop(engine.encode_prompt, parsed.prompt)
@@ -335,22 +348,22 @@ class ModelServer:
 
         async with self._admission():
             if not parsed.stream:
-                result = await self._generate(engine, prompt_ids, params)
+                result = await self._generate(engine, prompt_ids, params, adapter)
                 usage = protocol.Usage(len(prompt_ids), result.completion_tokens)
                 body_out = protocol.completion_body(
-                    response_id, created, self.model_name, echo + result.text, result.finish_reason, usage
+                    response_id, created, name, echo + result.text, result.finish_reason, usage
                 )
                 return web.json_response(body_out)
 
             def piece(text: str) -> dict[str, Any]:
-                return protocol.completion_chunk(response_id, created, self.model_name, text)
+                return protocol.completion_chunk(response_id, created, name, text)
 
             def last(result: GenerationResult) -> list[dict[str, Any]]:
-                return [protocol.completion_chunk(response_id, created, self.model_name, "", result.finish_reason)]
+                return [protocol.completion_chunk(response_id, created, name, "", result.finish_reason)]
 
             first = [piece(echo)] if echo else []
             return await self._stream(
-                request, engine, prompt_ids, params, first, piece, last, parsed.include_usage, response_id, created, chat=False
+                request, engine, prompt_ids, params, first, piece, last, parsed.include_usage, response_id, created, chat=False, model=name, adapter=adapter
             )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -358,6 +371,7 @@ class ModelServer:
         engine = self._ready_engine()
         body = await self._json_body(request)
         parsed = protocol.parse_chat_request(body, max_tokens_limit=self.settings.max_tokens_limit)
+        name, adapter = self._route(body)
         self._check_prompt_chars(sum(len(m.content) for m in parsed.messages), engine, "messages")
         try:
             prompt_ids = await self._off_loop(engine.encode_chat, parsed.messages)
@@ -369,21 +383,21 @@ class ModelServer:
 
         async with self._admission():
             if not parsed.stream:
-                result = await self._generate(engine, prompt_ids, params)
+                result = await self._generate(engine, prompt_ids, params, adapter)
                 usage = protocol.Usage(len(prompt_ids), result.completion_tokens)
                 return web.json_response(
-                    protocol.chat_body(response_id, created, self.model_name, result.text, result.finish_reason, usage)
+                    protocol.chat_body(response_id, created, name, result.text, result.finish_reason, usage)
                 )
 
             def piece(text: str) -> dict[str, Any]:
-                return protocol.chat_chunk(response_id, created, self.model_name, {"content": text})
+                return protocol.chat_chunk(response_id, created, name, {"content": text})
 
             def last(result: GenerationResult) -> list[dict[str, Any]]:
-                return [protocol.chat_chunk(response_id, created, self.model_name, {}, result.finish_reason)]
+                return [protocol.chat_chunk(response_id, created, name, {}, result.finish_reason)]
 
-            first = [protocol.chat_chunk(response_id, created, self.model_name, {"role": "assistant", "content": ""})]
+            first = [protocol.chat_chunk(response_id, created, name, {"role": "assistant", "content": ""})]
             return await self._stream(
-                request, engine, prompt_ids, params, first, piece, last, parsed.include_usage, response_id, created, chat=True
+                request, engine, prompt_ids, params, first, piece, last, parsed.include_usage, response_id, created, chat=True, model=name, adapter=adapter
             )
 
     # --- helpers ---------------------------------------------------------------
@@ -415,9 +429,16 @@ class ModelServer:
         return body
 
     def _check_model_name(self, name: str) -> None:
-        if name != self.model_name:
-            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+        if name not in self.routes:
+            served = ", ".join(f"'{n}'" for n in self.routes)
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves {served}",
                            param="model", code="model_not_found")  # fmt: skip
+
+    def _route(self, body: object) -> tuple[str, str | None]:
+        """The model name a request asked for (already checked) and the adapter that serves it."""
+        name = body.get("model") if isinstance(body, dict) else None
+        name = name if isinstance(name, str) and name in self.routes else self.model_name
+        return name, self.routes[name]
 
     @staticmethod
     def _check_prompt_chars(chars: int, engine: Engine, param: str) -> None:
@@ -490,8 +511,9 @@ class ModelServer:
         assert self._scheduler is not None, "the scheduler exists once the engine does"
         self._scheduler.submit(request)
 
-    async def _generate(self, engine: Engine, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
-        request = GenerationRequest(prompt_ids, params)
+    async def _generate(self, engine: Engine, prompt_ids: list[int], params: GenerationParams,
+                        adapter: str | None) -> GenerationResult:
+        request = GenerationRequest(prompt_ids, params, adapter=adapter)
         self._submit(request)
         try:
             result = await asyncio.wrap_future(request.future)
@@ -519,6 +541,8 @@ class ModelServer:
         created: int,
         *,
         chat: bool,
+        model: str,
+        adapter: str | None,
     ) -> web.StreamResponse:
         """Run one generation and send its text as server-sent events while it is produced."""
         loop = asyncio.get_running_loop()
@@ -527,7 +551,7 @@ class ModelServer:
         def on_text(text: str) -> None:  # on the generation thread
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
-        job = GenerationRequest(prompt_ids, params, on_text)
+        job = GenerationRequest(prompt_ids, params, on_text, adapter=adapter)
         cancelled = job.cancelled
         # The end marker is scheduled from the generation thread after every on_text callback, so it comes last.
         job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
@@ -556,7 +580,7 @@ class ModelServer:
                 await response.write(_sse(chunk))
             if include_usage:
                 usage = protocol.Usage(len(prompt_ids), result.completion_tokens)
-                await response.write(_sse(protocol.usage_chunk(response_id, created, self.model_name, usage, chat=chat)))
+                await response.write(_sse(protocol.usage_chunk(response_id, created, model, usage, chat=chat)))
             await response.write(_sse("[DONE]"))
             await response.write_eof()
             return response
@@ -595,9 +619,10 @@ def _read_chat_template(path: str | None) -> str | None:
         raise ModelSourceError(f"--chat-template: cannot read {path}: {error}") from error
 
 
-async def serve(settings: ServeSettings, source: ModelSource, chat_template: str | None = None) -> int:
+async def serve(settings: ServeSettings, source: ModelSource, chat_template: str | None = None,
+                adapters: Sequence[AdapterSource] = ()) -> int:
     """Run the server until SIGTERM/SIGINT (exit code 0) or a failed model load (1)."""
-    server = ModelServer(settings, source, chat_template)
+    server = ModelServer(settings, source, chat_template, adapters)
     runner = web.AppRunner(server.app(), shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -630,12 +655,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     try:
         source = resolve_model_source(settings.model)
+        adapters = [resolve_adapter(spec, source) for spec in settings.adapters]
+        taken = {settings.served_model_name or source.default_name}
+        for adapter in adapters:
+            if adapter.name in taken:
+                raise ModelSourceError(f"--adapter {adapter.name}=...: the name {adapter.name!r} is already served; "
+                                       "each model name must be unique")
+            taken.add(adapter.name)
         chat_template = _read_chat_template(settings.chat_template)
     except ModelSourceError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
     log.info("serving %s as %r", source.describe(), settings.served_model_name or source.default_name)
-    code = asyncio.run(serve(settings, source, chat_template))
+    code = asyncio.run(serve(settings, source, chat_template, adapters))
     if code == EXIT_LOAD_FAILED:
         # A load that failed inside native code (safetensors, torch) can leave native threads behind
         # whose destructors abort interpreter finalisation ("terminate called without an active

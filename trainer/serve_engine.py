@@ -135,6 +135,41 @@ def _trainer_output_source(folder: Path) -> ModelSource | None:
     return None
 
 
+MAIN_ADAPTER = "main"
+"""peft name of the adapter `--model` itself points to, when more adapters are loaded beside it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSource:
+    """One more LoRA adapter to serve over the main model's base (`--adapter NAME=PATH`)."""
+
+    name: str
+    """The `model` name requests select it by."""
+    path: Path
+    """The peft adapter folder (`adapter_config.json` + weights)."""
+
+
+def resolve_adapter(spec: str, source: ModelSource) -> AdapterSource:
+    """Parse `NAME=PATH` and check the adapter applies to the base `source` loads; ModelSourceError if not."""
+    name, sep, raw_path = spec.partition("=")
+    if not sep or not name.strip() or not raw_path.strip():
+        raise ModelSourceError(f"--adapter: expected NAME=PATH, got {spec!r}")
+    if name == MAIN_ADAPTER or name.startswith("__"):
+        raise ModelSourceError(f"--adapter {spec}: the name {name!r} is reserved")
+    path = Path(raw_path).expanduser().absolute()
+    if (path / "adapter" / "adapter_config.json").is_file():
+        path = path / "adapter"  # a trainer output folder with an unmerged adapter
+    if not (path / "adapter_config.json").is_file():
+        raise ModelSourceError(f"--adapter {spec}: {path} has no adapter_config.json (not a peft adapter folder)")
+    if source.kind == "gguf":
+        raise ModelSourceError(f"--adapter {spec}: adapters are served over transformers models, not GGUF files")
+    base = _adapter_base(path)
+    if base != source.weights_dir.resolve():
+        raise ModelSourceError(f"--adapter {spec}: its base model is {base}, but this server's base is "
+                               f"{source.weights_dir.resolve()}; an adapter only applies to the base it was trained on")
+    return AdapterSource(name=name, path=path)
+
+
 def resolve_model_source(path: str | Path) -> ModelSource:
     """Decide how to load `path` (see the module docstring); raise `ModelSourceError` if it cannot be served."""
     target = Path(path).expanduser().absolute()
@@ -556,7 +591,9 @@ def _cache_argument(model: Any) -> str:
     """The name `forward` takes the KV cache by (`cache` in recent transformers, `past_key_values` before)."""
     import inspect
 
-    parameters = inspect.signature(model.forward).parameters
+    # A peft wrapper passes keyword arguments through to the transformers model it wraps.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(inner.forward).parameters
     return "cache" if "cache" in parameters else "past_key_values"
 
 
@@ -624,8 +661,14 @@ def load_engine(
     device: Device = "auto",
     dtype: DType = "auto",
     chat_template: str | None = None,
+    adapters: Sequence[AdapterSource] = (),
 ) -> Engine:
-    """Read the weights and tokenizer described by `source`; slow (seconds to minutes)."""
+    """Read the weights and tokenizer described by `source`; slow (seconds to minutes).
+
+    One adapter (`--model` an adapter folder) is merged into the base. With more
+    (`adapters`), every adapter stays separate over one copy of the base, and
+    each batch row picks its own (peft's mixed-adapter batches).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target_device = resolve_device(device)
@@ -634,13 +677,27 @@ def load_engine(
     log.info("loading %s on %s as %s", source.describe(), target_device, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, **gguf)
     model: Any = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=torch_dtype, **gguf)
-    if source.adapter_dir is not None:
+    names: list[str] = []
+    if source.adapter_dir is not None and not adapters:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, source.adapter_dir)
         # Merged weights generate as fast as the base model; unmergeable adapter types stay wrapped.
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
+    elif adapters:
+        from peft import PeftModel
+
+        pending = [(MAIN_ADAPTER, source.adapter_dir)] if source.adapter_dir is not None else []
+        pending += [(adapter.name, adapter.path) for adapter in adapters]
+        first_name, first_path = pending[0]
+        model = PeftModel.from_pretrained(model, first_path, adapter_name=first_name)
+        for name, path in pending[1:]:
+            model.load_adapter(path, adapter_name=name)
+        names = [name for name, _ in pending]
+        log.info("serving %d LoRA adapters unmerged over one base: %s", len(names), ", ".join(names))
     model.to(target_device)
     model.eval()
-    return Engine(model, tokenizer, device=target_device, chat_template=chat_template)
+    engine = Engine(model, tokenizer, device=target_device, chat_template=chat_template)
+    engine.adapter_names = tuple(names)
+    return engine
