@@ -531,7 +531,8 @@ class Engine:
         active = rows
         while True:
             tokens = self._choose(logits, active)
-            keep = [i for i, request in enumerate(active) if not request.step(int(tokens[i]))]
+            chosen = tokens.tolist()  # one device-to-host copy for the whole batch, not one per row
+            keep = [i for i, request in enumerate(active) if not request.step(chosen[i])]
             if not keep:
                 return
             if len(keep) < len(active):
