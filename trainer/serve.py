@@ -218,7 +218,7 @@ class ModelServer:
     def _loaded(self, engine: Engine) -> None:
         self._scheduler = BatchScheduler(engine, max_batch_size=self.settings.max_batch_size,
                                          window=self.settings.batch_window_ms / 1000,
-                                         on_batch=self.metrics.batch_size.observe)
+                                         on_step=self.metrics.batch_size.observe)
         self.engine = engine
         self.metrics.model_loaded.set(1)
         log.info("model %r ready on %s (context length %s)", self.model_name, engine.device, engine.context_length)

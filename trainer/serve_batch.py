@@ -1,20 +1,19 @@
-"""Gathering concurrent generation requests into batches for the built-in server.
+"""Gathering concurrent generation requests into batches for the built-in server (continuous batching).
 
-One generation thread owns the model. Requests queue here in arrival order;
-the thread takes up to `max_batch_size` of them at a time and runs them as one
-batch (`Engine.generate_batch`). When the model is idle and a request arrives,
-the thread waits up to `window` seconds for companions before starting, so
-clients that send at about the same time share a batch instead of the first one
-running alone. Requests that arrive while a batch runs form the next batch.
+One generation thread owns the model. Requests queue here in arrival order.
+When the model is idle and a request arrives, the thread waits up to `window`
+seconds for companions, then starts a batch of up to `max_batch_size`
+(`Engine.generate_batch`). While that batch runs, requests that arrive join it
+between two decoding steps, as long as it has fewer than `max_batch_size` rows:
+the engine prefills them on their own and left-aligns their KV cache with the
+running one. Rows leave the batch as soon as they are done. So a new request
+waits at most one decoding step plus its own prefill, not for a whole batch,
+and one decoding step serves every running request.
 
-Why static batches rather than continuous batching: with transformers' dynamic
-KV cache, a row can leave a running batch cheaply (`batch_select_indices`) but
-joining one means re-aligning every layer's cache. Rows leave as soon as they
-are done, so a short answer is never held back by a long one; a new request
-waits at most for the batch in progress. On a small model, where one decoding
-step costs about the same for one row as for sixteen, this gives most of the
-throughput; for large-scale serving the `vllm` runtime does continuous
-batching with paged attention.
+Joining needs transformers' plain dynamic cache; models whose cache has
+sliding-window or other layer types run static batches (requests arriving
+meanwhile form the next batch). For large-scale serving, the `vllm` runtime
+does the same with paged attention.
 """
 
 from __future__ import annotations
@@ -39,12 +38,12 @@ class BatchScheduler:
         *,
         max_batch_size: int,
         window: float,
-        on_batch: Callable[[int], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
     ) -> None:
         self._engine = engine
         self._max_batch_size = max_batch_size
         self._window = window
-        self._on_batch = on_batch
+        self._on_step = on_step
         self._queue: collections.deque[GenerationRequest] = collections.deque()
         self._changed = threading.Condition()
         self._closing = False
@@ -83,11 +82,15 @@ class BatchScheduler:
             count = min(len(self._queue), self._max_batch_size)
             return [self._queue.popleft() for _ in range(count)]
 
+    def _take(self, room: int) -> list[GenerationRequest]:
+        """Up to `room` queued requests, without waiting: they join the batch in progress."""
+        with self._changed:
+            count = min(room, len(self._queue))
+            return [self._queue.popleft() for _ in range(count)]
+
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
             try:
-                self._engine.generate_batch(batch)
+                self._engine.generate_batch(batch, self._take, self._max_batch_size, self._on_step)
             except Exception:  # noqa: BLE001 - each request already got the error; keep serving
                 log.exception("a generation batch of %d failed", len(batch))

@@ -409,6 +409,43 @@ class GenerationRequest:
             self.future.set_result(self._sink.result())
 
 
+@dataclasses.dataclass
+class _RunningBatch:
+    """The rows being decoded together and their shared state between two steps."""
+
+    rows: list[GenerationRequest]
+    cache: Any
+    """The KV cache (transformers DynamicCache), one batch row per request."""
+    mask: torch.Tensor
+    """(rows, cached length): 1 where a row has a token, 0 for its left padding."""
+    last_position: torch.Tensor
+    """(rows, 1): each row's position of its last token."""
+    tokens: torch.Tensor
+    """(rows,): each row's latest token, the next step's input."""
+
+    @staticmethod
+    def merge(running: _RunningBatch, joining: _RunningBatch | None) -> _RunningBatch:
+        """`running` with the rows of `joining` added: the shorter cache is left-padded (masked) to the longer."""
+        import torch
+        import torch.nn.functional as F
+
+        if joining is None:
+            return running
+        old_length, new_length = running.mask.shape[1], joining.mask.shape[1]
+        length = max(old_length, new_length)
+        for old, new in zip(running.cache.layers, joining.cache.layers, strict=True):
+            # keys/values: (rows, heads, length, head_dim); pad dim -2 on the left.
+            old.keys = torch.cat([F.pad(old.keys, (0, 0, length - old_length, 0)),
+                                  F.pad(new.keys, (0, 0, length - new_length, 0))], dim=0)
+            old.values = torch.cat([F.pad(old.values, (0, 0, length - old_length, 0)),
+                                    F.pad(new.values, (0, 0, length - new_length, 0))], dim=0)
+        mask = torch.cat([F.pad(running.mask, (length - old_length, 0)),
+                          F.pad(joining.mask, (length - new_length, 0))], dim=0)
+        return _RunningBatch(running.rows + joining.rows, running.cache, mask,
+                             torch.cat([running.last_position, joining.last_position]),
+                             torch.cat([running.tokens, joining.tokens]))
+
+
 class Engine:
     """A loaded model and tokenizer, and one-at-a-time generation on them."""
 
@@ -484,17 +521,27 @@ class Engine:
         self.generate_batch([request])
         return request.result()
 
-    def generate_batch(self, requests: Sequence[GenerationRequest]) -> None:
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        more: Callable[[int], list[GenerationRequest]] | None = None,
+        capacity: int = 0,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
         """Generate completions for several prompts at once; blocking, call from a worker thread.
 
         The prompts are left-padded into one batch (masked, with per-row
         positions), so each row computes what it would alone; every decoding
         step runs the model once for all rows still generating. A row leaves
         the batch as soon as it is finished (end of sequence, stop sequence,
-        max_tokens, or cancelled) and its `done` callback runs then, so a short
-        answer is not held back by a long one. Sampling uses a random generator
-        per row, seeded from the request's `seed`, so a seeded request draws
-        the same tokens whatever else shares its batch.
+        max_tokens, or cancelled) and its future resolves then, so a short
+        answer is not held back by a long one. Between steps, `more(n)` may
+        hand over up to n new requests (while fewer than `capacity` rows run):
+        they are prefilled on their own and join the running batch, their
+        caches aligned on the left (continuous batching). Sampling uses a
+        random generator per row, seeded from the request's `seed`, so a
+        seeded request draws the same tokens whatever else shares its batch.
+        `on_step(rows)` is told how many rows each decoding step ran.
         """
         import torch
 
@@ -502,19 +549,37 @@ class Engine:
             return
         with self._lock, torch.inference_mode():
             rows = list(requests)
-            for request in rows:
-                request.begin(self)
             try:
-                self._decode(rows)
+                self._decode(rows, more, capacity, on_step)
             except BaseException as error:
-                for request in rows:
+                for request in rows:  # `rows` grows with the requests that joined
                     request.fail(error)
                 raise
 
-    def _decode(self, rows: list[GenerationRequest]) -> None:
+    def _decode(self, rows: list[GenerationRequest], more: Callable[[int], list[GenerationRequest]] | None,
+                capacity: int, on_step: Callable[[int], None] | None) -> None:
         import torch
 
-        device = self.device
+        batch = self._prefill(list(rows))
+        while batch is not None:
+            if more is not None and len(batch.rows) < capacity and self._can_join(batch.cache):
+                joining = more(capacity - len(batch.rows))
+                if joining:
+                    rows.extend(joining)
+                    batch = _RunningBatch.merge(batch, self._prefill(joining))
+            mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+            positions = batch.last_position + 1
+            if on_step is not None:
+                on_step(len(batch.rows))
+            logits = self._forward(batch.tokens[:, None], mask, positions, batch.cache, batch.rows)
+            batch = self._advance(_RunningBatch(batch.rows, batch.cache, mask, positions, batch.tokens), logits)
+
+    def _prefill(self, rows: list[GenerationRequest]) -> _RunningBatch | None:
+        """Run the prompts of `rows` (left-padded) and take their first tokens; None if all are done."""
+        import torch
+
+        for request in rows:
+            request.begin(self)
         longest = max(len(r.prompt_ids) for r in rows)
         pad = self.pad_id if self.pad_id is not None else 0
         # Shapes: (rows, longest); prompts right-aligned so every row's next token is the last column.
@@ -523,26 +588,35 @@ class Engine:
         for index, request in enumerate(rows):
             input_ids[index, longest - len(request.prompt_ids):] = torch.tensor(request.prompt_ids, dtype=torch.long)
             mask[index, longest - len(request.prompt_ids):] = 1
-        input_ids, mask = input_ids.to(device), mask.to(device)
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = self._new_cache()
         logits = self._forward(input_ids, mask, positions, cache, rows)
-        last_position = positions[:, -1:]
-        active = rows
-        while True:
-            tokens = self._choose(logits, active)
-            chosen = tokens.tolist()  # one device-to-host copy for the whole batch, not one per row
-            keep = [i for i, request in enumerate(active) if not request.step(chosen[i])]
-            if not keep:
-                return
-            if len(keep) < len(active):
-                index = torch.tensor(keep, dtype=torch.long, device=device)
-                cache.batch_select_indices(index)
-                mask, last_position, tokens = mask[index], last_position[index], tokens[index]
-                active = [active[i] for i in keep]
-            mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=1)
-            last_position = last_position + 1
-            logits = self._forward(tokens[:, None], mask, last_position, cache, active)
+        return self._advance(_RunningBatch(rows, cache, mask, positions[:, -1:], input_ids[:, -1]), logits)
+
+    def _advance(self, batch: _RunningBatch, logits: torch.Tensor) -> _RunningBatch | None:
+        """Choose every row's next token, hand it to the row, and drop the rows that are done."""
+        import torch
+
+        tokens = self._choose(logits, batch.rows)
+        chosen = tokens.tolist()  # one device-to-host copy for the whole batch, not one per row
+        keep = [i for i, request in enumerate(batch.rows) if not request.step(chosen[i])]
+        if not keep:
+            return None
+        if len(keep) == len(batch.rows):
+            return _RunningBatch(batch.rows, batch.cache, batch.mask, batch.last_position, tokens)
+        index = torch.tensor(keep, dtype=torch.long, device=tokens.device)
+        batch.cache.batch_select_indices(index)
+        return _RunningBatch([batch.rows[i] for i in keep], batch.cache, batch.mask[index],
+                             batch.last_position[index], tokens[index])
+
+    @staticmethod
+    def _can_join(cache: Any) -> bool:
+        """Rows can join only a cache of plain growing layers (not sliding windows, not static)."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
 
     def _new_cache(self) -> Any:
         from transformers import DynamicCache

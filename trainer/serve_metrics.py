@@ -63,11 +63,11 @@ class ServerMetrics:
 
         self.batch_size = Histogram(
             "kubetune_serve_batch_size",
-            "Requests decoded together in one generation batch.",
+            "Requests decoded together, observed at every decoding step.",
             buckets=BATCH_SIZE_BUCKETS,
             registry=self.registry,
         )
-        """How many requests each batch carried (1 = no batching happened)."""
+        """How many requests each decoding step ran for (always 1 = no batching happened)."""
 
     def render(self) -> bytes:
         """The text exposition format."""

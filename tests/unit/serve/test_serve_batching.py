@@ -91,8 +91,36 @@ class TestABatchComputesWhatEachRowComputesAlone:
         assert (kept.result().text, kept.result().completion_tokens, kept.result().finish_reason) == expected
 
 
+class TestRowsJoinARunningBatch:
+    def test_rows_that_join_mid_batch_compute_what_they_compute_alone(self, engine: Engine,
+                                                                       memorised: Memorised) -> None:
+        first = GenerationRequest(engine.encode_prompt("A"), GenerationParams(max_new_tokens=30, temperature=0.8,
+                                                                              seed=5))
+        later = [GenerationRequest(engine.encode_prompt(memorised.completion_prompt),
+                                   GenerationParams(max_new_tokens=40, temperature=0)),
+                 GenerationRequest(engine.encode_prompt("Kubernetes schedules each pod on a node that runs it"),
+                                   GenerationParams(max_new_tokens=9, temperature=1.0, top_p=0.9, seed=11)),
+                 GenerationRequest(engine.encode_prompt("B"), GenerationParams(max_new_tokens=20, temperature=0))]
+        expected = [_alone(engine, r.prompt_ids, r.params) for r in [first, *later]]
+        handed: list[int] = []
+
+        def more(room: int) -> list[GenerationRequest]:
+            handed.append(room)
+            if len(handed) == 3:  # after the running row made two tokens: two join, one longer than it
+                return later[:2]
+            if len(handed) == 6:
+                return later[2:]
+            return []
+
+        engine.generate_batch([first], more, capacity=4)
+        got = [(r.result().text, r.result().completion_tokens, r.result().finish_reason) for r in [first, *later]]
+        assert got == expected
+        assert handed[:3] == [3, 3, 3] and len(handed) >= 6, "asked between steps for what capacity leaves"
+        assert handed[3] <= 1, "two joined: at most one slot left"
+
+
 def _batches(server: ServerProcess) -> tuple[float, float]:
-    """(batches run, batches of one) from the server's histogram."""
+    """(decoding steps run, steps for one request alone) from the server's histogram."""
     text = server.get("/metrics")[1].decode()
     total = float(re.search(r"^kubetune_serve_batch_size_count (\S+)$", text, re.M).group(1))  # type: ignore[union-attr]
     single = float(re.search(r'^kubetune_serve_batch_size_bucket\{le="1.0"\} (\S+)$', text, re.M).group(1))  # type: ignore[union-attr]
@@ -133,7 +161,7 @@ def test_eight_concurrent_streams_equal_their_non_streaming_answers(
         streamed = list(pool.map(stream, range(8)))
     assert streamed == expected
     total, single = (after - earlier for after, earlier in zip(_batches(served), before, strict=True))
-    assert total - single >= 1, f"no two of the eight streams shared a batch ({total} batches, {single} of one)"
+    assert total - single >= 1, f"no two of the eight streams shared a decoding step ({total} steps, {single} alone)"
 
 
 def test_thirty_two_concurrent_clients_all_get_answers(served: ServerProcess, memorised: Memorised) -> None:
