@@ -233,12 +233,14 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def measure_concurrency(sides: dict[str, ServerProcess], client_counts: Sequence[int], repeats: int,
                         requests_per_client: int, max_tokens: int) -> dict[str, dict[int, list[Round]]]:
-    """Every (side, client count) `repeats` times, sides alternating within each repeat."""
+    """Every (side, client count) `repeats` times. Each repeat runs every client count on both sides,
+    alternating, so a change in the shared machine's load hits all of them alike (comparing client
+    counts measured minutes apart would compare the load, not the server)."""
     for server in sides.values():  # warm-up
         run_round(server, 2, 1, max_tokens)
     results: dict[str, dict[int, list[Round]]] = {side: {c: [] for c in client_counts} for side in sides}
-    for clients in client_counts:
-        for _ in range(repeats):
+    for _ in range(repeats):
+        for clients in client_counts:
             for side, server in sides.items():
                 results[side][clients].append(run_round(server, clients, requests_per_client, max_tokens))
     return results
