@@ -14,6 +14,7 @@ nothing in the operator or trainer imports it.
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -137,19 +138,36 @@ def resolve_endpoint(stack: Any, job: dict[str, Any]) -> str:
     raise RuntimeError(f"Service {namespace}/{service} has no ready pod")
 
 
-def ask(url: str, model: str, question: str, max_tokens: int = 48) -> str:
+def serving_api_key(stack: Any, job: dict[str, Any]) -> str | None:
+    """The API key of the job's serving endpoint (from its serving-key Secret); None with `auth: none`."""
+    from kubetune.operator import builders, names
+
+    if builders.serving_auth(job) != builders.AUTH_API_KEY:
+        return None
+    metadata = job["metadata"]
+    secret = stack.get("secret", names.serving_key(metadata["name"]), metadata["namespace"]) or {}
+    encoded = (secret.get("data") or {}).get(builders.SERVING_KEY_ENTRY)
+    return base64.b64decode(encoded).decode() if encoded else None
+
+
+def _auth_headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def ask(url: str, model: str, question: str, max_tokens: int = 48, api_key: str | None = None) -> str:
     """One chat completion from the OpenAI-compatible server."""
     body = json.dumps({"model": model, "messages": [{"role": "user", "content": question}],
                        "max_tokens": max_tokens, "temperature": 0}).encode()
     request = urllib.request.Request(f"{url}/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
+                                     headers={"Content-Type": "application/json", **_auth_headers(api_key)})
     with urllib.request.urlopen(request, timeout=120) as response:
         answer = json.loads(response.read())
     return str(answer["choices"][0]["message"]["content"])
 
 
-def served_model_name(url: str) -> str:
-    with urllib.request.urlopen(f"{url}/v1/models", timeout=30) as response:
+def served_model_name(url: str, api_key: str | None = None) -> str:
+    request = urllib.request.Request(f"{url}/v1/models", headers=_auth_headers(api_key))
+    with urllib.request.urlopen(request, timeout=30) as response:
         return str(json.loads(response.read())["data"][0]["id"])
 
 
@@ -182,10 +200,11 @@ def _cmd_dev(args: argparse.Namespace) -> int:
                                args.timeout, "the model to be served")
         job = stack.get("finetunejob", name, DEMO_NAMESPACE) or job
         url = local_stack.wait_until(lambda: resolve_endpoint(stack, job), 60, "a ready serving endpoint")
-        model = served_model_name(url)
+        api_key = serving_api_key(stack, job)
+        model = served_model_name(url, api_key)
         question = args.question
         print(f"kubetune dev: asking {model} at {url}: {question}", flush=True)
-        answer = ask(url, model, question)
+        answer = ask(url, model, question, api_key=api_key)
         print(f"\n>>> {question}\n{answer.strip()}\n", flush=True)
         print(f"kubetune dev: done in {time.monotonic() - started:.0f}s.", flush=True)
         if args.exit:

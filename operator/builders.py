@@ -427,6 +427,56 @@ SERVING_STARTUP_SECONDS = 1800
 """How long a serving container may take to load its model before liveness checks begin."""
 
 
+VLLM_BASE_SUFFIX = "-base"
+"""vLLM serving an adapter also serves its base, under the job's name plus this suffix."""
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+"""The values vLLM's `--max-lora-rank` accepts."""
+
+
+def vllm_max_lora_rank(job: Body) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `spec.method.lora.rank` (default 8)."""
+    lora = ((job.get("spec") or {}).get("method") or {}).get("lora") or {}
+    rank = lora.get("rank", 8) if isinstance(lora, dict) else 8
+    rank = rank if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 else 8
+    return next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), VLLM_LORA_RANKS[-1])
+
+
+AUTH_API_KEY = "apiKey"
+AUTH_NONE = "none"
+SERVING_KEY_ENTRY = "api-key"
+"""The entry of the serving-key Secret that holds the API key."""
+ANNOTATION_API_KEY_DIGEST = "kubetune.io/api-key-digest"
+"""On the serving pod template: a digest of the API key, so a rotated key rolls the Deployment."""
+BUILTIN_API_KEY_ENV = "KUBETUNE_SERVE_API_KEY"
+"""The built-in server requires this key as a bearer token when the variable is set."""
+VLLM_API_KEY_ENV = "VLLM_API_KEY"
+"""vLLM's `--api-key` default; set from the Secret so the key never appears on a command line."""
+
+
+def serving_auth(job: Body) -> str:
+    """`spec.serving.auth`: `apiKey` (default) or `none`."""
+    return str(serving_spec(job).get("auth") or AUTH_API_KEY)
+
+
+def serving_key_secret(job: Body, key: str) -> Body:
+    """The Secret with the API key of the job's serving endpoint."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": "Opaque",
+        # The key's digest rides along as an annotation: the operator reads Secrets as metadata
+        # only, never their data, and still rolls the Deployment when the key changes.
+        "metadata": {**_metadata(job, names.serving_key(job["metadata"]["name"]), COMPONENT_SERVING),
+                     "annotations": {ANNOTATION_API_KEY_DIGEST: api_key_digest(key)}},
+        "stringData": {SERVING_KEY_ENTRY: key},
+    }
+
+
+def api_key_digest(key: str) -> str:
+    """A short, non-reversible fingerprint of an API key (for the pod template annotation)."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
 def serving_spec(job: Body) -> Body:
     """`spec.serving`, or {} when absent."""
     serving = (job.get("spec") or {}).get("serving")
@@ -505,8 +555,14 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
                        "imagePullPolicy": settings.image_pull_policy}
     if runtime == RUNTIME_VLLM:
         # The image's entrypoint is the vLLM OpenAI server; only its arguments are ours.
-        args = ["--model", model.path, "--served-model-name", job_name, "--host", "0.0.0.0",
-                "--port", str(SERVING_PORT)]
+        if model.base_path is None:
+            args = ["--model", model.path, "--served-model-name", job_name]
+        else:
+            # An unmerged adapter: vLLM serves the base and applies the adapter per request by model name.
+            args = ["--model", model.base_path, "--served-model-name", f"{job_name}{VLLM_BASE_SUFFIX}",
+                    "--enable-lora", "--lora-modules", f"{job_name}={model.path}",
+                    "--max-lora-rank", str(vllm_max_lora_rank(job))]
+        args += ["--host", "0.0.0.0", "--port", str(SERVING_PORT)]
         gpus = serving_gpu_count(job)
         if gpus > 1:
             args += ["--tensor-parallel-size", str(gpus)]
@@ -519,6 +575,9 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
         # Binding the pod IP is valid in any cluster, and lets a local node give each pod its own address.
         env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}] + env
         health, ready = "/healthz", "/readyz"
+    if serving_auth(job) == AUTH_API_KEY:
+        env = env + [{"name": VLLM_API_KEY_ENV if runtime == RUNTIME_VLLM else BUILTIN_API_KEY_ENV,
+                      "valueFrom": {"secretKeyRef": {"name": names.serving_key(job_name), "key": SERVING_KEY_ENTRY}}}]
     mounts: list[Body] = [{"name": SCRATCH_VOLUME, "mountPath": "/tmp"}]
     if runtime == RUNTIME_VLLM:
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
@@ -548,11 +607,12 @@ def _serving_volumes(job: Body, model: render.ModelLocation, defaults: Namespace
 
 
 def serving_deployment(job: Body, model: render.ModelLocation, digest: str, settings: OperatorSettings,
-                       defaults: NamespaceLimits = DEFAULT_LIMITS) -> Body:
+                       defaults: NamespaceLimits = DEFAULT_LIMITS, key_digest: str = "") -> Body:
     """The Deployment that serves the finished model (runtime `builtin` or `vllm`).
 
-    The model digest is a pod-template annotation: a new model rolls the Deployment. The
-    model's claim is mounted read-only at the path the trainer wrote to.
+    The model digest is a pod-template annotation: a new model rolls the Deployment, and so does
+    a new API key (`key_digest`, from `api_key_digest`). The model's claim is mounted read-only
+    at the path the trainer wrote to.
     """
     name = names.serving(job["metadata"]["name"])
     pod: Body = {
@@ -577,7 +637,8 @@ def serving_deployment(job: Body, model: render.ModelLocation, digest: str, sett
             "revisionHistoryLimit": 3,
             "template": {
                 "metadata": {"labels": labels(job, COMPONENT_SERVING),
-                             "annotations": {ANNOTATION_MODEL_DIGEST: digest}},
+                             "annotations": {ANNOTATION_MODEL_DIGEST: digest,
+                                             **({ANNOTATION_API_KEY_DIGEST: key_digest} if key_digest else {})}},
                 "spec": pod,
             },
         },

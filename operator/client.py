@@ -149,6 +149,9 @@ class KubeClient:
                                        foreign, name) if serving else None
         serving_service = self._get(self.core.read_namespaced_service, namespace, child["serving"], uid,
                                     foreign, name) if serving else None
+        # Metadata only as well: the key's digest is an annotation the operator wrote on it.
+        serving_key_secret = self._get(self.core.read_namespaced_secret, namespace, child["serving_key"], uid,
+                                       foreign, name, _headers={"Accept": METADATA_ONLY}) if serving else None
         return Observed(
             job=job,
             now=datetime.now(timezone.utc),
@@ -162,6 +165,7 @@ class KubeClient:
             serving_deployment=serving_deployment,
             serving_service=serving_service,
             foreign_children=tuple(foreign),
+            serving_key_secret=serving_key_secret,
             namespace_jobs=self.list_finetunejobs(namespace) if with_quota else (),
             namespace_trainer_jobs=self.list_trainer_jobs(namespace) if with_quota else (),
         )

@@ -106,6 +106,7 @@ EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy"]
 EvaluationMetric = Literal["perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1"]
 AugmentationOperation = Literal["wordDeletion", "wordSwap", "wordInsertion", "charNoise"]
 ServingRuntime = Literal["builtin", "vllm"]
+ServingAuth = Literal["apiKey", "none"]
 Phase = Literal["Validating", "Pending", "Running", "Suspended", "Succeeded", "Failed"]
 
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1")
@@ -590,6 +591,11 @@ class ServingSpec:
     image: Annotated[str, MaxLength(512)] | None = None
     """Override the serving image (default: the trainer image for `builtin`, the operator's vLLM
     image for `vllm`)."""
+    auth: ServingAuth = "apiKey"
+    """`apiKey` (default): every `/v1/*` request needs `Authorization: Bearer <key>`, the key being
+    the `api-key` entry of the Secret `<job>-serving-key` that the operator creates with a random
+    value (delete the Secret to rotate the key: a new one is made and the server restarts);
+    wrong or missing keys get 401. `none`: anyone who can reach the Service may use the model."""
 
 
 # --- the spec ------------------------------------------------------------------------------------

@@ -34,6 +34,11 @@ def progress_secret(job_name: str) -> str:
     return child_name(job_name, "progress")
 
 
+def serving_key(job_name: str) -> str:
+    """The Secret holding the API key clients of the job's serving endpoint present."""
+    return child_name(job_name, "serving-key")
+
+
 def validation_job(job_name: str) -> str:
     """The accelerator-free Job that validates the dataset before GPUs are held."""
     return child_name(job_name, "validate")

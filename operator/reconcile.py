@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import secrets
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -53,6 +54,8 @@ class Observed:
     trainer_pods: tuple[Body, ...] = ()
     serving_deployment: Body | None = None
     serving_service: Body | None = None
+    serving_key_secret: Body | None = None
+    """The Secret with the serving endpoint's API key (read once serving may exist)."""
     namespace_jobs: tuple[Body, ...] = ()
     """Every FineTuneJob in the namespace (read only when the namespace's quota needs it)."""
     namespace_trainer_jobs: tuple[Body, ...] = ()
@@ -691,7 +694,7 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
     job = draft.observed.job
     known = {**draft.status, **draft.patch}.get("model") or {}
     digest = str(known.get("digest") or "") if isinstance(known, dict) else ""
-    deployment = builders.serving_deployment(job, model, digest, settings, limits)
+    deployment = builders.serving_deployment(job, model, digest, settings, limits, key_digest=_serving_key(draft))
     actual = draft.observed.serving_deployment
     if actual is None:
         draft.actions.append(CreateChild(deployment))
@@ -741,6 +744,24 @@ def _service_drifted(actual: Body, desired: Body) -> bool:
     spec = actual.get("spec") or {}
     ports = [{k: p.get(k) for k in ("name", "port", "targetPort", "protocol")} for p in spec.get("ports") or []]
     return bool(spec.get("selector") != desired["spec"]["selector"] or ports != desired["spec"]["ports"])
+
+
+def _serving_key(draft: _Draft) -> str:
+    """The API key's digest for the pod template ("" with `auth: none`); creates the key's Secret
+    with a random key when it is missing (deleting the Secret rotates the key)."""
+    job = draft.observed.job
+    if builders.serving_auth(job) != builders.AUTH_API_KEY:
+        return ""
+    secret = draft.observed.serving_key_secret
+    if secret is not None:
+        # Read as metadata only: the digest the operator annotated it with when it made the key
+        # (deleting the Secret rotates the key). Without the annotation, its resourceVersion.
+        metadata = secret.get("metadata") or {}
+        digest = (metadata.get("annotations") or {}).get(builders.ANNOTATION_API_KEY_DIGEST)
+        return str(digest) if digest else f"rv-{metadata.get('resourceVersion', '')}"
+    key = secrets.token_urlsafe(32)
+    draft.actions.append(CreateChild(builders.serving_key_secret(job, key)))
+    return builders.api_key_digest(key)
 
 
 def _remove_serving(draft: _Draft) -> None:
@@ -852,4 +873,5 @@ def child_names(job_name: str) -> dict[str, str]:
         "validation_job": names.validation_job(job_name),
         "trainer_job": names.trainer_job(job_name),
         "serving": names.serving(job_name),
+        "serving_key": names.serving_key(job_name),
     }

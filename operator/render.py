@@ -53,7 +53,8 @@ class RenderedConfig:
     output_uri: str
     """Where the run writes, as a storage URI (e.g. `pvc://models/finetunes/my-job`)."""
     model_uri: str
-    """Where the finished model will be (`<output_uri>/model`)."""
+    """Where the finished model will be (`<output_uri>/model`, or `<output_uri>/adapter` for an
+    unmerged LoRA adapter)."""
 
     def config_json(self) -> str:
         """The config file's content (stable key order, so equal specs give equal ConfigMaps)."""
@@ -101,23 +102,60 @@ class ModelLocation:
     """Where a finished model is, as a serving pod sees it."""
 
     uri: str
-    """Storage URI, e.g. `pvc://models/finetunes/my-job/model`."""
+    """Storage URI of what the trainer saved, e.g. `pvc://models/finetunes/my-job/model`
+    (`.../adapter` for a LoRA adapter saved unmerged)."""
     path: str
-    """The folder inside the pod, e.g. `/mnt/pvc/models/finetunes/my-job/model`."""
+    """That folder inside the pod, e.g. `/mnt/pvc/models/finetunes/my-job/model`."""
     claims: tuple[str, ...]
-    """PersistentVolumeClaims to mount (read-only) at `/mnt/pvc/<claim>`."""
+    """PersistentVolumeClaims to mount (read-only) at `/mnt/pvc/<claim>`: the output's, and for an
+    adapter the base model's too."""
+    base_path: str | None = None
+    """For an unmerged LoRA adapter: the base model folder the adapter applies to (the path the
+    trainer loaded it from, which the adapter's `adapter_config.json` names); None otherwise."""
+
+
+def saves_adapter(spec: dict[str, Any]) -> bool:
+    """True when the trainer saves a LoRA adapter (`method.lora.merge: false`) rather than a model."""
+    method = spec.get("method") or {}
+    if not isinstance(method, dict) or (method.get("type") or "lora") != "lora":
+        return False
+    lora = method.get("lora") or {}
+    return isinstance(lora, dict) and lora.get("merge") is False
+
+
+def artefact_folder(spec: dict[str, Any]) -> str:
+    """The output sub-folder the trainer saves to (the trainer's output contract): `adapter` or `model`."""
+    return "adapter" if saves_adapter(spec) else "model"
 
 
 def model_location(job: dict[str, Any]) -> ModelLocation:
-    """Where the job's trainer writes the finished model (`<output>/model`); SpecError when the
-    output storage is unusable. The same mapping as the trainer config, so serving pods find the
-    model at the path the trainer wrote it to."""
+    """Where the job's trainer writes the finished model (`<output>/model`, or `<output>/adapter`
+    for an unmerged LoRA adapter, with the base model it applies to); SpecError when the output
+    storage is unusable or the adapter's base cannot be served. The same mapping as the trainer
+    config, so serving pods find the model at the path the trainer wrote it to."""
     metadata = job.get("metadata") or {}
-    spec = job.get("spec")
-    uri = output_location(spec if isinstance(spec, dict) else {}, str(metadata.get("name", ""))) + "/model"
+    raw_spec = job.get("spec")
+    spec = raw_spec if isinstance(raw_spec, dict) else {}
+    uri = output_location(spec, str(metadata.get("name", ""))) + "/" + artefact_folder(spec)
     claims: set[str] = set()
     path = localize(uri, "spec.output.storage", claims)
-    return ModelLocation(uri=uri, path=path, claims=tuple(sorted(claims)))
+    base_path = None
+    if saves_adapter(spec):
+        model = spec.get("model") or {}
+        source = model.get("source") if isinstance(model, dict) else None
+        if not isinstance(source, str) or not source.strip():
+            raise SpecError(["spec.model.source: required to serve a LoRA adapter (method.lora.merge: false) "
+                             "on its base model"])
+        if source.startswith(("hf://", "s3://", "http://", "https://")):
+            raise SpecError([f"spec.method.lora.merge: false serves the adapter on its base model, which must be a "
+                             f"folder the serving pod can mount (pvc://<claim>/<path>), got spec.model.source "
+                             f"{source!r}; set merge: true to serve a merged model"])
+        if isinstance(model, dict) and model.get("ggufFile"):
+            raise SpecError(["spec.method.lora.merge: false cannot be served over a GGUF base model "
+                             "(spec.model.ggufFile): the server loads adapters onto transformers folders; "
+                             "set merge: true"])
+        base_path = localize(source, "spec.model.source", claims)
+    return ModelLocation(uri=uri, path=path, claims=tuple(sorted(claims)), base_path=base_path)
 
 
 def output_location(spec: dict[str, Any], job_name: str) -> str:
@@ -181,7 +219,7 @@ def trainer_config_for(job: dict[str, Any]) -> RenderedConfig:
     except trainer_config.ConfigError as error:
         raise SpecError([_spec_path(problem) for problem in error.problems]) from None
     return RenderedConfig(config=config, claims=tuple(sorted(claims)), output_uri=output_uri,
-                          model_uri=f"{output_uri}/model")
+                          model_uri=f"{output_uri}/{artefact_folder(spec)}")
 
 
 def _spec_path(problem: str) -> str:

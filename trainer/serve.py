@@ -13,13 +13,20 @@ The port opens first and the model loads in a background thread, so Kubernetes
 sees a live process whose readiness flips when it can serve. Until then the
 generation endpoints answer 503.
 
-Concurrency: generation runs on one worker thread (never on the event loop),
-one request at a time; the others wait in that thread pool's FIFO queue.
+Concurrency: generation runs on one thread (never on the event loop) that
+decodes concurrent requests together in batches of up to `--max-batch-size`
+(`serve_batch.py`); each request keeps its own sampling settings and seed.
 `--max-concurrency` bounds how many generation requests are admitted at once
 (generating + waiting); more get 429, which the `openai` client retries.
-HF `generate` has no continuous batching, so serialising costs little
-throughput, keeps memory bounded and seeded sampling reproducible; use the
-`vllm` runtime for high-throughput serving.
+
+Admission before work: the body size is checked from Content-Length before it
+is read, and parsing the JSON and tokenising the prompt run on a small thread
+pool, not on the event loop, so a 4 MiB prompt never delays `/healthz`.
+
+Authentication: when the environment variable `KUBETUNE_SERVE_API_KEY` is set
+(the operator sets it from the job's serving-key Secret), every `/v1/*` request
+must carry `Authorization: Bearer <that key>`; others get 401 in OpenAI's error
+shape. Probes and `/metrics` stay open (kubelet and Prometheus hold no key).
 
 Errors: every refused request gets an OpenAI-style body
 `{"error": {"message", "type", "param", "code"}}` with a 4xx status (503 while
@@ -36,6 +43,7 @@ import argparse
 import asyncio
 import concurrent.futures
 import dataclasses
+import hmac
 import json
 import logging
 import os
@@ -45,21 +53,26 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from kubetune.trainer import serve_protocol as protocol
+from kubetune.trainer.serve_batch import BatchScheduler
 from kubetune.trainer.serve_engine import (
+    MAIN_ADAPTER,
+    AdapterSource,
     ChatTemplateMissing,
     DType,
     Device,
     Engine,
     GenerationParams,
+    GenerationRequest,
     GenerationResult,
     ModelSource,
     ModelSourceError,
     load_engine,
+    resolve_adapter,
     resolve_model_source,
 )
 from kubetune.trainer.serve_metrics import ServerMetrics
@@ -71,6 +84,12 @@ EXIT_BAD_ARGUMENTS = 2
 """`--model` (or another option) cannot work; nothing was served."""
 EXIT_LOAD_FAILED = 1
 """The model files were found but loading them failed."""
+API_KEY_ENV = "KUBETUNE_SERVE_API_KEY"
+"""Environment variable with the API key clients must present (unset or empty: no authentication)."""
+MAX_BODY_BYTES = 4 * 1024 * 1024
+"""Largest request body accepted (413 beyond it)."""
+
+_T = TypeVar("_T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,16 +106,25 @@ class ServeSettings:
     """TCP port; 0 picks a free one (printed on stdout)."""
     max_tokens_limit: int = 512
     """Largest `max_tokens` a request may ask for; bounds the time one request holds the model."""
-    max_concurrency: int = 16
-    """Generation requests admitted at once (one generates, the rest queue); more get 429."""
+    max_concurrency: int = 64
+    """Generation requests admitted at once (generating or queued); more get 429."""
+    max_batch_size: int = 16
+    """Most requests decoded together in one batch; more wait for the next batch."""
+    batch_window_ms: float = 10.0
+    """How long an idle model waits for more requests to start a batch with (milliseconds)."""
     device: Device = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
     dtype: DType = "auto"
     """Weights dtype; `auto` = float32 on CPU, bfloat16 (or float16) on GPU."""
     chat_template: str | None = None
     """Path of a Jinja chat template that replaces the tokenizer's."""
+    adapters: tuple[str, ...] = ()
+    """More LoRA adapters over the same base, as `NAME=PATH`; a request selects one by `model`."""
     shutdown_timeout: float = 60.0
     """Seconds in-flight requests get to finish after SIGTERM before they are cut."""
+    api_key: str | None = dataclasses.field(default=None, repr=False)
+    """The bearer token `/v1/*` requests must carry; None = no authentication. From the
+    environment (`KUBETUNE_SERVE_API_KEY`), never the command line, which other processes can read."""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
@@ -109,8 +137,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
     parser.add_argument("--port", type=int, default=defaults.port, help="0 = pick a free port")
     parser.add_argument("--max-tokens-limit", type=int, default=defaults.max_tokens_limit)
     parser.add_argument("--max-concurrency", type=int, default=defaults.max_concurrency)
+    parser.add_argument("--max-batch-size", type=int, default=defaults.max_batch_size,
+                        help="most requests decoded together")
+    parser.add_argument("--batch-window-ms", type=float, default=defaults.batch_window_ms,
+                        help="how long an idle model waits for companions before starting a batch")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=defaults.dtype)
+    parser.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=PATH",
+                        help="also serve this LoRA adapter (over the same base model) as model NAME; repeatable")
     parser.add_argument("--chat-template", default=None, help="file with a Jinja chat template to use instead of the tokenizer's")
     parser.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout)
     args = parser.parse_args(argv)
@@ -118,9 +152,15 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
         parser.error(f"--max-tokens-limit: must be >= 1, got {args.max_tokens_limit}")
     if args.max_concurrency < 1:
         parser.error(f"--max-concurrency: must be >= 1, got {args.max_concurrency}")
+    if args.max_batch_size < 1:
+        parser.error(f"--max-batch-size: must be >= 1, got {args.max_batch_size}")
+    if not 0 <= args.batch_window_ms <= 1000:
+        parser.error(f"--batch-window-ms: must be from 0 to 1000, got {args.batch_window_ms}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port: must be from 0 to 65535, got {args.port}")
-    return ServeSettings(**{field.name: getattr(args, field.name) for field in dataclasses.fields(ServeSettings)})
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServeSettings) if field.name != "api_key"}
+    values["adapters"] = tuple(args.adapters)
+    return ServeSettings(**values, api_key=os.environ.get(API_KEY_ENV) or None)
 
 
 def _sse(payload: object) -> bytes:
@@ -132,11 +172,16 @@ def _sse(payload: object) -> bytes:
 class ModelServer:
     """The aiohttp application and the state behind it: the engine (once loaded), metrics, admission."""
 
-    def __init__(self, settings: ServeSettings, source: ModelSource, chat_template: str | None = None) -> None:
+    def __init__(self, settings: ServeSettings, source: ModelSource, chat_template: str | None = None,
+                 adapters: Sequence[AdapterSource] = ()) -> None:
         self.settings = settings
         self.source = source
         self.model_name = settings.served_model_name or source.default_name
-        """The one name `model` must carry in requests."""
+        """The main model's name (what `--model` loads); requests without `model` get it."""
+        self.routes: dict[str, str | None] = {self.model_name: MAIN_ADAPTER if source.adapter_dir and adapters else None}
+        """Every servable `model` name -> the LoRA adapter that generates for it (None: the model as loaded)."""
+        self.routes |= {adapter.name: adapter.name for adapter in adapters}
+        self._adapters = tuple(adapters)
         self.created = protocol.now()
         self.metrics = ServerMetrics()
         self.engine: Engine | None = None
@@ -147,8 +192,10 @@ class ModelServer:
         """Set on SIGTERM: /readyz turns 503 so no new traffic is routed here."""
         self._chat_template = chat_template
         self._admitted = 0
-        # One worker: generations run one at a time, in arrival order.
-        self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="generate")
+        self._scheduler: BatchScheduler | None = None
+        """Runs generations in batches; created once the model is loaded."""
+        # Parsing and tokenising big bodies happen here, off the event loop (probes stay fast).
+        self._prepare = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -157,9 +204,8 @@ class ModelServer:
 
         def load() -> None:
             try:
-                engine = load_engine(
-                    self.source, device=self.settings.device, dtype=self.settings.dtype, chat_template=self._chat_template
-                )
+                engine = load_engine(self.source, device=self.settings.device, dtype=self.settings.dtype,
+                                     chat_template=self._chat_template, adapters=self._adapters)
             except Exception as error:  # noqa: BLE001 - any failure to load is reported the same way
                 log.exception("loading the model failed")
                 message = f"{type(error).__name__}: {error}"
@@ -170,6 +216,9 @@ class ModelServer:
         threading.Thread(target=load, name="load-model", daemon=True).start()
 
     def _loaded(self, engine: Engine) -> None:
+        self._scheduler = BatchScheduler(engine, max_batch_size=self.settings.max_batch_size,
+                                         window=self.settings.batch_window_ms / 1000,
+                                         on_step=self.metrics.batch_size.observe)
         self.engine = engine
         self.metrics.model_loaded.set(1)
         log.info("model %r ready on %s (context length %s)", self.model_name, engine.device, engine.context_length)
@@ -180,11 +229,13 @@ class ModelServer:
 
     def close(self) -> None:
         """Wait for the generation thread (after the HTTP server stopped)."""
-        self._executor.shutdown(wait=True)
+        if self._scheduler is not None:
+            self._scheduler.close()
+        self._prepare.shutdown(wait=True)
 
     def app(self) -> web.Application:
         """The aiohttp application with all routes."""
-        app = web.Application(middlewares=[self._errors_and_metrics], client_max_size=4 * 1024 * 1024)
+        app = web.Application(middlewares=[self._errors_and_metrics], client_max_size=MAX_BODY_BYTES)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_get("/v1/models", self.models)
@@ -206,12 +257,15 @@ class ModelServer:
         endpoint = route.canonical if route is not None else "unmatched"
         status = 500
         try:
+            if request.path.startswith("/v1/"):
+                self._authenticate(request)
             response = await handler(request)
             status = response.status
             return response
         except ApiError as error:
             status = error.status
-            return web.json_response(error.body(), status=error.status)
+            headers = {"WWW-Authenticate": 'Bearer realm="kubetune"'} if error.status == 401 else None
+            return web.json_response(error.body(), status=error.status, headers=headers)
         except web.HTTPException as error:
             # Router and body-size errors (404 unknown path, 405, 413), in the same error shape.
             status = error.status
@@ -230,6 +284,19 @@ class ModelServer:
         finally:
             self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
             self.metrics.latency.labels(endpoint=endpoint).observe(time.perf_counter() - started)
+
+    def _authenticate(self, request: web.Request) -> None:
+        """401 unless the request carries the server's API key as a bearer token (when it has one)."""
+        expected = self.settings.api_key
+        if expected is None:
+            return
+        header = request.headers.get("Authorization", "")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            raise ApiError(401, "Missing API key: send the header 'Authorization: Bearer <key>' (the api-key entry of "
+                           "the job's <job>-serving-key Secret)", code="missing_api_key")  # fmt: skip
+        if not hmac.compare_digest(presented.strip().encode(), expected.encode()):
+            raise ApiError(401, "Incorrect API key provided", code="invalid_api_key")
 
     # --- probes and metadata ---------------------------------------------------
 
@@ -251,12 +318,12 @@ class ModelServer:
 
     async def models(self, request: web.Request) -> web.Response:
         """`GET /v1/models`."""
-        return web.json_response(protocol.models_body(self.model_name, self.created))
+        return web.json_response(protocol.models_body(list(self.routes), self.created))
 
     async def model(self, request: web.Request) -> web.Response:
         """`GET /v1/models/{id}`."""
         self._check_model_name(request.match_info["model"])
-        return web.json_response(protocol.model_body(self.model_name, self.created))
+        return web.json_response(protocol.model_body(request.match_info["model"], self.created))
 
     # --- generation endpoints --------------------------------------------------
 
@@ -265,35 +332,38 @@ class ModelServer:
         engine = self._ready_engine()
         body = await self._json_body(request)
         parsed = protocol.parse_completion_request(body, max_tokens_limit=self.settings.max_tokens_limit)
+        name, adapter = self._route(body)
         if isinstance(parsed.prompt, str):
-            prompt_ids = engine.encode_prompt(parsed.prompt)
+            self._check_prompt_chars(len(parsed.prompt), engine, "prompt")
+            prompt_ids = await self._off_loop(engine.encode_prompt, parsed.prompt)
             prompt_text = parsed.prompt
         else:
+            self._check_prompt_tokens(len(parsed.prompt), engine)
             self._check_token_ids(parsed.prompt, engine)
             prompt_ids = list(parsed.prompt)
-            prompt_text = engine.decode(prompt_ids)
+            prompt_text = await self._off_loop(engine.decode, prompt_ids) if parsed.echo else ""
         params = self._generation_params(parsed.sampling, len(prompt_ids), engine, "prompt", protocol.DEFAULT_COMPLETION_MAX_TOKENS)
         echo = prompt_text if parsed.echo else ""
         response_id, created = protocol.new_completion_id("cmpl"), protocol.now()
 
         async with self._admission():
             if not parsed.stream:
-                result = await self._generate(engine, prompt_ids, params)
+                result = await self._generate(engine, prompt_ids, params, adapter)
                 usage = protocol.Usage(len(prompt_ids), result.completion_tokens)
                 body_out = protocol.completion_body(
-                    response_id, created, self.model_name, echo + result.text, result.finish_reason, usage
+                    response_id, created, name, echo + result.text, result.finish_reason, usage
                 )
                 return web.json_response(body_out)
 
             def piece(text: str) -> dict[str, Any]:
-                return protocol.completion_chunk(response_id, created, self.model_name, text)
+                return protocol.completion_chunk(response_id, created, name, text)
 
             def last(result: GenerationResult) -> list[dict[str, Any]]:
-                return [protocol.completion_chunk(response_id, created, self.model_name, "", result.finish_reason)]
+                return [protocol.completion_chunk(response_id, created, name, "", result.finish_reason)]
 
             first = [piece(echo)] if echo else []
             return await self._stream(
-                request, engine, prompt_ids, params, first, piece, last, parsed.include_usage, response_id, created, chat=False
+                request, engine, prompt_ids, params, first, piece, last, parsed.include_usage, response_id, created, chat=False, model=name, adapter=adapter
             )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
@@ -301,8 +371,10 @@ class ModelServer:
         engine = self._ready_engine()
         body = await self._json_body(request)
         parsed = protocol.parse_chat_request(body, max_tokens_limit=self.settings.max_tokens_limit)
+        name, adapter = self._route(body)
+        self._check_prompt_chars(sum(len(m.content) for m in parsed.messages), engine, "messages")
         try:
-            prompt_ids = engine.encode_chat(parsed.messages)
+            prompt_ids = await self._off_loop(engine.encode_chat, parsed.messages)
         except ChatTemplateMissing as error:
             raise ApiError(400, str(error), param="messages", code="chat_template_missing") from error
         # Chat's default: as much as the limit and the context allow (OpenAI's behaviour).
@@ -311,21 +383,21 @@ class ModelServer:
 
         async with self._admission():
             if not parsed.stream:
-                result = await self._generate(engine, prompt_ids, params)
+                result = await self._generate(engine, prompt_ids, params, adapter)
                 usage = protocol.Usage(len(prompt_ids), result.completion_tokens)
                 return web.json_response(
-                    protocol.chat_body(response_id, created, self.model_name, result.text, result.finish_reason, usage)
+                    protocol.chat_body(response_id, created, name, result.text, result.finish_reason, usage)
                 )
 
             def piece(text: str) -> dict[str, Any]:
-                return protocol.chat_chunk(response_id, created, self.model_name, {"content": text})
+                return protocol.chat_chunk(response_id, created, name, {"content": text})
 
             def last(result: GenerationResult) -> list[dict[str, Any]]:
-                return [protocol.chat_chunk(response_id, created, self.model_name, {}, result.finish_reason)]
+                return [protocol.chat_chunk(response_id, created, name, {}, result.finish_reason)]
 
-            first = [protocol.chat_chunk(response_id, created, self.model_name, {"role": "assistant", "content": ""})]
+            first = [protocol.chat_chunk(response_id, created, name, {"role": "assistant", "content": ""})]
             return await self._stream(
-                request, engine, prompt_ids, params, first, piece, last, parsed.include_usage, response_id, created, chat=True
+                request, engine, prompt_ids, params, first, piece, last, parsed.include_usage, response_id, created, chat=True, model=name, adapter=adapter
             )
 
     # --- helpers ---------------------------------------------------------------
@@ -337,10 +409,18 @@ class ModelServer:
                            code="model_not_ready", error_type="server_error")  # fmt: skip
         return self.engine
 
+    async def _off_loop(self, function: Callable[..., _T], *args: Any) -> _T:
+        """Run CPU work proportional to the body's size (JSON, tokenising) on the prepare pool."""
+        return await asyncio.get_running_loop().run_in_executor(self._prepare, function, *args)
+
     async def _json_body(self, request: web.Request) -> object:
+        # Refuse an oversized body from its announced length, before reading a byte of it.
+        if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
+            raise ApiError(413, f"The request body has {request.content_length} bytes; at most {MAX_BODY_BYTES} "
+                           "(4 MiB) are accepted", code="request_entity_too_large")  # fmt: skip
         raw = await request.read()
         try:
-            body = json.loads(raw)
+            body = await self._off_loop(json.loads, raw)
         except (ValueError, UnicodeDecodeError) as error:
             raise ApiError(400, f"The request body is not valid JSON: {error}", code="invalid_json") from error
         # The model is checked before the other fields, so a wrong name gets 404 whatever else is wrong.
@@ -349,9 +429,39 @@ class ModelServer:
         return body
 
     def _check_model_name(self, name: str) -> None:
-        if name != self.model_name:
-            raise ApiError(404, f"The model '{name}' does not exist; this server serves '{self.model_name}'",
+        if name not in self.routes:
+            served = ", ".join(f"'{n}'" for n in self.routes)
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves {served}",
                            param="model", code="model_not_found")  # fmt: skip
+
+    def _route(self, body: object) -> tuple[str, str | None]:
+        """The model name a request asked for (already checked) and the adapter that serves it."""
+        name = body.get("model") if isinstance(body, dict) else None
+        name = name if isinstance(name, str) and name in self.routes else self.model_name
+        return name, self.routes[name]
+
+    @staticmethod
+    def _check_prompt_chars(chars: int, engine: Engine, param: str) -> None:
+        """Refuse, without tokenising, a prompt too long for the context whatever its tokens.
+
+        No token is longer than the vocabulary's longest, so a text of `chars`
+        characters has at least `chars / longest` tokens.
+        """
+        context = engine.context_length
+        if context is None:
+            return
+        most = context * engine.longest_token_chars
+        if chars > most:
+            raise ApiError(400, f"The prompt has {chars} characters; this model's context length is {context} tokens, "
+                           f"and no token of its vocabulary is longer than {engine.longest_token_chars} characters, "
+                           f"so at most {most} characters can fit", param=param, code="context_length_exceeded")  # fmt: skip
+
+    @staticmethod
+    def _check_prompt_tokens(count: int, engine: Engine) -> None:
+        context = engine.context_length
+        if context is not None and count >= context:
+            raise ApiError(400, f"The prompt has {count} tokens; this model's context length is {context} tokens, "
+                           "which leaves no room for a completion", param="prompt", code="context_length_exceeded")  # fmt: skip
 
     @staticmethod
     def _check_token_ids(ids: Sequence[int], engine: Engine) -> None:
@@ -397,13 +507,18 @@ class ModelServer:
     def _admission(self) -> _Admission:
         return _Admission(self)
 
-    async def _generate(self, engine: Engine, prompt_ids: list[int], params: GenerationParams) -> GenerationResult:
-        loop = asyncio.get_running_loop()
-        cancelled = threading.Event()
+    def _submit(self, request: GenerationRequest) -> None:
+        assert self._scheduler is not None, "the scheduler exists once the engine does"
+        self._scheduler.submit(request)
+
+    async def _generate(self, engine: Engine, prompt_ids: list[int], params: GenerationParams,
+                        adapter: str | None) -> GenerationResult:
+        request = GenerationRequest(prompt_ids, params, adapter=adapter)
+        self._submit(request)
         try:
-            result = await loop.run_in_executor(self._executor, engine.generate, prompt_ids, params, None, cancelled)
+            result = await asyncio.wrap_future(request.future)
         except asyncio.CancelledError:
-            cancelled.set()  # the handler was cancelled (shutdown timeout): stop the generation too
+            request.cancelled.set()  # the handler was cancelled (shutdown timeout): stop the generation too
             raise
         self._count_tokens(len(prompt_ids), result)
         return result
@@ -426,18 +541,22 @@ class ModelServer:
         created: int,
         *,
         chat: bool,
+        model: str,
+        adapter: str | None,
     ) -> web.StreamResponse:
         """Run one generation and send its text as server-sent events while it is produced."""
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue[str | None] = asyncio.Queue()
-        cancelled = threading.Event()
 
         def on_text(text: str) -> None:  # on the generation thread
             loop.call_soon_threadsafe(pieces.put_nowait, text)
 
-        generation = loop.run_in_executor(self._executor, engine.generate, prompt_ids, params, on_text, cancelled)
-        # Runs after every on_text callback: they were scheduled earlier from the same thread.
-        generation.add_done_callback(lambda _: pieces.put_nowait(None))
+        job = GenerationRequest(prompt_ids, params, on_text, adapter=adapter)
+        cancelled = job.cancelled
+        # The end marker is scheduled from the generation thread after every on_text callback, so it comes last.
+        job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        self._submit(job)
+        generation = asyncio.wrap_future(job.future)
 
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -461,7 +580,7 @@ class ModelServer:
                 await response.write(_sse(chunk))
             if include_usage:
                 usage = protocol.Usage(len(prompt_ids), result.completion_tokens)
-                await response.write(_sse(protocol.usage_chunk(response_id, created, self.model_name, usage, chat=chat)))
+                await response.write(_sse(protocol.usage_chunk(response_id, created, model, usage, chat=chat)))
             await response.write(_sse("[DONE]"))
             await response.write_eof()
             return response
@@ -500,9 +619,10 @@ def _read_chat_template(path: str | None) -> str | None:
         raise ModelSourceError(f"--chat-template: cannot read {path}: {error}") from error
 
 
-async def serve(settings: ServeSettings, source: ModelSource, chat_template: str | None = None) -> int:
+async def serve(settings: ServeSettings, source: ModelSource, chat_template: str | None = None,
+                adapters: Sequence[AdapterSource] = ()) -> int:
     """Run the server until SIGTERM/SIGINT (exit code 0) or a failed model load (1)."""
-    server = ModelServer(settings, source, chat_template)
+    server = ModelServer(settings, source, chat_template, adapters)
     runner = web.AppRunner(server.app(), shutdown_timeout=settings.shutdown_timeout)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
@@ -535,12 +655,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = parse_args(argv)
     try:
         source = resolve_model_source(settings.model)
+        adapters = [resolve_adapter(spec, source) for spec in settings.adapters]
+        taken = {settings.served_model_name or source.default_name}
+        for adapter in adapters:
+            if adapter.name in taken:
+                raise ModelSourceError(f"--adapter {adapter.name}=...: the name {adapter.name!r} is already served; "
+                                       "each model name must be unique")
+            taken.add(adapter.name)
         chat_template = _read_chat_template(settings.chat_template)
     except ModelSourceError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_ARGUMENTS
     log.info("serving %s as %r", source.describe(), settings.served_model_name or source.default_name)
-    code = asyncio.run(serve(settings, source, chat_template))
+    code = asyncio.run(serve(settings, source, chat_template, adapters))
     if code == EXIT_LOAD_FAILED:
         # A load that failed inside native code (safetensors, torch) can leave native threads behind
         # whose destructors abort interpreter finalisation ("terminate called without an active

@@ -12,20 +12,21 @@ to load it (no weights are read, so it is fast and runs before the port opens):
 - a `.gguf` checkpoint file (or a folder holding exactly one), loaded with
   transformers' `gguf_file` support (dequantised into a regular torch model).
 
-`load_engine(source, ...)` reads the weights and returns an `Engine`, whose
-`generate` runs transformers `generate` for one prompt, streaming text pieces
-through a callback. Torch and transformers are imported only when loading, so
-the server can open its port (and answer /healthz) while they import.
+`load_engine(source, ...)` reads the weights and returns an `Engine`. Its
+`generate_batch` decodes several prompts together: left-padded into one batch
+with a KV cache, one forward pass per step for every row still generating, each
+row with its own sampling settings, seed, stop sequences and token sink, and
+leaving the batch the moment it is done. `generate` is a batch of one. Torch
+and transformers are imported only when loading, so the server can open its
+port (and answer /healthz) while they import.
 
-Concurrency: `Engine.generate` holds a lock for the whole generation, so one
-request uses the model at a time (the server queues the others, see
-`serve.py`). HF `generate` has no continuous batching; serialising keeps
-per-request seeds reproducible and memory bounded. High-throughput serving is
-what the `vllm` runtime is for.
+Concurrency: `generate_batch` holds a lock for the whole batch; the server's
+batch scheduler (`serve_batch.py`) gathers concurrent requests into batches.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
 import logging
@@ -132,6 +133,41 @@ def _trainer_output_source(folder: Path) -> ModelSource | None:
     if has_model:
         return ModelSource(kind="transformers", weights_dir=model_dir, tokenizer_dir=model_dir, default_name=folder.name)
     return None
+
+
+MAIN_ADAPTER = "main"
+"""peft name of the adapter `--model` itself points to, when more adapters are loaded beside it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterSource:
+    """One more LoRA adapter to serve over the main model's base (`--adapter NAME=PATH`)."""
+
+    name: str
+    """The `model` name requests select it by."""
+    path: Path
+    """The peft adapter folder (`adapter_config.json` + weights)."""
+
+
+def resolve_adapter(spec: str, source: ModelSource) -> AdapterSource:
+    """Parse `NAME=PATH` and check the adapter applies to the base `source` loads; ModelSourceError if not."""
+    name, sep, raw_path = spec.partition("=")
+    if not sep or not name.strip() or not raw_path.strip():
+        raise ModelSourceError(f"--adapter: expected NAME=PATH, got {spec!r}")
+    if name == MAIN_ADAPTER or name.startswith("__"):
+        raise ModelSourceError(f"--adapter {spec}: the name {name!r} is reserved")
+    path = Path(raw_path).expanduser().absolute()
+    if (path / "adapter" / "adapter_config.json").is_file():
+        path = path / "adapter"  # a trainer output folder with an unmerged adapter
+    if not (path / "adapter_config.json").is_file():
+        raise ModelSourceError(f"--adapter {spec}: {path} has no adapter_config.json (not a peft adapter folder)")
+    if source.kind == "gguf":
+        raise ModelSourceError(f"--adapter {spec}: adapters are served over transformers models, not GGUF files")
+    base = _adapter_base(path)
+    if base != source.weights_dir.resolve():
+        raise ModelSourceError(f"--adapter {spec}: its base model is {base}, but this server's base is "
+                               f"{source.weights_dir.resolve()}; an adapter only applies to the base it was trained on")
+    return AdapterSource(name=name, path=path)
 
 
 def resolve_model_source(path: str | Path) -> ModelSource:
@@ -295,6 +331,121 @@ class TokenSink:
                 self._on_text(piece)
 
 
+BASE_ADAPTER = "__base__"
+"""peft's name for "no adapter" in a mixed-adapter batch."""
+
+
+class GenerationRequest:
+    """One prompt in a generation batch: its settings, its token sink and how its caller hears back.
+
+    Created on the server's event loop; `begin`, `step`, `fail` run on the
+    generation thread. `future` resolves with the `GenerationResult` as soon as
+    this row is finished, even while other rows of its batch go on.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: GenerationParams,
+        on_text: Callable[[str], None] | None = None,
+        cancelled: threading.Event | None = None,
+        adapter: str | None = None,
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        """The prompt's token ids (checked against the vocabulary and context by the server)."""
+        self.params = params
+        """Resolved sampling and stopping settings."""
+        self.on_text = on_text
+        """Receives text pieces once they are final (on the generation thread)."""
+        self.cancelled = cancelled or threading.Event()
+        """Set when the client went away: the row leaves the batch at the next token."""
+        self.adapter = adapter
+        """LoRA adapter to generate with (None: the base model)."""
+        self.future: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
+        """The result, or the exception that ended the batch."""
+        self.generator: torch.Generator | None = None
+        """This row's random generator (seeded from `params.seed` when given)."""
+        self._sink: TokenSink | None = None
+
+    def begin(self, engine: Engine) -> None:
+        """Set up the token sink and the random generator; the batch is about to start."""
+        import torch
+
+        self._sink = TokenSink(engine.decode, engine.eos_ids, self.params, self.on_text)
+        if self.params.temperature > 0:
+            self.generator = torch.Generator(device=engine.device)
+            if self.params.seed is not None:
+                self.generator.manual_seed(self.params.seed)
+            else:
+                self.generator.seed()
+        if self.cancelled.is_set():
+            self._complete()
+
+    def step(self, token: int) -> bool:
+        """Accept the row's next token; True once the row is finished (its future is then resolved)."""
+        sink = self._sink
+        assert sink is not None, "begin() first"
+        if self.future.done():
+            return True
+        sink.add(token)
+        if sink.done or self.cancelled.is_set():
+            self._complete()
+            return True
+        return False
+
+    def fail(self, error: BaseException) -> None:
+        """The batch broke: hand the error to a caller still waiting."""
+        if not self.future.done():
+            self.future.set_exception(error if isinstance(error, Exception) else RuntimeError(repr(error)))
+
+    def result(self) -> GenerationResult:
+        """The finished generation (blocks until it is)."""
+        return self.future.result()
+
+    def _complete(self) -> None:
+        assert self._sink is not None
+        self._sink.end()
+        if not self.future.done():
+            self.future.set_result(self._sink.result())
+
+
+@dataclasses.dataclass
+class _RunningBatch:
+    """The rows being decoded together and their shared state between two steps."""
+
+    rows: list[GenerationRequest]
+    cache: Any
+    """The KV cache (transformers DynamicCache), one batch row per request."""
+    mask: torch.Tensor
+    """(rows, cached length): 1 where a row has a token, 0 for its left padding."""
+    last_position: torch.Tensor
+    """(rows, 1): each row's position of its last token."""
+    tokens: torch.Tensor
+    """(rows,): each row's latest token, the next step's input."""
+
+    @staticmethod
+    def merge(running: _RunningBatch, joining: _RunningBatch | None) -> _RunningBatch:
+        """`running` with the rows of `joining` added: the shorter cache is left-padded (masked) to the longer."""
+        import torch
+        import torch.nn.functional as F
+
+        if joining is None:
+            return running
+        old_length, new_length = running.mask.shape[1], joining.mask.shape[1]
+        length = max(old_length, new_length)
+        for old, new in zip(running.cache.layers, joining.cache.layers, strict=True):
+            # keys/values: (rows, heads, length, head_dim); pad dim -2 on the left.
+            old.keys = torch.cat([F.pad(old.keys, (0, 0, length - old_length, 0)),
+                                  F.pad(new.keys, (0, 0, length - new_length, 0))], dim=0)
+            old.values = torch.cat([F.pad(old.values, (0, 0, length - old_length, 0)),
+                                    F.pad(new.values, (0, 0, length - new_length, 0))], dim=0)
+        mask = torch.cat([F.pad(running.mask, (length - old_length, 0)),
+                          F.pad(joining.mask, (length - new_length, 0))], dim=0)
+        return _RunningBatch(running.rows + joining.rows, running.cache, mask,
+                             torch.cat([running.last_position, joining.last_position]),
+                             torch.cat([running.tokens, joining.tokens]))
+
+
 class Engine:
     """A loaded model and tokenizer, and one-at-a-time generation on them."""
 
@@ -321,7 +472,12 @@ class Engine:
         self.eos_ids = _eos_ids(model, tokenizer)
         """Token ids that end a generation."""
         self.pad_id = _pad_id(model, tokenizer, self.eos_ids)
-        """Padding id `generate` needs (never attended to: one prompt, no padding)."""
+        """Padding id for left-padded batches (masked out, never attended to)."""
+        self.longest_token_chars = _longest_token_chars(tokenizer)
+        """Characters in the vocabulary's longest token: bounds a prompt's token count from its length."""
+        self.adapter_names: tuple[str, ...] = ()
+        """LoRA adapters loaded unmerged over the base, selectable per request; () for a plain model."""
+        self._cache_argument = _cache_argument(model)
         self._lock = threading.Lock()
 
     def encode_prompt(self, text: str) -> list[int]:
@@ -359,51 +515,161 @@ class Engine:
 
         `on_text` receives text pieces as they become final (called on this
         thread). Setting `cancelled` stops the generation at the next token.
+        A batch of one: the same decoding path as batched requests.
+        """
+        request = GenerationRequest(list(prompt_ids), params, on_text, cancelled or threading.Event())
+        self.generate_batch([request])
+        return request.result()
+
+    def generate_batch(
+        self,
+        requests: Sequence[GenerationRequest],
+        more: Callable[[int], list[GenerationRequest]] | None = None,
+        capacity: int = 0,
+        on_step: Callable[[int], None] | None = None,
+    ) -> None:
+        """Generate completions for several prompts at once; blocking, call from a worker thread.
+
+        The prompts are left-padded into one batch (masked, with per-row
+        positions), so each row computes what it would alone; every decoding
+        step runs the model once for all rows still generating. A row leaves
+        the batch as soon as it is finished (end of sequence, stop sequence,
+        max_tokens, or cancelled) and its future resolves then, so a short
+        answer is not held back by a long one. Between steps, `more(n)` may
+        hand over up to n new requests (while fewer than `capacity` rows run):
+        they are prefilled on their own and join the running batch, their
+        caches aligned on the left (continuous batching). Sampling uses a
+        random generator per row, seeded from the request's `seed`, so a
+        seeded request draws the same tokens whatever else shares its batch.
+        `on_step(rows)` is told how many rows each decoding step ran.
         """
         import torch
-        from transformers import StoppingCriteria, StoppingCriteriaList
 
-        sink = TokenSink(self.decode, self.eos_ids, params, on_text)
-        stop_flag = cancelled or threading.Event()
-
-        class SinkSaysStop(StoppingCriteria):
-            """Ends `generate` once the sink is done or the client went away."""
-
-            def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-                stop = sink.done or stop_flag.is_set()
-                return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
-
-        input_ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+        if not requests:
+            return
         with self._lock, torch.inference_mode():
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                generation_config=self._generation_config(params),
-                streamer=sink,
-                stopping_criteria=StoppingCriteriaList([SinkSaysStop()]),
-            )
-        return sink.result()
+            rows = list(requests)
+            try:
+                self._decode(rows, more, capacity, on_step)
+            except BaseException as error:
+                for request in rows:  # `rows` grows with the requests that joined
+                    request.fail(error)
+                raise
 
-    def _generation_config(self, params: GenerationParams) -> Any:
-        """A full config: OpenAI semantics, not the checkpoint's sampling defaults (top_k, repetition penalty...)."""
-        from transformers import GenerationConfig
+    def _decode(self, rows: list[GenerationRequest], more: Callable[[int], list[GenerationRequest]] | None,
+                capacity: int, on_step: Callable[[int], None] | None) -> None:
+        import torch
 
-        sampling = params.temperature > 0
-        return GenerationConfig(  # type: ignore[no-untyped-call]
-            max_new_tokens=params.max_new_tokens,
-            min_new_tokens=0,
-            do_sample=sampling,
-            temperature=params.temperature if sampling else 1.0,
-            top_p=params.top_p if sampling else 1.0,
-            top_k=0 if sampling else None,  # 0 = off (OpenAI has no top_k); unset when greedy, to avoid a warning
-            num_beams=1,
-            repetition_penalty=1.0,
-            no_repeat_ngram_size=0,
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.pad_id,
-        )
+        batch = self._prefill(list(rows))
+        while batch is not None:
+            if more is not None and len(batch.rows) < capacity and self._can_join(batch.cache):
+                joining = more(capacity - len(batch.rows))
+                if joining:
+                    rows.extend(joining)
+                    batch = _RunningBatch.merge(batch, self._prefill(joining))
+            mask = torch.cat([batch.mask, batch.mask.new_ones((len(batch.rows), 1))], dim=1)
+            positions = batch.last_position + 1
+            if on_step is not None:
+                on_step(len(batch.rows))
+            logits = self._forward(batch.tokens[:, None], mask, positions, batch.cache, batch.rows)
+            batch = self._advance(_RunningBatch(batch.rows, batch.cache, mask, positions, batch.tokens), logits)
+
+    def _prefill(self, rows: list[GenerationRequest]) -> _RunningBatch | None:
+        """Run the prompts of `rows` (left-padded) and take their first tokens; None if all are done."""
+        import torch
+
+        for request in rows:
+            request.begin(self)
+        longest = max(len(r.prompt_ids) for r in rows)
+        pad = self.pad_id if self.pad_id is not None else 0
+        # Shapes: (rows, longest); prompts right-aligned so every row's next token is the last column.
+        input_ids = torch.full((len(rows), longest), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for index, request in enumerate(rows):
+            input_ids[index, longest - len(request.prompt_ids):] = torch.tensor(request.prompt_ids, dtype=torch.long)
+            mask[index, longest - len(request.prompt_ids):] = 1
+        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = self._new_cache()
+        logits = self._forward(input_ids, mask, positions, cache, rows)
+        return self._advance(_RunningBatch(rows, cache, mask, positions[:, -1:], input_ids[:, -1]), logits)
+
+    def _advance(self, batch: _RunningBatch, logits: torch.Tensor) -> _RunningBatch | None:
+        """Choose every row's next token, hand it to the row, and drop the rows that are done."""
+        import torch
+
+        tokens = self._choose(logits, batch.rows)
+        chosen = tokens.tolist()  # one device-to-host copy for the whole batch, not one per row
+        keep = [i for i, request in enumerate(batch.rows) if not request.step(chosen[i])]
+        if not keep:
+            return None
+        if len(keep) == len(batch.rows):
+            return _RunningBatch(batch.rows, batch.cache, batch.mask, batch.last_position, tokens)
+        index = torch.tensor(keep, dtype=torch.long, device=tokens.device)
+        batch.cache.batch_select_indices(index)
+        return _RunningBatch([batch.rows[i] for i in keep], batch.cache, batch.mask[index],
+                             batch.last_position[index], tokens[index])
+
+    @staticmethod
+    def _can_join(cache: Any) -> bool:
+        """Rows can join only a cache of plain growing layers (not sliding windows, not static)."""
+        from transformers.cache_utils import DynamicLayer
+
+        layers = getattr(cache, "layers", None)
+        return bool(layers) and all(type(layer) is DynamicLayer and layer.is_initialized for layer in layers)
+
+    def _new_cache(self) -> Any:
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any,
+                 rows: Sequence[GenerationRequest]) -> torch.Tensor:
+        """Next-token logits (rows, vocab) in float32; the cache grows by the new tokens."""
+        kwargs: dict[str, Any] = {self._cache_argument: cache}
+        if self.adapter_names:
+            kwargs["adapter_names"] = [r.adapter or BASE_ADAPTER for r in rows]
+        output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                            logits_to_keep=1, **kwargs)
+        return output.logits[:, -1, :].float()
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, rows: Sequence[GenerationRequest]) -> torch.Tensor:
+        """The next token of every row: argmax when greedy, else a draw with the row's own generator."""
+        import torch
+
+        chosen = logits.argmax(dim=-1)
+        for index, request in enumerate(rows):
+            params = request.params
+            if params.temperature <= 0:
+                continue
+            probs = torch.softmax(logits[index] / params.temperature, dim=-1)
+            if params.top_p < 1.0:
+                # Nucleus: keep the smallest set of most likely tokens whose mass reaches top_p.
+                sorted_probs, order = torch.sort(probs, descending=True)
+                outside = sorted_probs.cumsum(-1) - sorted_probs >= params.top_p
+                sorted_probs[outside] = 0.0
+                probs = torch.zeros_like(probs).scatter(0, order, sorted_probs)
+            chosen[index] = torch.multinomial(probs, 1, generator=request.generator).squeeze(0)
+        return chosen
+
+def _longest_token_chars(tokenizer: Any) -> int:
+    """The longest token's length in characters (byte-level vocabularies write one character per byte)."""
+    try:
+        vocabulary = tokenizer.get_vocab()
+    except (AttributeError, NotImplementedError):
+        vocabulary = {}
+    return max((len(str(token)) for token in vocabulary), default=64) or 1
+
+
+def _cache_argument(model: Any) -> str:
+    """The name `forward` takes the KV cache by (`cache` in recent transformers, `past_key_values` before)."""
+    import inspect
+
+    # A peft wrapper passes keyword arguments through to the transformers model it wraps.
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    parameters = inspect.signature(inner.forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _context_length(model: Any, tokenizer: Any) -> int | None:
@@ -470,8 +736,14 @@ def load_engine(
     device: Device = "auto",
     dtype: DType = "auto",
     chat_template: str | None = None,
+    adapters: Sequence[AdapterSource] = (),
 ) -> Engine:
-    """Read the weights and tokenizer described by `source`; slow (seconds to minutes)."""
+    """Read the weights and tokenizer described by `source`; slow (seconds to minutes).
+
+    One adapter (`--model` an adapter folder) is merged into the base. With more
+    (`adapters`), every adapter stays separate over one copy of the base, and
+    each batch row picks its own (peft's mixed-adapter batches).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target_device = resolve_device(device)
@@ -480,13 +752,27 @@ def load_engine(
     log.info("loading %s on %s as %s", source.describe(), target_device, torch_dtype)
     tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_dir, **gguf)
     model: Any = AutoModelForCausalLM.from_pretrained(source.weights_dir, dtype=torch_dtype, **gguf)
-    if source.adapter_dir is not None:
+    names: list[str] = []
+    if source.adapter_dir is not None and not adapters:
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, source.adapter_dir)
         # Merged weights generate as fast as the base model; unmergeable adapter types stay wrapped.
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
+    elif adapters:
+        from peft import PeftModel
+
+        pending = [(MAIN_ADAPTER, source.adapter_dir)] if source.adapter_dir is not None else []
+        pending += [(adapter.name, adapter.path) for adapter in adapters]
+        first_name, first_path = pending[0]
+        model = PeftModel.from_pretrained(model, first_path, adapter_name=first_name)
+        for name, path in pending[1:]:
+            model.load_adapter(path, adapter_name=name)
+        names = [name for name, _ in pending]
+        log.info("serving %d LoRA adapters unmerged over one base: %s", len(names), ", ".join(names))
     model.to(target_device)
     model.eval()
-    return Engine(model, tokenizer, device=target_device, chat_template=chat_template)
+    engine = Engine(model, tokenizer, device=target_device, chat_template=chat_template)
+    engine.adapter_names = tuple(names)
+    return engine

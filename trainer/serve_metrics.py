@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 """Seconds; from cheap probes up to long generations on a CPU."""
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
+"""Requests per batch; powers of two up to the largest --max-batch-size worth using."""
 
 
 class ServerMetrics:
@@ -58,6 +60,14 @@ class ServerMetrics:
             registry=self.registry,
         )
         """Readiness as a number, for alerts."""
+
+        self.batch_size = Histogram(
+            "kubetune_serve_batch_size",
+            "Requests decoded together, observed at every decoding step.",
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=self.registry,
+        )
+        """How many requests each decoding step ran for (always 1 = no batching happened)."""
 
     def render(self) -> bytes:
         """The text exposition format."""

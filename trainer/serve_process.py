@@ -27,13 +27,18 @@ LISTENING_PREFIX = "kubetune.serve listening on "
 class ServerProcess:
     """A `python -m kubetune.trainer.serve` subprocess on a free loopback port; output goes to `log_path`."""
 
-    def __init__(self, args: list[str], log_path: Path) -> None:
+    def __init__(self, args: list[str], log_path: Path, api_key: str | None = None) -> None:
         self.log_path = log_path
         """File receiving the server's stdout and stderr."""
         self.base_url = ""
         """`http://127.0.0.1:PORT`, known once `wait_listening` returned."""
         self._log: IO[bytes] = log_path.open("wb")
+        self.api_key = api_key
+        """The server's API key (passed in its environment); sent as a bearer token by these helpers."""
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("KUBETUNE_SERVE_API_KEY", None)
+        if api_key is not None:
+            env["KUBETUNE_SERVE_API_KEY"] = api_key
         self.process = subprocess.Popen(
             [sys.executable, "-m", "kubetune.trainer.serve", "--host", "127.0.0.1", "--port", "0", *args],
             stdout=self._log,
@@ -83,6 +88,7 @@ class ServerProcess:
         """POST a streaming request; (status, content type, the `data:` payload of every event, in order)."""
         request = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode(), method="POST")
         request.add_header("Content-Type", "application/json")
+        self._authorize(request)
         with urllib.request.urlopen(request, timeout=120) as response:
             raw = response.read().decode()
             content_type = response.headers.get("Content-Type", "")
@@ -97,11 +103,16 @@ class ServerProcess:
         request = urllib.request.Request(self.base_url + path, data=data, method=method)
         if data is not None:
             request.add_header("Content-Type", "application/json")
+        self._authorize(request)
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
                 return response.status, response.read()
         except urllib.error.HTTPError as error:
             return error.code, error.read()
+
+    def _authorize(self, request: urllib.request.Request) -> None:
+        if self.api_key is not None:
+            request.add_header("Authorization", f"Bearer {self.api_key}")
 
     def stop(self, timeout: float = 60) -> int:
         """SIGTERM, wait (SIGKILL after `timeout`), return the exit code."""

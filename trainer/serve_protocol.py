@@ -526,9 +526,9 @@ def usage_chunk(response_id: str, created: int, model: str, usage: Usage, *, cha
     }
 
 
-def models_body(model: str, created: int) -> dict[str, Any]:
-    """`GET /v1/models`: the one model this server serves."""
-    return {"object": "list", "data": [model_body(model, created)]}
+def models_body(models: Sequence[str], created: int) -> dict[str, Any]:
+    """`GET /v1/models`: the models this server serves (the main one first, then its adapters)."""
+    return {"object": "list", "data": [model_body(model, created) for model in models]}
 
 
 def model_body(model: str, created: int) -> dict[str, Any]:

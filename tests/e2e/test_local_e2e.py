@@ -85,13 +85,16 @@ class TestHappyPath:
                                240, "ServingReady")
         job = stack.get("finetunejob", name, namespace) or {}
         url = local_stack.wait_until(lambda: cli.resolve_endpoint(stack, job), 60, "a ready endpoint")
-        model = cli.served_model_name(url)
+        api_key = cli.serving_api_key(stack, job)
+        assert api_key, "serving.auth defaults to apiKey: the operator made the job's key Secret"
+        model = cli.served_model_name(url, api_key)
         assert model == name
-        answer = cli.ask(url, model, "How do I pause a job?", max_tokens=8)
+        answer = cli.ask(url, model, "How do I pause a job?", max_tokens=8, api_key=api_key)
         assert isinstance(answer, str)
         body = json.dumps({"model": model, "prompt": "kubectl", "max_tokens": 5}).encode()
         request = urllib.request.Request(f"{url}/v1/completions", data=body,
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {api_key}"})
         with urllib.request.urlopen(request, timeout=60) as response:
             completion = json.loads(response.read())
         assert completion["usage"]["completion_tokens"] >= 1

@@ -244,8 +244,12 @@ def children_of(stored: dict[str, Any]) -> list[dict[str, Any]]:
         rendered = render.trainer_config_for(stored)
         created.append(builders.trainer_job(stored, rendered, SETTINGS, admitted=True))
         if (stored["spec"].get("serving") or {}).get("enabled"):
-            created.append(builders.serving_deployment(stored, render.model_location(stored), "sha256:" + "0" * 64,
-                                                       SETTINGS))
+            try:
+                model = render.model_location(stored)
+            except render.SpecError:
+                # The operator creates no serving objects then (ServingInvalid), e.g. an unmerged adapter on hf://.
+                return created
+            created.append(builders.serving_deployment(stored, model, "sha256:" + "0" * 64, SETTINGS))
             created.append(builders.serving_service(stored))
     return created
 

@@ -9,6 +9,7 @@ FineTuneJob owned.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from datetime import datetime, timezone
 from typing import Any
@@ -118,3 +119,42 @@ def test_serving_follows_the_job_from_success_to_deletion(kube: Kube, operator: 
                                                 propagation_policy="Foreground")
     wait_for(lambda: kube.deployment(namespace, SERVING) is None and kube.service(namespace, SERVING) is None
              and not kube.pods_with(namespace, PODS), "serving removed with the FineTuneJob", timeout=90)
+
+
+def key_digest_on_template(kube: Kube, namespace: str) -> str | None:
+    deployment = kube.deployment(namespace, SERVING)
+    if deployment is None:
+        return None
+    return deployment["spec"]["template"]["metadata"]["annotations"].get("kubetune.io/api-key-digest")
+
+
+def stored_key(kube: Kube, namespace: str) -> str:
+    return base64.b64decode(kube.core.read_namespaced_secret(f"{NAME}-serving-key", namespace).data["api-key"]).decode()
+
+
+def test_the_api_key_secret_is_made_owned_handed_over_and_rotated_by_deleting_it(
+        kube: Kube, operator: OperatorProcess, namespace: str) -> None:
+    created = kube.create_ftj(namespace, finetunejob(NAME, serving={"enabled": True}))
+    train_to_success(kube, namespace, FIRST_DIGEST)
+    deployment = wait_for(lambda: kube.deployment(namespace, SERVING), "the serving Deployment")
+    secret = kube.core.read_namespaced_secret(f"{NAME}-serving-key", namespace)
+    assert secret.metadata.owner_references[0].uid == created["metadata"]["uid"]
+    first = stored_key(kube, namespace)
+    assert len(first) >= 40
+    env = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    assert {"name": "KUBETUNE_SERVE_API_KEY",
+            "valueFrom": {"secretKeyRef": {"name": f"{NAME}-serving-key", "key": "api-key"}}} in env
+    assert first not in json.dumps(deployment), "the key itself is never in the Deployment"
+    assert key_digest_on_template(kube, namespace) == hashlib.sha256(first.encode()).hexdigest()[:16]
+
+    # Deleting the Secret rotates the key: a new random one, and the Deployment rolls to it.
+    kube.core.delete_namespaced_secret(f"{NAME}-serving-key", namespace)
+    second = wait_for(lambda: (key := stored_key(kube, namespace)) != first and key, "a new key")
+    wait_for(lambda: key_digest_on_template(kube, namespace) == hashlib.sha256(second.encode()).hexdigest()[:16],
+             "the Deployment to roll to the new key")
+
+    # auth: none takes the key out of the pod template.
+    kube.patch_ftj(namespace, NAME, {"spec": {"serving": {"auth": "none"}}})
+    wait_for(lambda: key_digest_on_template(kube, namespace) is None
+             and not [e for e in kube.deployment(namespace, SERVING)["spec"]["template"]["spec"]["containers"][0]
+                      ["env"] if "secretKeyRef" in e.get("valueFrom", {})], "no key with auth: none")

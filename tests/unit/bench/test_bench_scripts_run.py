@@ -72,3 +72,16 @@ def test_data_read_memory_compares_the_streamed_reader_with_reading_whole() -> N
     assert "peak RSS ratio" in out and "read whole" in out and "streamed" in out
     assert result["wholePeakRssMiB"][0] > 0 and result["kubetunePeakRssMiB"][0] > 0
     assert result["rounds"] == 1
+
+
+@pytest.mark.slow
+def test_serve_overhead_prints_overhead_and_concurrency_rows_for_both_servers() -> None:
+    out, result = run_bench("serve_overhead.py", "--quick")
+    assert "overhead ratio" in out and "load average" in out
+    figures = result["concurrency"]
+    for side in ("sequential", "batching"):
+        for clients in (1, 4):
+            row = figures[f"{side}-{clients}"]
+            assert row["refused"] == 0 and row["requests"] == clients
+            assert row["tokensPerSecond"]["min"] > 0 and row["ttftP50"] > 0
+    assert figures["batching4VsOneClient"] > 0 and figures["batchingVsSequential4"] > 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -45,6 +46,11 @@ SCRATCH_ENV = [
 MODEL_DIR = "/mnt/pvc/models/finetunes/demo/model"
 
 
+def key_env(name: str) -> dict[str, Any]:
+    """The API key from the job's serving-key Secret (serving.auth: apiKey, the default)."""
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": "demo-serving-key", "key": "api-key"}}}
+
+
 def probe(path: str, period: int, failures: int) -> dict[str, Any]:
     return {"httpGet": {"path": path, "port": "http"}, "periodSeconds": period, "timeoutSeconds": 5,
             "failureThreshold": failures}
@@ -63,7 +69,8 @@ def served(make_job: MakeJob, **serving: Any) -> dict[str, Any]:
 
 
 def deployment_for(job: dict[str, Any], settings: OperatorSettings, digest: str = DIGEST) -> dict[str, Any]:
-    return builders.serving_deployment(job, render.model_location(job), digest, settings)
+    key_digest = builders.api_key_digest(API_KEY) if builders.serving_auth(job) == "apiKey" else ""
+    return builders.serving_deployment(job, render.model_location(job), digest, settings, key_digest=key_digest)
 
 
 class TestTheBuiltinRuntime:
@@ -83,7 +90,9 @@ class TestTheBuiltinRuntime:
                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
                 "revisionHistoryLimit": 3,
                 "template": {
-                    "metadata": {"labels": LABELS, "annotations": {"kubetune.io/model-digest": DIGEST}},
+                    "metadata": {"labels": LABELS, "annotations": {
+                        "kubetune.io/model-digest": DIGEST,
+                        "kubetune.io/api-key-digest": hashlib.sha256(API_KEY.encode()).hexdigest()[:16]}},
                     "spec": {
                         "automountServiceAccountToken": False,
                         "enableServiceLinks": False,
@@ -96,7 +105,7 @@ class TestTheBuiltinRuntime:
                             "command": ["python", "-m", "kubetune.trainer.serve", "--model", MODEL_DIR,
                                         "--host", "$(POD_IP)", "--port", "8000", "--served-model-name", "demo"],
                             "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                                    *SCRATCH_ENV],
+                                    *SCRATCH_ENV, key_env("KUBETUNE_SERVE_API_KEY")],
                             "ports": [{"name": "http", "containerPort": 8000, "protocol": "TCP"}],
                             "startupProbe": probe("/healthz", 10, 180),
                             "readinessProbe": probe("/readyz", 5, 3),
@@ -153,7 +162,7 @@ class TestTheVllmRuntime:
             "imagePullPolicy": "IfNotPresent",
             "args": ["--model", MODEL_DIR, "--served-model-name", "demo", "--host", "0.0.0.0", "--port", "8000",
                      "--tensor-parallel-size", "2"],
-            "env": SCRATCH_ENV,
+            "env": [*SCRATCH_ENV, key_env("VLLM_API_KEY")],
             "ports": [{"name": "http", "containerPort": 8000, "protocol": "TCP"}],
             "startupProbe": probe("/health", 10, 180),
             "readinessProbe": probe("/health", 5, 3),
@@ -196,9 +205,16 @@ class TestNames:
             assert names.serving(job_name.replace(".", "-")) != name
 
 
+API_KEY = "stored-api-key"
+KEY_SECRET = {"metadata": {"name": "demo-serving-key",
+                           "annotations": {"kubetune.io/api-key-digest": builders.api_key_digest(API_KEY)}}}
+"""The serving-key Secret as the operator reads it: metadata only, with the digest it annotated."""
+
+
 def observe(job: dict[str, Any], deployment: dict[str, Any] | None = None,
             service: dict[str, Any] | None = None) -> Observed:
-    return Observed(job=job, now=NOW, serving_deployment=deployment, serving_service=service)
+    return Observed(job=job, now=NOW, serving_deployment=deployment, serving_service=service,
+                    serving_key_secret=KEY_SECRET)
 
 
 def condition(decision: reconcile.Decision) -> dict[str, Any]:
@@ -296,7 +312,8 @@ class TestServingReconcile:
         job["status"]["endpoint"] = builders.serving_endpoint(job, settings)
         deployment = as_stored(deployment_for(job, settings), observedGeneration=1, availableReplicas=1)
         observed = Observed(job=job, now=NOW, trainer_job={"metadata": {"name": "demo-train"}},
-                            serving_deployment=deployment, serving_service=builders.serving_service(job))
+                            serving_deployment=deployment, serving_service=builders.serving_service(job),
+                            serving_key_secret=KEY_SECRET)
         decision = reconcile.reconcile(observed, settings)
         assert decision.actions == (DeleteChild("batch/v1", "Job", "demo-train"),)
         assert condition(decision)["status"] == "True"

@@ -1,0 +1,70 @@
+"""End to end: a LoRA adapter saved unmerged is served as base + adapter, behind the job's API key.
+
+`method.lora.merge: false` makes the trainer write `<output>/adapter` and no
+`<output>/model`; the serving Deployment must load the base model (its claim
+mounted too) with the adapter on top. Driven through the operator and the
+local node like a user would, and asked with the official `openai` client,
+with and without the key from the job's serving-key Secret.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+
+import openai
+import pytest
+import yaml
+
+from kubetune.dev import cli, progress_view, stack as local_stack
+from kubetune.operator import names
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local_stack.LocalStack]:
+    with local_stack.LocalStack(tmp_path_factory.mktemp("e2e-serving"), resync_seconds=5) as running:
+        yield running
+
+
+def test_an_unmerged_lora_adapter_is_served_on_its_base_behind_the_api_key(stack: local_stack.LocalStack) -> None:
+    namespace = "e2e-adapter"
+    stack.ensure_namespace(namespace)
+    manifest = yaml.safe_load(cli.prepare_demo_volumes(stack, tiny=True, namespace=namespace).read_text())
+    name = "faq-adapter"
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["method"] = {"type": "lora", "lora": {"rank": 4, "merge": False}}
+    manifest["spec"]["hyperparameters"]["epochs"] = 1
+    stack.plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+
+    with open(os.devnull, "w") as quiet:
+        job = cli.watch_job(stack, name, namespace, timeout=600, out=quiet)
+    status = job["status"]
+    assert progress_view.is_true(status, "Succeeded"), progress_view.summary(job)
+    assert status["model"]["uri"] == f"pvc://models/finetunes/{name}/adapter"
+    output = stack.claim_path(namespace, "models") / "finetunes" / name
+    assert (output / "adapter" / "adapter_config.json").is_file()
+    assert not (output / "model").exists(), "merge: false writes no merged model"
+
+    local_stack.wait_until(lambda: progress_view.is_true(
+        (stack.get("finetunejob", name, namespace) or {}).get("status") or {}, "ServingReady"), 300, "ServingReady")
+    job = stack.get("finetunejob", name, namespace) or {}
+    url = local_stack.wait_until(lambda: cli.resolve_endpoint(stack, job), 60, "a ready endpoint")
+    api_key = cli.serving_api_key(stack, job)
+    assert api_key
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list()] == [name]
+    answer = client.chat.completions.create(model=name, max_tokens=6, temperature=0,
+                                            messages=[{"role": "user", "content": "How do I pause a job?"}])
+    assert answer.choices[0].finish_reason in ("stop", "length")
+    assert answer.usage is not None and answer.usage.completion_tokens >= 1
+
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{url}/v1", api_key="not-the-key", max_retries=0, timeout=60).models.list()
+
+    deployment = stack.get("deployment", names.serving(name), namespace) or {}
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert command[command.index("--model") + 1].endswith(f"/finetunes/{name}/adapter")
