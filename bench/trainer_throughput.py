@@ -30,7 +30,7 @@ are padding, and the validation loss of the trained model on the same held-out
 texts, computed for every side by the same function. Each figure is printed
 as min / median / max over the rounds; ratios are of medians.
 
-    python bench/trainer_throughput.py            # 3 rounds of 4 sides: ~25 min on 2 busy CPU cores
+    python bench/trainer_throughput.py            # 3 rounds of 4 sides: ~45 min on 2 CPU cores at load average ~20
     python bench/trainer_throughput.py --quick    # tiny model and data, one round: a smoke test
 """
 
@@ -355,7 +355,7 @@ def summary(results: dict[str, list[SideResult]]) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny model and data, one round: a smoke test")
-    parser.add_argument("--examples", type=int, default=None, help="training examples (default 400; quick 120)")
+    parser.add_argument("--examples", type=int, default=None, help="training examples (default 160; quick 120)")
     parser.add_argument("--rounds", type=int, default=None, help="rounds of all sides (default 3; quick 1)")
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=4, help="kubetune and TRL micro-batch in packed sequences")
@@ -372,7 +372,7 @@ def main() -> int:
     unknown = sorted(set(sides) - set(SIDES))
     if unknown or KUBETUNE not in sides:
         parser.error(f"--sides: unknown {unknown} (allowed: {', '.join(SIDES)}; kubetune is required)")
-    count = args.examples or (120 if args.quick else 400)
+    count = args.examples or (120 if args.quick else 160)
     rounds = args.rounds or (1 if args.quick else 3)
     print(f"hardware          {workload.hardware_line()}")
     results: dict[str, list[SideResult]] = {s: [] for s in sides}
