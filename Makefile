@@ -2,7 +2,7 @@
 VENV := $(shell echo $${KUBETUNE_VENV:-$$HOME/.cache/kubetune/venv})
 PYTEST_ARGS ?=
 
-.PHONY: setup dev test test-unit test-reliability test-load bench bench-operator
+.PHONY: setup dev test test-unit test-reliability test-load bench bench-gpu bench-operator
 
 setup:
 	@hack/setup.sh >/dev/null
@@ -31,9 +31,12 @@ test-load: setup
 
 # Benchmarks (figures and ratios against a baseline measured in the same run; see bench/README.md).
 bench: setup
-	$(VENV)/bin/python bench/trainer_throughput.py --rounds 2
+	$(VENV)/bin/python bench/trainer_throughput.py --rounds 3
 	$(VENV)/bin/python bench/trainer_overhead.py
-	$(VENV)/bin/python bench/gpu_mfu.py
+
+# On a GPU machine: MFU, LoRA vs TRL, scaling, vLLM; results in bench/results/ (see bench/README.md).
+bench-gpu: setup
+	PYTHON=$(VENV)/bin/python bench/gpu_suite.sh
 
 bench-operator: setup
 	$(VENV)/bin/python bench/operator_scale.py --jobs 1000 --rate 10

@@ -8,7 +8,7 @@ steps. The compute calls are wrapped from outside (nothing in the trainer is
 changed for this): the model's forward (incl. the loss), `accelerator.backward`,
 gradient clipping, `optimizer.step` and `zero_grad`. Everything
 else inside the step loop is overhead: collating the batch, counting tokens,
-the loss sync, reporting, checkpoint scheduling. Checkpoint *writing* and
+reading the step losses (once per report), reporting, checkpoint scheduling. Checkpoint *writing* and
 validation are measured separately (they are work, not per-step overhead).
 
     python bench/trainer_overhead.py            # the throughput bench's model, ~1-2 min on 2 CPU cores
@@ -149,7 +149,7 @@ def main() -> int:
           f"backward {_ms(clock, 'backward', steps)}, optimizer+clip "
           f"{sum(clock.seconds.get(n, 0.0) for n in ('clip', 'optimizer', 'zero_grad')) / steps * 1000:.1f} ms")
     print(f"overhead          {overhead / steps * 1000:.2f} ms per step = {overhead / loop:.2%} of step time "
-          f"(batching, token counts, loss sync, a progress report per step: {_Sink.received} POSTs received, "
+          f"(batching, token counts, reading losses, a progress report per step: {_Sink.received} POSTs received, "
           f"checkpoint scheduling) (target < 5%)")
     print(f"separately        checkpoint writes {clock.seconds.get('checkpoint write', 0.0):.2f} s "
           f"(every {args.checkpoint_every} steps), validation {clock.seconds.get('validation', 0.0):.2f} s")

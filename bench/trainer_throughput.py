@@ -1,39 +1,51 @@
-"""Trainer throughput: kubetune's training loop vs a Hugging Face `Trainer` baseline, same run, same everything.
+"""Trainer throughput: kubetune against what a user would pick instead, same run, same tokens, same settings.
 
-Both sides train the same freshly initialised GPT-2-shaped model (from the same
-saved folder) for one epoch over the same variable-length examples (the same
-token ids: the baseline gets kubetune's tokenised examples), with AdamW at the
-same constant learning rate, weight decay (not on biases/norms on either side),
-gradient clipping at 1.0 and about the same number of non-padding tokens per
-batch; so both see exactly the same non-padding tokens.
+Sides (each run in its own Python process, the order reversed every other
+round, A B C D D C B A ..., so that background load and warm caches hit all
+sides alike):
 
-- kubetune: `trainer.train.setup` + `trainer.train.fit` (the code path of
-  `python -m kubetune.trainer`), packing on (best-fit-decreasing, position ids
-  restarting per example, no cross-example attention).
-- baseline: `transformers.Trainer` with `DataCollatorForLanguageModeling(mlm=False)`,
-  which pads every batch to its longest example (the common default).
+- kubetune: `trainer.train.setup` + `trainer.train.fit`, the code path of
+  `python -m kubetune.trainer` (best-fit-decreasing packing, position ids
+  restarting per example, fused linear cross-entropy).
+- TRL SFTTrainer: `SFTConfig(packing=True, packing_strategy="bfd")`, TRL's
+  recommended packing (the same best-fit-decreasing algorithm, padding-free
+  batches with position ids).
+- HF Trainer + flattening: `transformers.Trainer` with
+  `DataCollatorWithFlattening` (padding-free: each batch is one row of
+  concatenated examples with position ids).
+- HF Trainer padded (side row, not a peer): `DataCollatorForLanguageModeling`,
+  which pads every batch to its longest example. No competent user would
+  choose it for variable-length data; kept to show what padding costs.
 
-Measured: wall time of the training loop only (model loading and data
-preparation excluded on both sides), non-padding tokens per second, the
-fraction of computed positions that are padding, and validation loss on the
-same held-out texts afterwards, computed for both models by the same function
-(`trainer.evaluate.language_model_metrics`, dropout off). Sides alternate
-(`--rounds`) so background load hits both alike; the ratio is of medians.
+Every side trains the same freshly initialised GPT-2-shaped model (one saved
+folder) for one epoch on exactly the same token sequences (kubetune's
+tokenisation, long texts cut to `--max-seq-length` as kubetune cuts them), with
+AdamW at the same constant learning rate, weight decay (not on biases and
+norms), gradient clipping at 1.0, the same precision and about the same number
+of non-padding tokens per optimizer step. Timed: the training loop only (model
+loading, dataset preparation and packing are excluded on every side).
+Measured: non-padding tokens per second, per CPU-second of the process (robust
+to other load on a shared machine), the fraction of computed positions that
+are padding, and the validation loss of the trained model on the same held-out
+texts, computed for every side by the same function. Each figure is printed
+as min / median / max over the rounds; ratios are of medians.
 
-    python bench/trainer_throughput.py            # ~3-4 min on 2 CPU cores
-    python bench/trainer_throughput.py --quick    # seconds: tiny model, few examples (smoke test)
+    python bench/trainer_throughput.py            # 3 rounds of 4 sides: ~45 min on 2 CPU cores at load average ~20
+    python bench/trainer_throughput.py --quick    # tiny model and data, one round: a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import json
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,16 +54,23 @@ import workload
 LEARNING_RATE = 1e-3
 WEIGHT_DECAY = 0.01
 SEED = 42
+KUBETUNE = "kubetune"
+TRL = "TRL SFTTrainer"
+FLATTENING = "HF Trainer+flattening"
+PADDED = "HF Trainer padded"
+SIDES = (KUBETUNE, TRL, FLATTENING, PADDED)
+PEERS = (TRL, FLATTENING)
+"""What the targets compare kubetune with; the padded Trainer is a side row."""
 
 
-@dataclass
+@dataclasses.dataclass
 class SideResult:
     """One side's figures for one round."""
 
     name: str
     seconds: float
     cpu_seconds: float
-    """CPU time of this process (all threads) in the loop: robust to other load on a shared machine."""
+    """CPU time of the side's process (all threads) in the loop."""
     real_tokens: int
     computed_positions: int
     steps: int
@@ -70,6 +89,26 @@ class SideResult:
         return 1 - self.real_tokens / self.computed_positions
 
 
+@dataclasses.dataclass
+class Workload:
+    """What every side's process reads from the work folder (written once by the parent)."""
+
+    model: str
+    train_file: str
+    config: dict[str, Any]
+    """kubetune's trainer config."""
+    sequences: list[list[int]]
+    """The token ids of every training example, exactly as kubetune trains on them."""
+    validation: list[dict[str, Any]]
+    """Held-out packed sequences (`data.PackedSequence` fields)."""
+    kubetune_batch: int
+    """Packed sequences per kubetune (and TRL) micro-batch."""
+    example_batch: int
+    """Examples per batch for the two HF Trainer sides: about kubetune's non-padding tokens per step."""
+    max_seq_length: int
+    precision: str
+
+
 def kubetune_config(model: Path, train: Path, output: Path, *, max_seq_length: int, batch_size: int,
                     precision: str) -> dict[str, Any]:
     return {
@@ -81,7 +120,7 @@ def kubetune_config(model: Path, train: Path, output: Path, *, max_seq_length: i
             "learningRate": LEARNING_RATE, "scheduler": "constant", "warmupRatio": 0, "weightDecay": WEIGHT_DECAY,
             "seed": SEED,
         },
-        # No periodic checkpoints in the timed loop (the baseline saves none either).
+        # No periodic checkpoints in the timed loop (the other sides save none either).
         "training": {"precision": precision, "packing": True, "checkpointInterval": 1_000_000},
         "job": {"name": "bench-throughput"},
         "output": {"dir": str(output)},
@@ -113,11 +152,25 @@ def packed_positions(run: Any) -> tuple[int, int]:
     return real, computed
 
 
-def run_kubetune(config_dict: dict[str, Any], validation: list[Any]) -> SideResult:
+def trained_examples(run: Any) -> list[list[int]]:
+    """The examples inside kubetune's packed sequences (cut where position ids restart), in packing order."""
+    from kubetune.trainer import train
+
+    examples = []
+    for sequence in train.epoch_sequences(run, 0):
+        starts = [i for i, p in enumerate(sequence.position_ids) if p == 0] + [len(sequence.position_ids)]
+        examples += [sequence.input_ids[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+    return examples
+
+
+# --- The sides (each runs in its own process) --------------------------------------------------
+
+
+def run_kubetune(work: Workload) -> SideResult:
     from kubetune.trainer import train
     from kubetune.trainer.reporting import Reporter
 
-    run = prepare_kubetune(config_dict)
+    run = prepare_kubetune(work.config)
     real, computed = packed_positions(run)
     reporter = Reporter(run.config.job, stream=io.StringIO())
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -126,11 +179,11 @@ def run_kubetune(config_dict: dict[str, Any], validation: list[Any]) -> SideResu
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     assert state.tokens_seen == real, (state.tokens_seen, real)
     model = run.accelerator.unwrap_model(run.model)
-    return SideResult("kubetune", seconds, cpu_seconds, real, computed, state.step, validation_loss(model, validation, run.pad_id))
+    return SideResult(KUBETUNE, seconds, cpu_seconds, real, computed, state.step, validation_loss(model, work))
 
 
 class CountingCollator:
-    """Wraps the baseline's collator to count real tokens and padded positions."""
+    """Wraps a Trainer's collator to count real tokens and computed positions."""
 
     def __init__(self, inner: Any) -> None:
         self.inner = inner
@@ -139,43 +192,76 @@ class CountingCollator:
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         batch = self.inner(features)
-        self.real += int(batch["attention_mask"].sum())
-        self.computed += int(batch["attention_mask"].numel())
+        ids = batch["input_ids"]
+        if "attention_mask" in batch:  # padded rows
+            self.real += int(batch["attention_mask"].sum())
+        else:  # padding-free: one row, only real tokens (plus a pad_to_multiple_of tail if configured)
+            self.real += int(sum(len(f["input_ids"]) for f in features))
+        self.computed += int(ids.numel())
         return batch
 
 
-def run_baseline(model_folder: Path, examples: list[list[int]], batch_size: int, scratch: Path,
-                 validation: list[Any], precision: str) -> SideResult:
-    import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, DataCollatorForLanguageModeling, Trainer,
-                              TrainingArguments)
-
-    tokenizer = AutoTokenizer.from_pretrained(model_folder)
-    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32)
-    collator = CountingCollator(DataCollatorForLanguageModeling(tokenizer, mlm=False))
-    dataset = [{"input_ids": ids} for ids in examples]
-    args = TrainingArguments(
+def _training_arguments(cls: Any, work: Workload, scratch: Path, batch_size: int, **extra: Any) -> Any:
+    return cls(
         output_dir=str(scratch / "hf"), per_device_train_batch_size=batch_size, num_train_epochs=1,
         learning_rate=LEARNING_RATE, lr_scheduler_type="constant", warmup_steps=0, weight_decay=WEIGHT_DECAY,
-        max_grad_norm=1.0, optim="adamw_torch", seed=SEED, logging_strategy="no", save_strategy="no",
-        eval_strategy="no", report_to="none", use_cpu=workload.device_kind() == "cpu",
-        bf16=precision == "bf16", dataloader_num_workers=0, disable_tqdm=True,
+        max_grad_norm=1.0, optim="adamw_torch_fused" if workload.device_kind() == "cuda" else "adamw_torch",
+        seed=SEED, logging_strategy="no", save_strategy="no", eval_strategy="no", report_to="none",
+        use_cpu=workload.device_kind() == "cpu", bf16=work.precision == "bf16", dataloader_num_workers=0,
+        disable_tqdm=True, **extra,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator)
+
+
+def _timed_train(name: str, trainer: Any, work: Workload, counter: CountingCollator) -> SideResult:
     started, cpu_started = time.perf_counter(), time.process_time()
     output = trainer.train()
     _sync()
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
-    pad_id = int(tokenizer.pad_token_id)
-    return SideResult("HF Trainer", seconds, cpu_seconds, collator.real, collator.computed, int(output.global_step),
-                      validation_loss(trainer.model, validation, pad_id))
+    return SideResult(name, seconds, cpu_seconds, counter.real, counter.computed, int(output.global_step),
+                      validation_loss(trainer.model, work))
 
 
-def validation_loss(model: Any, validation: list[Any], pad_id: int) -> float:
-    from kubetune.trainer import evaluate
+def _hf_model(work: Workload) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(work.model)
+    model = AutoModelForCausalLM.from_pretrained(work.model, dtype=torch.float32)
+    return model, tokenizer
+
+
+def run_trl(work: Workload, scratch: Path) -> SideResult:
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    model, tokenizer = _hf_model(work)
+    args = _training_arguments(SFTConfig, work, scratch, work.kubetune_batch, max_length=work.max_seq_length,
+                               packing=True, packing_strategy="bfd", dataset_num_proc=None)
+    dataset = Dataset.from_list([{"input_ids": ids} for ids in work.sequences])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+    return _timed_train(TRL, trainer, work, counter)
+
+
+def run_hf(work: Workload, scratch: Path, *, flatten: bool) -> SideResult:
+    from transformers import DataCollatorForLanguageModeling, DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    model, tokenizer = _hf_model(work)
+    inner = DataCollatorWithFlattening() if flatten else DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    counter = CountingCollator(inner)
+    args = _training_arguments(TrainingArguments, work, scratch, work.example_batch)
+    dataset = [{"input_ids": ids} for ids in work.sequences]
+    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=counter)
+    return _timed_train(FLATTENING if flatten else PADDED, trainer, work, counter)
+
+
+def validation_loss(model: Any, work: Workload) -> float:
+    from kubetune.trainer import data, evaluate
 
     device = next(model.parameters()).device
-    metrics = evaluate.language_model_metrics(model, validation, batch_size=8, pad_id=pad_id, device=device)
+    sequences = [data.PackedSequence(**s) for s in work.validation]
+    metrics = evaluate.language_model_metrics(model, sequences, batch_size=8, pad_id=0, device=device)
     return float(metrics["loss"])
 
 
@@ -186,88 +272,150 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def validation_sequences(model: Path, texts: list[str], max_seq_length: int) -> list[Any]:
-    from transformers import AutoTokenizer
+def run_side(name: str, workdir: Path) -> SideResult:
+    work = Workload(**json.loads((workdir / "workload.json").read_text()))
+    with tempfile.TemporaryDirectory(prefix="side-", dir=workdir) as scratch:
+        if name == KUBETUNE:
+            return run_kubetune(work)
+        if name == TRL:
+            return run_trl(work, Path(scratch))
+        return run_hf(work, Path(scratch), flatten=name == FLATTENING)
 
+
+# --- The parent: workload, rounds, figures -------------------------------------------------------
+
+
+def write_workload(workdir: Path, *, quick: bool, count: int, max_seq_length: int, batch_size: int) -> Workload:
     from kubetune.trainer import data
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    tokens = data.tokenize_examples([data.Example(completion=t) for t in texts], tokenizer)
-    sequences, _ = data.pack(tokens, max_seq_length, packing=True, chunk_long=True)
-    return sequences
+    shape = workload.QUICK_SHAPE if quick else workload.BENCH_SHAPE
+    precision = "bf16" if workload.device_kind() == "cuda" else "fp32"
+    model = workload.create_bench_model(workdir / "model", shape)
+    train_file = workload.write_jsonl(workdir / "train.jsonl", workload.instruction_like_texts(count, seed=1))
+    config = kubetune_config(model, train_file, workdir / "out", max_seq_length=max_seq_length,
+                             batch_size=batch_size, precision=precision)
+    probe = prepare_kubetune(config)
+    from kubetune.trainer import train
+
+    real, _ = packed_positions(probe)
+    micro_batches = sum(len(step) for step in train._plan_for(probe, 0)[: probe.epoch_steps[0]])
+    sequences = trained_examples(probe)
+    mean_length = real / len(sequences)
+    validation_texts = workload.instruction_like_texts(max(40, count // 10), seed=2)
+    tokens = data.tokenize_examples([data.Example(completion=t) for t in validation_texts], probe.tokenizer)
+    validation, _ = data.pack(tokens, max_seq_length, packing=True, chunk_long=True)
+    work = Workload(
+        model=str(model), train_file=str(train_file), config=config, sequences=sequences,
+        validation=[dataclasses.asdict(s) for s in validation], kubetune_batch=batch_size,
+        example_batch=max(1, round(real / micro_batches / mean_length)), max_seq_length=max_seq_length,
+        precision=precision,
+    )
+    (workdir / "workload.json").write_text(json.dumps(dataclasses.asdict(work)))
+    lengths = sorted(len(s) for s in sequences)
+    print(f"model             {shape.describe()}, {probe.num_parameters / 1e6:.1f}M parameters, {precision}")
+    print(f"data              {len(sequences)} examples, {real} tokens; length median {lengths[len(lengths) // 2]},"
+          f" mean {mean_length:.0f}, p95 {lengths[int(len(lengths) * 0.95)]}, max {lengths[-1]}")
+    print(f"batches           kubetune and TRL {batch_size} packed x {max_seq_length} tokens"
+          f" (~{real / micro_batches:.0f} real tokens); HF Trainer sides {work.example_batch} examples"
+          f" (~{work.example_batch * mean_length:.0f} real tokens); AdamW lr {LEARNING_RATE} constant, 1 epoch")
+    return work
+
+
+def spawn_side(name: str, workdir: Path) -> SideResult:
+    """One side in a fresh Python process (nothing warm from another side)."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--side", name, "--workdir", str(workdir)],
+                          capture_output=True, text=True, cwd=Path(__file__).resolve().parent.parent)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("SIDE ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"side {name!r} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return SideResult(**json.loads(lines[-1].removeprefix("SIDE ")))
+
+
+def spread(values: list[float], digits: int = 0) -> str:
+    """min / median / max."""
+    return " / ".join(f"{v:.{digits}f}" for v in (min(values), statistics.median(values), max(values)))
+
+
+def summary(results: dict[str, list[SideResult]]) -> dict[str, Any]:
+    stats = {}
+    for name, runs in results.items():
+        stats[name] = {
+            "tokensPerSecond": [round(r.tokens_per_second, 1) for r in runs],
+            "tokensPerCpuSecond": [round(r.tokens_per_cpu_second, 1) for r in runs],
+            "medianTokensPerSecond": round(statistics.median(r.tokens_per_second for r in runs), 1),
+            "medianTokensPerCpuSecond": round(statistics.median(r.tokens_per_cpu_second for r in runs), 1),
+            "paddingFraction": round(runs[-1].padding_fraction, 4),
+            "valLoss": [round(r.val_loss, 4) for r in runs],
+            "medianValLoss": round(statistics.median(r.val_loss for r in runs), 4),
+            "tokens": runs[-1].real_tokens, "steps": runs[-1].steps,
+        }
+    return stats
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model and data: a smoke test, not a measurement")
-    parser.add_argument("--examples", type=int, default=None, help="training examples (default 600; quick 120)")
-    parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per side (default 2; quick 1)")
+    parser.add_argument("--quick", action="store_true", help="tiny model and data, one round: a smoke test")
+    parser.add_argument("--examples", type=int, default=None, help="training examples (default 160; quick 120)")
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of all sides (default 3; quick 1)")
     parser.add_argument("--max-seq-length", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=4, help="kubetune micro-batch in packed sequences")
+    parser.add_argument("--batch-size", type=int, default=4, help="kubetune and TRL micro-batch in packed sequences")
+    parser.add_argument("--sides", default=",".join(SIDES), help="comma-separated subset of: " + ", ".join(SIDES))
+    parser.add_argument("--side", help=argparse.SUPPRESS)  # internal: run one side in this process
+    parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    shape = workload.QUICK_SHAPE if args.quick else workload.BENCH_SHAPE
-    count = args.examples or (120 if args.quick else 600)
-    rounds = args.rounds or (1 if args.quick else 2)
-    precision = "bf16" if workload.device_kind() == "cuda" else "fp32"
-    from kubetune.trainer import train
+    if args.side:
+        result = run_side(args.side, args.workdir)
+        print("SIDE " + json.dumps(dataclasses.asdict(result)), flush=True)
+        return 0
 
+    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    unknown = sorted(set(sides) - set(SIDES))
+    if unknown or KUBETUNE not in sides:
+        parser.error(f"--sides: unknown {unknown} (allowed: {', '.join(SIDES)}; kubetune is required)")
+    count = args.examples or (120 if args.quick else 160)
+    rounds = args.rounds or (1 if args.quick else 3)
     print(f"hardware          {workload.hardware_line()}")
+    results: dict[str, list[SideResult]] = {s: [] for s in sides}
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as scratch_name:
-        scratch = Path(scratch_name)
-        model = workload.create_bench_model(scratch / "model", shape)
-        train_file = workload.write_jsonl(scratch / "train.jsonl", workload.instruction_like_texts(count, seed=1))
-        validation = validation_sequences(model, workload.instruction_like_texts(max(40, count // 10), seed=2),
-                                          args.max_seq_length)
-        config_dict = kubetune_config(model, train_file, scratch / "out", max_seq_length=args.max_seq_length,
-                                      batch_size=args.batch_size, precision=precision)
-        probe = prepare_kubetune(config_dict)
-        examples = [e.input_ids for e in probe.train_examples]
-        real, _ = packed_positions(probe)
-        micro_batches = sum(len(step) for step in train._plan_for(probe, 0)[: probe.epoch_steps[0]])
-        mean_length = real / len(examples)
-        baseline_batch = max(1, round(real / micro_batches / mean_length))
-        lengths = sorted(len(e) for e in examples)
-        print(f"model             {shape.describe()}, {probe.num_parameters / 1e6:.1f}M parameters, {precision}")
-        print(f"data              {len(examples)} texts, {real} tokens; length median {lengths[len(lengths) // 2]},"
-              f" mean {mean_length:.0f}, p95 {lengths[int(len(lengths) * 0.95)]}, max {lengths[-1]}")
-        print(f"batches           kubetune {args.batch_size} packed x {args.max_seq_length} tokens"
-              f" (~{real / micro_batches:.0f} real tokens); baseline {baseline_batch} examples"
-              f" (~{baseline_batch * mean_length:.0f} real tokens); lr {LEARNING_RATE} constant, 1 epoch")
-        del probe
-
-        results: dict[str, list[SideResult]] = {"kubetune": [], "HF Trainer": []}
+        workdir = Path(scratch_name)
+        write_workload(workdir, quick=args.quick, count=count, max_seq_length=args.max_seq_length,
+                       batch_size=args.batch_size)
         for round_index in range(rounds):
-            order = ["kubetune", "HF Trainer"] if round_index % 2 == 0 else ["HF Trainer", "kubetune"]
+            order = sides if round_index % 2 == 0 else sides[::-1]
             for side in order:
-                if side == "kubetune":
-                    result = run_kubetune(config_dict, validation)
-                else:
-                    result = run_baseline(model, examples, baseline_batch, scratch, validation, precision)
+                result = spawn_side(side, workdir)
                 results[side].append(result)
-                print(f"round {round_index + 1} {side:<11} {result.tokens_per_second:8.0f} tokens/s"
-                      f"  {result.tokens_per_cpu_second:6.0f} tokens/CPU-s  {result.seconds:6.1f} s  {result.steps} steps  padding {result.padding_fraction:.1%}"
-                      f"  val loss {result.val_loss:.4f}", flush=True)
+                print(f"round {round_index + 1} {side:<22} {result.tokens_per_second:8.0f} tokens/s"
+                      f"  {result.tokens_per_cpu_second:6.0f} tokens/CPU-s  {result.seconds:6.1f} s  {result.steps} steps"
+                      f"  padding {result.padding_fraction:.1%}  val loss {result.val_loss:.4f}"
+                      f"  (load {os.getloadavg()[0]:.1f})", flush=True)
 
-    ours, theirs = results["kubetune"], results["HF Trainer"]
-    ours_tps = statistics.median(r.tokens_per_second for r in ours)
-    theirs_tps = statistics.median(r.tokens_per_second for r in theirs)
-    ours_cpu = statistics.median(r.tokens_per_cpu_second for r in ours)
-    theirs_cpu = statistics.median(r.tokens_per_cpu_second for r in theirs)
-    print(f"kubetune          {ours_tps:.0f} non-padding tokens/s ({ours_cpu:.0f} per CPU-second), padding {ours[-1].padding_fraction:.1%},"
-          f" val loss {statistics.median(r.val_loss for r in ours):.4f} after {ours[-1].real_tokens} tokens")
-    print(f"HF Trainer        {theirs_tps:.0f} non-padding tokens/s ({theirs_cpu:.0f} per CPU-second), padding {theirs[-1].padding_fraction:.1%},"
-          f" val loss {statistics.median(r.val_loss for r in theirs):.4f} after {theirs[-1].real_tokens} tokens")
-    print(f"ratio             {ours_tps / theirs_tps:.2f}x non-padding tokens/s (wall), "
-          f"{ours_cpu / theirs_cpu:.2f}x per CPU-second (target >= 1.3x)")
+    stats = summary(results)
+    print(f"{'side':<24}{'tokens/s min/med/max':>26}{'tokens/CPU-s min/med/max':>28}  padding  val loss (median)")
+    for name, runs in results.items():
+        print(f"{name:<24}{spread([r.tokens_per_second for r in runs]):>26}"
+              f"{spread([r.tokens_per_cpu_second for r in runs]):>28}  {runs[-1].padding_fraction:6.1%}"
+              f"  {stats[name]['medianValLoss']:.4f}{'  (side row)' if name == PADDED else ''}")
+    peers = [p for p in PEERS if p in stats]
+    best = max(peers, key=lambda p: stats[p]["medianTokensPerSecond"]) if peers else None
+    ratios: dict[str, Any] = {}
+    for name in stats:
+        if name == KUBETUNE:
+            continue
+        ratios[name] = {
+            "wall": round(stats[KUBETUNE]["medianTokensPerSecond"] / stats[name]["medianTokensPerSecond"], 3),
+            "cpu": round(stats[KUBETUNE]["medianTokensPerCpuSecond"] / stats[name]["medianTokensPerCpuSecond"], 3),
+            "valLossDelta": round(stats[KUBETUNE]["medianValLoss"] - stats[name]["medianValLoss"], 4),
+        }
+        print(f"kubetune vs {name:<22} {ratios[name]['wall']:.2f}x non-padding tokens/s (wall), "
+              f"{ratios[name]['cpu']:.2f}x per CPU-second, val loss {ratios[name]['valLossDelta']:+.4f}")
+    if best is not None:
+        target = 1.2 if workload.device_kind() == "cuda" else 1.0
+        print(f"best peer         {best}: kubetune {ratios[best]['wall']:.2f}x (target >= {target}x at equal or "
+              f"better validation loss)")
     print("RESULT " + json.dumps({
-        "bench": "trainer_throughput", "quick": args.quick, "device": workload.device_kind(),
-        "kubetuneTokensPerSecond": round(ours_tps, 1), "baselineTokensPerSecond": round(theirs_tps, 1),
-        "ratio": round(ours_tps / theirs_tps, 3), "cpuTimeRatio": round(ours_cpu / theirs_cpu, 3),
-        "kubetunePaddingFraction": round(ours[-1].padding_fraction, 4),
-        "baselinePaddingFraction": round(theirs[-1].padding_fraction, 4),
-        "kubetuneValLoss": round(statistics.median(r.val_loss for r in ours), 4),
-        "baselineValLoss": round(statistics.median(r.val_loss for r in theirs), 4),
-        "tokens": ours[-1].real_tokens,
+        "bench": "trainer_throughput", "quick": args.quick, "device": workload.device_kind(), "rounds": rounds,
+        "hardware": workload.hardware_line(), "sides": stats, "ratios": ratios, "bestPeer": best,
     }))
     return 0
 

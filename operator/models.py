@@ -465,6 +465,10 @@ class TrainingSpec:
     """Also keep the best checkpoint by the early-stopping metric, and save that model at the end."""
     packing: bool = True
     """Pack short examples into full sequences (no padding); attention does not cross examples."""
+    compile: bool = False
+    """Compile the model with torch.compile (dynamic shapes): faster training steps on GPUs, after a
+    compilation of a minute or more when training starts. Off by default: on CPUs and short runs the
+    compilation costs more than it saves; see docs/trainer.md for measured figures."""
 
 
 # --- spec.evaluation ---------------------------------------------------------------------------

@@ -16,9 +16,14 @@ Everything the user can get wrong raises `DataError` with a message naming the
 file, the record and the field; the trainer exits with the permanent-error code.
 
 Packing and attention: packed sequences carry `position_ids` that restart at 0
-for every example and no attention mask. transformers (>= 4.54) then builds a
-block-diagonal causal mask from the position ids (for sdpa, eager and flash
-attention), so tokens never attend across examples; the first token of each
+for every example and no attention mask (nor a KV cache: `use_cache=False`,
+else transformers skips the detection). With sdpa and eager attention,
+transformers (>= 4.54) builds a dense block-diagonal causal mask (batch x 1 x
+length x length) from the position ids, so tokens never attend across
+examples. Flash-attention detects packed examples only in a batch of one row:
+with flash_attention_2 the trainer flattens each micro-batch into one row and
+passes the examples' cumulative lengths (`evaluate.collate(flatten=True)`), so
+the variable-length kernel runs with no mask at all. The first token of each
 example carries no loss, so no example is asked to predict its neighbour.
 """
 

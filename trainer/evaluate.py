@@ -9,6 +9,7 @@ a prefix ("pos" / "positive") are still told apart because EOS is scored too.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -16,32 +17,65 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 
-from kubetune.trainer import data
+from kubetune.trainer import data, loss, modeling
 from kubetune.trainer.data import IGNORE_INDEX, PackedSequence
 
 
-def collate(sequences: Sequence[PackedSequence], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    """Right-pad a batch. Pads sit after every real token, so causal attention never sees them."""
+def collate(
+    sequences: Sequence[PackedSequence], pad_id: int, device: torch.device, *, flatten: bool = False
+) -> dict[str, torch.Tensor | dict[str, Any]]:
+    """Right-pad a batch. Pads sit after every real token, so causal attention never sees them.
+
+    `flatten` puts the whole batch into one row instead (no padding at all) for
+    flash-attention's variable-length kernel, which takes packed examples only
+    in a batch of one: `attention_kwargs` then carries the examples' cumulative
+    lengths, so the kernel needs no device sync to find them. Every batch also
+    carries `target_index`, the flat (row x length) indices of the positions
+    whose next token is a target, built here on the host (see `loss.py`).
+    """
+    if flatten:
+        sequences = [
+            PackedSequence(
+                [t for s in sequences for t in s.input_ids], [t for s in sequences for t in s.labels],
+                [p for s in sequences for p in s.position_ids], [w for s in sequences for w in s.weights],
+                sum(s.num_examples for s in sequences),
+            )
+        ]
     width = max(len(s.input_ids) for s in sequences)
-    ids, labels, positions, weights = [], [], [], []
-    for s in sequences:
+    ids, labels, positions, weights, target_index = [], [], [], [], []
+    for row, s in enumerate(sequences):
         pad = width - len(s.input_ids)
         ids.append(s.input_ids + [pad_id] * pad)
         labels.append(s.labels + [IGNORE_INDEX] * pad)
         positions.append(s.position_ids + list(range(pad)))
         weights.append(s.weights + [0.0] * pad)
-    return {
+        target_index += [row * width + t - 1 for t in range(1, len(s.labels)) if s.labels[t] != IGNORE_INDEX]
+    batch: dict[str, torch.Tensor | dict[str, Any]] = {
         "input_ids": torch.tensor(ids, device=device),
         "labels": torch.tensor(labels, device=device),
         "position_ids": torch.tensor(positions, device=device),
         "weights": torch.tensor(weights, device=device, dtype=torch.float32),
+        "target_index": torch.tensor(target_index, device=device, dtype=torch.long),
     }
+    if flatten:
+        starts = [i for i, p in enumerate(positions[0]) if p == 0] + [width]
+        lengths = [b - a for a, b in zip(starts, starts[1:])]
+        cumulative = torch.tensor([0, *itertools.accumulate(lengths)], device=device, dtype=torch.int32)
+        batch["attention_kwargs"] = {"cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative,
+                                     "max_length_q": max(lengths), "max_length_k": max(lengths)}
+    return batch
 
 
-def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def flat_batches(model: Any) -> bool:
+    """Whether batches for `model` must be flattened into one row (flash-attention with packed examples)."""
+    return modeling.attention_implementation_of(model).startswith("flash_attention")
+
+
+def token_losses(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-target cross-entropy, target mask and predictions, each (batch, seq-1)."""
     # position_ids without an attention mask: transformers builds per-example causal masks.
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                   **batch.get("attention_kwargs", {})).logits
     logits = logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX
@@ -49,11 +83,20 @@ def token_losses(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tens
     return losses * mask, mask, logits.argmax(dim=-1)
 
 
-def training_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Weighted mean token loss, sum(w * ce) / sum(w) as in weighted cross-entropy; and target count."""
+def training_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted mean token loss, sum(w * ce) / sum(w) as in weighted cross-entropy; and the target count.
+
+    Both stay on the device (no host sync per micro-batch). Uses the fused
+    linear cross-entropy (`loss.py`: no vocabulary-sized logits) where the
+    architecture allows, the plain logits path otherwise.
+    """
+    head = loss.fused_head(model)
+    if head is not None:
+        return loss.weighted_token_loss(model, head, batch), batch["target_index"].new_tensor(
+            batch["target_index"].numel())
     losses, mask, _ = token_losses(model, batch)
     weights = batch["weights"][:, 1:] * mask
-    return (losses * weights).sum() / weights.sum().clamp(min=1e-8), int(mask.sum())
+    return (losses * weights).sum() / weights.sum().clamp(min=1e-8), mask.sum()
 
 
 @torch.no_grad()
@@ -78,7 +121,7 @@ def language_model_metrics(
         for start in range(0, len(sequences), batch_size):
             if should_stop():
                 break
-            batch = collate(sequences[start : start + batch_size], pad_id, device)
+            batch = collate(sequences[start : start + batch_size], pad_id, device, flatten=flat_batches(model))
             losses, mask, predictions = token_losses(model, batch)
             correct = ((predictions == batch["labels"][:, 1:]) & mask).sum()
             totals += torch.stack([losses.sum().double(), mask.sum().double(), correct.double()])

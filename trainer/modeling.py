@@ -105,13 +105,62 @@ def load_tokenizer(model: ModelConfig) -> Any:
     return tokenizer
 
 
-def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32) -> Any:
-    """The base causal LM in `dtype` (mixed precision keeps master weights in fp32)."""
+def select_attention_implementation(device_kind: str) -> str:
+    """The attention kernel for training: flash-attention's variable-length kernel on GPUs that have it
+    installed (packed examples go in as one flattened row, see `evaluate.collate`), else PyTorch's SDPA.
+
+    SDPA with packed rows gets a dense block-diagonal mask built from the position ids, which is
+    exact but keeps SDPA off its flash kernel: on a GPU without `flash_attn` packing still saves the
+    padding's compute, not the attention's.
+    """
+    if device_kind == "cuda":
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def base_model(model: Any) -> Any:
+    """The transformers model under DDP, torch.compile and peft wrappers."""
+    model = getattr(model, "module", model)
+    model = getattr(model, "_orig_mod", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def attention_implementation_of(model: Any) -> str:
+    """The attention implementation a loaded (possibly wrapped) model runs with."""
+    config = getattr(base_model(model), "config", None)
+    return str(getattr(config, "_attn_implementation", None) or "eager")
+
+
+def compile_blocks(model: Any) -> int:
+    """torch.compile each transformer block in place (regional compilation); returns how many.
+
+    The blocks share one code path, so one compilation serves them all (seconds, not the minutes a
+    whole-model compile takes); parameter names, checkpoints and `unwrap_model` are unchanged, and
+    the embedding, output head and loss stay eager (the fused loss's hook on the head keeps working).
+    Dynamic shapes: packed batches vary in length, and each new length must not recompile.
+    """
+    blocks = max(
+        (module for module in base_model(model).modules() if isinstance(module, torch.nn.ModuleList)),
+        key=len,
+        default=torch.nn.ModuleList(),
+    )
+    for block in blocks:
+        block.compile(dynamic=True)
+    return len(blocks)
+
+
+def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None) -> Any:
+    """The base causal LM in `dtype` (mixed precision keeps master weights in fp32), with the given attention
+    kernel (None or "sdpa": transformers' default, SDPA, or eager for architectures without SDPA support)."""
     from transformers import AutoModelForCausalLM
 
     location = locate(model)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation not in (None, "sdpa") else {}
     try:
-        loaded = AutoModelForCausalLM.from_pretrained(location.name_or_path, dtype=dtype, **location.kwargs)
+        loaded = AutoModelForCausalLM.from_pretrained(location.name_or_path, dtype=dtype, **location.kwargs, **extra)
     except OSError as error:
         raise _permanent_or_transient(error, location) from error
     except (ValueError, KeyError) as error:

@@ -184,14 +184,15 @@ def _precision(requested: str, device_kind: str) -> str:
     return requested
 
 
-def _optimizer(model: Any, learning_rate: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D parameters)."""
+def _optimizer(model: Any, learning_rate: float, weight_decay: float, device_kind: str = "cpu") -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D parameters); the fused kernel on CUDA
+    (one launch for all parameters instead of several per tensor)."""
     decay, no_decay = [], []
     for parameter in model.parameters():
         if parameter.requires_grad:
             (decay if parameter.ndim >= 2 else no_decay).append(parameter)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=learning_rate, fused=device_kind == "cuda")
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, hp: ResolvedHyperparameters, total_steps: int) -> Any:
@@ -221,7 +222,9 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
     # Frozen LoRA base weights need no fp32 master copy: load them in bf16 (half the memory);
     # peft keeps the adapters themselves in fp32. Full fine-tuning keeps fp32 master weights.
     base_dtype = torch.bfloat16 if config.method.type == "lora" and precision == "bf16" else torch.float32
-    model = modeling.load_model(config.model, dtype=base_dtype)
+    model = modeling.load_model(
+        config.model, dtype=base_dtype, attn_implementation=modeling.select_attention_implementation(device_kind)
+    )
     num_parameters = sum(p.numel() for p in model.parameters())
     train_tokens = data.tokenize_examples(prepared.splits.train, tokenizer)
     longest = max((len(t.input_ids) for t in train_tokens), default=1)
@@ -255,7 +258,9 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
     _, trainable = modeling.count_parameters(model)
     model.train()
 
-    optimizer = _optimizer(model, hp.learning_rate, hp.weight_decay)
+    optimizer = _optimizer(model, hp.learning_rate, hp.weight_decay, device_kind)
+    if config.training.compile:
+        log.info("training.compile: compiled %d transformer blocks", modeling.compile_blocks(model))
     model, optimizer = accelerator.prepare(model, optimizer)
     statistics = dict(prepared.statistics())
     statistics["packing"] = {"train": train_packing.to_report(), "validation": validation_packing.to_report()}
@@ -465,15 +470,17 @@ def validate(run: Run, should_stop: Callable[[], bool] = lambda: False) -> dict[
     return result
 
 
-def _micro_batch_loss(run: Run, sequences: list[data.PackedSequence]) -> tuple[torch.Tensor, int, int]:
-    batch = evaluate.collate(sequences, run.pad_id, run.accelerator.device)
-    loss, targets = evaluate.training_loss(run.model, batch)
+def _micro_batch_loss(run: Run, sequences: list[data.PackedSequence]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    batch = evaluate.collate(sequences, run.pad_id, run.accelerator.device, flatten=evaluate.flat_batches(run.model))
+    with run.accelerator.autocast():  # the loss head runs outside the model's own (autocast-wrapped) forward
+        loss, targets = evaluate.training_loss(run.model, batch)
     tokens = sum(len(s.input_ids) for s in sequences)
     return loss, targets, tokens
 
 
-def _optimizer_step(run: Run, sequences: list[data.PackedSequence], step_micro_batches: list[list[int]]) -> float:
-    """One optimizer step over this process's share of the step's micro-batches; returns the mean loss."""
+def _optimizer_step(run: Run, sequences: list[data.PackedSequence], step_micro_batches: list[list[int]]) -> torch.Tensor:
+    """One optimizer step over this process's share of the step's micro-batches; returns the mean loss,
+    still on the device (reading it would wait for the GPU: `fit` reads losses only when it reports)."""
     mine = step_micro_batches[run.accelerator.process_index :: run.world_size]
     losses = []
     for index, micro in enumerate(mine):
@@ -490,7 +497,7 @@ def _optimizer_step(run: Run, sequences: list[data.PackedSequence], step_micro_b
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     mean = torch.stack(losses).mean()
-    return float(run.accelerator.reduce(mean, reduction="mean"))
+    return run.accelerator.reduce(mean, reduction="mean")  # type: ignore[no-any-return]
 
 
 class _null_context:  # noqa: N801 - used like contextlib.nullcontext, typed for clarity
@@ -510,8 +517,17 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
     started = time.monotonic()
     tokens_at_start = state.tokens_seen
     last_progress = 0.0
+    pending_losses: list[tuple[int, torch.Tensor]] = []
+    """(step, loss on the device) not yet read: one host sync per report instead of one per step."""
+
+    def flush_losses() -> None:
+        if pending_losses:
+            values = torch.stack([loss for _, loss in pending_losses]).tolist()
+            state.train_losses.extend([step, value] for (step, _), value in zip(pending_losses, values, strict=True))
+            pending_losses.clear()
 
     def report_progress(kind: str, **extra: Any) -> None:
+        flush_losses()
         elapsed = max(1e-9, time.monotonic() - started)
         steps_done = max(1, state.step - steps_at_start)
         reporter.report(
@@ -531,6 +547,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
     with _TermSignal() as term:
 
         def checkpoint(val_loss: float | None = None) -> Path:
+            flush_losses()  # the checkpoint's state carries every step's loss
             path = save_checkpoint(run)
             report_progress("checkpoint", checkpoint={"step": state.step, "path": str(path), "valLoss": val_loss})
             return path
@@ -572,7 +589,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                 loss = _optimizer_step(run, sequences, step_micro_batches)
                 state.step += 1
                 state.step_in_epoch += 1
-                state.train_losses.append([state.step, loss])
+                pending_losses.append((state.step, loss))
                 if state.step_in_epoch == len(plan):
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if time.monotonic() - last_progress >= interval or state.step == 1:
@@ -596,6 +613,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                     break  # epoch finished: plan the next one
         if run.validation and (not state.evaluations or state.evaluations[-1]["step"] != state.step):
             run_validation()
+    flush_losses()
     return state
 
 

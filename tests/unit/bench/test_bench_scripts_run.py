@@ -8,6 +8,7 @@ anything was (timings on a shared machine prove nothing).
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -29,13 +30,19 @@ def run_bench(script: str, *args: str, timeout: float = 600) -> tuple[str, dict[
 
 
 @pytest.mark.slow
-def test_trainer_throughput_compares_with_the_hf_trainer_on_the_same_tokens() -> None:
+def test_trainer_throughput_compares_with_the_peers_a_user_would_pick_on_the_same_tokens() -> None:
     out, result = run_bench("trainer_throughput.py", "--quick", "--examples", "40")
-    assert "ratio" in out and "padding" in out
-    assert result["kubetuneTokensPerSecond"] > 0 and result["baselineTokensPerSecond"] > 0
-    # Both sides trained on exactly the same non-padding tokens; packing leaves far less padding.
-    assert result["kubetunePaddingFraction"] < result["baselinePaddingFraction"]
-    assert result["kubetuneValLoss"] > 0 and result["baselineValLoss"] > 0
+    sides = result["sides"]
+    assert set(sides) == {"kubetune", "TRL SFTTrainer", "HF Trainer+flattening", "HF Trainer padded"}
+    assert "min/med/max" in out and "best peer" in out and "(side row)" in out
+    # Every side trained on exactly the same non-padding tokens, each in its own process.
+    assert len({side["tokens"] for side in sides.values()}) == 1
+    assert all(side["medianTokensPerSecond"] > 0 and side["medianValLoss"] > 0 for side in sides.values())
+    # The padding-free peers and kubetune's packing compute far fewer padding positions than the padded side row.
+    assert sides["HF Trainer+flattening"]["paddingFraction"] == 0 and sides["TRL SFTTrainer"]["paddingFraction"] == 0
+    assert sides["kubetune"]["paddingFraction"] < sides["HF Trainer padded"]["paddingFraction"]
+    assert result["bestPeer"] in ("TRL SFTTrainer", "HF Trainer+flattening")
+    assert set(result["ratios"]) == {"TRL SFTTrainer", "HF Trainer+flattening", "HF Trainer padded"}
 
 
 @pytest.mark.slow
@@ -47,13 +54,63 @@ def test_trainer_overhead_reports_per_step_overhead_with_a_report_posted_every_s
     assert result["peakRssMiB"] > 0
 
 
+def _gpu_mfu() -> object:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_mfu", REPO / "bench" / "gpu_mfu.py")
+    assert spec is not None and spec.loader is not None
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    return module
+
+
+def test_mfu_uses_the_palm_formula_and_an_exact_peak_table() -> None:
+    gpu_mfu: Any = _gpu_mfu()
+    # GPT-2-124M without position embeddings (123.7M - 0.8M), 12 layers x 768, 1024 tokens.
+    assert gpu_mfu.flops_per_token(122_880_000, 12, 768, 1024) == 6 * 122_880_000 + 12 * 12 * 768 * 1024
+    assert gpu_mfu.peak_tflops("NVIDIA H100 80GB HBM3", None) == 989.4
+    assert gpu_mfu.peak_tflops("Some GPU", 100.0) == 100.0
+    with pytest.raises(SystemExit, match="no dense bf16 peak for 'NVIDIA H100'"):
+        gpu_mfu.peak_tflops("NVIDIA H100", None)  # a prefix is not a name: PCIe and SXM differ by 30%
+
+
 @pytest.mark.slow
-def test_gpu_mfu_runs_and_says_where_it_ran() -> None:
-    out, result = run_bench("gpu_mfu.py", "--quick")
-    if result["device"] == "cpu":
-        assert out.count("no GPU: CPU figures") >= 2 and result["mfu"]["mfu"] is None
-    assert result["mfu"]["tokensPerSecond"] > 0 and result["lora"]["tokensPerSecond"] > 0
-    assert result["lora"]["trainable"] < result["lora"]["parameters"]
+def test_gpu_mfu_plan_only_runs_both_parts_through_kubetunes_trainer() -> None:
+    out, result = run_bench("gpu_mfu.py", "--plan-only")
+    assert result["planOnly"] and out.count("plan only: CPU, tiny shapes") >= 4
+    mfu, lora = result["mfu"], result["lora"]
+    assert mfu["kubetune"]["windows"] == mfu["reference"]["windows"] == 3
+    assert mfu["kubetune"]["medianMfu"] > 0 and mfu["reference"]["medianMfu"] > 0 and mfu["ratio"] > 0
+    assert mfu["kubetune"]["attention"] == "sdpa"
+    assert 0 < lora["kubetune"]["trainable"] < lora["kubetune"]["parameters"]
+    assert lora["kubetune"]["trainable"] == lora["trl"]["trainable"]  # the same adapters on both sides
+    assert lora["trl"]["medianTokensPerSecond"] > 0 and lora["kubetune"]["peakMemoryGiB"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_suite_plan_only_writes_every_steps_result(tmp_path: Path) -> None:
+    env = {**os.environ, "KUBETUNE_RESULTS_DIR": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--plan-only"], capture_output=True,
+                          text=True, timeout=900, cwd=REPO, env=env)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    (written,) = tmp_path.glob("*-cpu-plan.json")
+    record = json.loads(written.read_text())
+    assert record["planOnly"] and record["gpu"] is None
+    steps = record["steps"]
+    assert steps["packed-attention"]["exit"] == 0
+    assert steps["gpu-mfu"]["exit"] == 0 and steps["gpu-mfu"]["result"]["mfu"]["ratio"] > 0
+    for name, script in (("scaling", "trainer_scaling.py"), ("serve-vllm", "serve_vllm_check.py")):
+        if (REPO / "bench" / script).exists():
+            assert steps[name]["exit"] == 0
+        else:  # said plainly, in the output and the record
+            assert steps[name]["exit"] == "skipped" and script in steps[name]["result"]
+            assert f"== {name}: skipped: bench/{script} is not in this checkout" in proc.stdout
+    assert written.with_suffix(".log").read_text().count("== ") >= 4
 
 
 @pytest.mark.slow

@@ -1,0 +1,100 @@
+#!/usr/bin/env bash
+# The GPU benchmark suite in one call: everything a GPU machine lent for a few minutes should measure.
+#
+#   bench/gpu_suite.sh              # on a GPU machine: <= 8 minutes on one H100/H200, no network
+#   bench/gpu_suite.sh --plan-only  # the same steps on the CPU with tiny shapes (a unit test runs this)
+#
+# Steps (each with its own time limit, 8 minutes in all; a failed step is recorded and the suite goes on):
+#   1. packed-attention exactness on the GPU: tests/unit/trainer/test_trainer_hot_path.py (the
+#      flash-attention case runs where flash_attn is installed)
+#   2. bench/gpu_mfu.py: GPT-2-124M MFU, kubetune's trainer vs a tuned reference loop; LoRA on a
+#      ~1B Llama, kubetune vs TRL (tokens/s, peak memory)
+#   3. bench/trainer_scaling.py on all visible GPUs, if this checkout has it
+#   4. bench/serve_vllm_check.py (the vLLM serving check), if this checkout has it
+# Results: bench/results/<UTC date>-<gpu>.json (every step's RESULT record, exit code and time) and
+# each step's full output next to it in bench/results/<UTC date>-<gpu>.log. Uses the project's
+# environment ($PYTHON, else the active python); needs nothing from the network.
+set -uo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+python=${PYTHON:-python}
+plan_only=0
+results_dir=${KUBETUNE_RESULTS_DIR:-$repo/bench/results}
+for argument in "$@"; do
+  case "$argument" in
+    --plan-only) plan_only=1 ;;
+    *) echo "gpu_suite: unknown argument $argument (allowed: --plan-only)" >&2; exit 2 ;;
+  esac
+done
+
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+
+gpu=$("$python" -c 'import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")')
+if [[ -z "$gpu" && $plan_only == 0 ]]; then
+  echo "gpu_suite: no GPU visible (torch.cuda.is_available() is false); --plan-only runs the steps on the CPU" >&2
+  exit 2
+fi
+slug=$(echo "${gpu:-cpu-plan}" | tr '[:upper:]' '[:lower:]' | tr -cs 'a-z0-9' '-' | sed 's/-*$//')
+stamp=$(date -u +%Y-%m-%d)
+mkdir -p "$results_dir"
+out="$results_dir/$stamp-$slug.json"
+log="$results_dir/$stamp-$slug.log"
+: > "$log"
+steps_file=$(mktemp)
+trap 'rm -f "$steps_file" "$steps_file.out"' EXIT
+mode_args=()
+limit_scale=1
+if ((plan_only)); then
+  mode_args=(--plan-only)
+  limit_scale=10  # the limits are sized for a GPU; a plan runs on a (possibly busy) CPU
+fi
+
+# step NAME LIMIT_SECONDS COMMAND...: runs it, appends its output to the log, records rc, seconds, RESULT.
+step() {
+  local name=$1 limit=$2
+  shift 2
+  echo "== $name: $*" | tee -a "$log"
+  local started=$SECONDS
+  timeout --kill-after=10 "$((limit * limit_scale))" "$@" 2>&1 | tee -a "$log" > "$steps_file.out"
+  local rc=${PIPESTATUS[0]}
+  local result
+  result=$(grep '^RESULT ' "$steps_file.out" | tail -1 | sed 's/^RESULT //')
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$((SECONDS - started))" "${result:-null}" >> "$steps_file"
+  echo "== $name: exit $rc after $((SECONDS - started)) s" | tee -a "$log"
+}
+
+skip() {
+  echo "== $1: skipped: $2" | tee -a "$log"
+  printf '%s\tskipped\t0\t%s\n' "$1" "$("$python" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$2")" >> "$steps_file"
+}
+
+step packed-attention 60 "$python" -m pytest -q -p no:cacheprovider tests/unit/trainer/test_trainer_hot_path.py \
+  -k "PackedAttention or Selection"
+step gpu-mfu 300 "$python" bench/gpu_mfu.py "${mode_args[@]}"
+if [[ -f bench/trainer_scaling.py ]]; then
+  step scaling 60 "$python" bench/trainer_scaling.py "${mode_args[@]}"
+else
+  skip scaling "bench/trainer_scaling.py is not in this checkout (the distributed scaling script); nothing measured"
+fi
+if [[ -f bench/serve_vllm_check.py ]]; then
+  step serve-vllm 60 "$python" bench/serve_vllm_check.py "${mode_args[@]}"
+else
+  skip serve-vllm "bench/serve_vllm_check.py is not in this checkout (the vLLM serving check); nothing measured"
+fi
+
+"$python" - "$steps_file" "$out" "$gpu" "$plan_only" <<'EOF'
+import json, os, sys, time
+steps_file, out, gpu, plan_only = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+steps = {}
+for line in open(steps_file):
+    name, rc, seconds, result = line.rstrip("\n").split("\t", 3)
+    steps[name] = {"exit": rc if rc == "skipped" else int(rc), "seconds": int(seconds), "result": json.loads(result)}
+record = {"suite": "gpu_suite", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "gpu": gpu or None,
+          "planOnly": plan_only, "loadAverage": os.getloadavg()[0], "steps": steps}
+with open(out, "w") as handle:
+    json.dump(record, handle, indent=1)
+print(f"gpu_suite: results in {out}")
+failed = [n for n, s in steps.items() if s["exit"] not in (0, "skipped")]
+print("gpu_suite: failed steps: " + (", ".join(failed) if failed else "none"))
+sys.exit(1 if failed else 0)
+EOF

@@ -1,0 +1,222 @@
+"""The training step's hot path: exact packed attention for every kernel the trainer selects, a loss that never
+builds vocabulary-sized logits, no host syncs per micro-batch, fused AdamW on CUDA, optional torch.compile.
+
+Runs on the CPU with the tiny GPT-2 and Llama models; the flash-attention case
+runs where CUDA and `flash_attn` are present (bench/gpu_suite.sh runs this file
+on the GPU machine).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kubetune.trainer import data, evaluate, loss, modeling, train
+from kubetune.trainer.config import ModelConfig
+
+TEXTS = [
+    "The operator watches the job.",
+    "A node.",
+    "Training starts when the validation pod has read every file and found nothing wrong with it.",
+    "Checkpoints resume.",
+]
+
+
+def _has_flash_attention() -> bool:
+    from transformers.utils import is_flash_attn_2_available
+
+    return torch.cuda.is_available() and is_flash_attn_2_available()
+
+
+def selectable_implementations() -> list[Any]:
+    """Every attention implementation `modeling.select_attention_implementation` can return, plus eager
+    (transformers' fallback for architectures without SDPA); each with the batch layout the trainer uses."""
+    flash = pytest.param(
+        "flash_attention_2",
+        marks=pytest.mark.skipif(not _has_flash_attention(), reason="needs CUDA and flash_attn (run by bench/gpu_suite.sh)"),
+    )
+    return ["eager", "sdpa", flash]
+
+
+@pytest.fixture(params=["gpt2", "llama"])
+def tiny_model_folder(request: pytest.FixtureRequest, tiny_gpt2: Path, tiny_llama: Path) -> Path:
+    return tiny_gpt2 if request.param == "gpt2" else tiny_llama
+
+
+def _load(folder: Path, implementation: str, device: str = "cpu") -> Any:
+    dtype = torch.bfloat16 if implementation.startswith("flash") else torch.float32
+    model = modeling.load_model(ModelConfig(source=str(folder)), dtype=dtype, attn_implementation=implementation)
+    return model.to(device).eval()
+
+
+def _examples(tokenizer: Any) -> list[data.TokenizedExample]:
+    return [data.tokenize_example(data.Example(completion=t), tokenizer, append_eos=True) for t in TEXTS]
+
+
+class TestPackedAttentionIsExact:
+    @pytest.mark.parametrize("implementation", selectable_implementations())
+    def test_packed_logits_equal_each_example_run_alone(self, tiny_model_folder: Path, implementation: str) -> None:
+        from transformers import AutoTokenizer
+
+        device = "cuda" if implementation.startswith("flash") else "cpu"
+        model = _load(tiny_model_folder, implementation, device)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder)
+        examples = _examples(tokenizer)
+        # Two packed rows of different lengths (so the shorter one is padded), as a training micro-batch.
+        sequences, _ = data.pack(examples, 48, packing=True, chunk_long=False)
+        assert len(sequences) >= 2 and any(s.num_examples > 1 for s in sequences)
+        flatten = evaluate.flat_batches(model)
+        assert flatten == implementation.startswith("flash")
+        batch = evaluate.collate(sequences, tokenizer.pad_token_id, torch.device(device), flatten=flatten)
+
+        with torch.no_grad():
+            packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                           **batch.get("attention_kwargs", {})).logits
+            alone = {tuple(e.input_ids): model(torch.tensor([e.input_ids], device=device), use_cache=False).logits[0]
+                     for e in examples}
+
+        tolerance = 2e-2 if implementation.startswith("flash") else 1e-5
+        found = 0
+        for row, ids in enumerate(batch["input_ids"].tolist()):
+            positions = batch["position_ids"][row].tolist()
+            starts = [i for i, p in enumerate(positions) if p == 0]
+            for start, end in zip(starts, [*starts[1:], len(positions)], strict=True):
+                key = tuple(ids[start:end])
+                if key in alone:  # skip the padding tail
+                    torch.testing.assert_close(packed[row, start:end].float(), alone[key].float(),
+                                               atol=tolerance, rtol=tolerance)
+                    found += 1
+        assert found == len(examples)
+
+    @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+    def test_a_flattened_batch_gives_the_same_losses_as_padded_rows(self, tiny_model_folder: Path,
+                                                                    implementation: str) -> None:
+        """The flash layout (one row, cumulative lengths) checked with the CPU kernels: same targets, same loss."""
+        from transformers import AutoTokenizer
+
+        model = _load(tiny_model_folder, implementation)
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder)
+        sequences, _ = data.pack(_examples(tokenizer), 48, packing=True, chunk_long=False)
+        padded = evaluate.collate(sequences, tokenizer.pad_token_id, torch.device("cpu"))
+        flat = evaluate.collate(sequences, tokenizer.pad_token_id, torch.device("cpu"), flatten=True)
+
+        assert flat["input_ids"].shape[0] == 1 and flat["input_ids"].numel() == sum(len(s.input_ids) for s in sequences)
+        assert flat["attention_kwargs"]["cu_seq_lens_q"].tolist()[-1] == flat["input_ids"].numel()
+        assert flat["target_index"].numel() == padded["target_index"].numel()
+        with torch.no_grad():
+            losses_padded, mask_padded, _ = evaluate.token_losses(model, padded)
+            losses_flat, mask_flat, _ = evaluate.token_losses(model, flat)
+            fused_padded, _ = evaluate.training_loss(model, padded)
+            fused_flat, _ = evaluate.training_loss(model, flat)
+        assert int(mask_padded.sum()) == int(mask_flat.sum())
+        torch.testing.assert_close(losses_padded.sum(), losses_flat.sum(), atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(fused_padded, fused_flat, atol=1e-5, rtol=1e-5)
+
+
+class TestFusedLinearCrossEntropy:
+    def _batch(self, folder: Path) -> tuple[Any, dict[str, Any]]:
+        from transformers import AutoTokenizer
+
+        model = _load(folder, "sdpa").train()
+        model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
+        modeling.override_dropout(model, 0.0)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        # Prompts without loss and per-example weights, as classification with class weights produces.
+        examples = [
+            data.tokenize_example(data.Example(prompt=t, completion=" yes", weight=w), tokenizer, append_eos=True)
+            for t, w in zip(TEXTS, (1.0, 3.0, 0.5, 2.0), strict=True)
+        ]
+        sequences, _ = data.pack(examples, 48, packing=True, chunk_long=False)
+        return model, evaluate.collate(sequences, tokenizer.pad_token_id, torch.device("cpu"))
+
+    def test_loss_and_gradients_equal_the_plain_cross_entropy_over_full_logits(
+        self, tiny_model_folder: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        model, batch = self._batch(tiny_model_folder)
+        assert loss.fused_head(model) is not None
+        monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 3 * model.config.vocab_size)  # several chunks of 3 rows
+
+        expected = loss.reference_token_loss(
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits,
+            batch["labels"], batch["weights"])
+        expected.backward()
+        expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+
+        fused, targets = evaluate.training_loss(model, batch)
+        fused.backward()
+
+        assert int(targets) == int((batch["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+        torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(parameter.grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    def test_the_training_loss_never_computes_vocabulary_sized_logits(self, tiny_model_folder: Path) -> None:
+        model, batch = self._batch(tiny_model_folder)
+        shapes: list[tuple[int, ...]] = []
+        model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: shapes.append(tuple(out.shape)))
+
+        evaluate.training_loss(model, batch)[0].backward()
+
+        assert shapes and all(shape[1] == 0 for shape in shapes)  # the head ran on an empty slice
+        assert model.get_output_embeddings().weight.grad is not None
+
+    def test_heads_that_post_process_logits_use_the_plain_path(self, tiny_gpt2: Path) -> None:
+        model = _load(tiny_gpt2, "sdpa")
+        model.config.final_logit_softcapping = 30.0
+        assert loss.fused_head(model) is None
+
+
+class TestTrainingStep:
+    def test_the_micro_batch_loss_and_target_count_stay_on_the_device(self, tiny_gpt2: Path) -> None:
+        """Reading a loss (`float`, `int`, `.item()`) waits for the GPU; the step returns tensors and
+        `fit` reads them once per report."""
+        from transformers import AutoTokenizer
+
+        model = _load(tiny_gpt2, "sdpa").train()
+        tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+        sequences, _ = data.pack(_examples(tokenizer), 48, packing=True, chunk_long=False)
+        value, targets = evaluate.training_loss(model, evaluate.collate(sequences, 0, torch.device("cpu")))
+        assert isinstance(value, torch.Tensor) and isinstance(targets, torch.Tensor)
+
+    def test_adamw_is_fused_on_cuda_only(self, tiny_gpt2: Path) -> None:
+        model = _load(tiny_gpt2, "sdpa")
+        assert train._optimizer(model, 1e-3, 0.01, "cuda").defaults["fused"] is True
+        assert not train._optimizer(model, 1e-3, 0.01, "cpu").defaults["fused"]
+
+    def test_attention_selection(self) -> None:
+        assert modeling.select_attention_implementation("cpu") == "sdpa"
+        expected = "flash_attention_2" if _has_flash_attention() else "sdpa"
+        assert modeling.select_attention_implementation("cuda") == expected
+
+
+class TestCompile:
+    @pytest.mark.slow
+    def test_compiled_blocks_give_the_same_loss_and_gradients(self, tiny_gpt2: Path) -> None:
+        """`training.compile: true` compiles each transformer block in place (torch.compile, dynamic shapes):
+        same numbers, same parameter names, and a new batch length does not break it."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+        sequences, _ = data.pack(_examples(tokenizer), 48, packing=True, chunk_long=False)
+        results = []
+        for compiled in (False, True):
+            model = _load(tiny_gpt2, "sdpa").train()
+            modeling.override_dropout(model, 0.0)
+            names = [name for name, _ in model.named_parameters()]
+            if compiled:
+                assert modeling.compile_blocks(model) == model.config.n_layer
+                assert [name for name, _ in model.named_parameters()] == names
+            losses = []
+            for batch_sequences in (sequences, sequences[:1]):  # two different lengths
+                value, _ = evaluate.training_loss(model, evaluate.collate(batch_sequences, 0, torch.device("cpu")))
+                value.backward()
+                losses.append(value.detach())
+            results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (eager_losses, eager_grads), (compiled_losses, compiled_grads) = results
+        torch.testing.assert_close(compiled_losses, eager_losses, atol=1e-5, rtol=1e-5)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
