@@ -6,7 +6,6 @@ import http.server
 import json
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -47,12 +46,9 @@ class TestSmokeRun:
 
         train = write_jsonl(tmp_path / "train.jsonl", text_records())
         out = tmp_path / "out"
-        started = time.monotonic()
-
         code = _run(tmp_path, config(tiny_gpt2, train, out))
 
         assert code == cfg.EXIT_OK
-        assert time.monotonic() - started < 60
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["valLoss"] < metrics["initialValLoss"] - 0.5
         assert metrics["step"] == metrics["totalSteps"] > 0
