@@ -1,7 +1,7 @@
 """Prometheus series of FineTuneSweeps, registered in the operator's registry (served at `/metrics`).
 
 - `kubetune_sweep_trials{namespace,sweep,state}`: a sweep's trials by state
-  (Pending, Running, Succeeded, Failed, Stopped);
+  (Pending, Running, Succeeded, Failed, Stopped, Pruned);
 - `kubetune_sweep_best_objective{namespace,sweep,metric}`: the best trial's objective value.
 
 Pure apart from prometheus-client: `sweep_handlers` feeds it each sweep's status.
@@ -14,7 +14,7 @@ from typing import Any, Final
 
 from prometheus_client import CollectorRegistry, Gauge
 
-TRIAL_STATES: Final = ("Pending", "Running", "Succeeded", "Failed", "Stopped")
+TRIAL_STATES: Final = ("Pending", "Running", "Succeeded", "Failed", "Stopped", "Pruned")
 
 
 class SweepMetrics:
