@@ -477,13 +477,14 @@ def learn(spec: FineTuneSweepSpec, study: sweep_study.ReplayedStudy, trials: Seq
     return prunes
 
 
-def _duration(trial: ObservedTrial, now: str) -> int | None:
+def _duration(trial: ObservedTrial) -> int | None:
+    """Seconds from creation to completion of a finished trial (None while it runs: a figure that
+    changed every second would rewrite the status on every pass)."""
     started = _parse_time(trial.created)
-    ended = _parse_time(str(trial.status.get("completionTime") or "")) if trial.state in FINISHED_STATES else None
-    end = ended or _parse_time(now)
-    if started is None or end is None:
+    ended = _parse_time(str(trial.status.get("completionTime") or ""))
+    if trial.state not in FINISHED_STATES or started is None or ended is None:
         return None
-    return max(0, int((end - started).total_seconds()))
+    return max(0, int((ended - started).total_seconds()))
 
 
 def _parse_time(value: str) -> datetime | None:
@@ -494,7 +495,7 @@ def _parse_time(value: str) -> datetime | None:
     return parsed if parsed.tzinfo is not None else None
 
 
-def _trial_entry(trial: ObservedTrial, parameters: Mapping[str, Value], metric: str, now: str) -> Body:
+def _trial_entry(trial: ObservedTrial, parameters: Mapping[str, Value], metric: str) -> Body:
     entry: Body = {"name": trial.name, "index": trial.index, "parameters": dict(parameters), "state": trial.state}
     objective = trial.metric(metric) if trial.state == "Succeeded" else None
     if objective is not None:
@@ -506,7 +507,7 @@ def _trial_entry(trial: ObservedTrial, parameters: Mapping[str, Value], metric: 
         entry["valLoss"] = loss
     if trial.message:
         entry["message"] = trial.message
-    duration = _duration(trial, now)
+    duration = _duration(trial)
     if duration is not None:
         entry["duration"] = duration
     return entry
@@ -630,7 +631,7 @@ def _decide_rest(sweep: Body, spec: FineTuneSweepSpec, study: sweep_study.Replay
     all_done = len(trials) == total and counts["completed"] == total
     parameters = {t.index: study.asked_parameters.get(t.index) or trial_parameters(spec, t.index) for t in trials}
     patch.update(
-        trials=[_trial_entry(t, parameters[t.index], metric, now) for t in trials],
+        trials=[_trial_entry(t, parameters[t.index], metric) for t in trials],
         counts=counts, objectiveMetric=metric, goal=goal,
         study={"intermediateMetric": intermediate_metric(spec), "events": [dict(e) for e in study.events]})
     if best is not None:

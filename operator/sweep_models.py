@@ -261,7 +261,7 @@ class Trial(TypedDict, total=False):
     message: Annotated[str, MaxLength(1024)]
     """Why the trial failed, was stopped or pruned."""
     duration: Annotated[int, Minimum(0)]
-    """Seconds from the trial's creation to its end (or to now, while it runs)."""
+    """Seconds from the trial's creation to its end (finished trials)."""
 
 
 class BestTrial(TypedDict, total=False):
