@@ -309,10 +309,6 @@ class ObservedTrial:
                 points[e["step"]] = value
         return sorted(points.items())
 
-    def history(self) -> list[tuple[int, float]]:
-        """(step, validation loss) of every validation, by step."""
-        return self.curve("valLoss")
-
 
 def _number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
@@ -415,12 +411,6 @@ def best_trial(trials: Iterable[ObservedTrial], metric: str, goal: str) -> Obser
         return None
     sign = 1.0 if goal == "minimize" else -1.0
     return min(candidates, key=lambda pair: (sign * pair[0], pair[1].index))[1]
-
-
-def value_at(history: Sequence[tuple[int, float]], step: int) -> float | None:
-    """The value of the latest evaluation at or before `step`; None when there is none."""
-    earlier = [value for at, value in history if at <= step]
-    return earlier[-1] if earlier else None
 
 
 def intermediate_metric(spec: FineTuneSweepSpec) -> str:

@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import math
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 import optuna
@@ -178,7 +178,7 @@ class ReplayedStudy:
         trial = self.trials.get(index)
         if trial is None:
             return {}
-        frozen = self.study._storage.get_trial(trial._trial_id)  # noqa: SLF001 - the live trial's values
+        frozen = next(t for t in self.study.get_trials(deepcopy=False) if t.number == trial.number)
         return dict(frozen.intermediate_values)
 
 
@@ -211,7 +211,8 @@ def apply_event(replayed: ReplayedStudy, event: Mapping[str, Any], fixed: Mappin
         raise StudyError(f"event {event}: unknown kind {kind!r}")
 
 
-FixedValues = Any  # Callable[[int], Mapping[str, Value] | None]
+FixedValues = Callable[[Any], Mapping[str, Value] | None]
+"""Trial index -> its values under grid/random search (None: the sampler chooses)."""
 
 
 def replay(spec: FineTuneSweepSpec, direction: str, events: Sequence[Mapping[str, Any]],
