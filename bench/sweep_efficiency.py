@@ -23,7 +23,7 @@ searches alternating within each seed; `--seeds` seeds (the training seed and
 the sampler seed); min/median/max over seeds are printed, and the CPU-seconds
 each search spent (process time; GPU-seconds on a GPU machine).
 
-    python bench/sweep_efficiency.py             # ~10-20 minutes on 2 CPU cores
+    python bench/sweep_efficiency.py [--parallel]  # ~20 CPU-minutes (3 seeds); --parallel runs the seeds at once
     python bench/sweep_efficiency.py --quick     # smoke test: a 2x1x2 grid of 4-step trials, 1 seed
 """
 
@@ -119,7 +119,7 @@ def run_search(search: str, seed: int, quick: bool, steps: int, eval_interval: i
     algorithm = {"grid": "grid", "random": "random", "tpe+asha": "tpe"}[search]
     grid_spec = FineTuneSweepSpec.from_dict(sweep_spec("grid", seed, quick, eval_interval, 500))
     grid_trials = sweep.trial_count(grid_spec)
-    budget = grid_trials * steps if search == "grid" else math.ceil(grid_trials * steps / 3)
+    budget = grid_trials * steps if search == "grid" else grid_trials * steps // 3
     spec = FineTuneSweepSpec.from_dict(sweep_spec(algorithm, seed, quick, eval_interval, 500))
     study = sweep_study.new_study(spec, "minimize") if search == "tpe+asha" else None
     batch = 8
@@ -214,6 +214,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps of a trial that runs to its end")
     parser.add_argument("--eval-interval", type=int, default=5)
+    parser.add_argument("--parallel", action="store_true",
+                        help="run the seeds at the same time (each seed's searches still one after another); "
+                             "CPU-seconds are per process, so this changes wall time, not the figures")
     parser.add_argument("--child", choices=SEARCHES, help=argparse.SUPPRESS)
     parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
@@ -225,22 +228,36 @@ def main() -> int:
 
     results: dict[str, list[dict[str, Any]]] = {s: [] for s in SEARCHES}
     with tempfile.TemporaryDirectory(prefix="sweep-efficiency-") as tmp:
-        for seed in range(args.seeds):
-            order = SEARCHES[seed % 3:] + SEARCHES[:seed % 3]  # alternate which search runs first
-            for search in order:
-                command = [sys.executable, __file__, "--child", search, "--seed", str(seed), "--workdir", tmp,
+        def run_seed(seed: int) -> list[dict[str, Any]]:
+            workdir = Path(tmp) / f"seed-{seed}"
+            workdir.mkdir()
+            done = []
+            for search in SEARCHES[seed % 3:] + SEARCHES[:seed % 3]:  # alternate which search runs first
+                command = [sys.executable, __file__, "--child", search, "--seed", str(seed), "--workdir", str(workdir),
                            "--steps", str(args.steps), "--eval-interval", str(args.eval_interval)]
                 if args.quick:
                     command.append("--quick")
                 proc = subprocess.run(command, capture_output=True, text=True)
                 if proc.returncode != 0:
-                    print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-                    return 1
+                    raise RuntimeError(f"{search} seed {seed} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
                 line = next(x for x in proc.stdout.splitlines() if x.startswith("CHILD "))
                 result = json.loads(line.removeprefix("CHILD "))
-                results[search].append(result)
+                done.append(result)
                 print(f"seed {seed} {search:9s}: {len(result['trials'])} trials, {result['trialSteps']} trial-steps, "
                       f"best {best_within(result, float('inf'))}, {result['cpuSeconds']} CPU-s", flush=True)
+            return done
+
+        seeds = list(range(args.seeds))
+        if args.parallel:
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(len(seeds)) as pool:
+                per_seed = list(pool.map(run_seed, seeds))
+        else:
+            per_seed = [run_seed(seed) for seed in seeds]
+        for done in per_seed:
+            for result in done:
+                results[result["search"]].append(result)
 
     grid_budget = results["grid"][0]["budget"]
     budgets = {"B/9": grid_budget / 9, "B/3": grid_budget / 3, "B": grid_budget}

@@ -24,6 +24,6 @@ def test_grid_random_and_tpe_asha_each_run_real_trials_within_their_budgets() ->
     assert result["budget"] == 4 * 4, "the quick grid: 2 x 1 x 2 trials of 4 steps"
     assert result["gridTrialSteps"] == [16]
     for search in ("random", "tpe+asha"):
-        assert 0 < result[f"{search}TrialSteps"][0] <= 6, "a third of the grid's budget (rounded up), never more"
+        assert 0 < result[f"{search}TrialSteps"][0] <= 16 // 3, "a third of the grid's budget, never more"
         assert result[f"{search}CpuSeconds"][0] > 0
     assert all(v > 0 for v in result["gridBestAtB"])
