@@ -13,9 +13,10 @@ REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)  # ~1 CPU-minute, but 13 minutes of wall time were measured at load average 17
 def test_grid_random_and_tpe_asha_each_run_real_trials_within_their_budgets() -> None:
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "sweep_efficiency.py"), "--quick"],
-                          capture_output=True, text=True, timeout=900, cwd=REPO)
+                          capture_output=True, text=True, timeout=2300, cwd=REPO)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, proc.stdout
