@@ -6,6 +6,7 @@
 - ``kubetune run JOB.yaml``: the same manifest trained locally with no cluster.
 - ``kubetune status|logs|events|loss NAME``: questions about a job on any
   cluster (the current kubeconfig), in the style of a kubectl plugin.
+- ``kubetune sweep NAME``: a FineTuneSweep's trials table and its plots.
 
 Dev tooling: it drives the control plane, the operator and the local node, and
 nothing in the operator or trainer imports it.
@@ -369,6 +370,22 @@ def _cmd_events(args: argparse.Namespace) -> int:
     return proc.returncode
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    """The trials table of a FineTuneSweep, and its objective and parallel-coordinates plots."""
+    from kubetune.dev import sweep_view
+
+    proc = _kubectl(args, "get", "finetunesweep", args.name, "-o", "json")
+    if proc.returncode != 0:
+        print(proc.stderr.strip(), file=sys.stderr)
+        return 1
+    sweep = dict(json.loads(proc.stdout))
+    print(sweep_view.trials_table(sweep))
+    if not args.no_plots:
+        for path in sweep_view.write_report(sweep, sweep_view.output_folder(sweep, args.out)):
+            print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetune", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -411,6 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--samples", action="store_true",
                                  help="also print the sample answers of the base and the fine-tuned model")
         command.set_defaults(func=func)
+
+    sweep = commands.add_parser("sweep", help="a FineTuneSweep's trials table and plots")
+    sweep.add_argument("name")
+    sweep.add_argument("-n", "--namespace", default="")
+    sweep.add_argument("--out", help="folder for objective.png and parallel_coordinates.png "
+                                     "(default: next to the sweep's output if local, else ./NAME-sweep)")
+    sweep.add_argument("--no-plots", action="store_true", help="print the table only")
+    sweep.set_defaults(func=_cmd_sweep)
     return parser
 
 

@@ -102,12 +102,12 @@ ImbalanceStrategy = Literal["none", "oversample", "undersample", "classWeights"]
 MethodType = Literal["full", "lora"]
 Scheduler = Literal["auto", "linear", "cosine", "constant", "constantWithWarmup"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy"]
+EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy", "valF1"]
 EvaluationMetric = Literal["perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1"]
 AugmentationOperation = Literal["wordDeletion", "wordSwap", "wordInsertion", "charNoise"]
 ServingRuntime = Literal["builtin", "vllm"]
 ServingAuth = Literal["apiKey", "none"]
-Phase = Literal["Validating", "Pending", "Running", "Suspended", "Succeeded", "Failed"]
+Phase = Literal["Validating", "Pending", "Running", "Suspended", "Succeeded", "Failed", "Pruned"]
 
 CLASSIFICATION_METRICS = ("accuracy", "precision", "recall", "f1")
 """Evaluation metrics that only a classification dataset has."""
@@ -436,8 +436,8 @@ class EarlyStopping:
     enabled: bool = False
     """Stop when `metric` has not improved for `patience` evaluations."""
     metric: EarlyStoppingMetric = "valLoss"
-    """What to watch: `valLoss` and `valPerplexity` are minimised, `valAccuracy` (format
-    `classification` only) maximised."""
+    """What to watch: `valLoss` and `valPerplexity` are minimised, `valAccuracy` and `valF1`
+    (macro-averaged F1; format `classification` only) maximised."""
     patience: Annotated[int, Minimum(1), Maximum(1000)] = 3
     """Evaluations without improvement before training stops."""
     min_delta: Annotated[float, Minimum(0)] = 0.0
@@ -606,9 +606,9 @@ class ServingSpec:
 
 
 @rules(
-    Rule("!self.training.earlyStopping.enabled || self.training.earlyStopping.metric != 'valAccuracy' "
+    Rule("!self.training.earlyStopping.enabled || !(self.training.earlyStopping.metric in ['valAccuracy', 'valF1']) "
          "|| self.dataset.format == 'classification'",
-         "valAccuracy needs dataset.format classification; use valLoss or valPerplexity",
+         "valAccuracy needs dataset.format classification (valF1 too); use valLoss or valPerplexity",
          field_path=".training.earlyStopping.metric"),
     Rule("!self.training.earlyStopping.enabled || has(self.dataset.validation) "
          "|| self.dataset.split.validation > 0.0",
@@ -727,6 +727,23 @@ class CheckpointRef(TypedDict, total=False):
     """When it was saved."""
 
 
+class EvaluationPoint(TypedDict, total=False):
+    """The validation figures at one step."""
+
+    step: Annotated[int, Minimum(0)]
+    """Optimizer step of the evaluation."""
+    valLoss: float
+    """Validation loss."""
+    valPerplexity: float
+    """Validation perplexity."""
+    valTokenAccuracy: float
+    """Next-token accuracy on the validation split."""
+    valAccuracy: float
+    """Classification accuracy on the validation split."""
+    valF1: float
+    """Macro-averaged classification F1 on the validation split."""
+
+
 class LatestMetrics(TypedDict, total=False):
     """The latest training and validation figures."""
 
@@ -738,6 +755,13 @@ class LatestMetrics(TypedDict, total=False):
     """Latest validation perplexity (exp of valLoss)."""
     learningRate: Annotated[float, Minimum(0)]
     """Current learning rate."""
+    valAccuracy: float
+    """Latest validation accuracy (classification: the most likely label is the prediction)."""
+    valF1: float
+    """Latest macro-averaged validation F1 (classification)."""
+    evaluations: Annotated[list[EvaluationPoint], MaxItems(512), ListType("atomic")]
+    """Every validation of the run, oldest first (the newest 512): the whole learning curve, which a
+    FineTuneSweep prunes trials by."""
     bestCheckpoint: CheckpointRef
     """The checkpoint with the lowest validation loss so far."""
 
@@ -889,7 +913,8 @@ class FineTuneJobStatus(TypedDict, total=False):
 
     phase: Phase
     """One-word summary for `kubectl get` (the Status column), derived from the conditions:
-    Succeeded, Failed, Suspended, Running, Validating or Pending. Conditions hold the details."""
+    Succeeded, Failed, Pruned (ended by a FineTuneSweep), Suspended, Running, Validating or Pending.
+    Conditions hold the details."""
     conditions: Annotated[list[Condition], MaxItems(16), ListType("map", ("type",))]
     """Validated, Running, Succeeded, Failed, Suspended and ServingReady, per the Kubernetes API
     conventions."""

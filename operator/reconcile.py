@@ -37,6 +37,9 @@ from kubetune.trainer import config as trainer_config
 
 Body = dict[str, Any]
 
+ANNOTATION_PRUNED = "kubetune.io/pruned-by-sweep"
+"""Set by a FineTuneSweep on a trial it prunes, with why: the job ends (`reason Pruned`), its trainer Job is deleted."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Observed:
@@ -185,7 +188,8 @@ class _Draft:
 
 
 def _event_for(condition: Condition) -> Event:
-    warning = (condition["type"] == conditions.FAILED and condition["status"] == "True") or (
+    warning = (condition["type"] == conditions.FAILED and condition["status"] == "True"
+               and condition["reason"] != conditions.PRUNED) or (
         condition["type"] == conditions.VALIDATED and condition["status"] == "False")
     text = f"{condition['type']}={condition['status']}"
     if condition["message"]:
@@ -207,6 +211,10 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
     if draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED):
         _expire_training_children(draft)
         _decide_serving(draft, settings, limits)
+        return draft.decision()
+    pruned = _annotation(observed.job, ANNOTATION_PRUNED)
+    if pruned:
+        _prune(draft, pruned)
         return draft.decision()
     try:
         rendered = render.trainer_config_for(observed.job)
@@ -269,6 +277,15 @@ def _blocked_by_foreign_children(draft: _Draft) -> None:
     finished = draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED)
     draft.set(conditions.SERVING_READY if finished else conditions.RUNNING, "False",
               conditions.WAITING_FOR_OLD_CHILDREN if stale else conditions.CHILD_NAME_CONFLICT, message[:4096])
+
+
+def _prune(draft: _Draft, why: str) -> None:
+    """A sweep pruned this trial: stop its pods (delete the Jobs) and end it, keeping its metrics so far."""
+    for child in (draft.observed.trainer_job, draft.observed.validation_job):
+        if child is not None:
+            draft.actions.append(DeleteChild("batch/v1", "Job", child["metadata"]["name"]))
+    draft.finish(False, conditions.PRUNED, why[:1024])
+    _set_suspended(draft, holding_pods=False)
 
 
 # --- step 2b: platform policy --------------------------------------------------------------
@@ -854,7 +871,8 @@ def state_of(status: Body) -> str:
     if conditions.is_true(found, conditions.SUCCEEDED):
         return "Succeeded"
     if conditions.is_true(found, conditions.FAILED):
-        return "Failed"
+        failed = conditions.find(found, conditions.FAILED)
+        return "Pruned" if failed is not None and failed.get("reason") == conditions.PRUNED else "Failed"
     if conditions.is_true(found, conditions.SUSPENDED):
         return "Suspended"
     if conditions.is_true(found, conditions.RUNNING):

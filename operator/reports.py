@@ -45,6 +45,10 @@ handles a report later can run out of recursion."""
 STRUCTURED_RESULTS = ("perClass", "confusionMatrix", "baseline", "improvement")
 """Keys of `results` whose values are objects (checked against `status.results`' schema); every
 other key is a metric name with a number."""
+MAX_EVALUATIONS = 512
+"""Evaluations kept in `status.metrics.evaluations` (the newest; the CRD's bound)."""
+EVALUATION_FIELDS = ("valLoss", "valPerplexity", "valTokenAccuracy", "valAccuracy", "valF1")
+"""Figures of one evaluation kept in the learning curve (top-level fields or `results` of the report)."""
 RESOLVED_FIELDS = tuple(models.ResolvedHyperparameters.__annotations__)
 """Keys of `resolved` (the trainer's resolved hyperparameters) that reach `status.resolved`."""
 
@@ -425,6 +429,8 @@ def merge_report(status: Body, report: Report, *, recent_checkpoints: int) -> Bo
         progress["etaSeconds"] = 0
     metrics = dict(status.get("metrics") or {})
     metrics.update(_pick(body, ("trainLoss", "valLoss", "valPerplexity", "learningRate")))
+    if report.kind == "evaluation":
+        metrics.update(_evaluation(metrics.get("evaluations"), body))
     checkpoints = [dict(c) for c in (status.get("checkpoints") or []) if isinstance(c, dict)]
     checkpoint = body.get("checkpoint")
     if isinstance(checkpoint, dict):
@@ -452,6 +458,25 @@ def merge_report(status: Body, report: Report, *, recent_checkpoints: int) -> Bo
     if resolved:
         patch["resolved"] = resolved
     return patch
+
+
+def _evaluation(curve: Any, body: Body) -> Body:
+    """The metrics an evaluation report changes: the latest valAccuracy/valF1 and the learning curve
+    `evaluations` with this step's figures (replacing an earlier entry of the same step, as a resumed
+    attempt re-evaluates)."""
+    raw = body.get("results")
+    results: Body = raw if isinstance(raw, dict) else {}
+    figures = {f: v for f in EVALUATION_FIELDS if _is_number(v := body.get(f, results.get(f)))}
+    step = body.get("step")
+    if not figures or not _is_count(step):
+        return {}
+    points = [dict(p) for p in (curve if isinstance(curve, list) else [])
+              if isinstance(p, dict) and _is_count(p.get("step")) and p["step"] != step]
+    points.append({"step": step, **figures})
+    points.sort(key=lambda p: int(p["step"]))
+    changed: Body = {"evaluations": points[-MAX_EVALUATIONS:]}
+    changed.update({f: figures[f] for f in ("valAccuracy", "valF1") if f in figures})
+    return changed
 
 
 def _best_checkpoint(checkpoints: list[Body], previous: Any) -> Body | None:

@@ -1,19 +1,22 @@
 """The FineTuneSweep's behaviour as pure functions: trial parameters, trial manifests, and one decision.
 
 - `trial_count(spec)` and `trial_parameters(spec, index)`: what trial `index`
-  tries. A pure function of the spec and the index (grid: a mixed-radix digit
-  per parameter; random: a SHA-256 of seed, index and parameter name as the
-  uniform draw), so an operator restart never changes or repeats a trial.
+  tries under grid and random search. A pure function of the spec and the
+  index (grid: a mixed-radix digit per parameter; random: a SHA-256 of seed,
+  index and parameter name as the uniform draw), so an operator restart never
+  changes or repeats a trial. TPE and CMA-ES trials come from the Optuna study
+  (`sweep_study`), which also prunes trials for every algorithm.
 - `trial_manifest(sweep, index)`: the child FineTuneJob (deterministic name
   `<sweep>-t<index>`, labels, controller owner reference, the template with the
   trial's values, serving off).
 - `observe_trial(child)`: a child FineTuneJob's state, objective, step and
-  validation-loss history, read from its status.
-- `decide(sweep, children)`: level-based reconcile. From the sweep and the
-  children that exist now: which trials to create next (at most
-  `parallelTrials` unfinished), which to stop (median stopping, or every
-  unfinished one once the sweep failed), which to serve (`promoteBest`), and
-  the sweep's status.
+  learning curve, read from its status.
+- `decide(sweep, children)`: level-based reconcile. From the sweep, its study
+  log and the children that exist now: what the study learns (reports and
+  tells), which trials to prune, which to create next (at most
+  `parallelTrials` unfinished), which to stop (every unfinished one once the
+  sweep failed), which to serve (`promoteBest`), and the sweep's status (with
+  the study log, which must be written before the trials are created).
 
 No kopf, no kubernetes client: `sweep_handlers` observes and carries out.
 """
@@ -24,12 +27,11 @@ import copy
 import dataclasses
 import hashlib
 import math
-import statistics
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
 
-from kubetune.operator import apischema, conditions, models, names, sweep_models
+from kubetune.operator import apischema, conditions, models, names, sweep_models, sweep_study
 from kubetune.operator.sweep_models import FineTuneSweepSpec, SearchParameter
 
 Body = dict[str, Any]
@@ -42,19 +44,24 @@ LABEL_TRIAL: Final = "kubetune.io/trial"
 """On every trial: its index."""
 ANNOTATION_STOPPED: Final = "kubetune.io/stopped-by-sweep"
 """On a trial the sweep suspended: why (for humans; the suspension itself is `spec.suspend`)."""
+ANNOTATION_PRUNED: Final = "kubetune.io/pruned-by-sweep"
+"""On a trial the sweep pruned: why; the FineTuneJob operator then deletes its trainer Job and ends it
+(`Failed=True, Succeeded=False, reason Pruned`). The same key as `reconcile.ANNOTATION_PRUNED`."""
 
 SIGNIFICANT_DIGITS: Final = 6
 """Real-valued parameters are rounded to this many significant digits: readable manifests, and the
 same number whichever machine computes it."""
 
-MAXIMIZED_METRICS: Final = frozenset({"testTokenAccuracy", "testAccuracy", "testPrecision", "testRecall",
-                                      "testF1"})
+MAXIMIZED_METRICS: Final = frozenset({"valAccuracy", "valF1", "testTokenAccuracy", "testAccuracy", "testPrecision",
+                                      "testRecall", "testF1"})
 """Objective metrics where higher is better; every other metric (losses, perplexities) is minimised."""
 
 OBJECTIVE_PATHS: Final[Mapping[str, tuple[str, ...]]] = {
     "valLoss": ("metrics", "valLoss"),
     "valPerplexity": ("metrics", "valPerplexity"),
     "trainLoss": ("metrics", "trainLoss"),
+    "valAccuracy": ("metrics", "valAccuracy"),
+    "valF1": ("metrics", "valF1"),
     "bestValLoss": ("metrics", "bestCheckpoint", "valLoss"),
     "testLoss": ("results", "loss"),
     "testPerplexity": ("results", "perplexity"),
@@ -66,7 +73,16 @@ OBJECTIVE_PATHS: Final[Mapping[str, tuple[str, ...]]] = {
 }
 """Where each objective metric is in a FineTuneJob's status."""
 
-FINISHED_STATES: Final = frozenset({"Succeeded", "Failed", "Stopped"})
+INTERMEDIATE_METRICS: Final[Mapping[str, str]] = {
+    "valLoss": "valLoss", "bestValLoss": "valLoss", "trainLoss": "valLoss", "testLoss": "valLoss",
+    "valPerplexity": "valPerplexity", "testPerplexity": "valPerplexity",
+    "testTokenAccuracy": "valTokenAccuracy", "valAccuracy": "valAccuracy", "testAccuracy": "valAccuracy",
+    "valF1": "valF1", "testF1": "valF1", "testPrecision": "valF1", "testRecall": "valF1",
+}
+"""The figure of each validation during training that pruning compares, per objective metric: the
+objective itself or its validation counterpart, better in the same direction."""
+
+FINISHED_STATES: Final = frozenset({"Succeeded", "Failed", "Stopped", "Pruned"})
 
 # Reasons of the sweep's conditions (CamelCase, per the API conventions).
 TRIALS_RUNNING: Final = "TrialsRunning"
@@ -223,11 +239,14 @@ def owner_reference(sweep: Body) -> Body:
             "uid": metadata["uid"], "controller": True, "blockOwnerDeletion": True}
 
 
-def trial_manifest(sweep: Body, spec: FineTuneSweepSpec, index: int) -> Body:
-    """The FineTuneJob of trial `index`: the template with its parameters, serving off."""
+def trial_manifest(sweep: Body, spec: FineTuneSweepSpec, index: int,
+                   parameters: Mapping[str, Value] | None = None) -> Body:
+    """The FineTuneJob of trial `index`: the template with its parameters (grid/random: computed;
+    TPE/CMA-ES: as the study asked), serving off."""
     metadata = sweep["metadata"]
     template = sweep["spec"]["template"]
-    child_spec = apply_parameters(template, trial_parameters(spec, index))
+    chosen = parameters if parameters is not None else trial_parameters(spec, index)
+    child_spec = apply_parameters(template, chosen)
     child_spec["serving"] = {**(child_spec.get("serving") or {}), "enabled": False}
     child_spec["suspend"] = False
     return {
@@ -258,7 +277,9 @@ class ObservedTrial:
     serving_enabled: bool
     """The child's `spec.serving.enabled`."""
     message: str = ""
-    """Why it failed or stopped."""
+    """Why it failed, stopped or was pruned."""
+    created: str = ""
+    """The child's creationTimestamp (RFC 3339)."""
 
     def step(self) -> int | None:
         step = (self.status.get("progress") or {}).get("step")
@@ -274,11 +295,19 @@ class ObservedTrial:
             node = node.get(key) if isinstance(node, dict) else None
         return _number(node)
 
-    def history(self) -> list[tuple[int, float]]:
-        """(step, validation loss) of the evaluations kept in `status.checkpoints`, by step."""
-        points = [(c["step"], float(c["valLoss"])) for c in self.status.get("checkpoints") or []
-                  if isinstance(c, dict) and isinstance(c.get("step"), int) and _number(c.get("valLoss")) is not None]
-        return sorted(points)
+    def curve(self, metric: str = "valLoss") -> list[tuple[int, float]]:
+        """(step, value) of every validation (`status.metrics.evaluations`), by step; for valLoss, the
+        checkpoints' values fill in what an older operator did not record there."""
+        points: dict[int, float] = {}
+        if metric == "valLoss":
+            for c in self.status.get("checkpoints") or []:
+                if isinstance(c, dict) and isinstance(c.get("step"), int) and _number(c.get("valLoss")) is not None:
+                    points[c["step"]] = float(c["valLoss"])
+        for e in (self.status.get("metrics") or {}).get("evaluations") or []:
+            value = _number(e.get(metric)) if isinstance(e, dict) else None
+            if value is not None and isinstance(e.get("step"), int) and not isinstance(e.get("step"), bool):
+                points[e["step"]] = value
+        return sorted(points.items())
 
 
 def _number(value: Any) -> float | None:
@@ -304,8 +333,14 @@ def observe_trial(child: Body) -> ObservedTrial | None:
     spec = child.get("spec") or {}
     found: list[conditions.Condition] = list(status.get("conditions") or [])
     message = ""
+    annotations = (child.get("metadata") or {}).get("annotations") or {}
+    failed = conditions.find(found, conditions.FAILED)
+    failed_reason = failed.get("reason") if failed is not None else None
     if conditions.is_true(found, conditions.SUCCEEDED):
         state = "Succeeded"
+    elif annotations.get(ANNOTATION_PRUNED) or failed_reason == conditions.PRUNED:
+        state = "Pruned"
+        message = str(annotations.get(ANNOTATION_PRUNED) or "pruned")
     elif conditions.is_true(found, conditions.FAILED):
         state = "Failed"
         failed = conditions.find(found, conditions.FAILED)
@@ -313,13 +348,14 @@ def observe_trial(child: Body) -> ObservedTrial | None:
             message = f"{failed.get('reason', '')}: {failed.get('message', '')}".strip(": ")
     elif spec.get("suspend"):
         state = "Stopped"
-        message = ((child.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_STOPPED, "suspended")
+        message = annotations.get(ANNOTATION_STOPPED, "suspended")
     elif conditions.is_true(found, conditions.RUNNING):
         state = "Running"
     else:
         state = "Pending"
     return ObservedTrial(index=index, name=child["metadata"]["name"], state=state, status=status,
-                         serving_enabled=bool((spec.get("serving") or {}).get("enabled")), message=message[:1024])
+                         serving_enabled=bool((spec.get("serving") or {}).get("enabled")), message=message[:1024],
+                         created=str((child.get("metadata") or {}).get("creationTimestamp") or ""))
 
 
 # --- the decision -------------------------------------------------------------------------------------
@@ -328,6 +364,14 @@ def observe_trial(child: Body) -> ObservedTrial | None:
 @dataclasses.dataclass(frozen=True)
 class StopTrial:
     """Suspend a trial (`spec.suspend: true`) and record why."""
+
+    name: str
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneTrial:
+    """End a trial early: annotate it with why; the FineTuneJob operator deletes its trainer Job."""
 
     name: str
     reason: str
@@ -347,6 +391,7 @@ class SweepDecision:
 
     create: list[Body] = dataclasses.field(default_factory=list)
     stop: list[StopTrial] = dataclasses.field(default_factory=list)
+    prune: list[PruneTrial] = dataclasses.field(default_factory=list)
     serve: list[SetServing] = dataclasses.field(default_factory=list)
     status: Body = dataclasses.field(default_factory=dict)
 
@@ -368,37 +413,76 @@ def best_trial(trials: Iterable[ObservedTrial], metric: str, goal: str) -> Obser
     return min(candidates, key=lambda pair: (sign * pair[0], pair[1].index))[1]
 
 
-def value_at(history: Sequence[tuple[int, float]], step: int) -> float | None:
-    """The value of the latest evaluation at or before `step`; None when there is none."""
-    earlier = [value for at, value in history if at <= step]
-    return earlier[-1] if earlier else None
+def intermediate_metric(spec: FineTuneSweepSpec) -> str:
+    """The validation figure pruning compares (see INTERMEDIATE_METRICS)."""
+    return INTERMEDIATE_METRICS[spec.objective.metric]
 
 
-def median_stops(spec: FineTuneSweepSpec, trials: Sequence[ObservedTrial]) -> list[StopTrial]:
-    """Running trials whose latest validation loss is worse than the median of the succeeded
-    trials' validation losses at the same step."""
-    rule = spec.early_termination
-    if rule.type != "medianStop":
-        return []
-    completed = [t for t in trials if t.state == "Succeeded"]
-    if len(completed) < rule.start_after_trials:
-        return []
-    stops = []
+def fixed_parameters(spec: FineTuneSweepSpec) -> sweep_study.FixedValues:
+    """For the study: trial i's values under grid/random search; None (the sampler chooses) otherwise."""
+    if spec.algorithm.type in sweep_study.MODEL_BASED:
+        return lambda index: None
+    return lambda index: trial_parameters(spec, index)
+
+
+def _best_so_far(values: Sequence[tuple[int, float]], goal: str) -> tuple[int, float]:
+    sign = 1.0 if goal == "minimize" else -1.0
+    return min(values, key=lambda pair: (sign * pair[1], pair[0]))
+
+
+def learn(spec: FineTuneSweepSpec, study: sweep_study.ReplayedStudy, trials: Sequence[ObservedTrial],
+          metric: str, goal: str) -> list[PruneTrial]:
+    """Tell the study what the trials did since the last reconcile (new validations, outcomes) and
+    prune the running trials its pruner rejects. Returns the trials to prune (also those the log
+    already says were pruned but that do not carry the annotation yet: a crash in between)."""
+    intermediate = intermediate_metric(spec)
+    prunes: list[PruneTrial] = []
     for trial in trials:
-        if trial.state != "Running" or not trial.history():
-            continue
-        step, loss = trial.history()[-1]
-        if step < rule.min_steps:
-            continue
-        references = [v for v in (value_at(t.history(), step) for t in completed) if v is not None]
-        if len(references) < rule.start_after_trials:
-            continue
-        median = statistics.median(references)
-        if loss > median:
-            stops.append(StopTrial(trial.name, f"medianStop: validation loss {loss:.6g} at step {step} is worse "
-                                               f"than the median {median:.6g} of {len(references)} succeeded "
-                                               f"trials at that step"))
-    return stops
+        if trial.index not in study.trials:
+            continue  # created before its ask was logged (an older operator): grid/random ask it below
+        if trial.index not in study.told:
+            last = study.reported.get(trial.index, -1)
+            for step, value in trial.curve(intermediate):
+                if step > last and study.report(trial.index, step, value) and trial.state == "Running":
+                    break  # pruned at this validation: later ones are not the study's business
+            if trial.state == "Succeeded":
+                objective = trial.metric(metric)
+                study.tell(trial.index, "Complete" if objective is not None else "Failed", objective)
+            elif trial.state == "Failed":
+                study.tell(trial.index, "Failed")
+            elif trial.state in ("Stopped", "Pruned"):
+                study.tell(trial.index, "Pruned")
+            elif trial.state == "Running" and study.should_prune(trial.index):
+                step = study.reported[trial.index]
+                curve = sorted(study.intermediate_values(trial.index).items())
+                best_step, best = _best_so_far(curve, goal)
+                rule = spec.early_termination.type
+                study.tell(trial.index, "Pruned")
+                prunes.append(PruneTrial(trial.name, (
+                    f"pruned by sweep ({rule}) at step {step}: {intermediate} {dict(curve)[step]:.6g}; "
+                    f"best so far {best:.6g} at step {best_step}")))
+        if study.told.get(trial.index) == "Pruned" and trial.state not in FINISHED_STATES:
+            if not any(p.name == trial.name for p in prunes):
+                prunes.append(PruneTrial(trial.name, f"pruned by sweep ({spec.early_termination.type})"))
+    return prunes
+
+
+def _duration(trial: ObservedTrial) -> int | None:
+    """Seconds from creation to completion of a finished trial (None while it runs: a figure that
+    changed every second would rewrite the status on every pass)."""
+    started = _parse_time(trial.created)
+    ended = _parse_time(str(trial.status.get("completionTime") or ""))
+    if trial.state not in FINISHED_STATES or started is None or ended is None:
+        return None
+    return max(0, int((ended - started).total_seconds()))
+
+
+def _parse_time(value: str) -> datetime | None:
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo is not None else None
 
 
 def _trial_entry(trial: ObservedTrial, parameters: Mapping[str, Value], metric: str) -> Body:
@@ -413,6 +497,9 @@ def _trial_entry(trial: ObservedTrial, parameters: Mapping[str, Value], metric: 
         entry["valLoss"] = loss
     if trial.message:
         entry["message"] = trial.message
+    duration = _duration(trial)
+    if duration is not None:
+        entry["duration"] = duration
     return entry
 
 
@@ -424,9 +511,17 @@ def _with_state(trial: ObservedTrial, state: str, message: str) -> ObservedTrial
     return dataclasses.replace(trial, state=state, message=message[:1024])
 
 
-def decide(sweep: Body, children: Iterable[Body], now: str | None = None) -> SweepDecision:
-    """The level-based reconcile of one sweep: from the sweep and its child FineTuneJobs now, what
-    to create, stop and serve, and the status. Running it again after its actions changes nothing."""
+ConditionValue = tuple[conditions.Status, str, str]
+SetConditions = Callable[[ConditionValue, ConditionValue, ConditionValue], None]
+
+
+def decide(sweep: Body, children: Iterable[Body], now: str | None = None,
+           studies: sweep_study.StudyCache | None = None) -> SweepDecision:
+    """The level-based reconcile of one sweep: from the sweep (with its study log) and its child
+    FineTuneJobs now, what to create, prune, stop and serve, and the status. Running it again after
+    its actions changes nothing. `studies` keeps replayed studies between calls (a speed-up only: the
+    answer is the same without it). The status must be written before the trials are created: it
+    holds the study's `ask` of each new trial."""
     now = now or _now()
     metadata = sweep["metadata"]
     generation = int(metadata.get("generation") or 0)
@@ -435,8 +530,7 @@ def decide(sweep: Body, children: Iterable[Body], now: str | None = None) -> Swe
     decision = SweepDecision()
     patch: Body = {"observedGeneration": generation}
 
-    def set_conditions(running: tuple[conditions.Status, str, str], succeeded: tuple[conditions.Status, str, str],
-                       failed: tuple[conditions.Status, str, str]) -> None:
+    def set_conditions(running: ConditionValue, succeeded: ConditionValue, failed: ConditionValue) -> None:
         found = before
         for type_, (value, reason, message) in ((conditions.RUNNING, running), (conditions.SUCCEEDED, succeeded),
                                                 (conditions.FAILED, failed)):
@@ -449,22 +543,48 @@ def decide(sweep: Body, children: Iterable[Body], now: str | None = None) -> Swe
         check_spec(spec)
     except (apischema.ModelError, SweepSpecError) as error:
         problems = error.problems
-        set_conditions(("False", INVALID_SPEC, "the spec cannot produce valid trials"),
-                       ("False", INVALID_SPEC, ""), ("True", INVALID_SPEC, "; ".join(problems)[:4096]))
-        decision.status = patch
-        return decision
+        return _invalid(decision, patch, set_conditions, problems)
 
-    total = trial_count(spec)
-    metric, goal = spec.objective.metric, goal_of(spec)
+    total, metric, goal = trial_count(spec), spec.objective.metric, goal_of(spec)
+    events = list(((status.get("study") or {}).get("events")) or [])
+    try:
+        if studies is not None:
+            study = studies.study(str(metadata.get("uid", "")), spec, goal, events, fixed_parameters(spec))
+        else:
+            study = sweep_study.replay(spec, goal, events, fixed_parameters(spec))
+    except (sweep_study.StudyError, KeyError, ValueError, TypeError) as error:
+        return _invalid(decision, patch, set_conditions, [f"status.study: cannot replay the study: {error}"])
     trials = sorted((t for t in map(observe_trial, children) if t is not None and t.index < total),
                     key=lambda t: t.index)
+    # Trials an older operator created before the study log existed (grid/random: their values are known).
+    if spec.algorithm.type not in sweep_study.MODEL_BASED and trials:
+        while len(study.trials) <= trials[-1].index:
+            study.ask(len(study.trials), trial_parameters(spec, len(study.trials)))
     by_name = {t.name: t for t in trials}
 
-    # Early termination first: a stopped trial frees its place for the next one.
-    for stop in median_stops(spec, trials):
-        decision.stop.append(stop)
-        by_name[stop.name] = _with_state(by_name[stop.name], "Stopped", stop.reason)
+    # Pruning first: a pruned trial frees its place for the next one.
+    for prune in learn(spec, study, trials, metric, goal):
+        decision.prune.append(prune)
+        by_name[prune.name] = _with_state(by_name[prune.name], "Pruned", prune.reason)
     trials = [by_name[t.name] for t in trials]
+    return _decide_rest(sweep, spec, study, trials, decision, patch, set_conditions, before, now)
+
+
+def _invalid(decision: SweepDecision, patch: Body, set_conditions: SetConditions, problems: list[str]) -> SweepDecision:
+    """The sweep fails with InvalidSpec naming every problem; nothing is created."""
+    set_conditions(("False", INVALID_SPEC, "the spec cannot produce valid trials"),
+                   ("False", INVALID_SPEC, ""), ("True", INVALID_SPEC, "; ".join(problems)[:4096]))
+    decision.status = patch
+    return decision
+
+
+def _decide_rest(sweep: Body, spec: FineTuneSweepSpec, study: sweep_study.ReplayedStudy,
+                 trials: list[ObservedTrial], decision: SweepDecision, patch: Body, set_conditions: SetConditions,
+                 before: list[conditions.Condition], now: str) -> SweepDecision:
+    """Failures, new trials, counts, the best trial, conditions and promotion."""
+    total = trial_count(spec)
+    metric, goal = spec.objective.metric, goal_of(spec)
+    by_name = {t.name: t for t in trials}
 
     failed = sum(t.state == "Failed" for t in trials)
     too_many_failures = spec.max_failed_trials is not None and failed > spec.max_failed_trials
@@ -484,7 +604,9 @@ def decide(sweep: Body, children: Iterable[Body], now: str | None = None) -> Swe
                 break
             if index in existing:
                 continue
-            manifest = trial_manifest(sweep, spec, index)
+            if index not in study.trials:
+                study.ask(index, fixed_parameters(spec)(index))  # the next index: asks go in order
+            manifest = trial_manifest(sweep, spec, index, study.asked_parameters[index])
             decision.create.append(manifest)
             trials.append(ObservedTrial(index=index, name=manifest["metadata"]["name"], state="Pending",
                                         status={}, serving_enabled=False))
@@ -492,19 +614,21 @@ def decide(sweep: Body, children: Iterable[Body], now: str | None = None) -> Swe
         trials.sort(key=lambda t: t.index)
 
     counts = {state.lower(): sum(t.state == state for t in trials)
-              for state in ("Pending", "Running", "Succeeded", "Failed", "Stopped")}
+              for state in ("Pending", "Running", "Succeeded", "Failed", "Stopped", "Pruned")}
     counts.update(total=total, created=len(trials),
-                  completed=counts["succeeded"] + counts["failed"] + counts["stopped"])
+                  completed=counts["succeeded"] + counts["failed"] + counts["stopped"] + counts["pruned"])
     best = best_trial(trials, metric, goal)
     all_done = len(trials) == total and counts["completed"] == total
+    parameters = {t.index: study.asked_parameters.get(t.index) or trial_parameters(spec, t.index) for t in trials}
     patch.update(
-        trials=[_trial_entry(t, trial_parameters(spec, t.index), metric) for t in trials],
-        counts=counts, objectiveMetric=metric, goal=goal)
+        trials=[_trial_entry(t, parameters[t.index], metric) for t in trials],
+        counts=counts, objectiveMetric=metric, goal=goal,
+        study={"intermediateMetric": intermediate_metric(spec), "events": [dict(e) for e in study.events]})
     if best is not None:
         objective = best.metric(metric)
         assert objective is not None
         patch["bestTrial"] = {"name": best.name, "index": best.index,
-                              "parameters": trial_parameters(spec, best.index), "objective": objective}
+                              "parameters": parameters[best.index], "objective": objective}
 
     if conditions.is_true(before, conditions.FAILED):
         patch["conditions"], patch["phase"] = before, "Failed"  # a failed sweep stays failed
@@ -515,7 +639,8 @@ def decide(sweep: Body, children: Iterable[Body], now: str | None = None) -> Swe
     elif all_done and counts["succeeded"] == 0:
         set_conditions(("False", NO_TRIAL_SUCCEEDED, "the sweep failed"), ("False", NO_TRIAL_SUCCEEDED, ""),
                        ("True", NO_TRIAL_SUCCEEDED,
-                        f"no trial succeeded ({counts['failed']} failed, {counts['stopped']} stopped)"))
+                        f"no trial succeeded ({counts['failed']} failed, {counts['pruned']} pruned, "
+                        f"{counts['stopped']} stopped)"))
     elif all_done or finished_before:
         found_best = (f"best trial {best.name} with {metric} {best.metric(metric):.6g}" if best is not None
                       else f"no succeeded trial reported {metric}")

@@ -51,10 +51,20 @@ class SweepClient:
         return owned
 
     def apply(self, sweep_body: Body, decision: sweep.SweepDecision) -> None:
-        """Create, stop and (un)serve trials, then write the status (if it changed)."""
+        """Write the status (if it changed), then create, prune, stop and (un)serve trials.
+
+        The status goes first because it holds the study log: a trial's `ask` and a pruning `tell`
+        must be stored before they take effect, so a crash in between repeats the same action
+        instead of asking the sampler again."""
         namespace, name = sweep_body["metadata"]["namespace"], sweep_body["metadata"]["name"]
+        if sweep.status_changed(sweep_body.get("status") or {}, decision.status):
+            self.patch_sweep_status(namespace, name, decision.status)
         for manifest in decision.create:
             self.create_trial(namespace, manifest)
+        for prune in decision.prune:
+            self.patch_trial(namespace, prune.name, {"metadata": {"annotations": {
+                sweep.ANNOTATION_PRUNED: prune.reason[:1024]}}})
+            log.info("pruned trial %s/%s: %s", namespace, prune.name, prune.reason)
         for stop in decision.stop:
             self.patch_trial(namespace, stop.name, {
                 "metadata": {"annotations": {sweep.ANNOTATION_STOPPED: stop.reason[:1024]}},
@@ -63,8 +73,6 @@ class SweepClient:
         for change in decision.serve:
             self.patch_trial(namespace, change.name, {"spec": {"serving": change.serving}})
             log.info("set serving of trial %s/%s to %s", namespace, change.name, change.serving)
-        if sweep.status_changed(sweep_body.get("status") or {}, decision.status):
-            self.patch_sweep_status(namespace, name, decision.status)
 
     def create_trial(self, namespace: str, manifest: Body) -> None:
         try:

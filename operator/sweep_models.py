@@ -63,14 +63,14 @@ ParameterName = Literal[
     "hyperparameters.dropout", "method.lora.alpha", "method.lora.dropout",
 ]
 ParameterType = Literal["categorical", "uniform", "logUniform", "int"]
-AlgorithmType = Literal["grid", "random"]
+AlgorithmType = Literal["grid", "random", "tpe", "cmaes"]
 ObjectiveMetric = Literal[
-    "valLoss", "valPerplexity", "bestValLoss", "trainLoss", "testLoss", "testPerplexity",
+    "valLoss", "valPerplexity", "bestValLoss", "trainLoss", "valAccuracy", "valF1", "testLoss", "testPerplexity",
     "testTokenAccuracy", "testAccuracy", "testPrecision", "testRecall", "testF1",
 ]
 Goal = Literal["minimize", "maximize"]
-EarlyTerminationType = Literal["none", "medianStop"]
-TrialState = Literal["Pending", "Running", "Succeeded", "Failed", "Stopped"]
+EarlyTerminationType = Literal["none", "medianStop", "asha"]
+TrialState = Literal["Pending", "Running", "Succeeded", "Failed", "Stopped", "Pruned"]
 SweepPhase = Literal["Pending", "Running", "Succeeded", "Failed"]
 
 _INTEGER_LIST = "[" + ", ".join(f"'{name}'" for name in INTEGER_PARAMETERS) + "]"
@@ -123,15 +123,22 @@ class SearchParameter:
 
 @dataclasses.dataclass(frozen=True)
 class Algorithm:
-    """How trial parameters are chosen. Trial i's parameters are a pure function of the spec and i,
-    so an operator restart never changes or repeats a trial."""
+    """How trial parameters are chosen. Grid and random: trial i's parameters are a pure function of
+    the spec and i. TPE and CMA-ES (Optuna): of the seed and the results of earlier trials, replayed
+    from `status.study` after an operator restart. A created trial never changes."""
 
     type: AlgorithmType = "random"
     """`grid`: every combination of the parameters' grid values, the last parameter varying
     fastest, at most `maxTrials` of them. `random`: independent draws per trial and parameter,
-    reproducible from `seed`."""
+    reproducible from `seed`. `tpe`: Optuna's Tree-structured Parzen Estimator, a model of which
+    values did well (after `startupTrials` random trials). `cmaes`: Optuna's CMA-ES, an evolution
+    strategy for real and integer parameters (categorical ones are drawn at random)."""
     seed: Annotated[int, Minimum(0), Maximum(2**31 - 1)] = 0
-    """Seed of random search: the same seed and spec give the same trials."""
+    """Seed of random search and of the TPE and CMA-ES samplers: the same seed, spec and results give
+    the same trials."""
+    startup_trials: Annotated[int, Minimum(1), Maximum(500)] = 5
+    """TPE and CMA-ES: trials drawn at random before the model is used (Optuna's `n_startup_trials`);
+    a small budget wants a small number."""
     grid_points: Annotated[int, Minimum(2), Maximum(64)] = 3
     """Grid search: values per uniform or logUniform parameter, evenly spaced from min to max (in
     log space for logUniform) inclusive. Type int uses every `step`-th integer, categorical its
@@ -143,13 +150,14 @@ class Objective:
     """What makes a trial better."""
 
     metric: ObjectiveMetric = "valLoss"
-    """The figure read from each succeeded trial's status: `valLoss`, `valPerplexity`, `trainLoss`
-    (`status.metrics`), `bestValLoss` (`status.metrics.bestCheckpoint.valLoss`), or test-split
+    """The figure read from each succeeded trial's status: `valLoss`, `valPerplexity`, `trainLoss`,
+    and for classification `valAccuracy` and `valF1` (macro-F1) (`status.metrics`, the last
+    validation), `bestValLoss` (`status.metrics.bestCheckpoint.valLoss`), or test-split
     results (`status.results`): `testLoss`, `testPerplexity`, `testTokenAccuracy`, and for
     classification `testAccuracy`, `testPrecision`, `testRecall`, `testF1`."""
     goal: Goal | None = None
-    """`minimize` or `maximize`. Absent: minimize losses and perplexities, maximize accuracies,
-    precision, recall and F1."""
+    """`minimize` or `maximize` (Optuna's study direction). Absent: minimize losses and perplexities,
+    maximize accuracies, precision, recall and F1."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,15 +165,23 @@ class EarlyTermination:
     """Stop trials that are unlikely to win."""
 
     type: EarlyTerminationType = "none"
-    """`medianStop`: stop a running trial whose latest validation loss is worse than the median of
-    the succeeded trials' validation losses at the same step (their value at the latest evaluation
-    at or before that step, from `status.checkpoints`). The stopped trial is suspended
-    (`spec.suspend: true`), keeping its checkpoints. `none`: every trial runs to its end."""
+    """Pruning on whole learning curves (every validation of every trial, the validation form of the
+    objective metric, from the trial's `status.metrics.evaluations`), by Optuna's pruners.
+    `medianStop`: prune a running trial whose best value so far is worse than the median of the
+    succeeded trials' values at the same step. `asha`: asynchronous successive halving: at steps
+    `minResource * reductionFactor^k` keep only the best 1/`reductionFactor` of the trials that got
+    there. A pruned trial's trainer Job is deleted and it ends `Succeeded=False, reason Pruned`.
+    `none`: every trial runs to its end."""
     start_after_trials: Annotated[int, Minimum(1), Maximum(1000)] = 3
-    """Stop nothing until this many trials succeeded, and compare only when this many have a value
-    at the step in question."""
+    """medianStop: prune nothing until this many trials succeeded, and compare only when this many
+    have a value at the step in question."""
     min_steps: Annotated[int, Minimum(0), Maximum(10_000_000)] = 0
-    """Never stop a trial before this optimizer step."""
+    """medianStop: never prune a trial before this optimizer step."""
+    min_resource: Annotated[int, Minimum(1), Maximum(10_000_000)] | None = None
+    """asha: optimizer steps of the first rung. Absent: Optuna's `auto` (1/100 of the steps of the
+    first trial to finish; nothing is pruned before one finished)."""
+    reduction_factor: Annotated[int, Minimum(2), Maximum(16)] = 3
+    """asha: each rung keeps the best 1/reductionFactor of its trials."""
 
 
 @rules(
@@ -201,7 +217,7 @@ class FineTuneSweepSpec:
     """The sweep fails once more trials than this have failed (its unfinished trials are stopped).
     Absent: failures never end the sweep early; it fails only when no trial succeeds."""
     early_termination: EarlyTermination = dataclasses.field(default_factory=EarlyTermination)
-    """Stop trials that trail the median (`medianStop`)."""
+    """Prune trials that trail the others (`medianStop`, `asha`)."""
     promote_best: bool = False
     """When the sweep succeeds, serve the best trial: its `spec.serving.enabled` is set to true
     (with the template's other serving settings), so exactly one trial is served."""
@@ -234,7 +250,8 @@ class Trial(TypedDict, total=False):
     """The values this trial uses."""
     state: TrialState
     """Pending (created, not training yet: validating, queued or waiting for quota), Running,
-    Succeeded, Failed or Stopped (suspended by early termination or after the sweep failed)."""
+    Succeeded, Failed, Pruned (ended by early termination) or Stopped (suspended after the sweep
+    failed)."""
     objective: float
     """The objective metric's value (succeeded trials that report it)."""
     step: Annotated[int, Minimum(0)]
@@ -242,7 +259,9 @@ class Trial(TypedDict, total=False):
     valLoss: float
     """The trial's latest validation loss."""
     message: Annotated[str, MaxLength(1024)]
-    """Why the trial failed or was stopped."""
+    """Why the trial failed, was stopped or pruned."""
+    duration: Annotated[int, Minimum(0)]
+    """Seconds from the trial's creation to its end (finished trials)."""
 
 
 class BestTrial(TypedDict, total=False):
@@ -274,9 +293,11 @@ class TrialCounts(TypedDict, total=False):
     failed: Annotated[int, Minimum(0)]
     """Finished without a model."""
     stopped: Annotated[int, Minimum(0)]
-    """Stopped early."""
+    """Suspended after the sweep failed."""
+    pruned: Annotated[int, Minimum(0)]
+    """Ended early by pruning."""
     completed: Annotated[int, Minimum(0)]
-    """Succeeded, failed or stopped."""
+    """Succeeded, failed, stopped or pruned."""
 
 
 class FineTuneSweepStatus(TypedDict, total=False):
@@ -299,6 +320,36 @@ class FineTuneSweepStatus(TypedDict, total=False):
     """The metric `bestTrial.objective` and each trial's `objective` are (from `spec.objective`)."""
     goal: Goal
     """Whether lower (`minimize`) or higher (`maximize`) objective values win."""
+    study: Study
+    """The search and pruning state (Optuna's study as an event log)."""
+
+
+class StudyEvent(TypedDict, total=False):
+    """One step of the search, in order: a trial asked for, an intermediate value reported, a trial told."""
+
+    event: Literal["ask", "report", "tell"]
+    """`ask`: the trial was asked for (before it was created); `report`: one validation value;
+    `tell`: the trial ended."""
+    trial: Annotated[int, Minimum(0)]
+    """The trial index."""
+    parameters: ParameterValues
+    """ask: the values the trial got."""
+    step: Annotated[int, Minimum(0)]
+    """report: the optimizer step of the validation."""
+    value: float
+    """report: the intermediate value; tell Complete: the objective."""
+    state: Literal["Complete", "Pruned", "Failed"]
+    """tell: how the trial ended."""
+
+
+class Study(TypedDict, total=False):
+    """The search's state: replaying `events` into a fresh Optuna study with the seeded sampler gives the
+    study an uninterrupted operator would have (so a restart continues the same search)."""
+
+    intermediateMetric: Annotated[str, MaxLength(64)]
+    """The validation metric reported during training that pruning compares (`report` values)."""
+    events: Annotated[list[StudyEvent], MaxItems(20000), ListType("atomic")]
+    """Every ask, report and tell, in order."""
 
 
 def status_from_dict(data: Any, path: str = "status") -> FineTuneSweepStatus:

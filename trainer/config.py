@@ -57,7 +57,7 @@ ImbalanceStrategy = Literal["none", "oversample", "undersample", "classWeights"]
 MethodType = Literal["full", "lora"]
 Scheduler = Literal["auto", "linear", "cosine", "constant", "constantWithWarmup"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy"]
+EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy", "valF1"]
 EvaluationMetric = Literal["perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1"]
 AugmentationOperation = Literal["wordDeletion", "wordSwap", "wordInsertion", "charNoise"]
 AUGMENTATION_OPERATIONS: Final[tuple[AugmentationOperation, ...]] = (
@@ -336,7 +336,7 @@ class EarlyStopping:
     enabled: bool = False
     """Stop when the metric has not improved for `patience` evaluations."""
     metric: EarlyStoppingMetric = "valLoss"
-    """What to watch; loss and perplexity are minimised, accuracy maximised."""
+    """What to watch; loss and perplexity are minimised, accuracy and macro-F1 (classification) maximised."""
     patience: int = _field(3, check=_positive)
     """Evaluations without improvement before stopping."""
     min_delta: float = _field(0.0, check=_non_negative)
@@ -564,9 +564,10 @@ def _cross_field_problems(config: TrainerConfig) -> list[str]:
             f"dataset.cleaning.maxChars: must be 0 (no limit) or >= minChars ({cleaning.min_chars}), got {cleaning.max_chars}"
         )
     problems.extend(_augmentation_problems(dataset))
-    if config.training.early_stopping.metric == "valAccuracy" and config.training.early_stopping.enabled:
+    stopping = config.training.early_stopping
+    if stopping.metric in ("valAccuracy", "valF1") and stopping.enabled:
         if dataset.format != "classification":
-            problems.append("training.earlyStopping.metric: valAccuracy needs format classification")
+            problems.append(f"training.earlyStopping.metric: {stopping.metric} needs format classification")
     return problems
 
 

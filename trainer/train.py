@@ -442,14 +442,19 @@ class _TermSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+MAXIMIZED_METRICS = ("valAccuracy", "valF1")
+"""Early-stopping metrics where higher is better; losses and perplexities are minimised."""
+
+
 def _is_better(value: float, best: float | None, metric: str, min_delta: float) -> bool:
     if best is None:
         return True
-    return value > best + min_delta if metric == "valAccuracy" else value < best - min_delta
+    return value > best + min_delta if metric in MAXIMIZED_METRICS else value < best - min_delta
 
 
 def validate(run: Run, should_stop: Callable[[], bool] = lambda: False) -> dict[str, float]:
-    """valLoss, valPerplexity, valTokenAccuracy (and valAccuracy for classification when watched)."""
+    """valLoss, valPerplexity, valTokenAccuracy; for classification also valAccuracy and macro valF1
+    (at every evaluation: a sweep may rank or prune trials by them)."""
     metrics = evaluate.language_model_metrics(
         run.model,
         run.validation[run.accelerator.process_index :: run.world_size],
@@ -460,13 +465,14 @@ def validate(run: Run, should_stop: Callable[[], bool] = lambda: False) -> dict[
         should_stop=should_stop,
     )
     result = {f"val{key[0].upper()}{key[1:]}": value for key, value in metrics.items()}
-    if run.config.training.early_stopping.metric == "valAccuracy" and run.labels and run.validation_texts:
+    if run.labels and run.validation_texts and not should_stop():
         texts = [t for t, _ in run.validation_texts]
         predicted = evaluate.predict_labels(
             run.accelerator.unwrap_model(run.model), run.tokenizer, texts, run.labels, run.accelerator.device
         )
         truth = [label for _, label in run.validation_texts]
-        result["valAccuracy"] = evaluate.classification_metrics(truth, predicted, run.labels)["accuracy"]
+        scores = evaluate.classification_metrics(truth, predicted, run.labels)
+        result["valAccuracy"], result["valF1"] = scores["accuracy"], scores["f1"]
     return result
 
 

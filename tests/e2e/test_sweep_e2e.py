@@ -73,6 +73,12 @@ def test_a_learning_rate_sweep_picks_the_trial_with_the_lowest_validation_loss(
         assert job_status["progress"]["step"] == job_status["progress"]["totalSteps"] > 0, "trained to the end"
         losses[f"lr-t{index}"] = job_status["metrics"]["valLoss"]
         assert trials[f"lr-t{index}"]["objective"] == losses[f"lr-t{index}"]
+        # The whole learning curve reached the status, and the sweep's study saw every point of it.
+        curve = job_status["metrics"]["evaluations"]
+        steps = [p["step"] for p in curve]
+        assert steps == sorted(steps) and steps[-1] == job_status["progress"]["totalSteps"] and len(steps) >= 2
+        reported = [e["step"] for e in status["study"]["events"] if e["event"] == "report" and e["trial"] == index]
+        assert reported == steps
     assert len(set(losses.values())) == 3, f"different learning rates give different losses: {losses}"
     lowest = min(losses, key=lambda name: losses[name])
     assert status["bestTrial"]["name"] == lowest

@@ -154,6 +154,36 @@ class Sweeps:
                              (self.kube.ftj(self.namespace, name).get("status") or {}).get("checkpoints") or []),
                  f"{name}'s checkpoint at step {last_step} in status")
 
+    def validate(self, name: str, curve: list[tuple[int, float]], *, first_seq: int = 1, total_steps: int = 30) -> int:
+        """`evaluation` reports (as the trainer sends at every validation) at each (step, validation loss);
+        waits until the last one is in the trial's `status.metrics.evaluations`. Returns the next seq."""
+        seq = first_seq
+        for step, loss in curve:
+            self.report(name, seq, "evaluation", step=step, totalSteps=total_steps, valLoss=loss,
+                        valPerplexity=2.718 ** loss, results={"valTokenAccuracy": 0.5})
+            seq += 1
+        last_step = curve[-1][0]
+        wait_for(lambda: any(p.get("step") == last_step for p in ((self.kube.ftj(self.namespace, name).get("status")
+                                                                     or {}).get("metrics") or {}).get("evaluations") or []),
+                 f"{name}'s validation at step {last_step} in status")
+        return seq
+
+    def reconciles(self, sweep: str) -> float:
+        from tests.integration.operator.test_operator_lifecycle import metric
+
+        return metric(self.operator.metrics(), "kubetune_sweep_reconciles_total", namespace=self.namespace,
+                      sweep=sweep) or 0.0
+
+    def wait_reconciled(self, sweep: str) -> None:
+        """Wait until the operator has run a whole reconcile of the sweep that started after this call
+        (the positive signal to wait for before asserting that nothing happened)."""
+        start = self.reconciles(sweep)
+        wait_for(lambda: self.reconciles(sweep) >= start + 2, f"two more reconciles of sweep {sweep}", timeout=60)
+
+    def study_has(self, sweep: str, **event: Any) -> bool:
+        events = (self.status(sweep).get("study") or {}).get("events") or []
+        return any(all(e.get(k) == v for k, v in event.items()) for e in events)
+
     def finish(self, name: str, *, exit_code: int = 0, val_loss: float | None = None,
                results: dict[str, float] | None = None) -> None:
         """The trainer pod ends; its termination message is the trainer's summary."""

@@ -10,11 +10,13 @@ the trials' status, as it would in a cluster.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
+import optuna
 import pytest
 from kubernetes.client.exceptions import ApiException
 
@@ -63,7 +65,7 @@ def test_grid_sweep_runs_each_value_once_within_parallel_trials_and_picks_the_lo
     losses = {"grid-t0": 2.4, "grid-t1": 1.7, "grid-t2": 1.9, "grid-t3": 2.8}
     with ParallelismWatch(sweeps, "grid") as watch:
         wait_for(lambda: len(sweeps.trials("grid")) == 2, "the first two trials")
-        time.sleep(1.5)  # the operator has had time to create more, and must not
+        sweeps.wait_reconciled("grid")  # the operator looked again, and must not have created more
         assert [t["metadata"]["name"] for t in sweeps.trials("grid")] == ["grid-t0", "grid-t1"]
         for name in ("grid-t0", "grid-t1", "grid-t2", "grid-t3"):
             sweeps.run(name, val_loss=losses[name])
@@ -81,7 +83,7 @@ def test_grid_sweep_runs_each_value_once_within_parallel_trials_and_picks_the_lo
     assert [(t["name"], t["state"], t["objective"]) for t in status["trials"]] == [
         (name, "Succeeded", loss) for name, loss in losses.items()]
     assert status["counts"] == {"total": 4, "created": 4, "pending": 0, "running": 0, "succeeded": 4, "failed": 0,
-                                "stopped": 0, "completed": 4}
+                                "stopped": 0, "pruned": 0, "completed": 4}
     assert status["phase"] == "Succeeded" and status["observedGeneration"] == 1
 
     # kubectl shows the printer columns; the short name and the category find it.
@@ -148,34 +150,94 @@ def test_failures_are_counted_and_the_sweep_fails_past_max_failed_trials(sweeps:
     assert status["counts"]["failed"] == 2 and status["counts"]["stopped"] == 1 and status["phase"] == "Failed"
     assert [t["state"] for t in status["trials"]] == ["Failed", "Failed", "Stopped"]
     assert "PermanentError" in status["trials"][0]["message"]
-    time.sleep(1.5)
+    sweeps.wait_reconciled("flaky")
     assert len(sweeps.trials("flaky")) == 3
 
 
-def test_median_stopping_stops_a_trial_that_trails_the_median_at_its_step(sweeps: Sweeps, kube: Kube) -> None:
+def test_median_pruning_ends_a_trial_that_trails_the_median_at_its_step(sweeps: Sweeps, kube: Kube) -> None:
     sweeps.create(sweep_manifest("median", maxTrials=3, parallelTrials=3,
                                  earlyTermination={"type": "medianStop", "startAfterTrials": 2}))
-    for name, history in (("median-t0", [(10, 2.0), (20, 1.5), (30, 1.2)]),
-                          ("median-t1", [(10, 2.2), (20, 1.7), (30, 1.4)])):
+    # Eight validations each: more than the 5 checkpoints a trial keeps in status; the curve has them all.
+    curves = {"median-t0": [(s, 2.0 - s / 100) for s in range(10, 90, 10)],
+              "median-t1": [(s, 2.2 - s / 100) for s in range(10, 90, 10)]}
+    for name, curve in curves.items():
         sweeps.start(name)
-        sweeps.evaluate(name, history)
-        sweeps.finish(name, val_loss=history[-1][1])
+        sweeps.validate(name, curve)
+        sweeps.finish(name, val_loss=curve[-1][1])
     sweeps.start("median-t2")
-    sweeps.evaluate("median-t2", [(10, 2.05)])  # better than the median 2.1 at step 10: runs on
-    time.sleep(1.5)
-    assert kube.ftj(sweeps.namespace, "median-t2")["spec"]["suspend"] is False
-    sweeps.report("median-t2", 2, "checkpoint", step=20, totalSteps=30, valLoss=1.9,
-                  checkpoint={"step": 20, "path": "/out/checkpoints/step-20", "valLoss": 1.9})
-    wait_for(lambda: kube.ftj(sweeps.namespace, "median-t2")["spec"]["suspend"] is True,
-             "the trailing trial suspended (1.9 > median 1.6 at step 20)")
-    # The FineTuneJob operator stops its trainer (Job suspended); the sweep is done.
-    wait_for(lambda: (kube.job(sweeps.namespace, "median-t2-train") or {}).get("spec", {}).get("suspend") is True,
-             "the trainer Job suspended")
+    seq = sweeps.validate("median-t2", [(10, 1.95)])  # better than the median 2.0 of 1.9 and 2.1: runs on
+    wait_for(lambda: sweeps.study_has("median", event="report", trial=2, step=10), "the study saw step 10")
+    sweeps.wait_reconciled("median")
+    assert not (kube.ftj(sweeps.namespace, "median-t2")["metadata"].get("annotations") or {}).get(
+        sweep.ANNOTATION_PRUNED)
+    sweeps.validate("median-t2", [(20, 1.97)], first_seq=seq)  # best so far 1.95 > the median 1.9 at step 20
+    wait_for(lambda: kube.condition_is(sweeps.namespace, "median-t2", "Failed", "True"), "median-t2 ended")
+    trial = kube.ftj(sweeps.namespace, "median-t2")
+    found = {c["type"]: c for c in trial["status"]["conditions"]}
+    assert (found["Succeeded"]["status"], found["Succeeded"]["reason"]) == ("False", "Pruned")
+    assert found["Failed"]["reason"] == "Pruned" and trial["status"]["phase"] == "Pruned"
+    assert found["Succeeded"]["message"] == ("pruned by sweep (medianStop) at step 20: valLoss 1.97; "
+                                             "best so far 1.95 at step 10")
+    assert trial["spec"]["suspend"] is False, "pruned, not suspended"
+    # The FineTuneJob operator deleted the trainer Job (its pods go with it).
+    wait_for(lambda: kube.job(sweeps.namespace, "median-t2-train") is None, "the trainer Job deleted")
     wait_for(lambda: sweeps.condition_is("median", "Succeeded", "True"), "sweep Succeeded")
     status = sweeps.status("median")
-    stopped = status["trials"][2]
-    assert stopped["state"] == "Stopped" and "median 1.6" in stopped["message"]
-    assert status["counts"]["stopped"] == 1 and status["bestTrial"]["name"] == "median-t0"
+    pruned = status["trials"][2]
+    assert pruned["state"] == "Pruned" and pruned["message"].startswith("pruned by sweep (medianStop) at step 20")
+    assert status["counts"]["pruned"] == 1 and status["counts"]["failed"] == 0
+    assert status["bestTrial"]["name"] == "median-t0"
+    reports = [e for e in status["study"]["events"] if e["event"] == "report" and e["trial"] == 0]
+    assert [e["step"] for e in reports] == list(range(10, 90, 10)), "every validation of the curve"
+
+
+def test_tpe_after_an_operator_restart_asks_what_an_uninterrupted_study_asks(
+        sweeps: Sweeps, operator: OperatorProcess) -> None:
+    parameters = [{"name": LR, "type": "logUniform", "min": 1e-5, "max": 1e-2},
+                  {"name": "hyperparameters.warmupRatio", "type": "uniform", "min": 0.0, "max": 0.2}]
+    sweeps.create(sweep_manifest("tpe", parameters=parameters, maxTrials=5, parallelTrials=1,
+                                 algorithm={"type": "tpe", "seed": 7, "startupTrials": 2}))
+
+    def run(index: int) -> None:
+        name = f"tpe-t{index}"
+        lr = sweeps.wait_trial(name)["spec"]["hyperparameters"]["learningRate"]
+        loss = 1.0 + abs(math.log10(lr) + 3.5)  # best near 3e-4
+        sweeps.start(name)
+        seq = sweeps.validate(name, [(10, loss + 0.5)])
+        sweeps.validate(name, [(20, loss)], first_seq=seq)
+        sweeps.finish(name, val_loss=loss)
+
+    run(0)
+    run(1)
+    wait_for(lambda: len(sweeps.trials("tpe")) == 3, "the first trial TPE's model chose")
+    operator.kill()  # mid-sweep: the third trial is created, nothing of it is told yet
+    operator.start()
+    for index in (2, 3, 4):
+        run(index)
+    wait_for(lambda: sweeps.condition_is("tpe", "Succeeded", "True"), "sweep Succeeded")
+
+    # The trials are the asks of the log, and a plain Optuna study driven through the same asks,
+    # reports and tells, never interrupted, asks exactly those values.
+    status = sweeps.status("tpe")
+    events = status["study"]["events"]
+    created = [{LR: t["spec"]["hyperparameters"]["learningRate"],
+                "hyperparameters.warmupRatio": t["spec"]["hyperparameters"]["warmupRatio"]} for t in sweeps.trials("tpe")]
+    asks = [e["parameters"] for e in events if e["event"] == "ask"]
+    assert asks == created and len(created) == 5
+    live = optuna.create_study(direction="minimize", sampler=optuna.samplers.TPESampler(seed=7, n_startup_trials=2))
+    space = {LR: optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True),
+             "hyperparameters.warmupRatio": optuna.distributions.FloatDistribution(0.0, 0.2)}
+    running: dict[int, optuna.Trial] = {}
+    for event in events:
+        if event["event"] == "ask":
+            trial = live.ask(space)
+            assert {k: float(f"{v:.6g}") for k, v in trial.params.items()} == event["parameters"]
+            running[event["trial"]] = trial
+        elif event["event"] == "report":
+            running[event["trial"]].report(event["value"], event["step"])
+        else:
+            live.tell(running[event["trial"]], event.get("value"))
+    assert status["bestTrial"]["objective"] == min(e["value"] for e in events if e["event"] == "tell")
 
 
 def test_promote_best_serves_the_winner_and_nothing_else(sweeps: Sweeps, kube: Kube) -> None:
@@ -195,7 +257,7 @@ def test_promote_best_serves_the_winner_and_nothing_else(sweeps: Sweeps, kube: K
     assert winner["spec"]["serving"] == {"enabled": True, "replicas": 1, "runtime": "builtin"}
     assert [kube.ftj(sweeps.namespace, n)["spec"]["serving"]["enabled"] for n in ("promo-t0", "promo-t2")] == [
         False, False]
-    time.sleep(2)
+    sweeps.wait_reconciled("promo")
     assert deployments() == ["promo-t1-serving"]
 
 

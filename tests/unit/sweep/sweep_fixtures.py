@@ -42,7 +42,7 @@ def condition(type_: str, status: str = "True", reason: str = "R") -> dict[str, 
 
 def trial(body: dict[str, Any], index: int, state: str = "Pending", *, val_loss: float | None = None,
           results: dict[str, float] | None = None, history: list[tuple[int, float]] | None = None,
-          serving: bool = False) -> dict[str, Any]:
+          curve: list[dict[str, Any]] | None = None, serving: bool = False) -> dict[str, Any]:
     """Trial `index` of the sweep as the FineTuneJob operator would have left it in `state`."""
     child = sweep.trial_manifest(body, spec_of(body), index)
     child["metadata"]["uid"] = f"uid-t{index}"
@@ -64,6 +64,9 @@ def trial(body: dict[str, Any], index: int, state: str = "Pending", *, val_loss:
     if history:
         status["checkpoints"] = [{"step": s, "valLoss": v, "path": f"/ckpt/{s}"} for s, v in history]
         status["progress"] = {"step": history[-1][0]}
+    if curve:  # every validation, as the progress endpoint keeps them in status.metrics.evaluations
+        status.setdefault("metrics", {})["evaluations"] = curve
+        status["progress"] = {"step": curve[-1]["step"]}
     child["spec"]["serving"]["enabled"] = serving
     child["status"] = status
     return child

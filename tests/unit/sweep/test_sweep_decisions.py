@@ -27,7 +27,7 @@ class TestCreatingTrials:
         decision = decide(sweep_body())
         assert created_names(decision) == ["lr-t0", "lr-t1"]
         assert decision.status["counts"] == {"total": 4, "created": 2, "pending": 2, "running": 0, "succeeded": 0,
-                                             "failed": 0, "stopped": 0, "completed": 0}
+                                             "failed": 0, "stopped": 0, "pruned": 0, "completed": 0}
         assert condition(decision, "Running")["reason"] == sweep.WAITING_FOR_TRIALS
 
     def test_a_trial_is_the_template_with_its_parameters_owned_and_labelled(self) -> None:
@@ -155,51 +155,115 @@ class TestOutcome:
         assert "learningRate" in condition(decision, "Failed")["message"]
 
 
-class TestMedianStopping:
+def losses(*points: tuple[int, float]) -> list[dict[str, Any]]:
+    return [{"step": step, "valLoss": value} for step, value in points]
+
+
+class TestMedianPruning:
+    """medianStop is Optuna's MedianPruner, fed by every validation in `status.metrics.evaluations`."""
+
     def body(self, **rule: Any) -> dict[str, Any]:
         return sweep_body(parallelTrials=4, maxTrials=4,
                           earlyTermination={"type": "medianStop", "startAfterTrials": 2, **rule})
 
     def completed(self, body: dict[str, Any]) -> list[dict[str, Any]]:
-        return [trial(body, 0, "Succeeded", val_loss=1.0, history=[(10, 2.0), (20, 1.5), (30, 1.0)]),
-                trial(body, 1, "Succeeded", val_loss=1.2, history=[(10, 2.2), (20, 1.7), (30, 1.2)])]
+        return [trial(body, 0, "Succeeded", val_loss=1.0, curve=losses((10, 2.0), (20, 1.5), (30, 1.0))),
+                trial(body, 1, "Succeeded", val_loss=1.2, curve=losses((10, 2.2), (20, 1.7), (30, 1.2)))]
 
-    def test_a_trial_worse_than_the_median_at_its_step_is_stopped(self) -> None:
+    def test_a_trial_worse_than_the_median_at_its_step_is_pruned(self) -> None:
         body = self.body()
-        decision = decide(body, *self.completed(body), trial(body, 2, "Running", history=[(10, 2.5), (20, 1.9)]))
-        assert [s.name for s in decision.stop] == ["lr-t2"]
-        assert "1.9 at step 20" in decision.stop[0].reason and "median 1.6" in decision.stop[0].reason
-        stopped = decision.status["trials"][2]
-        assert stopped["state"] == "Stopped" and stopped["message"].startswith("medianStop")
-        assert created_names(decision) == ["lr-t3"], "the stopped trial's place goes to the next one"
+        decision = decide(body, *self.completed(body), trial(body, 2, "Running", curve=losses((10, 2.05), (20, 1.9))))
+        assert [p.name for p in decision.prune] == ["lr-t2"] and decision.stop == []
+        reason = decision.prune[0].reason
+        assert reason == "pruned by sweep (medianStop) at step 20: valLoss 1.9; best so far 1.9 at step 20"
+        pruned = decision.status["trials"][2]
+        assert pruned["state"] == "Pruned" and pruned["message"] == reason
+        assert decision.status["counts"]["pruned"] == 1
+        assert created_names(decision) == ["lr-t3"], "the pruned trial's place goes to the next one"
+        assert {"event": "tell", "trial": 2, "state": "Pruned"} in decision.status["study"]["events"]
 
     def test_a_trial_better_than_the_median_runs_on(self) -> None:
         body = self.body()
-        decision = decide(body, *self.completed(body), trial(body, 2, "Running", history=[(10, 2.5), (20, 1.55)]))
-        assert decision.stop == []
+        decision = decide(body, *self.completed(body), trial(body, 2, "Running", curve=losses((10, 2.05), (20, 1.55))))
+        assert decision.prune == []
 
-    def test_between_evaluations_the_latest_earlier_value_is_compared(self) -> None:
+    def test_the_whole_curve_counts_not_only_the_checkpoints_kept_in_status(self) -> None:
+        # The succeeded trials kept no checkpoints in status (only their last 5 would be there);
+        # their evaluations at step 10 still decide.
         body = self.body()
-        # Step 25: the completed trials' values at step 20 (1.5, 1.7) -> median 1.6.
-        decision = decide(body, *self.completed(body), trial(body, 2, "Running", history=[(25, 1.65)]))
-        assert [s.name for s in decision.stop] == ["lr-t2"]
+        decision = decide(body, *self.completed(body), trial(body, 2, "Running", curve=losses((10, 2.6))))
+        assert [p.name for p in decision.prune] == ["lr-t2"]
+        assert "at step 10: valLoss 2.6" in decision.prune[0].reason
 
-    def test_nothing_is_stopped_before_enough_trials_succeeded(self) -> None:
+    def test_nothing_is_pruned_before_enough_trials_succeeded(self) -> None:
         body = self.body(startAfterTrials=3)
-        assert decide(body, *self.completed(body), trial(body, 2, "Running", history=[(20, 9.0)])).stop == []
+        assert decide(body, *self.completed(body), trial(body, 2, "Running", curve=losses((20, 9.0)))).prune == []
 
-    def test_nothing_is_stopped_before_min_steps(self) -> None:
+    def test_nothing_is_pruned_before_min_steps(self) -> None:
         body = self.body(minSteps=30)
-        assert decide(body, *self.completed(body), trial(body, 2, "Running", history=[(20, 9.0)])).stop == []
+        assert decide(body, *self.completed(body), trial(body, 2, "Running", curve=losses((20, 9.0)))).prune == []
 
-    def test_no_comparison_before_the_completed_trials_first_evaluation(self) -> None:
+    def test_no_comparison_at_a_step_the_succeeded_trials_did_not_evaluate(self) -> None:
         body = self.body()
-        assert decide(body, *self.completed(body), trial(body, 2, "Running", history=[(5, 9.0)])).stop == []
+        assert decide(body, *self.completed(body), trial(body, 2, "Running", curve=losses((5, 9.0)))).prune == []
+
+    def test_the_objectives_validation_counterpart_is_compared_for_a_maximized_metric(self) -> None:
+        body = sweep_body(parallelTrials=4, maxTrials=4, objective={"metric": "valF1"},
+                          earlyTermination={"type": "medianStop", "startAfterTrials": 2})
+        f1 = [{"step": 10, "valLoss": 1.0, "valF1": 0.8}]
+        children = [trial(body, 0, "Succeeded", curve=f1), trial(body, 1, "Succeeded", curve=[{**f1[0], "valF1": 0.6}]),
+                    trial(body, 2, "Running", curve=[{"step": 10, "valLoss": 9.0, "valF1": 0.75}]),
+                    trial(body, 3, "Running", curve=[{"step": 10, "valLoss": 0.1, "valF1": 0.5}])]
+        children[0]["status"]["metrics"]["valF1"], children[1]["status"]["metrics"]["valF1"] = 0.8, 0.6
+        decision = decide(body, *children)
+        assert [p.name for p in decision.prune] == ["lr-t3"], "lower F1 than the median 0.7 loses; loss is ignored"
+        assert decision.status["study"]["intermediateMetric"] == "valF1"
 
     def test_off_by_default(self) -> None:
         body = sweep_body(parallelTrials=4)
-        children = TestMedianStopping().completed(body) + [trial(body, 2, "Running", history=[(20, 9.0)])]
-        assert decide(body, *children).stop == []
+        children = TestMedianPruning().completed(body) + [trial(body, 2, "Running", curve=losses((20, 9.0)))]
+        assert decide(body, *children).prune == []
+
+    def test_a_pruned_trial_is_pruned_again_until_it_carries_the_annotation(self) -> None:
+        # The log says pruned (written first) but the annotation patch was lost: the next pass repeats it.
+        body = self.body()
+        children = [*self.completed(body), trial(body, 2, "Running", curve=losses((10, 2.5), (20, 1.9)))]
+        first = decide(body, *children)
+        body["status"] = first.status
+        again = decide(body, *children)
+        assert [p.name for p in again.prune] == ["lr-t2"]
+        assert again.status["study"]["events"] == first.status["study"]["events"], "nothing new is told"
+
+
+class TestAshaPruning:
+    """asha is Optuna's SuccessiveHalvingPruner: at rung steps keep the best 1/reductionFactor."""
+
+    def body(self) -> dict[str, Any]:
+        return sweep_body(parallelTrials=4, maxTrials=4,
+                          earlyTermination={"type": "asha", "minResource": 10, "reductionFactor": 2})
+
+    def test_a_trial_in_the_worse_half_at_a_rung_is_pruned_the_better_half_runs_on(self) -> None:
+        body = self.body()
+        children = [trial(body, 0, "Running", curve=losses((10, 1.0))), trial(body, 1, "Running", curve=losses((10, 3.0)))]
+        decision = decide(body, *children)
+        assert [p.name for p in decision.prune] == ["lr-t1"]
+        assert decision.prune[0].reason.startswith("pruned by sweep (asha) at step 10: valLoss 3")
+
+    def test_before_the_first_rung_nothing_is_pruned(self) -> None:
+        body = self.body()
+        children = [trial(body, 0, "Running", curve=losses((5, 1.0))), trial(body, 1, "Running", curve=losses((5, 3.0)))]
+        assert decide(body, *children).prune == []
+
+
+class TestPrunedTrials:
+    def test_a_trial_the_finetunejob_operator_ended_as_pruned_is_pruned_and_finished(self) -> None:
+        body = sweep_body()
+        child = trial(body, 0, "Running")
+        child["status"]["conditions"] = [{"type": "Failed", "status": "True", "reason": "Pruned", "message": "m"}]
+        decision = decide(body, child)
+        assert decision.status["trials"][0]["state"] == "Pruned"
+        assert decision.status["counts"]["failed"] == 0, "pruning is not a failure (maxFailedTrials)"
+        assert created_names(decision) == ["lr-t1", "lr-t2"], "its place goes to the next trials"
 
 
 class TestPromoteBest:

@@ -79,11 +79,13 @@ class TestRandomSearch:
         assert 0.4 < below < 0.6
 
     def test_known_values_for_a_known_seed(self) -> None:
-        # Pinned so that a change to the draw (which would change running sweeps on upgrade) is noticed.
+        # Pinned literals, so that a change to the draw (which would change running sweeps on upgrade)
+        # is noticed: sha256("42/<index>/<name>")[:8] / 2^64 mapped onto each range.
         spec = spec_of(self.body(42))  # type: ignore[arg-type]
-        first = sweep.trial_parameters(spec, 0)
-        u = sweep._uniform_draw(42, 0, LR)
-        assert first[LR] == pytest.approx(10 ** (-5 + 3 * u), rel=1e-5)
+        assert sweep.trial_parameters(spec, 0) == {LR: 1.96681e-05, RANK: 62, "method.lora.dropout": 0.250535,
+                                                   "hyperparameters.batchSize": 4}
+        assert sweep.trial_parameters(spec, 1) == {LR: 0.00132124, RANK: 34, "method.lora.dropout": 0.059644,
+                                                   "hyperparameters.batchSize": 4}
 
 
 class TestSpecChecks:
