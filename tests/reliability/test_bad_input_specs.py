@@ -12,7 +12,7 @@ API server as a server-side dry run. Every spec is either
   would create (Secret, ConfigMap, validation and trainer Jobs, serving
   Deployment) are themselves accepted by the API server in a namespace that
   enforces the `restricted` Pod Security level, and reference no Secret but the
-  job's own progress Secret and no claim the spec does not name.
+  job's own progress and serving-key Secrets and no claim the spec does not name.
 
 Then a sample of accepted specs is created for real with the operator running
 (no node: pods stay Pending) and each one must reach a clear state; the operator
@@ -143,15 +143,17 @@ def finetunejob_specs(draw: st.DrawFn) -> tuple[dict[str, Any], list[str]]:
             for part in parent:
                 target = target[part]
             if isinstance(target, dict):
+                # A copy: sampled_from hands out the same {"a": 1} object every time, and a later
+                # mutation inside it would change the module constant (and could nest it in itself).
                 target[draw(st.sampled_from(["namespace", "secretRef", "credentials", "typo", "hostPath"]))] = \
-                    draw(WRONG_VALUES)
+                    copy.deepcopy(draw(WRONG_VALUES))
                 done.append(f"unknown field under spec.{'.'.join(str(p) for p in parent)}")
         elif kind == "enum":
             value = draw(st.text(alphabet="abcdefghijklmnopqrstuvwxyzABC_", min_size=1, max_size=12))
             _set(spec, path, value)
             done.append(f"spec.{where} = {value!r}")
         else:
-            value = draw(WRONG_VALUES)
+            value = copy.deepcopy(draw(WRONG_VALUES))
             _set(spec, path, value)
             done.append(f"spec.{where} = {value!r}"[:200])
     return spec, done
@@ -249,6 +251,7 @@ def children_of(stored: dict[str, Any]) -> list[dict[str, Any]]:
             except render.SpecError:
                 # The operator creates no serving objects then (ServingInvalid), e.g. an unmerged adapter on hf://.
                 return created
+            created.append(builders.serving_key_secret(stored, "fuzz-key"))
             created.append(builders.serving_deployment(stored, model, "sha256:" + "0" * 64, SETTINGS))
             created.append(builders.serving_service(stored))
     return created
@@ -300,7 +303,8 @@ class TestGeneratedSpecs:
             tally.accepted_started += 1
             for child in children_of(stored):
                 secrets, claims = secret_and_claim_references(child)
-                assert secrets <= {f"{name}-progress"}, (secrets, mutations)
+                # Its own progress token and, when served, its own serving API key: nothing else.
+                assert secrets <= {f"{name}-progress", f"{name}-serving-key"}, (secrets, mutations)
                 assert claims <= claims_named_in(stored["spec"]), (claims, mutations)
                 try:
                     dry_run_create(kube, fuzz_namespace, child)

@@ -254,7 +254,8 @@ def test_promote_best_serves_the_winner_and_nothing_else(sweeps: Sweeps, kube: K
 
     wait_for(lambda: deployments() == ["promo-t1-serving"], "exactly one serving Deployment, the winner's")
     winner = kube.ftj(sweeps.namespace, "promo-t1")
-    assert winner["spec"]["serving"] == {"enabled": True, "replicas": 1, "runtime": "builtin"}
+    assert winner["spec"]["serving"] == {"enabled": True, "replicas": 1, "runtime": "builtin",
+                                         "auth": "apiKey"}
     assert [kube.ftj(sweeps.namespace, n)["spec"]["serving"]["enabled"] for n in ("promo-t0", "promo-t2")] == [
         False, False]
     sweeps.wait_reconciled("promo")
