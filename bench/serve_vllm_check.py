@@ -146,7 +146,17 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", type=Path, help="a small local model folder (default: a tiny Llama)")
     parser.add_argument("--timeout", type=float, default=600, help="seconds vLLM may take to become healthy")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="make the models and the Deployment's command line, print it, start nothing (CPU)")
     args = parser.parse_args()
+    if args.plan_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            job = check_job(make_models(Path(tmp), args.model), Path(tmp) / "out")
+            vllm_args, key_var = deployment_command(job, free_port())
+        print("serve_vllm_check: plan only; the Deployment's command: vllm.entrypoints.openai.api_server",
+              " ".join(vllm_args), f"(API key from {key_var})")
+        print("RESULT " + json.dumps({"run": False, "planOnly": True, "args": vllm_args, "keyVariable": key_var}))
+        return 0
     reason = why_not_run()
     if reason:
         print(f"serve_vllm_check: {reason}: not run (needs a CUDA GPU and the vllm package); no figures claimed")

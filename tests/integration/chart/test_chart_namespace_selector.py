@@ -18,10 +18,11 @@ from kubetune.dev import chart
 from tests.integration.chart.conftest import restricted_namespace
 
 
-def helm_template(helm_bin: Path, kubeconfig: Path | None, *args: str) -> subprocess.CompletedProcess[str]:
+def helm_template(helm_bin: Path, kubeconfig: Path | None, *args: str,
+                  release: str = "kubetune") -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "KUBECONFIG": str(kubeconfig)} if kubeconfig else {**os.environ, "KUBECONFIG": "/nonexistent"}
     live = ["--dry-run=server"] if kubeconfig else []
-    return subprocess.run([str(helm_bin), "template", "kubetune", str(chart.CHART_DIR), "--namespace", "kubetune-sel",
+    return subprocess.run([str(helm_bin), "template", release, str(chart.CHART_DIR), "--namespace", "kubetune-sel",
                            *live, *args], capture_output=True, text=True, env=env, timeout=120)
 
 
@@ -33,12 +34,19 @@ def test_matching_namespaces_get_a_role_each_and_nothing_cluster_wide(cluster: A
         restricted_namespace(cluster, namespace)
     for namespace in matching:
         cluster.kubectl("label", "namespace", namespace, f"{label}=yes")
-    proc = helm_template(helm_bin, cluster.kubeconfig, "--set", f"watchNamespaceSelector.{label}=yes")
+    # A release name of its own: `--dry-run=server` refuses to "adopt" cluster-scoped objects that
+    # other tests on this control plane created under the default release's names.
+    release = f"kubetune-{label[-6:]}"
+    # (The tenant ClusterRoles have fixed names, made by other tests: not this test's subject.)
+    proc = helm_template(helm_bin, cluster.kubeconfig, "--set", f"watchNamespaceSelector.{label}=yes",
+                         "--set", "tenantRoles.create=false", release=release)
     assert proc.returncode == 0, proc.stderr
     manifests = [m for m in yaml.safe_load_all(proc.stdout) if m]
-    roles = chart.find(manifests, "Role", "kubetune-operator")
+    roles = chart.find(manifests, "Role", f"{release}-operator")
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(matching)
-    assert chart.find(manifests, "ClusterRole", "kubetune-operator") == []
+    assert chart.find(manifests, "ClusterRole", f"{release}-operator") == []
+    assert not [r for r in chart.find(manifests, "ClusterRoleBinding")
+                if r["roleRef"]["name"] == f"{release}-operator"]
     deployment = chart.find(manifests, "Deployment")[0]
     env = {e["name"]: e.get("value") for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBETUNE_NAMESPACES"] == ",".join(sorted(matching))
