@@ -1,6 +1,6 @@
 """Progress reports from trainer pods: authentication, validation, replay guard, status patches (pure).
 
-A trainer pod pushes small JSON reports (see the contract in DESIGN.md). This
+A trainer pod pushes small JSON reports (the contract: docs/operator.md, "Progress reports"). This
 module decides whether one is acceptable and what it changes in the
 FineTuneJob's status; the HTTP endpoint in `progress` only wires it to aiohttp
 and the API server.

@@ -1,6 +1,6 @@
 """The architecture's rules, checked on the source: import directions, pure modules, strict typing.
 
-From DESIGN.md and STYLE.md: dependencies point one way (dev tooling -> operator ->
+The project's layering (README, Layout): dependencies point one way (dev tooling -> operator ->
 trainer.config); the trainer never imports the operator; nothing imports the dev
 tooling; only the operator's handler, client and HTTP-server modules touch kopf or
 the Kubernetes client; the operator type-checks under `mypy --strict`.
