@@ -58,6 +58,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from kubetune.trainer import serve_protocol as protocol
+from kubetune.trainer.serve_adapters import AdapterConfigError, AdapterEntry, read_adapter_config
 from kubetune.trainer.serve_batch import BatchScheduler
 from kubetune.trainer.serve_engine import (
     MAIN_ADAPTER,
@@ -110,7 +111,7 @@ class ServeSettings:
     """Generation requests admitted at once (generating or queued); more get 429."""
     max_batch_size: int = 16
     """Most requests decoded together in one batch; more wait for the next batch."""
-    batch_window_ms: float = 10.0
+    batch_window_ms: float = 0.0
     """How long an idle model waits for more requests to start a batch with (milliseconds)."""
     device: Device = "auto"
     """`auto` (CUDA when available), `cpu` or `cuda`."""
@@ -118,8 +119,15 @@ class ServeSettings:
     """Weights dtype; `auto` = float32 on CPU, bfloat16 (or float16) on GPU."""
     chat_template: str | None = None
     """Path of a Jinja chat template that replaces the tokenizer's."""
+    threads: int = 0
+    """Torch intra-op threads for generation; 0 = auto (on CPU: usable cores minus one for the event loop)."""
     adapters: tuple[str, ...] = ()
     """More LoRA adapters over the same base, as `NAME=PATH`; a request selects one by `model`."""
+    adapter_config: str | None = None
+    """A JSON file listing more adapters (`serve_adapters.py`), re-read while serving: adapters are
+    added and removed without a restart. The operator mounts it from a ConfigMap."""
+    adapter_config_interval: float = 5.0
+    """Seconds between two reads of `adapter_config`."""
     shutdown_timeout: float = 60.0
     """Seconds in-flight requests get to finish after SIGTERM before they are cut."""
     api_key: str | None = dataclasses.field(default=None, repr=False)
@@ -143,8 +151,14 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
                         help="how long an idle model waits for companions before starting a batch")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=defaults.device)
     parser.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default=defaults.dtype)
+    parser.add_argument("--threads", type=int, default=defaults.threads,
+                        help="torch threads for generation (0 = auto: on CPU the usable cores minus one)")
     parser.add_argument("--adapter", dest="adapters", action="append", default=[], metavar="NAME=PATH",
                         help="also serve this LoRA adapter (over the same base model) as model NAME; repeatable")
+    parser.add_argument("--adapter-config", default=None, metavar="FILE",
+                        help="JSON file listing LoRA adapters to serve, re-read while serving (hot loading)")
+    parser.add_argument("--adapter-config-interval", type=float, default=defaults.adapter_config_interval,
+                        help="seconds between two reads of --adapter-config")
     parser.add_argument("--chat-template", default=None, help="file with a Jinja chat template to use instead of the tokenizer's")
     parser.add_argument("--shutdown-timeout", type=float, default=defaults.shutdown_timeout)
     args = parser.parse_args(argv)
@@ -156,6 +170,10 @@ def parse_args(argv: Sequence[str] | None = None) -> ServeSettings:
         parser.error(f"--max-batch-size: must be >= 1, got {args.max_batch_size}")
     if not 0 <= args.batch_window_ms <= 1000:
         parser.error(f"--batch-window-ms: must be from 0 to 1000, got {args.batch_window_ms}")
+    if not 0.1 <= args.adapter_config_interval <= 3600:
+        parser.error(f"--adapter-config-interval: must be from 0.1 to 3600 seconds, got {args.adapter_config_interval}")
+    if args.threads < 0:
+        parser.error(f"--threads: must be >= 0 (0 = auto), got {args.threads}")
     if not 0 <= args.port <= 65535:
         parser.error(f"--port: must be from 0 to 65535, got {args.port}")
     values = {field.name: getattr(args, field.name) for field in dataclasses.fields(ServeSettings) if field.name != "api_key"}
@@ -178,7 +196,9 @@ class ModelServer:
         self.source = source
         self.model_name = settings.served_model_name or source.default_name
         """The main model's name (what `--model` loads); requests without `model` get it."""
-        self.routes: dict[str, str | None] = {self.model_name: MAIN_ADAPTER if source.adapter_dir and adapters else None}
+        # The main adapter stays unmerged (and is selected by name) when others share its base.
+        unmerged = bool(source.adapter_dir and (adapters or settings.adapter_config))
+        self.routes: dict[str, str | None] = {self.model_name: MAIN_ADAPTER if unmerged else None}
         """Every servable `model` name -> the LoRA adapter that generates for it (None: the model as loaded)."""
         self.routes |= {adapter.name: adapter.name for adapter in adapters}
         self._adapters = tuple(adapters)
@@ -194,6 +214,13 @@ class ModelServer:
         self._admitted = 0
         self._scheduler: BatchScheduler | None = None
         """Runs generations in batches; created once the model is loaded."""
+        self._dynamic: dict[str, AdapterEntry] = {}
+        """Adapters loaded from --adapter-config (routed under their own names)."""
+        self._adapter_problems: dict[str, str] = {}
+        """The last problem logged per --adapter-config entry ("" for the file), so each is logged once."""
+        self._watcher: asyncio.Task[None] | None = None
+        self._waker: _LoopWaker | None = None
+        """Wakes streaming handlers from the generation thread; created with the first stream."""
         # Parsing and tokenising big bodies happen here, off the event loop (probes stay fast).
         self._prepare = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="prepare")
 
@@ -205,7 +232,9 @@ class ModelServer:
         def load() -> None:
             try:
                 engine = load_engine(self.source, device=self.settings.device, dtype=self.settings.dtype,
-                                     chat_template=self._chat_template, adapters=self._adapters)
+                                     chat_template=self._chat_template, adapters=self._adapters,
+                                     threads=self.settings.threads,
+                                     unmerged=self.settings.adapter_config is not None)
             except Exception as error:  # noqa: BLE001 - any failure to load is reported the same way
                 log.exception("loading the model failed")
                 message = f"{type(error).__name__}: {error}"
@@ -219,6 +248,13 @@ class ModelServer:
         self._scheduler = BatchScheduler(engine, max_batch_size=self.settings.max_batch_size,
                                          window=self.settings.batch_window_ms / 1000,
                                          on_step=self.metrics.batch_size.observe)
+        if self.settings.adapter_config is not None:
+            # Ready only once the listed adapters are loaded: a new replica answers for all of them.
+            self._watcher = asyncio.ensure_future(self._watch_adapter_config(engine))
+            return
+        self._ready(engine)
+
+    def _ready(self, engine: Engine) -> None:
         self.engine = engine
         self.metrics.model_loaded.set(1)
         log.info("model %r ready on %s (context length %s)", self.model_name, engine.device, engine.context_length)
@@ -226,6 +262,64 @@ class ModelServer:
     def _loading_failed(self, message: str, on_failure: Callable[[], None]) -> None:
         self.load_error = message
         on_failure()
+
+    # --- adapters loaded while serving ----------------------------------------
+
+    async def _watch_adapter_config(self, engine: Engine) -> None:
+        """Apply --adapter-config now, report ready, then re-apply it every interval."""
+        await self.sync_adapter_config(engine)
+        self._ready(engine)
+        while True:
+            await asyncio.sleep(self.settings.adapter_config_interval)
+            try:
+                await self.sync_adapter_config(engine)
+            except Exception:  # noqa: BLE001 - keep serving what is loaded; the next read retries
+                log.exception("applying --adapter-config failed")
+
+    async def sync_adapter_config(self, engine: Engine) -> None:
+        """Load, reload and unload adapters so the served ones are what the file lists.
+
+        A route is removed before its adapter is unloaded and added only after it is loaded, so no
+        request is ever routed to an adapter that is not there. An entry that cannot be served is
+        logged (once per distinct problem) and retried at the next read: its files may not exist yet.
+        """
+        assert self._scheduler is not None and self.settings.adapter_config is not None
+        scheduler = self._scheduler
+        try:
+            wanted = await self._off_loop(read_adapter_config, Path(self.settings.adapter_config))
+        except AdapterConfigError as error:
+            self._adapter_problem("", str(error))
+            return
+        self._adapter_problems.pop("", None)
+        for name, entry in list(self._dynamic.items()):
+            if wanted.get(name) != entry:
+                self.routes.pop(name, None)
+                del self._dynamic[name]
+                await asyncio.wrap_future(scheduler.call(lambda n=name: engine.remove_adapter(n)))
+        for name, entry in wanted.items():
+            if name in self._dynamic:
+                continue
+            try:
+                if name in self.routes:
+                    raise ModelSourceError(f"the name {name!r} is already served (by --model or --adapter)")
+                adapter = await self._off_loop(resolve_adapter, f"{name}={entry.path}", self.source)
+                await asyncio.wrap_future(scheduler.call(lambda a=adapter: engine.add_adapter(a)))
+            except Exception as error:  # noqa: BLE001 - one bad entry must not stop the others
+                self._adapter_problem(name, f"--adapter-config entry {name!r} ({entry.path}) is not served: {error}")
+                continue
+            self._adapter_problems.pop(name, None)
+            self._dynamic[name] = entry
+            self.routes[name] = name
+
+    def _adapter_problem(self, key: str, message: str) -> None:
+        if self._adapter_problems.get(key) != message:
+            self._adapter_problems[key] = message
+            log.error("%s", message)
+
+    def stop_watching(self) -> None:
+        """Stop re-reading --adapter-config (shutdown)."""
+        if self._watcher is not None:
+            self._watcher.cancel()
 
     def close(self) -> None:
         """Wait for the generation thread (after the HTTP server stopped)."""
@@ -545,16 +639,13 @@ class ModelServer:
         adapter: str | None,
     ) -> web.StreamResponse:
         """Run one generation and send its text as server-sent events while it is produced."""
-        loop = asyncio.get_running_loop()
-        pieces: asyncio.Queue[str | None] = asyncio.Queue()
-
-        def on_text(text: str) -> None:  # on the generation thread
-            loop.call_soon_threadsafe(pieces.put_nowait, text)
-
-        job = GenerationRequest(prompt_ids, params, on_text, adapter=adapter)
+        if self._waker is None:
+            self._waker = _LoopWaker(asyncio.get_running_loop())
+        pieces = _PieceBuffer(self._waker)
+        job = GenerationRequest(prompt_ids, params, pieces.put, adapter=adapter)
         cancelled = job.cancelled
-        # The end marker is scheduled from the generation thread after every on_text callback, so it comes last.
-        job.future.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, None))
+        # The end marker is put from the generation thread after every on_text callback, so it comes last.
+        job.future.add_done_callback(lambda _: pieces.put(None))
         self._submit(job)
         generation = asyncio.wrap_future(job.future)
 
@@ -565,8 +656,14 @@ class ModelServer:
             await response.prepare(request)
             for chunk in first:
                 await response.write(_sse(chunk))
-            while (text := await pieces.get()) is not None:
-                await response.write(_sse(piece(text)))
+            finished = False
+            while not finished:
+                texts = await pieces.take()
+                finished = texts[-1] is None
+                # The pieces that arrived since the last write: one event each, one write for all.
+                events = b"".join(_sse(piece(text)) for text in texts if text is not None)
+                if events:
+                    await response.write(events)
             try:
                 result = await generation
             except Exception:
@@ -588,6 +685,64 @@ class ModelServer:
             # The client went away (or shutdown timed out): free the model at the next token.
             cancelled.set()
             raise
+
+
+class _LoopWaker:
+    """Wakes event-loop waiters from the generation thread, with at most one wake-up of the loop pending.
+
+    Every generated token of every streamed row must reach the event loop. A
+    `call_soon_threadsafe` per token costs a self-pipe write and a loop
+    iteration each (8 streamed rows: 8 per decoding step), and the generation
+    thread then waits for the GIL while the loop runs them. Here all the
+    tokens produced until the loop gets round to it share one wake-up.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._due: set[asyncio.Event] = set()
+        self._scheduled = False
+
+    def wake(self, event: asyncio.Event) -> None:
+        """Set `event` on the loop soon (thread-safe)."""
+        with self._lock:
+            self._due.add(event)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        self._loop.call_soon_threadsafe(self._fire)
+
+    def _fire(self) -> None:
+        with self._lock:
+            due, self._due, self._scheduled = self._due, set(), False
+        for event in due:
+            event.set()
+
+
+class _PieceBuffer:
+    """The text pieces of one stream, put by the generation thread, taken in batches by its handler."""
+
+    def __init__(self, waker: _LoopWaker) -> None:
+        self._waker = waker
+        self._lock = threading.Lock()
+        self._items: list[str | None] = []
+        self._ready = asyncio.Event()
+
+    def put(self, text: str | None) -> None:
+        """Add a piece (None: the end); thread-safe."""
+        with self._lock:
+            self._items.append(text)
+        self._waker.wake(self._ready)
+
+    async def take(self) -> list[str | None]:
+        """Every piece put since the last call, waiting for at least one."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            with self._lock:
+                items, self._items = self._items, []
+            if items:
+                return items
 
 
 class _Admission:
@@ -639,6 +794,7 @@ async def serve(settings: ServeSettings, source: ModelSource, chat_template: str
     await stop.wait()
 
     server.draining = True
+    server.stop_watching()
     log.info("shutting down: no new connections, waiting for in-flight requests (up to %ss)", settings.shutdown_timeout)
     await runner.cleanup()
     server.close()
