@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from typing import Any
 
 from kubetune.operator import names, render
@@ -472,6 +473,32 @@ def serving_key_secret(job: Body, key: str) -> Body:
     }
 
 
+SERVING_ADAPTERS_VOLUME = "serving-adapters"
+SERVING_ADAPTERS_DIR = "/etc/kubetune/adapters"
+"""Where the builtin server's pods see the ConfigMap listing other jobs' adapters (`shareWith`)."""
+SERVING_ADAPTERS_FILE = "adapters.json"
+"""Its one entry: `{"adapters": [{"name", "path"}]}`, the server's `--adapter-config` format."""
+
+
+def serving_takes_adapters(job: Body) -> bool:
+    """True when other jobs' adapters can be loaded into this job's serving pods while they run
+    (`shareWith`): the builtin server over an unmerged adapter, i.e. over the base they apply to.
+    vLLM takes them as `--lora-modules` (a change rolls its pods)."""
+    return serving_runtime(job) == RUNTIME_BUILTIN and render.saves_adapter(job.get("spec") or {})
+
+
+def serving_adapters_config_map(job: Body, adapters: Sequence[tuple[str, str]]) -> Body:
+    """The ConfigMap the serving pods of `job` re-read to load adapters without a restart: every
+    (model name, adapter folder as the pods see it) of the jobs that share its serving."""
+    document = {"adapters": [{"name": name, "path": path} for name, path in sorted(adapters)]}
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, names.serving_adapters(job["metadata"]["name"]), COMPONENT_SERVING),
+        "data": {SERVING_ADAPTERS_FILE: json.dumps(document, indent=1, sort_keys=True)},
+    }
+
+
 def api_key_digest(key: str) -> str:
     """A short, non-reversible fingerprint of an API key (for the pod template annotation)."""
     return hashlib.sha256(key.encode()).hexdigest()[:16]
@@ -547,7 +574,7 @@ def _http_probe(path: str, *, period: int, failures: int, delay: int = 0) -> Bod
 
 
 def _serving_container(job: Body, model: render.ModelLocation, settings: OperatorSettings,
-                       defaults: NamespaceLimits) -> Body:
+                       defaults: NamespaceLimits, guests: Sequence[tuple[str, str]] = ()) -> Body:
     job_name = job["metadata"]["name"]
     runtime = serving_runtime(job)
     env = _scratch_env()
@@ -561,6 +588,7 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
             # An unmerged adapter: vLLM serves the base and applies the adapter per request by model name.
             args = ["--model", model.base_path, "--served-model-name", f"{job_name}{VLLM_BASE_SUFFIX}",
                     "--enable-lora", "--lora-modules", f"{job_name}={model.path}",
+                    *[f"{name}={path}" for name, path in sorted(guests)],
                     "--max-lora-rank", str(vllm_max_lora_rank(job))]
         args += ["--host", "0.0.0.0", "--port", str(SERVING_PORT)]
         gpus = serving_gpu_count(job)
@@ -572,6 +600,8 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
         container["command"] = ["python", "-m", "kubetune.trainer.serve", "--model", model.path,
                                 "--host", "$(POD_IP)", "--port", str(SERVING_PORT),
                                 "--served-model-name", job_name]
+        if serving_takes_adapters(job):
+            container["command"] += ["--adapter-config", f"{SERVING_ADAPTERS_DIR}/{SERVING_ADAPTERS_FILE}"]
         # Binding the pod IP is valid in any cluster, and lets a local node give each pod its own address.
         env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}] + env
         health, ready = "/healthz", "/readyz"
@@ -583,6 +613,8 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
     mounts += [{"name": claim_volume_name(claim), "mountPath": f"{render.PVC_MOUNT_ROOT}/{claim}",
                 "readOnly": True} for claim in model.claims]
+    if serving_takes_adapters(job):
+        mounts.append({"name": SERVING_ADAPTERS_VOLUME, "mountPath": SERVING_ADAPTERS_DIR, "readOnly": True})
     container |= {
         "env": env,
         "ports": [{"name": SERVING_PORT_NAME, "containerPort": SERVING_PORT, "protocol": "TCP"}],
@@ -603,16 +635,23 @@ def _serving_volumes(job: Body, model: render.ModelLocation, defaults: Namespace
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
     volumes += [{"name": claim_volume_name(claim),
                  "persistentVolumeClaim": {"claimName": claim, "readOnly": True}} for claim in model.claims]
+    if serving_takes_adapters(job):
+        # Optional: the server reads a missing file as "no adapters", so the pod never waits for it.
+        volumes.append({"name": SERVING_ADAPTERS_VOLUME, "configMap": {
+            "name": names.serving_adapters(job["metadata"]["name"]), "optional": True}})
     return volumes
 
 
 def serving_deployment(job: Body, model: render.ModelLocation, digest: str, settings: OperatorSettings,
-                       defaults: NamespaceLimits = DEFAULT_LIMITS, key_digest: str = "") -> Body:
+                       defaults: NamespaceLimits = DEFAULT_LIMITS, key_digest: str = "",
+                       guests: Sequence[tuple[str, str]] = ()) -> Body:
     """The Deployment that serves the finished model (runtime `builtin` or `vllm`).
 
     The model digest is a pod-template annotation: a new model rolls the Deployment, and so does
     a new API key (`key_digest`, from `api_key_digest`). The model's claim is mounted read-only
-    at the path the trainer wrote to.
+    at the path the trainer wrote to. `guests`: (model name, adapter path) of jobs that share this
+    serving (`shareWith`); vLLM gets them as `--lora-modules`, the builtin server from the
+    `serving_adapters_config_map` instead (no restart).
     """
     name = names.serving(job["metadata"]["name"])
     pod: Body = {
@@ -620,7 +659,7 @@ def serving_deployment(job: Body, model: render.ModelLocation, digest: str, sett
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": SERVING_GRACE_SECONDS,
         "securityContext": pod_security_context(),
-        "containers": [_serving_container(job, model, settings, defaults)],
+        "containers": [_serving_container(job, model, settings, defaults, guests)],
         "volumes": _serving_volumes(job, model, defaults),
     }
     if serving_gpu_count(job):

@@ -152,9 +152,23 @@ class KubeClient:
         # Metadata only as well: the key's digest is an annotation the operator wrote on it.
         serving_key_secret = self._get(self.core.read_namespaced_secret, namespace, child["serving_key"], uid,
                                        foreign, name, _headers={"Accept": METADATA_ONLY}) if serving else None
+        # Shared serving (spec.serving.shareWith): a guest reads the job it names; a job serving
+        # on its own reads the guests naming it, and the ConfigMap listing their adapters.
+        spec_serving = (job.get("spec") or {}).get("serving") or {}
+        share_with = spec_serving.get("shareWith") if isinstance(spec_serving, dict) else None
+        hosting = serving and bool(spec_serving.get("enabled")) and not share_with
+        serving_host = self.get_finetunejob(namespace, share_with) if serving and share_with else None
+        serving_guests = tuple(
+            other for other in self.list_finetunejobs(namespace)
+            if ((other.get("spec") or {}).get("serving") or {}).get("shareWith") == name) if hosting else ()
+        serving_adapters = self._get(self.core.read_namespaced_config_map, namespace, child["serving_adapters"], uid,
+                                     foreign, name) if serving else None
         return Observed(
             job=job,
             now=datetime.now(timezone.utc),
+            serving_host=serving_host,
+            serving_guests=serving_guests,
+            serving_adapters_config_map=serving_adapters,
             config_map=config_map,
             progress_secret=progress_secret,
             validation_job=validation_job,

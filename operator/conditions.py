@@ -110,6 +110,10 @@ SCALED_TO_ZERO = "ScaledToZero"
 """`spec.serving.replicas` is 0: the Service stays, nothing answers."""
 SERVING_INVALID = "ServingInvalid"
 """The serving objects cannot be built from the spec (named in the message)."""
+SHARED_SERVING = "SharedServing"
+"""`spec.serving.shareWith`: the adapter is listed for the other job's serving Deployment, which is available."""
+WAITING_FOR_SERVING_HOST = "WaitingForServingHost"
+"""`spec.serving.shareWith`: the other job's serving is not available (yet)."""
 
 
 def find(conditions: list[Condition], type_: str) -> Condition | None:

@@ -600,6 +600,15 @@ class ServingSpec:
     the `api-key` entry of the Secret `<job>-serving-key` that the operator creates with a random
     value (delete the Secret to rotate the key: a new one is made and the server restarts);
     wrong or missing keys get 401. `none`: anyone who can reach the Service may use the model."""
+    share_with: Annotated[str, MaxLength(253), Pattern(DNS_SUBDOMAIN)] | None = None
+    """Serve this job's LoRA adapter from the serving Deployment of the FineTuneJob of this name (in
+    the same namespace) instead of a Deployment of its own: that server loads the adapter without a
+    restart and routes requests whose `model` is this job's name to it. Needs
+    `method.lora.merge: false`, the same `spec.model` as that job (whose own output must be an
+    unmerged adapter too, so its server holds the base) and the output on a claim its pods mount;
+    `status.servedBy` and `status.endpoint` then say where the model is served, and `replicas`,
+    `runtime`, `resources` and `image` here are not used. A job in another namespace cannot be
+    named."""
 
 
 # --- the spec ------------------------------------------------------------------------------------
@@ -614,6 +623,11 @@ class ServingSpec:
          "|| self.dataset.split.validation > 0.0",
          "early stopping needs validation data: set dataset.validation or dataset.split.validation > 0",
          field_path=".training.earlyStopping.enabled"),
+    Rule("!has(self.serving) || !has(self.serving.shareWith) || "
+         "(has(self.method) && has(self.method.lora) && has(self.method.lora.merge) && !self.method.lora.merge)",
+         "serving.shareWith loads this job's LoRA adapter into another job's server: it needs "
+         "method.lora.merge: false (a merged or fully fine-tuned model is not an adapter)",
+         field_path=".serving.shareWith"),
     Rule("self.dataset.format == 'classification' || !has(self.evaluation.metrics) || "
          "self.evaluation.metrics.all(m, !(m in ['accuracy', 'precision', 'recall', 'f1']))",
          "accuracy, precision, recall and f1 need dataset.format classification",
@@ -938,6 +952,9 @@ class FineTuneJobStatus(TypedDict, total=False):
     """The finished model."""
     endpoint: Annotated[str, MaxLength(2048)]
     """Base URL of the OpenAI-compatible serving endpoint (inside the cluster)."""
+    servedBy: Annotated[str, MaxLength(253)]
+    """With `spec.serving.shareWith`: the serving Deployment that serves this job's adapter (as
+    model `<this job's name>`); absent otherwise."""
     resolved: ResolvedHyperparameters
     """The hyperparameters in effect, `auto` values resolved by the trainer."""
     estimate: ResourceEstimate

@@ -49,6 +49,11 @@ def trainer_job(job_name: str) -> str:
     return child_name(job_name, "train")
 
 
+def serving_adapters(job_name: str) -> str:
+    """The ConfigMap listing the adapters of other jobs that the job's serving pods load (`shareWith`)."""
+    return child_name(job_name, "serving-adapters")
+
+
 def serving(job_name: str) -> str:
     """The serving Deployment and its Service (one name for both).
 

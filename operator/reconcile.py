@@ -59,6 +59,12 @@ class Observed:
     serving_service: Body | None = None
     serving_key_secret: Body | None = None
     """The Secret with the serving endpoint's API key (read once serving may exist)."""
+    serving_host: Body | None = None
+    """With `spec.serving.shareWith`: the FineTuneJob it names (None when there is none)."""
+    serving_guests: tuple[Body, ...] = ()
+    """The FineTuneJobs of the namespace whose `spec.serving.shareWith` names this job."""
+    serving_adapters_config_map: Body | None = None
+    """The ConfigMap listing the guests' adapters for this job's serving pods."""
     namespace_jobs: tuple[Body, ...] = ()
     """Every FineTuneJob in the namespace (read only when the namespace's quota needs it)."""
     namespace_trainer_jobs: tuple[Body, ...] = ()
@@ -694,6 +700,10 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
             draft.set(conditions.SERVING_READY, "False", conditions.WAITING_FOR_MODEL,
                       "serving starts once training succeeds")
         return
+    share_with = serving.get("shareWith")
+    if isinstance(share_with, str) and share_with:
+        _decide_shared_serving(draft, settings, share_with)
+        return
     image = serving.get("image")
     if isinstance(image, str) and image.strip() and not limits.image_allowed(image.strip(), own_images(settings)):
         _remove_serving(draft)
@@ -711,7 +721,12 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
     job = draft.observed.job
     known = {**draft.status, **draft.patch}.get("model") or {}
     digest = str(known.get("digest") or "") if isinstance(known, dict) else ""
-    deployment = builders.serving_deployment(job, model, digest, settings, limits, key_digest=_serving_key(draft))
+    guests = serving_guests(job, draft.observed.serving_guests)
+    deployment = builders.serving_deployment(job, model, digest, settings, limits, key_digest=_serving_key(draft),
+                                             guests=guests)
+    _converge_adapters_config_map(draft, guests)
+    if draft.status.get("servedBy"):
+        draft.patch["servedBy"] = None  # no longer shared: served by its own Deployment
     actual = draft.observed.serving_deployment
     if actual is None:
         draft.actions.append(CreateChild(deployment))
@@ -731,6 +746,115 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
         draft.patch["endpoint"] = endpoint
     status, reason, message = serving_readiness(actual, builders.serving_replicas(job), digest)
     draft.set(conditions.SERVING_READY, status, reason, message)
+
+
+def shared_serving_plan(guest: Body, host: Body | None) -> tuple[str, str] | list[str]:
+    """For a job with `spec.serving.shareWith`: (model name, adapter folder in the host's pods) when
+    the named job's serving can load its adapter, else the problems, each naming the field."""
+    spec = guest.get("spec") or {}
+    share = str((spec.get("serving") or {}).get("shareWith") or "")
+    name = str((guest.get("metadata") or {}).get("name", ""))
+    field = "spec.serving.shareWith"
+    if share == name:
+        return [f"{field}: names this job itself; name the job whose serving Deployment should load this adapter"]
+    if host is None:
+        namespace = (guest.get("metadata") or {}).get("namespace", "")
+        return [f"{field}: there is no FineTuneJob {share!r} in namespace {namespace!r} (only a job in the same "
+                "namespace can be named)"]
+    host_spec = host.get("spec") or {}
+    host_serving = host_spec.get("serving") or {}
+    problems: list[str] = []
+    if host_serving.get("shareWith"):
+        problems.append(f"{field}: {share!r} itself shares the serving of {host_serving['shareWith']!r}; "
+                        "name the job whose own Deployment serves")
+    elif not host_serving.get("enabled"):
+        problems.append(f"{field}: {share!r} has spec.serving.enabled false, so there is no Deployment to load "
+                        "this adapter into")
+    if not render.saves_adapter(spec):
+        problems.append(f"{field}: this job's output is a merged model, not an adapter another server can load; "
+                        "set method.lora.merge: false")
+    if not render.saves_adapter(host_spec):
+        problems.append(f"{field}: {share!r} serves a merged or fully fine-tuned model, not the base model this "
+                        f"adapter applies to; share with a job whose method.lora.merge is false")
+    if spec.get("model") != host_spec.get("model"):
+        problems.append(f"{field}: {share!r} is trained on base model "
+                        f"{(host_spec.get('model') or {}).get('source')!r} and this job on "
+                        f"{(spec.get('model') or {}).get('source')!r} (spec.model must be the same): an adapter "
+                        "only applies to the base model it was trained on")
+    if problems:
+        return problems
+    try:
+        location, host_location = render.model_location(guest), render.model_location(host)
+    except render.SpecError as error:
+        return [f"{field}: {problem}" for problem in error.problems]
+    missing = sorted(set(location.claims) - set(host_location.claims))
+    if missing:
+        return [f"{field}: this job's adapter is on claim(s) {', '.join(missing)}, which the serving pods of "
+                f"{share!r} do not mount (they mount {', '.join(host_location.claims)}); write spec.output.storage "
+                "to a claim they mount"]
+    return name, location.path
+
+
+def serving_guests(host: Body, candidates: tuple[Body, ...]) -> list[tuple[str, str]]:
+    """(model name, adapter folder) of every job that shares the serving of `host` and can be served:
+    it succeeded, has serving enabled, and `shared_serving_plan` finds no problem."""
+    guests = []
+    for guest in candidates:
+        spec = guest.get("spec") or {}
+        serving = spec.get("serving") or {}
+        found = list((guest.get("status") or {}).get("conditions") or [])
+        if not serving.get("enabled") or not conditions.is_true(found, conditions.SUCCEEDED):
+            continue
+        plan = shared_serving_plan(guest, host)
+        if isinstance(plan, tuple):
+            guests.append(plan)
+    return sorted(guests)
+
+
+def _converge_adapters_config_map(draft: _Draft, guests: list[tuple[str, str]]) -> None:
+    """The ConfigMap the serving pods re-read to load guests' adapters (builtin server over an adapter)."""
+    actual = draft.observed.serving_adapters_config_map
+    if not builders.serving_takes_adapters(draft.observed.job):
+        if actual is not None:
+            draft.actions.append(DeleteChild("v1", "ConfigMap", actual["metadata"]["name"]))
+        return
+    desired = builders.serving_adapters_config_map(draft.observed.job, guests)
+    if actual is None:
+        draft.actions.append(CreateChild(desired))
+    elif (actual.get("data") or {}) != desired["data"]:
+        draft.actions.append(PatchChild("v1", "ConfigMap", desired["metadata"]["name"], {"data": desired["data"]}))
+
+
+def _decide_shared_serving(draft: _Draft, settings: OperatorSettings, share_with: str) -> None:
+    """`spec.serving.shareWith`: no serving objects of its own; the named job's serving pods load
+    the adapter (that job's reconcile lists it). Status says where it is served and whether it is."""
+    _remove_serving(draft)
+    host = draft.observed.serving_host
+    plan = shared_serving_plan(draft.observed.job, host)
+    if isinstance(plan, list):
+        reason = conditions.WAITING_FOR_SERVING_HOST if host is None else conditions.SERVING_INVALID
+        draft.set(conditions.SERVING_READY, "False", reason, "; ".join(plan)[:1024])
+        return
+    assert host is not None
+    host_conditions = list((host.get("status") or {}).get("conditions") or [])
+    if not conditions.is_true(host_conditions, conditions.SUCCEEDED):
+        draft.set(conditions.SERVING_READY, "False", conditions.WAITING_FOR_SERVING_HOST,
+                  f"spec.serving.shareWith: {share_with!r} has not finished training; its serving starts once it "
+                  "succeeds")
+        return
+    deployment = names.serving(share_with)
+    draft.patch["endpoint"] = builders.serving_endpoint(host, settings)
+    draft.patch["servedBy"] = deployment
+    host_ready = conditions.find(host_conditions, conditions.SERVING_READY)
+    if host_ready is not None and host_ready.get("status") == "True":
+        draft.set(conditions.SERVING_READY, "True", conditions.SHARED_SERVING,
+                  f"served as model {plan[0]!r} by Deployment {deployment} of {share_with!r} "
+                  f"({host_ready.get('message', '')}); its pods load the adapter listed in ConfigMap "
+                  f"{names.serving_adapters(share_with)} without a restart (clients use {share_with!r}'s API key)")
+    else:
+        why = (host_ready.get("message") if host_ready is not None else None) or "not started"
+        draft.set(conditions.SERVING_READY, "False", conditions.WAITING_FOR_SERVING_HOST,
+                  f"spec.serving.shareWith: the serving of {share_with!r} is not available: {why}"[:1024])
 
 
 def serving_readiness(deployment: Body | None, replicas: int, digest: str) -> tuple[conditions.Status, str, str]:
@@ -785,11 +909,13 @@ def _remove_serving(draft: _Draft) -> None:
     """Serving is off (or there is no model): delete its objects and forget the endpoint."""
     observed = draft.observed
     for api_version, kind, child in (("apps/v1", "Deployment", observed.serving_deployment),
-                                     ("v1", "Service", observed.serving_service)):
+                                     ("v1", "Service", observed.serving_service),
+                                     ("v1", "ConfigMap", observed.serving_adapters_config_map)):
         if child is not None:
             draft.actions.append(DeleteChild(api_version, kind, child["metadata"]["name"]))
-    if draft.status.get("endpoint"):
-        draft.patch["endpoint"] = None  # merge-patch null removes the field
+    for field in ("endpoint", "servedBy"):
+        if draft.status.get(field):
+            draft.patch[field] = None  # merge-patch null removes the field
 
 
 # --- reading children ---------------------------------------------------------------------
@@ -892,4 +1018,5 @@ def child_names(job_name: str) -> dict[str, str]:
         "trainer_job": names.trainer_job(job_name),
         "serving": names.serving(job_name),
         "serving_key": names.serving_key(job_name),
+        "serving_adapters": names.serving_adapters(job_name),
     }
