@@ -17,7 +17,8 @@ How a pod maps onto this machine:
   folder per namespace and claim that outlives pods), bind-mounted at their
   ``mountPath`` inside a private mount namespace (``unshare --mount``), so paths
   in args, env and config files mean what they mean in a pod; the termination
-  message path is such a file too;
+  message path is such a file too; configMap volumes are re-written when the
+  ConfigMap changes (every few seconds, as a kubelet's sync does);
 - network -> each pod gets its own loopback address (127.N.x.y, N random per node) as its pod IP:
   servers that bind ``$(POD_IP)`` never collide on ports, and Services'
   endpoints point at reachable addresses;
@@ -63,6 +64,8 @@ log = logging.getLogger("kubetune.localnode")
 NODE_NAME = "kubetune-local"
 TERMINATION_MESSAGE_LIMIT = 4096
 """Bytes of a termination message the kubelet keeps."""
+CONFIG_MAP_SYNC_SECONDS = 2.0
+"""How often running pods' configMap volumes are brought up to date with their ConfigMaps."""
 
 
 def now() -> str:
@@ -97,6 +100,8 @@ class PodRun:
     containers: list[Container]
     deleting: bool = False
     finished: bool = False
+    config_maps: list[tuple[dict[str, Any], Path]] = dataclasses.field(default_factory=list)
+    """(configMap volume source, its folder) of the pod's plain configMap volumes, kept in sync."""
 
 
 def expand(text: str, env: dict[str, str]) -> str:
@@ -150,7 +155,8 @@ class LocalNode:
     def start(self) -> None:
         """Registers the node and starts the watch and probe loops in threads."""
         self.register()
-        for target in (self._watch_loop, self._probe_loop, self._heartbeat_loop, self._status_retry_loop):
+        for target in (self._watch_loop, self._probe_loop, self._heartbeat_loop, self._status_retry_loop,
+                       self._config_map_sync_loop):
             thread = threading.Thread(target=target, name=f"localnode-{target.__name__}", daemon=True)
             thread.start()
             self._threads.append(thread)
@@ -323,6 +329,8 @@ class LocalNode:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             volumes = self._prepare_volumes(pod, folder)
+            run.config_maps = [(volume["configMap"], volumes[volume["name"]])
+                               for volume in spec.get("volumes") or [] if "configMap" in volume]
             for container in run.containers:
                 self._start_container(pod, run, container, volumes)
         except Exception as error:  # a pod we cannot start fails like a kubelet's would
@@ -374,6 +382,32 @@ class LocalNode:
                                      "persistentVolumeClaim volumes run on the local node")
             volumes[name] = path
         return volumes
+
+    def _config_map_sync_loop(self) -> None:
+        """Brings ConfigMap changes into running pods' configMap volumes, as a kubelet does (its sync
+        takes up to about a minute; a few seconds here). Files are replaced by rename, never half-written."""
+        while not self._stop.wait(CONFIG_MAP_SYNC_SECONDS):
+            with self._lock:
+                runs = [run for run in self.pods.values() if not run.finished and not run.deleting]
+            for run in runs:
+                for source, path in run.config_maps:
+                    staged = path.parent / f".{path.name}.sync"
+                    try:
+                        if staged.exists():
+                            shutil.rmtree(staged)
+                        staged.mkdir(parents=True)
+                        self._write_config_map(run.namespace, source, staged)
+                        for file in staged.rglob("*"):
+                            if file.is_file():
+                                target = path / file.relative_to(staged)
+                                if not target.is_file() or target.read_bytes() != file.read_bytes():
+                                    target.parent.mkdir(parents=True, exist_ok=True)
+                                    file.replace(target)
+                    except Exception:  # noqa: BLE001 - the API server may be away; the next sync retries
+                        log.debug("syncing configMap volume %s of %s/%s failed", path, run.namespace, run.name,
+                                  exc_info=True)
+                    finally:
+                        shutil.rmtree(staged, ignore_errors=True)
 
     def _write_items(self, data: dict[str, bytes], items: list[dict[str, Any]] | None, path: Path) -> None:
         chosen = [(item["key"], item["path"]) for item in items] if items else [(key, key) for key in data]

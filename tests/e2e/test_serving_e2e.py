@@ -68,3 +68,56 @@ def test_an_unmerged_lora_adapter_is_served_on_its_base_behind_the_api_key(stack
     deployment = stack.get("deployment", names.serving(name), namespace) or {}
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--model") + 1].endswith(f"/finetunes/{name}/adapter")
+
+
+def test_a_second_lora_job_is_served_by_the_first_ones_deployment_without_a_restart(
+        stack: local_stack.LocalStack) -> None:
+    """`spec.serving.shareWith`: job B (LoRA, same base) is loaded into job A's running server.
+
+    Runs after the test above, whose job `faq-adapter` (A) is served. B's adapter must answer
+    as model `faq-adapter-b` on A's endpoint, with A's key, and A's serving pod must be the same
+    pod that served before, not restarted.
+    """
+    namespace, host = "e2e-adapter", "faq-adapter"
+    host_job = stack.get("finetunejob", host, namespace) or {}
+    assert progress_view.is_true(host_job.get("status") or {}, "ServingReady"), "the test above serves job A"
+    selector = f"app.kubernetes.io/instance={host},app.kubernetes.io/component=serving"
+
+    def serving_pods() -> list[tuple[str, int]]:
+        listing = json.loads(stack.plane.kubectl("get", "pods", "-n", namespace, "-l", selector, "-o", "json").stdout)
+        return [(pod["metadata"]["uid"], sum(c.get("restartCount", 0) for c in pod["status"].get("containerStatuses")
+                                             or [])) for pod in listing["items"]]
+
+    before = serving_pods()
+    assert len(before) == 1, before
+
+    manifest = yaml.safe_load(cli.prepare_demo_volumes(stack, tiny=True, namespace=namespace).read_text())
+    name = "faq-adapter-b"
+    manifest["metadata"]["name"] = name
+    manifest["spec"]["method"] = {"type": "lora", "lora": {"rank": 4, "merge": False}}
+    manifest["spec"]["hyperparameters"]["epochs"] = 1
+    manifest["spec"]["serving"] = {"enabled": True, "shareWith": host}
+    stack.plane.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(manifest))
+    with open(os.devnull, "w") as quiet:
+        job = cli.watch_job(stack, name, namespace, timeout=600, out=quiet)
+    assert progress_view.is_true(job["status"], "Succeeded"), progress_view.summary(job)
+
+    local_stack.wait_until(lambda: progress_view.is_true(
+        (stack.get("finetunejob", name, namespace) or {}).get("status") or {}, "ServingReady"), 120,
+        "ServingReady (SharedServing) on job B")
+    status = (stack.get("finetunejob", name, namespace) or {})["status"]
+    assert status["servedBy"] == names.serving(host)
+    assert status["endpoint"] == host_job["status"]["endpoint"]
+    assert stack.get("deployment", names.serving(name), namespace) is None, "B has no Deployment of its own"
+
+    url = local_stack.wait_until(lambda: cli.resolve_endpoint(stack, host_job), 60, "A's endpoint")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=cli.serving_api_key(stack, host_job), max_retries=0,
+                           timeout=120)
+    local_stack.wait_until(lambda: [m.id for m in client.models.list()] == [host, name], 120,
+                           "A's server listing B's adapter")
+    answer = client.chat.completions.create(model=name, max_tokens=6, temperature=0,
+                                            messages=[{"role": "user", "content": "How do I pause a job?"}])
+    assert answer.model == name and answer.usage is not None and answer.usage.completion_tokens >= 1
+    assert client.chat.completions.create(model=host, max_tokens=2, temperature=0,
+                                          messages=[{"role": "user", "content": "Hi"}]).model == host
+    assert serving_pods() == before, "A's serving pod was neither replaced nor restarted"
