@@ -11,8 +11,10 @@ from __future__ import annotations
 import http.client
 import json
 import statistics
-import threading
+import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import openai
@@ -37,28 +39,32 @@ def _raw_post(server: ServerProcess, path: str, body: bytes) -> tuple[int, dict[
         connection.close()
 
 
-def _probe_latencies(server: ServerProcess, until: threading.Event) -> list[float]:
-    latencies: list[float] = []
-    while not until.is_set():
-        started = time.perf_counter()
-        status, _ = server.get("/healthz")
-        latencies.append(time.perf_counter() - started)
-        assert status == 200
-        time.sleep(0.005)
-    return latencies
+PROBER = """
+import json, os, sys, time, urllib.request
+url, stop = sys.argv[1], sys.argv[2]
+latencies = []
+while not os.path.exists(stop):
+    started = time.perf_counter()
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        assert answer.status == 200
+    latencies.append(time.perf_counter() - started)
+    time.sleep(0.005)
+print(json.dumps(latencies))
+"""
+"""Probes /healthz until the stop file exists and prints every latency. A process of its own: in the
+test's process the probes would wait for the GIL while the client encodes 4 MiB of JSON, and time that."""
 
 
 def test_a_4_mib_prompt_is_refused_naming_the_prompt_while_healthz_stays_fast(
-    served: ServerProcess, memorised: Memorised
+    served: ServerProcess, memorised: Memorised, tmp_path: Path
 ) -> None:
     client = openai.OpenAI(base_url=served.base_url + "/v1", api_key="unused", max_retries=0, timeout=120)
     prompt = "the operator watches " * (FOUR_MIB // 21 - 10)  # just under 4 MiB of JSON
-    done = threading.Event()
-    latencies: list[float] = []
-    prober = threading.Thread(target=lambda: latencies.extend(_probe_latencies(served, done)))
-    prober.start()
+    stop = tmp_path / "stop"
+    prober = subprocess.Popen([sys.executable, "-c", PROBER, served.base_url + "/healthz", str(stop)],
+                              stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.05)
+        time.sleep(0.3)
         for _ in range(3):
             with pytest.raises(openai.BadRequestError) as refused:
                 client.completions.create(model=memorised.model_name, prompt=prompt, max_tokens=4)
@@ -71,14 +77,18 @@ def test_a_4_mib_prompt_is_refused_naming_the_prompt_while_healthz_stays_fast(
                                                messages=[{"role": "user", "content": prompt}])
             assert isinstance(refused_chat.value.body, dict) and refused_chat.value.body["param"] == "messages"
     finally:
-        done.set()
-        prober.join()
-    assert len(latencies) >= 3
+        stop.touch()
+        output, _ = prober.communicate(timeout=60)
+    latencies = json.loads(output)
+    assert len(latencies) >= 10
+    p50, p99 = statistics.median(latencies), statistics.quantiles(latencies, n=100, method="inclusive")[98]
     # Before admission moved off the event loop, tokenising one such prompt held /healthz for seconds.
-    # The median is the 100 ms target; single probes on the shared 2-core test machine (load average
-    # ~18) are sometimes delayed a few hundred ms by the OS scheduler alone, hence the 1 s ceiling.
-    assert statistics.median(latencies) < 0.1, f"/healthz median {statistics.median(latencies) * 1000:.0f} ms"
-    assert max(latencies) < 1.0, f"/healthz took up to {max(latencies) * 1000:.0f} ms while the prompts were refused"
+    # With the prober in its own process, p99 stayed under the 100 ms target on the shared 2-core
+    # machine at load average 18-22 (60 ms and 89 ms in two runs).
+    figures = f"/healthz over {len(latencies)} probes: p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, " \
+              f"max {max(latencies) * 1000:.0f} ms"
+    print(figures)
+    assert p50 < 0.1 and p99 < 0.1, figures
 
 
 def test_a_body_over_4_mib_is_refused_with_413_from_its_length(served: ServerProcess) -> None:

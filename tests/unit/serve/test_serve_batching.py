@@ -175,3 +175,26 @@ def test_thirty_two_concurrent_clients_all_get_answers(served: ServerProcess, me
     with concurrent.futures.ThreadPoolExecutor(32) as pool:
         statuses = list(pool.map(call, range(32)))
     assert statuses == [200] * 32, "no 429 below --max-concurrency (default 64)"
+
+
+class TestGenerationThreads:
+    """Torch threads for generation: on CPU the usable cores minus one, so the event loop keeps a core
+    (torch's threads wait for each other at every operation; one that loses its core stalls them all)."""
+
+    def test_auto_leaves_a_core_for_the_event_loop_and_an_explicit_count_wins(self) -> None:
+        import os
+
+        from kubetune.trainer.serve_engine import resolve_threads
+
+        assert resolve_threads(0, "cpu") == max(1, len(os.sched_getaffinity(0)) - 1)
+        assert resolve_threads(3, "cpu") == 3
+
+    def test_the_engine_generates_on_its_thread_count(self, trained_model_dir: Path) -> None:
+        import torch
+
+        engine = load_engine(resolve_model_source(trained_model_dir), device="cpu", threads=1)
+        assert engine.threads == 1
+        seen: list[int] = []
+        engine.generate([1, 2, 3], GenerationParams(max_new_tokens=2, temperature=0),
+                        on_text=lambda _: seen.append(torch.get_num_threads()))
+        assert seen and set(seen) == {1}

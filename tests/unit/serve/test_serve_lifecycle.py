@@ -102,3 +102,7 @@ class TestStartupFailures:
         result = _run_server("--model", str(tmp_path), "--max-tokens-limit", "0")
         assert result.returncode == 2
         assert "--max-tokens-limit: must be >= 1, got 0" in result.stderr
+        for option, value, says in [("--threads", "-1", "--threads: must be >= 0 (0 = auto), got -1"),
+                                    ("--adapter-config-interval", "0", "--adapter-config-interval: must be from 0.1")]:
+            result = _run_server("--model", str(tmp_path), option, value)
+            assert result.returncode == 2 and says in result.stderr, result.stderr
