@@ -72,6 +72,8 @@ def direct_runner(model_path: str, max_tokens: int, device: str) -> Runner:
     import torch
 
     engine = load_engine(resolve_model_source(model_path), device=device)  # type: ignore[arg-type]
+    # The server's thread count (cores minus one on CPU), so both sides compute the same way.
+    torch.set_num_threads(engine.threads)
 
     def run(prompt: str) -> int:
         ids = torch.tensor([engine.encode_prompt(prompt)], device=engine.device)
