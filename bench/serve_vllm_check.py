@@ -10,7 +10,10 @@ port, starts `python -m vllm.entrypoints.openai.api_server` (the entrypoint of
 the vllm/vllm-openai image) with them on a small local model, and checks with
 the `openai` client: the models list (base and adapter), a completion, a chat
 completion, a streamed chat completion equal to the non-streamed one, a
-completion through the adapter, and 401 without the key.
+completion through the adapter, and 401 without the key. A second job that
+shares the first one's serving (`spec.serving.shareWith`) is rendered in as one
+more `--lora-modules` entry, as the operator does for a vLLM host, and answers
+by its own name.
 
 Without a CUDA GPU or without the `vllm` package it prints one line saying
 so and exits 0, claiming nothing.
@@ -35,10 +38,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune.operator import builders, render
+from kubetune.operator import builders, reconcile, render
 from kubetune.operator.settings import OperatorSettings
 
 JOB_NAME = "vllm-check"
+GUEST_NAME = "vllm-check-shared"
+"""A second LoRA job of the same base with `spec.serving.shareWith: vllm-check`."""
 
 
 def why_not_run() -> str | None:
@@ -55,21 +60,30 @@ def why_not_run() -> str | None:
     return " / ".join(reasons) or None
 
 
-def check_job(base: Path, output_root: Path) -> dict[str, Any]:
+def check_job(base: Path, output_root: Path, name: str = JOB_NAME, **serving: Any) -> dict[str, Any]:
     """A FineTuneJob serving an unmerged LoRA adapter with vLLM, with local paths as sources."""
     return {
         "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
-        "metadata": {"name": JOB_NAME, "namespace": "default", "uid": "check"},
+        "metadata": {"name": name, "namespace": "default", "uid": f"check-{name}"},
         "spec": {"model": {"source": str(base)}, "output": {"storage": str(output_root)},
                  "dataset": {"format": "text", "train": {"source": "/unused"}},
                  "method": {"type": "lora", "lora": {"rank": 8, "merge": False}},
-                 "serving": {"enabled": True, "runtime": "vllm", "resources": {"gpus": 1}}},
+                 "serving": {"enabled": True, "runtime": "vllm", "resources": {"gpus": 1}, **serving}},
+        "status": {"conditions": [{"type": "Succeeded", "status": "True"}]},
     }
+
+
+def shared_guests(job: dict[str, Any]) -> list[tuple[str, str]]:
+    """The guests the operator would give the job's vLLM Deployment: the sharing job's adapter."""
+    spec = job["spec"]
+    guest = check_job(Path(spec["model"]["source"]), Path(spec["output"]["storage"]), GUEST_NAME, shareWith=JOB_NAME)
+    return reconcile.serving_guests(job, (guest,))
 
 
 def deployment_command(job: dict[str, Any], port: int) -> tuple[list[str], str]:
     """(arguments, API-key variable) of the rendered vLLM container, with `port` instead of the pod's."""
-    deployment = builders.serving_deployment(job, render.model_location(job), "sha256:check", OperatorSettings())
+    deployment = builders.serving_deployment(job, render.model_location(job), "sha256:check", OperatorSettings(),
+                                             guests=shared_guests(job))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = list(container["args"])
     args[args.index("--port") + 1] = str(port)
@@ -88,12 +102,12 @@ def make_models(workdir: Path, base: Path | None) -> Path:
         from kubetune.dev.tinymodel import create_tiny_model
 
         base = create_tiny_model(workdir / "base", arch="llama")
-    adapter_dir = workdir / "out" / JOB_NAME / "adapter"
-    torch.manual_seed(0)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
-    model.peft_config["default"].base_model_name_or_path = str(base)
-    model.save_pretrained(adapter_dir)
+    for seed, name in enumerate((JOB_NAME, GUEST_NAME)):
+        torch.manual_seed(seed)
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(base), LoraConfig(
+            r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+        model.peft_config["default"].base_model_name_or_path = str(base)
+        model.save_pretrained(workdir / "out" / name / "adapter")
     return base
 
 
@@ -124,7 +138,7 @@ def drive(url: str, key: str, base_name: str) -> dict[str, Any]:
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0, timeout=120)
     ids = sorted(m.id for m in client.models.list())
-    assert ids == sorted([base_name, JOB_NAME]), ids
+    assert ids == sorted([base_name, JOB_NAME, GUEST_NAME]), ids
     completion = client.completions.create(model=base_name, prompt="The operator", max_tokens=8, temperature=0)
     assert completion.usage is not None and completion.usage.completion_tokens >= 1
     messages = [{"role": "user", "content": "What does the operator do?"}]
@@ -133,12 +147,15 @@ def drive(url: str, key: str, base_name: str) -> dict[str, Any]:
         model=JOB_NAME, messages=messages, max_tokens=8, temperature=0, stream=True) if chunk.choices)  # type: ignore[arg-type]
     assert text == chat.choices[0].message.content, (text, chat.choices[0].message.content)
     through_adapter = client.completions.create(model=JOB_NAME, prompt="The operator", max_tokens=8, temperature=0)
+    shared = client.completions.create(model=GUEST_NAME, prompt="The operator", max_tokens=8, temperature=0)
+    assert shared.model == GUEST_NAME and shared.usage is not None and shared.usage.completion_tokens >= 1
     try:
         openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         raise AssertionError("a wrong key was accepted")
     except openai.AuthenticationError:
         pass
     return {"base": completion.choices[0].text, "adapter": through_adapter.choices[0].text,
+            "sharedAdapter": shared.choices[0].text,
             "chat": chat.choices[0].message.content, "streamEqualsChat": True, "wrongKey": 401}
 
 

@@ -2,7 +2,8 @@
 
 The check itself needs a CUDA GPU and vllm (the GPU suite runs it); here: the
 command it would start is the rendered container's, only the port and host
-changed, and without a GPU or vllm it says so and exits 0 claiming nothing.
+changed (a job sharing its serving, `shareWith`, rendered in as one more `--lora-modules`
+entry), and without a GPU or vllm it says so and exits 0 claiming nothing.
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ def test_the_command_is_the_deployments_with_only_host_and_port_changed(tmp_path
     script = load_script()
     job = script.check_job(tmp_path / "base", tmp_path / "out")
     args, key_variable = script.deployment_command(job, 12345)
-    adapter = f"{tmp_path}/out/vllm-check/adapter"
+    adapter, shared = f"{tmp_path}/out/vllm-check/adapter", f"{tmp_path}/out/vllm-check-shared/adapter"
     assert args == ["--model", str(tmp_path / "base"), "--served-model-name", "vllm-check-base", "--enable-lora",
-                    "--lora-modules", f"vllm-check={adapter}", "--max-lora-rank", "8",
+                    "--lora-modules", f"vllm-check={adapter}", f"vllm-check-shared={shared}", "--max-lora-rank", "8",
                     "--host", "127.0.0.1", "--port", "12345"]
     assert key_variable == "VLLM_API_KEY"
 
