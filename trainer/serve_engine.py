@@ -761,8 +761,8 @@ def resolve_threads(threads: int, device: str) -> int:
     event loop (HTTP, streaming, JSON) needs a core of its own, and torch's
     threads wait for each other at every operation, so a thread that loses its
     core to the event loop (or to a neighbour on a shared machine) stalls them
-    all. Measured on the tiny model on a shared 2-core machine: one thread
-    decodes 8 rows at about 2,700 tokens/s, two threads at about 50.
+    all. Measured on the tiny model on a shared 2-core machine, same process and
+    minute: 8 rows at about 2,700 tokens/s with one thread, 48-445 with two.
     On GPU the host threads matter little; torch's default is kept.
     """
     import os
