@@ -225,9 +225,11 @@ class KubeClient:
             "Secret": self.core.delete_namespaced_secret,
             "Deployment": self.apps.delete_namespaced_deployment,
             "Service": self.core.delete_namespaced_service,
+            "Pod": self.core.delete_namespaced_pod,
         }
+        grace = {} if action.grace_seconds is None else {"grace_period_seconds": action.grace_seconds}
         try:
-            deleters[action.kind](action.name, namespace, propagation_policy="Background")
+            deleters[action.kind](action.name, namespace, propagation_policy="Background", **grace)
         except ApiException as error:
             if error.status != 404:
                 raise

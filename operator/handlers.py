@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -241,11 +240,20 @@ def _update_metrics(observed: reconcile.Observed, decision: reconcile.Decision) 
     status = {**(observed.job.get("status") or {}), **decision.status_patch}
     METRICS.observe_state(namespace, name, reconcile.state_of(status))
     found = list(status.get("conditions") or [])
-    running = conditions.is_true(found, conditions.RUNNING)
-    gpus = builders.gpu_count(observed.job.get("spec") or {}) if running else 0
-    METRICS.observe_gpus(namespace, name, gpus, time.time())
+    METRICS.observe_usage(namespace, name, POLICY.limits_for(namespace).tenant or namespace, status.get("usage"))
     METRICS.observe_results(namespace, name, status.get("results"))
     before = list((observed.job.get("status") or {}).get("conditions") or [])
+    finished = conditions.is_true(found, conditions.SUCCEEDED) or conditions.is_true(found, conditions.FAILED)
+    serving = builders.serving_spec(observed.job).get("enabled") and conditions.is_true(found, conditions.SUCCEEDED)
+    METRICS.observe_health(namespace, name, attempts=None if finished else int(status.get("attempts") or 0),
+                           stalled=None if finished or conditions.find(found, conditions.STALLED) is None
+                           else conditions.is_true(found, conditions.STALLED),
+                           serving_ready=conditions.is_true(found, conditions.SERVING_READY) if serving else None)
+    if status.get("startTime") and not (observed.job.get("status") or {}).get("startTime"):
+        created = _time(metadata.get("creationTimestamp"))
+        started = _time(status.get("startTime"))
+        if created is not None and started is not None:
+            METRICS.observe_queue_wait(namespace, (started - created).total_seconds())
     for outcome in (conditions.SUCCEEDED, conditions.FAILED):
         if conditions.is_true(found, outcome) and not conditions.is_true(before, outcome):
             start = _time(status.get("startTime")) or _time(metadata.get("creationTimestamp"))
