@@ -180,6 +180,9 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     async def patch_status(namespace: str, name: str, status: Body) -> None:
         await asyncio.to_thread(kube.patch_status, namespace, name, status)
 
+    # Before /metrics answers: the usage counters must start at the stored totals, or the first scrape
+    # after a restart would see them drop (a counter reset) and count everything again.
+    await asyncio.to_thread(seed_usage_metrics, kube)
     RUNTIME.service = progress.ProgressService(SETTINGS, METRICS, get_job, patch_status)
     RUNTIME.server = progress.HttpServer(RUNTIME.service)
     await RUNTIME.server.start()
@@ -192,6 +195,23 @@ async def stop_server(**_: Any) -> None:
         task.cancel()
     if RUNTIME.server is not None:
         await RUNTIME.server.stop()
+
+
+def seed_usage_metrics(kube: KubeClient) -> None:
+    """Load every watched job's stored `status.usage` into the usage counters (one list per watched
+    namespace, or one cluster-wide, at start-up only). A failure only delays the counters until
+    kopf's resume handlers have reconciled the jobs."""
+    try:
+        jobs = [j for n in SETTINGS.namespaces for j in kube.list_finetunejobs(n)] if SETTINGS.namespaces \
+            else list(kube.list_all_finetunejobs())
+    except Exception:  # noqa: BLE001 - start-up must go on
+        log.exception("could not list FineTuneJobs to seed the usage counters")
+        return
+    for job in jobs:
+        metadata = job.get("metadata") or {}
+        namespace, name = str(metadata.get("namespace", "")), str(metadata.get("name", ""))
+        METRICS.observe_usage(namespace, name, POLICY.limits_for(namespace).tenant or namespace,
+                              (job.get("status") or {}).get("usage"))
 
 
 def reconcile_job(namespace: str, name: str) -> None:

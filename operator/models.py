@@ -1014,6 +1014,9 @@ class LastProgress(TypedDict, total=False):
     """Its step then."""
     time: RFC3339
     """When the operator first saw that step."""
+    armed: bool
+    """Whether the pod has moved the step since it started: the stall clock runs only then (loading
+    the model and the baseline evaluation come before its first step)."""
 
 
 class FineTuneJobStatus(TypedDict, total=False):

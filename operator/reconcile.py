@@ -600,11 +600,23 @@ def _check_stall(draft: _Draft, pod: Body) -> None:
     step = step if isinstance(step, int) and not isinstance(step, bool) else 0
     last = draft.status.get("lastProgress") or {}
     since = _parse_time(last.get("time"))
-    if last.get("pod") != pod_name or last.get("step") != step or since is None:
-        draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now}
+    if last.get("pod") != pod_name or since is None:
+        # A new pod: the step in status is its predecessor's until it reports. Loading the model and
+        # the baseline evaluation come before its first step and take as long as they take; the
+        # clock starts once it has moved the step (activeDeadlineSeconds bounds the rest).
+        draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now, "armed": False}
+        draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
+                  f"waiting for the first step of pod {pod_name}; stall timeout {timeout}s")
+        return
+    if last.get("step") != step:
+        draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now, "armed": True}
         draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
                   f"step {step} of pod {pod_name}; stall timeout {timeout}s")
         draft.requeue_after = float(timeout)
+        return
+    if not last.get("armed"):
+        draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
+                  f"waiting for the first step of pod {pod_name}; stall timeout {timeout}s")
         return
     idle = (draft.observed.now - since).total_seconds()
     if idle < timeout:

@@ -31,7 +31,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local_stack.Loca
         yield running
 
 
-def test_an_unmerged_lora_adapter_is_served_on_its_base_behind_the_api_key(stack: local_stack.LocalStack) -> None:
+def test_an_unmerged_lora_adapter_is_served_on_its_base_behind_the_api_key(
+        stack: local_stack.LocalStack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     namespace = "e2e-adapter"
     stack.ensure_namespace(namespace)
     manifest = yaml.safe_load(cli.prepare_demo_volumes(stack, tiny=True, namespace=namespace).read_text())
@@ -90,3 +91,11 @@ def test_an_unmerged_lora_adapter_is_served_on_its_base_behind_the_api_key(stack
     assert usage["validation"]["cpuSeconds"] > 0  # the validation pod requests 500m
     assert usage["servingSlices"][-1]["replicas"] == 1 and "end" not in usage["servingSlices"][-1]
     assert usage["training"]["acceleratorSeconds"] == 0.0, "no accelerator on the local node"
+
+    # `kubetune usage` rolls the namespace up from the same status, through kubectl.
+    monkeypatch.setenv("KUBECONFIG", str(stack.kubeconfig))
+    capsys.readouterr()
+    assert cli.main(["usage", "-n", namespace, "--json"]) == 0
+    rolled = json.loads(capsys.readouterr().out)[namespace]
+    assert rolled["jobs"] == 1 and rolled["tokens"] == usage["tokensProcessed"]
+    assert rolled["validationCpu"] >= usage["validation"]["cpuSeconds"] > 0

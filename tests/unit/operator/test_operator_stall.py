@@ -29,14 +29,24 @@ def running(make_job: MakeJob, settings: OperatorSettings, *, step: int, last: d
     return dataclasses.replace(observed, now=NOW + timedelta(seconds=seconds_later))
 
 
-SEEN = {"pod": "p-0-Running", "step": 7, "time": "2026-03-01T12:00:00Z"}
+SEEN = {"pod": "p-0-Running", "step": 7, "time": "2026-03-01T12:00:00Z", "armed": True}
 
 
-def test_the_first_sight_of_a_step_starts_the_clock(make_job: MakeJob, settings: OperatorSettings) -> None:
-    decision = reconcile.reconcile(running(make_job, settings, step=7, last=None), settings)
+def test_a_new_step_of_the_pod_starts_the_clock(make_job: MakeJob, settings: OperatorSettings) -> None:
+    decision = reconcile.reconcile(running(make_job, settings, step=7, last=SEEN | {"step": 6}), settings)
     assert decision.status_patch["lastProgress"] == SEEN
     assert (condition(decision, "Stalled")["status"], condition(decision, "Stalled")["reason"]) == (
         "False", conditions.PROGRESSING)
+
+
+def test_a_pod_that_has_not_moved_the_step_yet_is_loading_not_stalled(make_job: MakeJob,
+                                                                       settings: OperatorSettings) -> None:
+    first = reconcile.reconcile(running(make_job, settings, step=7, last=None), settings)
+    assert first.status_patch["lastProgress"] == SEEN | {"armed": False}
+    later = reconcile.reconcile(running(make_job, settings, step=7, last=SEEN | {"armed": False},
+                                        seconds_later=10_000), settings)
+    assert condition(later, "Stalled")["status"] == "False"
+    assert "waiting for the first step of pod p-0-Running" in condition(later, "Stalled")["message"]
 
 
 def test_within_the_timeout_nothing_is_stalled_and_nothing_is_written(make_job: MakeJob,
