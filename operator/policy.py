@@ -19,6 +19,8 @@ from `KUBETUNE_POLICY_FILE` (YAML)::
       defaultCpu: ""               # CPU request of trainer/serving containers that set none; "" = none
       defaultMemory: ""            # memory request+limit of trainer/serving containers that set none
       scratchSizeLimit: 64Gi       # sizeLimit of the /tmp emptyDir (caches, downloaded models)
+      restartStalledTraining: false  # delete a trainer pod stalled past training.stallTimeoutSeconds
+      tenant: ""                   # the usage metrics' tenant label; "" = the namespace name
     namespaces:
       team-a: {maxConcurrentJobs: 2}   # keys left out come from `defaults`
     gpuTypes:                      # the node pools' GPUs, for `resources.gpus: auto` and memory checks
