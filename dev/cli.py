@@ -436,6 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(default: next to the sweep's output if local, else ./NAME-sweep)")
     sweep.add_argument("--no-plots", action="store_true", help="print the table only")
     sweep.set_defaults(func=_cmd_sweep)
+
+    from kubetune.dev import usage_view
+
+    usage_view.add_command(commands, _kubectl)
     return parser
 
 

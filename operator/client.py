@@ -115,6 +115,11 @@ class KubeClient:
         listing = cast(Body, self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))
         return tuple(listing.get("items") or [])
 
+    def list_all_finetunejobs(self) -> tuple[Body, ...]:
+        """Every FineTuneJob in the cluster (start-up only: the usage counters' seed)."""
+        listing = cast(Body, self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))
+        return tuple(listing.get("items") or [])
+
     def list_trainer_jobs(self, namespace: str) -> tuple[Body, ...]:
         selector = (f"{builders.LABEL_MANAGED_BY}={builders.MANAGED_BY},"
                     f"{builders.LABEL_COMPONENT}={builders.COMPONENT_TRAINER}")
@@ -239,9 +244,11 @@ class KubeClient:
             "Secret": self.core.delete_namespaced_secret,
             "Deployment": self.apps.delete_namespaced_deployment,
             "Service": self.core.delete_namespaced_service,
+            "Pod": self.core.delete_namespaced_pod,
         }
+        grace: dict[str, Any] = {} if action.grace_seconds is None else {"grace_period_seconds": action.grace_seconds}
         try:
-            deleters[action.kind](action.name, namespace, propagation_policy="Background")
+            deleters[action.kind](action.name, namespace, propagation_policy="Background", **grace)
         except ApiException as error:
             if error.status != 404:
                 raise

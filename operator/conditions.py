@@ -38,8 +38,11 @@ SUSPENDED = "Suspended"
 """The user suspended the job (`spec.suspend: true`); checkpoints are kept."""
 SERVING_READY = "ServingReady"
 """The finished model is served."""
+STALLED = "Stalled"
+"""A running trainer's step has not advanced for `spec.training.stallTimeoutSeconds` (set only when
+that is on)."""
 
-ALL_TYPES = (VALIDATED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, SERVING_READY)
+ALL_TYPES = (VALIDATED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, SERVING_READY, STALLED)
 
 # --- reasons -----------------------------------------------------------------------
 
@@ -114,6 +117,15 @@ SHARED_SERVING = "SharedServing"
 """`spec.serving.shareWith`: the adapter is listed for the other job's serving Deployment, which is available."""
 WAITING_FOR_SERVING_HOST = "WaitingForServingHost"
 """`spec.serving.shareWith`: the other job's serving is not available (yet)."""
+NO_PROGRESS = "NoProgress"
+"""Stalled=True: the trainer pod runs but its step has not advanced for the stall timeout."""
+STALL_RESTART = "RestartedFromCheckpoint"
+"""Stalled=True: the stalled trainer pod was deleted (platform policy `restartStalledTraining`); its
+replacement resumes from the latest checkpoint."""
+PROGRESSING = "Progressing"
+"""Stalled=False: the step advanced within the stall timeout (or training has not started)."""
+NOT_TRAINING = "NotTraining"
+"""Stalled=False: no trainer pod is running (pending, suspended or finished)."""
 
 
 def find(conditions: list[Condition], type_: str) -> Condition | None:

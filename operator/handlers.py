@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import threading
-import time
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -181,6 +180,9 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     async def patch_status(namespace: str, name: str, status: Body) -> None:
         await asyncio.to_thread(kube.patch_status, namespace, name, status)
 
+    # Before /metrics answers: the usage counters must start at the stored totals, or the first scrape
+    # after a restart would see them drop (a counter reset) and count everything again.
+    await asyncio.to_thread(seed_usage_metrics, kube)
     RUNTIME.service = progress.ProgressService(SETTINGS, METRICS, get_job, patch_status)
     RUNTIME.server = progress.HttpServer(RUNTIME.service)
     await RUNTIME.server.start()
@@ -193,6 +195,23 @@ async def stop_server(**_: Any) -> None:
         task.cancel()
     if RUNTIME.server is not None:
         await RUNTIME.server.stop()
+
+
+def seed_usage_metrics(kube: KubeClient) -> None:
+    """Load every watched job's stored `status.usage` into the usage counters (one list per watched
+    namespace, or one cluster-wide, at start-up only). A failure only delays the counters until
+    kopf's resume handlers have reconciled the jobs."""
+    try:
+        jobs = [j for n in SETTINGS.namespaces for j in kube.list_finetunejobs(n)] if SETTINGS.namespaces \
+            else list(kube.list_all_finetunejobs())
+    except Exception:  # noqa: BLE001 - start-up must go on
+        log.exception("could not list FineTuneJobs to seed the usage counters")
+        return
+    for job in jobs:
+        metadata = job.get("metadata") or {}
+        namespace, name = str(metadata.get("namespace", "")), str(metadata.get("name", ""))
+        METRICS.observe_usage(namespace, name, POLICY.limits_for(namespace).tenant or namespace,
+                              (job.get("status") or {}).get("usage"))
 
 
 def reconcile_job(namespace: str, name: str) -> None:
@@ -241,11 +260,20 @@ def _update_metrics(observed: reconcile.Observed, decision: reconcile.Decision) 
     status = {**(observed.job.get("status") or {}), **decision.status_patch}
     METRICS.observe_state(namespace, name, reconcile.state_of(status))
     found = list(status.get("conditions") or [])
-    running = conditions.is_true(found, conditions.RUNNING)
-    gpus = builders.gpu_count(observed.job.get("spec") or {}) if running else 0
-    METRICS.observe_gpus(namespace, name, gpus, time.time())
+    METRICS.observe_usage(namespace, name, POLICY.limits_for(namespace).tenant or namespace, status.get("usage"))
     METRICS.observe_results(namespace, name, status.get("results"))
     before = list((observed.job.get("status") or {}).get("conditions") or [])
+    finished = conditions.is_true(found, conditions.SUCCEEDED) or conditions.is_true(found, conditions.FAILED)
+    serving = builders.serving_spec(observed.job).get("enabled") and conditions.is_true(found, conditions.SUCCEEDED)
+    METRICS.observe_health(namespace, name, attempts=None if finished else int(status.get("attempts") or 0),
+                           stalled=None if finished or conditions.find(found, conditions.STALLED) is None
+                           else conditions.is_true(found, conditions.STALLED),
+                           serving_ready=conditions.is_true(found, conditions.SERVING_READY) if serving else None)
+    if status.get("startTime") and not (observed.job.get("status") or {}).get("startTime"):
+        created = _time(metadata.get("creationTimestamp"))
+        started = _time(status.get("startTime"))
+        if created is not None and started is not None:
+            METRICS.observe_queue_wait(namespace, (started - created).total_seconds())
     for outcome in (conditions.SUCCEEDED, conditions.FAILED):
         if conditions.is_true(found, outcome) and not conditions.is_true(before, outcome):
             start = _time(status.get("startTime")) or _time(metadata.get("creationTimestamp"))

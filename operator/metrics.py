@@ -9,24 +9,45 @@ Series (all prefixed `kubetune_`):
   (`model="tuned"`) and of the base model (`model="base"`): loss, perplexity, tokenAccuracy, and
   accuracy/precision/recall/f1 for classification;
 - `job_improvement{namespace,name,metric}`: tuned against base (`status.results.improvement`);
-- `tokens_processed_total{namespace}`: training tokens seen, summed over jobs;
-- `gpu_seconds_total{namespace}`: GPU-seconds held by running trainer pods (chargeback);
+- `tokens_processed_total{namespace,tenant}`: training tokens processed, from `status.usage` (the
+  trainer pods' own termination messages), summed over jobs;
+- `accelerator_seconds_total{namespace,tenant,kind}`, `cpu_seconds_total{namespace,tenant,kind}`:
+  from `status.usage` (kind training, validation or serving), summed over jobs (chargeback);
+- `job_tokens_per_second{namespace,name}`: the latest reported training throughput;
+- `job_queue_wait_seconds{namespace}`: histogram of creation-to-first-trainer-start time;
+- `job_attempts{namespace,name}`: trainer pods of an unfinished job (retries show as > 1);
+- `job_stalled{namespace,name}`: 1 while a running job's step has not advanced for
+  `training.stallTimeoutSeconds`;
+- `serving_ready{namespace,name}`: 1 while a finished job's serving has an available replica, 0 while
+  it should serve and does not (absent when serving is off);
 - `reconcile_errors_total{namespace}`: reconciles that raised;
 - `progress_reports_total{result,reason}`: reports accepted / rejected (by reason).
 
 `OperatorMetrics` keeps the bookkeeping that turns observations into these
-series (a job counted once per state, tokens counted once, GPU time accrued
-between observations); it is pure apart from prometheus-client.
+series (a job counted once per state); it is pure apart from prometheus-client.
+The usage counters are not incremented by observations: they are the sums of
+what each job's `status.usage` holds, so an operator that restarts exports the
+same totals again as soon as it has seen the jobs (nothing counted twice), and
+a deleted job's last figures stay in the sums for the life of the process.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+from collections.abc import Iterator
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from kubetune.operator import usage as usage_
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+QUEUE_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 24 * 3600)
+"""Seconds from creation until the first trainer pod ran: validation takes seconds, a full queue hours."""
 DURATION_BUCKETS = (60, 300, 900, 1800, 3600, 2 * 3600, 4 * 3600, 8 * 3600, 16 * 3600, 24 * 3600, 72 * 3600)
 """Fine-tuning runs last minutes to days."""
 
@@ -36,9 +57,85 @@ TEST_METRICS = ("loss", "perplexity", "tokenAccuracy", "accuracy", "precision", 
 
 
 @dataclasses.dataclass
-class _GpuClock:
-    gpus: int
-    since: float
+class _JobUsage:
+    """The figures of one job's `status.usage` as exported (never lower than exported before)."""
+
+    tenant: str
+    values: dict[tuple[str, str], float]
+    """(series, kind) -> value; series is accelerator, cpu or tokens (kind "")."""
+
+
+class UsageCollector(Collector):
+    """Counters that are sums of the jobs' stored usage (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[tuple[str, str], _JobUsage] = {}
+        self.retired: dict[tuple[str, str, str, str], float] = {}
+        """(namespace, tenant, series, kind) -> the figures of deleted jobs."""
+
+    def observe(self, namespace: str, name: str, tenant: str, usage: Any) -> None:
+        if not isinstance(usage, dict):
+            return
+        values: dict[tuple[str, str], float] = {}
+        for kind in usage_.KINDS:
+            totals = usage.get(kind) or {}
+            values[("accelerator", kind)] = float(totals.get("acceleratorSeconds") or 0)
+            values[("cpu", kind)] = float(totals.get("cpuSeconds") or 0)
+        values[("tokens", "")] = float(usage.get("tokensProcessed") or 0)
+        known = self.jobs.get((namespace, name))
+        if known is not None and known.tenant == tenant:
+            # A counter must not go down: a pod whose finish the kubelet reported late can lower a
+            # stored total a little; the exported figure holds until the stored one passes it.
+            values = {k: max(v, known.values.get(k, 0.0)) for k, v in values.items()}
+        elif known is not None:
+            self._retire(namespace, known)
+        self.jobs[(namespace, name)] = _JobUsage(tenant, values)
+
+    def forget(self, namespace: str, name: str) -> None:
+        known = self.jobs.pop((namespace, name), None)
+        if known is not None:
+            self._retire(namespace, known)
+
+    def _retire(self, namespace: str, known: _JobUsage) -> None:
+        for (series, kind), value in known.values.items():
+            key = (namespace, known.tenant, series, kind)
+            self.retired[key] = self.retired.get(key, 0.0) + value
+
+    def totals(self) -> dict[tuple[str, str, str, str], float]:
+        """(namespace, tenant, series, kind) -> the sum over live and deleted jobs."""
+        found = dict(self.retired)
+        for (namespace, _name), job in list(self.jobs.items()):
+            for (series, kind), value in job.values.items():
+                key = (namespace, job.tenant, series, kind)
+                found[key] = found.get(key, 0.0) + value
+        return found
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(self._families())
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        for (namespace, tenant, series, kind), value in sorted(self.totals().items()):
+            if series == "tokens":
+                families[2].add_metric([namespace, tenant], value)
+            else:
+                families[0 if series == "accelerator" else 1].add_metric([namespace, tenant, kind], value)
+        return iter(families)
+
+    @staticmethod
+    def _families() -> list[CounterMetricFamily]:
+        return [
+            CounterMetricFamily("kubetune_accelerator_seconds",
+                                "Accelerator-seconds (GPUs and other devices allocated to the pods) from "
+                                "status.usage, by kind: training, validation, serving",
+                                labels=["namespace", "tenant", "kind"]),
+            CounterMetricFamily("kubetune_cpu_seconds",
+                                "CPU-seconds (allocated CPUs x running time) from status.usage, by kind",
+                                labels=["namespace", "tenant", "kind"]),
+            CounterMetricFamily("kubetune_tokens_processed",
+                                "Training tokens processed, from the trainer pods' termination messages "
+                                "(status.usage)", labels=["namespace", "tenant"]),
+        ]
 
 
 class OperatorMetrics:
@@ -57,10 +154,21 @@ class OperatorMetrics:
                               ["namespace", "name"], registry=self.registry)
         self.progress = Gauge("kubetune_job_progress_ratio", "Training progress of a job, 0 to 1",
                               ["namespace", "name"], registry=self.registry)
-        self.tokens = Counter("kubetune_tokens_processed", "Training tokens processed",
-                              ["namespace"], registry=self.registry)
-        self.gpu_seconds = Counter("kubetune_gpu_seconds", "GPU-seconds held by running trainer pods",
-                                   ["namespace"], registry=self.registry)
+        self.usage = UsageCollector()
+        self.registry.register(self.usage)
+        self.tokens_per_second = Gauge("kubetune_job_tokens_per_second", "Latest reported training throughput",
+                                       ["namespace", "name"], registry=self.registry)
+        self.queue_wait = Histogram("kubetune_job_queue_wait_seconds",
+                                    "Time from a FineTuneJob's creation until its trainer first ran",
+                                    ["namespace"], buckets=QUEUE_BUCKETS, registry=self.registry)
+        self.attempts = Gauge("kubetune_job_attempts", "Trainer pods started for an unfinished job",
+                              ["namespace", "name"], registry=self.registry)
+        self.stalled = Gauge("kubetune_job_stalled",
+                             "1 while a running job's step has not advanced for training.stallTimeoutSeconds",
+                             ["namespace", "name"], registry=self.registry)
+        self.serving_ready = Gauge("kubetune_serving_ready",
+                                   "1 while a finished job's serving has an available replica, else 0",
+                                   ["namespace", "name"], registry=self.registry)
         self.reconcile_errors = Counter("kubetune_reconcile_errors", "Reconciles that raised an error",
                                         ["namespace"], registry=self.registry)
         self.reports = Counter("kubetune_progress_reports", "Progress reports by result",
@@ -74,8 +182,6 @@ class OperatorMetrics:
                                  ["namespace", "name", "metric"], registry=self.registry)
         self._result_series: dict[tuple[str, str], set[tuple[str, ...]]] = {}
         self._states: dict[tuple[str, str], str] = {}
-        self._tokens_seen: dict[tuple[str, str, int], int] = {}
-        self._gpu_clocks: dict[tuple[str, str], _GpuClock] = {}
 
     def exposition(self) -> bytes:
         """The text exposition format of every series."""
@@ -103,20 +209,19 @@ class OperatorMetrics:
         state = self._states.pop((namespace, name), None)
         if state is not None:
             self.jobs.labels(namespace, state).dec()
-        for gauge in (self.train_loss, self.val_loss, self.progress):
+        for gauge in (self.train_loss, self.val_loss, self.progress, self.tokens_per_second, self.attempts,
+                      self.stalled, self.serving_ready):
             try:
                 gauge.remove(namespace, name)
             except KeyError:
                 pass
-        self._gpu_clocks.pop((namespace, name), None)
+        self.usage.forget(namespace, name)
         for labels in self._result_series.pop((namespace, name), set()):
             gauge = self.test_metric if len(labels) == 2 else self.improvement
             try:
                 gauge.remove(namespace, name, *labels)
             except KeyError:
                 pass
-        for key in [k for k in self._tokens_seen if k[:2] == (namespace, name)]:
-            del self._tokens_seen[key]
 
     # -- test results ------------------------------------------------------------------
 
@@ -138,18 +243,27 @@ class OperatorMetrics:
                 self.improvement.labels(namespace, name, metric).set(float(value))
                 series.add((metric,))
 
-    # -- GPU time ------------------------------------------------------------------
+    # -- usage and health -----------------------------------------------------------
 
-    def observe_gpus(self, namespace: str, name: str, gpus: int, now: float) -> None:
-        """The job holds `gpus` GPUs at `now` (0 = none): accrue GPU-seconds since the last observation."""
-        key = (namespace, name)
-        clock = self._gpu_clocks.get(key)
-        if clock is not None and clock.gpus > 0 and now > clock.since:
-            self.gpu_seconds.labels(namespace).inc(clock.gpus * (now - clock.since))
-        if gpus > 0:
-            self._gpu_clocks[key] = _GpuClock(gpus=gpus, since=now)
-        else:
-            self._gpu_clocks.pop(key, None)
+    def observe_usage(self, namespace: str, name: str, tenant: str, usage: Any) -> None:
+        """The job's `status.usage` as stored: the usage counters follow it (see UsageCollector)."""
+        self.usage.observe(namespace, name, tenant, usage)
+
+    def observe_queue_wait(self, namespace: str, seconds: float) -> None:
+        """Once per job, when its trainer first started: how long it waited since creation."""
+        self.queue_wait.labels(namespace).observe(max(0.0, seconds))
+
+    def observe_health(self, namespace: str, name: str, *, attempts: int | None, stalled: bool | None,
+                       serving_ready: bool | None) -> None:
+        """Per-job health gauges; None removes the series (the job finished, or serves nothing)."""
+        for gauge, value in ((self.attempts, attempts), (self.stalled, stalled), (self.serving_ready, serving_ready)):
+            if value is None:
+                try:
+                    gauge.remove(namespace, name)
+                except KeyError:
+                    pass
+            else:
+                gauge.labels(namespace, name).set(float(value))
 
     # -- reports ---------------------------------------------------------------------
 
@@ -166,16 +280,10 @@ class OperatorMetrics:
         if values.get("kind") == "completed":
             self.progress.labels(namespace, name).set(1.0)
             self.observe_results(namespace, name, values.get("results"))
-        tokens = values.get("tokensSeen")
-        if isinstance(tokens, int):
-            # tokensSeen is cumulative within an attempt (a resumed attempt continues the count);
-            # count only growth, so a repeated value adds nothing.
-            key = (namespace, name, attempt)
-            before = max([v for k, v in self._tokens_seen.items() if k[:2] == (namespace, name)
-                          and k[2] <= attempt] or [0])
-            if tokens > before:
-                self.tokens.labels(namespace).inc(tokens - before)
-            self._tokens_seen[key] = max(tokens, self._tokens_seen.get(key, 0))
+        speed = values.get("tokensPerSecond")
+        if isinstance(speed, (int, float)) and not isinstance(speed, bool):
+            # For the dashboard only: reports are the tenant's word; usage counts come from status.usage.
+            self.tokens_per_second.labels(namespace, name).set(float(speed))
 
     def report_accepted(self) -> None:
         self.reports.labels("accepted", "").inc()

@@ -469,6 +469,11 @@ class TrainingSpec:
     """Compile the model with torch.compile (dynamic shapes): faster training steps on GPUs, after a
     compilation of a minute or more when training starts. Off by default: on CPUs and short runs the
     compilation costs more than it saves; see docs/trainer.md for measured figures."""
+    stall_timeout_seconds: Annotated[int, Minimum(0), Maximum(7 * 24 * 3600)] = 0
+    """Seconds a running trainer's step may stay the same before the job is marked `Stalled` (a
+    Warning Event, and a restart from the latest checkpoint when the platform policy sets
+    `restartStalledTraining`); 0 turns the check off. Allow for model loading, the baseline evaluation
+    and validations: the clock starts when the operator first sees the pod running."""
 
 
 # --- spec.evaluation ---------------------------------------------------------------------------
@@ -922,6 +927,112 @@ class ResourceEstimate(TypedDict, total=False):
     """The recommendation in words."""
 
 
+class UsageAttempt(TypedDict, total=False):
+    """One pod of the job, as it really ran."""
+
+    pod: Annotated[str, MaxLength(253)]
+    """The pod's name."""
+    kind: Literal["training", "validation"]
+    """What the pod did."""
+    startTime: RFC3339
+    """When the kubelet started it."""
+    finishTime: RFC3339
+    """When its last container ended (absent while it runs)."""
+    accelerators: Annotated[int, Minimum(0)]
+    """Accelerators (nvidia.com/gpu and other `*/gpu`, `*/tpu` resources) its containers were allocated."""
+    cpus: Annotated[float, Minimum(0)]
+    """CPUs its containers requested (else their limit)."""
+    acceleratorSeconds: Annotated[float, Minimum(0)]
+    """accelerators × seconds from start to finish (to `lastUpdated` while it runs)."""
+    cpuSeconds: Annotated[float, Minimum(0)]
+    """cpus × the same seconds."""
+    tokensProcessed: Annotated[int, Minimum(0)]
+    """Training tokens this pod processed, from the trainer's termination message (absent when it
+    wrote none: a pod killed without warning)."""
+
+
+class UsageTotals(TypedDict, total=False):
+    """Device time of one kind of work."""
+
+    acceleratorSeconds: Annotated[float, Minimum(0)]
+    """Accelerator-seconds."""
+    cpuSeconds: Annotated[float, Minimum(0)]
+    """CPU-seconds."""
+
+
+class FoldedUsage(UsageTotals, total=False):
+    """Totals of entries no longer listed individually."""
+
+    attempts: Annotated[int, Minimum(0)]
+    """Pods folded in."""
+    tokensProcessed: Annotated[int, Minimum(0)]
+    """Their tokens."""
+
+
+class EarlierUsage(TypedDict, total=False):
+    """Pods and serving slices folded out of the lists (oldest first, past 64 pods or 32 slices)."""
+
+    training: FoldedUsage
+    """Training pods."""
+    validation: FoldedUsage
+    """Validation pods."""
+    serving: FoldedUsage
+    """Serving slices."""
+
+
+class ServingSlice(TypedDict, total=False):
+    """A stretch of time with a constant number of ready serving replicas."""
+
+    start: RFC3339
+    """When the slice began."""
+    end: RFC3339
+    """When it ended (absent: still open)."""
+    replicas: Annotated[int, Minimum(0)]
+    """Ready replicas of the serving Deployment."""
+    acceleratorsPerReplica: Annotated[int, Minimum(0)]
+    """Accelerators of each replica's pod template."""
+    cpusPerReplica: Annotated[float, Minimum(0)]
+    """CPUs each replica requested."""
+
+
+class Usage(TypedDict, total=False):
+    """What the job really used, from its pods' start and finish times and allocated devices (not
+    from the spec); kept in status so that it survives operator restarts and scrape gaps."""
+
+    attempts: Annotated[list[UsageAttempt], MaxItems(64), ListType("atomic")]
+    """Every training and dataset-validation pod, oldest first."""
+    servingSlices: Annotated[list[ServingSlice], MaxItems(33), ListType("atomic")]
+    """Serving time in slices of constant ready replicas, oldest first; the last may be open."""
+    earlier: EarlierUsage
+    """Totals of pods and slices no longer listed."""
+    training: UsageTotals
+    """Training pods, summed."""
+    validation: UsageTotals
+    """Dataset-validation pods, summed."""
+    serving: UsageTotals
+    """Serving replicas, summed."""
+    tokensProcessed: Annotated[int, Minimum(0)]
+    """Training tokens processed, summed over the training pods' termination messages."""
+    trainingAttempts: Annotated[int, Minimum(0)]
+    """Training pods that ran."""
+    lastUpdated: RFC3339
+    """When these figures were brought up to date (open intervals count up to here)."""
+
+
+class LastProgress(TypedDict, total=False):
+    """The last time the operator saw the running trainer's step advance (stall detection)."""
+
+    pod: Annotated[str, MaxLength(253)]
+    """The trainer pod."""
+    step: Annotated[int, Minimum(0)]
+    """Its step then."""
+    time: RFC3339
+    """When the operator first saw that step."""
+    armed: bool
+    """Whether the pod has moved the step since it started: the stall clock runs only then (loading
+    the model and the baseline evaluation come before its first step)."""
+
+
 class FineTuneJobStatus(TypedDict, total=False):
     """FineTuneJobStatus is the observed state of the run, written by the operator only."""
 
@@ -961,6 +1072,11 @@ class FineTuneJobStatus(TypedDict, total=False):
     """Memory, tokens, GPUs and ETA estimated before training starts."""
     samples: Annotated[list[SampleAnswer], MaxItems(20), ListType("atomic")]
     """Test prompts with the base and the fine-tuned model's answers (`spec.evaluation.samples`)."""
+    usage: Usage
+    """Accelerator- and CPU-seconds of training, validation and serving, and tokens processed, from
+    what really ran (docs/operator.md, Usage)."""
+    lastProgress: LastProgress
+    """The trainer's step as last seen advancing (with `spec.training.stallTimeoutSeconds`)."""
 
 
 def status_from_dict(data: Any, path: str = "status") -> FineTuneJobStatus:

@@ -19,6 +19,8 @@ from `KUBETUNE_POLICY_FILE` (YAML)::
       defaultCpu: ""               # CPU request of trainer/serving containers that set none; "" = none
       defaultMemory: ""            # memory request+limit of trainer/serving containers that set none
       scratchSizeLimit: 64Gi       # sizeLimit of the /tmp emptyDir (caches, downloaded models)
+      restartStalledTraining: false  # delete a trainer pod stalled past training.stallTimeoutSeconds
+      tenant: ""                   # the usage metrics' tenant label; "" = the namespace name
     namespaces:
       team-a: {maxConcurrentJobs: 2}   # keys left out come from `defaults`
     gpuTypes:                      # the node pools' GPUs, for `resources.gpus: auto` and memory checks
@@ -92,6 +94,12 @@ class NamespaceLimits:
     scratch_size_limit: str = "64Gi"
     """sizeLimit of the pods' /tmp emptyDir (caches and hf:// downloads): a pod past it is evicted
     instead of filling the node's disk."""
+    restart_stalled_training: bool = False
+    """Whether a trainer pod stalled past `spec.training.stallTimeoutSeconds` is deleted, so that its
+    replacement resumes from the latest checkpoint (off: only the Warning and the `Stalled` condition)."""
+    tenant: str = ""
+    """The `tenant` label of the namespace's usage metrics (chargeback); empty = the namespace name.
+    Set here, by the platform, not on the FineTuneJob: a tenant cannot move its usage elsewhere."""
 
     @property
     def limits_running_jobs(self) -> bool:
@@ -155,7 +163,9 @@ _COUNT_KEYS = {"maxConcurrentJobs": "max_concurrent_jobs", "maxGpusPerJob": "max
 _LIST_KEYS = {"allowedModelSources": "allowed_model_sources", "allowedTrainerImages": "allowed_trainer_images",
               "allowedTolerations": "allowed_tolerations", "allowedNodeSelectors": "allowed_node_selectors",
               "allowedPriorityClasses": "allowed_priority_classes", "writableClaims": "writable_claims"}
-_BOOL_KEYS = {"allowTrustRemoteCode": "allow_trust_remote_code"}
+_BOOL_KEYS = {"allowTrustRemoteCode": "allow_trust_remote_code",
+              "restartStalledTraining": "restart_stalled_training"}
+_TENANT = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _QUANTITY_KEYS = {"defaultCpu": "default_cpu", "defaultMemory": "default_memory",
                   "scratchSizeLimit": "scratch_size_limit"}
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
@@ -193,8 +203,14 @@ def _limits_from(data: Any, path: str, base: NamespaceLimits, problems: list[str
                                 f"(empty = none), got {value!r}")
             else:
                 values[_QUANTITY_KEYS[key]] = text
+        elif key == "tenant":
+            if not isinstance(value, str) or (value and not _TENANT.match(value)):
+                problems.append(f"{path}.tenant: must be a label value (letters, digits, '-', '_', '.'; at most "
+                                f"63 characters, alphanumeric at both ends), got {value!r}")
+            else:
+                values["tenant"] = value
         else:
-            allowed = ", ".join(sorted([*_COUNT_KEYS, *_LIST_KEYS, *_BOOL_KEYS, *_QUANTITY_KEYS]))
+            allowed = ", ".join(sorted([*_COUNT_KEYS, *_LIST_KEYS, *_BOOL_KEYS, *_QUANTITY_KEYS, "tenant"]))
             problems.append(f"{path}.{key}: unknown key; allowed: {allowed}")
     return dataclasses.replace(base, **values)
 

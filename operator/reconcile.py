@@ -29,7 +29,7 @@ import secrets
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kubetune.operator import builders, conditions, estimate, names, quota, render, reports
+from kubetune.operator import builders, conditions, estimate, names, quota, render, reports, usage
 from kubetune.operator.conditions import Condition
 from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy, violations
 from kubetune.operator.settings import OperatorSettings
@@ -107,6 +107,8 @@ class DeleteChild:
     api_version: str
     kind: str
     name: str
+    grace_seconds: int | None = None
+    """The pod's termination grace period for this deletion (None: its own)."""
 
 
 Action = CreateChild | PatchChild | ReplaceChild | DeleteChild
@@ -165,6 +167,8 @@ class _Draft:
         self.requeue_after: float | None = None
         self.plan: estimate.Plan | None = None
         """The resource plan made in this pass (None: read `status.estimate`)."""
+        self.limits: NamespaceLimits = NO_POLICY.defaults
+        """The namespace's platform limits (set by `reconcile`)."""
 
     @property
     def name(self) -> str:
@@ -182,10 +186,13 @@ class _Draft:
         self.set(conditions.SUCCEEDED, "True" if succeeded else "False", reason, message)
         self.set(conditions.FAILED, "False" if succeeded else "True", reason, "" if succeeded else message)
         self.set(conditions.RUNNING, "False", reason, "training ended")
+        if conditions.find(self.conditions, conditions.STALLED) is not None:
+            self.set(conditions.STALLED, "False", conditions.NOT_TRAINING, "training ended")
         if not self.status.get("completionTime"):
             self.patch["completionTime"] = completion_time or self.now
 
     def decision(self) -> Decision:
+        _account_usage(self)
         self.patch["conditions"] = self.conditions
         self.patch["phase"] = state_of({"conditions": self.conditions})
         events = [_event_for(c) for c in conditions.changes(self.before, self.conditions)]
@@ -194,7 +201,7 @@ class _Draft:
 
 
 def _event_for(condition: Condition) -> Event:
-    warning = (condition["type"] == conditions.FAILED and condition["status"] == "True"
+    warning = (condition["type"] in (conditions.FAILED, conditions.STALLED) and condition["status"] == "True"
                and condition["reason"] != conditions.PRUNED) or (
         condition["type"] == conditions.VALIDATED and condition["status"] == "False")
     text = f"{condition['type']}={condition['status']}"
@@ -211,6 +218,7 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
         return Decision(status_patch={}, actions=(), events=())
     draft = _Draft(observed)
     limits = policy.limits_for(str(draft.metadata.get("namespace", "")))
+    draft.limits = limits
     if observed.foreign_children:
         _blocked_by_foreign_children(draft)
         return draft.decision()
@@ -563,6 +571,8 @@ def _report_running(draft: _Draft, tjob: Body, admission: quota.Admission) -> No
         draft.set(conditions.RUNNING, "False", conditions.QUOTA_EXCEEDED, admission.message[:1024])
     elif running:
         draft.set(conditions.RUNNING, "True", conditions.TRAINING, f"training (attempt {attempt})")
+        _check_stall(draft, running[0])
+        return
     elif live and attempt:
         last = latest_termination(pods, builders.TRAINER_CONTAINER)
         why = f" after exit code {last.exit_code}: {_summary_text(last)}" if last else ""
@@ -570,6 +580,76 @@ def _report_running(draft: _Draft, tjob: Body, admission: quota.Admission) -> No
                   f"attempt {attempt} resumes from the latest checkpoint{why}"[:1024])
     else:
         draft.set(conditions.RUNNING, "False", conditions.PENDING, "waiting for the trainer pod to start")
+    if _stall_timeout(draft.spec) and not draft.is_true(conditions.RUNNING):
+        draft.set(conditions.STALLED, "False", conditions.NOT_TRAINING, "no trainer pod is running")
+
+
+STALL_GRACE_SECONDS = 30
+"""Grace period of a stalled trainer pod's deletion: a hung trainer will not write a checkpoint in its
+300 s, and the devices it holds sit idle meanwhile; its replacement resumes from the latest one."""
+
+
+def _stall_timeout(spec: Body) -> int:
+    value = (spec.get("training") or {}).get("stallTimeoutSeconds")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _check_stall(draft: _Draft, pod: Body) -> None:
+    """`Stalled` when the running pod's step has not advanced for `training.stallTimeoutSeconds`. The
+    step comes from the reports (status.progress); when it was first seen is kept in
+    `status.lastProgress`, so an operator restart does not reset the clock."""
+    timeout = _stall_timeout(draft.spec)
+    if not timeout:
+        return
+    pod_name = str((pod.get("metadata") or {}).get("name", ""))
+    step = (draft.status.get("progress") or {}).get("step")
+    step = step if isinstance(step, int) and not isinstance(step, bool) else 0
+    last = draft.status.get("lastProgress") or {}
+    since = _parse_time(last.get("time"))
+    if last.get("pod") != pod_name or since is None:
+        # A new pod: the step in status is its predecessor's until it reports. Loading the model and
+        # the baseline evaluation come before its first step and take as long as they take; the
+        # clock starts once it has moved the step (activeDeadlineSeconds bounds the rest).
+        draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now, "armed": False}
+        draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
+                  f"waiting for the first step of pod {pod_name}; stall timeout {timeout}s")
+        return
+    if last.get("step") != step:
+        draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now, "armed": True}
+        draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
+                  f"step {step} of pod {pod_name}; stall timeout {timeout}s")
+        draft.requeue_after = float(timeout)
+        return
+    if not last.get("armed"):
+        draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
+                  f"waiting for the first step of pod {pod_name}; stall timeout {timeout}s")
+        return
+    idle = (draft.observed.now - since).total_seconds()
+    if idle < timeout:
+        draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
+                  f"step {step} of pod {pod_name}; stall timeout {timeout}s")
+        draft.requeue_after = timeout - idle
+        return
+    message = (f"the trainer pod {pod_name} has stayed at step {step} since {last['time']}, longer than "
+               f"spec.training.stallTimeoutSeconds ({timeout}s)")
+    if draft.limits.restart_stalled_training:
+        draft.actions.append(DeleteChild("v1", "Pod", pod_name, grace_seconds=STALL_GRACE_SECONDS))
+        draft.set(conditions.STALLED, "True", conditions.STALL_RESTART,
+                  f"{message}; deleted it (platform policy restartStalledTraining): its replacement resumes "
+                  "from the latest checkpoint")
+    else:
+        draft.set(conditions.STALLED, "True", conditions.NO_PROGRESS,
+                  f"{message}; it keeps its resources until it ends or is deleted")
+
+
+def _account_usage(draft: _Draft) -> None:
+    """`status.usage` brought up to date from the pods and serving Deployment observed in this pass."""
+    observed = draft.observed
+    updated = usage.update(draft.status.get("usage"), now=observed.now, training_pods=observed.trainer_pods,
+                           validation_pods=observed.validation_pods, trainer_container=builders.TRAINER_CONTAINER,
+                           validation_container=builders.VALIDATION_CONTAINER, serving=observed.serving_deployment)
+    if updated.get("attempts") or updated.get("servingSlices") or draft.status.get("usage"):
+        draft.patch["usage"] = updated
 
 
 def _attempt_of(pod: Body) -> int:

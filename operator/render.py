@@ -186,6 +186,9 @@ def trainer_config_for(job: dict[str, Any]) -> RenderedConfig:
         value = spec.get(section)
         if value is not None:
             config[section] = copy.deepcopy(value)
+    if isinstance(config.get("training"), dict):
+        # The operator's own field (stall detection): the trainer does not know it.
+        config["training"].pop("stallTimeoutSeconds", None)
 
     def rewrite(holder: dict[str, Any], key: str, field: str) -> None:
         value = holder.get(key)

@@ -195,6 +195,7 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         config.model.source, run.num_parameters, run.trainable_parameters, run.total_steps, json.dumps(run.hp.to_report()),
     )
     baseline = baseline_pass(run, prepared)
+    tokens_at_start = run.state.tokens_seen  # after a resume: the checkpoint's count
     state = train.fit(run, reporter)
     model_step = train.restore_best(run)
     results = compare_with_baseline(test_metrics(run, prepared), baseline)
@@ -223,6 +224,7 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         "data": run.statistics,
         "parameters": {"total": run.num_parameters, "trainable": run.trainable_parameters},
         "tokensSeen": state.tokens_seen,
+        "tokensProcessed": state.tokens_seen - tokens_at_start,
         "device": f"{run.accelerator.num_processes}x {run.device_kind}",
         "resumedFrom": run.resumed_from,
         "history": {"trainLoss": state.train_losses, "evaluations": state.evaluations},
@@ -286,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cfg.EXIT_PERMANENT
     except Preempted as stop:
         reporter.report("failed", message=f"preempted: {stop}")
-        reporting.write_termination_message(reporting.termination_summary("preempted", message=str(stop)))
+        reporting.write_termination_message(reporting.termination_summary(
+            "preempted", message=str(stop), tokens_processed=stop.tokens_processed))
         return cfg.EXIT_PREEMPTED
     except Exception as error:  # noqa: BLE001 - anything unexpected is retryable
         traceback.print_exc()
@@ -303,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model_digest=(metrics.get("model") or {}).get("digest"),
             message="; ".join(filter(None, (f"trained {metrics['step']} steps", comparison_text(metrics["results"])))),
             samples=metrics.get("samples"),
+            tokens_processed=metrics.get("tokensProcessed"),
         )
     )
     return cfg.EXIT_OK

@@ -27,3 +27,8 @@ class CheckpointError(PermanentError):
 
 class Preempted(Exception):  # noqa: N818 - a signal, not a failure
     """SIGTERM arrived; the run stops after saving a checkpoint (exit code 75)."""
+
+    def __init__(self, message: str, tokens_processed: int | None = None) -> None:
+        super().__init__(message)
+        self.tokens_processed = tokens_processed
+        """Training tokens this process trained on before it stopped (for the termination message)."""

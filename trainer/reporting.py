@@ -154,8 +154,13 @@ def termination_summary(
     model_digest: str | None = None,
     message: str = "",
     samples: Sequence[Mapping[str, str]] | None = None,
+    tokens_processed: int | None = None,
 ) -> str:
     """The pod's termination message: short JSON, under 4 KiB.
+
+    `tokensProcessed` (training tokens this process trained on) is what the operator records in
+    `status.usage`: the pod itself writes it, unlike a progress report, which anyone holding the
+    job's token could send.
 
     When it would be longer, per-class details go first (the baseline's, then the run's own), then
     the sample excerpt, then the message is cut; the headline figures of both models always stay.
@@ -168,6 +173,8 @@ def termination_summary(
         "modelDigest": model_digest,
         "message": message,
     }
+    if tokens_processed is not None:
+        summary["tokensProcessed"] = int(tokens_processed)
     if samples:
         # One sample, each text cut short: enough for the operator's Event when the report was lost.
         summary["samples"] = [{k: _excerpt(v) for k, v in samples[0].items()}]

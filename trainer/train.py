@@ -610,7 +610,8 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                     break
                 if term.received:
                     checkpoint()
-                    raise Preempted(f"SIGTERM at step {state.step}: checkpoint saved")
+                    raise Preempted(f"SIGTERM at step {state.step}: checkpoint saved",
+                                    tokens_processed=state.tokens_seen - tokens_at_start)
                 if config.checkpoint_interval and state.step % config.checkpoint_interval == 0:
                     checkpoint()
                 elif not config.checkpoint_interval and not run.validation and state.step_in_epoch == 0:

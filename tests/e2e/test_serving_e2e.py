@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import urllib.request
 from collections.abc import Iterator
 
 import openai
@@ -19,6 +20,7 @@ import yaml
 
 from kubetune.dev import cli, progress_view, stack as local_stack
 from kubetune.operator import names
+from tests.unit.chart import test_monitoring_queries as monitoring
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -29,7 +31,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[local_stack.Loca
         yield running
 
 
-def test_an_unmerged_lora_adapter_is_served_on_its_base_behind_the_api_key(stack: local_stack.LocalStack) -> None:
+def test_an_unmerged_lora_adapter_is_served_on_its_base_behind_the_api_key(
+        stack: local_stack.LocalStack, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     namespace = "e2e-adapter"
     stack.ensure_namespace(namespace)
     manifest = yaml.safe_load(cli.prepare_demo_volumes(stack, tiny=True, namespace=namespace).read_text())
@@ -69,6 +72,33 @@ def test_an_unmerged_lora_adapter_is_served_on_its_base_behind_the_api_key(stack
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     assert command[command.index("--model") + 1].endswith(f"/finetunes/{name}/adapter")
 
+    # The dashboard and the alerting rules query only series these two really export.
+    served = urllib.request.urlopen(f"{url}/metrics", timeout=60).read().decode()
+    operator = urllib.request.urlopen(f"{stack.metrics_url}/metrics", timeout=60).read().decode()
+    exported = monitoring.exposed_names(served) | monitoring.exposed_names(operator)
+    missing = monitoring.queried_series() - exported
+    assert not missing, f"the dashboard or the rules query series nobody exports: {sorted(missing)}"
+    assert 'kubetune_serve_requests_total{endpoint="/v1/chat/completions",status="200"}' in served
+
+    # status.usage: the validation pod, the training pod with the tokens its termination message
+    # gave, and an open serving slice with one ready replica.
+    usage = (stack.get("finetunejob", name, namespace) or {})["status"]["usage"]
+    kinds = [a["kind"] for a in usage["attempts"]]
+    assert kinds == ["validation", "training"], usage
+    training = usage["attempts"][1]
+    assert training["finishTime"] >= training["startTime"] and training["tokensProcessed"] > 0
+    assert usage["tokensProcessed"] == training["tokensProcessed"]
+    assert usage["validation"]["cpuSeconds"] > 0  # the validation pod requests 500m
+    assert usage["servingSlices"][-1]["replicas"] == 1 and "end" not in usage["servingSlices"][-1]
+    assert usage["training"]["acceleratorSeconds"] == 0.0, "no accelerator on the local node"
+
+    # `kubetune usage` rolls the namespace up from the same status, through kubectl.
+    monkeypatch.setenv("KUBECONFIG", str(stack.kubeconfig))
+    capsys.readouterr()
+    assert cli.main(["usage", "-n", namespace, "--json"]) == 0
+    rolled = json.loads(capsys.readouterr().out)[namespace]
+    assert rolled["jobs"] == 1 and rolled["tokens"] == usage["tokensProcessed"]
+    assert rolled["validationCpu"] >= usage["validation"]["cpuSeconds"] > 0
 
 def test_a_second_lora_job_is_served_by_the_first_ones_deployment_without_a_restart(
         stack: local_stack.LocalStack) -> None:

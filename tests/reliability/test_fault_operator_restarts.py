@@ -14,20 +14,24 @@ its node is lost) and a fresh one starts:
 
 Afterwards there is exactly one validation Job, one trainer Job, one serving
 Deployment; the job succeeded with one attempt, trained every step once and
-is served. Finally the job is deleted while the operator is down, and is gone
+is served; its `status.usage` holds each pod's own start and finish, and one
+more operator restart exports the same usage counters (none counted twice). Finally the job is deleted while the operator is down, and is gone
 within 60 s of the operator coming back.
 """
 
 from __future__ import annotations
 
 import json
-
 import time
+import urllib.request
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 import pytest
 
 from kubetune.dev import stack as local_stack
+from kubetune.operator.usage import parse_time
 from tests.reliability.conftest import (Kube, Tenants, condition, is_true, tiny_manifest, trainer_process,
                                         trainer_reports, wait_until)
 
@@ -50,6 +54,21 @@ def kill_operator_when(stack: local_stack.LocalStack, seen: Any, what: str, time
     raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def usage_samples(stack: local_stack.LocalStack, namespace: str) -> dict[str, float]:
+    """The operator's usage counters for `namespace` (its tenant label defaults to the namespace)."""
+    text = urllib.request.urlopen(f"{stack.metrics_url}/metrics", timeout=30).read().decode()
+    found: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.labels.get("namespace") != namespace or sample.labels.get("tenant") != namespace:
+                continue
+            if sample.name == "kubetune_tokens_processed_total":
+                found["tokens"] = sample.value
+            elif sample.name == "kubetune_cpu_seconds_total":
+                found[f"{sample.labels['kind']}_cpu"] = sample.value
+    return found
+
+
 def exists(read: Any, *args: Any) -> bool:
     try:
         read(*args)
@@ -66,7 +85,8 @@ class TestOperatorKilledAtEveryStage:
         namespace = tenants.create("fault-operator")
         kube.core.create_namespaced_resource_quota(namespace, {
             "metadata": {"name": "no-jobs"}, "spec": {"hard": {"count/jobs.batch": "0"}}})
-        manifest = tiny_manifest(NAME, hyperparameters={"epochs": 4}, training={"checkpointInterval": 4})
+        manifest = tiny_manifest(NAME, hyperparameters={"epochs": 4}, training={"checkpointInterval": 4},
+                                 resources={"cpu": "1"})
         started = time.monotonic()
         kube.create_ftj(namespace, manifest)
 
@@ -112,6 +132,28 @@ class TestOperatorKilledAtEveryStage:
         steps = [int(step) for step, _ in history]
         assert steps == list(range(1, status["progress"]["totalSteps"] + 1)), "every step once, in order"
         print(f"\nFIGURE operator killed at 4 stages: job served {elapsed:.0f}s after creation")
+
+        # Usage came from what really ran, across all those restarts: each pod's own start and finish.
+        usage = kube.status(namespace, NAME)["usage"]
+        pods = {p["metadata"]["name"]: p for p in kube.pods(namespace)}
+        assert [a["kind"] for a in usage["attempts"]] == ["validation", "training"], usage
+        for attempt in usage["attempts"]:
+            terminated = pods[attempt["pod"]]["status"]["containerStatuses"][0]["state"]["terminated"]
+            assert parse_time(attempt["startTime"]) == parse_time(pods[attempt["pod"]]["status"]["startTime"])
+            assert parse_time(attempt["finishTime"]) == parse_time(terminated["finishedAt"])
+        training = usage["attempts"][1]
+        assert training["cpus"] == 1.0 and training["cpuSeconds"] > 0 and training["tokensProcessed"] > 0
+        # The operator restarts once more: the counters come back from the stored status, equal, not doubled.
+        before = usage_samples(stack, namespace)
+        assert before["tokens"] == usage["tokensProcessed"]
+        assert before["training_cpu"] == usage["training"]["cpuSeconds"]
+        stack.stop_operator(kill=True)
+        stack.start_operator()
+        # The very first scrape: a counter that came back lower would be a reset to Prometheus, which
+        # would then count the whole total again.
+        after = usage_samples(stack, namespace)
+        assert after.get("tokens") == before["tokens"] and after.get("training_cpu") == before["training_cpu"]
+        assert after["validation_cpu"] == before["validation_cpu"] > 0
 
         # Deleted while the operator is down: gone within 60 s of its return (kopf's finalizer).
         stack.stop_operator(kill=True)

@@ -87,10 +87,11 @@ def test_happy_path_to_succeeded_with_status_filled_and_metrics(kube: Kube, oper
     ]
     for sent in reports:
         assert operator.post_report(sent, token)[0] == 202
-    time.sleep(1.5)  # the GPU clock runs while the pod runs
+    time.sleep(1.5)  # the pod runs for a while: accelerator-seconds accrue
     # The last push ("completed") is lost: the termination message finishes the status.
     summary = {"outcome": "succeeded", "step": 100, "valLoss": 2.0, "results": {"perplexity": 7.1,
-               "tokenAccuracy": 0.41}, "modelDigest": "sha256:" + "ab" * 32, "message": "trained 100 steps"}
+               "tokenAccuracy": 0.41}, "modelDigest": "sha256:" + "ab" * 32, "message": "trained 100 steps",
+               "tokensProcessed": 102400}
     kube.set_pod_finished(namespace, pod, 0, json.dumps(summary))
     wait_for(lambda: kube.condition_is(namespace, "happy", "Succeeded", "True", "TrainingComplete"), "Succeeded")
 
@@ -118,10 +119,19 @@ def test_happy_path_to_succeeded_with_status_filled_and_metrics(kube: Kube, oper
     assert metric(text, "kubetune_job_train_loss", namespace=namespace, name="happy") == 1.75
     assert metric(text, "kubetune_job_validation_loss", namespace=namespace, name="happy") == 2.0
     assert metric(text, "kubetune_job_progress_ratio", namespace=namespace, name="happy") == 1.0
-    assert metric(text, "kubetune_tokens_processed_total", namespace=namespace) == 102400
     assert metric(text, "kubetune_job_duration_seconds_count", namespace=namespace, outcome="Succeeded") == 1
-    gpu_seconds = metric(text, "kubetune_gpu_seconds_total", namespace=namespace)
-    assert gpu_seconds is not None and 1.0 <= gpu_seconds <= 120.0
+    # Usage: from the pods' own times and the trainer's termination message, stored in status.
+    usage = status["usage"]
+    assert [a["kind"] for a in usage["attempts"]] == ["validation", "training"]
+    training = usage["attempts"][1]
+    assert training["accelerators"] == 1 and 1.0 <= training["acceleratorSeconds"] <= 120.0
+    assert usage["tokensProcessed"] == 102400 and usage["trainingAttempts"] == 1
+    text = wait_for(lambda: (t := operator.metrics()) and metric(t, "kubetune_tokens_processed_total",
+                                                                 namespace=namespace, tenant=namespace) and t,
+                    "usage counters")
+    assert metric(text, "kubetune_tokens_processed_total", namespace=namespace, tenant=namespace) == 102400
+    assert metric(text, "kubetune_accelerator_seconds_total", namespace=namespace, tenant=namespace,
+                  kind="training") == usage["training"]["acceleratorSeconds"]
     assert (metric(text, "kubetune_progress_reports_total", result="accepted", reason="") or 0) >= 4
 
 

@@ -31,7 +31,8 @@ RESOURCES = {
     "job": ("batch", "jobs"), "config_map": ("", "configmaps"), "secret": ("", "secrets"),
     "pod": ("", "pods"), "event": ("", "events"), "service": ("", "services"),
     "deployment": ("apps", "deployments"), "persistent_volume_claim": ("", "persistentvolumeclaims"),
-    "custom_object": ("kubetune.io", "finetunejobs"), "custom_object_status": ("kubetune.io", "finetunejobs/status"),
+    "custom_object": ("kubetune.io", "finetunejobs"),
+    "cluster_custom_object": ("kubetune.io", "finetunejobs"), "custom_object_status": ("kubetune.io", "finetunejobs/status"),
     "job_status": ("batch", "jobs/status"), "deployment_status": ("apps", "deployments/status"),
 }
 CLIENT_MODULES = ("client.py", "sweep_client.py")
@@ -60,7 +61,7 @@ def client_calls() -> set[Permission]:
                 f"{module} calls {node.value.attr}.{node.attr}: teach this test its permission, "
                 "then grant it in charts/kubetune/templates/rbac-operator.yaml")
             group, resource = RESOURCES[match.group(2)]
-            if match.group(2).startswith("custom_object"):
+            if "custom_object" in match.group(2):
                 args = called_with.get(id(node), [])
                 plural = next((a.id for a in args if isinstance(a, ast.Name) and a.id in CUSTOM_PLURALS), None)
                 assert plural, f"{module}: cannot tell which custom resource {node.attr} is called on"

@@ -1,4 +1,4 @@
-"""Operator metrics: states counted once, tokens counted once, GPU time accrued between observations."""
+"""Operator metrics: states counted once; usage counters follow status.usage, not reports."""
 
 from __future__ import annotations
 
@@ -22,23 +22,17 @@ def test_jobs_move_between_states() -> None:
     assert value(metrics, "kubetune_jobs", namespace="a", state="Running") == 0
 
 
-def test_gpu_seconds_accrue_while_a_job_holds_gpus() -> None:
+def test_reports_do_not_count_tokens_only_the_stored_usage_does() -> None:
+    # A report is the tenant's word (anyone with the job's token can send one): it moves the
+    # throughput gauge, never the chargeback counter.
     metrics = OperatorMetrics()
-    metrics.observe_gpus("a", "j1", 2, now=100.0)
-    metrics.observe_gpus("a", "j1", 2, now=110.0)
-    metrics.observe_gpus("a", "j1", 0, now=115.0)
-    metrics.observe_gpus("a", "j1", 0, now=500.0)
-    assert value(metrics, "kubetune_gpu_seconds_total", namespace="a") == 30.0
-
-
-def test_tokens_are_counted_once_across_repeated_reports_and_resumed_attempts() -> None:
-    metrics = OperatorMetrics()
-    metrics.observe_report("a", "j1", 0, {"tokensSeen": 1000})
-    metrics.observe_report("a", "j1", 0, {"tokensSeen": 1000})
-    metrics.observe_report("a", "j1", 0, {"tokensSeen": 1500})
-    metrics.observe_report("a", "j1", 1, {"tokensSeen": 1400})  # resumed from an earlier checkpoint
+    metrics.observe_report("a", "j1", 0, {"tokensSeen": 1000, "tokensPerSecond": 250.0})
     metrics.observe_report("a", "j1", 1, {"tokensSeen": 2000})
-    assert value(metrics, "kubetune_tokens_processed_total", namespace="a") == 2000
+    assert value(metrics, "kubetune_tokens_processed_total", namespace="a", tenant="a") is None
+    assert value(metrics, "kubetune_job_tokens_per_second", namespace="a", name="j1") == 250.0
+    metrics.observe_usage("a", "j1", "a", {"tokensProcessed": 1800})
+    metrics.observe_usage("a", "j1", "a", {"tokensProcessed": 1800})
+    assert value(metrics, "kubetune_tokens_processed_total", namespace="a", tenant="a") == 1800
 
 
 def test_per_job_gauges_and_report_counters() -> None:

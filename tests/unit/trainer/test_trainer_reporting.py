@@ -40,6 +40,13 @@ def test_termination_summary_stays_under_4_kib_by_dropping_details_first() -> No
     assert summary["outcome"] == "succeeded" and summary["step"] == 10
 
 
+def test_termination_summary_carries_the_tokens_this_process_trained_on() -> None:
+    # The operator charges these (status.usage): the pod writes them, not a forgeable report.
+    summary = json.loads(reporting.termination_summary("preempted", message="SIGTERM", tokens_processed=4096))
+    assert summary["tokensProcessed"] == 4096
+    assert "tokensProcessed" not in json.loads(reporting.termination_summary("failed", message="bad data"))
+
+
 def test_termination_log_path_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(cfg.ENV_TERMINATION_LOG, str(tmp_path / "log"))
 

@@ -1,0 +1,98 @@
+"""Stalled training: a running trainer whose step stays the same for training.stallTimeoutSeconds."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from kubetune.operator import conditions, reconcile
+from kubetune.operator.policy import NamespaceLimits, PlatformPolicy
+from kubetune.operator.reconcile import DeleteChild, Observed
+from kubetune.operator.settings import OperatorSettings
+from tests.unit.operator.test_operator_reconcile import (NOW, condition, job_with_conditions, pod, validated_status,
+                                                         with_children)
+
+MakeJob = Callable[..., dict[str, Any]]
+RESTARTING = PlatformPolicy(defaults=NamespaceLimits(restart_stalled_training=True))
+
+
+def running(make_job: MakeJob, settings: OperatorSettings, *, step: int, last: dict[str, Any] | None,
+            seconds_later: float = 0, timeout: int = 300) -> Observed:
+    status = validated_status() | {"progress": {"step": step}}
+    if last is not None:
+        status["lastProgress"] = last
+    job = make_job(status=status, training={"stallTimeoutSeconds": timeout})
+    observed = with_children(job, settings, trainer_job=job_with_conditions("demo-train", active=1),
+                             trainer_pods=(pod("Running"),))
+    return dataclasses.replace(observed, now=NOW + timedelta(seconds=seconds_later))
+
+
+SEEN = {"pod": "p-0-Running", "step": 7, "time": "2026-03-01T12:00:00Z", "armed": True}
+
+
+def test_a_new_step_of_the_pod_starts_the_clock(make_job: MakeJob, settings: OperatorSettings) -> None:
+    decision = reconcile.reconcile(running(make_job, settings, step=7, last=SEEN | {"step": 6}), settings)
+    assert decision.status_patch["lastProgress"] == SEEN
+    assert (condition(decision, "Stalled")["status"], condition(decision, "Stalled")["reason"]) == (
+        "False", conditions.PROGRESSING)
+
+
+def test_a_pod_that_has_not_moved_the_step_yet_is_loading_not_stalled(make_job: MakeJob,
+                                                                       settings: OperatorSettings) -> None:
+    first = reconcile.reconcile(running(make_job, settings, step=7, last=None), settings)
+    assert first.status_patch["lastProgress"] == SEEN | {"armed": False}
+    later = reconcile.reconcile(running(make_job, settings, step=7, last=SEEN | {"armed": False},
+                                        seconds_later=10_000), settings)
+    assert condition(later, "Stalled")["status"] == "False"
+    assert "waiting for the first step of pod p-0-Running" in condition(later, "Stalled")["message"]
+
+
+def test_within_the_timeout_nothing_is_stalled_and_nothing_is_written(make_job: MakeJob,
+                                                                     settings: OperatorSettings) -> None:
+    decision = reconcile.reconcile(running(make_job, settings, step=7, last=SEEN, seconds_later=299), settings)
+    assert condition(decision, "Stalled")["status"] == "False"
+    assert "lastProgress" not in decision.status_patch
+
+
+def test_past_the_timeout_the_job_is_stalled_with_a_warning(make_job: MakeJob, settings: OperatorSettings) -> None:
+    observed = running(make_job, settings, step=7, last=SEEN, seconds_later=301)
+    decision = reconcile.reconcile(observed, settings)
+    stalled = condition(decision, "Stalled")
+    assert (stalled["status"], stalled["reason"]) == ("True", conditions.NO_PROGRESS)
+    assert "stayed at step 7 since 2026-03-01T12:00:00Z" in stalled["message"]
+    assert "stallTimeoutSeconds (300s)" in stalled["message"]
+    assert [e.type for e in decision.events if e.reason == conditions.NO_PROGRESS] == ["Warning"]
+    assert not any(isinstance(a, DeleteChild) for a in decision.actions)
+    # Still running: a stall is a warning, not an outcome.
+    assert condition(decision, "Running")["status"] == "True"
+
+
+def test_the_policy_restarts_a_stalled_pod_from_its_checkpoint(make_job: MakeJob, settings: OperatorSettings) -> None:
+    observed = running(make_job, settings, step=7, last=SEEN, seconds_later=301)
+    decision = reconcile.reconcile(observed, settings, RESTARTING)
+    assert DeleteChild("v1", "Pod", "p-0-Running", grace_seconds=reconcile.STALL_GRACE_SECONDS) in decision.actions
+    assert condition(decision, "Stalled")["reason"] == conditions.STALL_RESTART
+
+
+def test_a_new_step_or_a_new_pod_restarts_the_clock(make_job: MakeJob, settings: OperatorSettings) -> None:
+    advanced = reconcile.reconcile(running(make_job, settings, step=8, last=SEEN, seconds_later=900), settings)
+    assert condition(advanced, "Stalled")["status"] == "False"
+    assert advanced.status_patch["lastProgress"]["step"] == 8
+    replaced = reconcile.reconcile(running(make_job, settings, step=7, last=SEEN | {"pod": "old"},
+                                           seconds_later=900), settings)
+    assert condition(replaced, "Stalled")["status"] == "False"
+
+
+def test_off_by_default(make_job: MakeJob, settings: OperatorSettings) -> None:
+    observed = running(make_job, settings, step=7, last=SEEN, seconds_later=10_000, timeout=0)
+    decision = reconcile.reconcile(observed, settings)
+    assert conditions.find(decision.status_patch["conditions"], "Stalled") is None
+
+
+def test_the_field_is_the_operators_own_and_not_passed_to_the_trainer(make_job: MakeJob) -> None:
+    from kubetune.operator import render
+
+    rendered = render.trainer_config_for(make_job(training={"stallTimeoutSeconds": 60, "evalInterval": 5}))
+    assert rendered.config["training"] == {"evalInterval": 5}
