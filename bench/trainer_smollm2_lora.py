@@ -42,7 +42,7 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def bench_config(output: Path, epochs: float, max_seq_length: int) -> dict[str, object]:
+def bench_config(output: Path, epochs: int, max_seq_length: int) -> dict[str, object]:
     return {
         "model": {"source": str(smollm2_folder()), "ggufFile": GGUF_NAME},
         "dataset": {
@@ -66,7 +66,7 @@ def bench_config(output: Path, epochs: float, max_seq_length: int) -> dict[str, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--keep", type=Path, help="write outputs here instead of a temporary folder")
     args = parser.parse_args()

@@ -87,6 +87,12 @@ def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be > 0"
 
 
+def _epochs(value: Any) -> str | None:
+    # The bounds of the FineTuneJob's spec.hyperparameters.epochs: a config the trainer accepts
+    # is one the API server accepts too.
+    return None if 1 <= value <= 1000 else "must be from 1 to 1000"
+
+
 def _non_negative(value: Any) -> str | None:
     return None if value >= 0 else "must be >= 0"
 
@@ -302,8 +308,9 @@ class MethodConfig:
 
 @dataclasses.dataclass
 class Hyperparameters:
-    epochs: float | Auto = _field(AUTO, check=_positive)
-    """Passes over the training data (fractions allowed). auto: from dataset size, see docs/trainer.md."""
+    epochs: int | Auto = _field(AUTO, check=_epochs)
+    """Passes over the training data: a whole number from 1 to 1000, as the FineTuneJob spec allows.
+    auto: from dataset size, see docs/trainer.md (it may resolve to a fraction on large datasets)."""
     batch_size: int | Auto = _field(AUTO, check=_positive)
     """Per-device micro-batch, in sequences. auto: from model size and sequence length."""
     learning_rate: float | Auto = _field(AUTO, check=_positive)
