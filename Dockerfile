@@ -24,9 +24,10 @@ RUN groupadd --system --gid 65532 kubetune \
 WORKDIR /app
 
 # ---------------------------------------------------------------------------------------------
-# wheel: builds the kubetune wheel once (operator, trainer and dev packages; no dependencies).
+# wheel: builds the kubetune wheel once (api, operator, trainer and dev packages; no dependencies).
 FROM base AS wheel
 COPY pyproject.toml README.md ./
+COPY api/ api/
 COPY operator/ operator/
 COPY trainer/ trainer/
 COPY dev/ dev/

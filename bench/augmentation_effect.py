@@ -16,6 +16,7 @@ trainer's label-likelihood evaluation. Each figure is the mean over `--seeds`.
 
     python bench/augmentation_effect.py              # ~2 minutes on 2 CPU cores
     python bench/augmentation_effect.py --seeds 1    # quicker, noisier
+    python bench/augmentation_effect.py --quick      # smoke test: 1 seed, 1 epoch, multiplier 1
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=0.15, help="fraction of words edited per copy")
     parser.add_argument("--operations", default="wordDeletion,wordSwap,wordInsertion,charNoise",
                         help="comma-separated edit operations")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 seed, 1 epoch, multiplier 1")
     args = parser.parse_args()
+    if args.quick:
+        args.seeds, args.epochs, args.multiplier = 1, 1, 1
 
     import logging
 
@@ -132,6 +136,9 @@ def main() -> int:
               f"{means[name]:>7.4f} {finals[name]:>14.4f} {accuracy:>8.3f}")
     print(f"val loss ratio augmented / baseline: best {means['augmented'] / means['baseline']:.3f}, "
           f"final {finals['augmented'] / finals['baseline']:.3f} ({time.monotonic() - started:.0f} s)")
+    print("RESULT " + json.dumps({"seeds": args.seeds, "meanBestValLoss": means, "meanFinalValLoss": finals,
+                                  "trainExamples": {name: runs[0]["train"] for name, runs in results.items()},
+                                  "bestRatio": means["augmented"] / means["baseline"]}))
     return 0
 
 

@@ -9,6 +9,7 @@ test-split perplexity of the base and the tuned model (`evaluation.baseline`),
 the cost of that baseline pass, tokens/s and wall time.
 
     python bench/trainer_smollm2_lora.py [--epochs N] [--max-seq-length N] [--keep DIR]
+    python bench/trainer_smollm2_lora.py --quick   # smoke test: 8 paragraphs, 32-token sequences, 1 epoch
 
 Takes a few minutes on 2 CPU cores. Figures are noted in docs/trainer.md.
 """
@@ -42,12 +43,16 @@ def smollm2_folder() -> Path:
     return folder
 
 
-def bench_config(output: Path, epochs: float, max_seq_length: int) -> dict[str, object]:
+QUICK_PARAGRAPHS = 8
+"""--quick trains on the corpus's first paragraphs only (enough for a train/validation/test split)."""
+
+
+def bench_config(output: Path, epochs: int, max_seq_length: int, corpus: Path = CORPUS) -> dict[str, object]:
     return {
         "model": {"source": str(smollm2_folder()), "ggufFile": GGUF_NAME},
         "dataset": {
             "format": "text",
-            "train": {"source": str(CORPUS)},
+            "train": {"source": str(corpus)},
             "split": {"validation": 0.15, "test": 0.10, "seed": 42},
         },
         "method": {"type": "lora", "lora": {"rank": 8, "alpha": 16, "merge": False}},
@@ -66,16 +71,29 @@ def bench_config(output: Path, epochs: float, max_seq_length: int) -> dict[str, 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=float, default=3)
+    parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--max-seq-length", type=int, default=256)
     parser.add_argument("--keep", type=Path, help="write outputs here instead of a temporary folder")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a smoke run: the first {QUICK_PARAGRAPHS} paragraphs, 32-token sequences, 1 epoch, "
+                             "2 test examples")
     args = parser.parse_args()
+    if args.quick:
+        args.epochs, args.max_seq_length = 1, 32
 
     with tempfile.TemporaryDirectory(prefix="kubetune-bench-") as scratch:
         output = args.keep or Path(scratch) / "out"
         output.mkdir(parents=True, exist_ok=True)
+        corpus = CORPUS
+        if args.quick:
+            corpus = Path(scratch) / "corpus.txt"
+            paragraphs = CORPUS.read_text(encoding="utf-8").split("\n\n")[:QUICK_PARAGRAPHS]
+            corpus.write_text("\n\n".join(paragraphs), encoding="utf-8")
         config_path = output / "config.json"
-        config_path.write_text(json.dumps(bench_config(output, args.epochs, args.max_seq_length), indent=2))
+        config = bench_config(output, args.epochs, args.max_seq_length, corpus)
+        if args.quick:
+            config["evaluation"] = {"maxTestExamples": 2}
+        config_path.write_text(json.dumps(config, indent=2))
         started = time.monotonic()
         env = os.environ | {"KUBETUNE_PROGRESS_INTERVAL": "30"}
         result = subprocess.run(
@@ -105,6 +123,11 @@ def main() -> int:
               f"  -> {drop * 100:.1f}% lower after fine-tuning; the baseline pass took {metrics['baselineSeconds']:.1f} s")
     print(f"time              {wall:.0f} s wall, of which {train_seconds:.0f} s in the trainer after startup;"
           f" {metrics['tokensSeen'] / max(1.0, train_seconds):.0f} train tokens/s overall")
+    print("RESULT " + json.dumps({
+        "steps": metrics["step"], "tokensSeen": metrics["tokensSeen"], "splits": metrics["data"]["splits"],
+        "valPerplexityBefore": metrics["initialValPerplexity"], "valPerplexityAfter": metrics["valPerplexity"],
+        "testPerplexity": metrics["results"]["perplexity"],
+        "baseTestPerplexity": (baseline or {}).get("perplexity"), "wallSeconds": round(wall, 1)}))
     return 0
 
 

@@ -343,22 +343,41 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def loss_table(status: dict[str, Any]) -> list[str]:
+    """The learning curve, one row per evaluation: step, validation loss and perplexity, and whether a
+    checkpoint was kept at that step. `status.metrics.evaluations` holds every evaluation (up to the
+    CRD's bound); `status.checkpoints` only the recent few, so it marks rows rather than making them."""
+    metrics = status.get("metrics") or {}
+    checkpoint_steps = {c.get("step") for c in status.get("checkpoints") or [] if isinstance(c, dict)}
+    best = (metrics.get("bestCheckpoint") or {}).get("step")
+    rows = [f"{'step':>8}  {'val loss':>10}  {'val ppl':>10}  checkpoint"]
+    for point in metrics.get("evaluations") or []:
+        step = point.get("step")
+        mark = "best" if step == best else "kept" if step in checkpoint_steps else ""
+        rows.append(f"{step:>8}  {_figure(point.get('valLoss')):>10}  {_figure(point.get('valPerplexity')):>10}  {mark}")
+    return rows
+
+
+def _figure(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
 def _cmd_loss(args: argparse.Namespace) -> int:
     job = _get_job(args)
     if job is None:
         return 1
     status = job.get("status") or {}
-    rows = [("checkpoint step", "val loss")] + [(str(c.get("step")), str(c.get("valLoss", "-")))
-                                               for c in status.get("checkpoints") or []]
     metrics = status.get("metrics") or {}
-    print("\n".join(f"{a:>16}  {b}" for a, b in rows))
+    print("\n".join(loss_table(status)))
     print(f"latest: train loss {metrics.get('trainLoss', '-')}, val loss {metrics.get('valLoss', '-')}, "
           f"best checkpoint {metrics.get('bestCheckpoint', '-')}")
     return 0
 
 
 def _cmd_logs(args: argparse.Namespace) -> int:
-    proc = _kubectl(args, "logs", f"job/{args.name}-trainer", "--tail", str(args.tail))
+    from kubetune.operator import names
+
+    proc = _kubectl(args, "logs", f"job/{names.trainer_job(args.name)}", "--tail", str(args.tail))
     print(proc.stdout or proc.stderr, end="")
     return proc.returncode
 
@@ -416,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     sizing.set_defaults(func=_cmd_estimate)
 
     for name, func, text in (("status", _cmd_status, "conditions, progress, metrics, results"),
-                             ("loss", _cmd_loss, "the loss curve from the checkpoints"),
+                             ("loss", _cmd_loss, "the validation loss at every evaluation"),
                              ("logs", _cmd_logs, "the trainer's logs"),
                              ("events", _cmd_events, "the job's Kubernetes events")):
         command = commands.add_parser(name, help=text)

@@ -19,6 +19,7 @@ import dataclasses
 import json
 from typing import Any
 
+from kubetune.api import layout
 from kubetune.trainer import config as trainer_config
 
 PVC_SCHEME = "pvc://"
@@ -114,18 +115,23 @@ class ModelLocation:
     trainer loaded it from, which the adapter's `adapter_config.json` names); None otherwise."""
 
 
+def _method(spec: dict[str, Any]) -> tuple[str, bool]:
+    """The spec's method type and LoRA merge flag, with the trainer's defaults (lora, merge: true)."""
+    method = spec.get("method") or {}
+    if not isinstance(method, dict):
+        return "lora", True
+    lora = method.get("lora") or {}
+    return str(method.get("type") or "lora"), not (isinstance(lora, dict) and lora.get("merge") is False)
+
+
 def saves_adapter(spec: dict[str, Any]) -> bool:
     """True when the trainer saves a LoRA adapter (`method.lora.merge: false`) rather than a model."""
-    method = spec.get("method") or {}
-    if not isinstance(method, dict) or (method.get("type") or "lora") != "lora":
-        return False
-    lora = method.get("lora") or {}
-    return isinstance(lora, dict) and lora.get("merge") is False
+    return layout.saves_adapter(*_method(spec))
 
 
 def artefact_folder(spec: dict[str, Any]) -> str:
-    """The output sub-folder the trainer saves to (the trainer's output contract): `adapter` or `model`."""
-    return "adapter" if saves_adapter(spec) else "model"
+    """The output sub-folder the trainer saves to (kubetune.api.layout): `adapter` or `model`."""
+    return layout.artefact_folder(*_method(spec))
 
 
 def model_location(job: dict[str, Any]) -> ModelLocation:
@@ -136,7 +142,7 @@ def model_location(job: dict[str, Any]) -> ModelLocation:
     metadata = job.get("metadata") or {}
     raw_spec = job.get("spec")
     spec = raw_spec if isinstance(raw_spec, dict) else {}
-    uri = output_location(spec, str(metadata.get("name", ""))) + "/" + artefact_folder(spec)
+    uri = layout.model_location(output_location(spec, str(metadata.get("name", ""))), *_method(spec))
     claims: set[str] = set()
     path = localize(uri, "spec.output.storage", claims)
     base_path = None
@@ -210,7 +216,7 @@ def trainer_config_for(job: dict[str, Any]) -> RenderedConfig:
     try:
         output_uri = output_location(spec, str(metadata.get("name", "")))
         output_dir = localize(output_uri, "spec.output.storage", claims)
-        config["output"] = {"dir": output_dir, "checkpointDir": f"{output_dir}/checkpoints"}
+        config["output"] = {"dir": output_dir, "checkpointDir": layout.checkpoints_location(output_dir)}
     except SpecError as error:
         problems.extend(error.problems)
     config["job"] = {"namespace": metadata.get("namespace", ""), "name": metadata.get("name", ""),
@@ -222,7 +228,7 @@ def trainer_config_for(job: dict[str, Any]) -> RenderedConfig:
     except trainer_config.ConfigError as error:
         raise SpecError([_spec_path(problem) for problem in error.problems]) from None
     return RenderedConfig(config=config, claims=tuple(sorted(claims)), output_uri=output_uri,
-                          model_uri=f"{output_uri}/{artefact_folder(spec)}")
+                          model_uri=layout.model_location(output_uri, *_method(spec)))
 
 
 def _spec_path(problem: str) -> str:

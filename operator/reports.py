@@ -1,6 +1,7 @@
 """Progress reports from trainer pods: authentication, validation, replay guard, status patches (pure).
 
-A trainer pod pushes small JSON reports (the contract: docs/operator.md, "Progress reports"). This
+A trainer pod pushes small JSON reports (`kubetune.api.messages.ProgressReport`; docs/operator.md,
+"Progress reports"). This
 module decides whether one is acceptable and what it changes in the
 FineTuneJob's status; the HTTP endpoint in `progress` only wires it to aiohttp
 and the API server.
@@ -27,22 +28,24 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, TypedDict
 
+from kubetune.api import messages
 from kubetune.operator import apischema, models, render
 from kubetune.operator.apischema import MaxItems, PreserveUnknownFields
 
 Body = dict[str, Any]
 
-KINDS = ("started", "progress", "evaluation", "checkpoint", "completed", "failed")
-TERMINAL_KINDS = ("completed", "failed")
-NUMBER_FIELDS = ("epoch", "trainLoss", "valLoss", "valPerplexity", "learningRate", "tokensPerSecond",
-                 "etaSeconds")
-COUNT_FIELDS = ("step", "totalSteps", "tokensSeen")
+# The message definitions are shared with the trainer (kubetune.api.messages); this module adds the
+# operator's limits and the status schema's checks.
+KINDS = messages.KINDS
+TERMINAL_KINDS = messages.TERMINAL_KINDS
+NUMBER_FIELDS = messages.number_fields(messages.ReportFields)
+COUNT_FIELDS = messages.count_fields(messages.ReportFields)
 MAX_MESSAGE_CHARS = 1024
 MAX_RESULTS = 64
 MAX_REPORT_DEPTH = 16
 """Deepest nesting of objects and arrays a report may have (real reports nest 3 deep), so nothing that
 handles a report later can run out of recursion."""
-STRUCTURED_RESULTS = ("perClass", "confusionMatrix", "baseline", "improvement")
+STRUCTURED_RESULTS = messages.STRUCTURED_RESULTS
 """Keys of `results` whose values are objects (checked against `status.results`' schema); every
 other key is a metric name with a number."""
 MAX_EVALUATIONS = 512

@@ -188,8 +188,13 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
     reporter.report("started", message=f"loading data and model {config.model.source}")
     tokenizer, prepared = load_data(config)
     run = train.setup(config, prepared, tokenizer)
+    # The second `started` report carries the resolved hyperparameters (status.resolved) as soon as they are known.
     if train.resume(run):
-        reporter.report("started", step=run.state.step, totalSteps=run.total_steps, message=f"resumed from {run.resumed_from}")
+        reporter.report("started", step=run.state.step, totalSteps=run.total_steps, resolved=run.hp.to_report(),
+                        message=f"resumed from {run.resumed_from}")
+    else:
+        reporter.report("started", totalSteps=run.total_steps, resolved=run.hp.to_report(),
+                        message=f"training for {run.total_steps} steps")
     log.info(
         "training %s (%d parameters, %d trainable) for %d steps, hyperparameters %s",
         config.model.source, run.num_parameters, run.trainable_parameters, run.total_steps, json.dumps(run.hp.to_report()),
@@ -250,6 +255,7 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         results=results,
         samples=sample_answers or None,
         model=metrics.get("model"),
+        resolved=metrics["hyperparameters"],
     )
     return metrics
 
@@ -307,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             message="; ".join(filter(None, (f"trained {metrics['step']} steps", comparison_text(metrics["results"])))),
             samples=metrics.get("samples"),
             tokens_processed=metrics.get("tokensProcessed"),
+            resolved=metrics.get("hyperparameters"),
         )
     )
     return cfg.EXIT_OK

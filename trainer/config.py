@@ -26,27 +26,20 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final, Literal, Union
 
+from kubetune.api import layout, process
+
 # --- Contract constants ---------------------------------------------------------
 
-EXIT_OK = 0
-"""The run finished and wrote its outputs."""
-EXIT_PERMANENT = 78
-"""Bad config, bad data or a missing model: retrying cannot help (EX_CONFIG from sysexits.h).
-The Job's podFailurePolicy turns this code into a failed job without retries."""
-EXIT_PREEMPTED = 75
-"""SIGTERM arrived; a checkpoint was saved and a retry resumes from it (EX_TEMPFAIL)."""
-
-ENV_PROGRESS_URL = "KUBETUNE_PROGRESS_URL"
-"""POST endpoint for progress reports; unset means reports go to stdout only."""
-ENV_PROGRESS_TOKEN = "KUBETUNE_PROGRESS_TOKEN"
-"""Bearer token sent with every progress report."""
-ENV_PROGRESS_CA = "KUBETUNE_PROGRESS_CA"
-"""PEM of the CA an https:// progress endpoint's certificate must chain to; unset = the system's CAs."""
-ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
-"""Retry attempt number (0 for the first run), echoed in every report."""
-ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
-"""Where the final summary goes; default /dev/termination-log when writable."""
-DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+# Exit codes and env names are defined once, in kubetune.api.process, for the operator and the trainer.
+EXIT_OK = process.EXIT_OK
+EXIT_PERMANENT = process.EXIT_PERMANENT
+EXIT_PREEMPTED = process.EXIT_PREEMPTED
+ENV_PROGRESS_URL = process.ENV_PROGRESS_URL
+ENV_PROGRESS_TOKEN = process.ENV_PROGRESS_TOKEN
+ENV_PROGRESS_CA = process.ENV_PROGRESS_CA
+ENV_ATTEMPT = process.ENV_ATTEMPT
+ENV_TERMINATION_LOG = process.ENV_TERMINATION_LOG
+DEFAULT_TERMINATION_LOG = process.DEFAULT_TERMINATION_LOG
 
 AUTO: Final = "auto"
 Auto = Literal["auto"]
@@ -92,6 +85,12 @@ Check = Callable[[Any], "str | None"]
 
 def _positive(value: Any) -> str | None:
     return None if value > 0 else "must be > 0"
+
+
+def _epochs(value: Any) -> str | None:
+    # The bounds of the FineTuneJob's spec.hyperparameters.epochs: a config the trainer accepts
+    # is one the API server accepts too.
+    return None if 1 <= value <= 1000 else "must be from 1 to 1000"
 
 
 def _non_negative(value: Any) -> str | None:
@@ -309,8 +308,9 @@ class MethodConfig:
 
 @dataclasses.dataclass
 class Hyperparameters:
-    epochs: float | Auto = _field(AUTO, check=_positive)
-    """Passes over the training data (fractions allowed). auto: from dataset size, see docs/trainer.md."""
+    epochs: int | Auto = _field(AUTO, check=_epochs)
+    """Passes over the training data: a whole number from 1 to 1000, as the FineTuneJob spec allows.
+    auto: from dataset size, see docs/trainer.md (it may resolve to a fraction on large datasets)."""
     batch_size: int | Auto = _field(AUTO, check=_positive)
     """Per-device micro-batch, in sequences. auto: from model size and sequence length."""
     learning_rate: float | Auto = _field(AUTO, check=_positive)
@@ -391,7 +391,7 @@ class OutputConfig:
 
     @property
     def checkpoint_path(self) -> Path:
-        return Path(self.checkpoint_dir) if self.checkpoint_dir else Path(self.dir) / "checkpoints"
+        return Path(self.checkpoint_dir or layout.checkpoints_location(self.dir))
 
 
 @dataclasses.dataclass

@@ -1,5 +1,7 @@
 """What a finished run leaves in `output.dir`: model or adapter, metrics.json, model card, loss curve.
 
+Where each lives is defined once, in `kubetune.api.layout`, which the operator uses too:
+
     model/            save_pretrained folder (safetensors + tokenizer); with LoRA + merge, the merged model
     adapter/          peft adapter + tokenizer, when LoRA adapters are saved separately (merge: false)
     metrics.json      final metrics, resolved hyperparameters, data statistics, digest
@@ -17,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kubetune.api import layout
 from kubetune.trainer.config import TrainerConfig, config_to_dict
 
 
@@ -33,13 +36,11 @@ def model_digest(folder: Path) -> str:
 
 def save_model(model: Any, tokenizer: Any, config: TrainerConfig, base_model_path: str) -> Path:
     """Save the trained model (merged) or the adapter, with the tokenizer; return the folder."""
-    output = Path(config.output.dir)
-    if config.method.type == "lora" and not config.method.lora.merge:
-        folder = output / "adapter"
+    folder = Path(layout.model_location(config.output.dir, config.method.type, config.method.lora.merge))
+    if layout.saves_adapter(config.method.type, config.method.lora.merge):
         model.peft_config["default"].base_model_name_or_path = base_model_path
         model.save_pretrained(folder, safe_serialization=True)
     else:
-        folder = output / "model"
         if config.method.type == "lora":
             model = model.merge_and_unload()
         model.save_pretrained(folder, safe_serialization=True)
@@ -167,7 +168,7 @@ def comparison_table(results: dict[str, Any]) -> list[str]:
 def write_outputs(config: TrainerConfig, metrics: dict[str, Any], train_losses: list[list[float]], evaluations: list[dict[str, Any]]) -> None:
     output = Path(config.output.dir)
     metrics = metrics | {"config": config_to_dict(config)}
-    write_json(output / "metrics.json", metrics)
+    write_json(output / layout.METRICS_FILE, metrics)
     if metrics.get("samples"):
         write_json(output / "samples.json", {"samples": metrics["samples"]})
     (output / "README.md").write_text(model_card(config, metrics), encoding="utf-8")

@@ -1,6 +1,6 @@
 """Progress reports: JSON lines on stdout, best-effort POSTs to the operator, the termination message.
 
-Every report is one JSON object (the contract's camelCase body) printed on
+Every report is one JSON object (`kubetune.api.messages.ProgressReport`) printed on
 stdout and, when `KUBETUNE_PROGRESS_URL` is set, POSTed there with the bearer
 token from `KUBETUNE_PROGRESS_TOKEN`. POSTs run on a background thread with a
 short timeout: a slow or failing endpoint never stops or slows training.
@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
+from kubetune.api import messages
 from kubetune.trainer import config as cfg
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,7 @@ POST_TIMEOUT_SECONDS = 5.0
 """One POST may take this long before it is given up."""
 FLUSH_TIMEOUT_SECONDS = 10.0
 """At exit, queued reports get this long to go out."""
-TERMINATION_MESSAGE_LIMIT = 4096
-"""Kubernetes keeps at most 4 KiB of a termination message."""
+TERMINATION_MESSAGE_LIMIT = messages.TERMINATION_MESSAGE_LIMIT
 RATE_LIMIT_RETRIES = 3
 """Times one report is sent again after HTTP 429 before it is given up."""
 MAX_RETRY_AFTER_SECONDS = 5.0
@@ -91,11 +91,17 @@ class Reporter:
         )
 
     def report(self, kind: str, **fields: Any) -> dict[str, Any]:
-        """Print and queue one report; fields with value None are left out."""
+        """Print and queue one report; fields with value None are left out, at any depth.
+
+        `kind` and the field names are those of `messages.ProgressReport`; anything else is a
+        programming error (ValueError), caught by the tests rather than rejected by the operator."""
+        unknown = sorted(set(fields) - set(messages.field_types(messages.ReportFields)))
+        if kind not in messages.KINDS or unknown:
+            raise ValueError(f"not a progress report of the contract: kind {kind!r}, unknown fields {unknown}")
         with self._lock:
             self.seq += 1
             body = {"job": self.job, "attempt": self.attempt, "seq": self.seq, "time": _now(), "kind": kind}
-            body.update({key: value for key, value in fields.items() if value is not None})
+            body.update(messages.compact(fields))
             line = json.dumps(body, default=str)
             print(line, file=self.stream, flush=True)
         if self._sender is not None:
@@ -155,8 +161,9 @@ def termination_summary(
     message: str = "",
     samples: Sequence[Mapping[str, str]] | None = None,
     tokens_processed: int | None = None,
+    resolved: Mapping[str, Any] | None = None,
 ) -> str:
-    """The pod's termination message: short JSON, under 4 KiB.
+    """The pod's termination message (`messages.TerminationSummary`): short JSON, under 4 KiB.
 
     `tokensProcessed` (training tokens this process trained on) is what the operator records in
     `status.usage`: the pod itself writes it, unlike a progress report, which anyone holding the
@@ -165,14 +172,15 @@ def termination_summary(
     When it would be longer, per-class details go first (the baseline's, then the run's own), then
     the sample excerpt, then the message is cut; the headline figures of both models always stay.
     """
-    summary: dict[str, Any] = {
+    summary: dict[str, Any] = messages.compact({
         "outcome": outcome,
         "step": step,
         "valLoss": val_loss,
         "results": dict(results or {}),
         "modelDigest": model_digest,
         "message": message,
-    }
+        "resolved": dict(resolved) if resolved else None,
+    })
     if tokens_processed is not None:
         summary["tokensProcessed"] = int(tokens_processed)
     if samples:
@@ -191,6 +199,9 @@ def termination_summary(
         text = json.dumps(summary)
     if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
         summary["message"] = message[:1000]
+        text = json.dumps(summary)
+    if len(text.encode()) > TERMINATION_MESSAGE_LIMIT:
+        summary.pop("resolved", None)  # the completed report carries it too
         text = json.dumps(summary)
     return text
 

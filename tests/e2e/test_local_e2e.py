@@ -62,6 +62,9 @@ class TestHappyPath:
         model_dir = stack.claim_path(namespace, "models") / "finetunes" / name
         metrics = json.loads((model_dir / "metrics.json").read_text())
         assert metrics["results"]["perplexity"] == pytest.approx(status["results"]["perplexity"], rel=1e-6)
+        # The hyperparameters the run used (`auto` resolved) reach status.resolved through the reports.
+        assert status["resolved"] == {k: v for k, v in metrics["hyperparameters"].items() if v is not None}
+        assert status["resolved"]["automatic"] and status["resolved"]["batchSize"] >= 1
         # Did it help? The base model on the same test split, measured in the trainer pod before training,
         # reached status through the operator; the demo trains, so the tuned model must be better.
         baseline = status["results"]["baseline"]

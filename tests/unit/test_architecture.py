@@ -1,7 +1,8 @@
 """The architecture's rules, checked on the source: import directions, pure modules, strict typing.
 
 The project's layering (README, Layout): dependencies point one way (dev tooling -> operator ->
-trainer.config); the trainer never imports the operator; nothing imports the dev
+trainer.config -> api, the shared contract, which imports only the standard library); the trainer
+never imports the operator; nothing imports the dev
 tooling; only the operator's handler, client and HTTP-server modules touch kopf or
 the Kubernetes client; the operator type-checks under `mypy --strict`.
 """
@@ -16,7 +17,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-PACKAGES = {"operator": "kubetune.operator", "trainer": "kubetune.trainer", "dev": "kubetune.dev"}
+PACKAGES = {"api": "kubetune.api", "operator": "kubetune.operator", "trainer": "kubetune.trainer",
+            "dev": "kubetune.dev"}
 
 # Operator modules allowed to import kopf or the kubernetes client (side effects live here).
 OPERATOR_NETWORK_MODULES = {"handlers", "client", "progress", "__main__", "sweep_handlers", "sweep_client"}
@@ -53,6 +55,18 @@ class TestImportDirection:
         assert not dev, f"operator/{path.name} imports dev tooling {sorted(dev)}"
         assert not trainer, f"operator/{path.name} imports trainer modules beyond config: {sorted(trainer)}"
 
+    @pytest.mark.parametrize("path", modules("api"), ids=lambda p: p.name)
+    def test_the_shared_contract_imports_only_the_standard_library(self, path: Path) -> None:
+        outside = {n for n in imports_of(path) if n.split(".")[0] not in sys.stdlib_module_names}
+        assert not outside, f"api/{path.name} imports {sorted(outside)}; both images import it, so it stays stdlib-only"
+
+    def test_the_shared_contract_imports_nothing_heavy(self) -> None:
+        code = ("import sys, kubetune.api.messages, kubetune.api.layout, kubetune.api.process\n"
+                "heavy = sorted(m for m in ('torch', 'transformers', 'kopf', 'kubernetes', 'pydantic') if m in sys.modules)\n"
+                "print(','.join(heavy))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        assert out.strip() == "", f"importing kubetune.api pulled in {out.strip()}"
+
     def test_trainer_config_imports_nothing_heavy(self) -> None:
         code = ("import sys, kubetune.trainer.config\n"
                 "heavy = sorted(m for m in ('torch', 'transformers', 'accelerate', 'peft') if m in sys.modules)\n"
@@ -87,6 +101,7 @@ def test_operator_type_checks_strictly(tmp_path: Path) -> None:
     root.mkdir()
     for folder in PACKAGES:
         (root / folder).symlink_to(REPO / folder)
-    proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "-p", "kubetune.operator"],
+    proc = subprocess.run([sys.executable, "-m", "mypy", "--strict", "--no-incremental", "-p", "kubetune.operator",
+                           "-p", "kubetune.api"],
                           cwd=tmp_path, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-4000:]

@@ -265,12 +265,16 @@ def test_restarting_the_operator_mid_job_creates_no_duplicates(kube: Kube, opera
     kube.create_ftj(namespace, finetunejob("steady"))
     pass_validation(kube, namespace, "steady")
     pod = wait_for(lambda: kube.live_pod(namespace, "steady-train"), "the trainer pod")
-    kube.set_pod_running(namespace, pod)
     before = kube.job(namespace, "steady-train")
     assert before is not None
     operator.kill()
+    # The pod starts while no operator runs: only the restarted operator can mark the job Running,
+    # so that condition is the positive signal that it has reconciled the job after the restart.
+    kube.set_pod_running(namespace, pod)
+    assert not kube.condition_is(namespace, "steady", "Running", "True")
     operator.start()
-    time.sleep(6)  # the resume handler and a few resyncs
+    wait_for(lambda: kube.condition_is(namespace, "steady", "Running", "True", "Training"),
+             "the restarted operator marks the running job Running")
     after = kube.job(namespace, "steady-train")
     assert after is not None and after["metadata"]["uid"] == before["metadata"]["uid"]
     jobs = kube.batch.list_namespaced_job(namespace).items

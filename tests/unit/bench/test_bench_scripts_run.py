@@ -142,3 +142,23 @@ def test_serve_overhead_prints_overhead_and_concurrency_rows_for_both_servers() 
             assert row["refused"] == 0 and row["requests"] == clients
             assert row["tokensPerSecond"]["min"] > 0 and row["ttftP50"] > 0
     assert figures["batching4VsOneClient"] > 0 and figures["batchingVsSequential4"] > 0
+
+
+@pytest.mark.slow
+def test_augmentation_effect_trains_with_and_without_augmentation_and_prints_both() -> None:
+    out, result = run_bench("augmentation_effect.py", "--quick")
+    assert "val loss ratio augmented / baseline" in out
+    assert set(result["meanBestValLoss"]) == {"baseline", "augmented"}
+    assert all(loss > 0 for loss in result["meanBestValLoss"].values())
+    # multiplier 1: the augmented run trains on twice the examples, the baseline on the real ones
+    assert result["trainExamples"]["augmented"] == 2 * result["trainExamples"]["baseline"] > 0
+
+
+@pytest.mark.slow
+def test_trainer_smollm2_lora_trains_the_real_model_and_prints_perplexity_before_and_after() -> None:
+    # The real 135M model (dequantised from GGUF) on a few paragraphs: minutes on a loaded 2-core machine.
+    out, result = run_bench("trainer_smollm2_lora.py", "--quick", timeout=840)
+    assert "val perplexity    before" in out and "base model, test" in out
+    assert result["steps"] >= 1 and result["tokensSeen"] > 0
+    assert result["valPerplexityBefore"] > 1 and result["valPerplexityAfter"] > 1
+    assert result["baseTestPerplexity"] > 1 and result["testPerplexity"] > 1

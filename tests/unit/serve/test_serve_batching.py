@@ -145,7 +145,6 @@ def test_eight_concurrent_streams_equal_their_non_streaming_answers(
     assert expected[0][0] == memorised.chat_answer or sampling["temperature"] > 0
     assert len({text for text, _ in expected}) > 1, "the questions get different answers"
 
-    before = _batches(served)
     barrier = threading.Barrier(8)
 
     def stream(i: int) -> tuple[str, str | None]:
@@ -157,11 +156,22 @@ def test_eight_concurrent_streams_equal_their_non_streaming_answers(
                 finish = chunk.choices[0].finish_reason or finish
         return text, finish
 
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        streamed = list(pool.map(stream, range(8)))
-    assert streamed == expected
-    total, single = (after - earlier for after, earlier in zip(_batches(served), before, strict=True))
-    assert total - single >= 1, f"no two of the eight streams shared a decoding step ({total} steps, {single} alone)"
+    # Whether eight simultaneous clients' requests reach the engine while the others still decode is
+    # up to the machine's scheduler, so one round may show no shared step by chance. A server that
+    # never batches shares none in any round; a batching one shares steps in at least one of three.
+    # Every round's answers must equal the ones computed alone.
+    shared = []
+    for _ in range(3):
+        before = _batches(served)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            streamed = list(pool.map(stream, range(8)))
+        assert streamed == expected
+        total, single = (after - earlier for after, earlier in zip(_batches(served), before, strict=True))
+        shared.append((total, single))
+        if total - single >= 1:
+            break
+    assert any(total - single >= 1 for total, single in shared), (
+        f"no two of the eight streams shared a decoding step in {len(shared)} rounds (steps, alone): {shared}")
 
 
 def test_thirty_two_concurrent_clients_all_get_answers(served: ServerProcess, memorised: Memorised) -> None:

@@ -54,14 +54,33 @@ def test_sigterm_lets_an_in_flight_stream_finish_then_exits_0(start_server: Star
     assert "shutting down" in server.log()
 
 
-def test_a_new_connection_after_sigterm_is_refused(start_server: StartServer, trained_model_dir: Path) -> None:
-    server = start_server("--model", trained_model_dir)
-    assert server.stop() == 0
-    try:
-        status = server.get("/healthz")[0]
-    except OSError:
-        status = None
-    assert status is None
+def test_a_new_connection_is_refused_while_an_in_flight_stream_drains_after_sigterm(
+    start_server: StartServer, endless_model_dir: Path
+) -> None:
+    server = start_server("--model", endless_model_dir, "--max-tokens-limit", "500")
+    body = {"model": endless_model_dir.name, "prompt": "A", "max_tokens": 500, "temperature": 0, "stream": True}  # the context holds 512
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(server.post_stream, "/v1/completions", body)
+        for _ in range(500):  # until the request is being generated
+            if "kubetune_serve_requests_in_flight 1.0" in server.get("/metrics")[1].decode():
+                break
+            time.sleep(0.02)
+        server.process.send_signal(signal.SIGTERM)
+        for _ in range(500):  # until the server has begun to drain
+            if "shutting down" in server.log():
+                break
+            time.sleep(0.02)
+        try:
+            status: int | None = server.get("/healthz")[0]
+        except OSError:
+            status = None
+        # The refusal counts only if the server was still running, serving the stream, when it came.
+        draining = server.process.poll() is None and not stream.done()
+        streamed, _, events = stream.result(timeout=300)
+    assert draining, "the stream ended before the new connection was tried: nothing was shown"
+    assert status is None, f"a new connection during the drain got HTTP {status}"
+    assert streamed == 200 and events[-1] == "[DONE]"
+    assert server.process.wait(60) == 0
 
 
 def _run_server(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

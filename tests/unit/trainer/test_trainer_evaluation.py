@@ -41,18 +41,37 @@ class TestClassificationMetrics:
     def test_labels_are_predicted_by_their_likelihood(self, tiny_gpt2: Path, tiny_tokenizer) -> None:  # type: ignore[no-untyped-def]
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+        model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
         labels = ["alpha", "beta", "gamma"]
-        scores = evaluate.label_log_likelihoods(model, tiny_tokenizer, "some text", labels, torch.device("cpu"))
+        expected = {}
+        for label in labels:  # the label's completion tokens (and EOS), scored by a plain forward pass
+            tokens = data.tokenize_example(data.Example(prompt="some text", completion=data.classification_completion(label),
+                                                        label=label), tiny_tokenizer, append_eos=True)
+            expected[label] = sum(reference_log_probs(model, tokens.input_ids, tokens.loss_mask))
 
+        scores = evaluate.label_log_likelihoods(model, tiny_tokenizer, "some text", labels, torch.device("cpu"))
         predicted = evaluate.predict_labels(model, tiny_tokenizer, ["some text"], labels, torch.device("cpu"))
 
-        assert all(s < 0 for s in scores)
-        assert predicted == [labels[scores.index(max(scores))]]
+        assert scores == pytest.approx([expected[label] for label in labels], rel=1e-4)
+        assert len(set(expected.values())) == len(labels)  # no tie: the most likely label is well defined
+        assert predicted == [max(expected, key=lambda label: expected[label])]
 
 
 def _sequence(ids: list[int], labels: list[int], weight: float) -> data.PackedSequence:
     return data.PackedSequence(ids, labels, list(range(len(ids))), [weight] * len(ids))
+
+
+def reference_log_probs(model, ids: list[int], is_target: list[bool]) -> list[float]:  # type: ignore[no-untyped-def]
+    """log p(token t | tokens before t) of each target token t > 0: one forward pass of the unpadded
+    sequence, the log-softmax written out (an independent cross-entropy, not evaluate's)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].double()  # (T, V)
+    log_probs = logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+    return [float(log_probs[t - 1, ids[t]]) for t in range(1, len(ids)) if is_target[t]]
+
+
+def reference_token_losses(model, sequence: data.PackedSequence) -> list[float]:  # type: ignore[no-untyped-def]
+    return [-lp for lp in reference_log_probs(model, sequence.input_ids, [label != -100 for label in sequence.labels])]
 
 
 class TestLosses:
@@ -66,24 +85,27 @@ class TestLosses:
 
         with torch.no_grad():
             loss, targets = evaluate.training_loss(model, batch)
-            losses, mask, _ = evaluate.token_losses(model, batch)
 
-        light_tokens, heavy_tokens = losses[0][mask[0]], losses[1][mask[1]]
-        expected = (light_tokens.sum() * 1.0 + heavy_tokens.sum() * 3.0) / (2 * 1.0 + 2 * 3.0)
-        assert targets == 4
-        assert float(loss) == pytest.approx(float(expected), rel=1e-6)
-        assert float(loss) != pytest.approx(float(torch.cat([light_tokens, heavy_tokens]).mean()), rel=1e-3)
+        light_tokens, heavy_tokens = reference_token_losses(model, light), reference_token_losses(model, heavy)
+        expected = (sum(light_tokens) * 1.0 + sum(heavy_tokens) * 3.0) / (2 * 1.0 + 2 * 3.0)
+        assert len(light_tokens) == len(heavy_tokens) == 2 and targets == 4
+        assert float(loss) == pytest.approx(expected, rel=1e-5)
+        assert float(loss) != pytest.approx(sum(light_tokens + heavy_tokens) / 4, rel=1e-3)
 
     def test_perplexity_is_exp_of_the_token_mean_loss(self, tiny_gpt2: Path) -> None:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).train()
+        model = AutoModelForCausalLM.from_pretrained(tiny_gpt2).eval()
         sequences = [_sequence([5, 6, 7, 8], [-100, 6, 7, 8], 1.0), _sequence([9, 10], [-100, 10], 1.0)]
+        token_losses = [value for s in sequences for value in reference_token_losses(model, s)]
+        model.train()
 
         metrics = evaluate.language_model_metrics(model, sequences, batch_size=1, pad_id=0, device=torch.device("cpu"))
         together = evaluate.language_model_metrics(model, sequences, batch_size=2, pad_id=0, device=torch.device("cpu"))
 
-        assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]))
+        assert len(token_losses) == 4  # every target token counts once, whatever its sequence
+        assert metrics["loss"] == pytest.approx(sum(token_losses) / 4, rel=1e-5)
+        assert metrics["perplexity"] == pytest.approx(math.exp(sum(token_losses) / 4), rel=1e-5)
         assert metrics["loss"] == pytest.approx(together["loss"], rel=1e-5)  # padding changes nothing
         assert model.training  # evaluation restores the training mode
 

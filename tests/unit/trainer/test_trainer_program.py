@@ -118,7 +118,7 @@ class TestSmokeRun:
             assert not [k for k in weights.keys() if "lora" in k]
 
     def test_classification_reports_per_class_metrics_and_a_confusion_matrix(
-        self, tmp_path: Path, tiny_gpt2: Path, termination_log: Path
+        self, tmp_path: Path, tiny_gpt2: Path, termination_log: Path, capsys: pytest.CaptureFixture[str]
     ) -> None:
         train = write_jsonl(tmp_path / "train.jsonl", classification_records())
         out = tmp_path / "out"
@@ -141,6 +141,19 @@ class TestSmokeRun:
         assert set(results["perClass"]) == {"negative", "positive"}
         assert {"accuracy", "precision", "recall", "f1", "perplexity", "tokenAccuracy"} <= set(results)
         assert 0 <= results["f1"] <= 1
+        # Every report of this real run is accepted by the operator's parser, and the completed one
+        # brings valLoss, the model and the per-class results into status.
+        from kubetune.operator import reports
+
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('{"job"')]
+        parsed = [reports.validate_report(reports.decode_report(line.encode(), 64 * 1024), reports.JobKey("", "", ""))
+                  for line in lines]
+        assert parsed[-1].kind == "completed"
+        patch = reports.merge_report({}, parsed[-1], recent_checkpoints=5)
+        assert patch["results"]["perClass"] == results["perClass"]
+        assert patch["results"]["confusionMatrix"] == matrix
+        assert patch["metrics"]["valLoss"] == metrics["valLoss"] and patch["model"]["digest"] == metrics["model"]["digest"]
+        assert patch["resolved"] == {k: v for k, v in metrics["hyperparameters"].items() if v is not None}
 
     @pytest.mark.parametrize("fmt", ["prompt_completion", "chat"])
     def test_supervised_formats_train(self, tmp_path: Path, tiny_gpt2: Path, termination_log: Path, fmt: str) -> None:

@@ -1,0 +1,54 @@
+"""The FineTuneJob spec (operator/models.py) and the trainer config (trainer/config.py) accept the same values.
+
+The operator renders the spec into the trainer config; a value one side accepts and the other
+refuses is a job that passes admission and then fails in its pod (or the reverse). Each
+disagreement found is pinned here, value by value, through both sides' own parsers.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from kubetune.operator import apischema, models, render
+
+JOB: dict[str, Any] = {
+    "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",
+    "metadata": {"name": "agree", "namespace": "team-a", "uid": "u-1"},
+    "spec": {"model": {"source": "pvc://models/base/tiny"},
+             "dataset": {"format": "text", "train": {"source": "pvc://data/train.jsonl"}},
+             "output": {"storage": "pvc://models/finetunes"}},
+}
+
+
+def with_value(section: str, field: str, value: Any) -> dict[str, Any]:
+    job = copy.deepcopy(JOB)
+    job["spec"].setdefault(section, {})[field] = value
+    return job
+
+
+def operator_accepts(job: dict[str, Any]) -> bool:
+    try:
+        models.FineTuneJobSpec.from_dict(job["spec"])
+    except (apischema.ModelError, ValueError, TypeError):
+        return False
+    return True
+
+
+def trainer_accepts(job: dict[str, Any]) -> bool:
+    try:
+        render.trainer_config_for(job)  # renders and parses with the trainer's own config parser
+    except render.SpecError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("value", [1, 3, 1000, "auto", 0, 1001, 2.5, -1, True, "3"], ids=repr)
+def test_epochs_are_accepted_by_both_sides_or_by_neither(value: Any) -> None:
+    # The CRD says a whole number from 1 to 1000 (or auto); the trainer took any positive fraction.
+    job = with_value("hyperparameters", "epochs", value)
+    assert operator_accepts(job) == trainer_accepts(job), (
+        f"epochs {value!r}: operator {'accepts' if operator_accepts(job) else 'refuses'}, "
+        f"trainer {'accepts' if trainer_accepts(job) else 'refuses'}")
