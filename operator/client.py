@@ -152,9 +152,15 @@ class KubeClient:
         # Metadata only as well: the key's digest is an annotation the operator wrote on it.
         serving_key_secret = self._get(self.core.read_namespaced_secret, namespace, child["serving_key"], uid,
                                        foreign, name, _headers={"Accept": METADATA_ONLY}) if serving else None
+        # spec.model.fromJob: the source job matters only until status.lineage pins its model.
+        model = (job.get("spec") or {}).get("model") or {}
+        from_job = model.get("fromJob") if isinstance(model, dict) else None
+        source_job = self.get_finetunejob(namespace, from_job) \
+            if isinstance(from_job, str) and from_job and not status.get("lineage") else None
         return Observed(
             job=job,
             now=datetime.now(timezone.utc),
+            source_job=source_job,
             config_map=config_map,
             progress_secret=progress_secret,
             validation_job=validation_job,

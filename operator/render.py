@@ -173,8 +173,9 @@ def output_location(spec: dict[str, Any], job_name: str) -> str:
     return f"{storage.rstrip('/')}/{leaf}"
 
 
-def trainer_config_for(job: dict[str, Any]) -> RenderedConfig:
-    """Render the FineTuneJob into the trainer config; SpecError lists every problem."""
+def trainer_config_for(job: dict[str, Any], lineage: list[dict[str, Any]] | None = None) -> RenderedConfig:
+    """Render the FineTuneJob into the trainer config; SpecError lists every problem. `lineage`
+    (`status.lineage`, for `spec.model.fromJob`) goes into the config for the model card."""
     metadata = job.get("metadata") or {}
     spec = job.get("spec")
     if not isinstance(spec, dict):
@@ -212,6 +213,14 @@ def trainer_config_for(job: dict[str, Any]) -> RenderedConfig:
         problems.extend(error.problems)
     config["job"] = {"namespace": metadata.get("namespace", ""), "name": metadata.get("name", ""),
                      "uid": metadata.get("uid", "")}
+    if lineage:
+        config["job"]["lineage"] = [{k: str(v) for k, v in entry.items() if k in ("job", "uri", "digest")}
+                                    for entry in lineage]
+    model = spec.get("model")
+    if isinstance(model, dict) and not model.get("source") and not model.get("fromJob"):
+        problems.append("spec.model: set source (where the base model is) or fromJob (an earlier FineTuneJob)")
+    elif isinstance(model, dict) and model.get("fromJob") and not lineage:
+        problems.append(f"spec.model.fromJob: {model['fromJob']!r} is not resolved yet")
     if problems:
         raise SpecError(problems)
     try:

@@ -252,11 +252,11 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
     return metrics
 
 
-def _fail(reporter: reporting.Reporter | None, outcome: str, message: str) -> None:
+def _fail(reporter: reporting.Reporter | None, outcome: str, message: str, reason: str = "") -> None:
     print(f"kubetune.trainer: {message}", file=sys.stderr)
     if reporter is not None:
         reporter.report("failed", message=message)
-    reporting.write_termination_message(reporting.termination_summary(outcome, message=message))
+    reporting.write_termination_message(reporting.termination_summary(outcome, message=message, reason=reason))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -274,7 +274,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"kind": "validation", "valid": True, "statistics": statistics, "sizing": facts}, default=str))
             reporting.write_termination_message(reporting.validation_summary(statistics, facts))
         except (PermanentError, cfg.ConfigError) as error:
-            _fail(None, "failed", str(error))
+            _fail(None, "failed", str(error), getattr(error, "reason", ""))
             return cfg.EXIT_PERMANENT
         return cfg.EXIT_OK
     Path(config.output.dir).mkdir(parents=True, exist_ok=True)

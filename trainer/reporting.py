@@ -154,8 +154,10 @@ def termination_summary(
     model_digest: str | None = None,
     message: str = "",
     samples: Sequence[Mapping[str, str]] | None = None,
+    reason: str = "",
 ) -> str:
-    """The pod's termination message: short JSON, under 4 KiB.
+    """The pod's termination message: short JSON, under 4 KiB. `reason`: a permanent error's kind
+    (`errors.PermanentError.reason`), which the operator uses as the condition's reason.
 
     When it would be longer, per-class details go first (the baseline's, then the run's own), then
     the sample excerpt, then the message is cut; the headline figures of both models always stay.
@@ -168,6 +170,8 @@ def termination_summary(
         "modelDigest": model_digest,
         "message": message,
     }
+    if reason:
+        summary["reason"] = reason
     if samples:
         # One sample, each text cut short: enough for the operator's Event when the report was lost.
         summary["samples"] = [{k: _excerpt(v) for k, v in samples[0].items()}]

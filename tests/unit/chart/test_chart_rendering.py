@@ -298,7 +298,7 @@ class TestWatchScope:
 
 SPEC_RULE_DEFAULTS = {"allowedTolerations": [], "allowedNodeSelectors": [], "allowedPriorityClasses": [],
                       "allowTrustRemoteCode": False, "writableClaims": ["*"], "defaultCpu": "", "defaultMemory": "",
-                      "scratchSizeLimit": "64Gi"}
+                      "scratchSizeLimit": "64Gi", "allowedServiceAccounts": [], "hfEndpoint": ""}
 """The spec rules' defaults: nothing beyond what a tenant could do itself."""
 
 
