@@ -1,8 +1,10 @@
 """Loading the base model and tokenizer, and preparing the model for the chosen method.
 
 Any Hugging Face causal LM works: a local folder (a PVC mount in a pod), a hub
-id (`org/name` or `hf://org/name`, where the hub is reachable), or a GGUF file
-inside a folder (`model.ggufFile`; transformers dequantises it). LoRA uses peft
+id (`org/name` or `hf://org/name`, where the hub is reachable; `HF_TOKEN` and
+`HF_ENDPOINT` from the environment reach huggingface_hub), an `s3://` folder
+(downloaded once per pod, `objectstore`), or a GGUF file inside a folder
+(`model.ggufFile`; transformers dequantises it). LoRA uses peft
 with per-architecture default target modules.
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kubetune.trainer import objectstore
 from kubetune.trainer.config import LoraSettings, ModelConfig
 from kubetune.trainer.errors import ModelError
 
@@ -61,6 +64,9 @@ class ModelLocation:
 def locate(model: ModelConfig) -> ModelLocation:
     """Turn `model.source` into from_pretrained arguments; a missing local path is a permanent error."""
     source = model.source.strip()
+    if objectstore.is_s3(source):
+        # from_pretrained reads folders and hub ids only: the model is downloaded once per pod first.
+        source = str(objectstore.download_folder(source, "model.source"))
     for prefix in ("hf://", "file://"):
         source = source.removeprefix(prefix)
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
@@ -82,7 +88,10 @@ def locate(model: ModelConfig) -> ModelLocation:
 
 def _permanent_or_transient(error: OSError, location: ModelLocation) -> Exception:
     text = str(error)
-    if location.is_local or "not a valid model identifier" in text or "Repository Not Found" in text:
+    # A refused or missing token (401/403, gated repositories) is permanent too: HF_TOKEN comes from
+    # spec.credentials.hub, and another attempt sends the same one.
+    refused = any(mark in text for mark in ("401", "403", "Unauthorized", "gated", "Access to model"))
+    if location.is_local or refused or "not a valid model identifier" in text or "Repository Not Found" in text:
         return ModelError(f"model.source: cannot load {location.name_or_path}: {text.splitlines()[0]}")
     return error  # network trouble: retryable
 
