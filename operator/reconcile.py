@@ -352,6 +352,14 @@ def _with_source_job(draft: _Draft) -> Body | None:
         assert source is not None
         lineage = source_lineage(source)
         draft.patch["lineage"] = lineage
+    method = draft.spec.get("method") or {}
+    if str(lineage[-1].get("uri", "")).endswith("/adapter") and isinstance(method, dict) \
+            and method.get("type") == "full":
+        message = (f"spec.method.type: full cannot train on from {from_job!r}, which saved an unmerged LoRA "
+                   "adapter: use method lora (it trains that adapter on), or train the source with merge: true")
+        draft.set(conditions.VALIDATED, "False", conditions.INVALID_SPEC, message)
+        draft.finish(False, conditions.INVALID_SPEC, message)
+        return None
     resolved = copy.deepcopy(job)
     resolved["spec"]["model"]["source"] = lineage[-1]["uri"]
     return resolved

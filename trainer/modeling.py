@@ -55,6 +55,9 @@ class ModelLocation:
 
     name_or_path: str
     kwargs: dict[str, Any]
+    adapter: str | None = None
+    """A peft LoRA adapter folder to load onto `name_or_path` and train on (the source was an
+    earlier job's unmerged adapter, `spec.model.fromJob`); None for a plain model."""
 
     @property
     def is_local(self) -> bool:
@@ -81,9 +84,27 @@ def locate(model: ModelConfig) -> ModelLocation:
     if path.is_dir() and model.gguf_file and not (path / model.gguf_file).is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf")) or ["none"]
         raise ModelError(f"model.ggufFile: {model.gguf_file!r} not found in {source}; GGUF files there: {', '.join(ggufs)}")
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return _adapter_location(model, path, kwargs)
     if path.is_dir() and not model.gguf_file and not (path / "config.json").is_file():
         raise ModelError(f"model.source: {source} has no config.json: not a Hugging Face model folder (set ggufFile for GGUF)")
     return ModelLocation(str(path) if path.exists() else source, kwargs)
+
+
+def _adapter_location(model: ModelConfig, folder: Path, kwargs: dict[str, Any]) -> ModelLocation:
+    """An adapter folder: its base model (as `adapter_config.json` names it) plus the adapter."""
+    import json
+
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"model.source: {model.source}: adapter_config.json names no base model ({error})") from error
+    if not isinstance(base, str) or not base:
+        raise ModelError(f"model.source: {model.source}: adapter_config.json names no base model")
+    if base.startswith(("/", "./")) and not Path(base).exists():
+        raise ModelError(f"model.source: {model.source} is a LoRA adapter whose base model {base} is not mounted "
+                         "here; the base model's claim must be the adapter's claim, or train from a merged model")
+    return ModelLocation(base, kwargs, adapter=str(folder))
 
 
 def _permanent_or_transient(error: OSError, location: ModelLocation) -> Exception:
@@ -176,6 +197,12 @@ def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32, attn_impl
         raise ModelError(f"model.source: cannot load {location.name_or_path} as a causal LM: {error}") from error
     if model.gguf_file:
         _forget_gguf_quantizer(loaded)
+    if location.adapter:
+        from peft import PeftModel
+
+        # Trained on, not stacked: the same adapter learns the new data, so the result is still one
+        # adapter on the original base (one file to serve, vLLM-compatible, the rank the first job chose).
+        loaded = PeftModel.from_pretrained(loaded, location.adapter, is_trainable=True)
     return loaded
 
 
@@ -211,8 +238,12 @@ def lora_target_modules(model: Any, settings: LoraSettings) -> list[str] | str:
 
 def apply_lora(model: Any, settings: LoraSettings) -> Any:
     """Wrap the model with trainable LoRA adapters; the base weights are frozen."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    if isinstance(model, PeftModel):
+        log.info("continuing the LoRA adapter the model was loaded with (rank %s); method.lora's rank, alpha "
+                 "and targets apply to new adapters only", model.peft_config["default"].r)
+        return model
     targets = lora_target_modules(model, settings)
     lora = LoraConfig(
         r=settings.rank,
