@@ -22,7 +22,8 @@ How a pod maps onto this machine:
   servers that bind ``$(POD_IP)`` never collide on ports, and Services'
   endpoints point at reachable addresses;
 - env, ``$(VAR)`` expansion, ``valueFrom`` (fieldRef, configMapKeyRef,
-  secretKeyRef, resourceFieldRef) as the kubelet resolves them.
+  secretKeyRef, resourceFieldRef) as the kubelet resolves them; a missing Secret or
+  key leaves the container waiting with reason CreateContainerConfigError.
 
 ``python -m kubetune.dev.localnode --kubeconfig FILE --workdir DIR`` runs one.
 """
@@ -82,6 +83,13 @@ class Container:
     terminated: dict[str, Any] | None = None
     termination_file: Path | None = None
     log_file: Path | None = None
+    config_error: str = ""
+    """Why the container's environment could not be built (a missing Secret or key): it waits with
+    reason CreateContainerConfigError, as under a kubelet."""
+
+
+class ContainerConfigError(Exception):
+    """A container's env names a Secret or key that does not exist (the kubelet's CreateContainerConfigError)."""
 
 
 @dataclasses.dataclass
@@ -324,7 +332,10 @@ class LocalNode:
             folder.mkdir(parents=True, exist_ok=True)
             volumes = self._prepare_volumes(pod, folder)
             for container in run.containers:
-                self._start_container(pod, run, container, volumes)
+                try:
+                    self._start_container(pod, run, container, volumes)
+                except ContainerConfigError as error:
+                    container.config_error = str(error)
         except Exception as error:  # a pod we cannot start fails like a kubelet's would
             log.exception("pod %s/%s failed to start", run.namespace, run.name)
             for container in run.containers:
@@ -455,7 +466,18 @@ class LocalNode:
                 env[var["name"]] = self._field_ref(pod, ref["fieldRef"]["fieldPath"])
             elif "secretKeyRef" in ref:
                 key = ref["secretKeyRef"]
-                secret = self.core.read_namespaced_secret(key["name"], namespace)
+                try:
+                    secret = self.core.read_namespaced_secret(key["name"], namespace)
+                except k8s.ApiException as error:
+                    if error.status == 404 and not key.get("optional"):
+                        raise ContainerConfigError(f'secret "{key["name"]}" not found') from None
+                    if error.status != 404:
+                        raise
+                    continue
+                if key["key"] not in (secret.data or {}):
+                    if key.get("optional"):
+                        continue
+                    raise ContainerConfigError(f"couldn't find key {key['key']} in Secret {namespace}/{key['name']}")
                 env[var["name"]] = base64.b64decode((secret.data or {})[key["key"]]).decode()
             elif "configMapKeyRef" in ref:
                 key = ref["configMapKeyRef"]
@@ -563,6 +585,8 @@ class LocalNode:
                 state: dict[str, Any] = {"terminated": container.terminated}
             elif container.process is not None:
                 state = {"running": {"startedAt": container.started_at}}
+            elif container.config_error:
+                state = {"waiting": {"reason": "CreateContainerConfigError", "message": container.config_error}}
             else:
                 state = {"waiting": {"reason": "ContainerCreating"}}
             statuses.append({"name": container.name, "image": container.spec.get("image", ""),
