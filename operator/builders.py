@@ -627,6 +627,8 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
     mounts: list[Body] = [{"name": SCRATCH_VOLUME, "mountPath": "/tmp"}]
     if runtime == RUNTIME_VLLM:
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+    if model.uri.startswith("s3://"):
+        mounts.append({"name": MODEL_VOLUME, "mountPath": render.SERVING_MODEL_DIR, "readOnly": True})
     mounts += [{"name": claim_volume_name(claim), "mountPath": f"{render.PVC_MOUNT_ROOT}/{claim}",
                 "readOnly": True} for claim in model.claims]
     container |= {
@@ -649,7 +651,30 @@ def _serving_volumes(job: Body, model: render.ModelLocation, defaults: Namespace
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
     volumes += [{"name": claim_volume_name(claim),
                  "persistentVolumeClaim": {"claimName": claim, "readOnly": True}} for claim in model.claims]
+    if model.uri.startswith("s3://"):
+        volumes.append({"name": MODEL_VOLUME, "emptyDir": {}})
     return volumes
+
+
+MODEL_VOLUME = "model"
+FETCH_MODEL_CONTAINER = "fetch-model"
+
+
+def _model_download_container(job: Body, model: render.ModelLocation, settings: OperatorSettings,
+                              defaults: NamespaceLimits) -> Body:
+    """The serving pod's init container for a model in object storage: the trainer image downloads it
+    (credentials by reference, as in the trainer) into an emptyDir the server then reads."""
+    return {
+        "name": FETCH_MODEL_CONTAINER,
+        "image": settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "kubetune.trainer.objectstore", model.uri, render.SERVING_MODEL_DIR],
+        "env": _scratch_env() + credential_env(job.get("spec") or {}, defaults),
+        "resources": serving_resources(job, defaults),
+        "securityContext": container_security_context(),
+        "volumeMounts": [{"name": SCRATCH_VOLUME, "mountPath": "/tmp"},
+                         {"name": MODEL_VOLUME, "mountPath": render.SERVING_MODEL_DIR}],
+    }
 
 
 def serving_deployment(job: Body, model: render.ModelLocation, digest: str, settings: OperatorSettings,
@@ -669,6 +694,8 @@ def serving_deployment(job: Body, model: render.ModelLocation, digest: str, sett
         "containers": [_serving_container(job, model, settings, defaults)],
         "volumes": _serving_volumes(job, model, defaults),
     } | service_account(job.get("spec") or {})
+    if model.uri.startswith("s3://"):
+        pod["initContainers"] = [_model_download_container(job, model, settings, defaults)]
     if serving_gpu_count(job):
         pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     manifest: Body = {

@@ -24,6 +24,10 @@ from kubetune.trainer import config as trainer_config
 PVC_SCHEME = "pvc://"
 PVC_MOUNT_ROOT = "/mnt/pvc"
 """Claims are mounted at `/mnt/pvc/<claim>` in trainer and validation pods."""
+OBJECT_STORE_SCRATCH = "/tmp/kubetune-output"
+"""Where a run whose `output.storage` is `s3://` writes before its files are uploaded (the pod's /tmp)."""
+SERVING_MODEL_DIR = "/mnt/model"
+"""Where a serving pod's init container downloads an `s3://` model to (an emptyDir)."""
 CONFIG_MOUNT_DIR = "/etc/kubetune"
 """Where the ConfigMap with the trainer config is mounted."""
 CONFIG_FILE_NAME = "trainer-config.json"
@@ -138,7 +142,7 @@ def model_location(job: dict[str, Any]) -> ModelLocation:
     spec = raw_spec if isinstance(raw_spec, dict) else {}
     uri = output_location(spec, str(metadata.get("name", ""))) + "/" + artefact_folder(spec)
     claims: set[str] = set()
-    path = localize(uri, "spec.output.storage", claims)
+    path = SERVING_MODEL_DIR if uri.startswith("s3://") else localize(uri, "spec.output.storage", claims)
     base_path = None
     if saves_adapter(spec):
         model = spec.get("model") or {}
@@ -165,9 +169,6 @@ def output_location(spec: dict[str, Any], job_name: str) -> str:
     if not isinstance(storage, str) or not storage.strip():
         raise SpecError(["spec.output.storage: required: where the model and checkpoints go "
                          "(pvc://<claim>/<path>)"])
-    if storage.startswith("s3://"):
-        raise SpecError(["spec.output.storage: s3:// output is not supported by this operator version; "
-                         "use pvc://<claim>/<path> (checkpoints must survive a pod restart)"])
     suffix = output.get("nameSuffix") or ""
     leaf = f"{job_name}-{suffix}" if suffix else job_name
     return f"{storage.rstrip('/')}/{leaf}"
@@ -207,8 +208,13 @@ def trainer_config_for(job: dict[str, Any], lineage: list[dict[str, Any]] | None
     output_uri = ""
     try:
         output_uri = output_location(spec, str(metadata.get("name", "")))
-        output_dir = localize(output_uri, "spec.output.storage", claims)
-        config["output"] = {"dir": output_dir, "checkpointDir": f"{output_dir}/checkpoints"}
+        if output_uri.startswith("s3://"):
+            # Written to the pod's scratch space and mirrored to the bucket (checkpoints as they are saved).
+            config["output"] = {"dir": OBJECT_STORE_SCRATCH, "checkpointDir": f"{OBJECT_STORE_SCRATCH}/checkpoints",
+                                "uri": output_uri}
+        else:
+            output_dir = localize(output_uri, "spec.output.storage", claims)
+            config["output"] = {"dir": output_dir, "checkpointDir": f"{output_dir}/checkpoints"}
     except SpecError as error:
         problems.extend(error.problems)
     config["job"] = {"namespace": metadata.get("namespace", ""), "name": metadata.get("name", ""),

@@ -252,6 +252,21 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
     return metrics
 
 
+def _train_with_storage(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> dict[str, Any]:
+    """`train_and_save`, mirrored to object storage when `output.uri` is `s3://` (output_sync)."""
+    from kubetune.trainer import output_sync
+
+    if not output_sync.enabled(config):
+        return train_and_save(config, reporter)
+    restored = output_sync.restore_checkpoints(config)
+    if restored:
+        log.info("restored %d checkpoints from %s", restored, config.output.uri)
+    with output_sync.CheckpointUploader(config):
+        metrics = train_and_save(config, reporter)
+    output_sync.upload_outputs(config)
+    return metrics
+
+
 def _fail(reporter: reporting.Reporter | None, outcome: str, message: str, reason: str = "") -> None:
     print(f"kubetune.trainer: {message}", file=sys.stderr)
     if reporter is not None:
@@ -280,9 +295,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     Path(config.output.dir).mkdir(parents=True, exist_ok=True)
     reporter = reporting.Reporter.from_environment(config.job)
     try:
-        metrics = train_and_save(config, reporter)
+        metrics = _train_with_storage(config, reporter)
     except (PermanentError, cfg.ConfigError) as error:
-        _fail(reporter, "failed", str(error))
+        _fail(reporter, "failed", str(error), getattr(error, "reason", ""))
         return cfg.EXIT_PERMANENT
     except Preempted as stop:
         reporter.report("failed", message=f"preempted: {stop}")

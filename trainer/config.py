@@ -391,6 +391,10 @@ class OutputConfig:
     """Folder the trainer writes the model, metrics, model card and loss curve to."""
     checkpoint_dir: str | None = None
     """Where checkpoints go; default `<dir>/checkpoints`."""
+    uri: str | None = None
+    """An `s3://` location the run's outputs are mirrored to (`output.storage` in object storage):
+    `dir` is then local scratch space, checkpoints are uploaded as they are saved and read back on
+    resume, and everything else is uploaded at the end."""
 
     @property
     def checkpoint_path(self) -> Path:

@@ -113,6 +113,11 @@ def download_folder(location: str, field: str, cache_root: Path | None = None) -
     target = root / hashlib.sha256(location.encode()).hexdigest()[:16]
     if (target / _COMPLETE_MARKER).is_file():
         return target
+    return download_to(location, target, field)
+
+
+def download_to(location: str, target: Path, field: str) -> Path:
+    """Every object under the prefix `location` copied into `target`, relative paths kept; returns `target`."""
     fs = filesystem()
     check_bucket(fs, location, field)
     bucket, key = split(location)
@@ -143,3 +148,26 @@ def upload_folder(folder: Path, location: str, field: str) -> int:
         _call(location, field, lambda path=path, remote=remote: fs.put_file(str(path), remote))
         count += 1
     return count
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kubetune.trainer.objectstore s3://bucket/model /mnt/model`: the serving pod's init
+    container, which puts a model from the bucket where the server reads it."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m kubetune.trainer.objectstore",
+                                     description="Download an s3:// folder (credentials from the environment).")
+    parser.add_argument("location")
+    parser.add_argument("target", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        download_to(args.location, args.target, "status.model.uri")
+    except StorageError as error:
+        print(f"kubetune: {error}", file=sys.stderr)
+        return 78
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -247,3 +247,36 @@ class TestTrainingOnFromAnEarlierJob:
         decision = reconcile.reconcile(Observed(job=self.from_job(make_job), now=NOW, source_job=done),
                                        settings, platform)
         assert condition(decision, "Validated")["reason"] == "ValidatingDataset"
+
+
+class TestOutputInObjectStorage:
+    def test_the_trainer_writes_to_scratch_and_mirrors_to_the_bucket(self, make_job: MakeJob) -> None:
+        job = make_job(output={"storage": "s3://models/finetunes"}, credentials=CREDENTIALS)
+        rendered = render.trainer_config_for(job)
+        assert rendered.config["output"] == {"dir": "/tmp/kubetune-output", "checkpointDir": "/tmp/kubetune-output/checkpoints",
+                                             "uri": "s3://models/finetunes/demo"}
+        assert rendered.model_uri == "s3://models/finetunes/demo/model"
+        assert rendered.claims == ("data", "models")  # the sources' claims; none for the output
+
+    def test_serving_downloads_the_model_in_an_init_container_with_the_credentials(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        job = make_job(output={"storage": "s3://models/finetunes"}, credentials=CREDENTIALS,
+                       serving={"enabled": True})
+        location = render.model_location(job)
+        assert location.path == render.SERVING_MODEL_DIR
+        pod = builders.serving_deployment(job, location, "sha256:x", settings)["spec"]["template"]["spec"]
+        (fetch,) = pod["initContainers"]
+        assert fetch["command"] == ["python", "-m", "kubetune.trainer.objectstore", "s3://models/finetunes/demo/model",
+                                    render.SERVING_MODEL_DIR]
+        assert env_of(fetch)["AWS_SECRET_ACCESS_KEY"] == {"secretKeyRef": {"name": "bucket-keys",
+                                                                           "key": "secretAccessKey", "optional": False}}
+        server = pod["containers"][0]
+        assert server["command"][server["command"].index("--model") + 1] == render.SERVING_MODEL_DIR
+        assert {"name": builders.MODEL_VOLUME, "mountPath": render.SERVING_MODEL_DIR, "readOnly": True} \
+            in server["volumeMounts"]
+        assert {"name": builders.MODEL_VOLUME, "emptyDir": {}} in pod["volumes"]
+
+    def test_a_model_on_a_claim_needs_no_init_container(self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        job = make_job(serving={"enabled": True})
+        pod = builders.serving_deployment(job, render.model_location(job), "sha256:x", settings)["spec"]["template"]["spec"]
+        assert "initContainers" not in pod
