@@ -234,7 +234,9 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         from kubetune.trainer import modeling
 
         folder = outputs.save_model(run.accelerator.unwrap_model(run.model), tokenizer, config, modeling.locate(config.model).name_or_path)
-        metrics["model"] = {"uri": str(folder.resolve()), "digest": outputs.model_digest(folder)}
+        # With object storage the model's home is the bucket (output_sync uploads it), not the scratch folder.
+        uri = f"{config.output.uri.rstrip('/')}/{folder.name}" if config.output.uri else str(folder.resolve())
+        metrics["model"] = {"uri": uri, "digest": outputs.model_digest(folder)}
         metrics["wallSeconds"] = round(time.monotonic() - started, 2)
         outputs.write_outputs(config, metrics, state.train_losses, state.evaluations)
     run.accelerator.wait_for_everyone()

@@ -54,6 +54,7 @@ def test_outputs_are_uploaded_and_a_fresh_pod_resumes_from_the_bucket(
     scratch = tmp_path / "scratch"
     assert run(tmp_path, model, "s3://outputs/finetunes/job-1", scratch) == cfg.EXIT_OK, pod_env.read_text()
     local_metrics = json.loads((scratch / "metrics.json").read_text())
+    assert local_metrics["model"]["uri"] == "s3://outputs/finetunes/job-1/model"  # what status.model.uri gets
 
     fs = s3_store.filesystem()
     stored = {p[len("outputs/finetunes/job-1/"):] for p in fs.find("outputs/finetunes/job-1", refresh=True)}
