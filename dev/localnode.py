@@ -23,7 +23,8 @@ How a pod maps onto this machine:
   endpoints point at reachable addresses;
 - env, ``$(VAR)`` expansion, ``valueFrom`` (fieldRef, configMapKeyRef,
   secretKeyRef, resourceFieldRef) as the kubelet resolves them; a missing Secret or
-  key leaves the container waiting with reason CreateContainerConfigError.
+  key leaves the container waiting with reason CreateContainerConfigError;
+- init containers, one after another to completion, before the pod's containers.
 
 ``python -m kubetune.dev.localnode --kubeconfig FILE --workdir DIR`` runs one.
 """
@@ -331,13 +332,59 @@ class LocalNode:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             volumes = self._prepare_volumes(pod, folder)
-            for container in run.containers:
-                try:
-                    self._start_container(pod, run, container, volumes)
-                except ContainerConfigError as error:
-                    container.config_error = str(error)
+            if spec.get("initContainers"):
+                # Init containers run one after another, to completion, before the pod's containers.
+                self._report(run)
+                threading.Thread(target=self._initialise_then_start, args=(pod, run, volumes), daemon=True).start()
+                return
+            self._start_containers(pod, run, volumes)
         except Exception as error:  # a pod we cannot start fails like a kubelet's would
             log.exception("pod %s/%s failed to start", run.namespace, run.name)
+            for container in run.containers:
+                if container.process is None and container.terminated is None:
+                    container.terminated = {"exitCode": 128, "reason": "StartError", "message": str(error)[:1024],
+                                            "startedAt": now(), "finishedAt": now()}
+        self._report(run)
+        for container in run.containers:
+            if container.process is not None:
+                threading.Thread(target=self._wait_container, args=(pod, run, container, volumes),
+                                 daemon=True).start()
+        if all(c.terminated for c in run.containers):
+            self._finish(run)
+
+    def _start_containers(self, pod: dict[str, Any], run: PodRun, volumes: dict[str, Path]) -> None:
+        for container in run.containers:
+            try:
+                self._start_container(pod, run, container, volumes)
+            except ContainerConfigError as error:
+                container.config_error = str(error)
+
+    def _initialise_then_start(self, pod: dict[str, Any], run: PodRun, volumes: dict[str, Path]) -> None:
+        failure = ""
+        for spec in pod["spec"].get("initContainers") or []:
+            init = Container(spec["name"], spec)
+            try:
+                self._start_container(pod, run, init, volumes)
+                assert init.process is not None
+                code = init.process.wait()
+                self._guard.discard(init.process.pid)
+            except Exception as error:  # noqa: BLE001 - reported on the pod like a kubelet would
+                failure = f"init container {init.name} could not start: {error}"
+                break
+            if code != 0:
+                failure = f"init container {init.name} exited with {code}: {_tail(init.log_file, 1024)}"
+                break
+            if run.deleting or self._stop.is_set():
+                return
+        if failure:
+            for container in run.containers:
+                container.terminated = {"exitCode": 128, "reason": "StartError", "message": failure[:1024],
+                                        "startedAt": now(), "finishedAt": now()}
+            self._finish(run)
+            return
+        try:
+            self._start_containers(pod, run, volumes)
+        except Exception as error:  # noqa: BLE001
             for container in run.containers:
                 if container.process is None and container.terminated is None:
                     container.terminated = {"exitCode": 128, "reason": "StartError", "message": str(error)[:1024],

@@ -151,3 +151,84 @@ class TestAMissingSecretKey:
                                "the stuck validation Job to be deleted")
         for where, text in everything_written(stack, namespace, "missing-key").items():
             assert token not in text, f"the hub token leaked into the {where}"
+
+
+def finished(stack: local_stack.LocalStack, name: str, namespace: str) -> dict[str, Any] | None:
+    job = stack.get("finetunejob", name, namespace) or {}
+    status = job.get("status") or {}
+    done = progress_view.is_true(status, "Succeeded") or progress_view.is_true(status, "Failed")
+    return job if done else None
+
+
+class TestOutputInTheBucketServedAndTrainedOn:
+    def test_a_job_stores_its_model_in_s3_serves_it_and_a_second_job_trains_on_from_it(
+            self, stack: local_stack.LocalStack, s3_store: objectstore.SeaweedS3, tmp_path: Path) -> None:
+        namespace = "e2e-s3-output"
+        stack.ensure_namespace(namespace)
+        from kubetune.dev import cli
+
+        manifest = yaml.safe_load(cli.prepare_demo_volumes(stack, tiny=True, namespace=namespace).read_text())
+        base = stack.claim_path(namespace, "base-models") / "tiny-llama"
+        s3_store.create_bucket("e2e-out")
+        fs = s3_store.filesystem()
+        for path in sorted(p for p in base.rglob("*") if p.is_file()):
+            fs.put_file(str(path), f"e2e-out/base/tiny-llama/{path.relative_to(base).as_posix()}")
+        create_secret(stack, namespace, "store", {"accessKeyId": s3_store.access_key,
+                                                  "secretAccessKey": s3_store.secret_key,
+                                                  "endpoint": s3_store.endpoint})
+        spec = manifest["spec"]
+        spec["model"] = {"source": "s3://e2e-out/base/tiny-llama"}
+        spec["output"] = {"storage": "s3://e2e-out/finetunes"}
+        spec["credentials"] = {"s3": {"secretName": "store", "endpointKey": "endpoint"}}
+        spec["serving"] = {"enabled": True, "auth": "none"}
+        spec["evaluation"] = {"samples": 0}
+        first = dict(manifest, metadata={"name": "first"})
+        second = yaml.safe_load(yaml.safe_dump(first))
+        second["metadata"] = {"name": "second"}
+        second["spec"]["model"] = {"fromJob": "first"}
+        second["spec"].pop("serving")
+        for body in (second, first):  # the second waits for the first
+            path = tmp_path / f"{body['metadata']['name']}.yaml"
+            path.write_text(yaml.safe_dump(body))
+            stack.plane.kubectl("apply", "-n", namespace, "-f", str(path))
+
+        def validated(name: str) -> dict[str, Any]:
+            return progress_view.condition((stack.get("finetunejob", name, namespace) or {}).get("status") or {},
+                                           "Validated") or {}
+
+        # Applied first, it found no source job; then the source exists but has not succeeded: it waits.
+        local_stack.wait_until(lambda: "FineTuneJob 'first' has not Succeeded" in validated("second").get("message", ""),
+                               120, "the second job to wait for the first")
+        assert validated("second")["reason"] == "SourceJobNotReady"
+        assert not progress_view.is_true((stack.get("finetunejob", "second", namespace) or {})["status"], "Failed")
+
+        job = local_stack.wait_until(lambda: finished(stack, "first", namespace), 900, "the first job", interval=2)
+        status = job["status"]
+        assert progress_view.is_true(status, "Succeeded"), progress_view.summary(job)
+        assert status["model"]["uri"] == "s3://e2e-out/finetunes/first/model"
+        stored = {p.split("finetunes/first/", 1)[1] for p in fs.find("e2e-out/finetunes/first", refresh=True)}
+        assert {"model/config.json", "model/model.safetensors", "metrics.json", "README.md", "loss_curve.png"} <= stored
+        assert any(p.startswith("checkpoints/step-") for p in stored)
+
+        # Serving: the init container downloads the model from the bucket; the server answers.
+        local_stack.wait_until(lambda: progress_view.is_true(
+            (stack.get("finetunejob", "first", namespace) or {}).get("status") or {}, "ServingReady"), 300,
+            "ServingReady")
+        job = stack.get("finetunejob", "first", namespace) or {}
+        url = local_stack.wait_until(lambda: cli.resolve_endpoint(stack, job), 60, "a ready endpoint")
+        assert cli.served_model_name(url) == "first"
+        assert isinstance(cli.ask(url, "first", "How do I pause a job?", max_tokens=4), str)
+
+        # The second job starts on its own once the first has succeeded, from the first's model.
+        job = local_stack.wait_until(lambda: finished(stack, "second", namespace), 900, "the second job", interval=2)
+        status = job["status"]
+        assert progress_view.is_true(status, "Succeeded"), progress_view.summary(job)
+        assert status["lineage"] == [
+            {"uri": "s3://e2e-out/base/tiny-llama"},
+            {"job": "first", "uri": "s3://e2e-out/finetunes/first/model",
+             "digest": (stack.get("finetunejob", "first", namespace) or {})["status"]["model"]["digest"]}]
+        card = fs.cat("e2e-out/finetunes/second/README.md").decode()
+        assert "`s3://e2e-out/base/tiny-llama` → first (`s3://e2e-out/finetunes/first/model`" in card
+
+        for where, text in everything_written(stack, namespace, "first").items():
+            assert s3_store.secret_key not in text, f"the S3 secret key leaked into the {where}"

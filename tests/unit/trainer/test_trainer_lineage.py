@@ -68,6 +68,8 @@ def test_job_b_starts_from_job_a_weights_not_the_base_models(
     # on A's data with the weights B starts from.
     second = run(tmp_path, "job-b", str(a_model), data_b, held_out_a, method, lineage=lineage)
 
+    print(f"\n[{folder}] val loss on A's data: base model {first['initialValLoss']:.4f}, A after training "
+          f"{first['valLoss']:.4f}, B before its first step {second['initialValLoss']:.4f}")
     assert second["initialValLoss"] == pytest.approx(first["valLoss"], abs=0.02)
     assert second["initialValLoss"] < first["initialValLoss"] - 0.3  # not the base model's loss
     card = (tmp_path / "job-b" / "README.md").read_text()
