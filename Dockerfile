@@ -45,7 +45,7 @@ RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
 FROM base AS trainer-deps
 RUN --mount=type=bind,from=wheel,source=/wheels,target=/wheels \
     python -m venv /opt/venv \
- && pip install "$(echo /wheels/kubetune-*.whl)[trainer]"
+ && pip install "$(echo /wheels/kubetune-*.whl)[trainer,s3]"
 
 # ---------------------------------------------------------------------------------------------
 # trainer: runs `python -m kubetune.trainer --config FILE` (the operator sets the command) and

@@ -177,6 +177,8 @@ class TerminationSummary(TypedDict, total=False):
 
     outcome: Required[Outcome]
     message: str
+    reason: str
+    """A permanent error's kind (`errors.PermanentError.reason`): the condition's reason."""
     step: int
     valLoss: float
     results: TestResults

@@ -23,7 +23,9 @@ How a pod maps onto this machine:
   servers that bind ``$(POD_IP)`` never collide on ports, and Services'
   endpoints point at reachable addresses;
 - env, ``$(VAR)`` expansion, ``valueFrom`` (fieldRef, configMapKeyRef,
-  secretKeyRef, resourceFieldRef) as the kubelet resolves them.
+  secretKeyRef, resourceFieldRef) as the kubelet resolves them; a missing Secret or
+  key leaves the container waiting with reason CreateContainerConfigError;
+- init containers, one after another to completion, before the pod's containers.
 
 ``python -m kubetune.dev.localnode --kubeconfig FILE --workdir DIR`` runs one.
 """
@@ -85,6 +87,13 @@ class Container:
     terminated: dict[str, Any] | None = None
     termination_file: Path | None = None
     log_file: Path | None = None
+    config_error: str = ""
+    """Why the container's environment could not be built (a missing Secret or key): it waits with
+    reason CreateContainerConfigError, as under a kubelet."""
+
+
+class ContainerConfigError(Exception):
+    """A container's env names a Secret or key that does not exist (the kubelet's CreateContainerConfigError)."""
 
 
 @dataclasses.dataclass
@@ -331,10 +340,59 @@ class LocalNode:
             volumes = self._prepare_volumes(pod, folder)
             run.config_maps = [(volume["configMap"], volumes[volume["name"]])
                                for volume in spec.get("volumes") or [] if "configMap" in volume]
-            for container in run.containers:
-                self._start_container(pod, run, container, volumes)
+            if spec.get("initContainers"):
+                # Init containers run one after another, to completion, before the pod's containers.
+                self._report(run)
+                threading.Thread(target=self._initialise_then_start, args=(pod, run, volumes), daemon=True).start()
+                return
+            self._start_containers(pod, run, volumes)
         except Exception as error:  # a pod we cannot start fails like a kubelet's would
             log.exception("pod %s/%s failed to start", run.namespace, run.name)
+            for container in run.containers:
+                if container.process is None and container.terminated is None:
+                    container.terminated = {"exitCode": 128, "reason": "StartError", "message": str(error)[:1024],
+                                            "startedAt": now(), "finishedAt": now()}
+        self._report(run)
+        for container in run.containers:
+            if container.process is not None:
+                threading.Thread(target=self._wait_container, args=(pod, run, container, volumes),
+                                 daemon=True).start()
+        if all(c.terminated for c in run.containers):
+            self._finish(run)
+
+    def _start_containers(self, pod: dict[str, Any], run: PodRun, volumes: dict[str, Path]) -> None:
+        for container in run.containers:
+            try:
+                self._start_container(pod, run, container, volumes)
+            except ContainerConfigError as error:
+                container.config_error = str(error)
+
+    def _initialise_then_start(self, pod: dict[str, Any], run: PodRun, volumes: dict[str, Path]) -> None:
+        failure = ""
+        for spec in pod["spec"].get("initContainers") or []:
+            init = Container(spec["name"], spec)
+            try:
+                self._start_container(pod, run, init, volumes)
+                assert init.process is not None
+                code = init.process.wait()
+                self._guard.discard(init.process.pid)
+            except Exception as error:  # noqa: BLE001 - reported on the pod like a kubelet would
+                failure = f"init container {init.name} could not start: {error}"
+                break
+            if code != 0:
+                failure = f"init container {init.name} exited with {code}: {_tail(init.log_file, 1024)}"
+                break
+            if run.deleting or self._stop.is_set():
+                return
+        if failure:
+            for container in run.containers:
+                container.terminated = {"exitCode": 128, "reason": "StartError", "message": failure[:1024],
+                                        "startedAt": now(), "finishedAt": now()}
+            self._finish(run)
+            return
+        try:
+            self._start_containers(pod, run, volumes)
+        except Exception as error:  # noqa: BLE001
             for container in run.containers:
                 if container.process is None and container.terminated is None:
                     container.terminated = {"exitCode": 128, "reason": "StartError", "message": str(error)[:1024],
@@ -489,7 +547,18 @@ class LocalNode:
                 env[var["name"]] = self._field_ref(pod, ref["fieldRef"]["fieldPath"])
             elif "secretKeyRef" in ref:
                 key = ref["secretKeyRef"]
-                secret = self.core.read_namespaced_secret(key["name"], namespace)
+                try:
+                    secret = self.core.read_namespaced_secret(key["name"], namespace)
+                except k8s.ApiException as error:
+                    if error.status == 404 and not key.get("optional"):
+                        raise ContainerConfigError(f'secret "{key["name"]}" not found') from None
+                    if error.status != 404:
+                        raise
+                    continue
+                if key["key"] not in (secret.data or {}):
+                    if key.get("optional"):
+                        continue
+                    raise ContainerConfigError(f"couldn't find key {key['key']} in Secret {namespace}/{key['name']}")
                 env[var["name"]] = base64.b64decode((secret.data or {})[key["key"]]).decode()
             elif "configMapKeyRef" in ref:
                 key = ref["configMapKeyRef"]
@@ -597,6 +666,8 @@ class LocalNode:
                 state: dict[str, Any] = {"terminated": container.terminated}
             elif container.process is not None:
                 state = {"running": {"startedAt": container.started_at}}
+            elif container.config_error:
+                state = {"waiting": {"reason": "CreateContainerConfigError", "message": container.config_error}}
             else:
                 state = {"waiting": {"reason": "ContainerCreating"}}
             statuses.append({"name": container.name, "image": container.spec.get("image", ""),

@@ -38,7 +38,7 @@ class LocalStack:
     """Control plane + CRDs + operator subprocess + local node. Use as a context manager."""
 
     def __init__(self, workdir: Path, *, operator_env: dict[str, str] | None = None,
-                 resync_seconds: float = 10.0, with_node: bool = True) -> None:
+                 resync_seconds: float = 10.0, with_node: bool = True, node_gpus: int = 0) -> None:
         self.workdir = workdir.resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.plane = controlplane.ControlPlane(self.workdir / "controlplane")
@@ -49,6 +49,8 @@ class LocalStack:
         self.secret_key = secrets.token_hex(32)
         self.operator_env = dict(operator_env or {})
         self.resync_seconds = resync_seconds
+        self.node_gpus = node_gpus
+        """GPUs the local node advertises (pods still run on the CPU): lets a manifest asking for GPUs schedule."""
         self._guard = orphans.ProcessGuard(self.workdir / "operator.pids")
         self.operator_restarts = 0
         self.with_node = with_node
@@ -81,7 +83,7 @@ class LocalStack:
         try:
             self.install_crds()
             if self.with_node:
-                self.node = localnode.LocalNode(self.kubeconfig, self.workdir / "node")
+                self.node = localnode.LocalNode(self.kubeconfig, self.workdir / "node", gpus=self.node_gpus)
                 self.node.start()
             self.start_operator()
         except BaseException:

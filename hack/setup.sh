@@ -7,7 +7,8 @@
 #     transformers, ...) installed editable; pip's cache is kept, so a second
 #     machine-local run downloads nothing,
 #   - the control-plane binaries and helm, built from Go modules into
-#     content-keyed caches (hack/controlplane/build.sh, hack/helm/build.sh).
+#     content-keyed caches (hack/controlplane/build.sh, hack/helm/build.sh),
+#   - SeaweedFS, the S3-compatible server of the object-storage tests (hack/seaweedfs/build.sh).
 # Prints nothing on stdout but the venv path on its last line.
 #
 #   KUBETUNE_VENV    the virtual environment (default ~/.cache/kubetune/venv)
@@ -45,4 +46,5 @@ fi
 
 echo "setup: control plane binaries in $("$repo/hack/controlplane/build.sh")" >&2
 echo "setup: helm in $("$repo/hack/helm/build.sh")" >&2
+echo "setup: SeaweedFS (S3 server for the object-storage tests) in $("$repo/hack/seaweedfs/build.sh")" >&2
 echo "$venv"

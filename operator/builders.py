@@ -216,6 +216,49 @@ def _scratch_env() -> list[Body]:
     ]
 
 
+HF_TOKEN_ENV = "HF_TOKEN"
+HF_ENDPOINT_ENV = "HF_ENDPOINT"
+S3_ENV_KEYS = (("accessKeyIdKey", "AWS_ACCESS_KEY_ID"), ("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"),
+               ("sessionTokenKey", "AWS_SESSION_TOKEN"), ("endpointKey", "AWS_ENDPOINT_URL"),
+               ("regionKey", "AWS_REGION"))
+"""`spec.credentials.s3` keys and the variables the AWS SDKs (botocore, hence s3fs) read them from."""
+S3_DEFAULT_KEYS = {"accessKeyIdKey": "accessKeyId", "secretAccessKeyKey": "secretAccessKey"}
+
+
+def _secret_env(name: str, secret: str, key: str) -> Body:
+    # optional: false: a missing Secret or key stops the container (CreateContainerConfigError),
+    # which the operator reports as CredentialsUnavailable, naming spec.credentials.
+    return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": False}}}
+
+
+def credential_env(spec: Body, limits: NamespaceLimits = DEFAULT_LIMITS) -> list[Body]:
+    """Environment from `spec.credentials`: each value by reference to the user's Secret, never copied;
+    plus the platform's hub mirror (`hfEndpoint`)."""
+    credentials = spec.get("credentials") or {}
+    env: list[Body] = []
+    if limits.hf_endpoint:
+        env.append({"name": HF_ENDPOINT_ENV, "value": limits.hf_endpoint})
+    hub = credentials.get("hub") if isinstance(credentials, dict) else None
+    if isinstance(hub, dict) and hub.get("secretName"):
+        env.append(_secret_env(HF_TOKEN_ENV, hub["secretName"], hub.get("tokenKey") or "token"))
+    s3 = credentials.get("s3") if isinstance(credentials, dict) else None
+    if isinstance(s3, dict) and s3.get("secretName"):
+        for field, variable in S3_ENV_KEYS:
+            key = s3.get(field) or S3_DEFAULT_KEYS.get(field)
+            if key:
+                env.append(_secret_env(variable, s3["secretName"], key))
+    return env
+
+
+def service_account(spec: Body) -> Body:
+    """`serviceAccountName` for workload identity (`spec.credentials.serviceAccountName`), else nothing.
+    The API token stays unmounted: cloud identity webhooks project their own token, and the trainer
+    never talks to the Kubernetes API."""
+    credentials = spec.get("credentials") or {}
+    name = credentials.get("serviceAccountName") if isinstance(credentials, dict) else None
+    return {"serviceAccountName": name} if isinstance(name, str) and name else {}
+
+
 def gpu_count(spec: Body) -> int:
     """GPUs per trainer pod: `spec.resources.gpus` (an int; "auto" = 1; omitted = 0)."""
     gpus = (spec.get("resources") or {}).get("gpus", 0)
@@ -277,7 +320,7 @@ def _pod_spec(job: Body, rendered: render.RenderedConfig, container: Body, *, gr
         "securityContext": pod_security_context(),
         "containers": [container],
         "volumes": _volumes(rendered, job["metadata"]["name"], limits),
-    }
+    } | service_account(spec)
     return pod | _placement(resources, spec, include_gpu_toleration=container["name"] == TRAINER_CONTAINER)
 
 
@@ -319,7 +362,8 @@ def validation_job(job: Body, rendered: render.RenderedConfig, settings: Operato
         "limits": {"memory": settings.validation_memory},
     }
     container = _container(VALIDATION_CONTAINER, settings.trainer_image, settings.image_pull_policy,
-                           _trainer_command("--validate-only"), _scratch_env(), resources, rendered,
+                           _trainer_command("--validate-only"),
+                           _scratch_env() + credential_env(job.get("spec") or {}, limits), resources, rendered,
                            writes_output=False)
     metadata = _metadata(job, name, COMPONENT_VALIDATION)
     metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(rendered)}
@@ -385,7 +429,8 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
     name = names.trainer_job(job["metadata"]["name"])
     limit = backoff_limit(spec)
     container = _container(TRAINER_CONTAINER, settings.trainer_image, settings.image_pull_policy,
-                           _trainer_command(), trainer_env(job, settings), trainer_resources(spec, limits), rendered,
+                           _trainer_command(), trainer_env(job, settings) + credential_env(spec, limits),
+                           trainer_resources(spec, limits), rendered,
                            writes_output=True)
     metadata = _metadata(job, name, COMPONENT_TRAINER)
     metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(rendered)}
@@ -608,9 +653,12 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
     if serving_auth(job) == AUTH_API_KEY:
         env = env + [{"name": VLLM_API_KEY_ENV if runtime == RUNTIME_VLLM else BUILTIN_API_KEY_ENV,
                       "valueFrom": {"secretKeyRef": {"name": names.serving_key(job_name), "key": SERVING_KEY_ENTRY}}}]
+    env = env + credential_env(job.get("spec") or {}, defaults)
     mounts: list[Body] = [{"name": SCRATCH_VOLUME, "mountPath": "/tmp"}]
     if runtime == RUNTIME_VLLM:
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
+    if model.uri.startswith("s3://"):
+        mounts.append({"name": MODEL_VOLUME, "mountPath": render.SERVING_MODEL_DIR, "readOnly": True})
     mounts += [{"name": claim_volume_name(claim), "mountPath": f"{render.PVC_MOUNT_ROOT}/{claim}",
                 "readOnly": True} for claim in model.claims]
     if serving_takes_adapters(job):
@@ -639,7 +687,30 @@ def _serving_volumes(job: Body, model: render.ModelLocation, defaults: Namespace
         # Optional: the server reads a missing file as "no adapters", so the pod never waits for it.
         volumes.append({"name": SERVING_ADAPTERS_VOLUME, "configMap": {
             "name": names.serving_adapters(job["metadata"]["name"]), "optional": True}})
+    if model.uri.startswith("s3://"):
+        volumes.append({"name": MODEL_VOLUME, "emptyDir": {}})
     return volumes
+
+
+MODEL_VOLUME = "model"
+FETCH_MODEL_CONTAINER = "fetch-model"
+
+
+def _model_download_container(job: Body, model: render.ModelLocation, settings: OperatorSettings,
+                              defaults: NamespaceLimits) -> Body:
+    """The serving pod's init container for a model in object storage: the trainer image downloads it
+    (credentials by reference, as in the trainer) into an emptyDir the server then reads."""
+    return {
+        "name": FETCH_MODEL_CONTAINER,
+        "image": settings.trainer_image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": ["python", "-m", "kubetune.trainer.objectstore", model.uri, render.SERVING_MODEL_DIR],
+        "env": _scratch_env() + credential_env(job.get("spec") or {}, defaults),
+        "resources": serving_resources(job, defaults),
+        "securityContext": container_security_context(),
+        "volumeMounts": [{"name": SCRATCH_VOLUME, "mountPath": "/tmp"},
+                         {"name": MODEL_VOLUME, "mountPath": render.SERVING_MODEL_DIR}],
+    }
 
 
 def serving_deployment(job: Body, model: render.ModelLocation, digest: str, settings: OperatorSettings,
@@ -661,7 +732,9 @@ def serving_deployment(job: Body, model: render.ModelLocation, digest: str, sett
         "securityContext": pod_security_context(),
         "containers": [_serving_container(job, model, settings, defaults, guests)],
         "volumes": _serving_volumes(job, model, defaults),
-    }
+    } | service_account(job.get("spec") or {})
+    if model.uri.startswith("s3://"):
+        pod["initContainers"] = [_model_download_container(job, model, settings, defaults)]
     if serving_gpu_count(job):
         pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     manifest: Body = {

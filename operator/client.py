@@ -168,12 +168,18 @@ class KubeClient:
             if ((other.get("spec") or {}).get("serving") or {}).get("shareWith") == name) if hosting else ()
         serving_adapters = self._get(self.core.read_namespaced_config_map, namespace, child["serving_adapters"], uid,
                                      foreign, name) if serving else None
+        # spec.model.fromJob: the source job matters only until status.lineage pins its model.
+        model = (job.get("spec") or {}).get("model") or {}
+        from_job = model.get("fromJob") if isinstance(model, dict) else None
+        source_job = self.get_finetunejob(namespace, from_job) \
+            if isinstance(from_job, str) and from_job and not status.get("lineage") else None
         return Observed(
             job=job,
             now=datetime.now(timezone.utc),
             serving_host=serving_host,
             serving_guests=serving_guests,
             serving_adapters_config_map=serving_adapters,
+            source_job=source_job,
             config_map=config_map,
             progress_secret=progress_secret,
             validation_job=validation_job,

@@ -64,24 +64,30 @@ _PVC_REF_RULE = Rule(
 )
 _NO_DOT_DOT_RULE = Rule("!self.contains('/../') && !self.endsWith('/..')",
                         "must not contain '..' path segments")
+_NO_CREDENTIALS_IN_URL_RULE = Rule(
+    "!self.matches('^[A-Za-z][-A-Za-z0-9+.]*://[^/?#]*@')",
+    "must not carry credentials (user:password@ or key:secret@ before the host): a URL is stored in the "
+    "object, its status, Events and logs; put them in a Secret of this namespace and name it in "
+    "spec.credentials")
+"""Keys pasted into a URL would be copied into the ConfigMap, conditions, Events and log tails."""
 
 ModelURI = Annotated[str, MinLength(1), MaxLength(1024), Rule(
     "self.matches('^(hf://[A-Za-z0-9][-A-Za-z0-9._]*/[A-Za-z0-9][-A-Za-z0-9._]*|pvc://.+|"
     "s3://[a-z0-9][-a-z0-9.]*[a-z0-9]/.+|file:///.+|/.+)$')",
     "must be hf://<org>/<name>, pvc://<claim>/<path>, s3://<bucket>/<key>, or (local mode) an "
-    "absolute path or file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE]
+    "absolute path or file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE, _NO_CREDENTIALS_IN_URL_RULE]
 """Where a model comes from."""
 
 DataURI = Annotated[str, MinLength(1), MaxLength(2048), Rule(
     "self.matches('^(https?://.+|s3://[a-z0-9][-a-z0-9.]*[a-z0-9]/.+|pvc://.+|file:///.+|/.+)$')",
     "must be pvc://<claim>/<path>, http(s)://<url>, s3://<bucket>/<key>, or (local mode) an absolute "
-    "path or file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE]
+    "path or file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE, _NO_CREDENTIALS_IN_URL_RULE]
 """Where data comes from."""
 
 StorageURI = Annotated[str, MinLength(1), MaxLength(1024), Rule(
     "self.matches('^(pvc://.+|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|file:///.+|/.+)$')",
     "must be pvc://<claim>/<path>, s3://<bucket>/<prefix>, or (local mode) an absolute path or "
-    "file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE]
+    "file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE, _NO_CREDENTIALS_IN_URL_RULE]
 """Where outputs go."""
 
 ColumnName = Annotated[str, MinLength(1), MaxLength(256)]
@@ -118,14 +124,25 @@ _RUN_DEFINITION = "it defines the training run; create a new FineTuneJob to chan
 # --- spec.model ------------------------------------------------------------------------
 
 
+@rules(Rule("has(self.source) != has(self.fromJob)",
+            "set exactly one of source (a model's location) and fromJob (continue from an earlier "
+            "FineTuneJob's model)", field_path=".source"))
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """The base model to fine-tune."""
+    """The base model to fine-tune: `source`, or `fromJob` to train on from an earlier job's model."""
 
-    source: ModelURI
+    source: ModelURI | None = None
     """Where the base model comes from: `hf://<org>/<name>` (Hugging Face hub id),
     `pvc://<claim>/<path>` (a folder on a PersistentVolumeClaim in this namespace, as written by
-    `save_pretrained`), `s3://<bucket>/<key>`, or in local mode an absolute path / `file:///<path>`."""
+    `save_pretrained`), `s3://<bucket>/<key>` (a folder prefix; credentials from
+    `spec.credentials.s3`), or in local mode an absolute path / `file:///<path>`."""
+    from_job: Annotated[str, MaxLength(253), Pattern(DNS_SUBDOMAIN)] | None = None
+    """Continue training from the model of an earlier FineTuneJob of this namespace (incremental
+    learning: the same task, new data). The operator waits until that job has Succeeded
+    (`Validated=False SourceJobNotReady` until then), resolves it to the exact model URI and digest of
+    its `status.model`, and records the chain in `status.lineage` and the model card. A merged model
+    is the new base; an unmerged LoRA adapter is trained on (the same adapter, not a second one
+    stacked on it). Instead of `source`."""
     revision: Annotated[str, MaxLength(255)] | None = None
     """Hub revision (branch, tag or commit hash) when `source` is `hf://`. Default: the main branch."""
     gguf_file: Annotated[str, MaxLength(255), Pattern(r"^[^/]+\.gguf$")] | None = None
@@ -227,7 +244,7 @@ class Curriculum:
 GeneratorModelURI = Annotated[str, MinLength(1), MaxLength(1024), Rule(
     "self.matches('^(hf://[A-Za-z0-9][-A-Za-z0-9._]*/[A-Za-z0-9][-A-Za-z0-9._]*|file:///.+|/.+)$')",
     "must be hf://<org>/<name> or (local mode, or a path already mounted in the trainer pod) an "
-    "absolute path or file:///<path>"), _NO_DOT_DOT_RULE]
+    "absolute path or file:///<path>"), _NO_DOT_DOT_RULE, _NO_CREDENTIALS_IN_URL_RULE]
 """Where a synthetic-data generator model comes from."""
 
 
@@ -616,6 +633,59 @@ class ServingSpec:
     named."""
 
 
+# --- spec.credentials ---------------------------------------------------------------------------
+
+SecretKey = Annotated[str, MinLength(1), MaxLength(253), Pattern(r"^[-._a-zA-Z0-9]+$")]
+"""A key of a Secret's data."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HubCredentials:
+    """A Hugging Face hub token, for private or gated `hf://` models."""
+
+    secret_name: Annotated[str, MaxLength(253), Pattern(DNS_SUBDOMAIN)]
+    """A Secret in the job's namespace."""
+    token_key: SecretKey = "token"
+    """Its key holding the token; it reaches the pods as `HF_TOKEN`."""
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Credentials:
+    """Keys of an S3-compatible object store, for `s3://` sources and `output.storage`. Each key named
+    here must exist in the Secret: a missing one stops the validation pod (`Validated=False
+    CredentialsUnavailable`) before any GPU is held."""
+
+    secret_name: Annotated[str, MaxLength(253), Pattern(DNS_SUBDOMAIN)]
+    """A Secret in the job's namespace."""
+    access_key_id_key: SecretKey = "accessKeyId"
+    """Its key holding the access key id (`AWS_ACCESS_KEY_ID` in the pods)."""
+    secret_access_key_key: SecretKey = "secretAccessKey"
+    """Its key holding the secret access key (`AWS_SECRET_ACCESS_KEY`)."""
+    session_token_key: SecretKey | None = None
+    """Its key holding a session token for temporary credentials (`AWS_SESSION_TOKEN`); absent: none."""
+    endpoint_key: SecretKey | None = None
+    """Its key holding the endpoint URL of a non-AWS store, e.g. `https://minio.storage:9000`
+    (`AWS_ENDPOINT_URL`); absent: AWS."""
+    region_key: SecretKey | None = None
+    """Its key holding the region (`AWS_REGION`); absent: the SDK's default."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CredentialsSpec:
+    """Credentials by reference: Secrets of the job's own namespace that reach the validation, trainer
+    and serving pods as environment variables (`valueFrom.secretKeyRef`). The operator never reads
+    or copies their values."""
+
+    hub: HubCredentials | None = None
+    """A hub token for `hf://` models (the hub endpoint itself is the platform's `hfEndpoint`)."""
+    s3: S3Credentials | None = None
+    """Object-store keys for `s3://` locations."""
+    service_account_name: Annotated[str, MaxLength(253), Pattern(DNS_SUBDOMAIN)] | None = None
+    """Run the pods as this ServiceAccount of the namespace, for workload identity (EKS IRSA, GKE
+    Workload Identity, Azure Workload Identity) instead of keys; it must be in the platform policy's
+    `allowedServiceAccounts`."""
+
+
 # --- the spec ------------------------------------------------------------------------------------
 
 
@@ -667,6 +737,9 @@ class FineTuneJobSpec:
     """GPUs, CPU, memory and placement of the trainer pod, and an optional Kueue queue."""
     serving: ServingSpec | None = None
     """Serving of the finished model (editable)."""
+    credentials: CredentialsSpec | None = None
+    """Secrets (by reference) and a ServiceAccount for private models, data and storage (editable:
+    pods created afterwards use the new references)."""
     suspend: bool = False
     """Suspend the run (editable): the trainer pod is stopped after saving a checkpoint and
     resumes from it when set back to false."""
@@ -1033,6 +1106,17 @@ class LastProgress(TypedDict, total=False):
     the model and the baseline evaluation come before its first step)."""
 
 
+class LineageEntry(TypedDict, total=False):
+    """One model in the chain a job trained on from."""
+
+    job: Annotated[str, MaxLength(253)]
+    """The FineTuneJob that produced the model; absent for the original base model."""
+    uri: Annotated[str, MaxLength(2048)]
+    """The model's location (`status.model.uri` of that job, or the base model's `spec.model.source`)."""
+    digest: Annotated[str, MaxLength(128)]
+    """Its content digest, when known."""
+
+
 class FineTuneJobStatus(TypedDict, total=False):
     """FineTuneJobStatus is the observed state of the run, written by the operator only."""
 
@@ -1077,6 +1161,9 @@ class FineTuneJobStatus(TypedDict, total=False):
     what really ran (docs/operator.md, Usage)."""
     lastProgress: LastProgress
     """The trainer's step as last seen advancing (with `spec.training.stallTimeoutSeconds`)."""
+    lineage: Annotated[list[LineageEntry], MaxItems(64), ListType("atomic")]
+    """Where the base model came from, oldest first: the original base model, then each FineTuneJob
+    trained on from it (`spec.model.fromJob`), ending with the model this job started from."""
 
 
 def status_from_dict(data: Any, path: str = "status") -> FineTuneJobStatus:

@@ -21,6 +21,8 @@ from `KUBETUNE_POLICY_FILE` (YAML)::
       scratchSizeLimit: 64Gi       # sizeLimit of the /tmp emptyDir (caches, downloaded models)
       restartStalledTraining: false  # delete a trainer pod stalled past training.stallTimeoutSeconds
       tenant: ""                   # the usage metrics' tenant label; "" = the namespace name
+      allowedServiceAccounts: []   # ServiceAccounts spec.credentials.serviceAccountName may name, or "*"; [] = none
+      hfEndpoint: ""               # HF_ENDPOINT of the pods: a hub mirror; "" = huggingface.co
     namespaces:
       team-a: {maxConcurrentJobs: 2}   # keys left out come from `defaults`
     gpuTypes:                      # the node pools' GPUs, for `resources.gpus: auto` and memory checks
@@ -100,6 +102,12 @@ class NamespaceLimits:
     tenant: str = ""
     """The `tenant` label of the namespace's usage metrics (chargeback); empty = the namespace name.
     Set here, by the platform, not on the FineTuneJob: a tenant cannot move its usage elsewhere."""
+    allowed_service_accounts: tuple[str, ...] = ()
+    """ServiceAccounts of the namespace that `spec.credentials.serviceAccountName` may name (workload
+    identity: the pods get that account's cloud permissions), or `*`; empty = none."""
+    hf_endpoint: str = ""
+    """`HF_ENDPOINT` of the validation, trainer and serving pods: a Hugging Face hub mirror or proxy,
+    e.g. `https://hf-mirror.internal`; empty = the public hub."""
 
     @property
     def limits_running_jobs(self) -> bool:
@@ -133,6 +141,9 @@ class NamespaceLimits:
     def priority_class_allowed(self, name: str) -> bool:
         return "*" in self.allowed_priority_classes or name in self.allowed_priority_classes
 
+    def service_account_allowed(self, name: str) -> bool:
+        return "*" in self.allowed_service_accounts or name in self.allowed_service_accounts
+
 
 def _matches(value: str, patterns: tuple[str, ...]) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(value, pattern) for pattern in patterns)
@@ -162,12 +173,15 @@ _COUNT_KEYS = {"maxConcurrentJobs": "max_concurrent_jobs", "maxGpusPerJob": "max
                "maxTotalGpus": "max_total_gpus"}
 _LIST_KEYS = {"allowedModelSources": "allowed_model_sources", "allowedTrainerImages": "allowed_trainer_images",
               "allowedTolerations": "allowed_tolerations", "allowedNodeSelectors": "allowed_node_selectors",
-              "allowedPriorityClasses": "allowed_priority_classes", "writableClaims": "writable_claims"}
+              "allowedPriorityClasses": "allowed_priority_classes", "writableClaims": "writable_claims",
+              "allowedServiceAccounts": "allowed_service_accounts"}
 _BOOL_KEYS = {"allowTrustRemoteCode": "allow_trust_remote_code",
               "restartStalledTraining": "restart_stalled_training"}
 _TENANT = re.compile(r"^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 _QUANTITY_KEYS = {"defaultCpu": "default_cpu", "defaultMemory": "default_memory",
                   "scratchSizeLimit": "scratch_size_limit"}
+_URL_KEYS = {"hfEndpoint": "hf_endpoint"}
+_URL = re.compile(r"^https?://[^\s/@]+(/\S*)?$")
 _QUANTITY = re.compile(r"^([+-]?[0-9.]+)([eEinumkKMGTP]*[-+]?[0-9]*)$")
 
 
@@ -196,6 +210,13 @@ def _limits_from(data: Any, path: str, base: NamespaceLimits, problems: list[str
                 problems.append(f"{path}.{key}: must be true or false, got {value!r}")
             else:
                 values[_BOOL_KEYS[key]] = value
+        elif key in _URL_KEYS:
+            text = "" if value is None else str(value)
+            if text and not _URL.match(text):
+                problems.append(f"{path}.{key}: must be an http(s):// URL without credentials (empty = the "
+                                f"public hub), got {value!r}")
+            else:
+                values[_URL_KEYS[key]] = text.rstrip("/")
         elif key in _QUANTITY_KEYS:
             text = "" if value is None else str(value)
             if text and not _QUANTITY.match(text):
@@ -210,7 +231,7 @@ def _limits_from(data: Any, path: str, base: NamespaceLimits, problems: list[str
             else:
                 values["tenant"] = value
         else:
-            allowed = ", ".join(sorted([*_COUNT_KEYS, *_LIST_KEYS, *_BOOL_KEYS, *_QUANTITY_KEYS, "tenant"]))
+            allowed = ", ".join(sorted([*_COUNT_KEYS, *_LIST_KEYS, *_BOOL_KEYS, *_QUANTITY_KEYS, *_URL_KEYS, "tenant"]))
             problems.append(f"{path}.{key}: unknown key; allowed: {allowed}")
     return dataclasses.replace(base, **values)
 
@@ -348,6 +369,11 @@ def violations(spec: Mapping[str, Any], limits: NamespaceLimits, namespace: str,
     if claim and not limits.claim_writable(claim):
         found.append(f"spec.output.storage: claim {claim!r} may not be written {where} "
                      f"(writableClaims: {listed(limits.writable_claims)})")
+    account = ((spec.get("credentials") or {}).get("serviceAccountName")
+               if isinstance(spec.get("credentials"), Mapping) else None)
+    if isinstance(account, str) and account and not limits.service_account_allowed(account):
+        found.append(f"spec.credentials.serviceAccountName: {account!r} is not allowed {where} "
+                     f"(allowedServiceAccounts: {listed(limits.allowed_service_accounts)})")
     image = (spec.get("serving") or {}).get("image")
     if isinstance(image, str) and image.strip() and not limits.image_allowed(image.strip(), own_images):
         found.append(f"spec.serving.image: {image.strip()!r} is not allowed {where} "

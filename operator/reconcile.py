@@ -69,6 +69,8 @@ class Observed:
     """Every FineTuneJob in the namespace (read only when the namespace's quota needs it)."""
     namespace_trainer_jobs: tuple[Body, ...] = ()
     """Every trainer Job in the namespace (read only when the namespace's quota needs it)."""
+    source_job: Body | None = None
+    """The FineTuneJob named by `spec.model.fromJob` (read only until the job's lineage is resolved)."""
     foreign_children: tuple[str, ...] = ()
     """Objects with a child's name that this job does not control (`describe_foreign`): a leftover of
     a deleted job of the same name, or someone else's object. Nothing is created while one is there."""
@@ -230,8 +232,12 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
     if pruned:
         _prune(draft, pruned)
         return draft.decision()
+    job = _with_source_job(draft)
+    if job is None:
+        _decide_serving(draft, settings, limits)
+        return draft.decision()
     try:
-        rendered = render.trainer_config_for(observed.job)
+        rendered = render.trainer_config_for(job, lineage=_lineage(draft))
     except render.SpecError as error:
         message = "; ".join(error.problems)
         draft.set(conditions.VALIDATED, "False", conditions.INVALID_SPEC, message)
@@ -302,6 +308,77 @@ def _prune(draft: _Draft, why: str) -> None:
     _set_suspended(draft, holding_pods=False)
 
 
+# --- step 2a: training on from an earlier job ------------------------------------------------
+
+SOURCE_JOB_RETRY_SECONDS = 30.0
+"""How soon to look again at a `spec.model.fromJob` job that has not Succeeded yet (the resync also does)."""
+
+
+def _lineage(draft: _Draft) -> list[Body]:
+    lineage = {**draft.status, **draft.patch}.get("lineage")
+    return [dict(entry) for entry in lineage if isinstance(entry, dict)] if isinstance(lineage, list) else []
+
+
+def source_lineage(source: Body) -> list[Body]:
+    """The lineage a job trained on from `source` (a Succeeded FineTuneJob) starts with: `source`'s own
+    lineage (or its base model), then `source`'s model."""
+    status = source.get("status") or {}
+    model = status.get("model") or {}
+    before = [dict(e) for e in (status.get("lineage") or []) if isinstance(e, dict)]
+    if not before:
+        base = str(((source.get("spec") or {}).get("model") or {}).get("source") or "")
+        before = [{"uri": base}] if base else []
+    entry = {"job": str((source.get("metadata") or {}).get("name", "")), "uri": str(model.get("uri", ""))}
+    if model.get("digest"):
+        entry["digest"] = str(model["digest"])
+    return before + [entry]
+
+
+def _with_source_job(draft: _Draft) -> Body | None:
+    """The job to render: as it is, or with `spec.model.fromJob` resolved to that job's model URI
+    (`status.lineage`, once resolved, pins it: a later run of the source job changes nothing). None
+    while the source job has not Succeeded (`Validated=False SourceJobNotReady`; looked at again)."""
+    job = draft.observed.job
+    model = draft.spec.get("model") or {}
+    from_job = model.get("fromJob") if isinstance(model, dict) else None
+    if not isinstance(from_job, str) or not from_job:
+        return job
+    lineage = _lineage(draft)
+    if not lineage:
+        source = draft.observed.source_job
+        problem = ""
+        if source is None:
+            problem = f"FineTuneJob {from_job!r} does not exist in this namespace"
+        elif not conditions.is_true(list((source.get("status") or {}).get("conditions") or []),
+                                    conditions.SUCCEEDED):
+            state = state_of(source.get("status") or {})
+            problem = f"FineTuneJob {from_job!r} has not Succeeded (it is {state})"
+        elif not ((source.get("status") or {}).get("model") or {}).get("uri"):
+            problem = f"FineTuneJob {from_job!r} Succeeded but records no status.model.uri"
+        if problem:
+            message = f"spec.model.fromJob: {problem}; training starts once it has Succeeded"
+            draft.set(conditions.VALIDATED, "False", conditions.SOURCE_JOB_NOT_READY, message)
+            draft.set(conditions.RUNNING, "False", conditions.SOURCE_JOB_NOT_READY, "waiting for the source job")
+            draft.set(conditions.SUCCEEDED, "False", conditions.NOT_FINISHED, "")
+            draft.set(conditions.FAILED, "False", conditions.NOT_FINISHED, "")
+            draft.requeue_after = SOURCE_JOB_RETRY_SECONDS
+            return None
+        assert source is not None
+        lineage = source_lineage(source)
+        draft.patch["lineage"] = lineage
+    method = draft.spec.get("method") or {}
+    if str(lineage[-1].get("uri", "")).endswith("/adapter") and isinstance(method, dict) \
+            and method.get("type") == "full":
+        message = (f"spec.method.type: full cannot train on from {from_job!r}, which saved an unmerged LoRA "
+                   "adapter: use method lora (it trains that adapter on), or train the source with merge: true")
+        draft.set(conditions.VALIDATED, "False", conditions.INVALID_SPEC, message)
+        draft.finish(False, conditions.INVALID_SPEC, message)
+        return None
+    resolved = copy.deepcopy(job)
+    resolved["spec"]["model"]["source"] = lineage[-1]["uri"]
+    return resolved
+
+
 # --- step 2b: platform policy --------------------------------------------------------------
 
 def _model_source_allowed(draft: _Draft, limits: NamespaceLimits) -> bool:
@@ -309,7 +386,9 @@ def _model_source_allowed(draft: _Draft, limits: NamespaceLimits) -> bool:
     if draft.observed.trainer_job is not None:
         return True  # already training: a later policy change does not stop a run
     source = str((draft.spec.get("model") or {}).get("source") or "")
-    if limits.model_source_allowed(source):
+    if (draft.spec.get("model") or {}).get("fromJob") or limits.model_source_allowed(source):
+        # fromJob: the lineage's base model was checked when the first job of the chain ran, and the
+        # model it continues from is that namespace's own output.
         return True
     message = (f"spec.model.source: {source!r} is not allowed in namespace "
                f"{draft.metadata.get('namespace', '')}; allowed: {', '.join(limits.allowed_model_sources)}")
@@ -411,8 +490,28 @@ def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: 
         draft.set(conditions.VALIDATED, "False", reason, message)
         draft.finish(False, reason, message)
         return False
+    missing = credentials_problem(observed.validation_pods)
+    if missing:
+        # The kubelet retries forever; the spec (or the Secret) must change: end here, pods released.
+        message = (f"spec.credentials: the validation pod cannot start: {missing}; create the Secret with "
+                   "that key in this namespace, or fix spec.credentials")[:1024]
+        draft.actions.append(DeleteChild("batch/v1", "Job", vjob["metadata"]["name"]))
+        draft.set(conditions.VALIDATED, "False", conditions.CREDENTIALS_UNAVAILABLE, message)
+        draft.finish(False, conditions.CREDENTIALS_UNAVAILABLE, message)
+        return False
     _waiting_for_validation(draft, "the dataset-validation pod is running or pending")
     return False
+
+
+def credentials_problem(pods: tuple[Body, ...]) -> str:
+    """The kubelet's message when a pod cannot get its environment from a Secret (a missing Secret or
+    key: waiting reason CreateContainerConfigError), else "". It names the Secret and key, never a value."""
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if waiting.get("reason") == "CreateContainerConfigError":
+                return str(waiting.get("message") or "a Secret or key it names is missing")
+    return ""
 
 
 def _estimate_resources(draft: _Draft, summary: Body, policy: PlatformPolicy) -> bool:
@@ -482,10 +581,16 @@ def _waiting_for_validation(draft: _Draft, message: str) -> None:
     _set_suspended(draft, holding_pods=False)
 
 
+_VALIDATION_REASONS = (conditions.INVALID_DATASET, conditions.MODEL_UNAVAILABLE, conditions.STORAGE_UNAVAILABLE)
+"""Reasons a validation pod's summary may give for a permanent error."""
+
+
 def _validation_failure(vjob: Body, pods: tuple[Body, ...]) -> tuple[str, str]:
     ended = latest_termination(pods, builders.VALIDATION_CONTAINER)
     if ended is not None and ended.exit_code == trainer_config.EXIT_PERMANENT:
-        return conditions.INVALID_DATASET, _summary_text(ended) or "the dataset-validation pod rejected the data"
+        reason = ended.summary.get("reason")
+        return (reason if reason in _VALIDATION_REASONS else conditions.INVALID_DATASET,
+                _summary_text(ended) or "the dataset-validation pod rejected the data")
     condition = _job_condition(vjob, "Failed") or _job_condition(vjob, "FailureTarget") or {}
     if condition.get("reason") == "PodFailurePolicy":
         return conditions.INVALID_DATASET, (_summary_text(ended) if ended else "") or str(

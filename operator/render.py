@@ -25,6 +25,10 @@ from kubetune.trainer import config as trainer_config
 PVC_SCHEME = "pvc://"
 PVC_MOUNT_ROOT = "/mnt/pvc"
 """Claims are mounted at `/mnt/pvc/<claim>` in trainer and validation pods."""
+OBJECT_STORE_SCRATCH = "/tmp/kubetune-output"
+"""Where a run whose `output.storage` is `s3://` writes before its files are uploaded (the pod's /tmp)."""
+SERVING_MODEL_DIR = "/mnt/model"
+"""Where a serving pod's init container downloads an `s3://` model to (an emptyDir)."""
 CONFIG_MOUNT_DIR = "/etc/kubetune"
 """Where the ConfigMap with the trainer config is mounted."""
 CONFIG_FILE_NAME = "trainer-config.json"
@@ -144,7 +148,7 @@ def model_location(job: dict[str, Any]) -> ModelLocation:
     spec = raw_spec if isinstance(raw_spec, dict) else {}
     uri = layout.model_location(output_location(spec, str(metadata.get("name", ""))), *_method(spec))
     claims: set[str] = set()
-    path = localize(uri, "spec.output.storage", claims)
+    path = SERVING_MODEL_DIR if uri.startswith("s3://") else localize(uri, "spec.output.storage", claims)
     base_path = None
     if saves_adapter(spec):
         model = spec.get("model") or {}
@@ -171,16 +175,14 @@ def output_location(spec: dict[str, Any], job_name: str) -> str:
     if not isinstance(storage, str) or not storage.strip():
         raise SpecError(["spec.output.storage: required: where the model and checkpoints go "
                          "(pvc://<claim>/<path>)"])
-    if storage.startswith("s3://"):
-        raise SpecError(["spec.output.storage: s3:// output is not supported by this operator version; "
-                         "use pvc://<claim>/<path> (checkpoints must survive a pod restart)"])
     suffix = output.get("nameSuffix") or ""
     leaf = f"{job_name}-{suffix}" if suffix else job_name
     return f"{storage.rstrip('/')}/{leaf}"
 
 
-def trainer_config_for(job: dict[str, Any]) -> RenderedConfig:
-    """Render the FineTuneJob into the trainer config; SpecError lists every problem."""
+def trainer_config_for(job: dict[str, Any], lineage: list[dict[str, Any]] | None = None) -> RenderedConfig:
+    """Render the FineTuneJob into the trainer config; SpecError lists every problem. `lineage`
+    (`status.lineage`, for `spec.model.fromJob`) goes into the config for the model card."""
     metadata = job.get("metadata") or {}
     spec = job.get("spec")
     if not isinstance(spec, dict):
@@ -215,12 +217,25 @@ def trainer_config_for(job: dict[str, Any]) -> RenderedConfig:
     output_uri = ""
     try:
         output_uri = output_location(spec, str(metadata.get("name", "")))
-        output_dir = localize(output_uri, "spec.output.storage", claims)
-        config["output"] = {"dir": output_dir, "checkpointDir": layout.checkpoints_location(output_dir)}
+        if output_uri.startswith("s3://"):
+            # Written to the pod's scratch space and mirrored to the bucket (checkpoints as they are saved).
+            config["output"] = {"dir": OBJECT_STORE_SCRATCH, "checkpointDir": layout.checkpoints_location(OBJECT_STORE_SCRATCH),
+                                "uri": output_uri}
+        else:
+            output_dir = localize(output_uri, "spec.output.storage", claims)
+            config["output"] = {"dir": output_dir, "checkpointDir": layout.checkpoints_location(output_dir)}
     except SpecError as error:
         problems.extend(error.problems)
     config["job"] = {"namespace": metadata.get("namespace", ""), "name": metadata.get("name", ""),
                      "uid": metadata.get("uid", "")}
+    if lineage:
+        config["job"]["lineage"] = [{k: str(v) for k, v in entry.items() if k in ("job", "uri", "digest")}
+                                    for entry in lineage]
+    model = spec.get("model")
+    if isinstance(model, dict) and not model.get("source") and not model.get("fromJob"):
+        problems.append("spec.model: set source (where the base model is) or fromJob (an earlier FineTuneJob)")
+    elif isinstance(model, dict) and model.get("fromJob") and not lineage:
+        problems.append(f"spec.model.fromJob: {model['fromJob']!r} is not resolved yet")
     if problems:
         raise SpecError(problems)
     try:

@@ -1,4 +1,4 @@
-"""Shared fixtures: the real control plane for integration and e2e tests.
+"""Shared fixtures: the real control plane for integration and e2e tests, and a real S3 store.
 
 The control plane starts once per test session, on loopback with random ports,
 and only when a test asks for it (the `cluster` fixture); unit tests never
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.dev import controlplane
+from kubetune.dev import controlplane, objectstore
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[controlplane.C
     workdir = Path(os.environ.get("KUBETUNE_TEST_CLUSTER_DIR") or tmp_path_factory.mktemp("cluster"))
     with controlplane.ControlPlane(workdir) as plane:
         yield plane
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[objectstore.SeaweedS3]:
+    """A real S3-compatible store (SeaweedFS, built from its Go module) on loopback, one access key."""
+    with objectstore.SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as store:
+        yield store
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

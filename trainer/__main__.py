@@ -241,7 +241,9 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         from kubetune.trainer import modeling
 
         folder = outputs.save_model(run.accelerator.unwrap_model(run.model), tokenizer, config, modeling.locate(config.model).name_or_path)
-        metrics["model"] = {"uri": str(folder.resolve()), "digest": outputs.model_digest(folder)}
+        # With object storage the model's home is the bucket (output_sync uploads it), not the scratch folder.
+        uri = f"{config.output.uri.rstrip('/')}/{folder.name}" if config.output.uri else str(folder.resolve())
+        metrics["model"] = {"uri": uri, "digest": outputs.model_digest(folder)}
         metrics["wallSeconds"] = round(time.monotonic() - started, 2)
         outputs.write_outputs(config, metrics, state.train_losses, state.evaluations)
     run.accelerator.wait_for_everyone()
@@ -260,11 +262,26 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
     return metrics
 
 
-def _fail(reporter: reporting.Reporter | None, outcome: str, message: str) -> None:
+def _train_with_storage(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> dict[str, Any]:
+    """`train_and_save`, mirrored to object storage when `output.uri` is `s3://` (output_sync)."""
+    from kubetune.trainer import output_sync
+
+    if not output_sync.enabled(config):
+        return train_and_save(config, reporter)
+    restored = output_sync.restore_checkpoints(config)
+    if restored:
+        log.info("restored %d checkpoints from %s", restored, config.output.uri)
+    with output_sync.CheckpointUploader(config):
+        metrics = train_and_save(config, reporter)
+    output_sync.upload_outputs(config)
+    return metrics
+
+
+def _fail(reporter: reporting.Reporter | None, outcome: str, message: str, reason: str = "") -> None:
     print(f"kubetune.trainer: {message}", file=sys.stderr)
     if reporter is not None:
         reporter.report("failed", message=message)
-    reporting.write_termination_message(reporting.termination_summary(outcome, message=message))
+    reporting.write_termination_message(reporting.termination_summary(outcome, message=message, reason=reason))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -282,15 +299,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"kind": "validation", "valid": True, "statistics": statistics, "sizing": facts}, default=str))
             reporting.write_termination_message(reporting.validation_summary(statistics, facts))
         except (PermanentError, cfg.ConfigError) as error:
-            _fail(None, "failed", str(error))
+            _fail(None, "failed", str(error), getattr(error, "reason", ""))
             return cfg.EXIT_PERMANENT
         return cfg.EXIT_OK
     Path(config.output.dir).mkdir(parents=True, exist_ok=True)
     reporter = reporting.Reporter.from_environment(config.job)
     try:
-        metrics = train_and_save(config, reporter)
+        metrics = _train_with_storage(config, reporter)
     except (PermanentError, cfg.ConfigError) as error:
-        _fail(reporter, "failed", str(error))
+        _fail(reporter, "failed", str(error), getattr(error, "reason", ""))
         return cfg.EXIT_PERMANENT
     except Preempted as stop:
         reporter.report("failed", message=f"preempted: {stop}")

@@ -145,6 +145,9 @@ class ModelConfig:
     """File name of a GGUF checkpoint inside `source`; transformers dequantises it on load."""
     trust_remote_code: bool = False
     """Allow model code shipped with the checkpoint to run. Off: it runs arbitrary Python."""
+    from_job: str | None = None
+    """The earlier FineTuneJob whose model `source` is (the operator resolves `spec.model.fromJob` into
+    `source`); named in the model card."""
 
 
 @dataclasses.dataclass
@@ -388,10 +391,24 @@ class OutputConfig:
     """Folder the trainer writes the model, metrics, model card and loss curve to."""
     checkpoint_dir: str | None = None
     """Where checkpoints go; default `<dir>/checkpoints`."""
+    uri: str | None = None
+    """An `s3://` location the run's outputs are mirrored to (`output.storage` in object storage):
+    `dir` is then local scratch space, checkpoints are uploaded as they are saved and read back on
+    resume, and everything else is uploaded at the end."""
 
     @property
     def checkpoint_path(self) -> Path:
         return Path(self.checkpoint_dir or layout.checkpoints_location(self.dir))
+
+
+@dataclasses.dataclass
+class LineageEntry:
+    job: str = ""
+    """The FineTuneJob that produced the model; empty for the original base model."""
+    uri: str = ""
+    """Where the model is (a storage URI or hub id)."""
+    digest: str = ""
+    """Its content digest, when known."""
 
 
 @dataclasses.dataclass
@@ -402,6 +419,9 @@ class JobIdentity:
     """Name of the FineTuneJob."""
     uid: str = ""
     """UID of the FineTuneJob (reports for a recreated job with the same name are told apart)."""
+    lineage: list[LineageEntry] = dataclasses.field(default_factory=list)
+    """Where the base model came from, oldest first (`job`, `uri`, `digest` each): the original base
+    model, then each FineTuneJob trained on from it; written into the model card."""
 
 
 @dataclasses.dataclass

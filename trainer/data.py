@@ -108,10 +108,14 @@ def detect_file_format(source: DataSource) -> str:
 
 
 @contextlib.contextmanager
-def _open(location: str) -> Iterator[BinaryIO]:
+def _open(location: str, field: str = "dataset source") -> Iterator[BinaryIO]:
     """The data file as a binary stream (local path, `file://`, `http(s)://`, `s3://`); DataError when absent."""
     import fsspec
 
+    if location.startswith("s3://"):
+        with _open_s3(location, field) as handle:
+            yield handle
+        return
     try:
         with fsspec.open(location, "rb") as handle:
             yield handle
@@ -121,6 +125,21 @@ def _open(location: str) -> Iterator[BinaryIO]:
         raise DataError(f"{location}: is a directory, expected a data file") from error
     except ImportError as error:  # e.g. s3:// without s3fs
         raise DataError(f"{location}: no filesystem support installed for this URL: {error}") from error
+
+
+@contextlib.contextmanager
+def _open_s3(location: str, field: str) -> Iterator[BinaryIO]:
+    """An `s3://` data file through the pod's credentials; errors name the bucket, key or credentials."""
+    from kubetune.trainer import objectstore
+
+    fs = objectstore.filesystem()
+    objectstore.check_bucket(fs, location, field)
+    try:
+        handle = fs.open(location, "rb")
+    except Exception as error:  # noqa: BLE001 - named by objectstore.explain
+        raise objectstore.explain(error, location, field) from error
+    with handle:
+        yield handle
 
 
 def _not_utf8(location: str, offset: int, what: str = "undecodable byte") -> DataError:
@@ -294,12 +313,12 @@ def _parse_txt(handle: BinaryIO, location: str, field: str) -> Iterator[dict[str
 
 
 def iter_records(source: DataSource, fields: FieldNames,
-                 columns: Sequence[str] | None = None) -> Iterator[dict[str, Any]]:
+                 columns: Sequence[str] | None = None, field: str = "dataset source") -> Iterator[dict[str, Any]]:
     """The records of one data file as dictionaries, read as they are needed: a line at a time (JSON
     Lines, CSV, text) or a batch of rows at a time (Parquet); only a `json` document is read whole.
     `columns`: the fields the caller uses (Parquet then reads no other column); None = all."""
     file_format = detect_file_format(source)
-    with _open(source.source) as handle:
+    with _open(source.source, field) as handle:
         if file_format == "parquet":
             yield from _parse_parquet(handle, source.source, columns)
         elif file_format == "jsonl":
@@ -611,7 +630,7 @@ def _used_fields(config: DatasetConfig) -> list[str]:
 
 
 def _load_clean(source: DataSource, config: DatasetConfig, name: str) -> tuple[list[Example], CleaningReport]:
-    records = iter_records(source, config.fields, _used_fields(config))  # streamed: only the examples are held, not the file
+    records = iter_records(source, config.fields, _used_fields(config), f"dataset.{name}.source")  # streamed: only the examples are held, not the file
     examples, report = clean(to_examples(records, config, source.source), config.cleaning)
     if not examples:
         raise DataError(

@@ -11,6 +11,9 @@ from __future__ import annotations
 class PermanentError(Exception):
     """The run cannot succeed with this config, data or model; retrying will not help."""
 
+    reason = "InvalidDataset"
+    """The operator's condition reason for this kind of error (the termination summary's `reason`)."""
+
 
 class DataError(PermanentError):
     """The data is unusable: a missing field, an undecodable file, an unknown label, nothing left after cleaning."""
@@ -18,6 +21,15 @@ class DataError(PermanentError):
 
 class ModelError(PermanentError):
     """The base model cannot be found or loaded."""
+
+    reason = "ModelUnavailable"
+
+
+class StorageError(PermanentError):
+    """An object-store location cannot be used: a missing bucket or key, wrong credentials, an
+    unreachable endpoint. The message names the field."""
+
+    reason = "StorageUnavailable"
 
 
 class CheckpointError(PermanentError):

@@ -1,8 +1,10 @@
 """Loading the base model and tokenizer, and preparing the model for the chosen method.
 
 Any Hugging Face causal LM works: a local folder (a PVC mount in a pod), a hub
-id (`org/name` or `hf://org/name`, where the hub is reachable), or a GGUF file
-inside a folder (`model.ggufFile`; transformers dequantises it). LoRA uses peft
+id (`org/name` or `hf://org/name`, where the hub is reachable; `HF_TOKEN` and
+`HF_ENDPOINT` from the environment reach huggingface_hub), an `s3://` folder
+(downloaded once per pod, `objectstore`), or a GGUF file inside a folder
+(`model.ggufFile`; transformers dequantises it). LoRA uses peft
 with per-architecture default target modules.
 """
 
@@ -15,6 +17,7 @@ from typing import Any
 
 import torch
 
+from kubetune.trainer import objectstore
 from kubetune.trainer.config import LoraSettings, ModelConfig
 from kubetune.trainer.errors import ModelError
 
@@ -52,6 +55,9 @@ class ModelLocation:
 
     name_or_path: str
     kwargs: dict[str, Any]
+    adapter: str | None = None
+    """A peft LoRA adapter folder to load onto `name_or_path` and train on (the source was an
+    earlier job's unmerged adapter, `spec.model.fromJob`); None for a plain model."""
 
     @property
     def is_local(self) -> bool:
@@ -61,6 +67,9 @@ class ModelLocation:
 def locate(model: ModelConfig) -> ModelLocation:
     """Turn `model.source` into from_pretrained arguments; a missing local path is a permanent error."""
     source = model.source.strip()
+    if objectstore.is_s3(source):
+        # from_pretrained reads folders and hub ids only: the model is downloaded once per pod first.
+        source = str(objectstore.download_folder(source, "model.source"))
     for prefix in ("hf://", "file://"):
         source = source.removeprefix(prefix)
     kwargs: dict[str, Any] = {"trust_remote_code": model.trust_remote_code}
@@ -75,14 +84,35 @@ def locate(model: ModelConfig) -> ModelLocation:
     if path.is_dir() and model.gguf_file and not (path / model.gguf_file).is_file():
         ggufs = sorted(p.name for p in path.glob("*.gguf")) or ["none"]
         raise ModelError(f"model.ggufFile: {model.gguf_file!r} not found in {source}; GGUF files there: {', '.join(ggufs)}")
+    if path.is_dir() and (path / "adapter_config.json").is_file() and not (path / "config.json").is_file():
+        return _adapter_location(model, path, kwargs)
     if path.is_dir() and not model.gguf_file and not (path / "config.json").is_file():
         raise ModelError(f"model.source: {source} has no config.json: not a Hugging Face model folder (set ggufFile for GGUF)")
     return ModelLocation(str(path) if path.exists() else source, kwargs)
 
 
+def _adapter_location(model: ModelConfig, folder: Path, kwargs: dict[str, Any]) -> ModelLocation:
+    """An adapter folder: its base model (as `adapter_config.json` names it) plus the adapter."""
+    import json
+
+    try:
+        base = json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ModelError(f"model.source: {model.source}: adapter_config.json names no base model ({error})") from error
+    if not isinstance(base, str) or not base:
+        raise ModelError(f"model.source: {model.source}: adapter_config.json names no base model")
+    if base.startswith(("/", "./")) and not Path(base).exists():
+        raise ModelError(f"model.source: {model.source} is a LoRA adapter whose base model {base} is not mounted "
+                         "here; the base model's claim must be the adapter's claim, or train from a merged model")
+    return ModelLocation(base, kwargs, adapter=str(folder))
+
+
 def _permanent_or_transient(error: OSError, location: ModelLocation) -> Exception:
     text = str(error)
-    if location.is_local or "not a valid model identifier" in text or "Repository Not Found" in text:
+    # A refused or missing token (401/403, gated repositories) is permanent too: HF_TOKEN comes from
+    # spec.credentials.hub, and another attempt sends the same one.
+    refused = any(mark in text for mark in ("401", "403", "Unauthorized", "gated", "Access to model"))
+    if location.is_local or refused or "not a valid model identifier" in text or "Repository Not Found" in text:
         return ModelError(f"model.source: cannot load {location.name_or_path}: {text.splitlines()[0]}")
     return error  # network trouble: retryable
 
@@ -167,6 +197,12 @@ def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32, attn_impl
         raise ModelError(f"model.source: cannot load {location.name_or_path} as a causal LM: {error}") from error
     if model.gguf_file:
         _forget_gguf_quantizer(loaded)
+    if location.adapter:
+        from peft import PeftModel
+
+        # Trained on, not stacked: the same adapter learns the new data, so the result is still one
+        # adapter on the original base (one file to serve, vLLM-compatible, the rank the first job chose).
+        loaded = PeftModel.from_pretrained(loaded, location.adapter, is_trainable=True)
     return loaded
 
 
@@ -202,8 +238,12 @@ def lora_target_modules(model: Any, settings: LoraSettings) -> list[str] | str:
 
 def apply_lora(model: Any, settings: LoraSettings) -> Any:
     """Wrap the model with trainable LoRA adapters; the base weights are frozen."""
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, PeftModel, get_peft_model
 
+    if isinstance(model, PeftModel):
+        log.info("continuing the LoRA adapter the model was loaded with (rank %s); method.lora's rank, alpha "
+                 "and targets apply to new adapters only", model.peft_config["default"].r)
+        return model
     targets = lora_target_modules(model, settings)
     lora = LoraConfig(
         r=settings.rank,

@@ -89,6 +89,17 @@ def _format(value: Any) -> str:
     return str(value)
 
 
+def lineage_lines(config: TrainerConfig) -> list[str]:
+    """The model card's lineage: base model -> job -> job, when the run trained on from an earlier job."""
+    if not config.job.lineage:
+        return []
+    chain = [f"`{entry.uri}`" if not entry.job else f"{entry.job} (`{entry.uri}`"
+             + (f", {entry.digest}" if entry.digest else "") + ")" for entry in config.job.lineage]
+    chain.append(config.job.name or Path(config.output.dir).name)
+    return ["## Lineage", "", "Trained on from an earlier job's model (spec.model.fromJob), oldest first:", "",
+            " → ".join(chain), ""]
+
+
 def model_card(config: TrainerConfig, metrics: dict[str, Any]) -> str:
     """A short README.md: what was trained on what, how, and how well."""
     hp = metrics["hyperparameters"]
@@ -99,6 +110,7 @@ def model_card(config: TrainerConfig, metrics: dict[str, Any]) -> str:
         + (f", rank {config.method.lora.rank}, alpha {config.method.lora.alpha}" if config.method.type == "lora" else "")
         + ").",
         "",
+        *lineage_lines(config),
         "## Data",
         "",
         f"- format: `{config.dataset.format}`, train source: `{config.dataset.train.source}`",

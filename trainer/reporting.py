@@ -162,8 +162,11 @@ def termination_summary(
     samples: Sequence[Mapping[str, str]] | None = None,
     tokens_processed: int | None = None,
     resolved: Mapping[str, Any] | None = None,
+    reason: str = "",
 ) -> str:
     """The pod's termination message (`messages.TerminationSummary`): short JSON, under 4 KiB.
+    `reason`: a permanent error's kind (`errors.PermanentError.reason`), which the operator uses as
+    the condition's reason.
 
     `tokensProcessed` (training tokens this process trained on) is what the operator records in
     `status.usage`: the pod itself writes it, unlike a progress report, which anyone holding the
@@ -183,6 +186,8 @@ def termination_summary(
     })
     if tokens_processed is not None:
         summary["tokensProcessed"] = int(tokens_processed)
+    if reason:
+        summary["reason"] = reason
     if samples:
         # One sample, each text cut short: enough for the operator's Event when the report was lost.
         summary["samples"] = [{k: _excerpt(v) for k, v in samples[0].items()}]

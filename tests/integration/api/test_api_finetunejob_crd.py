@@ -94,7 +94,7 @@ INVALID_MANIFESTS = [
     # --- missing required fields
     Invalid("missing-model", {"model": DELETE}, "spec.model", "Required value"),
     Invalid("missing-model-source", {"model": {"source": DELETE, "revision": "main"}}, "spec.model.source",
-            "Required value"),
+            "set exactly one of source"),
     Invalid("missing-train-data", {"dataset": {"train": DELETE}}, "spec.dataset.train", "Required value"),
     Invalid("missing-output", {"output": DELETE}, "spec.output", "Required value"),
     # --- wrong types
@@ -152,6 +152,17 @@ INVALID_MANIFESTS = [
             "should match"),
     Invalid("path-traversal", {"dataset": {"train": {"source": "pvc://datasets/../secrets/x.jsonl"}}},
             "spec.dataset.train.source", "must not contain '..'"),
+    # --- credentials belong in Secrets named by spec.credentials, never in a URL
+    Invalid("model-url-with-keys", {"model": {"source": "s3://AKIAEXAMPLE:abc123@models/base"}}, "spec.model.source",
+            "must not carry credentials (user:password@ or key:secret@ before the host)"),
+    Invalid("data-url-with-password", {"dataset": {"train": {"source": "https://user:hunter2@data.example.com/t.jsonl"}}},
+            "spec.dataset.train.source", "name it in spec.credentials"),
+    Invalid("output-url-with-keys", {"output": {"storage": "s3://key:secret@models/out"}}, "spec.output.storage",
+            "name it in spec.credentials"),
+    Invalid("model-source-and-from-job", {"model": {"fromJob": "earlier"}}, "spec.model.source",
+            "set exactly one of source (a model's location) and fromJob"),
+    Invalid("credentials-secret-not-a-name", {"credentials": {"s3": {"secretName": "Bucket_Keys"}}},
+            "spec.credentials.s3.secretName", "should match"),
     # --- references carry no namespace
     Invalid("pvc-with-namespace", {"dataset": {"train": {"source": "pvc://team-b:datasets/corpus.jsonl"}}},
             "spec.dataset.train.source", "in the job's own namespace"),

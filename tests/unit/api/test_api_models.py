@@ -54,7 +54,7 @@ class TestFromDict:
         assert models.FineTuneJobSpec.from_dict(parsed.to_dict()) == parsed
 
     @pytest.mark.parametrize(("patch", "problem"), [
-        ({"model": {}}, "spec.model.source: required"),
+        ({"model": {"fromJob": "Not_A_Name"}}, "spec.model.fromJob: "),
         ({"dataset": {"train": {"source": "pvc://d/t.jsonl"}, "format": "qa"}},
          'spec.dataset.format: must be one of "text", "prompt_completion", "chat", "classification", got "qa"'),
         ({"hyperparameters": {"epochs": 0}}, 'spec.hyperparameters.epochs: must be from 1 to 1000 or "auto", got 0'),

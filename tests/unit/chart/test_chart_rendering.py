@@ -298,7 +298,8 @@ class TestWatchScope:
 
 SPEC_RULE_DEFAULTS = {"allowedTolerations": [], "allowedNodeSelectors": [], "allowedPriorityClasses": [],
                       "allowTrustRemoteCode": False, "writableClaims": ["*"], "defaultCpu": "", "defaultMemory": "",
-                      "scratchSizeLimit": "64Gi", "restartStalledTraining": False, "tenant": ""}
+                      "scratchSizeLimit": "64Gi", "restartStalledTraining": False, "tenant": "",
+                      "allowedServiceAccounts": [], "hfEndpoint": ""}
 """The spec rules' defaults: nothing beyond what a tenant could do itself."""
 
 

@@ -157,9 +157,10 @@ class TestDependencySets:
         assert not names & {"torch", "transformers", "accelerate", "peft"}, "the operator image must not hold torch"
 
     def test_the_trainer_installs_the_trainer_extra(self) -> None:
-        assert installed_project_extras("trainer") == {"trainer"}
-        names = dependency_names({"trainer"})
-        assert {"torch", "transformers", "accelerate"} <= names
+        # s3: s3:// model and data sources and output storage are read and written by the trainer pods.
+        assert installed_project_extras("trainer") == {"trainer", "s3"}
+        names = dependency_names({"trainer", "s3"})
+        assert {"torch", "transformers", "accelerate", "s3fs"} <= names
         assert dependency_names(set()) <= names
 
     def test_the_wheel_is_built_without_dependencies(self) -> None:

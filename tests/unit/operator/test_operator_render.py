@@ -40,7 +40,6 @@ def test_equal_specs_render_byte_identical_config(make_job: Callable[..., dict[s
 
 @pytest.mark.parametrize(("change", "problem"), [
     ({"output": {}}, "spec.output.storage: required"),
-    ({"output": {"storage": "s3://bucket/models"}}, "spec.output.storage: s3:// output is not supported"),
     ({"model": {"source": "pvc://Bad_Claim/x"}}, "spec.model.source: 'pvc://Bad_Claim/x' must be pvc://"),
     ({"model": {"source": "pvc://models/../etc"}}, "spec.model.source: 'pvc://models/../etc' must not contain '..'"),
     ({"hyperparameters": {"learningRate": -1}}, "spec.hyperparameters.learningRate: must be > 0"),
