@@ -118,6 +118,8 @@ class Store:
         """(namespace, Job name) -> pod names."""
         self._tombstones: collections.OrderedDict[Key, tuple[str, str]] = collections.OrderedDict()
         self._direct: set[Key] = set()
+        self._absent: dict[Key, float] = {}
+        """Secrets a GET found missing, and when: not read again for `secret_ttl` seconds."""
 
     # -- writing ---------------------------------------------------------------------
 
@@ -140,6 +142,7 @@ class Store:
             if current is not None and current.uid == uid and version and not newer(version, current.resource_version):
                 return False
             self._put(key, entry, metadata)
+            self._absent.pop(key, None)
             return True
 
     def remove(self, kind: str, body: Body) -> None:
@@ -171,6 +174,26 @@ class Store:
                 self._drop(key)
         for body in listed:
             self.upsert(kind, body)
+
+    def note_absent(self, kind: str, namespace: str, name: str) -> None:
+        """A GET answered 404 (Secrets only: other kinds are watched, so their absence is known)."""
+        with self._lock:
+            self._absent[(kind, namespace, name)] = time.monotonic()
+            if len(self._absent) > TOMBSTONES:  # entries outlive their TTL only until the next pass
+                cutoff = time.monotonic() - self.secret_ttl
+                self._absent = {k: t for k, t in self._absent.items() if t >= cutoff}
+
+    def known_absent(self, kind: str, namespace: str, name: str) -> bool:
+        """Whether a GET found it missing less than `secret_ttl` seconds ago."""
+        with self._lock:
+            seen = self._absent.get((kind, namespace, name))
+        return seen is not None and time.monotonic() - seen <= self.secret_ttl
+
+    def forget(self, kind: str, namespace: str, name: str) -> None:
+        """Drop what is remembered of a name (its next read goes to the API)."""
+        with self._lock:
+            self._absent.pop((kind, namespace, name), None)
+            self._drop((kind, namespace, name))
 
     def read_directly(self, kind: str, namespace: str, name: str) -> None:
         """Something not ours holds this name: from now on it is read from the API, not from memory."""

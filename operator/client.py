@@ -164,7 +164,7 @@ class KubeClient:
         store = self._store(namespace)
         if store is not None and kind == cache.SECRET:
             remembered = store.get(kind, namespace, name)
-            if remembered is not None:
+            if remembered is not None or store.known_absent(kind, namespace, name):
                 return remembered
         elif store is not None and not store.is_direct(kind, namespace, name):
             return store.get(kind, namespace, name)
@@ -173,6 +173,8 @@ class KubeClient:
             body = self._json(read, name, namespace, **options)
         except ApiException as error:
             if error.status == 404:
+                if store is not None and kind == cache.SECRET:
+                    store.note_absent(kind, namespace, name)
                 return None
             raise
         if kind == cache.SECRET:
@@ -298,7 +300,11 @@ class KubeClient:
             if error.status != 409:
                 raise
             store = self._store(namespace)
-            if store is not None and kind != cache.SECRET and store.get(kind, namespace, name) is None:
+            if store is not None and kind == cache.SECRET:
+                # Remembered as absent, yet there: read it again, and stop before creating what mounts it.
+                store.forget(kind, namespace, name)
+                raise ChildConflict(f"Secret {namespace}/{name} exists") from error
+            if store is not None and store.get(kind, namespace, name) is None:
                 # Not in memory although ours would be (write-through, label-selected watches):
                 # someone else's object holds the name. Stop before creating what would use it.
                 store.read_directly(kind, namespace, name)

@@ -179,6 +179,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # We post our own Events on condition transitions; kopf's per-handler events would be noise.
     settings.posting.enabled = False
     settings.peering.priority = SETTINGS.peering_priority
+    settings.peering.lifetime = SETTINGS.peering_lifetime
     settings.execution.max_workers = 8
     kube = RUNTIME.kube()
     if SETTINGS.cache and kube.cache is None:

@@ -77,6 +77,10 @@ class OperatorSettings:
     works; the others stand by and take over once its peering record expires (kopf's 60 s lifetime).
     Copies of equal priority both keep working (kopf only warns), so replicas of one Deployment use
     `random`: a random priority drawn at start. `KUBETUNE_PEERING_PRIORITY`, an integer or `random`."""
+    peering_lifetime: int = 60
+    """Seconds a replica's peering record stays valid without renewal (kopf renews it every few seconds):
+    how long a standby waits before it takes over from an active replica that died without a goodbye
+    (SIGKILL, a lost node); a clean shutdown hands over at once. `KUBETUNE_PEERING_LIFETIME`."""
     cache: bool = True
     """Serve reconcile's reads from watch-fed memory (`operator/cache.py`) instead of GETs per pass.
     `false` = read the API server every pass, as before (for comparisons). `KUBETUNE_CACHE`."""
@@ -160,6 +164,7 @@ class OperatorSettings:
             validation_memory=text("KUBETUNE_VALIDATION_MEMORY", defaults.validation_memory),
             peering_name=text("KUBETUNE_PEERING", defaults.peering_name),
             peering_priority=priority,
+            peering_lifetime=int(number("KUBETUNE_PEERING_LIFETIME", defaults.peering_lifetime, int)) or 1,
             cache=raw_cache in ("true", "1", "yes"),
             vllm_image=text("KUBETUNE_VLLM_IMAGE", defaults.vllm_image),
             cluster_domain=text("KUBETUNE_CLUSTER_DOMAIN", defaults.cluster_domain).strip("."),

@@ -76,6 +76,17 @@ class TestWhatIsKept:
         assert kept is not None and kept["metadata"]["name"] == "s"
         assert "c2VjcmV0" not in json.dumps(kept) and "data" not in kept and "stringData" not in kept
 
+    def test_a_secret_found_missing_is_not_read_again_within_its_ttl(self) -> None:
+        store = cache.Store(secret_ttl=60.0)
+        store.note_absent(cache.SECRET, "ns", "s")
+        assert store.known_absent(cache.SECRET, "ns", "s")
+        store.upsert(cache.SECRET, obj("Secret", "s", "1"))  # created since
+        assert not store.known_absent(cache.SECRET, "ns", "s")
+        store.note_absent(cache.SECRET, "ns", "t")
+        store.forget(cache.SECRET, "ns", "t")  # a create answered 409: it is there after all
+        assert not store.known_absent(cache.SECRET, "ns", "t")
+        assert not cache.Store(secret_ttl=0.0).known_absent(cache.SECRET, "ns", "s")
+
     def test_a_remembered_secret_is_forgotten_after_its_ttl(self) -> None:
         store = cache.Store(secret_ttl=0.0)
         store.upsert(cache.SECRET, obj("Secret", "s", "1"))
