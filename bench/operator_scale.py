@@ -21,8 +21,20 @@ Measured:
   certificate), by verb and resource; per job, and per job per minute
   while nothing changes (which would reveal polling).
 
+The operator's own reactions (a change it must act on -> its write) are
+printed over all jobs and per tenth of the run (in creation order), so a
+latency that grows with the backlog shows: FineTuneJob created -> validation
+Job; validation Job complete -> trainer Job; trainer Job complete ->
+Succeeded in status. `--compare REPS` runs the operator with and without
+its watch-fed cache (`KUBETUNE_CACHE`), each run a fresh process with its
+own control plane, alternating, and prints min/median/max and the ratios;
+`--rates 5,10,20,50` runs one pass per creation rate and prints where the
+backlog starts to grow. The load average is printed: the machine is shared.
+
     python bench/operator_scale.py                      # 1000 jobs at 10/s (about 3-4 minutes)
     python bench/operator_scale.py --jobs 100 --quick   # smoke test
+    python bench/operator_scale.py --jobs 200 --compare 3
+    python bench/operator_scale.py --jobs 200 --rates 5,10,20,50
 """
 
 from __future__ import annotations
@@ -128,6 +140,10 @@ class Observer:
         self.validation_job: dict[str, float] = {}
         self.validation_complete: dict[str, float] = {}
         self.trainer_job: dict[str, float] = {}
+        self.trainer_complete: dict[str, float] = {}
+        self.validation_pod_ended: dict[str, float] = {}
+        """FineTuneJob name -> when this kubelet's patch ending its validation pod returned: the operator
+        reacts to the pod's end (its summary), usually before the Job controller marks the Job complete."""
         self.succeeded: dict[str, float] = {}
         self.kubelet_patches = 0
         self._pods_done: set[str] = set()
@@ -169,7 +185,10 @@ class Observer:
                 if any(c.type == "Complete" and c.status == "True" for c in (job.status.conditions or [])):
                     self.validation_complete.setdefault(owner, received)
             elif name.endswith("-train"):
-                self.trainer_job.setdefault(name[: -len("-train")], received)
+                owner = name[: -len("-train")]
+                self.trainer_job.setdefault(owner, received)
+                if any(c.type == "Complete" and c.status == "True" for c in (job.status.conditions or [])):
+                    self.trainer_complete.setdefault(owner, received)
 
     def _watch_pods(self) -> None:
         for event in self._stream(self.core.list_namespaced_pod, self.namespace):
@@ -185,9 +204,10 @@ class Observer:
             else:
                 summary = {"outcome": "succeeded", "step": 10, "valLoss": 1.5, "results": {"perplexity": 4.5},
                            "modelDigest": "sha256:" + "0" * 64, "message": "trained 10 steps"}
-            self._kubelet.submit(self._finish_pod, pod.metadata.name, pod.spec.containers[0], json.dumps(summary))
+            self._kubelet.submit(self._finish_pod, pod.metadata.name, pod.spec.containers[0], json.dumps(summary),
+                                 job_name[: -len("-validate")] if job_name.endswith("-validate") else "")
 
-    def _finish_pod(self, pod_name: str, container: Any, message: str) -> None:
+    def _finish_pod(self, pod_name: str, container: Any, message: str, validating: str = "") -> None:
         now = _now_rfc3339()
         status = {"status": {
             "phase": "Succeeded", "startTime": now,
@@ -198,6 +218,8 @@ class Observer:
                                                             "startedAt": now, "finishedAt": now}}}]}}
         try:
             self.core.patch_namespaced_pod_status(pod_name, self.namespace, status)
+            if validating:
+                self.validation_pod_ended.setdefault(validating, time.monotonic())
             self.kubelet_patches += 1
         except Exception as error:  # noqa: BLE001 - reported, the job then never finishes and shows in the counts
             print(f"kubelet patch of {pod_name} failed: {error}", file=sys.stderr)
@@ -250,6 +272,28 @@ def saturation(created: dict[str, float], reached: dict[str, float], rate: float
     return len(done) < len(created) or handled < 0.9 * rate, handled
 
 
+def by_tenth(created: dict[str, float], start: dict[str, float], end: dict[str, float]) -> list[str]:
+    """p50/p99 of end - start for each tenth of the jobs in creation order, over all jobs of that tenth
+    (a job without `end` is 'not reached'): a latency that grows with the run shows here."""
+    order = sorted(created, key=created.__getitem__)
+    size = max(1, -(-len(order) // 10))
+    lines = []
+    for index in range(0, len(order), size):
+        names = order[index:index + size]
+        values = [end[n] - start[n] for n in names if n in start and n in end]
+        missing = len(names) - len(values)
+        p50, p99 = quantile(values, missing, 0.5), quantile(values, missing, 0.99)
+        shown = ["not reached" if v is None else f"{v * 1000:.0f} ms" for v in (p50, p99)]
+        lines.append(f"    jobs {index + 1:>5}-{index + len(names):<5} p50 {shown[0]:>12}  p99 {shown[1]:>12}"
+                     + (f"  ({missing} not reached)" if missing else ""))
+    return lines
+
+
+def load_average() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.1f} / {five:.1f} / {fifteen:.1f} on {os.cpu_count()} CPUs"
+
+
 def audit_counts(path: Path, since: float, until: float) -> collections.Counter[str]:
     """The operator's requests between two wall-clock times, by 'verb resource[/subresource]'."""
     counts: collections.Counter[str] = collections.Counter()
@@ -280,7 +324,8 @@ def vm_hwm_mib(pid: int) -> tuple[float, float]:
     return int(fields["VmHWM"].split()[0]) / 1024, int(fields["VmRSS"].split()[0]) / 1024
 
 
-def start_operator(plane: Any, kubeconfig: Path, workdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_operator(plane: Any, kubeconfig: Path, workdir: Path, cache: bool = True
+                   ) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     env = {
         **os.environ,
@@ -293,6 +338,7 @@ def start_operator(plane: Any, kubeconfig: Path, workdir: Path) -> tuple[subproc
         "KUBETUNE_SECRET_KEY": secrets.token_hex(16),
         "KUBETUNE_TRAINER_IMAGE": "kubetune-trainer:bench",
         "KUBETUNE_PEERING": f"kubetune-bench-{secrets.token_hex(3)}",
+        "KUBETUNE_CACHE": "true" if cache else "false",
     }
     log = open(workdir / "operator.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "kubetune.operator"], env=env, cwd=REPO, stdout=log,
@@ -367,7 +413,14 @@ def main() -> int:
                              "last status updates still arrive then)")
     parser.add_argument("--quick", action="store_true", help="20 jobs, short idle window: a smoke test")
     parser.add_argument("--keep", type=Path, help="work directory to keep (logs, audit log)")
+    parser.add_argument("--cache", choices=("on", "off"), default="on",
+                        help="the operator's watch-fed cache (KUBETUNE_CACHE); off = reads from the API server")
+    parser.add_argument("--compare", type=int, metavar="REPS",
+                        help="run cache off and on REPS times each (alternating, each its own process)")
+    parser.add_argument("--rates", help="comma-separated creation rates: one run each, cache on")
     args = parser.parse_args()
+    if args.compare or args.rates:
+        return compare(args)
     if args.quick:
         args.jobs, args.idle, args.settle = min(args.jobs, 20), min(args.idle, 10.0), min(args.settle, 10.0)
 
@@ -383,7 +436,7 @@ def main() -> int:
             plane.kubectl("create", "namespace", NAMESPACE)
             plane.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
             operator_kubeconfig = plane.mint_kubeconfig(OPERATOR_USER, ("system:masters",))
-            operator, _ = start_operator(plane, operator_kubeconfig, workdir)
+            operator, _ = start_operator(plane, operator_kubeconfig, workdir, cache=args.cache == "on")
             client = plane.api_client()
             client.configuration.connection_pool_maxsize = 16
             observer = Observer(client, NAMESPACE)
@@ -421,7 +474,13 @@ def main() -> int:
     observer.stop()
     to_validation = latencies(observer.created, observer.validation_job)
     to_trainer = latencies(observer.created, observer.trainer_job)
-    reaction = latencies(observer.validation_complete, observer.trainer_job)
+    # The operator acts on the validation pod's end (it reads the pod's summary), whichever of that and
+    # the Job controller's Complete comes first.
+    validated = {name: min(t, observer.validation_complete.get(name, t))
+                 for name, t in observer.validation_pod_ended.items() if name in observer.created}
+    reaction = latencies(validated, observer.trainer_job)
+    finish_reaction = latencies({n: t for n, t in observer.trainer_complete.items() if n in observer.created},
+                                observer.succeeded)
     to_succeeded = latencies(observer.created, observer.succeeded)
     lifecycle += settling  # the tail of the lifecycle: the last child updates after Succeeded
     total_requests = sum(lifecycle.values())
@@ -435,9 +494,16 @@ def main() -> int:
               f"grew, so the latencies below are queueing time, not reaction time")
     print(f"create -> validation Job   {percentiles(to_validation, total)}")
     print(f"create -> trainer Job      {percentiles(to_trainer, total)}  (target p50 < 0.5 s, p99 < 2 s)")
-    print(f"validation Job complete -> trainer Job  {percentiles(reaction, len(observer.validation_complete))}"
+    print(f"validation pod ended -> trainer Job  {percentiles(reaction, len(observer.created))}"
+          f"  (the operator's own reaction)")
+    print(f"trainer Job complete -> Succeeded  {percentiles(finish_reaction, len(observer.created))}"
           f"  (the operator's own reaction)")
     print(f"create -> Succeeded        {percentiles(to_succeeded, total)}")
+    print("create -> validation Job, per tenth of the run (the operator's reaction to a new job):")
+    print("\n".join(by_tenth(observer.created, observer.created, observer.validation_job)))
+    print("validation pod ended -> trainer Job, per tenth of the run:")
+    print("\n".join(by_tenth(observer.created, validated, observer.trainer_job)))
+    print(f"machine           {load_average()} at the end (the API server and controller-manager share them)")
     print(f"operator memory   peak {peak:.0f} MiB (VmHWM; {baseline_hwm:.0f} MiB before the first job), "
           f"{current:.0f} MiB at the end (target peak < 250 MiB)")
     print(f"API requests      {total_requests} by the operator over the lifecycle = "
@@ -456,12 +522,73 @@ def main() -> int:
         "createToValidationJobP50": _p(to_validation, total, 0.5),
         "createToValidationJobP99": _p(to_validation, total, 0.99),
         "createToTrainerJobP50": _p(to_trainer, total, 0.5), "createToTrainerJobP99": _p(to_trainer, total, 0.99),
-        "operatorReactionP50": _p(reaction, len(observer.validation_complete), 0.5),
-        "operatorReactionP99": _p(reaction, len(observer.validation_complete), 0.99),
+        "operatorReactionP50": _p(reaction, len(observer.created), 0.5),
+        "operatorReactionP99": _p(reaction, len(observer.created), 0.99),
+        "finishReactionP50": _p(finish_reaction, len(observer.created), 0.5),
+        "finishReactionP99": _p(finish_reaction, len(observer.created), 0.99),
+        "cache": args.cache, "loadAverage1m": round(os.getloadavg()[0], 2),
         "operatorPeakMiB": round(peak, 1), "requestsPerJob": round(total_requests / max(1, args.jobs), 2),
         "idleRequestsPerJobPerMinute": round(idle_requests / max(1, args.jobs) / (args.idle / 60), 3),
     }))
     return 0 if finished else 1
+
+
+COMPARED = ("createToValidationJobP50", "createToValidationJobP99", "operatorReactionP50", "operatorReactionP99",
+            "finishReactionP50", "finishReactionP99", "createToTrainerJobP99", "operatorPeakMiB", "requestsPerJob",
+            "idleRequestsPerJobPerMinute", "handledPerSecond")
+
+
+def run_once(args: argparse.Namespace, rate: float, cache: str) -> dict[str, Any]:
+    """One run of this script in a process of its own (its own control plane and operator)."""
+    command = [sys.executable, __file__, "--jobs", str(args.jobs), "--rate", str(rate), "--cache", cache,
+               "--idle", str(args.idle), "--settle", str(args.settle)] + (["--quick"] if args.quick else [])
+    proc = subprocess.run(command, capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if not lines:
+        raise RuntimeError(f"a run failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    result: dict[str, Any] = json.loads(lines[-1].removeprefix("RESULT "))
+    return result
+
+
+def _spread(values: list[Any]) -> str:
+    known = [v for v in values if v is not None]
+    if len(known) < len(values):
+        return f"not reached in {len(values) - len(known)} of {len(values)} runs"
+    return f"{min(known):.4g} / {statistics.median(known):.4g} / {max(known):.4g}"
+
+
+def compare(args: argparse.Namespace) -> int:
+    """--compare: cache off vs on, alternating; --rates: one run per rate (cache on)."""
+    print(f"{load_average()} before the runs", flush=True)
+    if args.rates:
+        grows_at = None
+        for rate in [float(r) for r in args.rates.split(",")]:
+            result = run_once(args, rate, "on")
+            print(f"rate {rate:5g}/s: handled {result['handledPerSecond']:.2f}/s, "
+                  f"{'SATURATED (backlog grows)' if result['saturated'] else 'kept up'}; reaction p50/p99 "
+                  f"create->validation Job {result['createToValidationJobP50']}/{result['createToValidationJobP99']} s; "
+                  f"load {result['loadAverage1m']}", flush=True)
+            if result["saturated"] and grows_at is None:
+                grows_at = rate
+        print(f"the backlog starts to grow at {grows_at:g} jobs/s" if grows_at else
+              "the backlog did not grow at any rate tried")
+        return 0
+    results: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    for rep in range(args.compare):
+        for side in ("off", "on"):
+            results[side].append(run_once(args, args.rate, side))
+            print(f"rep {rep + 1} cache {side}: " + json.dumps({k: results[side][-1].get(k) for k in COMPARED}),
+                  flush=True)
+    print(f"{args.jobs} jobs at {args.rate:g}/s, {args.compare} runs each side; min / median / max:")
+    for key in COMPARED:
+        off = [r.get(key) for r in results["off"]]
+        on = [r.get(key) for r in results["on"]]
+        ratio = ""
+        if None not in off + on and statistics.median(on):
+            ratio = f"  off/on = {statistics.median(off) / statistics.median(on):.2f}"
+        print(f"  {key:30} off {_spread(off):32} on {_spread(on):32}{ratio}")
+    print(f"{load_average()} after the runs")
+    return 0
 
 
 def _p(values: list[float], total: int, q: float) -> float | None:

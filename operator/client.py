@@ -8,6 +8,7 @@ child names are deterministic. Deleting answers 404 when it is already gone.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import secrets
@@ -18,7 +19,7 @@ from typing import Any, cast
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.operator import builders, reconcile
+from kubetune.operator import builders, cache, reconcile
 from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed, PatchChild, ReplaceChild
 
 Body = dict[str, Any]
@@ -29,12 +30,6 @@ SIGNING_KEY_FIELD = "secret-key"
 """Key of the signing key inside its Secret (the chart's `progressKey.secretKey` default)."""
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 """Accept header that makes the API server answer a GET with the object's metadata only."""
-
-
-def kind_of(read: Callable[..., Any]) -> str:
-    """`read_namespaced_config_map` -> `ConfigMap` (for messages)."""
-    words = getattr(read, "__name__", "object").removeprefix("read_namespaced_").split("_")
-    return "".join(word.capitalize() for word in words)
 
 
 log = logging.getLogger(__name__)
@@ -62,15 +57,87 @@ def status_changes(current: Body | None, patch: Body) -> bool:
     return any(key not in status or status[key] != value for key, value in patch.items())
 
 
-class KubeClient:
-    """Typed access to what reconcile needs, over one ApiClient."""
+class ChildConflict(Exception):
+    """A create answered 409 for a name the cache does not hold: something that is not ours has it.
+    The name is now read from the API (`cache.Store.read_directly`); observe again to report it."""
 
-    def __init__(self, client: kubernetes.client.ApiClient) -> None:
+
+class KubeClient:
+    """Typed access to what reconcile needs, over one ApiClient; reads from `cache` once it has synced."""
+
+    def __init__(self, client: kubernetes.client.ApiClient, child_cache: cache.Cache | None = None) -> None:
         self.api = client
         self.core = kubernetes.client.CoreV1Api(client)
         self.batch = kubernetes.client.BatchV1Api(client)
         self.apps = kubernetes.client.AppsV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
+        self.cache = child_cache
+        self._readers: dict[str, tuple[Callable[..., Any], Body]] = {
+            cache.JOB: (self.batch.read_namespaced_job, {}),
+            cache.CONFIG_MAP: (self.core.read_namespaced_config_map, {}),
+            # Metadata only: the operator never reads a Secret's data (its own token included; it can
+            # derive that), so a same-named Secret someone else made leaks nothing to it.
+            cache.SECRET: (self.core.read_namespaced_secret, {"_headers": {"Accept": METADATA_ONLY}}),
+            cache.DEPLOYMENT: (self.apps.read_namespaced_deployment, {}),
+            cache.SERVICE: (self.core.read_namespaced_service, {}),
+        }
+
+    # -- the cache -------------------------------------------------------------------
+
+    def build_cache(self, namespaces: tuple[str, ...], secret_ttl: float) -> cache.Cache:
+        """Informers for the FineTuneJobs and the children in `namespaces` (kopf's patterns): one per
+        kind and namespace when they are plain names (namespaced RBAC suffices), else cluster-wide ones
+        filtered by the patterns. Children are selected by label server-side."""
+        store = cache.Store(secret_ttl)
+        children = f"{builders.LABEL_MANAGED_BY}={builders.MANAGED_BY}"
+        exact = cache.exact_namespaces(namespaces)
+
+        def informers(namespace: str | None) -> list[cache.Informer]:
+            if namespace is None:
+                in_scope = cache.namespace_matcher(namespaces)
+                calls: dict[str, Callable[..., Any]] = {
+                    cache.FINETUNEJOB: functools.partial(self.custom.list_custom_object_for_all_namespaces,
+                                                         GROUP, VERSION, PLURAL),
+                    cache.JOB: self.batch.list_job_for_all_namespaces,
+                    cache.POD: self.core.list_pod_for_all_namespaces,
+                    cache.CONFIG_MAP: self.core.list_config_map_for_all_namespaces,
+                    cache.DEPLOYMENT: self.apps.list_deployment_for_all_namespaces,
+                    cache.SERVICE: self.core.list_service_for_all_namespaces,
+                }
+            else:
+                in_scope = functools.partial(str.__eq__, namespace)
+                calls = {
+                    cache.FINETUNEJOB: functools.partial(self.custom.list_namespaced_custom_object, GROUP, VERSION,
+                                                         namespace, PLURAL),
+                    cache.JOB: functools.partial(self.batch.list_namespaced_job, namespace),
+                    cache.POD: functools.partial(self.core.list_namespaced_pod, namespace),
+                    cache.CONFIG_MAP: functools.partial(self.core.list_namespaced_config_map, namespace),
+                    cache.DEPLOYMENT: functools.partial(self.apps.list_namespaced_deployment, namespace),
+                    cache.SERVICE: functools.partial(self.core.list_namespaced_service, namespace),
+                }
+            return [cache.Informer(kind, call, store, in_scope, "" if kind == cache.FINETUNEJOB else children)
+                    for kind, call in calls.items()]
+
+        scopes: tuple[str | None, ...] = exact if exact is not None else (None,)
+        return cache.Cache(store, {scope: informers(scope) for scope in scopes})
+
+    def _store(self, namespace: str) -> cache.Store | None:
+        """The store when it can answer for `namespace` (its informers have listed once), else None."""
+        if self.cache is not None and self.cache.synced(namespace):
+            return self.cache.store
+        return None
+
+    def remember(self, kind: str, body: Body) -> None:
+        """Write-through: what the API server answered to a write is the newest copy there is."""
+        if self.cache is not None and isinstance(body, dict) and body.get("metadata"):
+            self.cache.store.upsert(kind, body)
+
+    def job(self, namespace: str, name: str) -> Body | None:
+        """The FineTuneJob, from memory once the cache has synced."""
+        store = self._store(namespace)
+        if store is not None:
+            return store.get(cache.FINETUNEJOB, namespace, name)
+        return self.get_finetunejob(namespace, name)
 
     # -- reading -----------------------------------------------------------------
 
@@ -91,27 +158,61 @@ class KubeClient:
         response = call(*args, _preload_content=False, **kwargs)
         return cast(Body, json.loads(response.data))
 
-    def _get(self, read: Any, namespace: str, name: str, owner_uid: str, foreign: list[str],
-             job_name: str = "", **kwargs: Any) -> Body | None:
-        """The child of that name when this job (`owner_uid`) controls it; a same-named object that it
-        does not control is described in `foreign` (reconcile then creates nothing that would use it)."""
+    def read_child(self, kind: str, namespace: str, name: str) -> Body | None:
+        """A child by name: from memory when the cache holds the namespace (Secrets: when their metadata
+        was remembered recently), else one GET (remembered for next time when it is a Secret)."""
+        store = self._store(namespace)
+        if store is not None and kind == cache.SECRET:
+            remembered = store.get(kind, namespace, name)
+            if remembered is not None or store.known_absent(kind, namespace, name):
+                return remembered
+        elif store is not None and not store.is_direct(kind, namespace, name):
+            return store.get(kind, namespace, name)
+        read, options = self._readers[kind]
         try:
-            body = self._json(read, name, namespace, **kwargs)
+            body = self._json(read, name, namespace, **options)
         except ApiException as error:
             if error.status == 404:
+                if store is not None and kind == cache.SECRET:
+                    store.note_absent(kind, namespace, name)
                 return None
             raise
+        if kind == cache.SECRET:
+            self.remember(kind, body)
+        return body
+
+    def _get(self, kind: str, namespace: str, name: str, owner_uid: str, foreign: list[str],
+             job_name: str = "") -> Body | None:
+        """The child of that name when this job (`owner_uid`) controls it; a same-named object that it
+        does not control is described in `foreign` (reconcile then creates nothing that would use it)."""
+        body = self.read_child(kind, namespace, name)
+        if body is None:
+            return None
         if reconcile.controlled_by(body, owner_uid):
             return body
-        foreign.append(reconcile.describe_foreign(body, kind_of(read), job_name))
+        foreign.append(reconcile.describe_foreign(body, kind, job_name))
         return None
 
     def _pods(self, namespace: str, job_name: str) -> tuple[Body, ...]:
+        store = self._store(namespace)
+        if store is not None:
+            return store.pods_of(namespace, job_name)
         pods = self._json(self.core.list_namespaced_pod, namespace,
-                          label_selector=f"batch.kubernetes.io/job-name={job_name}")
+                          label_selector=f"{cache.POD_JOB_LABEL}={job_name}")
         return tuple(pods.get("items") or [])
 
+    def _finetunejob(self, namespace: str, name: str) -> Body | None:
+        """Another FineTuneJob of the namespace (a shared-serving host, a `fromJob` source): from memory
+        when the cache holds the namespace, else one GET."""
+        store = self._store(namespace)
+        if store is not None:
+            return store.get(cache.FINETUNEJOB, namespace, name)
+        return self.get_finetunejob(namespace, name)
+
     def list_finetunejobs(self, namespace: str) -> tuple[Body, ...]:
+        store = self._store(namespace)
+        if store is not None:
+            return store.list(cache.FINETUNEJOB, namespace)
         listing = cast(Body, self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))
         return tuple(listing.get("items") or [])
 
@@ -121,6 +222,10 @@ class KubeClient:
         return tuple(listing.get("items") or [])
 
     def list_trainer_jobs(self, namespace: str) -> tuple[Body, ...]:
+        store = self._store(namespace)
+        if store is not None:
+            return store.list(cache.JOB, namespace, {builders.LABEL_MANAGED_BY: builders.MANAGED_BY,
+                                                     builders.LABEL_COMPONENT: builders.COMPONENT_TRAINER})
         selector = (f"{builders.LABEL_MANAGED_BY}={builders.MANAGED_BY},"
                     f"{builders.LABEL_COMPONENT}={builders.COMPONENT_TRAINER}")
         jobs = self._json(self.batch.list_namespaced_job, namespace, label_selector=selector)
@@ -129,15 +234,14 @@ class KubeClient:
     def observe(self, namespace: str, name: str, *, with_quota: bool = False) -> Observed | None:
         """The job and its children now, or None when the job is gone; `with_quota` also reads the
         namespace's FineTuneJobs and trainer Jobs (what quota admission counts)."""
-        job = self.get_finetunejob(namespace, name)
+        job = self.job(namespace, name)
         if job is None:
             return None
         uid = job["metadata"]["uid"]
         child = reconcile.child_names(name)
         foreign: list[str] = []
-        trainer_job = self._get(self.batch.read_namespaced_job, namespace, child["trainer_job"], uid, foreign, name)
-        validation_job = self._get(self.batch.read_namespaced_job, namespace, child["validation_job"], uid,
-                                   foreign, name)
+        trainer_job = self._get(cache.JOB, namespace, child["trainer_job"], uid, foreign, name)
+        validation_job = self._get(cache.JOB, namespace, child["validation_job"], uid, foreign, name)
         # Skipped reads (each reconcile pass costs requests; child events make many passes): the
         # validation pods only matter until the trainer Job exists, and serving children can only
         # exist once the job has finished (or still holds an endpoint).
@@ -145,33 +249,31 @@ class KubeClient:
         finished = any(c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
                        for c in status.get("conditions") or [])
         serving = finished or bool(status.get("endpoint"))
-        config_map = self._get(self.core.read_namespaced_config_map, namespace, child["config_map"], uid, foreign, name)
-        # Metadata only: the operator never reads a Secret's data (its own token included; it can
-        # derive that), so a same-named Secret someone else made leaks nothing to it.
-        progress_secret = self._get(self.core.read_namespaced_secret, namespace, child["progress_secret"], uid,
-                                    foreign, name, _headers={"Accept": METADATA_ONLY})
-        serving_deployment = self._get(self.apps.read_namespaced_deployment, namespace, child["serving"], uid,
-                                       foreign, name) if serving else None
-        serving_service = self._get(self.core.read_namespaced_service, namespace, child["serving"], uid,
-                                    foreign, name) if serving else None
+        config_map = self._get(cache.CONFIG_MAP, namespace, child["config_map"], uid, foreign, name)
+        # Secrets: metadata only (see read_child).
+        progress_secret = self._get(cache.SECRET, namespace, child["progress_secret"], uid, foreign, name)
+        serving_deployment = self._get(cache.DEPLOYMENT, namespace, child["serving"], uid, foreign, name) \
+            if serving else None
+        serving_service = self._get(cache.SERVICE, namespace, child["serving"], uid, foreign, name) \
+            if serving else None
         # Metadata only as well: the key's digest is an annotation the operator wrote on it.
-        serving_key_secret = self._get(self.core.read_namespaced_secret, namespace, child["serving_key"], uid,
-                                       foreign, name, _headers={"Accept": METADATA_ONLY}) if serving else None
+        serving_key_secret = self._get(cache.SECRET, namespace, child["serving_key"], uid, foreign, name) \
+            if serving else None
         # Shared serving (spec.serving.shareWith): a guest reads the job it names; a job serving
         # on its own reads the guests naming it, and the ConfigMap listing their adapters.
         spec_serving = (job.get("spec") or {}).get("serving") or {}
         share_with = spec_serving.get("shareWith") if isinstance(spec_serving, dict) else None
         hosting = serving and bool(spec_serving.get("enabled")) and not share_with
-        serving_host = self.get_finetunejob(namespace, share_with) if serving and share_with else None
+        serving_host = self._finetunejob(namespace, share_with) if serving and share_with else None
         serving_guests = tuple(
             other for other in self.list_finetunejobs(namespace)
             if ((other.get("spec") or {}).get("serving") or {}).get("shareWith") == name) if hosting else ()
-        serving_adapters = self._get(self.core.read_namespaced_config_map, namespace, child["serving_adapters"], uid,
-                                     foreign, name) if serving else None
+        serving_adapters = self._get(cache.CONFIG_MAP, namespace, child["serving_adapters"], uid, foreign, name) \
+            if serving else None
         # spec.model.fromJob: the source job matters only until status.lineage pins its model.
         model = (job.get("spec") or {}).get("model") or {}
         from_job = model.get("fromJob") if isinstance(model, dict) else None
-        source_job = self.get_finetunejob(namespace, from_job) \
+        source_job = self._finetunejob(namespace, from_job) \
             if isinstance(from_job, str) and from_job and not status.get("lineage") else None
         return Observed(
             job=job,
@@ -223,24 +325,36 @@ class KubeClient:
             "Deployment": self.apps.create_namespaced_deployment,
             "Service": self.core.create_namespaced_service,
         }
+        name = manifest["metadata"]["name"]
         try:
-            creators[kind](namespace, manifest)
-            log.info("created %s %s/%s", kind, namespace, manifest["metadata"]["name"])
+            self.remember(kind, self._json(creators[kind], namespace, manifest))
+            log.info("created %s %s/%s", kind, namespace, name)
         except ApiException as error:
             if error.status != 409:
                 raise
+            store = self._store(namespace)
+            if store is not None and kind == cache.SECRET:
+                # Remembered as absent, yet there: read it again, and stop before creating what mounts it.
+                store.forget(kind, namespace, name)
+                raise ChildConflict(f"Secret {namespace}/{name} exists") from error
+            if store is not None and store.get(kind, namespace, name) is None:
+                # Not in memory although ours would be (write-through, label-selected watches):
+                # someone else's object holds the name. Stop before creating what would use it.
+                store.read_directly(kind, namespace, name)
+                raise ChildConflict(f"{kind} {namespace}/{name} exists and is not in the cache") from error
 
     def patch(self, namespace: str, action: PatchChild) -> None:
         patchers = {"Job": self.batch.patch_namespaced_job, "ConfigMap": self.core.patch_namespaced_config_map,
                     "Service": self.core.patch_namespaced_service}
-        patchers[action.kind](action.name, namespace, action.patch)
+        self.remember(action.kind, self._json(patchers[action.kind], action.name, namespace, action.patch))
 
     def replace(self, namespace: str, action: ReplaceChild) -> None:
         """PUT the manifest; a 409 (changed since observed) raises, and the retry observes again."""
         replacers: dict[str, Callable[..., Any]] = {"Deployment": self.apps.replace_namespaced_deployment}
         manifest = {**action.manifest, "metadata": {**action.manifest["metadata"],
                                                     "resourceVersion": action.resource_version}}
-        replacers[action.manifest["kind"]](manifest["metadata"]["name"], namespace, manifest)
+        self.remember(action.manifest["kind"],
+                      self._json(replacers[action.manifest["kind"]], manifest["metadata"]["name"], namespace, manifest))
         log.info("replaced %s %s/%s", action.manifest["kind"], namespace, manifest["metadata"]["name"])
 
     def delete(self, namespace: str, action: DeleteChild) -> None:
@@ -285,8 +399,8 @@ class KubeClient:
     def patch_status(self, namespace: str, name: str, status: Body) -> None:
         """Merge-patch `status` of a FineTuneJob (the status subresource)."""
         try:
-            self.custom.patch_namespaced_custom_object_status(GROUP, VERSION, namespace, PLURAL, name,
-                                                              {"status": status})
+            self.remember(cache.FINETUNEJOB, self._json(self.custom.patch_namespaced_custom_object_status,
+                                                        GROUP, VERSION, namespace, PLURAL, name, {"status": status}))
         except ApiException as error:
             if error.status != 404:  # deleted meanwhile
                 raise

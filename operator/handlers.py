@@ -23,8 +23,8 @@ from typing import Any
 
 import kopf
 
-from kubetune.operator import builders, conditions, metrics, policy, progress, quota, reconcile
-from kubetune.operator.client import KubeClient, api_client
+from kubetune.operator import builders, cache, conditions, metrics, policy, progress, quota, reconcile
+from kubetune.operator.client import ChildConflict, KubeClient, api_client
 from kubetune.operator.settings import OperatorSettings
 
 Body = dict[str, Any]
@@ -89,6 +89,16 @@ class _Runtime:
         if self.client is None:
             self.client = KubeClient(api_client())
         return self.client
+
+    def observed(self, kind: str, body: kopf.Body, event_type: str | None) -> None:
+        """A watch event kopf received: into the cache first, so the reconcile it triggers reads it."""
+        child_cache = self.kube().cache
+        if child_cache is None:
+            return
+        if event_type == "DELETED":
+            child_cache.store.remove(kind, dict(body))
+        else:
+            child_cache.store.upsert(kind, dict(body))
 
 
 def child_state(body: kopf.Body) -> tuple[Any, ...]:
@@ -167,15 +177,20 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.clusterwide = not SETTINGS.namespaces
     # We post our own Events on condition transitions; kopf's per-handler events would be noise.
     settings.posting.enabled = False
+    settings.peering.priority = SETTINGS.peering_priority
+    settings.peering.lifetime = SETTINGS.peering_lifetime
     settings.execution.max_workers = 8
     kube = RUNTIME.kube()
+    if SETTINGS.cache and kube.cache is None:
+        kube.cache = kube.build_cache(SETTINGS.namespaces, secret_ttl=SETTINGS.resync_seconds)
+        kube.cache.start()
     if not SETTINGS.secret_key and SETTINGS.secret_key_secret:
         key_namespace, _slash, key_name = SETTINGS.secret_key_secret.partition("/")
         key = await asyncio.to_thread(kube.ensure_signing_key, key_namespace, key_name)
         SETTINGS = dataclasses.replace(SETTINGS, secret_key=key)
 
     async def get_job(namespace: str, name: str) -> Body | None:
-        return await asyncio.to_thread(kube.get_finetunejob, namespace, name)
+        return await asyncio.to_thread(kube.job, namespace, name)
 
     async def patch_status(namespace: str, name: str, status: Body) -> None:
         await asyncio.to_thread(kube.patch_status, namespace, name, status)
@@ -193,6 +208,8 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 async def stop_server(**_: Any) -> None:
     for task in _RESYNC_TASKS:
         task.cancel()
+    if RUNTIME.client is not None and RUNTIME.client.cache is not None:
+        RUNTIME.client.cache.stop()
     if RUNTIME.server is not None:
         await RUNTIME.server.stop()
 
@@ -225,11 +242,12 @@ def reconcile_job(namespace: str, name: str) -> None:
             RUNTIME.dequeue(namespace, name)  # from here on, a new event needs a new pass
             kube = RUNTIME.kube()
             try:
-                observed = kube.observe(namespace, name, with_quota=counted)
-                if observed is None:
+                try:
+                    observed, decision = _converge(kube, namespace, name, counted)
+                except ChildConflict:  # the name is read from the API now: observe the conflict
+                    observed, decision = _converge(kube, namespace, name, counted)
+                if observed is None or decision is None:
                     return
-                decision = reconcile.reconcile(observed, SETTINGS, POLICY)
-                kube.apply(observed, decision)
             except Exception:
                 METRICS.reconcile_failed(namespace)
                 raise
@@ -239,6 +257,16 @@ def reconcile_job(namespace: str, name: str) -> None:
                 RUNTIME.settled.discard((namespace, name))
             else:
                 RUNTIME.settled.add((namespace, name))
+
+
+def _converge(kube: KubeClient, namespace: str, name: str,
+              counted: bool) -> tuple[reconcile.Observed | None, reconcile.Decision | None]:
+    observed = kube.observe(namespace, name, with_quota=counted)
+    if observed is None:
+        return None, None
+    decision = reconcile.reconcile(observed, SETTINGS, POLICY)
+    kube.apply(observed, decision)
+    return observed, decision
 
 
 def admit_waiting_jobs(namespace: str) -> None:
@@ -330,9 +358,10 @@ RESYNCS.append(JOB_RESYNC)
 
 
 @kopf.on.event(*RESOURCE)
-def track_job(namespace: str | None, name: str | None, spec: kopf.Spec, status: kopf.Status,
+def track_job(namespace: str | None, name: str | None, spec: kopf.Spec, status: kopf.Status, body: kopf.Body,
               type: str | None = None, **_: Any) -> None:
     """Polling a job with nothing pending would cost ~10 requests per job per interval forever."""
+    RUNTIME.observed(cache.FINETUNEJOB, body, type)
     JOB_RESYNC.track(namespace, name, type != "DELETED" and has_pending_work(dict(spec), dict(status)))
 
 
@@ -363,6 +392,7 @@ def _owner_name(body: kopf.Body) -> str | None:
 def on_child_event(namespace: str | None, body: kopf.Body, type: str | None = None, **_: Any) -> None:
     """A child changed (a pod started or ended, a Job finished, serving became available):
     converge its FineTuneJob now; when a trainer Job stops holding quota, start waiting jobs."""
+    RUNTIME.observed(str(body.get("kind") or ""), body, type)
     name = _owner_name(body)
     settled = (namespace, name) in RUNTIME.settled and body.get("kind") != "Deployment"
     if namespace and name and not settled and RUNTIME.child_changed(body, type):

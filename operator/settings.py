@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 from collections.abc import Mapping
 
 
@@ -71,6 +72,18 @@ class OperatorSettings:
     """Memory request and limit of the dataset-validation pod. `KUBETUNE_VALIDATION_MEMORY`."""
     peering_name: str = "kubetune"
     """kopf peering object name: a second operator copy with the same name pauses. `KUBETUNE_PEERING`."""
+    peering_priority: int = 0
+    """kopf peering priority of this replica: of the live copies with one peering name, only the highest
+    works; the others stand by and take over once its peering record expires (kopf's 60 s lifetime).
+    Copies of equal priority both keep working (kopf only warns), so replicas of one Deployment use
+    `random`: a random priority drawn at start. `KUBETUNE_PEERING_PRIORITY`, an integer or `random`."""
+    peering_lifetime: int = 60
+    """Seconds a replica's peering record stays valid without renewal (kopf renews it every few seconds):
+    how long a standby waits before it takes over from an active replica that died without a goodbye
+    (SIGKILL, a lost node); a clean shutdown hands over at once. `KUBETUNE_PEERING_LIFETIME`."""
+    cache: bool = True
+    """Serve reconcile's reads from watch-fed memory (`operator/cache.py`) instead of GETs per pass.
+    `false` = read the API server every pass, as before (for comparisons). `KUBETUNE_CACHE`."""
     vllm_image: str = "vllm/vllm-openai:v0.11.0"
     """Image of `runtime: vllm` serving pods (the vLLM OpenAI-compatible server), pinned so an
     operator version always serves with the vLLM it was tested with. `KUBETUNE_VLLM_IMAGE`."""
@@ -116,6 +129,18 @@ class OperatorSettings:
             raise SettingsError(f"KUBETUNE_METRICS_PORT: must differ from KUBETUNE_HTTP_PORT ({ports[0]}); "
                                 f"metrics are served on a port of their own")
         namespaces = tuple(n.strip() for n in text("KUBETUNE_NAMESPACES", "").split(",") if n.strip())
+        raw_priority = text("KUBETUNE_PEERING_PRIORITY", "0")
+        if raw_priority == "random":
+            priority = secrets.randbelow(2**31 - 1) + 1
+        else:
+            try:
+                priority = int(raw_priority or "0")
+            except ValueError:
+                raise SettingsError(f"KUBETUNE_PEERING_PRIORITY: must be an integer or 'random', "
+                                    f"got {raw_priority!r}") from None
+        raw_cache = text("KUBETUNE_CACHE", "true").lower()
+        if raw_cache not in ("true", "false", "1", "0", "yes", "no"):
+            raise SettingsError(f"KUBETUNE_CACHE: must be true or false, got {raw_cache!r}")
         return cls(
             namespaces=namespaces,
             trainer_image=text("KUBETUNE_TRAINER_IMAGE", defaults.trainer_image),
@@ -138,6 +163,9 @@ class OperatorSettings:
             validation_cpu=text("KUBETUNE_VALIDATION_CPU", defaults.validation_cpu),
             validation_memory=text("KUBETUNE_VALIDATION_MEMORY", defaults.validation_memory),
             peering_name=text("KUBETUNE_PEERING", defaults.peering_name),
+            peering_priority=priority,
+            peering_lifetime=int(number("KUBETUNE_PEERING_LIFETIME", defaults.peering_lifetime, int)) or 1,
+            cache=raw_cache in ("true", "1", "yes"),
             vllm_image=text("KUBETUNE_VLLM_IMAGE", defaults.vllm_image),
             cluster_domain=text("KUBETUNE_CLUSTER_DOMAIN", defaults.cluster_domain).strip("."),
             policy_file=text("KUBETUNE_POLICY_FILE", defaults.policy_file),

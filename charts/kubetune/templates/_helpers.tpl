@@ -90,6 +90,21 @@ result fails the render instead of falling back to cluster-wide mode.
 {{- toJson $names }}
 {{- end }}
 
+{{/*
+KUBETUNE_NAMESPACES: `operator.namespacePatterns` (a shard's patterns; cluster-wide RBAC), else the
+watched namespaces (empty = the whole cluster).
+*/}}
+{{- define "kubetune.operatorNamespaces" -}}
+{{- if .Values.operator.namespacePatterns }}
+{{- if .Values.watchNamespaces }}
+{{- fail "operator.namespacePatterns needs watchNamespaces empty: patterns match namespaces that namespaced RBAC cannot list ahead" }}
+{{- end }}
+{{- join "," .Values.operator.namespacePatterns }}
+{{- else }}
+{{- include "kubetune.watchedNamespaces" . | fromJsonArray | join "," }}
+{{- end }}
+{{- end }}
+
 {{/* The Secret that holds the progress-token signing key. */}}
 {{- define "kubetune.progressKeySecret" -}}
 {{- default (printf "%s-progress-key" (include "kubetune.fullname" .)) .Values.progressKey.existingSecret }}

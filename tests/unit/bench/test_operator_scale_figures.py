@@ -52,3 +52,17 @@ def test_a_run_that_fell_behind_the_creation_rate_is_saturated() -> None:
 def test_the_controller_manager_is_not_the_bottleneck() -> None:
     """Its default client limit (20 requests/s) is below what 10 jobs/s need from the Job controller."""
     assert bench.CONTROLLER_MANAGER_QPS >= 100 and bench.CONTROLLER_MANAGER_BURST >= bench.CONTROLLER_MANAGER_QPS
+
+
+def test_per_tenth_figures_show_a_latency_that_grows_over_the_run_and_count_every_job() -> None:
+    created = {f"job-{i:03d}": i / 10 for i in range(100)}
+    acted = {name: t + (0.01 if i < 50 else 1.0) for i, (name, t) in enumerate(created.items()) if i != 99}
+    lines = bench.by_tenth(created, created, acted)
+    assert len(lines) == 10
+    assert "p50        10 ms" in lines[0] and "p50      1000 ms" in lines[8]
+    assert "p99  not reached" in lines[9] and "(1 not reached)" in lines[9]
+
+
+def test_the_comparison_spread_names_runs_where_a_figure_was_not_reached() -> None:
+    assert bench._spread([0.3, 0.1, 0.2]) == "0.1 / 0.2 / 0.3"
+    assert bench._spread([0.3, None]) == "not reached in 1 of 2 runs"

@@ -51,6 +51,10 @@ def client_calls() -> set[Permission]:
     for module in CLIENT_MODULES:
         tree = ast.parse((OPERATOR / module).read_text())
         called_with = {id(node.func): node.args for node in ast.walk(tree) if isinstance(node, ast.Call)}
+        # Passed on rather than called (`self._json(self.custom.patch_..., GROUP, ...)`,
+        # `functools.partial(self.custom.list_..., GROUP, ...)`): the arguments that follow it.
+        called_with |= {id(node.args[0]): node.args[1:] for node in ast.walk(tree)
+                        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Attribute)}
         for node in ast.walk(tree):
             if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
                     and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
@@ -67,7 +71,18 @@ def client_calls() -> set[Permission]:
                 assert plural, f"{module}: cannot tell which custom resource {node.attr} is called on"
                 resource = CUSTOM_PLURALS[plural] + resource.removeprefix("finetunejobs")
             found.add((group, resource, VERBS[match.group(1)]))
+            if match.group(1) == "list":  # list calls feed the informers (operator/cache.py): list, then watch
+                found.add((group, resource, "watch"))
     return found
+
+
+def peering_permissions() -> set[Permission]:
+    """kopf peering (the handlers configure it): it lists and watches the peering objects and patches
+    its own record into them, cluster-wide or per namespace."""
+    if "settings.peering.name" not in (OPERATOR / "handlers.py").read_text():
+        return set()
+    return {("kopf.dev", resource, verb) for resource in ("kopfpeerings", "clusterkopfpeerings")
+            for verb in ("list", "watch", "patch")}
 
 
 def kopf_watches() -> set[Permission]:
@@ -135,7 +150,7 @@ def test_only_client_and_handlers_talk_to_the_api() -> None:
 
 
 def test_the_scan_finds_the_calls_we_know_of() -> None:
-    needed = client_calls() | kopf_watches() | owner_reference_permissions()
+    needed = client_calls() | kopf_watches() | owner_reference_permissions() | peering_permissions()
     assert {("kubetune.io", "finetunejobs/status", "patch"), ("batch", "jobs", "create"),
             ("", "secrets", "get"), ("batch", "jobs", "watch"),
             ("kubetune.io", "finetunejobs/finalizers", "update")} <= needed
@@ -143,7 +158,7 @@ def test_the_scan_finds_the_calls_we_know_of() -> None:
 
 @pytest.mark.parametrize("values", [None, {"watchNamespaces": ["team-a"]}], ids=["cluster-wide", "namespaced"])
 def test_the_operator_role_grants_exactly_what_the_operator_calls(render: Render, values: Any) -> None:
-    needed = client_calls() | kopf_watches() | owner_reference_permissions()
+    needed = client_calls() | kopf_watches() | owner_reference_permissions() | peering_permissions()
     rules = granted(operator_rules(render(values)))
     assert sorted(needed - rules) == [], "the operator calls these but the chart does not grant them"
     assert sorted(rules - needed) == [], "the chart grants these but the operator never calls them"

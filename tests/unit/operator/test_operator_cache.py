@@ -1,0 +1,167 @@
+"""The operator's watch-fed store: what reconcile reads instead of the API server.
+
+The informers that feed it run against the real API server in
+tests/integration/operator/test_operator_cache.py; here, the store's rules.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from kubetune.operator import cache
+
+
+def obj(kind: str, name: str, version: str, uid: str = "u1", namespace: str = "ns", **extra: Any) -> dict[str, Any]:
+    metadata = {"name": name, "namespace": namespace, "uid": uid, "resourceVersion": version,
+                "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:x": {}}}], **extra.pop("metadata", {})}
+    return {"apiVersion": "v1", "kind": kind, "metadata": metadata, **extra}
+
+
+class TestNewestCopyWins:
+    def test_an_older_copy_does_not_replace_a_newer_one(self) -> None:
+        store = cache.Store()
+        assert store.upsert(cache.JOB, obj("Job", "a", "20", status={"active": 1}))
+        assert not store.upsert(cache.JOB, obj("Job", "a", "9", status={"active": 0}))
+        assert store.get(cache.JOB, "ns", "a")["status"] == {"active": 1}  # type: ignore[index]
+        assert store.upsert(cache.JOB, obj("Job", "a", "21", status={"succeeded": 1}))
+        assert store.get(cache.JOB, "ns", "a")["status"] == {"succeeded": 1}  # type: ignore[index]
+
+    def test_resource_versions_compare_as_numbers(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.JOB, obj("Job", "a", "100"))
+        assert not store.upsert(cache.JOB, obj("Job", "a", "99"))  # "99" > "100" as text
+        assert cache.newer("100", "99") and not cache.newer("99", "100")
+
+    def test_a_deleted_object_is_not_brought_back_by_a_late_older_copy(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.POD, obj("Pod", "p", "5"))
+        store.remove(cache.POD, obj("Pod", "p", "7"))
+        assert not store.upsert(cache.POD, obj("Pod", "p", "6"))  # the other watch, behind
+        assert store.get(cache.POD, "ns", "p") is None
+
+    def test_a_recreated_object_of_the_same_name_is_stored(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.CONFIG_MAP, obj("ConfigMap", "c", "5", uid="old"))
+        store.remove(cache.CONFIG_MAP, obj("ConfigMap", "c", "7", uid="old"))
+        assert store.upsert(cache.CONFIG_MAP, obj("ConfigMap", "c", "8", uid="new"))
+        assert store.get(cache.CONFIG_MAP, "ns", "c")["metadata"]["uid"] == "new"  # type: ignore[index]
+
+    def test_readers_get_their_own_copy(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.JOB, obj("Job", "a", "1", status={"active": 1}))
+        first = store.get(cache.JOB, "ns", "a")
+        first["status"]["active"] = 99  # type: ignore[index]
+        assert store.get(cache.JOB, "ns", "a")["status"] == {"active": 1}  # type: ignore[index]
+
+
+class TestWhatIsKept:
+    def test_managed_fields_are_dropped(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.JOB, obj("Job", "a", "1"))
+        assert "managedFields" not in store.get(cache.JOB, "ns", "a")["metadata"]  # type: ignore[index]
+
+    def test_pods_keep_metadata_and_status_but_not_their_spec(self) -> None:
+        store = cache.Store()
+        pod = obj("Pod", "p", "1", spec={"nodeName": "n1", "containers": [{"name": "t", "env": [{"x": "y" * 999}]}]},
+                  status={"phase": "Running"})
+        store.upsert(cache.POD, pod)
+        kept = store.get(cache.POD, "ns", "p")
+        assert kept is not None and kept["spec"] == {"nodeName": "n1"} and kept["status"] == {"phase": "Running"}
+
+    def test_a_secret_is_remembered_without_its_data(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.SECRET, obj("Secret", "s", "1", data={"token": "c2VjcmV0"}, stringData={"k": "v"}))
+        kept = store.get(cache.SECRET, "ns", "s")
+        assert kept is not None and kept["metadata"]["name"] == "s"
+        assert "c2VjcmV0" not in json.dumps(kept) and "data" not in kept and "stringData" not in kept
+
+    def test_a_secret_found_missing_is_not_read_again_within_its_ttl(self) -> None:
+        store = cache.Store(secret_ttl=60.0)
+        store.note_absent(cache.SECRET, "ns", "s")
+        assert store.known_absent(cache.SECRET, "ns", "s")
+        store.upsert(cache.SECRET, obj("Secret", "s", "1"))  # created since
+        assert not store.known_absent(cache.SECRET, "ns", "s")
+        store.note_absent(cache.SECRET, "ns", "t")
+        store.forget(cache.SECRET, "ns", "t")  # a create answered 409: it is there after all
+        assert not store.known_absent(cache.SECRET, "ns", "t")
+        assert not cache.Store(secret_ttl=0.0).known_absent(cache.SECRET, "ns", "s")
+
+    def test_a_remembered_secret_is_forgotten_after_its_ttl(self) -> None:
+        store = cache.Store(secret_ttl=0.0)
+        store.upsert(cache.SECRET, obj("Secret", "s", "1"))
+        assert store.get(cache.SECRET, "ns", "s") is None  # read again: a deleted Secret is noticed
+
+
+class TestIndexes:
+    def test_pods_are_found_by_their_job(self) -> None:
+        store = cache.Store()
+        for name, job in (("a-1", "j-train"), ("a-2", "j-train"), ("b-1", "j-validate")):
+            store.upsert(cache.POD, obj("Pod", name, "1", uid=name,
+                                        metadata={"labels": {cache.POD_JOB_LABEL: job}}))
+        assert [p["metadata"]["name"] for p in store.pods_of("ns", "j-train")] == ["a-1", "a-2"]
+        store.remove(cache.POD, obj("Pod", "a-1", "2", uid="a-1"))
+        assert [p["metadata"]["name"] for p in store.pods_of("ns", "j-train")] == ["a-2"]
+        assert store.pods_of("other", "j-train") == ()
+
+    def test_list_filters_by_namespace_and_labels(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.JOB, obj("Job", "t", "1", uid="1", metadata={"labels": {"c": "trainer"}}))
+        store.upsert(cache.JOB, obj("Job", "v", "1", uid="2", metadata={"labels": {"c": "validate"}}))
+        store.upsert(cache.JOB, obj("Job", "t", "1", uid="3", namespace="x", metadata={"labels": {"c": "trainer"}}))
+        assert [j["metadata"]["uid"] for j in store.list(cache.JOB, "ns", {"c": "trainer"})] == ["1"]
+        assert len(store.list(cache.JOB, "ns")) == 2
+
+    def test_a_fresh_listing_drops_what_is_gone_in_its_scope_only(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.JOB, obj("Job", "gone", "1", uid="1"))
+        store.upsert(cache.JOB, obj("Job", "kept", "1", uid="2"))
+        store.upsert(cache.JOB, obj("Job", "elsewhere", "1", uid="3", namespace="other"))
+        store.replace(cache.JOB, [obj("Job", "kept", "2", uid="2")], lambda ns: ns == "ns")
+        assert store.get(cache.JOB, "ns", "gone") is None
+        assert store.get(cache.JOB, "ns", "kept")["metadata"]["resourceVersion"] == "2"  # type: ignore[index]
+        assert store.get(cache.JOB, "other", "elsewhere") is not None
+        assert store.size() == {cache.JOB: 2}
+
+    def test_a_fresh_listing_keeps_what_was_stored_from_a_newer_event(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.FINETUNEJOB, obj("FineTuneJob", "new", "50"))  # kopf's watch, after the listing
+        store.upsert(cache.FINETUNEJOB, obj("FineTuneJob", "old", "30", uid="2"))
+        store.replace(cache.FINETUNEJOB, [], lambda ns: True, list_version="40")
+        assert store.get(cache.FINETUNEJOB, "ns", "new") is not None
+        assert store.get(cache.FINETUNEJOB, "ns", "old") is None
+
+    def test_a_name_held_by_someone_else_is_read_directly(self) -> None:
+        store = cache.Store()
+        assert not store.is_direct(cache.CONFIG_MAP, "ns", "squat-config")
+        store.read_directly(cache.CONFIG_MAP, "ns", "squat-config")
+        assert store.is_direct(cache.CONFIG_MAP, "ns", "squat-config")
+
+
+class TestWatchedNamespaces:
+    def test_patterns_mean_what_they_mean_to_kopf(self) -> None:
+        matches = cache.namespace_matcher(["team-*", "!team-secret"])
+        assert matches("team-a") and not matches("team-secret") and not matches("default")
+        assert cache.namespace_matcher([])("anything")
+        assert not cache.namespace_matcher(["!kube-*"])("kube-system")
+        assert cache.namespace_matcher(["!kube-*"])("default")
+
+    def test_plain_names_get_namespaced_watches_patterns_a_cluster_wide_one(self) -> None:
+        assert cache.exact_namespaces(["a", "b"]) == ("a", "b")
+        assert cache.exact_namespaces(["team-*"]) is None
+        assert cache.exact_namespaces(["a", "!b"]) is None
+        assert cache.exact_namespaces([]) is None
+
+
+class TestWatchStream:
+    class Response:
+        def __init__(self, chunks: list[bytes]) -> None:
+            self.chunks = chunks
+
+        def stream(self, amt: Any = None, decode_content: bool = False) -> Any:
+            return iter(self.chunks)
+
+    def test_events_split_across_chunks_are_joined(self) -> None:
+        chunks = [b'{"type":"ADDED"}\n{"ty', b'pe":"MODIFIED"}\n\n{"type":', b'"DELETED"}']
+        assert [json.loads(line)["type"] for line in cache.lines_of(self.Response(chunks))] == [
+            "ADDED", "MODIFIED", "DELETED"]
