@@ -80,11 +80,15 @@ def newer(candidate: str, current: str) -> bool:
 
 def trim(kind: str, body: Body) -> Body:
     """What the store keeps of an object: no managedFields (often half an object's size), pods without
-    their spec (reconcile reads metadata and status; `nodeName` kept for usage), Secrets without data."""
+    most of their spec (reconcile reads metadata and status; usage reads `nodeName` and each
+    container's name and resources: the devices really allocated), Secrets without data."""
     metadata = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
     kept = {**body, "metadata": metadata}
     if kind == POD:
-        kept["spec"] = {"nodeName": (body.get("spec") or {}).get("nodeName")}
+        spec = body.get("spec") or {}
+        kept["spec"] = {"nodeName": spec.get("nodeName")} | {
+            key: [{"name": c.get("name"), "resources": c.get("resources") or {}} for c in spec[key]]
+            for key in ("containers", "initContainers") if isinstance(spec.get(key), list)}
     elif kind == SECRET:
         kept = {"apiVersion": body.get("apiVersion", "v1"), "kind": "Secret", "metadata": metadata}
     return kept

@@ -61,13 +61,17 @@ class TestWhatIsKept:
         store.upsert(cache.JOB, obj("Job", "a", "1"))
         assert "managedFields" not in store.get(cache.JOB, "ns", "a")["metadata"]  # type: ignore[index]
 
-    def test_pods_keep_metadata_and_status_but_not_their_spec(self) -> None:
+    def test_pods_keep_metadata_status_and_container_resources_but_not_the_rest_of_their_spec(self) -> None:
         store = cache.Store()
-        pod = obj("Pod", "p", "1", spec={"nodeName": "n1", "containers": [{"name": "t", "env": [{"x": "y" * 999}]}]},
-                  status={"phase": "Running"})
+        gpu = {"limits": {"nvidia.com/gpu": "2"}, "requests": {"cpu": "4"}}
+        pod = obj("Pod", "p", "1", spec={"nodeName": "n1", "containers": [
+            {"name": "t", "image": "i", "env": [{"x": "y" * 999}], "resources": gpu}]},
+            status={"phase": "Running"})
         store.upsert(cache.POD, pod)
         kept = store.get(cache.POD, "ns", "p")
-        assert kept is not None and kept["spec"] == {"nodeName": "n1"} and kept["status"] == {"phase": "Running"}
+        # status.usage counts the devices the pod really holds: its containers' resources stay.
+        assert kept is not None and kept["status"] == {"phase": "Running"}
+        assert kept["spec"] == {"nodeName": "n1", "containers": [{"name": "t", "resources": gpu}]}
 
     def test_a_secret_is_remembered_without_its_data(self) -> None:
         store = cache.Store()
