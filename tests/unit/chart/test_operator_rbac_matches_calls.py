@@ -156,9 +156,19 @@ def test_the_scan_finds_the_calls_we_know_of() -> None:
             ("kubetune.io", "finetunejobs/finalizers", "update")} <= needed
 
 
-@pytest.mark.parametrize("values", [None, {"watchNamespaces": ["team-a"]}], ids=["cluster-wide", "namespaced"])
+STALL_RESTART = ("", "pods", "delete")
+"""Granted only when the platform policy lets the operator restart stalled trainer pods."""
+
+
+@pytest.mark.parametrize("values", [
+    None, {"watchNamespaces": ["team-a"]}, {"policy": {"defaults": {"restartStalledTraining": True}}},
+    {"policy": {"namespaces": {"team-a": {"restartStalledTraining": True}}}, "watchNamespaces": ["team-a"]},
+], ids=["cluster-wide", "namespaced", "restarts-stalled", "namespaced-restarts-stalled"])
 def test_the_operator_role_grants_exactly_what_the_operator_calls(render: Render, values: Any) -> None:
     needed = client_calls() | kopf_watches() | owner_reference_permissions() | peering_permissions()
+    assert STALL_RESTART in needed
+    if "restarts" not in repr(values) and "restartStalledTraining" not in repr(values):
+        needed -= {STALL_RESTART}  # least privilege: off by default
     rules = granted(operator_rules(render(values)))
     assert sorted(needed - rules) == [], "the operator calls these but the chart does not grant them"
     assert sorted(rules - needed) == [], "the chart grants these but the operator never calls them"
