@@ -47,6 +47,21 @@ ENV_ATTEMPT = "KUBETUNE_ATTEMPT"
 ENV_TERMINATION_LOG = "KUBETUNE_TERMINATION_LOG"
 """Where the final summary goes; default /dev/termination-log when writable."""
 DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+ENV_NUM_PROCESSES = "KUBETUNE_NUM_PROCESSES"
+"""Training processes in this pod: the operator writes the pod's GPU count (the same number as its
+`nvidia.com/gpu` limit), 1 on CPU. `python -m kubetune.trainer.launch` starts that many ranks."""
+ENV_NUM_NODES = "KUBETUNE_NUM_NODES"
+"""Pods in the run (`resources.nodes`); the world size is processes × nodes."""
+ENV_DEVICE = "KUBETUNE_DEVICE"
+"""`gpu` (nccl) or `cpu` (gloo): what the ranks train on, from the pod's GPU count."""
+ENV_NODE_RANK = "JOB_COMPLETION_INDEX"
+"""This pod's index in the run; Kubernetes sets it in every pod of an Indexed Job."""
+ENV_MASTER_ADDR = "MASTER_ADDR"
+"""Address of rank 0 (pod index 0) for the rendezvous: its DNS name under the headless Service."""
+ENV_MASTER_PORT = "MASTER_PORT"
+"""Rendezvous port on rank 0's pod."""
+DEFAULT_MASTER_PORT = 29500
+"""The rendezvous port every multi-pod run uses (torch.distributed's default)."""
 
 AUTO: Final = "auto"
 Auto = Literal["auto"]
@@ -57,6 +72,7 @@ ImbalanceStrategy = Literal["none", "oversample", "undersample", "classWeights"]
 MethodType = Literal["full", "lora"]
 Scheduler = Literal["auto", "linear", "cosine", "constant", "constantWithWarmup"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Strategy = Literal["ddp", "fsdp"]
 EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy", "valF1"]
 EvaluationMetric = Literal["perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1"]
 AugmentationOperation = Literal["wordDeletion", "wordSwap", "wordInsertion", "charNoise"]
@@ -364,6 +380,10 @@ class TrainingConfig:
     compile: bool = False
     """Compile the model with torch.compile (dynamic shapes): faster steps on GPUs after a compilation
     of a minute or more at start; off by default, where the compilation costs more than it saves."""
+    strategy: Strategy = "ddp"
+    """Data parallelism across the run's processes: `ddp` keeps a full model copy on every device and
+    averages gradients; `fsdp` shards parameters, gradients and optimizer state over the devices (full
+    fine-tuning of models that do not fit one device). One process: no difference."""
 
 
 @dataclasses.dataclass
