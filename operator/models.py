@@ -474,7 +474,9 @@ class TrainingSpec:
     """Data parallelism over the run's devices (`resources.gpus` per pod × `resources.nodes`): `ddp`
     keeps a whole model on every device and averages gradients; `fsdp` shards parameters, gradients
     and optimizer state over the devices (full fine-tuning of a model that does not fit one device;
-    the model class must name its transformer blocks, checked before training). One device: the same."""
+    the model class must name its transformer blocks, checked before training). One device: the same.
+    This release sizes and validates fsdp but refuses to start it on more than one device (sharded
+    checkpoints are not built yet): the job fails naming this field; see docs/trainer.md."""
 
 
 # --- spec.evaluation ---------------------------------------------------------------------------

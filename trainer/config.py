@@ -383,7 +383,8 @@ class TrainingConfig:
     strategy: Strategy = "ddp"
     """Data parallelism across the run's processes: `ddp` keeps a full model copy on every device and
     averages gradients; `fsdp` shards parameters, gradients and optimizer state over the devices (full
-    fine-tuning of models that do not fit one device). One process: no difference."""
+    fine-tuning of models that do not fit one device). One process: no difference. This release refuses
+    fsdp on more than one process (exit 78 naming this field): sharded checkpoints are not built yet."""
 
 
 @dataclasses.dataclass

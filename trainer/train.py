@@ -38,7 +38,7 @@ import torch
 
 from kubetune.trainer import data, evaluate, hyperparameters, modeling
 from kubetune.trainer.config import TrainerConfig
-from kubetune.trainer.errors import CheckpointError, Preempted
+from kubetune.trainer.errors import CheckpointError, PermanentError, Preempted
 from kubetune.trainer.hyperparameters import ResolvedHyperparameters
 from kubetune.trainer.reporting import Reporter
 
@@ -226,6 +226,11 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     precision = _precision(config.training.precision, device_kind)
     accelerator = Accelerator(mixed_precision=precision)
+    if config.training.strategy == "fsdp" and accelerator.num_processes > 1:
+        # Sharded checkpoints (gathered weights and optimizer state) are not built yet: refuse plainly
+        # rather than train a replica per device under a name that promises sharding.
+        raise PermanentError(f"training.strategy: fsdp with {accelerator.num_processes} processes is not supported "
+                             f"by this trainer release (sharded checkpoints are not implemented); use ddp")
     seed = hyperparameters.resolve_seed(config.hyperparameters)
     seed_everything(seed)
 

@@ -159,6 +159,32 @@ class TestTwoRanksMatchOne:
         assert summary["outcome"] == "succeeded" and summary["step"] == distributed["step"]
 
 
+class TestTwoPods:
+    def test_two_pods_of_one_rank_meet_at_pod_zero_and_train_as_one_world(
+            self, two_ranks: tuple[Path, dict[str, Any]], tmp_path: Path, tiny_gpt2: Path) -> None:
+        """Two launchers as the Indexed Job's two pods would run them: the same MASTER_ADDR/PORT (pod 0;
+        here loopback, as the local node gives pods no DNS), JOB_COMPLETION_INDEX 0 and 1, one shared
+        output folder. They form one world of 2 and train exactly as 2 ranks in one pod."""
+        _, reference = two_ranks
+        path = _config(tmp_path, tiny_gpt2, "two", batch=2, accumulation=1, training={"evalInterval": 8})
+        port = str(_free_port())
+        pods = []
+        for index in (0, 1):
+            env = os.environ | {cfg.ENV_NUM_PROCESSES: "1", cfg.ENV_NUM_NODES: "2", cfg.ENV_NODE_RANK: str(index),
+                                cfg.ENV_DEVICE: "cpu", cfg.ENV_MASTER_ADDR: "127.0.0.1", cfg.ENV_MASTER_PORT: port,
+                                cfg.ENV_TERMINATION_LOG: str(tmp_path / f"termination-pod-{index}")}
+            env.pop(cfg.ENV_PROGRESS_URL, None)
+            pods.append(subprocess.Popen([sys.executable, "-m", "kubetune.trainer.launch", "--config", str(path)],
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
+
+        assert [pod.wait(timeout=600) for pod in pods] == [cfg.EXIT_OK, cfg.EXIT_OK]
+        metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
+        assert metrics["hyperparameters"]["worldSize"] == 2
+        assert _losses(metrics) == pytest.approx(_losses(reference), rel=1e-5)
+        assert len(list((tmp_path / "two").glob("**/config.json"))) == 1
+        assert (tmp_path / "termination-pod-0").exists() and not (tmp_path / "termination-pod-1").exists()
+
+
 class TestAccumulation:
     def test_accumulation_equals_the_same_global_batch_in_one_micro_batch(self, tmp_path: Path, tiny_gpt2: Path) -> None:
         accumulated = _run(_config(tmp_path, tiny_gpt2, "acc", batch=2, accumulation=2), 1, tmp_path)
@@ -245,3 +271,13 @@ class TestFsdpNeedsAWrappableModel:
                                 env=env, capture_output=True, text=True, timeout=300)
 
         assert result.returncode == cfg.EXIT_OK, result.stderr[-2000:]
+
+    def test_fsdp_on_two_ranks_fails_permanently_naming_the_field_not_as_silent_ddp(
+            self, tmp_path: Path, tiny_gpt2: Path) -> None:
+        path = _config(tmp_path, tiny_gpt2, "fsdp", batch=2, accumulation=1, training={"strategy": "fsdp"})
+
+        assert _launch(path, 2, tmp_path).wait(timeout=600) == cfg.EXIT_PERMANENT  # 78 survives torchrun
+
+        summary = json.loads((tmp_path / "termination-fsdp").read_text())
+        assert summary["message"].startswith("training.strategy: fsdp with 2 processes is not supported")
+        assert not (tmp_path / "fsdp" / "metrics.json").exists()
