@@ -120,21 +120,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny model and data, one round (smoke test)")
     parser.add_argument("--plan-only", action="store_true", help="as --quick, on the CPU (bench/gpu_suite.sh)")
     parser.add_argument("--reps", type=int, default=3, help="rounds (each runs both sides)")
-    parser.add_argument("--width", type=int, default=256, help="model width (n_embd)")
+    parser.add_argument("--width", type=int, default=128, help="model width (n_embd)")
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks")
-    parser.add_argument("--texts", type=int, default=1200, help="training texts")
+    parser.add_argument("--texts", type=int, default=800, help="training texts")
     args = parser.parse_args(argv)
     quick = args.quick or args.plan_only
     import torch
 
     gpus = torch.cuda.device_count() if not args.plan_only else 0
+    if gpus == 1:  # nccl refuses two ranks on one GPU: there is nothing to scale across
+        print("distributed_scaling: one GPU visible; measuring 1 vs 2 gloo ranks on the CPU instead")
+        gpus = 0
     device = "gpu" if gpus else "cpu"
     ranks = gpus if gpus > 1 else 2
-    if gpus == 1:
-        print("distributed_scaling: one GPU visible: comparing 1 rank with 2 ranks sharing it (no speed-up possible)")
     reps = 1 if quick else args.reps
     width, layers, texts = (64, 2, 160) if quick else (args.width, args.layers, args.texts)
-    seq_length, batch = (64, 2) if quick else (256, 4)
+    seq_length, batch = (64, 2) if quick else (128, 4)
     with tempfile.TemporaryDirectory(prefix="distributed-scaling-") as tmp:
         root = Path(tmp)
         model = build_model(root / "model", width=width, layers=layers)
