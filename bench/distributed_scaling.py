@@ -87,9 +87,14 @@ def write_config(root: Path, model: Path, *, name: str, texts: int, seq_length: 
     return path
 
 
-def run_side(config: Path, processes: int, device: str) -> dict[str, Any]:
+def run_side(config: Path, processes: int, device: str, threads_per_rank: int = 1) -> dict[str, Any]:
     """One run of the launcher; its fit's tokens/s and steps."""
     env = os.environ | {"KUBETUNE_NUM_PROCESSES": str(processes), "KUBETUNE_DEVICE": device,
+                        # Every rank of both sides gets the same threads (a single rank runs in the launcher's
+                        # process, which would otherwise take every core; the launcher gives N ranks
+                        # cores // N): efficiency is then per device, and on a loaded machine a 2-thread
+                        # OpenMP rank can spin 10x slower than a 1-thread one (measured here).
+                        "OMP_NUM_THREADS": str(threads_per_rank),
                         "MASTER_PORT": str(_free_port()), "KUBETUNE_PROGRESS_INTERVAL": "0",
                         "KUBETUNE_TERMINATION_LOG": str(config.with_suffix(".termination"))}
     for name in ("KUBETUNE_PROGRESS_URL", "RANK", "WORLD_SIZE", "LOCAL_RANK", "KUBETUNE_NUM_NODES"):
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=128, help="model width (n_embd)")
     parser.add_argument("--layers", type=int, default=4, help="transformer blocks")
     parser.add_argument("--texts", type=int, default=800, help="training texts")
+    parser.add_argument("--threads-per-rank", type=int, default=1, help="CPU threads of every rank (CPU runs)")
     args = parser.parse_args(argv)
     quick = args.quick or args.plan_only
     import torch
@@ -146,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[int, list[dict[str, Any]]] = {1: [], ranks: []}
         for rep in range(reps):
             for side in ((1, ranks) if rep % 2 == 0 else (ranks, 1)):
-                result = run_side(configs[side], side, device)
+                result = run_side(configs[side], side, device, args.threads_per_rank)
                 runs[side].append(result)
                 print(f"round {rep + 1}: {side} rank(s): {result['tokensPerSecond']:.1f} tokens/s over "
                       f"{result['steps']} steps ({result['tokens']} tokens), {result['wallSeconds']} s wall", flush=True)

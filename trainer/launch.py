@@ -113,7 +113,9 @@ def launch_command(world: World, trainer_args: Sequence[str]) -> list[str]:
         # The trainer sets precision and strategy itself, from its config.
         "--mixed_precision", "no",
         "--dynamo_backend", "no",
-        "--num_cpu_threads_per_process", str(max(1, (os.cpu_count() or 1) // world.processes_per_node)),
+        # CPU threads per rank: OMP_NUM_THREADS when the pod sets it, else the pod's cores shared out.
+        "--num_cpu_threads_per_process", os.environ.get("OMP_NUM_THREADS", "").strip()
+        or str(max(1, (os.cpu_count() or 1) // world.processes_per_node)),
         "-m", "kubetune.trainer", *trainer_args,
     ]
 
