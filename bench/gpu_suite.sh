@@ -9,7 +9,7 @@
 #      flash-attention case runs where flash_attn is installed)
 #   2. bench/gpu_mfu.py: GPT-2-124M MFU, kubetune's trainer vs a tuned reference loop; LoRA on a
 #      ~1B Llama, kubetune vs TRL (tokens/s, peak memory)
-#   3. bench/trainer_scaling.py on all visible GPUs, if this checkout has it
+#   3. bench/distributed_scaling.py: tokens/s with 1 rank and with one rank per visible GPU (scaling efficiency)
 #   4. bench/serve_vllm_check.py (the vLLM serving check), if this checkout has it
 # Results: bench/results/<UTC date>-<gpu>.json (every step's RESULT record, exit code and time) and
 # each step's full output next to it in bench/results/<UTC date>-<gpu>.log. Uses the project's
@@ -71,10 +71,10 @@ skip() {
 step packed-attention 60 "$python" -m pytest -q -p no:cacheprovider tests/unit/trainer/test_trainer_hot_path.py \
   -k "PackedAttention or Selection"
 step gpu-mfu 300 "$python" bench/gpu_mfu.py "${mode_args[@]}"
-if [[ -f bench/trainer_scaling.py ]]; then
-  step scaling 60 "$python" bench/trainer_scaling.py "${mode_args[@]}"
+if [[ -f bench/distributed_scaling.py ]]; then
+  step scaling 120 "$python" bench/distributed_scaling.py --reps 3 --width 768 --layers 12 "${mode_args[@]}"
 else
-  skip scaling "bench/trainer_scaling.py is not in this checkout (the distributed scaling script); nothing measured"
+  skip scaling "bench/distributed_scaling.py is not in this checkout; nothing measured"
 fi
 if [[ -f bench/serve_vllm_check.py ]]; then
   step serve-vllm 60 "$python" bench/serve_vllm_check.py "${mode_args[@]}"

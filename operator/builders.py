@@ -303,9 +303,69 @@ def _tolerations(spec: Body) -> list[Body]:
     return tolerations
 
 
-def _trainer_command(*extra: str) -> list[str]:
-    return ["python", "-m", "kubetune.trainer", "--config",
+def _trainer_command(*extra: str, module: str = "kubetune.trainer") -> list[str]:
+    return ["python", "-m", module, "--config",
             f"{render.CONFIG_MOUNT_DIR}/{render.CONFIG_FILE_NAME}", *extra]
+
+
+LAUNCHER_MODULE = "kubetune.trainer.launch"
+"""The trainer container's program: starts one training rank per GPU of the pod (one on CPU)."""
+RENDEZVOUS_PORT_NAME = "rendezvous"
+
+
+def node_count(spec: Body) -> int:
+    """Trainer pods of the run: `spec.resources.nodes` (default 1)."""
+    nodes = (spec.get("resources") or {}).get("nodes", 1)
+    return nodes if isinstance(nodes, int) and not isinstance(nodes, bool) and nodes >= 1 else 1
+
+
+def job_gpus(spec: Body) -> int:
+    """GPUs the whole run holds: per pod × pods (what quotas count)."""
+    return gpu_count(spec) * node_count(spec)
+
+
+def world_size(spec: Body) -> int:
+    """Training processes of the run: one per GPU of each pod (one per CPU pod) × pods."""
+    return max(1, gpu_count(spec)) * node_count(spec)
+
+
+def distributed_env(job: Body) -> list[Body]:
+    """The world's shape for `kubetune.trainer.launch`, from the same numbers as the pod's resources:
+    processes = the `nvidia.com/gpu` limit (1 on CPU), nodes = `resources.nodes`; with several pods,
+    rank 0's address is pod index 0's DNS name under the headless rendezvous Service."""
+    spec = job.get("spec") or {}
+    gpus = gpu_count(spec)
+    env = [{"name": trainer_config.ENV_NUM_PROCESSES, "value": str(max(1, gpus))},
+           {"name": trainer_config.ENV_DEVICE, "value": "gpu" if gpus else "cpu"}]
+    nodes = node_count(spec)
+    if nodes > 1:
+        job_name = job["metadata"]["name"]
+        env += [
+            {"name": trainer_config.ENV_NUM_NODES, "value": str(nodes)},
+            # Indexed Job pods are named <job>-<index> as hosts; the Service gives them DNS records.
+            {"name": trainer_config.ENV_MASTER_ADDR,
+             "value": f"{names.trainer_job(job_name)}-0.{names.rendezvous(job_name)}"},
+            {"name": trainer_config.ENV_MASTER_PORT, "value": str(trainer_config.DEFAULT_MASTER_PORT)},
+        ]
+    return env
+
+
+def rendezvous_service(job: Body) -> Body:
+    """The headless Service of a multi-pod trainer Job: a DNS record per pod (ready or not: the ranks
+    meet before any of them could be ready), through which the ranks find rank 0."""
+    job_name = job["metadata"]["name"]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, names.rendezvous(job_name), COMPONENT_TRAINER),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {"batch.kubernetes.io/job-name": names.trainer_job(job_name)},
+            "ports": [{"name": RENDEZVOUS_PORT_NAME, "port": trainer_config.DEFAULT_MASTER_PORT,
+                       "targetPort": trainer_config.DEFAULT_MASTER_PORT, "protocol": "TCP"}],
+        },
+    }
 
 
 def _pod_spec(job: Body, rendered: render.RenderedConfig, container: Body, *, grace: int,
@@ -420,18 +480,22 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
     """The training Job; created suspended when the user suspended the job, when a Kueue queue
     admits it, or when the namespace's quota has no room yet (`admitted=False`).
 
-    One Indexed completion with `backoffLimitPerIndex`, so the Job controller
-    retries retryable failures itself and counts them in the pod annotation
+    One Indexed completion per pod (`resources.nodes`, default 1) with `backoffLimitPerIndex`, so the
+    Job controller retries retryable failures itself and counts them in the pod annotation
     `batch.kubernetes.io/job-index-failure-count`, which reaches the trainer as
-    `KUBETUNE_ATTEMPT`: a pod with attempt > 0 resumes from the latest checkpoint.
+    `KUBETUNE_ATTEMPT`: a pod with attempt > 0 resumes from the latest checkpoint. The container runs
+    `kubetune.trainer.launch`, one rank per GPU. With several pods, one pod failing breaks the
+    others' collectives, so they fail too and every index is retried: the ranks meet again through
+    the rendezvous Service and resume from the same checkpoint.
     """
     spec = job.get("spec") or {}
     name = names.trainer_job(job["metadata"]["name"])
     limit = backoff_limit(spec)
     container = _container(TRAINER_CONTAINER, settings.trainer_image, settings.image_pull_policy,
-                           _trainer_command(), trainer_env(job, settings) + credential_env(spec, limits),
-                           trainer_resources(spec, limits), rendered,
-                           writes_output=True)
+                           _trainer_command(module=LAUNCHER_MODULE),
+                           trainer_env(job, settings) + credential_env(spec, limits) + distributed_env(job),
+                           trainer_resources(spec, limits), rendered, writes_output=True)
+    nodes = node_count(spec)
     metadata = _metadata(job, name, COMPONENT_TRAINER)
     metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(rendered)}
     queue = (spec.get("resources") or {}).get("queueName")
@@ -439,8 +503,9 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
         metadata["labels"][LABEL_QUEUE] = queue
     job_spec: Body = {
         "completionMode": "Indexed",
-        "completions": 1,
-        "parallelism": 1,
+        # One pod per node of the run; Kueue (or the quota) admits all of them or none.
+        "completions": nodes,
+        "parallelism": nodes,
         "backoffLimit": limit,
         "backoffLimitPerIndex": limit,
         # Never two trainers on one checkpoint folder: replace a pod only once it is gone.
@@ -453,6 +518,8 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
             "spec": _pod_spec(job, rendered, container, grace=TRAINER_GRACE_SECONDS, limits=limits),
         },
     }
+    if nodes > 1:
+        job_spec["template"]["spec"]["subdomain"] = names.rendezvous(job["metadata"]["name"])
     if isinstance(spec.get("activeDeadlineSeconds"), int) and spec["activeDeadlineSeconds"] > 0:
         job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}

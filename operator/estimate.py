@@ -265,6 +265,11 @@ class TrainingShape:
     """Attention kernel: `sdpa` (transformers' default; no seq² tensors kept) or `eager`."""
     device: Literal["gpu", "cpu"] = "gpu"
     """Where it runs: decides the fixed overhead and fragmentation allowance."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Data parallelism (`training.strategy`): `ddp` replicates the model on every device; `fsdp` shards
+    weights, gradients and optimizer state over the world."""
+    world_size: int = 1
+    """Devices of the run (GPUs per pod × pods); 1 = no data parallelism."""
 
     def check(self) -> None:
         problems = [f"{name}: must be > 0, got {getattr(self, name)}" for name in ("lora_rank", "seq_length", "micro_batch")
@@ -339,20 +344,43 @@ def training_memory(facts: ModelFacts, shape: TrainingShape) -> MemoryBreakdown:
         activations = facts.layers * per_layer
     logits = tokens * facts.vocab_size * (_activation_bytes(shape.precision) + 4 * LOGIT_FP32_COPIES)
     mixed = shape.precision != "fp32"
-    modelled = (facts.parameters * _weight_bytes(shape) + trainable * GRADIENT_BYTES_PER_TRAINABLE
-                + (trainable * ADAMW_BYTES_PER_TRAINABLE if shape.optimizer == "adamw" else 0)
-                + (facts.parameters * AUTOCAST_CACHE_BYTES if mixed and shape.method == "full" else 0)
-                + activations + logits)
-    overhead = (GPU_OVERHEAD_BYTES + int(FRAGMENTATION * modelled)) if shape.device == "gpu" else CPU_OVERHEAD_BYTES
-    return MemoryBreakdown(
-        weights=facts.parameters * _weight_bytes(shape),
-        gradients=trainable * GRADIENT_BYTES_PER_TRAINABLE,
+    weights, gradients, optimizer, autocast_cache = _data_parallel_state(
+        shape, weights=facts.parameters * _weight_bytes(shape), gradients=trainable * GRADIENT_BYTES_PER_TRAINABLE,
         optimizer=trainable * ADAMW_BYTES_PER_TRAINABLE if shape.optimizer == "adamw" else 0,
         autocast_cache=facts.parameters * AUTOCAST_CACHE_BYTES if mixed and shape.method == "full" else 0,
+        layers=facts.layers)
+    modelled = weights + gradients + optimizer + autocast_cache + activations + logits
+    overhead = (GPU_OVERHEAD_BYTES + int(FRAGMENTATION * modelled)) if shape.device == "gpu" else CPU_OVERHEAD_BYTES
+    return MemoryBreakdown(
+        weights=weights,
+        gradients=gradients,
+        optimizer=optimizer,
+        autocast_cache=autocast_cache,
         activations=activations,
         logits=logits,
         overhead=overhead,
     )
+
+
+FSDP_GATHERED_BLOCKS = 2
+"""Blocks FSDP holds unsharded at once: the one computing and the one prefetched."""
+
+
+def _data_parallel_state(shape: TrainingShape, *, weights: int, gradients: int, optimizer: int, autocast_cache: int,
+                         layers: int) -> tuple[int, int, int, int]:
+    """Per-device weights, gradients, optimizer state and autocast cache under the strategy and world size.
+
+    DDP (world > 1) keeps a whole replica and adds its gradient buckets (a second copy of the trainable
+    gradients, which torch's DDP all-reduces). FSDP keeps 1/world of each, plus the blocks it has
+    gathered for the computation at hand (FSDP_GATHERED_BLOCKS of the model's layers, whole)."""
+    world = max(1, shape.world_size)
+    if world == 1:
+        return weights, gradients, optimizer, autocast_cache
+    if shape.strategy == "ddp":
+        return weights, 2 * gradients, optimizer, autocast_cache
+    gathered = min(1.0, FSDP_GATHERED_BLOCKS / max(1, layers))
+    return (math.ceil(weights / world) + int(weights * gathered), math.ceil(gradients / world)
+            + int(gradients * gathered), math.ceil(optimizer / world), math.ceil(autocast_cache / world))
 
 
 def serving_memory(facts: ModelFacts, *, tokens: int, concurrency: int = SERVING_CONCURRENCY,
@@ -463,11 +491,13 @@ def _selects(job_selector: Mapping[str, str], gpu_type: GpuType) -> bool:
 
 
 def recommend(request: Request, *, gpu_bytes: int, cpu_bytes: int, gpu_types: Sequence[GpuType],
-              eta_for: Any = None, target_seconds: float = 0.0) -> Recommendation:
+              eta_for: Any = None, target_seconds: float = 0.0, max_useful_gpus: int = 0) -> Recommendation:
     """GPUs (and type) for a job whose training step needs `gpu_bytes` per GPU or `cpu_bytes` on CPU.
 
     `auto`: without GPU types, CPU; with them, the type with the least memory that fits and the fewest
-    GPUs (more only to meet `target_seconds`, via `eta_for(gpus, tflops)`). A fixed count: the job fits
+    GPUs (more only to meet `target_seconds`, via `eta_for(gpus, tflops)`, and never more than
+    `max_useful_gpus` when set: the trainer runs one rank per GPU, and each rank needs a micro-batch of its
+    own in every step, so a GPU beyond that would sit idle). A fixed count: the job fits
     when some type offering that many GPUs per node has the memory. CPU: the memory limit, if set.
     """
     if request.gpus == "auto" and not gpu_types:
@@ -487,8 +517,8 @@ def recommend(request: Request, *, gpu_bytes: int, cpu_bytes: int, gpu_types: Se
     chosen = fitting[0]
     gpus = wanted
     if request.gpus == "auto" and target_seconds > 0 and eta_for is not None:
-        gpus = next((n for n in range(1, chosen.max_per_node + 1) if eta_for(n, chosen.tflops) <= target_seconds),
-                    chosen.max_per_node)
+        most = min(chosen.max_per_node, max_useful_gpus) if max_useful_gpus > 0 else chosen.max_per_node
+        gpus = next((n for n in range(1, most + 1) if eta_for(n, chosen.tflops) <= target_seconds), most)
     # Pin the type only when a smaller one would not fit (or auto chose it): never narrow placement needlessly.
     pin = not pinned and (request.gpus == "auto" or len(fitting) < len(offered))
     selector = dict(chosen.node_selector) if pin else {}
@@ -574,7 +604,7 @@ class Plan:
 
 def plan(facts: ModelFacts, shape: TrainingShape, *, dataset_tokens: int, epochs: float, request: Request,
          gpu_types: Sequence[GpuType] = (), target_seconds: float = 0.0,
-         cpu_shape: TrainingShape | None = None) -> Plan:
+         cpu_shape: TrainingShape | None = None, max_useful_gpus: int = 0) -> Plan:
     """Estimate the job and choose its resources; a job that does not fit says what would.
 
     `shape` is the GPU training shape; `cpu_shape` (default: `shape` in fp32 on CPU) the CPU one.
@@ -589,7 +619,7 @@ def plan(facts: ModelFacts, shape: TrainingShape, *, dataset_tokens: int, epochs
         return eta_seconds(facts, gpu_shape if gpus else cpu_shape, tokens, gpus=gpus, tflops=tflops)
 
     chosen = recommend(request, gpu_bytes=gpu_memory.total, cpu_bytes=cpu_memory.total, gpu_types=gpu_types,
-                       eta_for=eta_for, target_seconds=target_seconds)
+                       eta_for=eta_for, target_seconds=target_seconds, max_useful_gpus=max_useful_gpus)
     on_gpu = chosen.gpus > 0
     if not chosen.fits:
         chosen = dataclasses.replace(chosen, message=chosen.message + _alternatives(
@@ -654,7 +684,16 @@ def shape_for(spec: Mapping[str, Any], resolved: Mapping[str, Any], device: Lite
         micro_batch=_int_or(resolved.get("batchSize"), 1),
         gradient_checkpointing=bool(training.get("gradientCheckpointing")),
         device=device,
+        strategy="fsdp" if training.get("strategy") == "fsdp" else "ddp",
+        world_size=world_size_of(spec) if device == "gpu" else 1,
     )
+
+
+def world_size_of(spec: Mapping[str, Any]) -> int:
+    """GPUs of the run as the spec asks (`gpus` per pod × `nodes`; `auto` counts as one per pod)."""
+    resources = spec.get("resources") or {}
+    gpus = resources.get("gpus")
+    return max(1, _int_or(gpus, 1) if gpus != "auto" else 1) * _int_or(resources.get("nodes"), 1)
 
 
 def request_of(spec: Mapping[str, Any]) -> Request:
@@ -679,7 +718,16 @@ def plan_for_job(spec: Mapping[str, Any], sizing: Mapping[str, Any], *, gpu_type
     request = request_of(spec)
     on_gpu = request.gpus == "auto" and bool(gpu_types) or (request.gpus != "auto" and request.gpus > 0)
     epochs = (gpu_resolved if on_gpu else cpu_resolved).get("epochs")
-    return plan(facts, shape_for(spec, gpu_resolved, "gpu"), cpu_shape=shape_for(spec, cpu_resolved, "cpu"),
+    gpu_shape = shape_for(spec, gpu_resolved, "gpu")
+    return plan(facts, gpu_shape, cpu_shape=shape_for(spec, cpu_resolved, "cpu"),
                 dataset_tokens=_int_or(data.get("trainTokens"), 0),
                 epochs=float(epochs) if isinstance(epochs, (int, float)) else 1.0,
-                request=request, gpu_types=gpu_types, target_seconds=target_seconds)
+                request=request, gpu_types=gpu_types, target_seconds=target_seconds,
+                max_useful_gpus=micro_batches_per_epoch(_int_or(data.get("trainTokens"), 0), gpu_shape))
+
+
+def micro_batches_per_epoch(train_tokens: int, shape: TrainingShape) -> int:
+    """Packed micro-batches in one epoch: the most ranks that can each get one per step (0 = unknown)."""
+    if train_tokens <= 0:
+        return 0
+    return max(1, math.ceil(train_tokens / (shape.seq_length * shape.micro_batch)))

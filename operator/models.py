@@ -108,6 +108,7 @@ ImbalanceStrategy = Literal["none", "oversample", "undersample", "classWeights"]
 MethodType = Literal["full", "lora"]
 Scheduler = Literal["auto", "linear", "cosine", "constant", "constantWithWarmup"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Strategy = Literal["ddp", "fsdp"]
 EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy", "valF1"]
 EvaluationMetric = Literal["perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1"]
 AugmentationOperation = Literal["wordDeletion", "wordSwap", "wordInsertion", "charNoise"]
@@ -491,6 +492,13 @@ class TrainingSpec:
     Warning Event, and a restart from the latest checkpoint when the platform policy sets
     `restartStalledTraining`); 0 turns the check off. Allow for model loading, the baseline evaluation
     and validations: the clock starts when the operator first sees the pod running."""
+    strategy: Strategy = "ddp"
+    """Data parallelism over the run's devices (`resources.gpus` per pod × `resources.nodes`): `ddp`
+    keeps a whole model on every device and averages gradients; `fsdp` shards parameters, gradients
+    and optimizer state over the devices (full fine-tuning of a model that does not fit one device;
+    the model class must name its transformer blocks, checked before training). One device: the same.
+    This release sizes and validates fsdp but refuses to start it on more than one device (sharded
+    checkpoints are not built yet): the job fails naming this field; see docs/trainer.md."""
 
 
 # --- spec.evaluation ---------------------------------------------------------------------------
@@ -541,6 +549,9 @@ class Toleration:
     """How long a NoExecute taint is tolerated before eviction; absent means forever."""
 
 
+@rules(Rule("!has(self.nodes) || self.nodes <= 1 || (has(self.gpus) && string(self.gpus) != '0')",
+            "nodes > 1 needs gpus >= 1 (or auto) per pod: several pods train together over the network "
+            "(nccl), which CPU pods cannot do usefully; use nodes: 1 on CPU", field_path=".nodes"))
 @dataclasses.dataclass(frozen=True)
 class ResourcesSpec:
     """What the trainer pod needs and where it may run."""
@@ -564,6 +575,11 @@ class ResourcesSpec:
     queue_name: Annotated[str, MaxLength(63), Pattern(DNS_LABEL)] | None = None
     """Kueue LocalQueue (in this namespace) to admit the trainer Job through. Set: the Job is
     created suspended with the `kueue.x-k8s.io/queue-name` label and Kueue decides when it runs."""
+    nodes: Annotated[int, Minimum(1), Maximum(64)] = 1
+    """Trainer pods that train together (data-parallel, one process per GPU of each pod): the world
+    size is `gpus` × `nodes`. More than one runs an Indexed Job of that many pods with a headless
+    Service for the rendezvous; one pod failing restarts the attempt, which resumes from the latest
+    checkpoint (so `output` must be storage every pod reaches). Needs `gpus` >= 1."""
 
     def gpu_count(self) -> int:
         """GPUs per trainer pod: "auto" is one, absent is none."""
@@ -978,6 +994,11 @@ class ResolvedHyperparameters(TypedDict, total=False):
     """Seed."""
     automatic: Annotated[list[Annotated[str, MaxLength(64)]], MaxItems(32)]
     """Names of the fields that were automatic."""
+    worldSize: int
+    """Training processes of the run (devices per pod × pods)."""
+    globalBatchSize: int
+    """Sequences per optimizer step over the whole run: batchSize × worldSize ×
+    gradientAccumulationSteps."""
 
 
 class ResourceEstimate(TypedDict, total=False):

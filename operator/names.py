@@ -61,13 +61,23 @@ def serving(job_name: str) -> str:
     letter. A job name that is not one (it has a '.', or starts with a digit) is made one, with
     a hash of the full name so that `a.b` and `a-b` stay apart.
     """
-    name = child_name(job_name, "serving")
+    return _service_child(job_name, "serving")
+
+
+def rendezvous(job_name: str) -> str:
+    """The headless Service that gives each pod of a multi-pod trainer Job a DNS name
+    (`<trainer job>-<index>.<this name>`), so the ranks find rank 0. A DNS-1035 label, as `serving`."""
+    return _service_child(job_name, "ranks")
+
+
+def _service_child(job_name: str, suffix: str) -> str:
+    name = child_name(job_name, suffix)
     if _is_dns1035_label(name):
         return name
     digest = hashlib.sha256(job_name.encode()).hexdigest()[:8]
     cleaned = "".join(ch if ch.isalnum() else "-" for ch in job_name.lower())
-    keep = MAX_NAME_LENGTH - len("ftj---serving") - len(digest)
-    parts = ("ftj", cleaned[:keep].strip("-"), digest, "serving")
+    keep = MAX_NAME_LENGTH - len(f"ftj---{suffix}") - len(digest)
+    parts = ("ftj", cleaned[:keep].strip("-"), digest, suffix)
     return "-".join(part for part in parts if part)
 
 

@@ -93,7 +93,7 @@ def usage_of(job: Body, trainer: Body | None) -> Usage:
             waiting = validated
         waiting = waiting and not spec.get("suspend") and not metadata.get("deletionTimestamp")
     return Usage(name=str(metadata.get("name", "")), created=str(metadata.get("creationTimestamp") or ""),
-                 gpus=builders.gpu_count(spec), holding=holding, waiting=waiting)
+                 gpus=builders.job_gpus(spec), holding=holding, waiting=waiting)
 
 
 def namespace_usage(jobs: tuple[Body, ...], trainers: tuple[Body, ...]) -> list[Usage]:

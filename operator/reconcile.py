@@ -608,9 +608,11 @@ def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSet
     observed = draft.observed
     tjob = observed.trainer_job
     job = resolved_job(draft, policy)
-    admission = _admission(draft, limits, builders.gpu_count(job.get("spec") or {}))
+    admission = _admission(draft, limits, builders.job_gpus(job.get("spec") or {}))
     if tjob is None:
         if admission.admitted or not quota.queued(observed.job):
+            if builders.node_count(job.get("spec") or {}) > 1:  # the pods' DNS names, before the pods
+                draft.actions.append(CreateChild(builders.rendezvous_service(job)))
             draft.actions.append(CreateChild(builders.trainer_job(job, rendered, settings,
                                                                   admitted=admission.admitted, limits=limits)))
         if admission.admitted:

@@ -4,6 +4,10 @@ Exit codes (constants in kubetune.trainer.config): 0 success; 78 permanent
 error (bad config, bad data, missing model: never retried); 75 preempted
 (SIGTERM: a checkpoint was saved, a retry resumes from it); anything else is
 a retryable failure.
+
+Under `python -m kubetune.trainer.launch` several ranks run this program: every
+rank reads the same config and trains its share; rank 0 alone sends progress
+reports, writes outputs and the termination summary (`is_main_rank`).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -19,10 +24,29 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.trainer import config as cfg
-from kubetune.trainer import reporting
+from kubetune.trainer import launch, reporting
 from kubetune.trainer.errors import PermanentError, Preempted
 
 log = logging.getLogger("kubetune.trainer")
+
+
+def is_main_rank() -> bool:
+    """Rank 0 of the run (torchrun sets `RANK`; a single process is rank 0)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
+def _terminate(text: str) -> None:
+    """The pod's termination summary, written by rank 0 only (one file per container)."""
+    if is_main_rank():
+        reporting.write_termination_message(text)
+
+
+def _reporter(config: cfg.TrainerConfig) -> reporting.Reporter:
+    """Rank 0 reports to the operator and stdout; other ranks' reports go nowhere (they would repeat
+    rank 0's figures, which are already global)."""
+    if is_main_rank():
+        return reporting.Reporter.from_environment(config.job)
+    return reporting.Reporter(config.job, stream=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the run
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,8 +71,11 @@ def load_data(config: cfg.TrainerConfig, *, synthetic: bool = True) -> tuple[Any
 
 def validate_only(config: cfg.TrainerConfig) -> dict[str, Any]:
     """Data statistics including token counts, as --validate-only prints them."""
-    from kubetune.trainer import data
+    from kubetune.trainer import data, sizing
 
+    problem = sizing.fsdp_wrap_problem(config)
+    if problem:
+        raise PermanentError(problem)
     tokenizer, prepared = load_data(config, synthetic=False)
     statistics = prepared.statistics()
     lengths = [len(t.input_ids) for t in data.tokenize_examples(prepared.splits.train, tokenizer)]
@@ -257,7 +284,7 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         results=results,
         samples=sample_answers or None,
         model=metrics.get("model"),
-        resolved=metrics["hyperparameters"],
+        resolved=run.hp.to_report(),
     )
     return metrics
 
@@ -281,10 +308,17 @@ def _fail(reporter: reporting.Reporter | None, outcome: str, message: str, reaso
     print(f"kubetune.trainer: {message}", file=sys.stderr)
     if reporter is not None:
         reporter.report("failed", message=message)
-    reporting.write_termination_message(reporting.termination_summary(outcome, message=message, reason=reason))
+    _terminate(reporting.termination_summary(outcome, message=message, reason=reason))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the trainer; under the launcher, each rank also records its exit code for it."""
+    code = _main(argv)
+    launch.record_exit_code(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -297,13 +331,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             statistics = validate_only(config)
             facts = validation_sizing(config, statistics)
             print(json.dumps({"kind": "validation", "valid": True, "statistics": statistics, "sizing": facts}, default=str))
-            reporting.write_termination_message(reporting.validation_summary(statistics, facts))
+            _terminate(reporting.validation_summary(statistics, facts))
         except (PermanentError, cfg.ConfigError) as error:
             _fail(None, "failed", str(error), getattr(error, "reason", ""))
             return cfg.EXIT_PERMANENT
         return cfg.EXIT_OK
     Path(config.output.dir).mkdir(parents=True, exist_ok=True)
-    reporter = reporting.Reporter.from_environment(config.job)
+    reporter = _reporter(config)
     try:
         metrics = _train_with_storage(config, reporter)
     except (PermanentError, cfg.ConfigError) as error:
@@ -311,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cfg.EXIT_PERMANENT
     except Preempted as stop:
         reporter.report("failed", message=f"preempted: {stop}")
-        reporting.write_termination_message(reporting.termination_summary(
+        _terminate(reporting.termination_summary(
             "preempted", message=str(stop), tokens_processed=stop.tokens_processed))
         return cfg.EXIT_PREEMPTED
     except Exception as error:  # noqa: BLE001 - anything unexpected is retryable
@@ -320,7 +354,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         reporter.close()
-    reporting.write_termination_message(
+    _terminate(
         reporting.termination_summary(
             "succeeded",
             step=metrics["step"],

@@ -40,6 +40,13 @@ ENV_PROGRESS_CA = process.ENV_PROGRESS_CA
 ENV_ATTEMPT = process.ENV_ATTEMPT
 ENV_TERMINATION_LOG = process.ENV_TERMINATION_LOG
 DEFAULT_TERMINATION_LOG = process.DEFAULT_TERMINATION_LOG
+ENV_NUM_PROCESSES = process.ENV_NUM_PROCESSES
+ENV_NUM_NODES = process.ENV_NUM_NODES
+ENV_DEVICE = process.ENV_DEVICE
+ENV_NODE_RANK = process.ENV_NODE_RANK
+ENV_MASTER_ADDR = process.ENV_MASTER_ADDR
+ENV_MASTER_PORT = process.ENV_MASTER_PORT
+DEFAULT_MASTER_PORT = process.DEFAULT_MASTER_PORT
 
 AUTO: Final = "auto"
 Auto = Literal["auto"]
@@ -50,6 +57,7 @@ ImbalanceStrategy = Literal["none", "oversample", "undersample", "classWeights"]
 MethodType = Literal["full", "lora"]
 Scheduler = Literal["auto", "linear", "cosine", "constant", "constantWithWarmup"]
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Strategy = Literal["ddp", "fsdp"]
 EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy", "valF1"]
 EvaluationMetric = Literal["perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1"]
 AugmentationOperation = Literal["wordDeletion", "wordSwap", "wordInsertion", "charNoise"]
@@ -367,6 +375,11 @@ class TrainingConfig:
     compile: bool = False
     """Compile the model with torch.compile (dynamic shapes): faster steps on GPUs after a compilation
     of a minute or more at start; off by default, where the compilation costs more than it saves."""
+    strategy: Strategy = "ddp"
+    """Data parallelism across the run's processes: `ddp` keeps a full model copy on every device and
+    averages gradients; `fsdp` shards parameters, gradients and optimizer state over the devices (full
+    fine-tuning of models that do not fit one device). One process: no difference. This release refuses
+    fsdp on more than one process (exit 78 naming this field): sharded checkpoints are not built yet."""
 
 
 @dataclasses.dataclass

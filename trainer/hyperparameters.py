@@ -27,7 +27,9 @@ FULL_LEARNING_RATE_AT_1B = 2e-5
 MIN_SEQ_LENGTH = 64
 MAX_AUTO_SEQ_LENGTH = 1024
 TARGET_SEQUENCES_PER_STEP = 16
-"""Effective batch (sequences per optimizer step, per device) that auto gradient accumulation aims for."""
+"""Global batch (sequences per optimizer step, all devices together) that auto gradient accumulation
+aims for: more devices mean less accumulation, not a larger batch, so an `auto` run optimises the same
+way (and its learning rate stays right) whatever the world size."""
 MIN_STEPS_PER_EPOCH = 8
 """Auto accumulation never makes an epoch shorter than this many optimizer steps."""
 DEFAULT_WARMUP_RATIO = 0.03
@@ -53,6 +55,13 @@ class ResolvedHyperparameters:
     seed: int
     automatic: tuple[str, ...] = ()
     """camelCase names of the fields that were `auto` and resolved by these rules."""
+    world_size: int = 1
+    """Training processes (devices) of the run: every rank of every pod."""
+
+    @property
+    def global_batch_size(self) -> int:
+        """Sequences per optimizer step over the whole run: per-device batch × world size × accumulation."""
+        return self.batch_size * self.world_size * self.gradient_accumulation_steps
 
     def to_report(self) -> dict[str, Any]:
         return {
@@ -67,6 +76,8 @@ class ResolvedHyperparameters:
             "gradientAccumulationSteps": self.gradient_accumulation_steps,
             "seed": self.seed,
             "automatic": list(self.automatic),
+            "worldSize": self.world_size,
+            "globalBatchSize": self.global_batch_size,
         }
 
     @classmethod
@@ -83,6 +94,7 @@ class ResolvedHyperparameters:
             gradient_accumulation_steps=data["gradientAccumulationSteps"],
             seed=data["seed"],
             automatic=tuple(data.get("automatic", ())),
+            world_size=int(data.get("worldSize", 1)),
         )
 
 
@@ -131,8 +143,10 @@ def auto_batch_size(device: DeviceKind, num_parameters: int, method: str, max_se
 
 
 def auto_gradient_accumulation(batch_size: int, num_sequences: int, world_size: int = 1) -> int:
+    """Micro-batches per device per step so the global batch reaches TARGET_SEQUENCES_PER_STEP, fewer when
+    an epoch would otherwise have fewer than MIN_STEPS_PER_EPOCH steps."""
     """Reach ~16 sequences per step, but keep at least 8 optimizer steps per epoch."""
-    wanted = max(1, math.ceil(TARGET_SEQUENCES_PER_STEP / batch_size))
+    wanted = max(1, math.ceil(TARGET_SEQUENCES_PER_STEP / (batch_size * world_size)))
     micro_batches_per_device = max(1, num_sequences // (batch_size * world_size))
     return max(1, min(wanted, micro_batches_per_device // MIN_STEPS_PER_EPOCH))
 
@@ -181,6 +195,7 @@ def resolve(
         ),
         seed=int(hp.seed) if hp.seed != AUTO else DEFAULT_SEED,
         automatic=tuple(automatic),
+        world_size=world_size,
     )
 
 

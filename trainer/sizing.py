@@ -77,6 +77,31 @@ def model_facts(config: TrainerConfig) -> dict[str, Any]:
     }
 
 
+def fsdp_wrap_problem(config: TrainerConfig) -> str | None:
+    """Why `training.strategy: fsdp` cannot shard this model, or None when it can.
+
+    FSDP wraps each transformer block as one shard unit; the model class must name its block classes
+    (`_no_split_modules`, as transformers' own architectures do). Checked on a weightless instance, in the
+    validation pod, so a model FSDP cannot wrap fails before any GPU is held."""
+    if config.training.strategy != "fsdp":
+        return None
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kubetune.trainer import modeling
+
+    location = modeling.locate(config.model)
+    model_config = AutoConfig.from_pretrained(location.name_or_path, **location.kwargs)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+    blocks = list(getattr(model, "_no_split_modules", None) or [])
+    if blocks:
+        return None
+    return (f"training.strategy: fsdp cannot wrap {type(model).__name__} (model_type "
+            f"{model_config.model_type!r}): the class names no transformer block to shard by "
+            f"(_no_split_modules is empty); use strategy ddp, or a model class that names its blocks")
+
+
 def resolved_shape(config: TrainerConfig, *, parameters: int, train_examples: int, longest_example: int,
                    context: int | None) -> dict[str, dict[str, Any]]:
     """Epochs, micro-batch and sequence length the trainer will use, on CPU and on a GPU."""

@@ -7,8 +7,13 @@ step counters to continue exactly where it stopped: the resumed run skips the
 steps already done in the epoch, never repeats a batch, and (with optimizer,
 scheduler and RNG states restored) reproduces the uninterrupted run's losses.
 
-Multi-GPU runs (`accelerate launch`) give each process every world_size-th
-micro-batch of a step; gradients are synchronised on the step's last one.
+Data-parallel runs (`python -m kubetune.trainer.launch`, one process per
+device) share that plan: each step holds accumulation × world_size
+micro-batches and rank r takes every world_size-th one from r (`rank_share`),
+so the ranks see disjoint data and, together, each sequence once per epoch;
+gradients are averaged across ranks on the step's last micro-batch. The global
+batch is batch × world_size × accumulation, and a run with 2 ranks follows the
+same trajectory as 1 rank with twice the accumulation.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ import torch
 
 from kubetune.trainer import data, evaluate, hyperparameters, modeling
 from kubetune.trainer.config import TrainerConfig
-from kubetune.trainer.errors import CheckpointError, Preempted
+from kubetune.trainer.errors import CheckpointError, PermanentError, Preempted
 from kubetune.trainer.hyperparameters import ResolvedHyperparameters
 from kubetune.trainer.reporting import Reporter
 
@@ -153,6 +158,11 @@ def epoch_plan(num_sequences: int, *, seed: int, epoch: int, batch_size: int, ac
     return steps
 
 
+def rank_share(step_micro_batches: list[list[int]], rank: int, world_size: int) -> list[list[int]]:
+    """The micro-batches of one optimizer step that rank `rank` trains on: every world_size-th one."""
+    return step_micro_batches[rank::world_size]
+
+
 def _plan_for(run: Run, epoch: int) -> list[list[list[int]]]:
     return epoch_plan(
         len(epoch_sequences(run, epoch)),
@@ -216,6 +226,11 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     precision = _precision(config.training.precision, device_kind)
     accelerator = Accelerator(mixed_precision=precision)
+    if config.training.strategy == "fsdp" and accelerator.num_processes > 1:
+        # Sharded checkpoints (gathered weights and optimizer state) are not built yet: refuse plainly
+        # rather than train a replica per device under a name that promises sharding.
+        raise PermanentError(f"training.strategy: fsdp with {accelerator.num_processes} processes is not supported "
+                             f"by this trainer release (sharded checkpoints are not implemented); use ddp")
     seed = hyperparameters.resolve_seed(config.hyperparameters)
     seed_everything(seed)
 
@@ -398,6 +413,12 @@ def resume(run: Run) -> bool:
     saved = json.loads((latest / STATE_FILE).read_text())
     recorded = hyperparameters.ResolvedHyperparameters.from_report(saved.pop("hyperparameters"))
     saved.pop("totalSteps", None)
+    if recorded.world_size != run.hp.world_size:
+        # The data plan depends on the world size, so the position is exact only in the same world; the
+        # steps already done stay done, the rest of the epoch is re-planned for the devices there are now.
+        log.warning("checkpoint %s was written by %d processes, this run has %d", latest, recorded.world_size,
+                    run.hp.world_size)
+        recorded = dataclasses.replace(recorded, world_size=run.hp.world_size)
     if recorded != run.hp:
         # The same config and data resolve to the same values; keep the run consistent regardless.
         log.warning("resolved hyperparameters differ from the checkpoint's; using the checkpoint's")
@@ -487,23 +508,36 @@ def _micro_batch_loss(run: Run, sequences: list[data.PackedSequence]) -> tuple[t
 def _optimizer_step(run: Run, sequences: list[data.PackedSequence], step_micro_batches: list[list[int]]) -> torch.Tensor:
     """One optimizer step over this process's share of the step's micro-batches; returns the mean loss,
     still on the device (reading it would wait for the GPU: `fit` reads losses only when it reports)."""
-    mine = step_micro_batches[run.accelerator.process_index :: run.world_size]
+    mine = rank_share(step_micro_batches, run.accelerator.process_index, run.world_size)
+    # Each micro-batch's loss is its weighted token mean; scaled by its share of the whole step's target
+    # weight, the step optimises the weighted token mean over every rank's micro-batches: the same whatever
+    # the accumulation and the world size (DDP averages over ranks, hence × world_size).
+    step_weight = max(1e-8, sum(target_weight(sequences[i]) for micro in step_micro_batches for i in micro))
     losses = []
     for index, micro in enumerate(mine):
         last = index == len(mine) - 1
         context = run.accelerator.no_sync(run.model) if not last else _null_context()
+        share = sum(target_weight(sequences[i]) for i in micro) / step_weight
         with context:
-            loss, _, tokens = _micro_batch_loss(run, [sequences[i] for i in micro])
-            run.accelerator.backward(loss / len(mine))
-        losses.append(loss.detach())
-        run.state.tokens_seen += tokens * run.world_size
+            loss, _, _ = _micro_batch_loss(run, [sequences[i] for i in micro])
+            run.accelerator.backward(loss * (share * run.world_size))
+        losses.append(loss.detach() * share)
+    # Every rank knows the whole step's plan: count the tokens of all ranks' micro-batches, no all-reduce.
+    run.state.tokens_seen += sum(len(sequences[i].input_ids) for micro in step_micro_batches for i in micro)
     if run.accelerator.sync_gradients:
         run.accelerator.clip_grad_norm_(run.model.parameters(), MAX_GRAD_NORM)
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    mean = torch.stack(losses).mean()
-    return run.accelerator.reduce(mean, reduction="mean")  # type: ignore[no-any-return]
+    mine_total = torch.stack(losses).sum()
+    return run.accelerator.reduce(mine_total, reduction="sum")  # type: ignore[no-any-return]
+
+
+def target_weight(sequence: data.PackedSequence) -> float:
+    """The loss weight of a sequence's targets (every position after the first whose label counts), as
+    `evaluate.training_loss` sums it."""
+    return float(sum(w for label, w in zip(sequence.labels[1:], sequence.weights[1:], strict=True)
+                     if label != data.IGNORE_INDEX))
 
 
 class _null_context:  # noqa: N801 - used like contextlib.nullcontext, typed for clarity

@@ -104,7 +104,7 @@ def test_gpu_suite_plan_only_writes_every_steps_result(tmp_path: Path) -> None:
     steps = record["steps"]
     assert steps["packed-attention"]["exit"] == 0
     assert steps["gpu-mfu"]["exit"] == 0 and steps["gpu-mfu"]["result"]["mfu"]["ratio"] > 0
-    for name, script in (("scaling", "trainer_scaling.py"), ("serve-vllm", "serve_vllm_check.py")):
+    for name, script in (("scaling", "distributed_scaling.py"), ("serve-vllm", "serve_vllm_check.py")):
         if (REPO / "bench" / script).exists():
             assert steps[name]["exit"] == 0
         else:  # said plainly, in the output and the record
@@ -162,3 +162,12 @@ def test_trainer_smollm2_lora_trains_the_real_model_and_prints_perplexity_before
     assert result["steps"] >= 1 and result["tokensSeen"] > 0
     assert result["valPerplexityBefore"] > 1 and result["valPerplexityAfter"] > 1
     assert result["baseTestPerplexity"] > 1 and result["testPerplexity"] > 1
+
+
+@pytest.mark.slow
+def test_distributed_scaling_runs_one_rank_and_two_gloo_ranks_on_the_same_steps() -> None:
+    out, result = run_bench("distributed_scaling.py", "--quick")
+    assert "scaling efficiency" in out and "1 rank:  tokens/s min/median/max" in out
+    assert result["device"] == "cpu" and result["ranks"] == 2 and result["reps"] == 1
+    assert result["oneRank"]["median"] > 0 and result["manyRanks"]["median"] > 0 and result["efficiency"] > 0
+    assert result["sameSteps"] and result["sameTokens"]  # both sides did the same work

@@ -201,3 +201,42 @@ class TestPlan:
         assert status["gpus"] == 1 and status["gpuType"] == "T4" and status["tokensToProcess"] == 2000
         assert status["trainMemoryBytesPerDevice"] == result.breakdown.total
         assert status["etaSeconds"] >= 0 and status["serveMemoryBytes"] > SMALL.parameters * 2
+
+
+class TestDataParallelMemory:
+    """Per-device memory under the strategy and world size (docs/sizing.md, "Several devices")."""
+
+    def test_ddp_keeps_a_replica_on_every_device_plus_its_gradient_buckets(self) -> None:
+        facts = ModelFacts.from_config(GPT2_SMALL)
+        one = estimate.training_memory(facts, TrainingShape(method="full", seq_length=512, micro_batch=4))
+        eight = estimate.training_memory(facts, TrainingShape(method="full", seq_length=512, micro_batch=4,
+                                                              world_size=8))
+        assert (eight.weights, eight.optimizer, eight.activations) == (one.weights, one.optimizer, one.activations)
+        assert eight.gradients == 2 * one.gradients
+
+    def test_fsdp_divides_weights_gradients_and_optimizer_state_by_the_world(self) -> None:
+        facts = ModelFacts.from_config(LLAMA3_8B)
+        shape = TrainingShape(method="full", seq_length=2048, micro_batch=1, gradient_checkpointing=True)
+        one = estimate.training_memory(facts, shape)
+        sharded = estimate.training_memory(facts, dataclasses.replace(shape, strategy="fsdp", world_size=8))
+        gathered = 2 / facts.layers  # two whole blocks at a time
+        assert sharded.optimizer == pytest.approx(one.optimizer / 8, abs=1)
+        assert sharded.weights == pytest.approx(one.weights * (1 / 8 + gathered), rel=1e-6)
+        assert sharded.gradients == pytest.approx(one.gradients * (1 / 8 + gathered), rel=1e-6)
+        assert sharded.activations == one.activations  # each device still runs its own micro-batch
+        # 8B full fine-tuning needs ~130 GB on one device; sharded over 8 it fits an 80 GB H100.
+        assert one.total > 80 * GIB > sharded.total
+
+    def test_the_spec_decides_strategy_and_world_size(self) -> None:
+        spec = {"resources": {"gpus": 8, "nodes": 2}, "training": {"strategy": "fsdp"}}
+        shape = estimate.shape_for(spec, {}, "gpu")
+        assert (shape.strategy, shape.world_size) == ("fsdp", 16)
+        assert estimate.shape_for(spec, {}, "cpu").world_size == 1
+
+    def test_auto_never_picks_more_gpus_than_there_are_micro_batches_to_share(self) -> None:
+        chosen = estimate.recommend(Request("auto"), gpu_bytes=GIB, cpu_bytes=0, gpu_types=TYPES,
+                                    eta_for=lambda n, tflops: 1000 / n, target_seconds=300, max_useful_gpus=2)
+        assert chosen.gpus == 2  # 4 would meet the target, but two of them would have nothing to train on
+        shape = TrainingShape(seq_length=512, micro_batch=4)
+        assert estimate.micro_batches_per_epoch(4096, shape) == 2
+        assert estimate.micro_batches_per_epoch(0, shape) == 0

@@ -89,13 +89,16 @@ def test_trainer_job_golden(placed_job: dict[str, Any], settings: OperatorSettin
                 "name": "trainer",
                 "image": "trainer:test",
                 "imagePullPolicy": "IfNotPresent",
-                "command": ["python", "-m", "kubetune.trainer", "--config", "/etc/kubetune/trainer-config.json"],
+                "command": ["python", "-m", "kubetune.trainer.launch", "--config", "/etc/kubetune/trainer-config.json"],
                 "env": SCRATCH_ENV + [
                     {"name": "KUBETUNE_ATTEMPT", "valueFrom": {"fieldRef": {
                         "fieldPath": "metadata.annotations['batch.kubernetes.io/job-index-failure-count']"}}},
                     {"name": "KUBETUNE_PROGRESS_URL", "value": "http://operator:8080/v1/reports"},
                     {"name": "KUBETUNE_PROGRESS_TOKEN",
                      "valueFrom": {"secretKeyRef": {"name": "demo-progress", "key": "token"}}},
+                    # One rank per GPU of the pod (its nvidia.com/gpu limit below).
+                    {"name": "KUBETUNE_NUM_PROCESSES", "value": "1"},
+                    {"name": "KUBETUNE_DEVICE", "value": "gpu"},
                 ],
                 "resources": {"requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
                               "limits": {"memory": "16Gi", "nvidia.com/gpu": "1"}},
@@ -186,3 +189,45 @@ def test_with_an_https_endpoint_pods_get_the_ca_that_verifies_it(make_job: Calla
     env = {e["name"]: e for e in manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBETUNE_PROGRESS_URL"]["value"] == "https://kubetune.kubetune.svc:8080/v1/reports"
     assert env["KUBETUNE_PROGRESS_CA"] == {"name": "KUBETUNE_PROGRESS_CA", "value": pem}
+
+
+class TestDistributedTrainer:
+    """`resources.gpus` ranks per pod, `resources.nodes` pods: the world the launcher starts."""
+
+    def test_one_pod_runs_one_rank_per_gpu_it_holds(self, placed_job: dict[str, Any], settings: OperatorSettings) -> None:
+        placed_job["spec"]["resources"]["gpus"] = 4
+        manifest = builders.trainer_job(placed_job, render.trainer_config_for(placed_job), settings)
+        container = manifest["spec"]["template"]["spec"]["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+
+        assert env["KUBETUNE_NUM_PROCESSES"] == container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+        assert "KUBETUNE_NUM_NODES" not in env and "MASTER_ADDR" not in env
+        assert (manifest["spec"]["completions"], manifest["spec"]["parallelism"]) == (1, 1)
+        assert "subdomain" not in manifest["spec"]["template"]["spec"]
+
+    def test_a_cpu_pod_runs_one_gloo_rank(self, placed_job: dict[str, Any], settings: OperatorSettings) -> None:
+        placed_job["spec"]["resources"].pop("gpus", None)
+        manifest = builders.trainer_job(placed_job, render.trainer_config_for(placed_job), settings)
+        env = {e["name"]: e.get("value") for e in manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+        assert (env["KUBETUNE_NUM_PROCESSES"], env["KUBETUNE_DEVICE"]) == ("1", "cpu")
+
+    def test_several_pods_are_one_indexed_job_that_meets_at_pod_zero(self, placed_job: dict[str, Any],
+                                                                     settings: OperatorSettings) -> None:
+        placed_job["spec"]["resources"] |= {"gpus": 8, "nodes": 2}
+        manifest = builders.trainer_job(placed_job, render.trainer_config_for(placed_job), settings)
+        service = builders.rendezvous_service(placed_job)
+        pod = manifest["spec"]["template"]["spec"]
+        env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+
+        assert manifest["spec"]["completionMode"] == "Indexed"
+        assert (manifest["spec"]["completions"], manifest["spec"]["parallelism"]) == (2, 2)
+        assert pod["subdomain"] == service["metadata"]["name"] == "demo-ranks"
+        assert env["MASTER_ADDR"] == "demo-train-0.demo-ranks"  # pod index 0's hostname under the Service
+        assert env["MASTER_PORT"] == "29500" and env["KUBETUNE_NUM_NODES"] == "2"
+        assert env["KUBETUNE_NUM_PROCESSES"] == "8"
+        assert builders.world_size(placed_job["spec"]) == 16
+        assert builders.job_gpus(placed_job["spec"]) == 16  # what the namespace quota counts
+        assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+        assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": "demo-train"}
+        assert service["metadata"]["ownerReferences"] == [OWNER]
