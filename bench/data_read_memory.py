@@ -37,7 +37,7 @@ path, side = sys.argv[1], sys.argv[2]
 dataset = cfg.config_from_dict({"model": {"source": "/m"}, "output": {"dir": "/o"},
                                 "dataset": {"format": "text", "train": {"source": path}}}).dataset
 if side == "whole":  # the same preparation, with the file read the old way
-    def read_whole(source, fields, columns=None):
+    def read_whole(source, fields, columns=None, field=None):
         text = open(source.source, "rb").read().decode("utf-8")
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     data.iter_records = read_whole
