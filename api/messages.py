@@ -134,6 +134,10 @@ class ResolvedHyperparameters(TypedDict, total=False):
     seed: int
     automatic: list[str]
     """Names of the fields that were `auto`."""
+    worldSize: int
+    """Training processes of the run (devices per pod × pods)."""
+    globalBatchSize: int
+    """Sequences per optimizer step over the whole run: batchSize × worldSize × gradientAccumulationSteps."""
 
 
 class ReportFields(TypedDict, total=False):
