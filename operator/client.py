@@ -248,7 +248,12 @@ class KubeClient:
         status = job.get("status") or {}
         finished = any(c.get("type") in ("Succeeded", "Failed") and c.get("status") == "True"
                        for c in status.get("conditions") or [])
-        serving = finished or bool(status.get("endpoint"))
+        # A trainer Job that completed counts too: an operator killed after it created the serving
+        # children but before it wrote Succeeded must read them, not create them a second time.
+        trained = bool(trainer_job and ((trainer_job.get("status") or {}).get("succeeded") or any(
+            c.get("type") == "Complete" and c.get("status") == "True"
+            for c in (trainer_job.get("status") or {}).get("conditions") or [])))
+        serving = finished or trained or bool(status.get("endpoint"))
         config_map = self._get(cache.CONFIG_MAP, namespace, child["config_map"], uid, foreign, name)
         # Secrets: metadata only (see read_child).
         progress_secret = self._get(cache.SECRET, namespace, child["progress_secret"], uid, foreign, name)
