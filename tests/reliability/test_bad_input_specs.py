@@ -303,8 +303,12 @@ class TestGeneratedSpecs:
             tally.accepted_started += 1
             for child in children_of(stored):
                 secrets, claims = secret_and_claim_references(child)
-                # Its own progress token and, when served, its own serving API key: nothing else.
-                assert secrets <= {f"{name}-progress", f"{name}-serving-key"}, (secrets, mutations)
+                # Its own progress token, when served its own serving API key, and the Secrets the
+                # spec itself names in spec.credentials (the tenant's own, by reference): nothing else.
+                credentials = stored["spec"].get("credentials")
+                named = {part.get("secretName") for part in credentials.values() if isinstance(part, dict)} \
+                    if isinstance(credentials, dict) else set()
+                assert secrets <= {f"{name}-progress", f"{name}-serving-key"} | named, (secrets, mutations)
                 assert claims <= claims_named_in(stored["spec"]), (claims, mutations)
                 try:
                     dry_run_create(kube, fuzz_namespace, child)
