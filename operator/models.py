@@ -820,6 +820,9 @@ class Progress(TypedDict, total=False):
     """Estimated seconds until training ends."""
     attempt: Annotated[int, Minimum(0)]
     """The attempt (retry number, from 0) these figures come from."""
+    startStep: Annotated[int, Minimum(0)]
+    """The step that attempt started at: 0, or the checkpoint it resumed from (stall detection starts
+    its clock once `step` has moved past it)."""
 
 
 class CheckpointRef(TypedDict, total=False):

@@ -709,27 +709,32 @@ def _check_stall(draft: _Draft, pod: Body) -> None:
     if not timeout:
         return
     pod_name = str((pod.get("metadata") or {}).get("name", ""))
-    step = (draft.status.get("progress") or {}).get("step")
+    progress = draft.status.get("progress") or {}
+    step = progress.get("step")
     step = step if isinstance(step, int) and not isinstance(step, bool) else 0
     last = draft.status.get("lastProgress") or {}
     since = _parse_time(last.get("time"))
-    if last.get("pod") != pod_name or since is None:
-        # A new pod: the step in status is its predecessor's until it reports. Loading the model and
-        # the baseline evaluation come before its first step and take as long as they take; the
-        # clock starts once it has moved the step (activeDeadlineSeconds bounds the rest).
-        draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now, "armed": False}
+    new_pod = last.get("pod") != pod_name or since is None
+    start = progress.get("startStep")
+    if progress.get("attempt") == _attempt_of(pod) and isinstance(start, int) and not isinstance(start, bool):
+        # The pod's own reports say where it started (0 or its checkpoint): a fast trainer can be several
+        # steps in before the operator first sees its pod running, and may freeze right there.
+        moved = step > start
+    else:  # the step in status is still its predecessor's
+        moved = not new_pod and (bool(last.get("armed")) or last.get("step") != step)
+    if not moved:
+        # Loading the model and the baseline evaluation come before the first step and take as long as
+        # they take; the clock starts once the pod has moved the step (activeDeadlineSeconds bounds the rest).
+        if new_pod:
+            draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now, "armed": False}
         draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
                   f"waiting for the first step of pod {pod_name}; stall timeout {timeout}s")
         return
-    if last.get("step") != step:
+    if new_pod or not last.get("armed") or last.get("step") != step:
         draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now, "armed": True}
         draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
                   f"step {step} of pod {pod_name}; stall timeout {timeout}s")
         draft.requeue_after = float(timeout)
-        return
-    if not last.get("armed"):
-        draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
-                  f"waiting for the first step of pod {pod_name}; stall timeout {timeout}s")
         return
     idle = (draft.observed.now - since).total_seconds()
     if idle < timeout:

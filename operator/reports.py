@@ -424,6 +424,10 @@ def merge_report(status: Body, report: Report, *, recent_checkpoints: int) -> Bo
     progress = dict(status.get("progress") or {})
     progress.update(_pick(body, ("step", "totalSteps", "epoch", "tokensSeen", "tokensPerSecond", "etaSeconds")))
     progress["attempt"] = report.attempt
+    if report.kind == "started":
+        # A new attempt starts at 0 or at the checkpoint it resumed from; its predecessor's step is not its own.
+        start = body.get("step")
+        progress["step"] = progress["startStep"] = start if _is_count(start) else 0
     step, total = progress.get("step"), progress.get("totalSteps")
     if isinstance(step, int) and isinstance(total, int) and total > 0:
         progress["percent"] = round(min(100.0, 100.0 * step / total), 1)

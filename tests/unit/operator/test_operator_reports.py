@@ -132,6 +132,16 @@ class TestStatusFromReports:
                                      "attempt": 0, "percent": 10.0}
         assert patch["metrics"] == {"trainLoss": 2.5, "valLoss": 2.0, "learningRate": 1e-4}
 
+    def test_a_started_report_begins_the_attempt_at_its_own_step(self) -> None:
+        before = {"progress": {"step": 40, "totalSteps": 100, "attempt": 0}}
+        fresh = reports.merge_report(before, parse(kind="started", attempt=1, step=None), recent_checkpoints=5)
+        assert {k: fresh["progress"][k] for k in ("step", "startStep", "attempt", "percent")} == {
+            "step": 0, "startStep": 0, "attempt": 1, "percent": 0.0}
+        resumed = reports.merge_report(before, parse(kind="started", attempt=1, step=32), recent_checkpoints=5)
+        assert (resumed["progress"]["step"], resumed["progress"]["startStep"]) == (32, 32)
+        later = reports.merge_report(resumed, parse(kind="progress", attempt=1, step=35), recent_checkpoints=5)
+        assert (later["progress"]["step"], later["progress"]["startStep"]) == (35, 32)
+
     def test_recent_checkpoints_are_kept_and_the_best_one_remembered(self) -> None:
         status: dict[str, Any] = {}
         for step, loss in ((10, 3.0), (20, 1.5), (30, 2.0)):

@@ -19,13 +19,17 @@ RESTARTING = PlatformPolicy(defaults=NamespaceLimits(restart_stalled_training=Tr
 
 
 def running(make_job: MakeJob, settings: OperatorSettings, *, step: int, last: dict[str, Any] | None,
-            seconds_later: float = 0, timeout: int = 300) -> Observed:
-    status = validated_status() | {"progress": {"step": step}}
+            seconds_later: float = 0, timeout: int = 300, started_at: int | None = None,
+            attempt: int = 0) -> Observed:
+    progress: dict[str, Any] = {"step": step}
+    if started_at is not None:  # the pod's own started report was merged: attempt and startStep
+        progress |= {"attempt": attempt, "startStep": started_at}
+    status = validated_status() | {"progress": progress}
     if last is not None:
         status["lastProgress"] = last
     job = make_job(status=status, training={"stallTimeoutSeconds": timeout})
     observed = with_children(job, settings, trainer_job=job_with_conditions("demo-train", active=1),
-                             trainer_pods=(pod("Running"),))
+                             trainer_pods=(pod("Running", attempt=attempt),))
     return dataclasses.replace(observed, now=NOW + timedelta(seconds=seconds_later))
 
 
@@ -47,6 +51,27 @@ def test_a_pod_that_has_not_moved_the_step_yet_is_loading_not_stalled(make_job: 
                                         seconds_later=10_000), settings)
     assert condition(later, "Stalled")["status"] == "False"
     assert "waiting for the first step of pod p-0-Running" in condition(later, "Stalled")["message"]
+
+
+def test_a_pod_first_seen_after_its_own_reports_moved_the_step_is_armed_at_once(
+        make_job: MakeJob, settings: OperatorSettings) -> None:
+    # A fast trainer: it was at step 7 (from 0) before the operator first saw its pod running, then froze.
+    first = reconcile.reconcile(running(make_job, settings, step=7, last=None, started_at=0), settings)
+    assert first.status_patch["lastProgress"] == SEEN
+    frozen = reconcile.reconcile(running(make_job, settings, step=7, last=SEEN, started_at=0, seconds_later=301),
+                                 settings)
+    assert condition(frozen, "Stalled")["status"] == "True"
+
+
+def test_a_resumed_pod_is_waiting_until_it_moves_past_its_checkpoint(make_job: MakeJob,
+                                                                     settings: OperatorSettings) -> None:
+    # Attempt 1 reported `started` at its checkpoint, step 4: a different step than its predecessor's 7,
+    # but not one it has moved to.
+    resumed = running(make_job, settings, step=4, last=SEEN, started_at=4, attempt=1, seconds_later=900)
+    decision = reconcile.reconcile(resumed, settings)
+    assert decision.status_patch["lastProgress"] == {"pod": "p-1-Running", "step": 4, "time": "2026-03-01T12:15:00Z",
+                                                     "armed": False}
+    assert "waiting for the first step" in condition(decision, "Stalled")["message"]
 
 
 def test_within_the_timeout_nothing_is_stalled_and_nothing_is_written(make_job: MakeJob,
