@@ -120,7 +120,9 @@ class TestTrainerKilledMidTraining:
         resumed = [r for r in reports if r.get("attempt") == 1 and r["kind"] == "started" and r.get("step")]
         assert len(resumed) == 1, "attempt 1 says once that it resumed"
         resumed_step = resumed[0]["step"]
-        assert last_checkpoint <= resumed_step <= last_step and resumed_step % 2 == 0
+        # The latest checkpoint: one every 2 steps, or the best one at a validation (keepBest).
+        assert last_checkpoint <= resumed_step <= last_step
+        assert resumed[0]["message"].endswith(f"/step-{resumed_step}"), resumed[0]["message"]
         assert "resumed from" in resumed[0]["message"]
         later = [r["step"] for r in reports if r.get("attempt") == 1 and r["kind"] == "progress"]
         assert later and min(later) > resumed_step, "the resumed run continues after its checkpoint"
