@@ -99,7 +99,7 @@ class SeaweedS3:
         args = [str(weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
                 f"-master.port={self.ports['master']}", f"-volume.port={self.ports['volume']}",
                 f"-filer.port={self.ports['filer']}", "-filer", "-s3", f"-s3.port={self.ports['s3']}",
-                f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=8",
+                f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=100",
                 "-metricsPort=0"]
         self._log = open(self.workdir / "seaweedfs.log", "ab")
         self._proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
