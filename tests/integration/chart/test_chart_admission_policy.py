@@ -49,6 +49,7 @@ def widened(cluster: Any, helm_bin: Path, admission: Release, tenants: Tenants) 
         "namespaces": {tenants.a: {"allowedTolerations": ["dedicated:NoSchedule"],
                                    "allowedNodeSelectors": ["pool=training"],
                                    "allowedPriorityClasses": ["batch-low"], "allowTrustRemoteCode": True,
+                                   "allowedServiceAccounts": ["trainer-identity"],
                                    "allowedModelSources": ["pvc://*", "hf://approved/*"],
                                    "allowedTrainerImages": ["registry.example/serving/*"],
                                    "writableClaims": ["models"]}}}}
@@ -77,7 +78,10 @@ class TestTheDefaultsRefuseEscalation:
          "spec.model.trustRemoteCode", "allowTrustRemoteCode: false"),
         ({"serving": {"enabled": True, "image": "docker.io/attacker/shell:latest"}},
          "spec.serving.image: docker.io/attacker/shell:latest", OWN_TRAINER_IMAGE),
-    ], ids=["keyless-toleration", "node-selector", "priority-class", "trust-remote-code", "serving-image"])
+        ({"credentials": {"serviceAccountName": "namespace-admin"}},
+         "spec.credentials.serviceAccountName: namespace-admin", "allowedServiceAccounts: none"),
+    ], ids=["keyless-toleration", "node-selector", "priority-class", "trust-remote-code", "serving-image",
+            "service-account"])
     def test_a_tenant_cannot_apply_it(self, cluster: Any, tenants: Tenants, admission: Release,
                                       spec: dict[str, Any], field: str, rule: str) -> None:
         proc = apply_as_tenant(cluster, tenants, finetunejob("escalate", **spec))
@@ -98,7 +102,8 @@ class TestANamespaceEntryWidensIt:
             "allowed", model={"source": "hf://approved/model", "trustRemoteCode": True},
             resources={"gpus": 0, "tolerations": [{"key": "dedicated", "operator": "Exists", "effect": "NoSchedule"}],
                        "nodeSelector": {"pool": "training"}, "priorityClassName": "batch-low"},
-            serving={"enabled": True, "image": "registry.example/serving/builtin:1"})
+            serving={"enabled": True, "image": "registry.example/serving/builtin:1"},
+            credentials={"serviceAccountName": "trainer-identity"})
         proc = wait_for(lambda: (p := apply_as_tenant(cluster, tenants, allowed)).returncode == 0 and p,
                         "the widened params in force")
         assert proc.returncode == 0
@@ -114,7 +119,9 @@ class TestANamespaceEntryWidensIt:
          "spec.dataset.augmentation.synthetic.model: hf://elsewhere/generator", "allowedModelSources"),
         ({"output": {"storage": "pvc://billing/backups"}},
          "spec.output.storage: claim billing may not be written", "writableClaims: models"),
-    ], ids=["toleration-effect", "model-source", "generator-model", "output-claim"])
+        ({"credentials": {"serviceAccountName": "namespace-admin"}},
+         "spec.credentials.serviceAccountName: namespace-admin", "allowedServiceAccounts: trainer-identity"),
+    ], ids=["toleration-effect", "model-source", "generator-model", "output-claim", "other-service-account"])
     def test_what_it_does_not_allow_is_refused(self, cluster: Any, tenants: Tenants, widened: Callable[[], None],
                                                spec: dict[str, Any], field: str, rule: str) -> None:
         manifest = finetunejob("still-refused", **spec)

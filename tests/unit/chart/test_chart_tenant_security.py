@@ -34,7 +34,8 @@ class TestAdmissionPolicy:
         fields = [re.match(r"'([a-zA-Z.]+)", v["messageExpression"]).group(1)  # type: ignore[union-attr]
                   for v in vap["spec"]["validations"]]
         assert fields == ["spec.resources.tolerations", "spec.resources.nodeSelector",
-                          "spec.resources.priorityClassName", "spec.model.trustRemoteCode", "spec.model.source",
+                          "spec.resources.priorityClassName", "spec.credentials.serviceAccountName",
+                          "spec.model.trustRemoteCode", "spec.model.source",
                           "spec.dataset.augmentation.synthetic.model", "spec.output.storage", "spec.serving.image"]
 
     def test_params_hold_every_scope_complete_with_globs_as_anchored_regexes(self, render: Render) -> None:
@@ -55,7 +56,8 @@ class TestAdmissionPolicy:
 
     def test_the_params_and_the_operators_policy_file_say_the_same(self, render: Render) -> None:
         values = {"policy": {"defaults": {"allowedPriorityClasses": ["batch-low"], "writableClaims": ["models"]},
-                             "namespaces": {"team-a": {"allowedNodeSelectors": ["pool=gpu"]}}}}
+                             "namespaces": {"team-a": {"allowedNodeSelectors": ["pool=gpu"],
+                                                       "allowedServiceAccounts": ["trainer-identity"]}}}}
         manifests = render(values)
         operator_view = policy.policy_from_dict(yaml.safe_load(chart.policy_document(manifests)))
         data = params(manifests)
@@ -63,6 +65,7 @@ class TestAdmissionPolicy:
             assert data[scope + "allowedPriorityClasses"] == "," + ",".join(limits.allowed_priority_classes) + ","
             assert data[scope + "allowedNodeSelectors"] == "," + ",".join(limits.allowed_node_selectors) + ","
             assert data[scope + "writableClaims"] == "," + ",".join(limits.writable_claims) + ","
+            assert data[scope + "allowedServiceAccounts"] == "," + ",".join(limits.allowed_service_accounts) + ","
 
     def test_it_can_be_left_out(self, render: Render) -> None:
         manifests = render({"admissionPolicy": {"enabled": False}})
