@@ -152,20 +152,40 @@ def model_location(job: dict[str, Any]) -> ModelLocation:
     base_path = None
     if saves_adapter(spec):
         model = spec.get("model") or {}
-        source = model.get("source") if isinstance(model, dict) else None
-        if not isinstance(source, str) or not source.strip():
-            raise SpecError(["spec.model.source: required to serve a LoRA adapter (method.lora.merge: false) "
+        source, field = adapter_base(job)
+        if not source:
+            raise SpecError([f"{field}: required to serve a LoRA adapter (method.lora.merge: false) "
                              "on its base model"])
         if source.startswith(("hf://", "s3://", "http://", "https://")):
             raise SpecError([f"spec.method.lora.merge: false serves the adapter on its base model, which must be a "
-                             f"folder the serving pod can mount (pvc://<claim>/<path>), got spec.model.source "
+                             f"folder the serving pod can mount (pvc://<claim>/<path>), got {field} "
                              f"{source!r}; set merge: true to serve a merged model"])
         if isinstance(model, dict) and model.get("ggufFile"):
             raise SpecError(["spec.method.lora.merge: false cannot be served over a GGUF base model "
                              "(spec.model.ggufFile): the server loads adapters onto transformers folders; "
                              "set merge: true"])
-        base_path = localize(source, "spec.model.source", claims)
+        base_path = localize(source, field, claims)
     return ModelLocation(uri=uri, path=path, claims=tuple(sorted(claims)), base_path=base_path)
+
+
+def adapter_base(job: dict[str, Any]) -> tuple[str, str]:
+    """The base model an unmerged adapter of this job applies to, and the field that says so.
+
+    With `spec.model.fromJob` the adapter's base is the newest merged model of `status.lineage`: an
+    adapter trained on from an adapter keeps that adapter's base (base -> A adapter -> B adapter: the
+    base), one trained on from a merged model has that model as its base. Empty while unresolved."""
+    spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
+    model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+    if not model.get("fromJob"):
+        source = model.get("source")
+        return (source.strip() if isinstance(source, str) else ""), "spec.model.source"
+    lineage = (job.get("status") or {}).get("lineage")
+    entries = [e for e in lineage if isinstance(e, dict)] if isinstance(lineage, list) else []
+    for index in range(len(entries) - 1, -1, -1):
+        uri = str(entries[index].get("uri") or "")
+        if uri and not uri.endswith("/" + layout.ADAPTER_FOLDER):
+            return uri, f"status.lineage[{index}].uri (the base model of spec.model.fromJob's chain)"
+    return "", "spec.model.fromJob (its lineage is not resolved yet)"
 
 
 def output_location(spec: dict[str, Any], job_name: str) -> str:

@@ -249,6 +249,51 @@ class TestTrainingOnFromAnEarlierJob:
         assert condition(decision, "Validated")["reason"] == "ValidatingDataset"
 
 
+class TestServingAnAdapterTrainedOnFromAnEarlierJob:
+    """An unmerged adapter of a `fromJob` job is served on the base model of its chain."""
+
+    def adapter_job(self, make_job: MakeJob, lineage: list[dict[str, Any]] | None) -> dict[str, Any]:
+        job = make_job(model={"fromJob": "first"}, method={"type": "lora", "lora": {"merge": False}},
+                       serving={"enabled": True})
+        if lineage is not None:
+            job["status"] = {"lineage": lineage}
+        return job
+
+    @pytest.mark.parametrize(("lineage", "base"), [
+        # base -> first (adapter) -> this (the same adapter trained on): the original base
+        ([{"uri": "pvc://models/base/tiny"}, {"job": "first", "uri": "pvc://models/finetunes/first/adapter"}],
+         "/mnt/pvc/models/base/tiny"),
+        # base -> first (merged) -> this (a new adapter): first's merged model
+        ([{"uri": "pvc://models/base/tiny"}, {"job": "first", "uri": "pvc://tuned/finetunes/first/model"}],
+         "/mnt/pvc/tuned/finetunes/first/model"),
+        # base -> zeroth (merged) -> first (adapter) -> this: zeroth's model
+        ([{"uri": "hf://org/base"}, {"job": "zeroth", "uri": "pvc://tuned/zeroth/model"},
+          {"job": "first", "uri": "pvc://models/first/adapter"}], "/mnt/pvc/tuned/zeroth/model"),
+    ], ids=["adapter-on-adapter", "adapter-on-merged", "longer-chain"])
+    def test_the_base_is_the_newest_merged_model_of_the_lineage(
+            self, make_job: MakeJob, settings: OperatorSettings, lineage: list[dict[str, Any]], base: str) -> None:
+        job = self.adapter_job(make_job, lineage)
+        location = render.model_location(job)
+        assert location.base_path == base
+        assert base.split("/")[3] in location.claims  # the serving pod mounts the base's claim
+        server = builders.serving_deployment(job, location, "sha256:x", settings)["spec"]["template"]["spec"][
+            "containers"][0]
+        assert server["command"][server["command"].index("--model") + 1] == location.path
+
+    def test_a_base_on_the_hub_is_refused_naming_the_lineage(self, make_job: MakeJob) -> None:
+        job = self.adapter_job(make_job, [{"uri": "hf://org/base"},
+                                          {"job": "first", "uri": "pvc://models/first/adapter"}])
+        with pytest.raises(render.SpecError) as refused:
+            render.model_location(job)
+        assert "status.lineage[0].uri" in refused.value.problems[0]
+        assert "'hf://org/base'" in refused.value.problems[0]
+
+    def test_an_unresolved_chain_is_refused_not_crashed_on(self, make_job: MakeJob) -> None:
+        with pytest.raises(render.SpecError) as refused:
+            render.model_location(self.adapter_job(make_job, None))
+        assert refused.value.problems[0].startswith("spec.model.fromJob")
+
+
 class TestOutputInObjectStorage:
     def test_the_trainer_writes_to_scratch_and_mirrors_to_the_bucket(self, make_job: MakeJob) -> None:
         job = make_job(output={"storage": "s3://models/finetunes"}, credentials=CREDENTIALS)
