@@ -730,7 +730,7 @@ def _check_stall(draft: _Draft, pod: Body) -> None:
         draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
                   f"waiting for the first step of pod {pod_name}; stall timeout {timeout}s")
         return
-    if new_pod or not last.get("armed") or last.get("step") != step:
+    if new_pod or since is None or not last.get("armed") or last.get("step") != step:
         draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now, "armed": True}
         draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
                   f"step {step} of pod {pod_name}; stall timeout {timeout}s")

@@ -174,8 +174,10 @@ def adapter_base(job: dict[str, Any]) -> tuple[str, str]:
     With `spec.model.fromJob` the adapter's base is the newest merged model of `status.lineage`: an
     adapter trained on from an adapter keeps that adapter's base (base -> A adapter -> B adapter: the
     base), one trained on from a merged model has that model as its base. Empty while unresolved."""
-    spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
-    model = spec.get("model") if isinstance(spec.get("model"), dict) else {}
+    raw_spec = job.get("spec")
+    spec: dict[str, Any] = raw_spec if isinstance(raw_spec, dict) else {}
+    raw_model = spec.get("model")
+    model: dict[str, Any] = raw_model if isinstance(raw_model, dict) else {}
     if not model.get("fromJob"):
         source = model.get("source")
         return (source.strip() if isinstance(source, str) else ""), "spec.model.source"
