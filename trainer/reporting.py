@@ -113,7 +113,10 @@ class Reporter:
         if self._sender is not None:
             self._outbox.put(line.encode())
         for observer in self.observers:
-            observer(body)
+            try:
+                observer(body)
+            except Exception as error:  # noqa: BLE001 - an observer (tracking) never stops training
+                log.warning("report observer %s failed: %s: %s", observer, type(error).__name__, error)
         return body
 
     def _send_loop(self) -> None:
