@@ -205,7 +205,7 @@ class _Draft:
 def _event_for(condition: Condition) -> Event:
     warning = (condition["type"] in (conditions.FAILED, conditions.STALLED) and condition["status"] == "True"
                and condition["reason"] != conditions.PRUNED) or (
-        condition["type"] == conditions.VALIDATED and condition["status"] == "False")
+        condition["type"] in (conditions.VALIDATED, conditions.TRACKED) and condition["status"] == "False")
     text = f"{condition['type']}={condition['status']}"
     if condition["message"]:
         text += f": {condition['message']}"

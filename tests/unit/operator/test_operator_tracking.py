@@ -154,6 +154,7 @@ class TestTrackedCondition:
         assert found is not None and (found["status"], found["reason"]) == ("False", "TrackingUnavailable")
         assert URI in found["message"] and "Connection refused" in found["message"]
         assert condition_running(decision) == "True"  # training goes on
+        assert ("Warning", "TrackingUnavailable") in [(e.type, e.reason) for e in decision.events]
 
     def test_the_termination_summary_finishes_status_tracking_when_the_report_was_lost(
             self, make_job: MakeJob, settings: OperatorSettings) -> None:
