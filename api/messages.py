@@ -140,6 +140,24 @@ class ResolvedHyperparameters(TypedDict, total=False):
     """Sequences per optimizer step over the whole run: batchSize × worldSize × gradientAccumulationSteps."""
 
 
+TrackingState = Literal["ok", "unavailable"]
+"""ok: the run is logged to the tracking server; unavailable: the server could not be reached or refused,
+and the trainer stopped logging to it for this attempt (training goes on)."""
+TRACKING_STATES: tuple[str, ...] = typing.get_args(TrackingState)
+
+
+class TrackingStatus(TypedDict, total=False):
+    """Where the run is logged for experiment tracking (MLflow), and whether that works."""
+
+    state: Required[TrackingState]
+    message: str
+    """Why it is unavailable (naming the tracking URI), or what was logged."""
+    runId: str
+    experimentId: str
+    url: str
+    """The run's page on the tracking server."""
+
+
 class ReportFields(TypedDict, total=False):
     """What one progress report may carry besides its envelope; the trainer names these fields."""
 
@@ -161,6 +179,8 @@ class ReportFields(TypedDict, total=False):
     model: ModelRef
     resolved: ResolvedHyperparameters
     """Sent with `started` once the hyperparameters are resolved, and with `completed`."""
+    tracking: TrackingStatus
+    """With `spec.tracking`: every report once the tracking run is set up (a few hundred bytes)."""
 
 
 class ProgressReport(ReportFields, total=False):
@@ -195,6 +215,8 @@ class TerminationSummary(TypedDict, total=False):
     tokensProcessed: int
     """Training tokens this process trained on: what `status.usage` records (the pod writes it,
     unlike a progress report, which anyone holding the job's token could send)."""
+    tracking: TrackingStatus
+    """With `spec.tracking`: the tracking run and whether logging to it worked."""
 
 
 TERMINATION_MESSAGE_LIMIT = 4096

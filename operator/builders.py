@@ -231,6 +231,26 @@ def _secret_env(name: str, secret: str, key: str) -> Body:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": False}}}
 
 
+MLFLOW_ENV_KEYS = (("tokenKey", trainer_config.ENV_MLFLOW_TOKEN), ("usernameKey", trainer_config.ENV_MLFLOW_USERNAME),
+                   ("passwordKey", trainer_config.ENV_MLFLOW_PASSWORD))
+"""`spec.credentials.mlflow` keys and the variables the trainer's MLflow client reads them from."""
+MLFLOW_DEFAULT_TOKEN_KEY = "token"
+
+
+def mlflow_credential_env(spec: Body) -> list[Body]:
+    """The tracking server's credentials (`spec.credentials.mlflow`), by reference: trainer pods only
+    (the only ones that talk to it). A token, or user name and password; none named: the key `token`."""
+    credentials = spec.get("credentials") or {}
+    mlflow = credentials.get("mlflow") if isinstance(credentials, dict) else None
+    if not isinstance(mlflow, dict) or not mlflow.get("secretName"):
+        return []
+    keys = {field: mlflow[field] for field, _ in MLFLOW_ENV_KEYS if mlflow.get(field)}
+    if not keys:
+        keys = {"tokenKey": MLFLOW_DEFAULT_TOKEN_KEY}
+    return [_secret_env(variable, mlflow["secretName"], keys[field]) for field, variable in MLFLOW_ENV_KEYS
+            if field in keys]
+
+
 def credential_env(spec: Body, limits: NamespaceLimits = DEFAULT_LIMITS) -> list[Body]:
     """Environment from `spec.credentials`: each value by reference to the user's Secret, never copied;
     plus the platform's hub mirror (`hfEndpoint`)."""
@@ -493,7 +513,8 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
     limit = backoff_limit(spec)
     container = _container(TRAINER_CONTAINER, settings.trainer_image, settings.image_pull_policy,
                            _trainer_command(module=LAUNCHER_MODULE),
-                           trainer_env(job, settings) + credential_env(spec, limits) + distributed_env(job),
+                           trainer_env(job, settings) + credential_env(spec, limits) + mlflow_credential_env(spec)
+                           + distributed_env(job),
                            trainer_resources(spec, limits), rendered, writes_output=True)
     nodes = node_count(spec)
     metadata = _metadata(job, name, COMPONENT_TRAINER)

@@ -41,8 +41,10 @@ SERVING_READY = "ServingReady"
 STALLED = "Stalled"
 """A running trainer's step has not advanced for `spec.training.stallTimeoutSeconds` (set only when
 that is on)."""
+TRACKED = "Tracked"
+"""The run is logged to the experiment tracking server of `spec.tracking` (set only when that is on)."""
 
-ALL_TYPES = (VALIDATED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, SERVING_READY, STALLED)
+ALL_TYPES = (VALIDATED, RUNNING, SUCCEEDED, FAILED, SUSPENDED, SERVING_READY, STALLED, TRACKED)
 
 # --- reasons -----------------------------------------------------------------------
 
@@ -127,6 +129,10 @@ SHARED_SERVING = "SharedServing"
 """`spec.serving.shareWith`: the adapter is listed for the other job's serving Deployment, which is available."""
 WAITING_FOR_SERVING_HOST = "WaitingForServingHost"
 """`spec.serving.shareWith`: the other job's serving is not available (yet)."""
+TRACKING_ACTIVE = "TrackingActive"
+"""Tracked=True: the trainer logs the run to the tracking server."""
+TRACKING_UNAVAILABLE = "TrackingUnavailable"
+"""Tracked=False: the tracking server could not be reached or refused; training goes on."""
 NO_PROGRESS = "NoProgress"
 """Stalled=True: the trainer pod runs but its step has not advanced for the stall timeout."""
 STALL_RESTART = "RestartedFromCheckpoint"

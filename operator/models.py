@@ -686,6 +686,27 @@ class S3Credentials:
     """Its key holding the region (`AWS_REGION`); absent: the SDK's default."""
 
 
+@rules(Rule("has(self.usernameKey) == has(self.passwordKey)",
+            "set usernameKey and passwordKey together (basic auth), or tokenKey alone (a bearer token)",
+            field_path=".passwordKey"),
+       Rule("!has(self.tokenKey) || !has(self.usernameKey)",
+            "set tokenKey (a bearer token) or usernameKey and passwordKey (basic auth), not both",
+            field_path=".tokenKey"))
+@dataclasses.dataclass(frozen=True)
+class MlflowCredentials:
+    """Credentials of the MLflow tracking server (`spec.tracking.mlflow`): a bearer token, or a user
+    name and password (basic auth). None of the three keys named: the key `token` is the token."""
+
+    secret_name: Annotated[str, MaxLength(253), Pattern(DNS_SUBDOMAIN)]
+    """A Secret in the job's namespace."""
+    token_key: SecretKey | None = None
+    """Its key holding a bearer token (`MLFLOW_TRACKING_TOKEN` in the trainer pod)."""
+    username_key: SecretKey | None = None
+    """Its key holding the basic-auth user name (`MLFLOW_TRACKING_USERNAME`); with `passwordKey`."""
+    password_key: SecretKey | None = None
+    """Its key holding the basic-auth password (`MLFLOW_TRACKING_PASSWORD`); with `usernameKey`."""
+
+
 @dataclasses.dataclass(frozen=True)
 class CredentialsSpec:
     """Credentials by reference: Secrets of the job's own namespace that reach the validation, trainer
@@ -696,10 +717,45 @@ class CredentialsSpec:
     """A hub token for `hf://` models (the hub endpoint itself is the platform's `hfEndpoint`)."""
     s3: S3Credentials | None = None
     """Object-store keys for `s3://` locations."""
+    mlflow: MlflowCredentials | None = None
+    """A token or user name and password for the MLflow tracking server of `spec.tracking.mlflow`
+    (trainer pods only)."""
     service_account_name: Annotated[str, MaxLength(253), Pattern(DNS_SUBDOMAIN)] | None = None
     """Run the pods as this ServiceAccount of the namespace, for workload identity (EKS IRSA, GKE
     Workload Identity, Azure Workload Identity) instead of keys; it must be in the platform policy's
     `allowedServiceAccounts`."""
+
+
+# --- spec.tracking -------------------------------------------------------------------------------
+
+TrackingURI = Annotated[str, MinLength(1), MaxLength(2048), Rule(
+    "self.matches('^https?://[^/?#]+(/.*)?$')",
+    "must be the http:// or https:// URL of the MLflow tracking server, e.g. http://mlflow.mlflow:5000"),
+    _NO_CREDENTIALS_IN_URL_RULE]
+"""An MLflow tracking server's base URL."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowTracking:
+    """Log the run to an MLflow tracking server (its REST API; artifacts through its
+    `mlflow-artifacts` proxy, so start it with artifact serving on)."""
+
+    tracking_uri: TrackingURI
+    """The server's base URL, e.g. `http://mlflow.mlflow:5000`, reachable from the trainer pod. No
+    credentials in it: name a Secret in `spec.credentials.mlflow`."""
+    experiment: Annotated[str, MinLength(1), MaxLength(500)] | None = None
+    """The experiment (created when missing); absent: the job's namespace."""
+    run_name: Annotated[str, MinLength(1), MaxLength(250)] | None = None
+    """The run's name; absent: the job's name. A resumed attempt continues the same run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingSpec:
+    """Experiment tracking: best effort, a tracking server that is down never fails training
+    (`status.tracking` and the `Tracked` condition say so)."""
+
+    mlflow: MlflowTracking | None = None
+    """Log params, per-step metrics, test results and artifacts to this MLflow server."""
 
 
 # --- the spec ------------------------------------------------------------------------------------
@@ -756,6 +812,8 @@ class FineTuneJobSpec:
     credentials: CredentialsSpec | None = None
     """Secrets (by reference) and a ServiceAccount for private models, data and storage (editable:
     pods created afterwards use the new references)."""
+    tracking: TrackingSpec | None = None
+    """Experiment tracking (MLflow) of the run (editable: trainer pods created afterwards use it)."""
     suspend: bool = False
     """Suspend the run (editable): the trainer pod is stopped after saving a checkpoint and
     resumes from it when set back to false."""
@@ -788,7 +846,7 @@ class Condition(TypedDict):
     """One observation of the job's state, per the Kubernetes API conventions."""
 
     type: Annotated[str, MaxLength(316), Pattern(r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$")]
-    """Condition type: Validated, Running, Succeeded, Failed, Suspended or ServingReady."""
+    """Condition type: Validated, Running, Succeeded, Failed, Suspended, ServingReady, Stalled or Tracked."""
     status: Literal["True", "False", "Unknown"]
     """Whether the condition holds."""
     reason: Annotated[str, MaxLength(1024), Pattern(r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")]
@@ -1130,6 +1188,22 @@ class LastProgress(TypedDict, total=False):
     the model and the baseline evaluation come before its first step)."""
 
 
+class TrackingStatus(TypedDict, total=False):
+    """Where the run is logged for experiment tracking, as the trainer last said."""
+
+    state: Literal["ok", "unavailable"]
+    """`ok`: the run is logged; `unavailable`: the tracking server could not be reached or refused,
+    and the trainer went on without tracking for that attempt."""
+    message: Annotated[str, MaxLength(1024)]
+    """Details, naming the tracking URI."""
+    runId: Annotated[str, MaxLength(256)]
+    """The MLflow run (one for all attempts of the job)."""
+    experimentId: Annotated[str, MaxLength(256)]
+    """Its experiment."""
+    url: Annotated[str, MaxLength(2048)]
+    """The run's page on the tracking server."""
+
+
 class LineageEntry(TypedDict, total=False):
     """One model in the chain a job trained on from."""
 
@@ -1149,7 +1223,7 @@ class FineTuneJobStatus(TypedDict, total=False):
     Succeeded, Failed, Pruned (ended by a FineTuneSweep), Suspended, Running, Validating or Pending.
     Conditions hold the details."""
     conditions: Annotated[list[Condition], MaxItems(16), ListType("map", ("type",))]
-    """Validated, Running, Succeeded, Failed, Suspended and ServingReady, per the Kubernetes API
+    """Validated, Running, Succeeded, Failed, Suspended, ServingReady, Stalled and Tracked, per the Kubernetes API
     conventions."""
     observedGeneration: Annotated[int, Minimum(0)]
     """The spec generation the status reflects."""
@@ -1185,6 +1259,8 @@ class FineTuneJobStatus(TypedDict, total=False):
     what really ran (docs/operator.md, Usage)."""
     lastProgress: LastProgress
     """The trainer's step as last seen advancing (with `spec.training.stallTimeoutSeconds`)."""
+    tracking: TrackingStatus
+    """With `spec.tracking`: the tracking run and whether logging to it works (the `Tracked` condition)."""
     lineage: Annotated[list[LineageEntry], MaxItems(64), ListType("atomic")]
     """Where the base model came from, oldest first: the original base model, then each FineTuneJob
     trained on from it (`spec.model.fromJob`), ending with the model this job started from."""

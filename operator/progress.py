@@ -181,7 +181,8 @@ class ProgressService:
         if job is None or (job.get("metadata") or {}).get("uid") != key.uid:
             raise ReportError(404, "UnknownJob", f"no FineTuneJob {key.signed_text()}")
         status = job.get("status") or {}
-        seed = {k: status[k] for k in ("progress", "metrics", "checkpoints", "results", "model", "resolved")
+        seed = {k: status[k] for k in ("progress", "metrics", "checkpoints", "results", "model", "resolved",
+                                            "tracking")
                 if k in status}
         state = _JobState(key=key, status=seed)
         self.jobs[key.uid] = state

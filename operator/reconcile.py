@@ -205,7 +205,7 @@ class _Draft:
 def _event_for(condition: Condition) -> Event:
     warning = (condition["type"] in (conditions.FAILED, conditions.STALLED) and condition["status"] == "True"
                and condition["reason"] != conditions.PRUNED) or (
-        condition["type"] == conditions.VALIDATED and condition["status"] == "False")
+        condition["type"] in (conditions.VALIDATED, conditions.TRACKED) and condition["status"] == "False")
     text = f"{condition['type']}={condition['status']}"
     if condition["message"]:
         text += f": {condition['message']}"
@@ -642,6 +642,33 @@ def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSet
         draft.finish(False, reason, message, job_status.get("completionTime"))
     else:
         _report_running(draft, tjob, admission)
+    _track(draft)
+
+
+def _track(draft: _Draft) -> None:
+    """`status.tracking` and the `Tracked` condition (with `spec.tracking` only). While a trainer pod
+    runs, its reports are the news (`status.tracking`, written by the progress endpoint); once none
+    runs, the latest termination summary, which the pod itself wrote, is (a lost report changes nothing)."""
+    if not render.tracking_config(draft.spec, draft.metadata):
+        return
+    pods = draft.observed.trainer_pods
+    running = any((p.get("status") or {}).get("phase") == "Running" for p in pods)
+    ended = None if running else latest_termination(pods, builders.TRAINER_CONTAINER)
+    tracking = reports.tracking_status(ended.summary.get("tracking")) if ended else {}
+    if tracking and tracking != draft.status.get("tracking"):
+        draft.patch["tracking"] = tracking
+    tracking = tracking or reports.tracking_status(draft.status.get("tracking"))
+    if not tracking:
+        return
+    uri = render.tracking_config(draft.spec, draft.metadata)["mlflow"]["trackingUri"]
+    if tracking["state"] == "ok":
+        draft.set(conditions.TRACKED, "True", conditions.TRACKING_ACTIVE,
+                  f"run {tracking.get('runId', '')} at {tracking.get('url') or uri}"[:1024])
+    else:
+        message = str(tracking.get("message") or "")
+        if uri not in message:
+            message = f"MLflow tracking server {uri}: {message or 'unavailable'}"
+        draft.set(conditions.TRACKED, "False", conditions.TRACKING_UNAVAILABLE, message[:1024])
 
 
 def _sync_suspend(draft: _Draft, tjob: Body, admitted: bool) -> None:

@@ -250,6 +250,9 @@ def trainer_config_for(job: dict[str, Any], lineage: list[dict[str, Any]] | None
         problems.extend(error.problems)
     config["job"] = {"namespace": metadata.get("namespace", ""), "name": metadata.get("name", ""),
                      "uid": metadata.get("uid", "")}
+    tracking = tracking_config(spec, metadata)
+    if tracking:
+        config["tracking"] = tracking
     if lineage:
         config["job"]["lineage"] = [{k: str(v) for k, v in entry.items() if k in ("job", "uri", "digest")}
                                     for entry in lineage]
@@ -266,6 +269,19 @@ def trainer_config_for(job: dict[str, Any], lineage: list[dict[str, Any]] | None
         raise SpecError([_spec_path(problem) for problem in error.problems]) from None
     return RenderedConfig(config=config, claims=tuple(sorted(claims)), output_uri=output_uri,
                           model_uri=layout.model_location(output_uri, *_method(spec)))
+
+
+def tracking_config(spec: dict[str, Any], metadata: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's `tracking` section from `spec.tracking`, defaults filled in here (experiment: the
+    namespace; run name: the job's name) so the ConfigMap says where the run is logged; {} when off.
+    No credentials: those reach the pod by secretKeyRef (`spec.credentials.mlflow`)."""
+    tracking = spec.get("tracking") or {}
+    mlflow = tracking.get("mlflow") if isinstance(tracking, dict) else None
+    if not isinstance(mlflow, dict) or not mlflow.get("trackingUri"):
+        return {}
+    return {"mlflow": {"trackingUri": mlflow["trackingUri"],
+                       "experiment": mlflow.get("experiment") or str(metadata.get("namespace") or ""),
+                       "runName": mlflow.get("runName") or str(metadata.get("name") or "")}}
 
 
 def _spec_path(problem: str) -> str:

@@ -213,6 +213,10 @@ def _optional_part_problems(body: Body) -> list[str]:
         problems.append("model: must be an object with string uri and digest")
     if body.get("message") is not None and not isinstance(body.get("message"), str):
         problems.append("message: must be a string")
+    if body.get("tracking") is not None:
+        problems.extend(_schema_problems("tracking", body["tracking"]))
+        if not isinstance(body["tracking"], dict) or "state" not in body["tracking"]:
+            problems.append("tracking: must be an object with a state (ok or unavailable)")
     resolved = body.get("resolved")
     if resolved is not None:
         if not isinstance(resolved, dict):
@@ -232,6 +236,8 @@ class _StatusParts(TypedDict, total=False):
     """Test metrics (`status.results`)."""
     samples: Annotated[list[models.SampleAnswer], MaxItems(20)]
     """Test prompts with the base and the tuned model's answers (`status.samples`)."""
+    tracking: models.TrackingStatus
+    """Experiment tracking state (`status.tracking`)."""
 
 
 def _schema_problems(key: str, value: Any) -> list[str]:
@@ -277,6 +283,13 @@ def resolved_hyperparameters(value: Any) -> Body:
         return dict(apischema.parse(models.ResolvedHyperparameters, _known_resolved(value), "resolved"))
     except apischema.ModelError:
         return {}
+
+
+def tracking_status(value: Any) -> Body:
+    """`value` when it is a tracking state that fits `status.tracking` (with its `state`), else {}."""
+    if not isinstance(value, dict) or "state" not in value or _schema_problems("tracking", value):
+        return {}
+    return dict(value)
 
 
 def sample_answers(value: Any) -> list[Body]:
@@ -415,7 +428,7 @@ def _pick(body: Body, fields: tuple[str, ...]) -> Body:
 
 def merge_report(status: Body, report: Report, *, recent_checkpoints: int) -> Body:
     """The status fields a report changes: `progress`, `metrics`, `checkpoints`, `results`, `model`,
-    `resolved`, `samples`.
+    `resolved`, `samples`, `tracking`.
 
     `status` holds these fields as last known (from earlier reports or the
     object); the result is a new dict of the same fields, ready to merge-patch.
@@ -464,6 +477,9 @@ def merge_report(status: Body, report: Report, *, recent_checkpoints: int) -> Bo
     resolved = resolved_hyperparameters(body.get("resolved"))
     if resolved:
         patch["resolved"] = resolved
+    tracking = tracking_status(body.get("tracking"))
+    if tracking:
+        patch["tracking"] = tracking
     return patch
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: the real control plane for integration and e2e tests, and a real S3 store.
+"""Shared fixtures: the real control plane for integration and e2e tests, a real S3 store and a real
+MLflow tracking server.
 
 The control plane starts once per test session, on loopback with random ports,
 and only when a test asks for it (the `cluster` fixture); unit tests never
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.dev import controlplane, objectstore
+from kubetune.dev import controlplane, mlflow_server, objectstore
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +30,13 @@ def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[objectstore.S
     """A real S3-compatible store (SeaweedFS, built from its Go module) on loopback, one access key."""
     with objectstore.SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as store:
         yield store
+
+
+@pytest.fixture(scope="session")
+def mlflow(tmp_path_factory: pytest.TempPathFactory) -> Iterator[mlflow_server.MlflowServer]:
+    """A real MLflow tracking server (`mlflow server`, SQLite, proxied artifacts) on loopback."""
+    with mlflow_server.MlflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.trainer import config as cfg
-from kubetune.trainer import launch, reporting
+from kubetune.trainer import launch, reporting, tracking
 from kubetune.trainer.errors import PermanentError, Preempted
 
 log = logging.getLogger("kubetune.trainer")
@@ -47,6 +47,17 @@ def _reporter(config: cfg.TrainerConfig) -> reporting.Reporter:
     if is_main_rank():
         return reporting.Reporter.from_environment(config.job)
     return reporting.Reporter(config.job, stream=open(os.devnull, "w"))  # noqa: SIM115 - lives as long as the run
+
+
+def _tracker(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> tracking.Tracker:
+    """Rank 0 logs to MLflow (`tracking.mlflow`); its state rides on every report, and the reports'
+    figures feed it. Other ranks get a tracker that is off (their figures are rank 0's)."""
+    attempt_text = os.environ.get(cfg.ENV_ATTEMPT, "0")
+    tracker = tracking.Tracker.from_config(config, attempt=int(attempt_text) if attempt_text.isdigit() else 0,
+                                           main_rank=is_main_rank())
+    reporter.tracking = tracker.status
+    reporter.observers.append(tracker.observe)
+    return tracker
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -207,16 +218,22 @@ def comparison_text(results: dict[str, Any]) -> str:
     return text
 
 
-def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> dict[str, Any]:
-    """The whole run; returns the final metrics (also written to metrics.json)."""
+def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter,
+                   tracker: tracking.Tracker | None = None) -> dict[str, Any]:
+    """The whole run; returns the final metrics (also written to metrics.json). `tracker` logs it to
+    MLflow (best effort) once the hyperparameters are resolved."""
     from kubetune.trainer import outputs, train
 
     started = time.monotonic()
     reporter.report("started", message=f"loading data and model {config.model.source}")
     tokenizer, prepared = load_data(config)
     run = train.setup(config, prepared, tokenizer)
+    resumed = train.resume(run)
+    if tracker is not None:
+        tracker.start(tracking.run_params(config, run.hp.to_report()))
+        tracker.follow(run.state)
     # The second `started` report carries the resolved hyperparameters (status.resolved) as soon as they are known.
-    if train.resume(run):
+    if resumed:
         reporter.report("started", step=run.state.step, totalSteps=run.total_steps, resolved=run.hp.to_report(),
                         message=f"resumed from {run.resumed_from}")
     else:
@@ -273,6 +290,8 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
         metrics["model"] = {"uri": uri, "digest": outputs.model_digest(folder)}
         metrics["wallSeconds"] = round(time.monotonic() - started, 2)
         outputs.write_outputs(config, metrics, state.train_losses, state.evaluations)
+        if tracker is not None:
+            tracker.finish(metrics, Path(config.output.dir))
     run.accelerator.wait_for_everyone()
     reporter.report(
         "completed",
@@ -289,26 +308,31 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> d
     return metrics
 
 
-def _train_with_storage(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> dict[str, Any]:
+def _train_with_storage(config: cfg.TrainerConfig, reporter: reporting.Reporter,
+                        tracker: tracking.Tracker | None = None) -> dict[str, Any]:
     """`train_and_save`, mirrored to object storage when `output.uri` is `s3://` (output_sync)."""
     from kubetune.trainer import output_sync
 
     if not output_sync.enabled(config):
-        return train_and_save(config, reporter)
+        return train_and_save(config, reporter, tracker)
     restored = output_sync.restore_checkpoints(config)
     if restored:
         log.info("restored %d checkpoints from %s", restored, config.output.uri)
     with output_sync.CheckpointUploader(config):
-        metrics = train_and_save(config, reporter)
+        metrics = train_and_save(config, reporter, tracker)
     output_sync.upload_outputs(config)
     return metrics
 
 
-def _fail(reporter: reporting.Reporter | None, outcome: str, message: str, reason: str = "") -> None:
+def _fail(reporter: reporting.Reporter | None, outcome: str, message: str, reason: str = "",
+          tracker: tracking.Tracker | None = None) -> None:
     print(f"kubetune.trainer: {message}", file=sys.stderr)
+    if tracker is not None:
+        tracker.end("FAILED")
     if reporter is not None:
         reporter.report("failed", message=message)
-    _terminate(reporting.termination_summary(outcome, message=message, reason=reason))
+    _terminate(reporting.termination_summary(outcome, message=message, reason=reason,
+                                             tracking=tracker.status() if tracker else None))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -338,19 +362,21 @@ def _main(argv: Sequence[str] | None = None) -> int:
         return cfg.EXIT_OK
     Path(config.output.dir).mkdir(parents=True, exist_ok=True)
     reporter = _reporter(config)
+    tracker = _tracker(config, reporter)
     try:
-        metrics = _train_with_storage(config, reporter)
+        metrics = _train_with_storage(config, reporter, tracker)
     except (PermanentError, cfg.ConfigError) as error:
-        _fail(reporter, "failed", str(error), getattr(error, "reason", ""))
+        _fail(reporter, "failed", str(error), getattr(error, "reason", ""), tracker)
         return cfg.EXIT_PERMANENT
     except Preempted as stop:
+        tracker.end("KILLED")
         reporter.report("failed", message=f"preempted: {stop}")
         _terminate(reporting.termination_summary(
-            "preempted", message=str(stop), tokens_processed=stop.tokens_processed))
+            "preempted", message=str(stop), tokens_processed=stop.tokens_processed, tracking=tracker.status()))
         return cfg.EXIT_PREEMPTED
     except Exception as error:  # noqa: BLE001 - anything unexpected is retryable
         traceback.print_exc()
-        _fail(reporter, "error", f"{type(error).__name__}: {error}")
+        _fail(reporter, "error", f"{type(error).__name__}: {error}", tracker=tracker)
         return 1
     finally:
         reporter.close()
@@ -365,6 +391,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             samples=metrics.get("samples"),
             tokens_processed=metrics.get("tokensProcessed"),
             resolved=metrics.get("hyperparameters"),
+            tracking=tracker.status(),
         )
     )
     return cfg.EXIT_OK

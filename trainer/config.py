@@ -38,6 +38,9 @@ ENV_PROGRESS_URL = process.ENV_PROGRESS_URL
 ENV_PROGRESS_TOKEN = process.ENV_PROGRESS_TOKEN
 ENV_PROGRESS_CA = process.ENV_PROGRESS_CA
 ENV_ATTEMPT = process.ENV_ATTEMPT
+ENV_MLFLOW_TOKEN = process.ENV_MLFLOW_TOKEN
+ENV_MLFLOW_USERNAME = process.ENV_MLFLOW_USERNAME
+ENV_MLFLOW_PASSWORD = process.ENV_MLFLOW_PASSWORD
 ENV_TERMINATION_LOG = process.ENV_TERMINATION_LOG
 DEFAULT_TERMINATION_LOG = process.DEFAULT_TERMINATION_LOG
 ENV_NUM_PROCESSES = process.ENV_NUM_PROCESSES
@@ -414,6 +417,32 @@ class OutputConfig:
         return Path(self.checkpoint_dir or layout.checkpoints_location(self.dir))
 
 
+def _http_url(value: Any) -> str | None:
+    if not isinstance(value, str) or not value.startswith(("http://", "https://")) or len(value) <= len("https://"):
+        return "must be an http:// or https:// URL"
+    if "@" in value.split("://", 1)[1].split("/", 1)[0]:
+        return "must not carry credentials (user:password@): they come from spec.credentials.mlflow"
+    return None
+
+
+@dataclasses.dataclass
+class MlflowConfig:
+    tracking_uri: str = _field(check=_http_url)
+    """Base URL of the MLflow tracking server (REST API and `mlflow-artifacts` proxy), e.g.
+    `http://mlflow.mlflow:5000`. Credentials come from the environment (`MLFLOW_TRACKING_TOKEN`, or
+    `MLFLOW_TRACKING_USERNAME` and `MLFLOW_TRACKING_PASSWORD`), never from the config."""
+    experiment: str = ""
+    """Experiment name; empty: the job's namespace (created when missing)."""
+    run_name: str = ""
+    """Run name; empty: the job's name."""
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    mlflow: MlflowConfig | None = None
+    """Log the run to this MLflow server; None: no experiment tracking."""
+
+
 @dataclasses.dataclass
 class LineageEntry:
     job: str = ""
@@ -455,6 +484,8 @@ class TrainerConfig:
     """Test-split evaluation."""
     job: JobIdentity = _field(factory=JobIdentity)
     """Identity of the job, echoed in progress reports."""
+    tracking: TrackingConfig = _field(factory=TrackingConfig)
+    """Experiment tracking (MLflow); best effort, it never fails training."""
 
 
 # --- Parsing ---------------------------------------------------------------------

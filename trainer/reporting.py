@@ -25,7 +25,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -71,6 +71,10 @@ class Reporter:
         self.failed_posts = 0
         self._tls = ssl.create_default_context(cadata=ca) if ca else None
         """Verifies an https:// endpoint against this CA only; None = urllib's default (system CAs)."""
+        self.tracking: Callable[[], Mapping[str, Any] | None] | None = None
+        """The experiment tracking state (`tracking.Tracker.status`), sent with every report once set up."""
+        self.observers: list[Callable[[dict[str, Any]], None]] = []
+        """Called with each report after it is printed (experiment tracking logs from them)."""
         self._lock = threading.Lock()
         self._outbox: queue.Queue[bytes | None] = queue.Queue()
         self._sender: threading.Thread | None = None
@@ -98,6 +102,8 @@ class Reporter:
         unknown = sorted(set(fields) - set(messages.field_types(messages.ReportFields)))
         if kind not in messages.KINDS or unknown:
             raise ValueError(f"not a progress report of the contract: kind {kind!r}, unknown fields {unknown}")
+        if self.tracking is not None and "tracking" not in fields:
+            fields["tracking"] = self.tracking()
         with self._lock:
             self.seq += 1
             body = {"job": self.job, "attempt": self.attempt, "seq": self.seq, "time": _now(), "kind": kind}
@@ -106,6 +112,11 @@ class Reporter:
             print(line, file=self.stream, flush=True)
         if self._sender is not None:
             self._outbox.put(line.encode())
+        for observer in self.observers:
+            try:
+                observer(body)
+            except Exception as error:  # noqa: BLE001 - an observer (tracking) never stops training
+                log.warning("report observer %s failed: %s: %s", observer, type(error).__name__, error)
         return body
 
     def _send_loop(self) -> None:
@@ -163,10 +174,11 @@ def termination_summary(
     tokens_processed: int | None = None,
     resolved: Mapping[str, Any] | None = None,
     reason: str = "",
+    tracking: Mapping[str, Any] | None = None,
 ) -> str:
     """The pod's termination message (`messages.TerminationSummary`): short JSON, under 4 KiB.
     `reason`: a permanent error's kind (`errors.PermanentError.reason`), which the operator uses as
-    the condition's reason.
+    the condition's reason. `tracking`: the experiment tracking state (`messages.TrackingStatus`).
 
     `tokensProcessed` (training tokens this process trained on) is what the operator records in
     `status.usage`: the pod itself writes it, unlike a progress report, which anyone holding the
@@ -188,6 +200,8 @@ def termination_summary(
         summary["tokensProcessed"] = int(tokens_processed)
     if reason:
         summary["reason"] = reason
+    if tracking:
+        summary["tracking"] = dict(tracking)
     if samples:
         # One sample, each text cut short: enough for the operator's Event when the report was lost.
         summary["samples"] = [{k: _excerpt(v) for k, v in samples[0].items()}]

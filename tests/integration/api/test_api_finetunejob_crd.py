@@ -159,6 +159,18 @@ INVALID_MANIFESTS = [
             "spec.dataset.train.source", "name it in spec.credentials"),
     Invalid("output-url-with-keys", {"output": {"storage": "s3://key:secret@models/out"}}, "spec.output.storage",
             "name it in spec.credentials"),
+    Invalid("tracking-uri-with-password",
+            {"tracking": {"mlflow": {"trackingUri": "https://ci:hunter2@mlflow.example.com"}}},
+            "spec.tracking.mlflow.trackingUri", "name it in spec.credentials"),
+    Invalid("tracking-uri-with-token", {"tracking": {"mlflow": {"trackingUri": "http://tok3n@mlflow.mlflow:5000"}}},
+            "spec.tracking.mlflow.trackingUri", "must not carry credentials"),
+    Invalid("tracking-uri-not-http", {"tracking": {"mlflow": {"trackingUri": "mlflow.mlflow:5000"}}},
+            "spec.tracking.mlflow.trackingUri", "must be the http:// or https:// URL of the MLflow tracking server"),
+    Invalid("mlflow-user-without-password", {"credentials": {"mlflow": {"secretName": "mlflow", "usernameKey": "user"}}},
+            "spec.credentials.mlflow.passwordKey", "set usernameKey and passwordKey together"),
+    Invalid("mlflow-token-and-user", {"credentials": {"mlflow": {
+        "secretName": "mlflow", "tokenKey": "token", "usernameKey": "user", "passwordKey": "password"}}},
+            "spec.credentials.mlflow.tokenKey", "not both"),
     Invalid("model-source-and-from-job", {"model": {"fromJob": "earlier"}}, "spec.model.source",
             "set exactly one of source (a model's location) and fromJob"),
     Invalid("credentials-secret-not-a-name", {"credentials": {"s3": {"secretName": "Bucket_Keys"}}},
@@ -267,6 +279,8 @@ ALLOWED_UPDATES = [
     Update("backoff-limit", {"backoffLimit": 10}),
     Update("deadline", {"activeDeadlineSeconds": 3600}),
     Update("ttl", {"ttlSecondsAfterFinished": 60}),
+    Update("tracking", {"tracking": {"mlflow": {"trackingUri": "http://mlflow.mlflow:5000", "experiment": "team-a"}},
+                        "credentials": {"mlflow": {"secretName": "mlflow"}}}),
 ]
 
 

@@ -89,6 +89,8 @@ class TestProgressReports:
             assert patch["samples"] == fields["samples"]
         if fields.get("resolved"):
             assert patch["resolved"] == fields["resolved"]
+        if "tracking" in fields:
+            assert patch["tracking"] == fields["tracking"]
         for name in messages.number_fields(messages.ReportFields) + messages.count_fields(messages.ReportFields):
             if name in fields:
                 assert report.body[name] == fields[name]
@@ -139,7 +141,8 @@ class TestTerminationSummary:
         text = reporting.termination_summary(
             summary["outcome"], step=summary.get("step"), val_loss=summary.get("valLoss"),
             results=summary.get("results"), model_digest=summary.get("modelDigest"),
-            message=summary.get("message", ""), samples=summary.get("samples"), resolved=summary.get("resolved"))
+            message=summary.get("message", ""), samples=summary.get("samples"), resolved=summary.get("resolved"),
+            tracking=summary.get("tracking"))
 
         assert len(text.encode()) <= messages.TERMINATION_MESSAGE_LIMIT
         ended = reconcile.latest_termination((_pod_ended_with(text),), "trainer")
@@ -148,6 +151,19 @@ class TestTerminationSummary:
             assert ended.summary.get(name) == summary.get(name)
         if summary.get("resolved"):
             assert reports.resolved_hyperparameters(ended.summary.get("resolved")) == summary["resolved"]
+        if summary.get("tracking"):
+            assert reports.tracking_status(ended.summary.get("tracking")) == summary["tracking"]
+
+    def test_an_unavailable_tracking_server_reaches_the_status_from_the_summary_and_the_report(self) -> None:
+        tracking = {"state": "unavailable", "message": "MLflow tracking server http://mlflow:5000 unavailable: "
+                                                       "Connection refused; training goes on without tracking"}
+
+        text = reporting.termination_summary("succeeded", step=3, message="x" * 5000, tracking=tracking)
+        report = reports.parse_report(send("completed", {"step": 3, "tracking": tracking}), MAX_BYTES)
+
+        assert len(text.encode()) <= messages.TERMINATION_MESSAGE_LIMIT
+        assert reports.tracking_status(json.loads(text)["tracking"]) == tracking
+        assert reports.merge_report({}, report, recent_checkpoints=5)["tracking"] == tracking
 
     def test_the_summary_of_a_run_carries_its_resolved_hyperparameters(self) -> None:
         resolved = {"epochs": 3.0, "batchSize": 8, "learningRate": 0.0002, "scheduler": "cosine", "warmupRatio": 0.03,
@@ -170,6 +186,7 @@ class TestOneDefinition:
         (messages.TestResults, models.EvaluationResults),
         (messages.SampleAnswer, models.SampleAnswer),
         (messages.ModelRef, models.ModelArtifact),
+        (messages.TrackingStatus, models.TrackingStatus),
     ], ids=lambda t: t.__name__)
     def test_the_status_schema_has_exactly_the_fields_the_trainer_sends(self, shared: type, status: type) -> None:
         assert set(typing.get_type_hints(shared)) == set(typing.get_type_hints(status))
