@@ -714,7 +714,7 @@ def _report_running(draft: _Draft, tjob: Body, admission: quota.Admission) -> No
                   f"attempt {attempt} resumes from the latest checkpoint{why}"[:1024])
     else:
         draft.set(conditions.RUNNING, "False", conditions.PENDING, "waiting for the trainer pod to start")
-    if _stall_timeout(draft.spec) and not draft.is_true(conditions.RUNNING):
+    if _stall_timeout(draft.spec) and not draft.is_true(conditions.RUNNING) and not _restarting_after_stall(draft):
         draft.set(conditions.STALLED, "False", conditions.NOT_TRAINING, "no trainer pod is running")
 
 
@@ -726,6 +726,15 @@ STALL_GRACE_SECONDS = 30
 def _stall_timeout(spec: Body) -> int:
     value = (spec.get("training") or {}).get("stallTimeoutSeconds")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def _restarting_after_stall(draft: _Draft) -> bool:
+    """Whether the operator deleted a stalled pod and its replacement has not moved a step yet: `Stalled`
+    stays True (RestartedFromCheckpoint) until then, so the restart is visible in status, not only in
+    an Event, and a replacement that hangs as well is not reported as healthy."""
+    current = conditions.find(draft.conditions, conditions.STALLED)
+    return (current is not None and current.get("status") == "True" and current.get("reason") == conditions.STALL_RESTART
+            and not draft.spec.get("suspend"))
 
 
 def _check_stall(draft: _Draft, pod: Body) -> None:
@@ -754,8 +763,9 @@ def _check_stall(draft: _Draft, pod: Body) -> None:
         # they take; the clock starts once the pod has moved the step (activeDeadlineSeconds bounds the rest).
         if new_pod:
             draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now, "armed": False}
-        draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
-                  f"waiting for the first step of pod {pod_name}; stall timeout {timeout}s")
+        if not _restarting_after_stall(draft):
+            draft.set(conditions.STALLED, "False", conditions.PROGRESSING,
+                      f"waiting for the first step of pod {pod_name}; stall timeout {timeout}s")
         return
     if new_pod or since is None or not last.get("armed") or last.get("step") != step:
         draft.patch["lastProgress"] = {"pod": pod_name, "step": step, "time": draft.now, "armed": True}

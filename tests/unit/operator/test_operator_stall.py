@@ -110,6 +110,39 @@ def test_a_new_step_or_a_new_pod_restarts_the_clock(make_job: MakeJob, settings:
     assert condition(replaced, "Stalled")["status"] == "False"
 
 
+def restarted(observed: Observed) -> Observed:
+    """The same observation after the operator deleted a stalled pod: status says so."""
+    job = observed.job
+    job["status"]["conditions"] = list(job["status"]["conditions"]) + [{
+        "type": "Stalled", "status": "True", "reason": conditions.STALL_RESTART,
+        "message": "the trainer pod p-0-Running has stayed at step 7 ...; deleted it", "observedGeneration": 1,
+        "lastTransitionTime": "2026-03-01T12:05:00Z"}]
+    return observed
+
+
+def test_stalled_stays_true_until_the_replacement_moves_past_its_checkpoint(make_job: MakeJob,
+                                                                           settings: OperatorSettings) -> None:
+    waiting = restarted(running(make_job, settings, step=4, last=SEEN, started_at=4, attempt=1, seconds_later=400))
+    decision = reconcile.reconcile(waiting, settings, RESTARTING)
+    assert (condition(decision, "Stalled")["status"], condition(decision, "Stalled")["reason"]) == (
+        "True", conditions.STALL_RESTART)
+    assert not any(isinstance(a, DeleteChild) for a in decision.actions)  # the replacement is not deleted
+    moved = restarted(running(make_job, settings, step=5, last=SEEN | {"pod": "p-1-Running", "step": 4,
+                                                                        "armed": False},
+                              started_at=4, attempt=1, seconds_later=420))
+    decision = reconcile.reconcile(moved, settings, RESTARTING)
+    assert (condition(decision, "Stalled")["status"], condition(decision, "Stalled")["reason"]) == (
+        "False", conditions.PROGRESSING)
+
+
+def test_stalled_stays_true_while_the_replacement_pod_is_pending(make_job: MakeJob,
+                                                                 settings: OperatorSettings) -> None:
+    observed = running(make_job, settings, step=7, last=SEEN, seconds_later=400)
+    pending = restarted(dataclasses.replace(observed, trainer_pods=(pod("Pending", attempt=1),)))
+    decision = reconcile.reconcile(pending, settings, RESTARTING)
+    assert condition(decision, "Stalled")["status"] == "True"
+
+
 def test_off_by_default(make_job: MakeJob, settings: OperatorSettings) -> None:
     observed = running(make_job, settings, step=7, last=SEEN, seconds_later=10_000, timeout=0)
     decision = reconcile.reconcile(observed, settings)
