@@ -250,7 +250,11 @@ class KubeClient:
                        for c in status.get("conditions") or [])
         # A trainer Job that completed counts too: an operator killed after it created the serving
         # children but before it wrote Succeeded must read them, not create them a second time.
-        trained = bool(trainer_job and ((trainer_job.get("status") or {}).get("succeeded") or any(
+        # Only for a job that serves: the others' serving children do not exist (reads of what cannot
+        # exist are not cached, and a busy platform makes thousands of such passes).
+        spec_serving = (job.get("spec") or {}).get("serving") or {}
+        serves = isinstance(spec_serving, dict) and bool(spec_serving.get("enabled") or spec_serving.get("shareWith"))
+        trained = serves and bool(trainer_job and ((trainer_job.get("status") or {}).get("succeeded") or any(
             c.get("type") == "Complete" and c.get("status") == "True"
             for c in (trainer_job.get("status") or {}).get("conditions") or [])))
         serving = finished or trained or bool(status.get("endpoint"))
@@ -266,7 +270,6 @@ class KubeClient:
             if serving else None
         # Shared serving (spec.serving.shareWith): a guest reads the job it names; a job serving
         # on its own reads the guests naming it, and the ConfigMap listing their adapters.
-        spec_serving = (job.get("spec") or {}).get("serving") or {}
         share_with = spec_serving.get("shareWith") if isinstance(spec_serving, dict) else None
         hosting = serving and bool(spec_serving.get("enabled")) and not share_with
         serving_host = self._finetunejob(namespace, share_with) if serving and share_with else None
