@@ -133,10 +133,17 @@ class KubeClient:
             self.cache.store.upsert(kind, body)
 
     def job(self, namespace: str, name: str) -> Body | None:
-        """The FineTuneJob, from memory once the cache has synced."""
+        """The FineTuneJob, from memory once the cache has synced; a miss is read from the API server.
+
+        A miss is rare (a deleted job) but can be a race: the informer's first list, taken just before
+        the job was created, may replace the store after kopf's event put the job in, and its ADDED
+        event triggers no reconcile. Answering None then would leave the new job untouched until the
+        next resync."""
         store = self._store(namespace)
         if store is not None:
-            return store.get(cache.FINETUNEJOB, namespace, name)
+            found = store.get(cache.FINETUNEJOB, namespace, name)
+            if found is not None:
+                return found
         return self.get_finetunejob(namespace, name)
 
     # -- reading -----------------------------------------------------------------

@@ -124,7 +124,7 @@ def test_happy_path_to_succeeded_with_status_filled_and_metrics(kube: Kube, oper
     usage = status["usage"]
     assert [a["kind"] for a in usage["attempts"]] == ["validation", "training"]
     training = usage["attempts"][1]
-    assert training["accelerators"] == 1 and 1.0 <= training["acceleratorSeconds"] <= 120.0
+    assert training["accelerators"] == 1 and 1.0 <= training["acceleratorSeconds"] <= 120.0, usage
     assert usage["tokensProcessed"] == 102400 and usage["trainingAttempts"] == 1
     text = wait_for(lambda: (t := operator.metrics()) and metric(t, "kubetune_tokens_processed_total",
                                                                  namespace=namespace, tenant=namespace) and t,
