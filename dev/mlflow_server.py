@@ -9,67 +9,37 @@ speaks the REST API). ``stop()`` (or leaving the ``with`` block) ends the server
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune.dev import orphans
+from kubetune.dev.controlplane import free_port
+from kubetune.dev.loopback import LoopbackServer
 
 
 class MlflowServerError(RuntimeError):
     """The MLflow server could not be started."""
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (now)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _descendants(pid: int) -> list[int]:
-    """Child processes of `pid`, recursively (Linux /proc), so the guard can end the server's worker too."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            for child in (task / "children").read_text().split():
-                found += [int(child), *_descendants(int(child))]
-    return found
-
-
-class MlflowServer:
+class MlflowServer(LoopbackServer):
     """`mlflow server` on 127.0.0.1 with SQLite and proxied artifacts; `url` is the tracking URI."""
 
+    log_name = "mlflow.log"
+    error = MlflowServerError
+
     def __init__(self, workdir: Path, *, ready_timeout: float = 120.0) -> None:
-        self.workdir = workdir
-        self.ready_timeout = ready_timeout
+        super().__init__(workdir, ready_timeout=ready_timeout, pids_name="mlflow.pids")
         self.port = 0
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
-        self._guard = orphans.ProcessGuard(workdir / "mlflow.pids")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> MlflowServer:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def command(self) -> list[str]:
         mlflow = shutil.which("mlflow", path=str(Path(sys.executable).parent)) or shutil.which("mlflow")
@@ -85,23 +55,8 @@ class MlflowServer:
         self.port = free_port()
         env = os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
                             "MLFLOW_ENABLE_WORKSPACES": "false"}
-        self._log = open(self.workdir / "mlflow.log", "ab")  # noqa: SIM115 - closed by stop()
-        self._proc = subprocess.Popen(self.command(), stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, cwd=self.workdir, env=env,
-                                      start_new_session=True, preexec_fn=orphans.die_with_parent)
-        self._guard.add(self._proc.pid)
-        atexit.register(self.stop)
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise MlflowServerError(f"mlflow server exited with {self._proc.returncode}: {self.log_tail()}")
-            if self._answers():
-                for pid in _descendants(self._proc.pid):
-                    self._guard.add(pid)
-                return
-            time.sleep(0.5)
-        self.stop()
-        raise MlflowServerError(f"mlflow server did not answer in {self.ready_timeout:.0f}s: {self.log_tail()}")
+        self.start_process(self.command(), self._answers, what="mlflow server", poll_seconds=0.5, group=True,
+                           env=env)
 
     def _answers(self) -> bool:
         try:
@@ -125,33 +80,3 @@ class MlflowServer:
                                          headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(request, timeout=10) as response:
             return list(json.loads(response.read()).get("runs", []))
-
-    def log_tail(self, lines: int = 30) -> str:
-        path = self.workdir / "mlflow.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-    def stop(self) -> None:
-        """Ends the server and its worker (SIGTERM to its process group, SIGKILL after 10 s); idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            workers = _descendants(proc.pid)
-            if proc.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)  # a worker left behind by its server
-            self._guard.discard(proc.pid)
-            for pid in workers:
-                self._guard.discard(pid)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        self._guard.close()
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.stop)

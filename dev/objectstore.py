@@ -11,8 +11,6 @@ block) ends the process; the orphan guard ends it too if the test process dies.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import json
 import secrets
 import socket
@@ -23,7 +21,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune.dev import orphans
+from kubetune.dev.loopback import LoopbackServer
 from kubetune.dev.controlplane import REPO_ROOT
 
 BUILD_SCRIPT = REPO_ROOT / "hack" / "seaweedfs" / "build.sh"
@@ -58,31 +56,23 @@ def _free_port(avoid: set[int]) -> int:
         return port
 
 
-class SeaweedS3:
+class SeaweedS3(LoopbackServer):
     """`weed server -s3` on loopback with one access key; `endpoint` is the S3 URL."""
 
+    log_name = "seaweedfs.log"
+    error = ObjectStoreError
+
     def __init__(self, workdir: Path, *, ready_timeout: float = 120.0) -> None:
-        self.workdir = workdir
-        self.ready_timeout = ready_timeout
+        super().__init__(workdir, ready_timeout=ready_timeout, pids_name="seaweedfs.pids")
         self.access_key = "kt" + secrets.token_hex(8)
         """The one identity's access key id."""
         self.secret_key = secrets.token_hex(20)
         """Its secret key (random per run, so a test can look for it in logs and objects)."""
         self.ports: dict[str, int] = {}
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._log: Any = None
-        self._guard = orphans.ProcessGuard(workdir / "seaweedfs.pids")
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.ports['s3']}"
-
-    def __enter__(self) -> SeaweedS3:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def start(self) -> None:
         weed = build_weed()
@@ -101,20 +91,7 @@ class SeaweedS3:
                 f"-filer.port={self.ports['filer']}", "-filer", "-s3", f"-s3.port={self.ports['s3']}",
                 f"-s3.config={config}", "-master.volumeSizeLimitMB=64", "-volume.max=100",
                 "-metricsPort=0"]
-        self._log = open(self.workdir / "seaweedfs.log", "ab")
-        self._proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      cwd=self.workdir, preexec_fn=orphans.die_with_parent)
-        self._guard.add(self._proc.pid)
-        atexit.register(self.stop)
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise ObjectStoreError(f"weed exited with {self._proc.returncode}: {self.log_tail()}")
-            if self._s3_answers():
-                return
-            time.sleep(0.3)
-        self.stop()
-        raise ObjectStoreError(f"SeaweedFS S3 did not answer in {self.ready_timeout:.0f}s: {self.log_tail()}")
+        self.start_process(args, self._s3_answers, what="SeaweedFS S3", poll_seconds=0.3)
 
     def _s3_answers(self) -> bool:
         try:
@@ -150,26 +127,3 @@ class SeaweedS3:
         """The variables a pod gets from `spec.credentials.s3` for this store."""
         return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
                 "AWS_ENDPOINT_URL": self.endpoint, "AWS_REGION": "us-east-1"}
-
-    def log_tail(self, lines: int = 30) -> str:
-        path = self.workdir / "seaweedfs.log"
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
-
-    def stop(self) -> None:
-        """Ends the server (SIGTERM, then SIGKILL after 10 s); idempotent."""
-        proc, self._proc = self._proc, None
-        if proc is not None:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            self._guard.discard(proc.pid)
-        if self._log is not None:
-            self._log.close()
-            self._log = None
-        self._guard.close()
-        with contextlib.suppress(Exception):
-            atexit.unregister(self.stop)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.dev import controlplane, mlflow_server, objectstore
+from kubetune.trainer import config as trainer_config
 
 
 @pytest.fixture(scope="session")
@@ -44,3 +45,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "cluster" in getattr(item, "fixturenames", ()) and not item.get_closest_marker("e2e"):
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture
+def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where a trainer run in this process writes its termination summary; no progress endpoint."""
+    path = tmp_path / "termination-log"
+    monkeypatch.setenv(trainer_config.ENV_TERMINATION_LOG, str(path))
+    monkeypatch.delenv(trainer_config.ENV_PROGRESS_URL, raising=False)
+    return path

@@ -28,14 +28,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tinymodel.create_tiny_model(tmp_path_factory.mktemp("base") / "model", arch="gpt2")
 
 
-@pytest.fixture
-def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "termination-log"
-    monkeypatch.setenv(cfg.ENV_TERMINATION_LOG, str(path))
-    monkeypatch.delenv(cfg.ENV_PROGRESS_URL, raising=False)
-    return path
-
-
 def write_config(tmp_path: Path, model: Path, tracking_uri: str, *, epochs: int = 1, experiment: str = "") -> Path:
     train = tmp_path / "train.jsonl"
     train.write_text("".join(json.dumps({"text": t}) + "\n" for t in tinymodel.default_corpus(120, seed=6)))

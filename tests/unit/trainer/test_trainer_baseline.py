@@ -111,14 +111,6 @@ class TestSummaryAndCard:
         assert "| tokenAccuracy | 0.3 | 0.5 | +20.0 points |" in table
 
 
-@pytest.fixture
-def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "termination-log"
-    monkeypatch.setenv(cfg.ENV_TERMINATION_LOG, str(path))
-    monkeypatch.delenv(cfg.ENV_PROGRESS_URL, raising=False)
-    return path
-
-
 def _run(tmp_path: Path, content: dict[str, Any]) -> dict[str, Any]:
     assert main(["--config", str(write_config(tmp_path / "config.json", content))]) == cfg.EXIT_OK
     return dict(json.loads((Path(content["output"]["dir"]) / "metrics.json").read_text()))

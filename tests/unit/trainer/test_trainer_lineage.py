@@ -19,14 +19,6 @@ from .trainer_runs import write_config, write_jsonl
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "termination-log"
-    monkeypatch.setenv(cfg.ENV_TERMINATION_LOG, str(path))
-    monkeypatch.delenv(cfg.ENV_PROGRESS_URL, raising=False)
-    return path
-
-
 def corpus(seed: int, count: int) -> list[dict[str, Any]]:
     return [{"text": t} for t in tinymodel.default_corpus(count, seed=seed)]
 

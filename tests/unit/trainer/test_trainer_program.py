@@ -20,14 +20,6 @@ from .trainer_runs import classification_records, config, text_records, write_co
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture
-def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    path = tmp_path / "termination-log"
-    monkeypatch.setenv(cfg.ENV_TERMINATION_LOG, str(path))
-    monkeypatch.delenv(cfg.ENV_PROGRESS_URL, raising=False)
-    return path
-
-
 def _run(tmp_path: Path, content: dict[str, Any]) -> int:
     return main(["--config", str(write_config(tmp_path / "config.json", content))])
 
