@@ -39,6 +39,11 @@ def model_location(output: str, method_type: str, merge: bool) -> str:
     return f"{output.rstrip('/')}/{artefact_folder(method_type, merge)}"
 
 
+def is_adapter(location: str) -> bool:
+    """Whether a model location (a folder or storage URI `model_location` answered) is an unmerged adapter."""
+    return location.rstrip("/").endswith("/" + ADAPTER_FOLDER)
+
+
 def checkpoints_location(output: str) -> str:
     """Where a run writing to `output` keeps its checkpoints by default: `<output>/checkpoints`."""
     return f"{output.rstrip('/')}/{CHECKPOINTS_FOLDER}"

@@ -29,6 +29,7 @@ import secrets
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from kubetune.api import layout
 from kubetune.operator import builders, conditions, estimate, names, quota, render, reports, usage
 from kubetune.operator.conditions import Condition
 from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy, violations
@@ -367,7 +368,7 @@ def _with_source_job(draft: _Draft) -> Body | None:
         lineage = source_lineage(source)
         draft.patch["lineage"] = lineage
     method = draft.spec.get("method") or {}
-    if str(lineage[-1].get("uri", "")).endswith("/adapter") and isinstance(method, dict) \
+    if layout.is_adapter(str(lineage[-1].get("uri", ""))) and isinstance(method, dict) \
             and method.get("type") == "full":
         message = (f"spec.method.type: full cannot train on from {from_job!r}, which saved an unmerged LoRA "
                    "adapter: use method lora (it trains that adapter on), or train the source with merge: true")

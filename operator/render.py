@@ -185,7 +185,7 @@ def adapter_base(job: dict[str, Any]) -> tuple[str, str]:
     entries = [e for e in lineage if isinstance(e, dict)] if isinstance(lineage, list) else []
     for index in range(len(entries) - 1, -1, -1):
         uri = str(entries[index].get("uri") or "")
-        if uri and not uri.endswith("/" + layout.ADAPTER_FOLDER):
+        if uri and not layout.is_adapter(uri):
             return uri, f"status.lineage[{index}].uri (the base model of spec.model.fromJob's chain)"
     return "", "spec.model.fromJob (its lineage is not resolved yet)"
 
