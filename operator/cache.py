@@ -259,6 +259,14 @@ class Store:
             entries = [self._objects[(kind, namespace, n)] for n in sorted(self._names.get((kind, namespace), ()))]
         return tuple(json.loads(e.data) for e in entries if wanted <= set(e.labels))
 
+    def every(self, kind: str) -> tuple[Body, ...]:
+        """Every stored object of `kind`, in every namespace."""
+        with self._lock:
+            entries = [self._objects[(kind, namespace, name)]
+                       for (stored, namespace), names in self._names.items() if stored == kind
+                       for name in sorted(names)]
+        return tuple(json.loads(e.data) for e in entries)
+
     def size(self) -> dict[str, int]:
         """Objects held per kind (for metrics and benchmarks)."""
         with self._lock:
@@ -344,7 +352,7 @@ class Informer:
                     return
                 log.warning("%s informer: %s; listing again in %.1f s", self.kind, error, backoff)
                 stop.wait(backoff)
-                backoff = min(backoff * 2, 30.0)
+                backoff = min(backoff * 2, 10.0)
 
     def _list(self) -> str:
         response = self.list_call(label_selector=self.label_selector, _preload_content=False,

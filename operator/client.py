@@ -26,6 +26,9 @@ Body = dict[str, Any]
 GROUP = builders.API_GROUP
 VERSION = builders.API_VERSION.split("/")[1]
 PLURAL = builders.PLURAL
+KOPF_GROUP, KOPF_VERSION = "kopf.dev", "v1"
+KOPF_PEERINGS, CLUSTER_KOPF_PEERINGS = "kopfpeerings", "clusterkopfpeerings"
+"""kopf's peering resources: one object per namespace, or one for a cluster-wide operator."""
 SIGNING_KEY_FIELD = "secret-key"
 """Key of the signing key inside its Secret (the chart's `progressKey.secretKey` default)."""
 METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
@@ -222,6 +225,31 @@ class KubeClient:
             return store.list(cache.FINETUNEJOB, namespace)
         listing = cast(Body, self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))
         return tuple(listing.get("items") or [])
+
+    def peering_in_use(self, name: str, namespaces: tuple[str, ...]) -> bool:
+        """Whether kopf's peering object `name` exists where this operator peers (cluster-wide without
+        `namespaces`, else in each watched namespace): then other replicas may hold the lead and kopf
+        may pause this one. Without it kopf works alone. Lists by name (the chart's RBAC allows list,
+        not get); any doubt (a 403, an error) answers True. No peering CRD at all answers False."""
+        by_name = f"metadata.name={name}"
+        try:
+            if not namespaces:
+                listings = [self.custom.list_cluster_custom_object(
+                    KOPF_GROUP, KOPF_VERSION, CLUSTER_KOPF_PEERINGS, field_selector=by_name)]
+            elif (exact := cache.exact_namespaces(namespaces)) is not None:
+                listings = [self.custom.list_namespaced_custom_object(
+                    KOPF_GROUP, KOPF_VERSION, n, KOPF_PEERINGS, field_selector=by_name) for n in exact]
+            else:
+                listings = [self.custom.list_cluster_custom_object(
+                    KOPF_GROUP, KOPF_VERSION, KOPF_PEERINGS, field_selector=by_name)]
+        except ApiException as error:
+            return bool(error.status != 404)
+        except Exception:  # noqa: BLE001 - in doubt, assume peers
+            log.exception("could not tell whether kopf peering %r is in use", name)
+            return True
+        in_scope = cache.namespace_matcher(namespaces)
+        return any(not namespaces or in_scope(str((item.get("metadata") or {}).get("namespace") or ""))
+                   for listing in listings for item in cast(Body, listing).get("items") or [])
 
     def list_all_finetunejobs(self) -> tuple[Body, ...]:
         """Every FineTuneJob in the cluster (start-up only: the usage counters' seed)."""

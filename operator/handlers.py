@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -132,11 +132,17 @@ class Resync:
     objects need polling is tracked from kopf's watch events (`track`), so it costs no requests.
     """
 
-    def __init__(self, reconcile: Callable[[str, str], None], what: str, parallel: int = 8) -> None:
+    def __init__(self, reconcile: Callable[[str, str], None], what: str, parallel: int = 8,
+                 discover: Callable[[], Iterable[tuple[str, str]]] | None = None) -> None:
         self.reconcile = reconcile
         self.what = what
         self.parallel = parallel
         self.keys: set[tuple[str, str]] = set()
+        self.discover = discover
+        """The objects with work pending as the operator's own reads see them, kopf's events or not:
+        kopf starts watching a new namespace only once its namespace watch reports it, and a watch it
+        is retrying (an API server answering 429 while a resource's storage initialises) delivers
+        nothing meanwhile. Without this, such an object waits for kopf; with it, one interval at most."""
 
     def track(self, namespace: str | None, name: str | None, pending: bool) -> None:
         if namespace and name:
@@ -144,6 +150,12 @@ class Resync:
 
     async def run_once(self) -> None:
         limit = asyncio.Semaphore(self.parallel)
+        keys = set(self.keys)
+        if self.discover is not None:
+            try:
+                keys |= set(await asyncio.to_thread(self.discover))
+            except Exception:  # noqa: BLE001 - the tracked keys are still resynced
+                log.exception("listing the %sobjects to resync failed", self.what)
 
         async def one(namespace: str, name: str) -> None:
             async with limit:
@@ -152,7 +164,7 @@ class Resync:
                 except Exception:
                     log.exception("resync of %s%s/%s failed", self.what, namespace, name)
 
-        await asyncio.gather(*(one(namespace, name) for namespace, name in sorted(self.keys)))
+        await asyncio.gather(*(one(namespace, name) for namespace, name in sorted(keys)))
 
     async def run_forever(self, interval: float) -> None:
         while True:
@@ -180,6 +192,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.priority = SETTINGS.peering_priority
     settings.peering.lifetime = SETTINGS.peering_lifetime
     settings.execution.max_workers = 8
+    # kopf's default retry gaps grow to 21 s (1, 1, 2, …, 13, 21): a watch that met a short outage (an API
+    # server answering 429 while a resource's storage initialises) would then deliver nothing for that
+    # long after it ended. Short, capped gaps over a similar span (~36 s) before an error escalates.
+    settings.networking.error_backoffs = (0.5, 1, 1, 2, 2, 3, 3, 4, 5, 5, 5, 5)
     kube = RUNTIME.kube()
     if SETTINGS.cache and kube.cache is None:
         kube.cache = kube.build_cache(SETTINGS.namespaces, secret_ttl=SETTINGS.resync_seconds)
@@ -353,7 +369,29 @@ def has_pending_work(spec: Any, status: Any) -> bool:
     return bool(serving.get("enabled")) or (spec or {}).get("ttlSecondsAfterFinished") is not None
 
 
-JOB_RESYNC = Resync(reconcile_job, "")
+def working_alone() -> bool:
+    """Whether kopf cannot pause this replica: its peering object is absent (the chart creates one only
+    for hot standbys). Only then may a resync act on objects kopf has not delivered: a paused standby's
+    kopf delivers nothing, and so it must do nothing."""
+    return not RUNTIME.kube().peering_in_use(SETTINGS.peering_name, SETTINGS.namespaces)
+
+
+def pending_jobs() -> list[tuple[str, str]]:
+    """Every FineTuneJob in the watched namespaces with work pending, from the informers' memory (no
+    request); nothing before they have listed once, without them (`KUBETUNE_CACHE=false`), or when
+    other replicas may hold the lead (`working_alone`)."""
+    kube = RUNTIME.kube()
+    if kube.cache is None or not kube.cache.wait_synced(0) or not working_alone():
+        return []
+    found = []
+    for body in kube.cache.store.every(cache.FINETUNEJOB):
+        metadata = body.get("metadata") or {}
+        if has_pending_work(body.get("spec"), body.get("status")):
+            found.append((str(metadata.get("namespace") or ""), str(metadata.get("name") or "")))
+    return found
+
+
+JOB_RESYNC = Resync(reconcile_job, "", discover=pending_jobs)
 RESYNCS.append(JOB_RESYNC)
 
 

@@ -12,7 +12,7 @@ from typing import Any, cast
 
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.operator import sweep, sweep_models
+from kubetune.operator import cache, sweep, sweep_models
 from kubetune.operator.client import KubeClient
 
 Body = dict[str, Any]
@@ -36,6 +36,25 @@ class SweepClient:
             if error.status == 404:
                 return None
             raise
+
+    def sweep_names(self, namespaces: tuple[str, ...]) -> list[tuple[str, str]]:
+        """(namespace, name) of every sweep in `namespaces` (kopf's patterns): one list per namespace when
+        they are plain names, else one cluster-wide list filtered by the patterns. Only metadata is kept."""
+        exact = cache.exact_namespaces(namespaces)
+        try:
+            if exact is not None:
+                listings = [cast(Body, self.custom.list_namespaced_custom_object(GROUP, VERSION, n, SWEEPS))
+                            for n in exact]
+            else:
+                listings = [cast(Body, self.custom.list_cluster_custom_object(GROUP, VERSION, SWEEPS))]
+        except ApiException as error:
+            if error.status == 404:  # the FineTuneSweep CRD is not installed
+                return []
+            raise
+        in_scope = cache.namespace_matcher(namespaces)
+        found = [(str(m.get("namespace") or ""), str(m.get("name") or ""))
+                 for listing in listings for m in (i.get("metadata") or {} for i in listing.get("items") or [])]
+        return [(namespace, name) for namespace, name in found if name and in_scope(namespace)]
 
     def list_trials(self, sweep_body: Body) -> list[Body]:
         """The sweep's trial FineTuneJobs: labelled with its name and controlled by its uid."""

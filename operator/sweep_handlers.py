@@ -50,7 +50,15 @@ def on_sweep_changed(namespace: str | None, name: str | None, **_: Any) -> None:
     _reconcile_or_retry(namespace, name)
 
 
-SWEEP_RESYNC = handlers.Resync(reconcile_sweep, "sweep ")
+def all_sweeps() -> list[tuple[str, str]]:
+    """Every sweep in the watched namespaces (one list request per resync interval); none when other
+    replicas may hold the lead (`handlers.working_alone`)."""
+    if not handlers.working_alone():
+        return []
+    return SweepClient(handlers.RUNTIME.kube()).sweep_names(handlers.SETTINGS.namespaces)
+
+
+SWEEP_RESYNC = handlers.Resync(reconcile_sweep, "sweep ", discover=all_sweeps)
 handlers.RESYNCS.append(SWEEP_RESYNC)
 
 

@@ -47,6 +47,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.integration)
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed test that ran an operator process shows that operator's last log lines: what it did (or
+    did not) in the seconds a wait ran out is the first thing to read, and CI keeps no other copy."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    seen: set[int] = set()
+    for name, value in (getattr(item, "funcargs", None) or {}).items():
+        for one in value if isinstance(value, list) else [value]:
+            tail = getattr(one, "log_tail", None)
+            if callable(tail) and hasattr(one, "proc") and id(one) not in seen:
+                seen.add(id(one))
+                report.sections.append((f"operator log, last 80 lines ({name})", str(tail(80))))
+
+
 @pytest.fixture
 def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Where a trainer run in this process writes its termination summary; no progress endpoint."""

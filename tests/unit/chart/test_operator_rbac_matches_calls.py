@@ -37,8 +37,10 @@ RESOURCES = {
 }
 CLIENT_MODULES = ("client.py", "sweep_client.py")
 HANDLER_MODULES = ("handlers.py", "sweep_handlers.py")
-CUSTOM_PLURALS = {"PLURAL": "finetunejobs", "JOBS": "finetunejobs", "SWEEPS": "finetunesweeps"}
-"""Names the client modules give the custom-object plural they pass."""
+CUSTOM_PLURALS = {"PLURAL": ("kubetune.io", "finetunejobs"), "JOBS": ("kubetune.io", "finetunejobs"),
+                  "SWEEPS": ("kubetune.io", "finetunesweeps"), "KOPF_PEERINGS": ("kopf.dev", "kopfpeerings"),
+                  "CLUSTER_KOPF_PEERINGS": ("kopf.dev", "clusterkopfpeerings")}
+"""Names the client modules give the custom-object plural they pass, with its API group."""
 STARRED_RESOURCES = {"RESOURCE": "finetunejobs", "SWEEP_RESOURCE": "finetunesweeps"}
 """The (group, version, plural) triples handler decorators unpack."""
 CHANGE_HANDLERS = {"create", "update", "resume", "delete", "field"}
@@ -69,7 +71,8 @@ def client_calls() -> set[Permission]:
                 args = called_with.get(id(node), [])
                 plural = next((a.id for a in args if isinstance(a, ast.Name) and a.id in CUSTOM_PLURALS), None)
                 assert plural, f"{module}: cannot tell which custom resource {node.attr} is called on"
-                resource = CUSTOM_PLURALS[plural] + resource.removeprefix("finetunejobs")
+                group, plural_name = CUSTOM_PLURALS[plural]
+                resource = plural_name + resource.removeprefix("finetunejobs")
             found.add((group, resource, VERBS[match.group(1)]))
             if match.group(1) == "list":  # list calls feed the informers (operator/cache.py): list, then watch
                 found.add((group, resource, "watch"))

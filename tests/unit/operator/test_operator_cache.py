@@ -55,6 +55,17 @@ class TestNewestCopyWins:
         assert store.get(cache.JOB, "ns", "a")["status"] == {"active": 1}  # type: ignore[index]
 
 
+    def test_every_lists_one_kind_across_namespaces_and_nothing_deleted(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.FINETUNEJOB, obj("FineTuneJob", "a", "1", namespace="team-a"))
+        store.upsert(cache.FINETUNEJOB, obj("FineTuneJob", "b", "2", namespace="team-b"))
+        store.upsert(cache.FINETUNEJOB, obj("FineTuneJob", "gone", "3", namespace="team-b"))
+        store.upsert(cache.JOB, obj("Job", "a-train", "4", namespace="team-a"))
+        store.remove(cache.FINETUNEJOB, obj("FineTuneJob", "gone", "5", namespace="team-b"))
+        found = {(j["metadata"]["namespace"], j["metadata"]["name"]) for j in store.every(cache.FINETUNEJOB)}
+        assert found == {("team-a", "a"), ("team-b", "b")}
+
+
 class TestWhatIsKept:
     def test_managed_fields_are_dropped(self) -> None:
         store = cache.Store()

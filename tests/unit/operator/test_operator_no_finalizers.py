@@ -36,3 +36,22 @@ def test_the_resync_reconciles_tracked_objects_and_survives_a_failure() -> None:
     resync.track(None, "no-namespace", True)
     asyncio.run(resync.run_once())
     assert sorted(seen) == [("a", "broken"), ("a", "pending")]
+
+
+def test_the_resync_also_reconciles_what_its_discovery_finds_and_survives_a_failed_listing() -> None:
+    """kopf delivers a new namespace's objects only once its own namespace watch has reported it; the
+    operator's reads (`discover`) find them anyway, once each, next to the tracked ones."""
+    seen: list[tuple[str, str]] = []
+    resync = handlers.Resync(lambda namespace, name: seen.append((namespace, name)), "",
+                             discover=lambda: [("new", "unseen-by-kopf"), ("a", "tracked")])
+    resync.track("a", "tracked", True)
+    asyncio.run(resync.run_once())
+    assert sorted(seen) == [("a", "tracked"), ("new", "unseen-by-kopf")]
+
+    def broken() -> list[tuple[str, str]]:
+        raise RuntimeError("API unavailable")
+
+    seen.clear()
+    resync.discover = broken
+    asyncio.run(resync.run_once())
+    assert seen == [("a", "tracked")]
