@@ -133,9 +133,12 @@ class Resync:
     """
 
     def __init__(self, reconcile: Callable[[str, str], None], what: str, parallel: int = 8,
-                 discover: Callable[[], Iterable[tuple[str, str]]] | None = None) -> None:
+                 discover: Callable[[], Iterable[tuple[str, str]]] | None = None,
+                 resource: str = "finetunejobs") -> None:
         self.reconcile = reconcile
         self.what = what
+        self.resource = resource
+        """The `resource` label of its metrics (`kubetune_resync_passes`, `kubetune_resync_undelivered`)."""
         self.parallel = parallel
         self.keys: set[tuple[str, str]] = set()
         self.discover = discover
@@ -156,6 +159,10 @@ class Resync:
                 keys |= set(await asyncio.to_thread(self.discover))
             except Exception:  # noqa: BLE001 - the tracked keys are still resynced
                 log.exception("listing the %sobjects to resync failed", self.what)
+        undelivered = keys - self.keys
+        if undelivered:
+            log.info("resync: %d %sobject(s) kopf has not delivered: %s", len(undelivered), self.what,
+                     ", ".join(f"{n}/{m}" for n, m in sorted(undelivered)[:5]))
 
         async def one(namespace: str, name: str) -> None:
             async with limit:
@@ -165,6 +172,8 @@ class Resync:
                     log.exception("resync of %s%s/%s failed", self.what, namespace, name)
 
         await asyncio.gather(*(one(namespace, name) for namespace, name in sorted(keys)))
+        METRICS.resync_undelivered.labels(self.resource).inc(len(undelivered))
+        METRICS.resync_passes.labels(self.resource).inc()
 
     async def run_forever(self, interval: float) -> None:
         while True:

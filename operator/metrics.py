@@ -173,6 +173,12 @@ class OperatorMetrics:
                                         ["namespace"], registry=self.registry)
         self.reports = Counter("kubetune_progress_reports", "Progress reports by result",
                                ["result", "reason"], registry=self.registry)
+        self.resync_passes = Counter("kubetune_resync_passes", "Passes of the periodic resync",
+                                     ["resource"], registry=self.registry)
+        self.resync_undelivered = Counter(
+            "kubetune_resync_undelivered",
+            "Objects a resync pass reconciled that kopf had not delivered (a late or stalled watch)",
+            ["resource"], registry=self.registry)
         self.test_metric = Gauge("kubetune_job_test_metric",
                                  "Test-split metric of a job's fine-tuned (model=tuned) or base (model=base) model",
                                  ["namespace", "name", "model", "metric"], registry=self.registry)

@@ -58,7 +58,7 @@ def all_sweeps() -> list[tuple[str, str]]:
     return SweepClient(handlers.RUNTIME.kube()).sweep_names(handlers.SETTINGS.namespaces)
 
 
-SWEEP_RESYNC = handlers.Resync(reconcile_sweep, "sweep ", discover=all_sweeps)
+SWEEP_RESYNC = handlers.Resync(reconcile_sweep, "sweep ", discover=all_sweeps, resource="finetunesweeps")
 handlers.RESYNCS.append(SWEEP_RESYNC)
 
 

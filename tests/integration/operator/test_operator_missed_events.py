@@ -13,7 +13,7 @@ resync looks past kopf only where no peering object exists (the chart creates on
 from __future__ import annotations
 
 import secrets
-import time
+import urllib.request
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,6 +21,7 @@ from typing import Any
 
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.integration.operator.conftest import (
     NAMESPACE_PREFIX, Kube, OperatorProcess, finetunejob, wait_for)
@@ -82,6 +83,21 @@ def start_operator(cluster: Any, log_dir: Path, started: list[OperatorProcess],
     return process
 
 
+def metric(operator: OperatorProcess, name: str, **labels: str) -> float:
+    """One sample of the operator's /metrics (0 when the series does not exist yet)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{operator.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def resync_passes(operator: OperatorProcess) -> float:
+    return metric(operator, "kubetune_resync_passes_total", resource="finetunejobs")
+
+
 def test_a_job_and_a_sweep_in_a_namespace_kopf_never_watches_are_still_served(
         cluster: Any, kube: Kube, finetunejob_crd: None, peering_crds: None, namespace: str,
         started: list[OperatorProcess], tmp_path: Path) -> None:
@@ -100,6 +116,7 @@ def test_a_job_and_a_sweep_in_a_namespace_kopf_never_watches_are_still_served(
     kube.create_ftj(namespace, finetunejob("unseen"))
     wait_for(lambda: kube.job(namespace, "unseen-validate"), "the validation Job of a job kopf never saw",
              timeout=10 * RESYNC_SECONDS)
+    assert metric(operator, "kubetune_resync_undelivered_total", resource="finetunejobs") >= 1
     kube.custom.create_namespaced_custom_object("kubetune.io", "v1alpha1", namespace, "finetunesweeps",
                                                 sweep_manifest("unseen-sweep"))
     wait_for(lambda: kube.custom.list_namespaced_custom_object(
@@ -121,7 +138,9 @@ def test_a_standby_does_nothing_until_the_peer_that_leads_is_gone(
     wait_for(lambda: "Pausing operations in favour of" in operator.log_tail(400), "kopf to pause for the rival")
 
     kube.create_ftj(namespace, finetunejob("waits"))
-    time.sleep(5 * RESYNC_SECONDS)
+    passes = resync_passes(operator)
+    wait_for(lambda: resync_passes(operator) >= passes + 2, "two resync passes after the job was created",
+             timeout=10 * RESYNC_SECONDS)
     assert kube.job(namespace, "waits-validate") is None, "a standby acted while a peer held the lead"
 
     kube.custom.patch_namespaced_custom_object("kopf.dev", "v1", namespace, "kopfpeerings",
