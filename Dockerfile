@@ -24,14 +24,17 @@ RUN groupadd --system --gid 65532 kubetune \
 WORKDIR /app
 
 # ---------------------------------------------------------------------------------------------
-# wheel: builds the kubetune wheel once (api, operator, trainer and dev packages; no dependencies).
+# wheel: builds the kubetune wheel once (api, operator, trainer and cli packages; no dependencies).
+# The dev tooling (control-plane launcher, local node, tiny models, test servers) is for development
+# only: dev/ is not copied, and this copy of pyproject.toml drops `kubetune.dev` from its packages.
 FROM base AS wheel
 COPY pyproject.toml README.md ./
 COPY api/ api/
 COPY operator/ operator/
 COPY trainer/ trainer/
-COPY dev/ dev/
-RUN pip wheel --no-deps --wheel-dir /wheels .
+COPY cli/ cli/
+RUN sed -i -e 's/, "kubetune.dev"\]/]/' -e '/^"kubetune.dev" = "dev"$/d' pyproject.toml \
+ && pip wheel --no-deps --wheel-dir /wheels .
 
 # ---------------------------------------------------------------------------------------------
 # operator-deps: a virtual environment with kubetune and its base dependencies only.

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.dev import objectstore, progress_view, stack as local_stack, tinymodel
+from kubetune.dev import objectstore, stack as local_stack, tinymodel
+from kubetune.cli import progress_view
 from kubetune.operator import builders
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -165,7 +166,7 @@ class TestOutputInTheBucketServedAndTrainedOn:
             self, stack: local_stack.LocalStack, s3_store: objectstore.SeaweedS3, tmp_path: Path) -> None:
         namespace = "e2e-s3-output"
         stack.ensure_namespace(namespace)
-        from kubetune.dev import cli
+        from kubetune.cli import main as cli
 
         manifest = yaml.safe_load(cli.prepare_demo_volumes(stack, tiny=True, namespace=namespace).read_text())
         base = stack.claim_path(namespace, "base-models") / "tiny-llama"

@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.dev import cli, progress_view, stack as local_stack
+from kubetune.dev import stack as local_stack
+from kubetune.cli import main as cli, progress_view
 from kubetune.operator import builders
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

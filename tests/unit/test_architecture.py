@@ -1,9 +1,9 @@
 """The architecture's rules, checked on the source: import directions, pure modules, strict typing.
 
-The project's layering (README, Layout): dependencies point one way (dev tooling -> operator ->
-trainer.config -> api, the shared contract, which imports only the standard library); the trainer
-never imports the operator; nothing imports the dev
-tooling; only the operator's handler, client and HTTP-server modules touch kopf or
+The project's layering (README, Layout): dependencies point one way (cli and dev tooling -> operator
+-> trainer.config -> api, the shared contract, which imports only the standard library); the trainer
+never imports the operator; neither imports the CLI or the dev tooling, and the CLI imports the dev
+tooling only inside the commands that need it; only the operator's handler, client and HTTP-server modules touch kopf or
 the Kubernetes client; the operator type-checks under `mypy --strict`.
 """
 
@@ -18,21 +18,26 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = {"api": "kubetune.api", "operator": "kubetune.operator", "trainer": "kubetune.trainer",
-            "dev": "kubetune.dev"}
+            "cli": "kubetune.cli", "dev": "kubetune.dev"}
 
 # Operator modules allowed to import kopf or the kubernetes client (side effects live here).
 OPERATOR_NETWORK_MODULES = {"handlers", "client", "progress", "__main__", "sweep_handlers", "sweep_client"}
 
 
+def imports_of_node(node: ast.AST) -> set[str]:
+    """The module names one import statement names (`from x import y` -> x and x.y)."""
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names}
+    if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+        return {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return set()
+
+
 def imports_of(path: Path) -> set[str]:
-    """Every module name imported by a source file (absolute names, `from x import y` -> x and x.y)."""
+    """Every module name imported by a source file, at any depth (absolute names)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        names |= imports_of_node(node)
     return names
 
 
@@ -42,18 +47,32 @@ def modules(folder: str) -> list[Path]:
 
 class TestImportDirection:
     @pytest.mark.parametrize("path", modules("trainer"), ids=lambda p: p.name)
-    def test_trainer_never_imports_the_operator_or_dev_tooling(self, path: Path) -> None:
-        bad = {n for n in imports_of(path) if n.startswith(("kubetune.operator", "kubetune.dev"))}
+    def test_trainer_never_imports_the_operator_the_cli_or_dev_tooling(self, path: Path) -> None:
+        bad = {n for n in imports_of(path) if n.startswith(("kubetune.operator", "kubetune.dev", "kubetune.cli"))}
         assert not bad, f"trainer/{path.name} imports {sorted(bad)}"
 
     @pytest.mark.parametrize("path", modules("operator"), ids=lambda p: p.name)
     def test_operator_imports_only_the_trainer_config_and_no_dev_tooling(self, path: Path) -> None:
         names = imports_of(path)
-        dev = {n for n in names if n.startswith("kubetune.dev")}
+        dev = {n for n in names if n.startswith(("kubetune.dev", "kubetune.cli"))}
         trainer = {n for n in names if n.startswith("kubetune.trainer") and n not in
                    ("kubetune.trainer", "kubetune.trainer.config")}
         assert not dev, f"operator/{path.name} imports dev tooling {sorted(dev)}"
         assert not trainer, f"operator/{path.name} imports trainer modules beyond config: {sorted(trainer)}"
+
+    @pytest.mark.parametrize("path", modules("cli"), ids=lambda p: p.name)
+    def test_the_cli_imports_dev_tooling_only_inside_the_commands_that_need_it(self, path: Path) -> None:
+        """The user-facing command ships without the dev tooling (not in the images, Dockerfile):
+        importing it, or running a command that does not need it, must not need `kubetune.dev`."""
+        tree = ast.parse(path.read_text(), filename=str(path))
+        top = {n for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
+               for n in imports_of_node(node)}
+        assert not {n for n in top if n.startswith("kubetune.dev")}, f"cli/{path.name} imports dev tooling at the top"
+
+    @pytest.mark.parametrize("path", modules("dev"), ids=lambda p: p.name)
+    def test_dev_tooling_never_imports_the_cli(self, path: Path) -> None:
+        bad = {n for n in imports_of(path) if n.startswith("kubetune.cli")}
+        assert not bad, f"dev/{path.name} imports {sorted(bad)}"
 
     @pytest.mark.parametrize("path", modules("api"), ids=lambda p: p.name)
     def test_the_shared_contract_imports_only_the_standard_library(self, path: Path) -> None:

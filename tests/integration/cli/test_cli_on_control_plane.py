@@ -16,7 +16,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from kubetune.dev import cli
+from kubetune.cli import main as cli
 from kubetune.operator import names
 
 REPO = Path(__file__).resolve().parents[3]

@@ -167,14 +167,29 @@ class TestDependencySets:
         builds = [c for s in reachable("trainer") for c in pip_commands(s) if c[0] == "wheel"]
         assert builds and all("--no-deps" in c for c in builds)
 
-    def test_the_build_context_has_what_pyproject_packages(self) -> None:
+    def test_the_build_context_has_what_pyproject_packages_but_the_dev_tooling(self) -> None:
         copied = " ".join(v for s in STAGES.values() for v in s.values("COPY"))
         ignore = (REPO / ".dockerignore").read_text().splitlines()
-        needed = ["pyproject.toml", PYPROJECT["project"]["readme"],
-                  *PYPROJECT["tool"]["setuptools"]["package-dir"].values()]
-        for path in needed:
+        folders = dict(PYPROJECT["tool"]["setuptools"]["package-dir"])
+        assert folders.pop("kubetune.dev") == "dev"
+        for path in ["pyproject.toml", PYPROJECT["project"]["readme"], *folders.values()]:
             assert re.search(rf"(^|\s){re.escape(path)}/?(\s|$)", copied), f"{path} is not copied into the image"
             assert f"!{path}" in ignore or f"!{path}/" in ignore, f".dockerignore leaves {path} out"
+        assert not re.search(r"(^|\s)dev/?(\s|$)", copied) and "!dev/" not in ignore, "dev/ reaches the images"
+
+    def test_the_images_wheel_is_built_from_a_pyproject_without_the_dev_tooling(self, tmp_path: Path) -> None:
+        """The wheel stage edits its copy of pyproject.toml with sed; run that sed on the real file."""
+        runs = [part.strip() for run in STAGES["wheel"].values("RUN")
+                for part in run.replace("\\\n", " ").split("&&") if part.strip().startswith("sed ")]
+        assert len(runs) == 1, runs
+        copy = tmp_path / "pyproject.toml"
+        copy.write_text((REPO / "pyproject.toml").read_text())
+        subprocess.run([*shlex.split(runs[0])[:-1], str(copy)], check=True)
+        edited = tomllib.loads(copy.read_text())["tool"]["setuptools"]
+        original = PYPROJECT["tool"]["setuptools"]
+        assert edited["packages"] == [p for p in original["packages"] if p != "kubetune.dev"]
+        assert edited["package-dir"] == {k: v for k, v in original["package-dir"].items() if k != "kubetune.dev"}
+        assert "kubetune.cli" in edited["packages"], "the kubetune command ships"
 
 
 class TestRuntime:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.dev import cli, tinymodel
+from kubetune.dev import tinymodel
+from kubetune.cli import main as cli
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from kubetune.dev import sweep_view
+from kubetune.cli import sweep_view
 from kubetune.operator import sweep
 from tests.unit.sweep.sweep_fixtures import sweep_body, trial
 

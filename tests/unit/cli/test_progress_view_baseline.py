@@ -3,7 +3,7 @@ sample answers."""
 
 from __future__ import annotations
 
-from kubetune.dev import cli, progress_view
+from kubetune.cli import main as cli, progress_view
 
 RESULTS = {"loss": 2.0, "perplexity": 7.389, "tokenAccuracy": 0.5, "examples": 4,
            "baseline": {"loss": 3.0, "perplexity": 20.09, "tokenAccuracy": 0.3, "examples": 4},

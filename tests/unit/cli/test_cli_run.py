@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 from kubetune.api import layout
-from kubetune.dev import cli, tinymodel
+from kubetune.dev import tinymodel
+from kubetune.cli import main as cli
 from kubetune.operator import reports
 from kubetune.operator.settings import OperatorSettings
 

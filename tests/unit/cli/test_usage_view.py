@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.dev import cli, usage_view
+from kubetune.cli import main as cli, usage_view
 
 NOW = datetime(2026, 1, 2, 0, 0, 0, tzinfo=timezone.utc)
 

@@ -8,8 +8,10 @@
   cluster (the current kubeconfig), in the style of a kubectl plugin.
 - ``kubetune sweep NAME``: a FineTuneSweep's trials table and its plots.
 
-Dev tooling: it drives the control plane, the operator and the local node, and
-nothing in the operator or trainer imports it.
+The user-facing command, apart from the dev tooling: `kubetune.dev` is imported
+only when a command needs it (`dev` for the local stack and tiny model, and the
+job questions for a kubectl of their own where none is on PATH). Nothing in the
+operator, the trainer or the contract imports this package.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def prepare_demo_volumes(stack: Any, *, tiny: bool, namespace: str = DEMO_NAMESP
 
 def watch_job(stack: Any, name: str, namespace: str, *, timeout: float, out: Any = sys.stdout) -> dict[str, Any]:
     """Prints a live progress line until the job has Succeeded or Failed; returns the job."""
-    from kubetune.dev import progress_view
+    from kubetune.cli import progress_view
 
     deadline = time.monotonic() + timeout
     last = ""
@@ -173,7 +175,8 @@ def served_model_name(url: str, api_key: str | None = None) -> str:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from kubetune.dev import progress_view, stack as local_stack
+    from kubetune.dev import stack as local_stack
+    from kubetune.cli import progress_view
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kubetune-dev-"))
     started = time.monotonic()
@@ -332,7 +335,7 @@ def _get_job(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from kubetune.dev import progress_view
+    from kubetune.cli import progress_view
 
     job = _get_job(args)
     if job is None:
@@ -391,7 +394,7 @@ def _cmd_events(args: argparse.Namespace) -> int:
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
     """The trials table of a FineTuneSweep, and its objective and parallel-coordinates plots."""
-    from kubetune.dev import sweep_view
+    from kubetune.cli import sweep_view
 
     proc = _kubectl(args, "get", "finetunesweep", args.name, "-o", "json")
     if proc.returncode != 0:
@@ -456,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--no-plots", action="store_true", help="print the table only")
     sweep.set_defaults(func=_cmd_sweep)
 
-    from kubetune.dev import usage_view
+    from kubetune.cli import usage_view
 
     usage_view.add_command(commands, _kubectl)
     return parser

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kubetune.dev import progress_view
+from kubetune.cli import progress_view
 
 
 RUNNING = {
