@@ -48,8 +48,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer.serve_engine import load_engine, resolve_model_source
-from kubetune.trainer.serve_process import ServerProcess
+from kubetune.trainer.serve.engine import load_engine, resolve_model_source
+from kubetune.trainer.serve.process import ServerProcess
 
 PROMPTS = (
     "The operator watches",

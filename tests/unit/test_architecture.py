@@ -51,6 +51,13 @@ class TestImportDirection:
         bad = {n for n in imports_of(path) if n.startswith(("kubetune.operator", "kubetune.dev", "kubetune.cli"))}
         assert not bad, f"trainer/{path.name} imports {sorted(bad)}"
 
+    @pytest.mark.parametrize("path", modules("trainer/serve"), ids=lambda p: p.name)
+    def test_the_server_imports_no_training_code(self, path: Path) -> None:
+        """The serving subpackage shares the trainer image, not the training code (docs/serving.md)."""
+        bad = {n for n in imports_of(path) if n.startswith("kubetune.") and not n.startswith(
+            ("kubetune.trainer.serve", "kubetune.api"))}
+        assert not bad, f"trainer/serve/{path.name} imports {sorted(bad)}"
+
     @pytest.mark.parametrize("path", modules("operator"), ids=lambda p: p.name)
     def test_operator_imports_only_the_trainer_config_and_no_dev_tooling(self, path: Path) -> None:
         names = imports_of(path)

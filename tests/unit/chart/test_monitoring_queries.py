@@ -101,7 +101,7 @@ def test_the_rules_alert_on_repeated_failures_stalls_and_unavailable_serving() -
 
 def test_every_queried_series_is_exported_by_the_operator_or_the_server() -> None:
     from kubetune.operator import metrics
-    from kubetune.trainer import serve_metrics
+    from kubetune.trainer.serve import metrics as serve_metrics
 
     operator = metrics.OperatorMetrics()
     operator.observe_state("ns", "job", "Running")

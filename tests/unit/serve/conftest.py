@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.dev.tinymodel import create_tiny_model
-from kubetune.trainer.serve_process import ServerProcess
+from kubetune.trainer.serve.process import ServerProcess
 
 MODEL_NAME = "tiny-operator"
 """The served model name the session server uses."""

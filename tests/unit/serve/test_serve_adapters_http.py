@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import openai
 import pytest
 
-from kubetune.trainer.serve_adapters import AdapterConfigError, parse_adapter_config
-from kubetune.trainer.serve_engine import (
+from kubetune.trainer.serve.adapters import AdapterConfigError, parse_adapter_config
+from kubetune.trainer.serve.engine import (
     AdapterSource,
     GenerationParams,
     ModelSourceError,
@@ -36,7 +36,7 @@ from kubetune.trainer.serve_engine import (
     resolve_adapter,
     resolve_model_source,
 )
-from kubetune.trainer.serve_process import ServerProcess
+from kubetune.trainer.serve.process import ServerProcess
 
 if TYPE_CHECKING:
     from conftest import Memorised, StartServer
@@ -72,7 +72,7 @@ def alone(trained_model_dir: Path, adapters: dict[str, Path]) -> dict[str | None
     source = resolve_model_source(trained_model_dir)
     engine = load_engine(source, device="cpu",
                          adapters=[AdapterSource(name, path) for name, path in adapters.items()])
-    from kubetune.trainer.serve_engine import GenerationRequest
+    from kubetune.trainer.serve.engine import GenerationRequest
 
     answers: dict[str | None, str] = {}
     for adapter in (None, *adapters):

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 import openai
 import pytest
 
-from kubetune.trainer.serve_engine import Engine, GenerationParams, GenerationRequest, load_engine, resolve_model_source
-from kubetune.trainer.serve_process import ServerProcess
+from kubetune.trainer.serve.engine import Engine, GenerationParams, GenerationRequest, load_engine, resolve_model_source
+from kubetune.trainer.serve.process import ServerProcess
 
 if TYPE_CHECKING:
     from conftest import Memorised
@@ -194,7 +194,7 @@ class TestGenerationThreads:
     def test_auto_leaves_a_core_for_the_event_loop_and_an_explicit_count_wins(self) -> None:
         import os
 
-        from kubetune.trainer.serve_engine import resolve_threads
+        from kubetune.trainer.serve.engine import resolve_threads
 
         assert resolve_threads(0, "cpu") == max(1, len(os.sched_getaffinity(0)) - 1)
         assert resolve_threads(3, "cpu") == 3

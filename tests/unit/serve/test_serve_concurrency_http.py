@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kubetune.trainer.serve_process import ServerProcess
+from kubetune.trainer.serve.process import ServerProcess
 
 if TYPE_CHECKING:
     from conftest import Memorised, StartServer

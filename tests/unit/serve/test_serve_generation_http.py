@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from kubetune.trainer.serve_process import ServerProcess
+from kubetune.trainer.serve.process import ServerProcess
 
 if TYPE_CHECKING:
     from conftest import Memorised

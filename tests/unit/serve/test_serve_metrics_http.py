@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kubetune.trainer.serve_process import ServerProcess
+from kubetune.trainer.serve.process import ServerProcess
 
 if TYPE_CHECKING:
     from conftest import Memorised

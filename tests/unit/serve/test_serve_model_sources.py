@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from kubetune.trainer.serve_engine import ModelSourceError, resolve_model_source
+from kubetune.trainer.serve.engine import ModelSourceError, resolve_model_source
 
 if TYPE_CHECKING:
     from conftest import Memorised, StartServer

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import pytest
 
-from kubetune.trainer import serve_protocol as protocol
-from kubetune.trainer.serve_engine import GenerationParams, TokenSink, held_back_length
-from kubetune.trainer.serve_protocol import ApiError
+from kubetune.trainer.serve import protocol as protocol
+from kubetune.trainer.serve.engine import GenerationParams, TokenSink, held_back_length
+from kubetune.trainer.serve.protocol import ApiError
 
 EOS = 0
 ALPHABET = "\x00abcdefghijklmnopqrstuvwxyz .!"

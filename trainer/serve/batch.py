@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from kubetune.trainer.serve_engine import Engine, GenerationRequest
+from kubetune.trainer.serve.engine import Engine, GenerationRequest
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ and transformers are imported only when loading, so the server can open its
 port (and answer /healthz) while they import.
 
 Concurrency: `generate_batch` holds a lock for the whole batch; the server's
-batch scheduler (`serve_batch.py`) gathers concurrent requests into batches.
+batch scheduler (`serve/batch.py`) gathers concurrent requests into batches.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from kubetune.trainer.serve_protocol import ChatMessage, FinishReason
+from kubetune.trainer.serve.protocol import ChatMessage, FinishReason
 
 if TYPE_CHECKING:
     import torch

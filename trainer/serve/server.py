@@ -15,7 +15,7 @@ generation endpoints answer 503.
 
 Concurrency: generation runs on one thread (never on the event loop) that
 decodes concurrent requests together in batches of up to `--max-batch-size`
-(`serve_batch.py`); each request keeps its own sampling settings and seed.
+(`serve/batch.py`); each request keeps its own sampling settings and seed.
 `--max-concurrency` bounds how many generation requests are admitted at once
 (generating + waiting); more get 429, which the `openai` client retries.
 
@@ -57,10 +57,10 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from kubetune.trainer import serve_protocol as protocol
-from kubetune.trainer.serve_adapters import AdapterConfigError, AdapterEntry, read_adapter_config
-from kubetune.trainer.serve_batch import BatchScheduler
-from kubetune.trainer.serve_engine import (
+from kubetune.trainer.serve import protocol as protocol
+from kubetune.trainer.serve.adapters import AdapterConfigError, AdapterEntry, read_adapter_config
+from kubetune.trainer.serve.batch import BatchScheduler
+from kubetune.trainer.serve.engine import (
     MAIN_ADAPTER,
     AdapterSource,
     ChatTemplateMissing,
@@ -76,8 +76,8 @@ from kubetune.trainer.serve_engine import (
     resolve_adapter,
     resolve_model_source,
 )
-from kubetune.trainer.serve_metrics import ServerMetrics
-from kubetune.trainer.serve_protocol import ApiError
+from kubetune.trainer.serve.metrics import ServerMetrics
+from kubetune.trainer.serve.protocol import ApiError
 
 log = logging.getLogger("kubetune.serve")
 
@@ -124,7 +124,7 @@ class ServeSettings:
     adapters: tuple[str, ...] = ()
     """More LoRA adapters over the same base, as `NAME=PATH`; a request selects one by `model`."""
     adapter_config: str | None = None
-    """A JSON file listing more adapters (`serve_adapters.py`), re-read while serving: adapters are
+    """A JSON file listing more adapters (`serve/adapters.py`), re-read while serving: adapters are
     added and removed without a restart. The operator mounts it from a ConfigMap."""
     adapter_config_interval: float = 5.0
     """Seconds between two reads of `adapter_config`."""
