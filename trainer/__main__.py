@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.trainer import config as cfg
-from kubetune.trainer import launch, reporting, tracking
+from kubetune.trainer import rank_exit, reporting, tracking
 from kubetune.trainer.errors import PermanentError, Preempted
 
 log = logging.getLogger("kubetune.trainer")
@@ -338,7 +338,7 @@ def _fail(reporter: reporting.Reporter | None, outcome: str, message: str, reaso
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the trainer; under the launcher, each rank also records its exit code for it."""
     code = _main(argv)
-    launch.record_exit_code(code)
+    rank_exit.record_exit_code(code)
     return code
 
 

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kubetune.trainer.config import Augmentation, DatasetConfig, ModelConfig, SyntheticAugmentation
-from kubetune.trainer.data import Example, Splits, normalize_whitespace
+from kubetune.trainer.examples import Example, Splits, normalize_whitespace
 
 log = logging.getLogger(__name__)
 

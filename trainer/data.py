@@ -35,15 +35,18 @@ import csv
 import dataclasses
 import json
 import random
-import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
+from kubetune.trainer import augment
 from kubetune.trainer.config import Cleaning, Curriculum, DatasetConfig, DataSource, FieldNames, ModelConfig, Split
 from kubetune.trainer.errors import DataError
+from kubetune.trainer.examples import Example, Splits, normalize_whitespace
+
+__all__ = ["Example", "Splits", "normalize_whitespace"]  # from examples.py; callers may import them from here
 
 IGNORE_INDEX = -100
 """Label value the loss skips (the PyTorch cross-entropy convention)."""
@@ -62,36 +65,6 @@ _EXTENSIONS = {
 
 
 # --- Records ---------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Example:
-    """One training example, whatever the dataset format."""
-
-    prompt: str = ""
-    """Context the model sees but is not trained to produce (empty for plain text)."""
-    completion: str = ""
-    """Text the loss is computed on (the whole text for format `text`)."""
-    messages: list[dict[str, str]] | None = None
-    """Chat turns ({role, content}); the loss covers the assistant turns."""
-    label: str | None = None
-    """Class label (format `classification`)."""
-    weight: float = 1.0
-    """Loss weight of every token of this example (class weights)."""
-
-    def char_length(self) -> int:
-        if self.messages is not None:
-            return sum(len(m["content"]) for m in self.messages)
-        return len(self.prompt) + len(self.completion)
-
-    def has_content(self) -> bool:
-        if self.messages is not None:
-            return any(m["role"] == "assistant" and m["content"] for m in self.messages)
-        return bool(self.completion) and (self.label is None or bool(self.prompt))
-
-    def dedupe_key(self) -> tuple[Any, ...]:
-        messages = tuple((m["role"], m["content"]) for m in self.messages) if self.messages else None
-        return (self.prompt, self.completion, messages, self.label)
 
 
 def detect_file_format(source: DataSource) -> str:
@@ -404,17 +377,6 @@ def classification_completion(label: str) -> str:
 
 # --- Cleaning --------------------------------------------------------------------
 
-_SPACES = re.compile(r"[ \t\f\v\u00a0\u2000-\u200a\u3000]+")
-_BLANK_LINES = re.compile(r"\n{3,}")
-
-
-def normalize_whitespace(text: str) -> str:
-    """Collapse runs of spaces, strip each line and the ends, keep at most one blank line."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n")
-    lines = [_SPACES.sub(" ", line).strip() for line in text.split("\n")]
-    return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
-
-
 @dataclasses.dataclass
 class CleaningReport:
     """What cleaning did to one data file, by reason."""
@@ -473,13 +435,6 @@ def clean(examples: Iterable[Example], cleaning: Cleaning) -> tuple[list[Example
 
 
 # --- Splitting, labels, imbalance ---------------------------------------------------
-
-
-@dataclasses.dataclass
-class Splits:
-    train: list[Example]
-    validation: list[Example]
-    test: list[Example]
 
 
 def _held_out_count(total: int, ratio: float) -> int:
@@ -643,8 +598,6 @@ def _load_clean(source: DataSource, config: DatasetConfig, name: str) -> tuple[l
 
 def _augment_train(splits: Splits, config: DatasetConfig, base_model: ModelConfig | None) -> dict[str, Any]:
     """Replace `splits.train` by itself plus its augmented examples; the report for metrics.json."""
-    from kubetune.trainer import augment
-
     generator = None
     generator_name = ""
     if config.augmentation.synthetic.enabled and base_model is not None:

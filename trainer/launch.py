@@ -37,9 +37,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from kubetune.trainer import config as cfg
-
-ENV_EXIT_DIR = "KUBETUNE_EXIT_DIR"
-"""Folder where every rank writes `rank-<N>.exit` holding its exit code (set by the launcher)."""
+from kubetune.trainer.rank_exit import ENV_EXIT_DIR, read_rank_codes
 
 
 class LaunchError(ValueError):
@@ -141,18 +139,6 @@ def combined_exit_code(rank_codes: Sequence[int], launcher_code: int) -> int:
     return launcher_code if launcher_code > 0 else 1
 
 
-def record_exit_code(code: int, env: Mapping[str, str] | None = None) -> None:
-    """Called by every rank as it exits: write its code where the launcher reads it."""
-    env = os.environ if env is None else env
-    folder = env.get(ENV_EXIT_DIR)
-    if folder:
-        Path(folder, f"rank-{env.get('RANK', '0')}.exit").write_text(str(code))
-
-
-def _read_rank_codes(folder: Path) -> list[int]:
-    return [int(p.read_text().strip()) for p in sorted(folder.glob("rank-*.exit")) if p.read_text().strip().isdigit()]
-
-
 def run(world: World, trainer_args: Sequence[str]) -> int:
     """Start the ranks, forward SIGTERM to them, wait, and return the pod's exit code."""
     with tempfile.TemporaryDirectory(prefix="kubetune-ranks-") as exit_dir:
@@ -169,7 +155,7 @@ def run(world: World, trainer_args: Sequence[str]) -> int:
             launcher_code = process.wait()
         finally:
             signal.signal(signal.SIGTERM, previous)
-        return combined_exit_code(_read_rank_codes(Path(exit_dir)), launcher_code)
+        return combined_exit_code(read_rank_codes(Path(exit_dir)), launcher_code)
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -101,6 +101,40 @@ class TestImportDirection:
         assert out.strip() == "", f"importing kubetune.trainer.config pulled in {out.strip()}"
 
 
+def module_name(path: Path) -> str:
+    relative = path.relative_to(REPO).with_suffix("")
+    parts = [PACKAGES[relative.parts[0]], *relative.parts[1:]]
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def test_no_import_cycles_not_even_through_imports_inside_functions() -> None:
+    """A cycle broken by a function-level import is still a cycle: it hides a missing module."""
+    paths = [p for folder in PACKAGES for p in sorted((REPO / folder).rglob("*.py")) if "__pycache__" not in p.parts]
+    known = {module_name(p): p for p in paths}
+    graph = {name: {n for n in imports_of(path) if n in known and n != name} for name, path in known.items()}
+    cycles: list[list[str]] = []
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    stack: list[str] = []
+
+    def visit(name: str) -> None:
+        state[name] = 1
+        stack.append(name)
+        for other in sorted(graph[name]):
+            if state.get(other) == 1:
+                cycles.append(stack[stack.index(other):] + [other])
+            elif other not in state:
+                visit(other)
+        stack.pop()
+        state[name] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles)
+
+
 class TestPureOperatorModules:
     @pytest.mark.parametrize("path", [p for p in modules("operator") if p.stem not in OPERATOR_NETWORK_MODULES],
                              ids=lambda p: p.name)
