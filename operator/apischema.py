@@ -17,7 +17,7 @@ Constraints ride on the type with `typing.Annotated`::
   (`x-kubernetes-validations`) from `Rule`, `Immutable` and `@rules(...)`.
 - `parse(Model, data, path)` builds the typed model from JSON-like data,
   applying the same defaults and checking types, enums, bounds, lengths and
-  patterns; it raises one `ModelError` naming every bad field. CEL rules are
+  patterns; it raises one `ValidationError` naming every bad field. CEL rules are
   the API server's business and are not re-evaluated here.
 
 Python attribute names are snake_case; JSON keys are their camelCase spelling.
@@ -194,7 +194,7 @@ class SchemaError(TypeError):
     """A model cannot be turned into a schema (a programming error, e.g. a field without a docstring)."""
 
 
-class ModelError(ValueError):
+class ValidationError(ValueError):
     """Data does not fit a model; `problems` lists each one as "field.path: what is wrong"."""
 
     def __init__(self, problems: list[str]) -> None:
@@ -686,13 +686,13 @@ def _parse_model(model: type, data: Mapping[str, Any], path: str, problems: list
 
 
 def parse(model: type[T], data: Any, path: str) -> T:
-    """Build `model` from JSON-like `data` (applying defaults); ModelError names every bad field under `path`."""
+    """Build `model` from JSON-like `data` (applying defaults); ValidationError names every bad field under `path`."""
     problems: list[str] = []
     if not isinstance(data, Mapping):
-        raise ModelError([f"{path}: must be a mapping, got {_describe(data)}"])
+        raise ValidationError([f"{path}: must be a mapping, got {_describe(data)}"])
     result = _parse_model(model, data, path, problems)
     if problems:
-        raise ModelError(problems)
+        raise ValidationError(problems)
     return typing.cast(T, result)
 
 

@@ -830,7 +830,7 @@ class FineTuneJobSpec:
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "spec") -> FineTuneJobSpec:
-        """The typed spec of `body["spec"]`, defaults applied; ModelError names every bad field."""
+        """The typed spec of `body["spec"]`, defaults applied; ValidationError names every bad field."""
         return apischema.parse(cls, data, path)
 
     def to_dict(self) -> dict[str, Any]:
@@ -1267,5 +1267,5 @@ class FineTuneJobStatus(TypedDict, total=False):
 
 
 def status_from_dict(data: Any, path: str = "status") -> FineTuneJobStatus:
-    """The status of `body["status"]`, checked against the schema; ModelError names every bad field."""
+    """The status of `body["status"]`, checked against the schema; ValidationError names every bad field."""
     return apischema.parse(FineTuneJobStatus, data, path)

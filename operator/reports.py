@@ -224,7 +224,7 @@ def _optional_part_problems(body: Body) -> list[str]:
         else:
             try:
                 apischema.parse(models.ResolvedHyperparameters, _known_resolved(resolved), "resolved")
-            except apischema.ModelError as error:
+            except apischema.ValidationError as error:
                 problems.extend(error.problems)
     return problems
 
@@ -244,7 +244,7 @@ def _schema_problems(key: str, value: Any) -> list[str]:
     """What in `value` does not fit `status.<key>`'s schema, by field path."""
     try:
         apischema.parse(_StatusParts, {key: value}, "")
-    except apischema.ModelError as error:
+    except apischema.ValidationError as error:
         return [problem.removeprefix(".") for problem in error.problems]
     return []
 
@@ -281,7 +281,7 @@ def resolved_hyperparameters(value: Any) -> Body:
         return {}
     try:
         return dict(apischema.parse(models.ResolvedHyperparameters, _known_resolved(value), "resolved"))
-    except apischema.ModelError:
+    except apischema.ValidationError:
         return {}
 
 

@@ -221,7 +221,7 @@ def check_spec(spec: FineTuneSweepSpec) -> None:
         values = trial_parameters(spec, index)
         try:
             models.FineTuneJobSpec.from_dict(apply_parameters(template, values), "spec.template")
-        except apischema.ModelError as error:
+        except apischema.ValidationError as error:
             raise SweepSpecError([f"trial {index} with {values}: {p}" for p in error.problems]) from None
 
 
@@ -541,7 +541,7 @@ def decide(sweep: Body, children: Iterable[Body], now: str | None = None,
     try:
         spec = FineTuneSweepSpec.from_dict(sweep.get("spec") or {})
         check_spec(spec)
-    except (apischema.ModelError, SweepSpecError) as error:
+    except (apischema.ValidationError, SweepSpecError) as error:
         problems = error.problems
         return _invalid(decision, patch, set_conditions, problems)
 

@@ -224,7 +224,7 @@ class FineTuneSweepSpec:
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "spec") -> FineTuneSweepSpec:
-        """The typed spec of `body["spec"]`, defaults applied; ModelError names every bad field."""
+        """The typed spec of `body["spec"]`, defaults applied; ValidationError names every bad field."""
         return apischema.parse(cls, data, path)
 
     def to_dict(self) -> dict[str, Any]:
@@ -353,5 +353,5 @@ class Study(TypedDict, total=False):
 
 
 def status_from_dict(data: Any, path: str = "status") -> FineTuneSweepStatus:
-    """The status of `body["status"]`, checked against the schema; ModelError names every bad field."""
+    """The status of `body["status"]`, checked against the schema; ValidationError names every bad field."""
     return apischema.parse(FineTuneSweepStatus, data, path)

@@ -66,12 +66,12 @@ class TestFromDict:
         ({"learningRate": 0.1}, "spec.learningRate: unknown field"),
     ])
     def test_bad_values_name_their_field(self, patch: dict[str, Any], problem: str) -> None:
-        with pytest.raises(apischema.ModelError) as caught:
+        with pytest.raises(apischema.ValidationError) as caught:
             models.FineTuneJobSpec.from_dict(spec(**patch))
         assert any(p.startswith(problem) for p in caught.value.problems), caught.value.problems
 
     def test_not_a_mapping(self) -> None:
-        with pytest.raises(apischema.ModelError, match="spec: must be a mapping"):
+        with pytest.raises(apischema.ValidationError, match="spec: must be a mapping"):
             models.FineTuneJobSpec.from_dict(None)
 
 
@@ -103,7 +103,7 @@ class TestStatus:
         parsed = models.status_from_dict({"results": {"accuracy": 0.9, "calibrationError": 0.02,
                                                       "perClass": {"billing": {"f1": 0.8, "support": 12}}}})
         assert parsed["results"]["calibrationError"] == 0.02  # type: ignore[typeddict-item]
-        with pytest.raises(apischema.ModelError, match="status.results.accuracy: must be a number"):
+        with pytest.raises(apischema.ValidationError, match="status.results.accuracy: must be a number"):
             models.status_from_dict({"results": {"accuracy": "high"}})
 
     def test_the_trainers_classification_results_fit(self) -> None:
@@ -116,6 +116,6 @@ class TestStatus:
         assert parsed["results"]["perClass"]["b"]["support"] == 1
 
     def test_condition_needs_its_type(self) -> None:
-        with pytest.raises(apischema.ModelError, match=r"status.conditions\[0\].type: required"):
+        with pytest.raises(apischema.ValidationError, match=r"status.conditions\[0\].type: required"):
             models.status_from_dict({"conditions": [{"status": "True", "reason": "R", "message": "",
                                                      "lastTransitionTime": "2026-01-01T00:00:00Z"}]})

@@ -70,7 +70,7 @@ class TestTheSpec:
         assert settings.operations == list(AUGMENTATION_OPERATIONS)
 
     def test_out_of_range_values_are_named(self) -> None:
-        with pytest.raises(apischema.ModelError) as caught:
+        with pytest.raises(apischema.ValidationError) as caught:
             models.FineTuneJobSpec.from_dict({
                 "model": {"source": "hf://a/b"}, "output": {"storage": "pvc://m/x"},
                 "dataset": {"train": {"source": "pvc://d/t.jsonl"}, "augmentation": {"multiplier": 0}}})

@@ -32,7 +32,7 @@ def with_value(section: str, field: str, value: Any) -> dict[str, Any]:
 def operator_accepts(job: dict[str, Any]) -> bool:
     try:
         models.FineTuneJobSpec.from_dict(job["spec"])
-    except (apischema.ModelError, ValueError, TypeError):
+    except (apischema.ValidationError, ValueError, TypeError):
         return False
     return True
 

@@ -156,6 +156,6 @@ class TestSpec:
     def test_samples_out_of_range_are_refused_naming_the_field(self, samples: int) -> None:
         from kubetune.operator import apischema
 
-        with pytest.raises(apischema.ModelError) as caught:
+        with pytest.raises(apischema.ValidationError) as caught:
             apischema.parse(models.EvaluationSpec, {"samples": samples}, "spec.evaluation")
         assert "spec.evaluation.samples" in str(caught.value)
