@@ -226,7 +226,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kubetune.operator import models, render
+    from kubetune.operator import render
+    from kubetune.api import finetunejob as models
 
     documents = [d for d in yaml.safe_load_all(Path(args.manifest).read_text()) if d]
     jobs = [d for d in documents if d.get("kind") == "FineTuneJob"]

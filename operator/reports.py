@@ -29,8 +29,10 @@ from datetime import datetime
 from typing import Annotated, Any, TypedDict
 
 from kubetune.api import messages
-from kubetune.operator import apischema, models, render
-from kubetune.operator.apischema import MaxItems, PreserveUnknownFields
+from kubetune.operator import render
+from kubetune.api import schema as apischema
+from kubetune.api import finetunejob as models
+from kubetune.api.schema import MaxItems, PreserveUnknownFields
 
 Body = dict[str, Any]
 

@@ -31,7 +31,9 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
 
-from kubetune.operator import apischema, conditions, models, names, sweep_models, sweep_study
+from kubetune.operator import conditions, names, sweep_models, sweep_study
+from kubetune.api import schema as apischema
+from kubetune.api import finetunejob as models
 from kubetune.operator.sweep_models import FineTuneSweepSpec, SearchParameter
 
 Body = dict[str, Any]

@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Final, Literal, TypedDict
 
-from kubetune.operator import apischema, models
-from kubetune.operator.apischema import (
+from kubetune.api import schema as apischema
+from kubetune.api import finetunejob as models
+from kubetune.api.schema import (
     Immutable,
     ListType,
     MaxItems,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.operator import models
+from kubetune.api import finetunejob as models
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"

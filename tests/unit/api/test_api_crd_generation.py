@@ -14,7 +14,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.operator import apischema, crd, models
+from kubetune.operator import crd
+from kubetune.api import schema as apischema
+from kubetune.api import finetunejob as models
 from kubetune.trainer import config as trainer_config
 
 REPO = Path(__file__).resolve().parents[3]

@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import apischema, models, render, reports
+from kubetune.operator import render, reports
+from kubetune.api import schema as apischema
+from kubetune.api import finetunejob as models
 
 MINIMAL: dict[str, Any] = {
     "model": {"source": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},

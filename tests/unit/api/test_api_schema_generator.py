@@ -1,4 +1,4 @@
-"""The generic model -> OpenAPI generator (`kubetune.operator.apischema`), on small models of its own."""
+"""The generic model -> OpenAPI generator (`kubetune.api.schema`), on small models of its own."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Annotated, Literal, NotRequired, TypedDict
 
 import pytest
 
-from kubetune.operator import apischema
-from kubetune.operator.apischema import (
+from kubetune.api import schema as apischema
+from kubetune.api.schema import (
     Immutable,
     IntOrAuto,
     ListType,

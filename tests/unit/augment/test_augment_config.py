@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import apischema, crd, models
+from kubetune.operator import crd
+from kubetune.api import schema as apischema
+from kubetune.api import finetunejob as models
 from kubetune.trainer import __main__ as program
 from kubetune.trainer.config import AUGMENTATION_OPERATIONS, ConfigError, config_from_dict
 

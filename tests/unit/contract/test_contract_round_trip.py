@@ -17,7 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from kubetune.api import messages
-from kubetune.operator import models, reconcile, reports
+from kubetune.operator import reconcile, reports
+from kubetune.api import finetunejob as models
 from kubetune.operator.settings import OperatorSettings
 from kubetune.trainer import config as trainer_config
 from kubetune.trainer import reporting

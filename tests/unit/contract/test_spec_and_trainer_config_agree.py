@@ -1,4 +1,4 @@
-"""The FineTuneJob spec (operator/models.py) and the trainer config (trainer/config.py) accept the same values.
+"""The FineTuneJob spec (api/finetunejob.py) and the trainer config (trainer/config.py) accept the same values.
 
 The operator renders the spec into the trainer config; a value one side accepts and the other
 refuses is a job that passes admission and then fails in its pod (or the reverse). Each
@@ -12,7 +12,9 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import apischema, models, render
+from kubetune.operator import render
+from kubetune.api import schema as apischema
+from kubetune.api import finetunejob as models
 
 JOB: dict[str, Any] = {
     "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from kubetune.operator import metrics as metrics_module
-from kubetune.operator import models, reconcile, reports
+from kubetune.operator import reconcile, reports
+from kubetune.api import finetunejob as models
 from kubetune.operator.reports import ReportError
 from kubetune.operator.settings import OperatorSettings
 
@@ -154,7 +155,7 @@ class TestSpec:
 
     @pytest.mark.parametrize("samples", [-1, 21])
     def test_samples_out_of_range_are_refused_naming_the_field(self, samples: int) -> None:
-        from kubetune.operator import apischema
+        from kubetune.api import schema as apischema
 
         with pytest.raises(apischema.ValidationError) as caught:
             apischema.parse(models.EvaluationSpec, {"samples": samples}, "spec.evaluation")

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import builders, conditions, models, reconcile, render, reports
+from kubetune.operator import builders, conditions, reconcile, render, reports
+from kubetune.api import finetunejob as models
 from kubetune.operator.reconcile import Observed
 from kubetune.operator.settings import OperatorSettings
 

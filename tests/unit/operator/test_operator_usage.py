@@ -8,7 +8,7 @@ from typing import Any
 
 from kubetune.operator import usage
 from kubetune.operator.metrics import OperatorMetrics
-from kubetune.operator.models import status_from_dict
+from kubetune.api.finetunejob import status_from_dict
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.operator import models, sweep
+from kubetune.operator import sweep
+from kubetune.api import finetunejob as models
 from kubetune.operator.sweep_models import FineTuneSweepSpec
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sweep-learning-rate.yaml"

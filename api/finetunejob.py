@@ -24,8 +24,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
-from kubetune.operator import apischema
-from kubetune.operator.apischema import (
+from kubetune.api import schema as apischema
+from kubetune.api.schema import (
     AUTO,
     Format,
     Immutable,
