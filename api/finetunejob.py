@@ -7,8 +7,10 @@ field docstrings below, so `kubectl explain ftj.spec.dataset` prints them), and
 same defaults the API server applies.
 
 The spec sections `model`, `dataset`, `method`, `hyperparameters`, `training`
-and `evaluation` use exactly the trainer config's vocabulary
-(`kubetune.trainer.config`): the operator copies them into the trainer config.
+and `evaluation` are also the trainer config's (`kubetune.api.config`): the
+operator copies them into the config and the trainer parses them with these
+same classes, defaults and rules across fields (each `Rule` carries its Python
+twin, `check`, which `parse` applies).
 
 `auto` values: integer hyperparameters accept the string "auto" (the default);
 number hyperparameters (`learningRate`, `warmupRatio`, `weightDecay`,
@@ -22,6 +24,7 @@ Pure: no kopf, no kubernetes client.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from kubetune.api import schema as apischema
@@ -42,6 +45,7 @@ from kubetune.api.schema import (
     PreserveUnknownFields,
     Quantity,
     Rule,
+    matches,
     rules,
 )
 
@@ -56,36 +60,41 @@ DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 """A Kubernetes object name (RFC 1123 subdomain)."""
 
+_PVC_REF = re.compile(r"^pvc://[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/.*)?$")
 _PVC_REF_RULE = Rule(
-    "!self.startsWith('pvc://') || self.matches('^pvc://[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(/.*)?$')",
+    f"!self.startsWith('pvc://') || self.matches('{_PVC_REF.pattern}')",
     "a pvc:// reference names a PersistentVolumeClaim in the job's own namespace: use "
     "pvc://<claim>/<path> where <claim> is a plain claim name (lower-case letters, digits and '-', "
     "at most 63 characters); namespaces and other separators are not allowed",
+    check=lambda v: not v.startswith("pvc://") or _PVC_REF.search(v) is not None,
 )
 _NO_DOT_DOT_RULE = Rule("!self.contains('/../') && !self.endsWith('/..')",
-                        "must not contain '..' path segments")
+                        "must not contain '..' path segments",
+                        check=lambda v: "/../" not in v and not v.endswith("/.."))
+_CREDENTIALS_IN_URL = re.compile(r"^[A-Za-z][-A-Za-z0-9+.]*://[^/?#]*@")
 _NO_CREDENTIALS_IN_URL_RULE = Rule(
-    "!self.matches('^[A-Za-z][-A-Za-z0-9+.]*://[^/?#]*@')",
+    f"!self.matches('{_CREDENTIALS_IN_URL.pattern}')",
     "must not carry credentials (user:password@ or key:secret@ before the host): a URL is stored in the "
     "object, its status, Events and logs; put them in a Secret of this namespace and name it in "
-    "spec.credentials")
+    "spec.credentials",
+    check=lambda v: _CREDENTIALS_IN_URL.search(v) is None)
 """Keys pasted into a URL would be copied into the ConfigMap, conditions, Events and log tails."""
 
-ModelURI = Annotated[str, MinLength(1), MaxLength(1024), Rule(
-    "self.matches('^(hf://[A-Za-z0-9][-A-Za-z0-9._]*/[A-Za-z0-9][-A-Za-z0-9._]*|pvc://.+|"
-    "s3://[a-z0-9][-a-z0-9.]*[a-z0-9]/.+|file:///.+|/.+)$')",
+ModelURI = Annotated[str, MinLength(1), MaxLength(1024), matches(
+    "^(hf://[A-Za-z0-9][-A-Za-z0-9._]*/[A-Za-z0-9][-A-Za-z0-9._]*|pvc://.+|"
+    "s3://[a-z0-9][-a-z0-9.]*[a-z0-9]/.+|file:///.+|/.+)$",
     "must be hf://<org>/<name>, pvc://<claim>/<path>, s3://<bucket>/<key>, or (local mode) an "
     "absolute path or file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE, _NO_CREDENTIALS_IN_URL_RULE]
 """Where a model comes from."""
 
-DataURI = Annotated[str, MinLength(1), MaxLength(2048), Rule(
-    "self.matches('^(https?://.+|s3://[a-z0-9][-a-z0-9.]*[a-z0-9]/.+|pvc://.+|file:///.+|/.+)$')",
+DataURI = Annotated[str, MinLength(1), MaxLength(2048), matches(
+    "^(https?://.+|s3://[a-z0-9][-a-z0-9.]*[a-z0-9]/.+|pvc://.+|file:///.+|/.+)$",
     "must be pvc://<claim>/<path>, http(s)://<url>, s3://<bucket>/<key>, or (local mode) an absolute "
     "path or file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE, _NO_CREDENTIALS_IN_URL_RULE]
 """Where data comes from."""
 
-StorageURI = Annotated[str, MinLength(1), MaxLength(1024), Rule(
-    "self.matches('^(pvc://.+|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|file:///.+|/.+)$')",
+StorageURI = Annotated[str, MinLength(1), MaxLength(1024), matches(
+    "^(pvc://.+|s3://[a-z0-9][-a-z0-9.]*[a-z0-9](/.*)?|file:///.+|/.+)$",
     "must be pvc://<claim>/<path>, s3://<bucket>/<prefix>, or (local mode) an absolute path or "
     "file:///<path>"), _PVC_REF_RULE, _NO_DOT_DOT_RULE, _NO_CREDENTIALS_IN_URL_RULE]
 """Where outputs go."""
@@ -127,7 +136,8 @@ _RUN_DEFINITION = "it defines the training run; create a new FineTuneJob to chan
 
 @rules(Rule("has(self.source) != has(self.fromJob)",
             "set exactly one of source (a model's location) and fromJob (continue from an earlier "
-            "FineTuneJob's model)", field_path=".source"))
+            "FineTuneJob's model)", field_path=".source",
+            check=lambda m: (m.source is not None) != (m.from_job is not None)))
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """The base model to fine-tune: `source`, or `fromJob` to train on from an earlier job's model."""
@@ -188,7 +198,8 @@ class FieldNames:
 
 
 @rules(Rule("self.maxChars == 0 || self.maxChars >= self.minChars",
-            "maxChars must be 0 (no limit) or at least minChars", field_path=".maxChars"))
+            "maxChars must be 0 (no limit) or at least minChars", field_path=".maxChars",
+            check=lambda c: c.max_chars == 0 or c.max_chars >= c.min_chars))
 @dataclasses.dataclass(frozen=True)
 class Cleaning:
     """Record cleaning, applied before splitting."""
@@ -242,8 +253,8 @@ class Curriculum:
     """Epochs over which the fraction grows linearly to the whole set."""
 
 
-GeneratorModelURI = Annotated[str, MinLength(1), MaxLength(1024), Rule(
-    "self.matches('^(hf://[A-Za-z0-9][-A-Za-z0-9._]*/[A-Za-z0-9][-A-Za-z0-9._]*|file:///.+|/.+)$')",
+GeneratorModelURI = Annotated[str, MinLength(1), MaxLength(1024), matches(
+    "^(hf://[A-Za-z0-9][-A-Za-z0-9._]*/[A-Za-z0-9][-A-Za-z0-9._]*|file:///.+|/.+)$",
     "must be hf://<org>/<name> or (local mode, or a path already mounted in the trainer pod) an "
     "absolute path or file:///<path>"), _NO_DOT_DOT_RULE, _NO_CREDENTIALS_IN_URL_RULE]
 """Where a synthetic-data generator model comes from."""
@@ -251,9 +262,11 @@ GeneratorModelURI = Annotated[str, MinLength(1), MaxLength(1024), Rule(
 
 @rules(
     Rule("self.maxChars == 0 || self.maxChars >= self.minChars",
-         "maxChars must be 0 (no limit) or at least minChars", field_path=".maxChars"),
+         "maxChars must be 0 (no limit) or at least minChars", field_path=".maxChars",
+         check=lambda c: c.max_chars == 0 or c.max_chars >= c.min_chars),
     Rule("!self.enabled || has(self.promptTemplate)",
-         "synthetic augmentation needs a promptTemplate", field_path=".promptTemplate", reason="FieldValueRequired"),
+         "synthetic augmentation needs a promptTemplate", field_path=".promptTemplate", reason="FieldValueRequired",
+         check=lambda a: not a.enabled or a.prompt_template is not None),
 )
 @dataclasses.dataclass(frozen=True)
 class SyntheticAugmentation:
@@ -314,24 +327,33 @@ class Augmentation:
 @rules(
     Rule("(has(self.validation) ? 0.0 : self.split.validation) + (has(self.test) ? 0.0 : self.split.test) < 1.0",
          "split.validation + split.test must be below 1 so that a training split remains "
-         "(fractions given by a separate validation/test source do not count)", field_path=".split"),
+         "(fractions given by a separate validation/test source do not count)", field_path=".split",
+         check=lambda d: ((0.0 if d.validation else d.split.validation)
+                          + (0.0 if d.test else d.split.test) < 1.0)),
     Rule("self.format == 'classification' || !has(self.labels)",
-         "labels apply only to format classification", field_path=".labels", reason="FieldValueForbidden"),
+         "labels apply only to format classification", field_path=".labels", reason="FieldValueForbidden",
+         check=lambda d: d.format == "classification" or d.labels is None),
     Rule("self.format == 'classification' || self.imbalance.strategy == 'none'",
          "imbalance.strategy applies only to format classification; use 'none'",
-         field_path=".imbalance.strategy", reason="FieldValueForbidden"),
+         field_path=".imbalance.strategy", reason="FieldValueForbidden",
+         check=lambda d: d.format == "classification" or d.imbalance.strategy == "none"),
     Rule("self.format != 'classification' || self.fields.label != self.fields.text",
          "format classification needs a label field: fields.label must name a column other than fields.text",
-         field_path=".fields.label"),
+         field_path=".fields.label",
+         check=lambda d: d.format != "classification" or d.fields.label != d.fields.text),
     Rule("self.format != 'prompt_completion' || self.fields.prompt != self.fields.completion",
-         "fields.prompt and fields.completion must name different columns", field_path=".fields.completion"),
+         "fields.prompt and fields.completion must name different columns", field_path=".fields.completion",
+         check=lambda d: d.format != "prompt_completion" or d.fields.prompt != d.fields.completion),
     Rule("!self.augmentation.enabled || self.format == 'text' || self.format == 'classification'",
          "augmentation edits apply only to formats text and classification; for prompt_completion and "
-         "chat use augmentation.synthetic", field_path=".augmentation.enabled", reason="FieldValueForbidden"),
+         "chat use augmentation.synthetic", field_path=".augmentation.enabled", reason="FieldValueForbidden",
+         check=lambda d: not d.augmentation.enabled or d.format in ("text", "classification")),
     Rule("self.format == 'classification' || !has(self.augmentation.synthetic.promptTemplate) || "
          "!self.augmentation.synthetic.promptTemplate.contains('{label}')",
          "the {label} placeholder needs format classification",
-         field_path=".augmentation.synthetic.promptTemplate"),
+         field_path=".augmentation.synthetic.promptTemplate",
+         check=lambda d: (d.format == "classification"
+                          or "{label}" not in (d.augmentation.synthetic.prompt_template or ""))),
 )
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
@@ -390,7 +412,8 @@ class LoraSettings:
 
 
 @rules(Rule("self.type == 'lora' || !has(self.lora)", "lora settings apply only when type is 'lora'",
-            field_path=".lora", reason="FieldValueForbidden"))
+            field_path=".lora", reason="FieldValueForbidden",
+            check=lambda m: m.type == "lora" or m.lora is None))
 @dataclasses.dataclass(frozen=True)
 class MethodSpec:
     """How the weights are trained."""
@@ -530,9 +553,11 @@ class EvaluationSpec:
 
 
 @rules(Rule("self.operator != 'Exists' || !has(self.value) || self.value == ''",
-            "value must be empty when operator is Exists", field_path=".value"),
+            "value must be empty when operator is Exists", field_path=".value",
+            check=lambda t: t.operator != "Exists" or not t.value),
        Rule("has(self.key) || self.operator == 'Exists'",
-            "a toleration without key must use operator Exists (it tolerates every taint)", field_path=".operator"))
+            "a toleration without key must use operator Exists (it tolerates every taint)", field_path=".operator",
+            check=lambda t: t.key is not None or t.operator == "Exists"))
 @dataclasses.dataclass(frozen=True)
 class Toleration:
     """A toleration for a node taint (as in a Pod's spec)."""
@@ -551,7 +576,8 @@ class Toleration:
 
 @rules(Rule("!has(self.nodes) || self.nodes <= 1 || (has(self.gpus) && string(self.gpus) != '0')",
             "nodes > 1 needs gpus >= 1 (or auto) per pod: several pods train together over the network "
-            "(nccl), which CPU pods cannot do usefully; use nodes: 1 on CPU", field_path=".nodes"))
+            "(nccl), which CPU pods cannot do usefully; use nodes: 1 on CPU", field_path=".nodes",
+            check=lambda r: r.nodes <= 1 or (r.gpus is not None and str(r.gpus) != "0")))
 @dataclasses.dataclass(frozen=True)
 class ResourcesSpec:
     """What the trainer pod needs and where it may run."""
@@ -616,7 +642,9 @@ class ServingResources:
 
 
 @rules(Rule("!self.enabled || self.runtime != 'vllm' || (has(self.resources) && self.resources.gpus >= 1)",
-            "runtime vllm needs at least one GPU per replica: set resources.gpus", field_path=".resources"))
+            "runtime vllm needs at least one GPU per replica: set resources.gpus", field_path=".resources",
+            check=lambda v: (not v.enabled or v.runtime != "vllm"
+                             or (v.resources is not None and v.resources.gpus >= 1))))
 @dataclasses.dataclass(frozen=True)
 class ServingSpec:
     """Serve the finished model behind an OpenAI-compatible API. Editable at any time."""
@@ -688,10 +716,12 @@ class S3Credentials:
 
 @rules(Rule("has(self.usernameKey) == has(self.passwordKey)",
             "set usernameKey and passwordKey together (basic auth), or tokenKey alone (a bearer token)",
-            field_path=".passwordKey"),
+            field_path=".passwordKey",
+            check=lambda c: (c.username_key is None) == (c.password_key is None)),
        Rule("!has(self.tokenKey) || !has(self.usernameKey)",
             "set tokenKey (a bearer token) or usernameKey and passwordKey (basic auth), not both",
-            field_path=".tokenKey"))
+            field_path=".tokenKey",
+            check=lambda c: c.token_key is None or c.username_key is None))
 @dataclasses.dataclass(frozen=True)
 class MlflowCredentials:
     """Credentials of the MLflow tracking server (`spec.tracking.mlflow`): a bearer token, or a user
@@ -728,8 +758,8 @@ class CredentialsSpec:
 
 # --- spec.tracking -------------------------------------------------------------------------------
 
-TrackingURI = Annotated[str, MinLength(1), MaxLength(2048), Rule(
-    "self.matches('^https?://[^/?#]+(/.*)?$')",
+TrackingURI = Annotated[str, MinLength(1), MaxLength(2048), matches(
+    "^https?://[^/?#]+(/.*)?$",
     "must be the http:// or https:// URL of the MLflow tracking server, e.g. http://mlflow.mlflow:5000"),
     _NO_CREDENTIALS_IN_URL_RULE]
 """An MLflow tracking server's base URL."""
@@ -761,24 +791,38 @@ class TrackingSpec:
 # --- the spec ------------------------------------------------------------------------------------
 
 
-@rules(
+RUN_RULES: tuple[Rule, ...] = (
     Rule("!self.training.earlyStopping.enabled || !(self.training.earlyStopping.metric in ['valAccuracy', 'valF1']) "
          "|| self.dataset.format == 'classification'",
          "valAccuracy needs dataset.format classification (valF1 too); use valLoss or valPerplexity",
-         field_path=".training.earlyStopping.metric"),
+         field_path=".training.earlyStopping.metric",
+         check=lambda j: (not j.training.early_stopping.enabled or j.dataset.format == "classification"
+                          or j.training.early_stopping.metric not in ("valAccuracy", "valF1"))),
     Rule("!self.training.earlyStopping.enabled || has(self.dataset.validation) "
          "|| self.dataset.split.validation > 0.0",
          "early stopping needs validation data: set dataset.validation or dataset.split.validation > 0",
-         field_path=".training.earlyStopping.enabled"),
+         field_path=".training.earlyStopping.enabled",
+         check=lambda j: (not j.training.early_stopping.enabled or j.dataset.validation is not None
+                          or j.dataset.split.validation > 0)),
+    Rule("self.dataset.format == 'classification' || !has(self.evaluation.metrics) || "
+         "self.evaluation.metrics.all(m, !(m in ['accuracy', 'precision', 'recall', 'f1']))",
+         "accuracy, precision, recall and f1 need dataset.format classification",
+         field_path=".evaluation.metrics",
+         check=lambda j: j.dataset.format == "classification" or not set(j.evaluation.metrics) & set(CLASSIFICATION_METRICS)),
+)
+"""Rules across the sections that define the training run (`dataset`, `training`, `evaluation`): the
+FineTuneJob's and the trainer config's (`kubetune.api.config.TrainerConfig`), which has the same sections."""
+
+
+@rules(
+    *RUN_RULES,
     Rule("!has(self.serving) || !has(self.serving.shareWith) || "
          "(has(self.method) && has(self.method.lora) && has(self.method.lora.merge) && !self.method.lora.merge)",
          "serving.shareWith loads this job's LoRA adapter into another job's server: it needs "
          "method.lora.merge: false (a merged or fully fine-tuned model is not an adapter)",
-         field_path=".serving.shareWith"),
-    Rule("self.dataset.format == 'classification' || !has(self.evaluation.metrics) || "
-         "self.evaluation.metrics.all(m, !(m in ['accuracy', 'precision', 'recall', 'f1']))",
-         "accuracy, precision, recall and f1 need dataset.format classification",
-         field_path=".evaluation.metrics"),
+         field_path=".serving.shareWith",
+         check=lambda j: j.serving is None or j.serving.share_with is None or (j.method.lora is not None
+                                                                                and not j.method.lora.merge)),
 )
 @dataclasses.dataclass(frozen=True)
 class FineTuneJobSpec:

@@ -130,6 +130,10 @@ class Rule:
     message: str
     field_path: str | None = None
     reason: str | None = None
+    check: Callable[[Any], bool] | None = dataclasses.field(default=None, compare=False, repr=False)
+    """The same rule in Python, on the parsed object (`parse` applies it): rules across fields have one,
+    so that data parsed here (the trainer's config, a spec read back) obeys what the API server
+    enforces. The CEL text stays the API server's; the two are tested to agree on the same cases."""
 
     def to_schema(self) -> Schema:
         entry: Schema = {"rule": self.rule, "message": self.message}
@@ -138,6 +142,13 @@ class Rule:
         if self.reason:
             entry["reason"] = self.reason
         return entry
+
+
+def matches(regex: str, message: str) -> Rule:
+    """A rule that a string matches `regex` (RE2 on the API server, `re` here: keep to their common
+    syntax), with its Python twin."""
+    compiled = re.compile(regex)
+    return Rule(f"self.matches('{regex}')", message, check=lambda value: compiled.search(value) is not None)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -508,7 +519,7 @@ def object_schema(model: type) -> Schema:
     """The object schema of a model class: properties, required keys, defaults and rules."""
     properties: dict[str, Schema] = {}
     required: list[str] = []
-    object_rules: list[Rule] = list(getattr(model, "__api_rules__", ()))
+    object_rules: list[Rule] = list(model_rules(model))
     for info in fields_of(model):
         prop: Schema = {"description": info.description}
         prop.update(type_schema(info.hint, info.markers))
@@ -652,6 +663,9 @@ def _check_markers(hint: Any, markers: tuple[Any, ...], value: Any, path: str, p
             seen = [json.dumps(item, sort_keys=True, default=str) for item in value]
             if len(set(seen)) != len(seen):
                 problems.append(f"{path}: items must be unique")
+    for rule in markers:
+        if isinstance(rule, Rule) and rule.check is not None and value is not None and not rule.check(value):
+            problems.append(f"{path}: {rule.message}")
     if isinstance(value, dict):
         most_keys = _marker(markers, MaxProperties)
         if most_keys is not None and len(value) > most_keys.value:
@@ -661,6 +675,7 @@ def _check_markers(hint: Any, markers: tuple[Any, ...], value: Any, path: str, p
 def _parse_model(model: type, data: Mapping[str, Any], path: str, problems: list[str], *,
                  open_ended: bool = False) -> Any:
     infos = fields_of(model)
+    start = len(problems)
     known = {info.key for info in infos}
     if not open_ended:
         for key in data:
@@ -680,9 +695,19 @@ def _parse_model(model: type, data: Mapping[str, Any], path: str, problems: list
         extra = {k: v for k, v in data.items() if k not in known} if open_ended else {}
         return {**extra, **values}
     try:
-        return model(**values)
+        result = model(**values)
     except TypeError:  # a required field was missing or bad: already reported
         return None
+    if len(problems) == start:  # rules across fields only once the fields themselves are right
+        for rule in model_rules(model):
+            if rule.check is not None and not rule.check(result):
+                problems.append(f"{path}{rule.field_path or ''}: {rule.message}")
+    return result
+
+
+def model_rules(model: type) -> tuple[Rule, ...]:
+    """The rules across a model's fields (`@rules`), in declaration order."""
+    return tuple(getattr(model, "__api_rules__", ()))
 
 
 def parse(model: type[T], data: Any, path: str) -> T:

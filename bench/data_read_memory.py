@@ -32,7 +32,8 @@ from pathlib import Path
 
 CHILD = r"""
 import json, sys
-from kubetune.trainer import config as cfg, data
+from kubetune.api import config as cfg
+from kubetune.trainer import data
 path, side = sys.argv[1], sys.argv[2]
 dataset = cfg.config_from_dict({"model": {"source": "/m"}, "output": {"dir": "/o"},
                                 "dataset": {"format": "text", "train": {"source": path}}}).dataset

@@ -107,7 +107,7 @@ def run_search(search: str, seed: int, quick: bool, steps: int, eval_interval: i
     from kubetune.dev import tinymodel
     from kubetune.operator import sweep, sweep_study
     from kubetune.operator.sweep_models import FineTuneSweepSpec
-    from kubetune.trainer import config as cfg
+    from kubetune.api import config as cfg
     from kubetune.trainer import train
     from kubetune.trainer.__main__ import load_data
 

@@ -87,7 +87,7 @@ def main() -> int:
     shape = workload.QUICK_SHAPE if args.quick else workload.BENCH_SHAPE
     count = args.examples or (120 if args.quick else 400)
 
-    from kubetune.trainer import config as cfg
+    from kubetune.api import config as cfg
     from kubetune.trainer import evaluate, train
     from kubetune.trainer.__main__ import load_data
     from kubetune.trainer.reporting import Reporter

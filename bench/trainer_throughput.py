@@ -129,7 +129,7 @@ def kubetune_config(model: Path, train: Path, output: Path, *, max_seq_length: i
 
 def prepare_kubetune(config_dict: dict[str, Any]) -> Any:
     """The trainer's own setup: data, tokenizer, model, packing, optimizer (not timed)."""
-    from kubetune.trainer import config as cfg
+    from kubetune.api import config as cfg
     from kubetune.trainer import train
     from kubetune.trainer.__main__ import load_data
 

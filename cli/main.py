@@ -273,7 +273,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
     """Memory, tokens, ETA and the GPU recommendation for a manifest, computed here like the validation pod does."""
     from kubetune.operator import estimate, policy, render
     from kubetune.trainer import __main__ as trainer_main
-    from kubetune.trainer import config as trainer_config
+    from kubetune.api import config as trainer_config
 
     jobs = [d for d in yaml.safe_load_all(Path(args.manifest).read_text()) if d and d.get("kind") == "FineTuneJob"]
     if len(jobs) != 1:

@@ -17,10 +17,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
+from kubetune.api import process
+from kubetune.api.schema import AUTO
 from kubetune.operator import names, render
 from kubetune.operator.policy import NamespaceLimits
 from kubetune.operator.settings import OperatorSettings
-from kubetune.trainer import config as trainer_config
 
 Body = dict[str, Any]
 
@@ -231,8 +232,8 @@ def _secret_env(name: str, secret: str, key: str) -> Body:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": False}}}
 
 
-MLFLOW_ENV_KEYS = (("tokenKey", trainer_config.ENV_MLFLOW_TOKEN), ("usernameKey", trainer_config.ENV_MLFLOW_USERNAME),
-                   ("passwordKey", trainer_config.ENV_MLFLOW_PASSWORD))
+MLFLOW_ENV_KEYS = (("tokenKey", process.ENV_MLFLOW_TOKEN), ("usernameKey", process.ENV_MLFLOW_USERNAME),
+                   ("passwordKey", process.ENV_MLFLOW_PASSWORD))
 """`spec.credentials.mlflow` keys and the variables the trainer's MLflow client reads them from."""
 MLFLOW_DEFAULT_TOKEN_KEY = "token"
 
@@ -282,7 +283,7 @@ def service_account(spec: Body) -> Body:
 def gpu_count(spec: Body) -> int:
     """GPUs per trainer pod: `spec.resources.gpus` (an int; "auto" = 1; omitted = 0)."""
     gpus = (spec.get("resources") or {}).get("gpus", 0)
-    if gpus == trainer_config.AUTO:
+    if gpus == AUTO:
         return 1
     if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
         return 0
@@ -355,17 +356,17 @@ def distributed_env(job: Body) -> list[Body]:
     rank 0's address is pod index 0's DNS name under the headless rendezvous Service."""
     spec = job.get("spec") or {}
     gpus = gpu_count(spec)
-    env = [{"name": trainer_config.ENV_NUM_PROCESSES, "value": str(max(1, gpus))},
-           {"name": trainer_config.ENV_DEVICE, "value": "gpu" if gpus else "cpu"}]
+    env = [{"name": process.ENV_NUM_PROCESSES, "value": str(max(1, gpus))},
+           {"name": process.ENV_DEVICE, "value": "gpu" if gpus else "cpu"}]
     nodes = node_count(spec)
     if nodes > 1:
         job_name = job["metadata"]["name"]
         env += [
-            {"name": trainer_config.ENV_NUM_NODES, "value": str(nodes)},
+            {"name": process.ENV_NUM_NODES, "value": str(nodes)},
             # Indexed Job pods are named <job>-<index> as hosts; the Service gives them DNS records.
-            {"name": trainer_config.ENV_MASTER_ADDR,
+            {"name": process.ENV_MASTER_ADDR,
              "value": f"{names.trainer_job(job_name)}-0.{names.rendezvous(job_name)}"},
-            {"name": trainer_config.ENV_MASTER_PORT, "value": str(trainer_config.DEFAULT_MASTER_PORT)},
+            {"name": process.ENV_MASTER_PORT, "value": str(process.DEFAULT_MASTER_PORT)},
         ]
     return env
 
@@ -382,8 +383,8 @@ def rendezvous_service(job: Body) -> Body:
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
             "selector": {"batch.kubernetes.io/job-name": names.trainer_job(job_name)},
-            "ports": [{"name": RENDEZVOUS_PORT_NAME, "port": trainer_config.DEFAULT_MASTER_PORT,
-                       "targetPort": trainer_config.DEFAULT_MASTER_PORT, "protocol": "TCP"}],
+            "ports": [{"name": RENDEZVOUS_PORT_NAME, "port": process.DEFAULT_MASTER_PORT,
+                       "targetPort": process.DEFAULT_MASTER_PORT, "protocol": "TCP"}],
         },
     }
 
@@ -427,7 +428,7 @@ def _container(name: str, image: str, pull_policy: str, command: list[str], env:
         "resources": resources,
         "securityContext": container_security_context(),
         "volumeMounts": _volume_mounts(rendered, writes_output=writes_output),
-        "terminationMessagePath": trainer_config.DEFAULT_TERMINATION_LOG,
+        "terminationMessagePath": process.DEFAULT_TERMINATION_LOG,
         # The trainer writes a JSON summary there; a crash before that leaves the log tail.
         "terminationMessagePolicy": "FallbackToLogsOnError",
     }
@@ -468,7 +469,7 @@ def _pod_failure_policy(container: str) -> Body:
         # The trainer's permanent-error code: bad data/config/model; a retry cannot help.
         {"action": "FailJob",
          "onExitCodes": {"containerName": container, "operator": "In",
-                         "values": [trainer_config.EXIT_PERMANENT]}},
+                         "values": [process.EXIT_PERMANENT]}},
         # Preemption, eviction, node drain: not the trainer's fault, not counted as a failure.
         {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
     ]}
@@ -484,14 +485,14 @@ def backoff_limit(spec: Body) -> int:
 def trainer_env(job: Body, settings: OperatorSettings) -> list[Body]:
     """Identity, attempt and progress-endpoint environment of the trainer container."""
     env = _scratch_env()
-    env.append({"name": trainer_config.ENV_ATTEMPT,
+    env.append({"name": process.ENV_ATTEMPT,
                 "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{ANNOTATION_ATTEMPT}']"}}})
     if settings.progress_url:
-        env.append({"name": trainer_config.ENV_PROGRESS_URL, "value": settings.progress_url})
-        env.append({"name": trainer_config.ENV_PROGRESS_TOKEN, "valueFrom": {"secretKeyRef": {
+        env.append({"name": process.ENV_PROGRESS_URL, "value": settings.progress_url})
+        env.append({"name": process.ENV_PROGRESS_TOKEN, "valueFrom": {"secretKeyRef": {
             "name": names.progress_secret(job["metadata"]["name"]), "key": TOKEN_KEY}}})
         if settings.progress_ca:  # public: the pod verifies the endpoint before it sends its token
-            env.append({"name": trainer_config.ENV_PROGRESS_CA, "value": settings.progress_ca})
+            env.append({"name": process.ENV_PROGRESS_CA, "value": settings.progress_ca})
     return env
 
 

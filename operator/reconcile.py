@@ -29,12 +29,12 @@ import secrets
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kubetune.api import layout
+from kubetune.api import layout, process
+from kubetune.api.schema import AUTO
 from kubetune.operator import builders, conditions, estimate, names, quota, render, reports, usage
 from kubetune.operator.conditions import Condition
 from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy, violations
 from kubetune.operator.settings import OperatorSettings
-from kubetune.trainer import config as trainer_config
 
 Body = dict[str, Any]
 
@@ -542,7 +542,7 @@ def _estimate_resources(draft: _Draft, summary: Body, policy: PlatformPolicy) ->
 
 
 def _gpus_auto(spec: Body) -> bool:
-    return (spec.get("resources") or {}).get("gpus") == trainer_config.AUTO
+    return (spec.get("resources") or {}).get("gpus") == AUTO
 
 
 def _default_auto_gpus(policy: PlatformPolicy) -> int:
@@ -588,7 +588,7 @@ _VALIDATION_REASONS = (conditions.INVALID_DATASET, conditions.MODEL_UNAVAILABLE,
 
 def _validation_failure(vjob: Body, pods: tuple[Body, ...]) -> tuple[str, str]:
     ended = latest_termination(pods, builders.VALIDATION_CONTAINER)
-    if ended is not None and ended.exit_code == trainer_config.EXIT_PERMANENT:
+    if ended is not None and ended.exit_code == process.EXIT_PERMANENT:
         reason = ended.summary.get("reason")
         return (reason if reason in _VALIDATION_REASONS else conditions.INVALID_DATASET,
                 _summary_text(ended) or "the dataset-validation pod rejected the data")
@@ -872,7 +872,7 @@ def _training_failure(tjob: Body, pods: tuple[Body, ...]) -> tuple[str, str]:
     job_reason = str(condition.get("reason") or "")
     reason = _FAILURE_REASONS.get(job_reason, conditions.TRAINER_JOB_FAILED)
     ended = latest_termination(pods, builders.TRAINER_CONTAINER, failed_only=True)
-    if ended is not None and ended.exit_code == trainer_config.EXIT_PERMANENT:
+    if ended is not None and ended.exit_code == process.EXIT_PERMANENT:
         reason = conditions.PERMANENT_ERROR
     detail = _summary_text(ended) if ended else ""
     if reason == conditions.PERMANENT_ERROR:

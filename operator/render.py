@@ -7,8 +7,9 @@ URIs into paths inside the pod: `pvc://claim/some/path` becomes
 `/mnt/pvc/claim/some/path`, and the claim is mounted there. Other sources
 (`hf://`, `s3://`, `http(s)://`, local paths in local mode) pass through.
 
-The result is checked with the trainer's own `config_from_dict`, so a spec the
-trainer would reject is rejected here, before any pod starts, with the same
+The result is checked with `kubetune.api.config.config_from_dict`, the parser the
+trainer reads it with (the same typed models as the spec), so a spec the trainer
+would reject is rejected here, before any pod starts, with the same
 field-by-field problems.
 """
 
@@ -19,8 +20,7 @@ import dataclasses
 import json
 from typing import Any
 
-from kubetune.api import layout
-from kubetune.trainer import config as trainer_config
+from kubetune.api import config as trainer_config, layout
 
 PVC_SCHEME = "pvc://"
 PVC_MOUNT_ROOT = "/mnt/pvc"
@@ -216,8 +216,11 @@ def trainer_config_for(job: dict[str, Any], lineage: list[dict[str, Any]] | None
         value = spec.get(section)
         if value is not None:
             config[section] = copy.deepcopy(value)
+    if isinstance(config.get("model"), dict):
+        # The trainer gets the resolved source; the chain of earlier jobs goes to `job.lineage`.
+        config["model"].pop("fromJob", None)
     if isinstance(config.get("training"), dict):
-        # The operator's own field (stall detection): the trainer does not know it.
+        # The operator's own field (stall detection): the trainer has nothing to do with it.
         config["training"].pop("stallTimeoutSeconds", None)
 
     def rewrite(holder: dict[str, Any], key: str, field: str) -> None:
@@ -279,9 +282,10 @@ def tracking_config(spec: dict[str, Any], metadata: dict[str, Any]) -> dict[str,
     mlflow = tracking.get("mlflow") if isinstance(tracking, dict) else None
     if not isinstance(mlflow, dict) or not mlflow.get("trackingUri"):
         return {}
-    return {"mlflow": {"trackingUri": mlflow["trackingUri"],
-                       "experiment": mlflow.get("experiment") or str(metadata.get("namespace") or ""),
-                       "runName": mlflow.get("runName") or str(metadata.get("name") or "")}}
+    filled = {"trackingUri": mlflow["trackingUri"],
+              "experiment": mlflow.get("experiment") or str(metadata.get("namespace") or ""),
+              "runName": mlflow.get("runName") or str(metadata.get("name") or "")}
+    return {"mlflow": {key: value for key, value in filled.items() if value}}
 
 
 def _spec_path(problem: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.dev import controlplane, mlflow_server, objectstore
-from kubetune.trainer import config as trainer_config
+from kubetune.api import process as api_process
 
 
 @pytest.fixture(scope="session")
@@ -68,6 +68,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
 def termination_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Where a trainer run in this process writes its termination summary; no progress endpoint."""
     path = tmp_path / "termination-log"
-    monkeypatch.setenv(trainer_config.ENV_TERMINATION_LOG, str(path))
-    monkeypatch.delenv(trainer_config.ENV_PROGRESS_URL, raising=False)
+    monkeypatch.setenv(api_process.ENV_TERMINATION_LOG, str(path))
+    monkeypatch.delenv(api_process.ENV_PROGRESS_URL, raising=False)
     return path

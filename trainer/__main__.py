@@ -1,6 +1,6 @@
 """`python -m kubetune.trainer --config FILE [--validate-only]`: setup -> fit -> evaluate -> save.
 
-Exit codes (constants in kubetune.trainer.config): 0 success; 78 permanent
+Exit codes (constants in kubetune.api.process): 0 success; 78 permanent
 error (bad config, bad data, missing model: never retried); 75 preempted
 (SIGTERM: a checkpoint was saved, a retry resumes from it); anything else is
 a retryable failure.
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer import config as cfg
-from kubetune.trainer import rank_exit, reporting, tracking
+from kubetune.api import config as cfg, process
+from kubetune.trainer import config_file, rank_exit, reporting, tracking
 from kubetune.trainer.errors import PermanentError, Preempted
 
 log = logging.getLogger("kubetune.trainer")
@@ -52,7 +52,7 @@ def _reporter(config: cfg.TrainerConfig) -> reporting.Reporter:
 def _tracker(config: cfg.TrainerConfig, reporter: reporting.Reporter) -> tracking.Tracker:
     """Rank 0 logs to MLflow (`tracking.mlflow`); its state rides on every report, and the reports'
     figures feed it. Other ranks get a tracker that is off (their figures are rank 0's)."""
-    attempt_text = os.environ.get(cfg.ENV_ATTEMPT, "0")
+    attempt_text = os.environ.get(process.ENV_ATTEMPT, "0")
     tracker = tracking.Tracker.from_config(config, attempt=int(attempt_text) if attempt_text.isdigit() else 0,
                                            main_rank=is_main_rank())
     reporter.tracking = tracker.status
@@ -346,10 +346,10 @@ def _main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = cfg.load_config(args.config)
+        config = config_file.load_config(args.config)
     except cfg.ConfigError as error:
         _fail(None, "failed", str(error))
-        return cfg.EXIT_PERMANENT
+        return process.EXIT_PERMANENT
     if args.validate_only:
         try:
             statistics = validate_only(config)
@@ -358,8 +358,8 @@ def _main(argv: Sequence[str] | None = None) -> int:
             _terminate(reporting.validation_summary(statistics, facts))
         except (PermanentError, cfg.ConfigError) as error:
             _fail(None, "failed", str(error), getattr(error, "reason", ""))
-            return cfg.EXIT_PERMANENT
-        return cfg.EXIT_OK
+            return process.EXIT_PERMANENT
+        return process.EXIT_OK
     Path(config.output.dir).mkdir(parents=True, exist_ok=True)
     reporter = _reporter(config)
     tracker = _tracker(config, reporter)
@@ -367,13 +367,13 @@ def _main(argv: Sequence[str] | None = None) -> int:
         metrics = _train_with_storage(config, reporter, tracker)
     except (PermanentError, cfg.ConfigError) as error:
         _fail(reporter, "failed", str(error), getattr(error, "reason", ""), tracker)
-        return cfg.EXIT_PERMANENT
+        return process.EXIT_PERMANENT
     except Preempted as stop:
         tracker.end("KILLED")
         reporter.report("failed", message=f"preempted: {stop}")
         _terminate(reporting.termination_summary(
             "preempted", message=str(stop), tokens_processed=stop.tokens_processed, tracking=tracker.status()))
-        return cfg.EXIT_PREEMPTED
+        return process.EXIT_PREEMPTED
     except Exception as error:  # noqa: BLE001 - anything unexpected is retryable
         traceback.print_exc()
         _fail(reporter, "error", f"{type(error).__name__}: {error}", tracker=tracker)
@@ -394,7 +394,7 @@ def _main(argv: Sequence[str] | None = None) -> int:
             tracking=tracker.status(),
         )
     )
-    return cfg.EXIT_OK
+    return process.EXIT_OK
 
 
 if __name__ == "__main__":

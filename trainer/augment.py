@@ -35,7 +35,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from kubetune.trainer.config import Augmentation, DatasetConfig, ModelConfig, SyntheticAugmentation
+from kubetune.api.finetunejob import Augmentation, DatasetSpec, ModelSpec, SyntheticAugmentation
 from kubetune.trainer.examples import Example, Splits, normalize_whitespace
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ class ModelGenerator:
     device: Any
 
     @classmethod
-    def load(cls, model_config: ModelConfig, settings: SyntheticAugmentation, seed: int) -> ModelGenerator:
+    def load(cls, model_config: ModelSpec, settings: SyntheticAugmentation, seed: int) -> ModelGenerator:
         import torch
 
         from kubetune.trainer import modeling
@@ -339,10 +339,10 @@ class ModelGenerator:
             torch.cuda.empty_cache()
 
 
-def generator_model(dataset: DatasetConfig, base_model: ModelConfig) -> ModelConfig:
+def generator_model(dataset: DatasetSpec, base_model: ModelSpec) -> ModelSpec:
     """The model that writes synthetic examples: `synthetic.model`, else the base model."""
     source = dataset.augmentation.synthetic.model
-    return ModelConfig(source=source) if source else base_model
+    return ModelSpec(source=source) if source else base_model
 
 
 # --- The whole augmentation of the training split ---------------------------------------------
@@ -379,7 +379,7 @@ class AugmentationReport:
 
 
 def augment_training_split(
-    splits: Splits, dataset: DatasetConfig, generate: Generate | None, generator_name: str = ""
+    splits: Splits, dataset: DatasetSpec, generate: Generate | None, generator_name: str = ""
 ) -> tuple[list[Example], AugmentationReport]:
     """The training split followed by its edited copies and synthetic examples.
 

@@ -42,7 +42,7 @@ from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
 from kubetune.trainer import augment
-from kubetune.trainer.config import Cleaning, Curriculum, DatasetConfig, DataSource, FieldNames, ModelConfig, Split
+from kubetune.api.finetunejob import Cleaning, Curriculum, DataSource, DatasetSpec, FieldNames, ModelSpec, Split
 from kubetune.trainer.errors import DataError
 from kubetune.trainer.examples import Example, Splits, normalize_whitespace
 
@@ -342,7 +342,7 @@ def _messages_field(record: dict[str, Any], name: str, where: str) -> list[dict[
     return messages
 
 
-def to_examples(records: Iterable[dict[str, Any]], config: DatasetConfig, origin: str) -> list[Example]:
+def to_examples(records: Iterable[dict[str, Any]], config: DatasetSpec, origin: str) -> list[Example]:
     """One Example per record; DataError names the first record that lacks a needed field."""
     fields = config.fields
     examples = []
@@ -578,13 +578,13 @@ class PreparedData:
         return stats
 
 
-def _used_fields(config: DatasetConfig) -> list[str]:
+def _used_fields(config: DatasetSpec) -> list[str]:
     fields = config.fields
     return {"text": [fields.text], "prompt_completion": [fields.prompt, fields.completion],
             "chat": [fields.messages], "classification": [fields.text, fields.label]}[config.format]
 
 
-def _load_clean(source: DataSource, config: DatasetConfig, name: str) -> tuple[list[Example], CleaningReport]:
+def _load_clean(source: DataSource, config: DatasetSpec, name: str) -> tuple[list[Example], CleaningReport]:
     records = iter_records(source, config.fields, _used_fields(config), f"dataset.{name}.source")  # streamed: only the examples are held, not the file
     examples, report = clean(to_examples(records, config, source.source), config.cleaning)
     if not examples:
@@ -596,7 +596,7 @@ def _load_clean(source: DataSource, config: DatasetConfig, name: str) -> tuple[l
     return examples, report
 
 
-def _augment_train(splits: Splits, config: DatasetConfig, base_model: ModelConfig | None) -> dict[str, Any]:
+def _augment_train(splits: Splits, config: DatasetSpec, base_model: ModelSpec | None) -> dict[str, Any]:
     """Replace `splits.train` by itself plus its augmented examples; the report for metrics.json."""
     generator = None
     generator_name = ""
@@ -612,7 +612,7 @@ def _augment_train(splits: Splits, config: DatasetConfig, base_model: ModelConfi
     return report.to_report()
 
 
-def prepare(config: DatasetConfig, synthetic_model: ModelConfig | None = None) -> PreparedData:
+def prepare(config: DatasetSpec, synthetic_model: ModelSpec | None = None) -> PreparedData:
     """Read, clean and split the dataset; check labels, augment the training split, rebalance.
 
     `synthetic_model` is the base model: it writes synthetic examples when

@@ -13,7 +13,8 @@ import dataclasses
 import math
 from typing import Any, Literal
 
-from kubetune.trainer.config import AUTO, Hyperparameters
+from kubetune.api.finetunejob import Hyperparameters
+from kubetune.api.schema import AUTO, camel_case
 
 DEFAULT_EPOCHS = 3
 MIN_TARGET_EXAMPLES = 100
@@ -169,7 +170,7 @@ def resolve(
     world_size: int = 1,
 ) -> ResolvedHyperparameters:
     """Every hyperparameter concrete; `automatic` names those that came from these rules."""
-    automatic = [camel for camel, value in _camel_fields(hp) if value == AUTO]
+    automatic = [camel for camel, value in _camel_fields(hp) if value == AUTO or value is None]
     batch_size = (
         int(hp.batch_size)
         if hp.batch_size != AUTO
@@ -179,14 +180,14 @@ def resolve(
         epochs=float(hp.epochs) if hp.epochs != AUTO else auto_epochs(num_train_examples),
         batch_size=batch_size,
         learning_rate=(
-            float(hp.learning_rate) if hp.learning_rate != AUTO else auto_learning_rate(method, num_parameters)
+            float(hp.learning_rate) if hp.learning_rate is not None else auto_learning_rate(method, num_parameters)
         ),
         scheduler="cosine" if hp.scheduler == AUTO else hp.scheduler,
-        warmup_ratio=float(hp.warmup_ratio) if hp.warmup_ratio != AUTO else DEFAULT_WARMUP_RATIO,
+        warmup_ratio=float(hp.warmup_ratio) if hp.warmup_ratio is not None else DEFAULT_WARMUP_RATIO,
         weight_decay=(
-            float(hp.weight_decay) if hp.weight_decay != AUTO else (0.0 if method == "lora" else 0.01)
+            float(hp.weight_decay) if hp.weight_decay is not None else (0.0 if method == "lora" else 0.01)
         ),
-        dropout=float(hp.dropout) if hp.dropout != AUTO else None,
+        dropout=float(hp.dropout) if hp.dropout is not None else None,
         max_seq_length=max_seq_length,
         gradient_accumulation_steps=(
             int(hp.gradient_accumulation_steps)
@@ -204,6 +205,4 @@ def resolve_seed(hp: Hyperparameters) -> int:
 
 
 def _camel_fields(hp: Hyperparameters) -> list[tuple[str, Any]]:
-    from kubetune.trainer.config import camel_case
-
     return [(camel_case(f.name), getattr(hp, f.name)) for f in dataclasses.fields(hp)]

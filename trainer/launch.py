@@ -2,7 +2,7 @@
 
 The trainer container's command. It reads the world's shape from the
 environment the operator writes from the pod's own resources (constants in
-`kubetune.trainer.config`):
+`kubetune.api.process`):
 
 - `KUBETUNE_NUM_PROCESSES`: ranks in this pod, the pod's GPU count (its
   `nvidia.com/gpu` limit, the same number), 1 on CPU;
@@ -36,7 +36,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from kubetune.trainer import config as cfg
+from kubetune.api import process
 from kubetune.trainer.rank_exit import ENV_EXIT_DIR, read_rank_codes
 
 
@@ -56,7 +56,7 @@ class World:
     """This pod's index (0 holds rank 0)."""
     master_addr: str = "127.0.0.1"
     """Rank 0's address."""
-    master_port: int = cfg.DEFAULT_MASTER_PORT
+    master_port: int = process.DEFAULT_MASTER_PORT
     """Rank 0's rendezvous port."""
     device: str = "cpu"
     """`gpu` or `cpu`."""
@@ -78,19 +78,19 @@ def _positive(env: Mapping[str, str], name: str, default: int, *, minimum: int =
 
 def world_from_environment(env: Mapping[str, str]) -> World:
     """The World the operator described in `env`; LaunchError names a bad variable."""
-    nodes = _positive(env, cfg.ENV_NUM_NODES, 1)
-    node_rank = _positive(env, cfg.ENV_NODE_RANK, 0, minimum=0)
+    nodes = _positive(env, process.ENV_NUM_NODES, 1)
+    node_rank = _positive(env, process.ENV_NODE_RANK, 0, minimum=0)
     if node_rank >= nodes:
-        raise LaunchError(f"{cfg.ENV_NODE_RANK}: pod index {node_rank} is outside {cfg.ENV_NUM_NODES}={nodes}")
-    device = env.get(cfg.ENV_DEVICE, "cpu").strip() or "cpu"
+        raise LaunchError(f"{process.ENV_NODE_RANK}: pod index {node_rank} is outside {process.ENV_NUM_NODES}={nodes}")
+    device = env.get(process.ENV_DEVICE, "cpu").strip() or "cpu"
     if device not in ("cpu", "gpu"):
-        raise LaunchError(f"{cfg.ENV_DEVICE}: must be 'cpu' or 'gpu', got {device!r}")
+        raise LaunchError(f"{process.ENV_DEVICE}: must be 'cpu' or 'gpu', got {device!r}")
     return World(
-        processes_per_node=_positive(env, cfg.ENV_NUM_PROCESSES, 1),
+        processes_per_node=_positive(env, process.ENV_NUM_PROCESSES, 1),
         nodes=nodes,
         node_rank=node_rank,
-        master_addr=env.get(cfg.ENV_MASTER_ADDR, "").strip() or "127.0.0.1",
-        master_port=_positive(env, cfg.ENV_MASTER_PORT, cfg.DEFAULT_MASTER_PORT),
+        master_addr=env.get(process.ENV_MASTER_ADDR, "").strip() or "127.0.0.1",
+        master_port=_positive(env, process.ENV_MASTER_PORT, process.DEFAULT_MASTER_PORT),
         device=device,
     )
 
@@ -130,12 +130,12 @@ def launch_environment(world: World, base: Mapping[str, str], exit_dir: str) -> 
 def combined_exit_code(rank_codes: Sequence[int], launcher_code: int) -> int:
     """The pod's exit code: permanent (78) if any rank said so, else preempted (75) if any rank saved a
     checkpoint on SIGTERM, else 0 when the launcher succeeded, else the launcher's failure code."""
-    if cfg.EXIT_PERMANENT in rank_codes:
-        return cfg.EXIT_PERMANENT
+    if process.EXIT_PERMANENT in rank_codes:
+        return process.EXIT_PERMANENT
     if launcher_code == 0:
         return 0
-    if cfg.EXIT_PREEMPTED in rank_codes:
-        return cfg.EXIT_PREEMPTED
+    if process.EXIT_PREEMPTED in rank_codes:
+        return process.EXIT_PREEMPTED
     return launcher_code if launcher_code > 0 else 1
 
 
@@ -175,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = f"launch environment: {error}"
         print(f"kubetune.trainer.launch: {message}", file=sys.stderr)
         reporting.write_termination_message(reporting.termination_summary("failed", message=message))
-        return cfg.EXIT_PERMANENT
+        return process.EXIT_PERMANENT
     if world.size == 1:
         from kubetune.trainer import __main__ as trainer
 

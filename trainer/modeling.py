@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from kubetune.trainer import objectstore
-from kubetune.trainer.config import LoraSettings, ModelConfig
+from kubetune.api.finetunejob import LoraSettings, ModelSpec
 from kubetune.trainer.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class ModelLocation:
         return Path(self.name_or_path).exists()
 
 
-def locate(model: ModelConfig) -> ModelLocation:
+def locate(model: ModelSpec) -> ModelLocation:
     """Turn `model.source` into from_pretrained arguments; a missing local path is a permanent error."""
     source = model.source.strip()
     if objectstore.is_s3(source):
@@ -91,7 +91,7 @@ def locate(model: ModelConfig) -> ModelLocation:
     return ModelLocation(str(path) if path.exists() else source, kwargs)
 
 
-def _adapter_location(model: ModelConfig, folder: Path, kwargs: dict[str, Any]) -> ModelLocation:
+def _adapter_location(model: ModelSpec, folder: Path, kwargs: dict[str, Any]) -> ModelLocation:
     """An adapter folder: its base model (as `adapter_config.json` names it) plus the adapter."""
     import json
 
@@ -117,7 +117,7 @@ def _permanent_or_transient(error: OSError, location: ModelLocation) -> Exceptio
     return error  # network trouble: retryable
 
 
-def load_tokenizer(model: ModelConfig) -> Any:
+def load_tokenizer(model: ModelSpec) -> Any:
     """The model's tokenizer, with a pad token and a chat template guaranteed."""
     from transformers import AutoTokenizer
 
@@ -182,7 +182,7 @@ def compile_blocks(model: Any) -> int:
     return len(blocks)
 
 
-def load_model(model: ModelConfig, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None) -> Any:
+def load_model(model: ModelSpec, dtype: torch.dtype = torch.float32, attn_implementation: str | None = None) -> Any:
     """The base causal LM in `dtype` (mixed precision keeps master weights in fp32), with the given attention
     kernel (None or "sdpa": transformers' default, SDPA, or eager for architectures without SDPA support)."""
     from transformers import AutoModelForCausalLM

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.trainer import objectstore
-from kubetune.trainer.config import TrainerConfig
+from kubetune.api.config import TrainerConfig
 
 log = logging.getLogger(__name__)
 

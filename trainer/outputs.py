@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api import layout
-from kubetune.trainer.config import TrainerConfig, config_to_dict
+from kubetune.api.config import TrainerConfig, config_to_dict
 
 
 def model_digest(folder: Path) -> str:
@@ -36,8 +36,8 @@ def model_digest(folder: Path) -> str:
 
 def save_model(model: Any, tokenizer: Any, config: TrainerConfig, base_model_path: str) -> Path:
     """Save the trained model (merged) or the adapter, with the tokenizer; return the folder."""
-    folder = Path(layout.model_location(config.output.dir, config.method.type, config.method.lora.merge))
-    if layout.saves_adapter(config.method.type, config.method.lora.merge):
+    folder = Path(layout.model_location(config.output.dir, config.method.type, config.method.lora_settings().merge))
+    if layout.saves_adapter(config.method.type, config.method.lora_settings().merge):
         model.peft_config["default"].base_model_name_or_path = base_model_path
         model.save_pretrained(folder, safe_serialization=True)
     else:
@@ -107,7 +107,7 @@ def model_card(config: TrainerConfig, metrics: dict[str, Any]) -> str:
         f"# {config.job.name or Path(config.output.dir).name}",
         "",
         f"Fine-tuned from `{config.model.source}` with kubetune ({config.method.type}"
-        + (f", rank {config.method.lora.rank}, alpha {config.method.lora.alpha}" if config.method.type == "lora" else "")
+        + (f", rank {config.method.lora_settings().rank}, alpha {config.method.lora_settings().alpha}" if config.method.type == "lora" else "")
         + ").",
         "",
         *lineage_lines(config),

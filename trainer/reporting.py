@@ -29,8 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from kubetune.api import messages
-from kubetune.trainer import config as cfg
+from kubetune.api import config as cfg, messages, process
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +83,14 @@ class Reporter:
 
     @classmethod
     def from_environment(cls, job: cfg.JobIdentity, stream: TextIO | None = None) -> Reporter:
-        attempt_text = os.environ.get(cfg.ENV_ATTEMPT, "0")
+        attempt_text = os.environ.get(process.ENV_ATTEMPT, "0")
         return cls(
             job,
-            url=os.environ.get(cfg.ENV_PROGRESS_URL) or None,
-            token=os.environ.get(cfg.ENV_PROGRESS_TOKEN) or None,
+            url=os.environ.get(process.ENV_PROGRESS_URL) or None,
+            token=os.environ.get(process.ENV_PROGRESS_TOKEN) or None,
             attempt=int(attempt_text) if attempt_text.isdigit() else 0,
             stream=stream,
-            ca=os.environ.get(cfg.ENV_PROGRESS_CA) or None,
+            ca=os.environ.get(process.ENV_PROGRESS_CA) or None,
         )
 
     def report(self, kind: str, **fields: Any) -> dict[str, Any]:
@@ -252,10 +251,10 @@ def validation_summary(statistics: Mapping[str, Any], sizing: Mapping[str, Any] 
 
 def termination_log_path() -> Path | None:
     """KUBETUNE_TERMINATION_LOG, else /dev/termination-log when it exists and is writable."""
-    configured = os.environ.get(cfg.ENV_TERMINATION_LOG)
+    configured = os.environ.get(process.ENV_TERMINATION_LOG)
     if configured:
         return Path(configured)
-    default = Path(cfg.DEFAULT_TERMINATION_LOG)
+    default = Path(process.DEFAULT_TERMINATION_LOG)
     return default if default.exists() and os.access(default, os.W_OK) else None
 
 

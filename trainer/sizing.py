@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from kubetune.trainer import hyperparameters
-from kubetune.trainer.config import TrainerConfig
+from kubetune.api.config import TrainerConfig
 
 CONFIG_KEYS = (
     "model_type", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer", "num_layers",
@@ -69,7 +69,7 @@ def model_facts(config: TrainerConfig) -> dict[str, Any]:
     text = model_config.get_text_config().to_dict() if hasattr(model_config, "get_text_config") else raw
     shape = {k: v for k, v in {**raw, **text}.items()
              if k in CONFIG_KEYS and isinstance(v, (int, float, str, bool)) and not (isinstance(v, str) and len(v) > 64)}
-    targets = modeling.lora_target_modules(model, config.method.lora)
+    targets = modeling.lora_target_modules(model, config.method.lora_settings())
     return {
         "config": shape,
         "parameters": sum(p.numel() for p in model.parameters()),

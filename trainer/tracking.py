@@ -38,8 +38,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from kubetune.api import layout, messages, process
-from kubetune.trainer import config as cfg
+from kubetune.api import config as cfg, layout, messages, process
+from kubetune.api.finetunejob import MlflowTracking
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def _cell(value: Any) -> str:
 class Tracker:
     """The MLflow run of one attempt: set up at `start`, fed by the reports, closed by `finish` or `end`."""
 
-    def __init__(self, settings: cfg.MlflowConfig | None, job: cfg.JobIdentity, *, attempt: int,
+    def __init__(self, settings: MlflowTracking | None, job: cfg.JobIdentity, *, attempt: int,
                  output_dir: Path, client: MlflowClient | None = None) -> None:
         self.settings = settings
         self.job = job

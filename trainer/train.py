@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from kubetune.trainer import data, evaluate, hyperparameters, modeling
-from kubetune.trainer.config import TrainerConfig
+from kubetune.api.config import TrainerConfig
 from kubetune.trainer.errors import CheckpointError, PermanentError, Preempted
 from kubetune.trainer.hyperparameters import ResolvedHyperparameters
 from kubetune.trainer.reporting import Reporter
@@ -269,7 +269,7 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
         if config.method.type == "lora":
             model.enable_input_require_grads()
     if config.method.type == "lora":
-        model = modeling.apply_lora(model, config.method.lora)
+        model = modeling.apply_lora(model, config.method.lora_settings())
     _, trainable = modeling.count_parameters(model)
     model.train()
 

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from kubetune.api import finetunejob as models
+from kubetune.api import schema as apischema
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
@@ -248,6 +249,19 @@ def test_an_invalid_manifest_is_rejected_naming_the_field(cluster: Any, namespac
     assert case.says in result.stderr, result.stderr
     absent = cluster.kubectl("get", "ftj", "-n", namespace, f"bad-{case.id}", check=False)
     assert absent.returncode != 0 and "NotFound" in absent.stderr
+
+
+@pytest.mark.parametrize("case", INVALID_MANIFESTS, ids=lambda c: c.id)
+def test_the_python_parser_refuses_what_the_api_server_refuses(case: Invalid) -> None:
+    """The same table, through `FineTuneJobSpec.from_dict` (what reconcile and, for the run's sections, the
+    trainer parse with): every CEL rule has its Python twin, so no manifest the API server refuses is
+    accepted here, and the problem names the same field."""
+    spec = merged(base_job(f"bad-{case.id}")["spec"], case.patch)
+    with pytest.raises(apischema.ValidationError) as caught:
+        models.FineTuneJobSpec.from_dict(spec)
+    field = case.field.split("[")[0]  # the server names a duplicate list item by index, the parser the list
+    assert any(re.match(re.escape(field) + r"(?![\w.])", problem) for problem in caught.value.problems), \
+        caught.value.problems
 
 
 @dataclasses.dataclass(frozen=True)

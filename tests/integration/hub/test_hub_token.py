@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.dev import tinymodel
-from kubetune.trainer import config as cfg
+from kubetune.api import process as api_process
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +110,7 @@ def validate(tmp_path: Path, hub: HubStandIn, token: str) -> tuple[int, dict[str
     log = tmp_path / "termination-log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "KUBETUNE_"))}
     env |= {"HF_ENDPOINT": hub.url, "HF_TOKEN": token, "HF_HOME": str(tmp_path / "hf-home"),
-            cfg.ENV_TERMINATION_LOG: str(log)}
+            api_process.ENV_TERMINATION_LOG: str(log)}
     proc = subprocess.run([sys.executable, "-m", "kubetune.trainer", "--config", str(config), "--validate-only"],
                           env=env, capture_output=True, text=True, timeout=600)
     return proc.returncode, json.loads(log.read_text()), proc.stderr
@@ -119,7 +119,7 @@ def validate(tmp_path: Path, hub: HubStandIn, token: str) -> tuple[int, dict[str
 def test_the_token_and_the_endpoint_reach_the_hub_calls(tmp_path: Path, hub: HubStandIn) -> None:
     hub.requests.clear()
     code, summary, stderr = validate(tmp_path, hub, TOKEN)
-    assert code == cfg.EXIT_OK, stderr[-3000:]
+    assert code == api_process.EXIT_OK, stderr[-3000:]
     assert summary["outcome"] == "validated"
     # The revision in the path is `main` or the commit the stand-in reported for it.
     downloads = {path.rsplit("/", 1)[-1] for method, path, _ in hub.requests
@@ -131,7 +131,7 @@ def test_the_token_and_the_endpoint_reach_the_hub_calls(tmp_path: Path, hub: Hub
 
 def test_a_refused_token_is_model_unavailable(tmp_path: Path, hub: HubStandIn) -> None:
     code, summary, stderr = validate(tmp_path, hub, "hf_wrong_token")
-    assert code == cfg.EXIT_PERMANENT, stderr[-3000:]
+    assert code == api_process.EXIT_PERMANENT, stderr[-3000:]
     assert summary["reason"] == "ModelUnavailable"
     assert str(summary["message"]).startswith("model.source: "), summary
     assert "hf_wrong_token" not in json.dumps(summary) and "hf_wrong_token" not in stderr

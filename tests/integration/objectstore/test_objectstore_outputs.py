@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from kubetune.dev import objectstore, tinymodel
-from kubetune.trainer import config as cfg
+from kubetune.api import process as api_process
 from kubetune.trainer.__main__ import main
 from kubetune.trainer import objectstore as trainer_objectstore
 
@@ -24,9 +24,9 @@ def pod_env(s3_store: objectstore.SeaweedS3, monkeypatch: pytest.MonkeyPatch, tm
     for name, value in s3_store.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv(trainer_objectstore.CACHE_DIR_ENV, str(tmp_path / "model-cache"))
-    monkeypatch.delenv(cfg.ENV_PROGRESS_URL, raising=False)
+    monkeypatch.delenv(api_process.ENV_PROGRESS_URL, raising=False)
     log = tmp_path / "termination-log"
-    monkeypatch.setenv(cfg.ENV_TERMINATION_LOG, str(log))
+    monkeypatch.setenv(api_process.ENV_TERMINATION_LOG, str(log))
     return log
 
 
@@ -52,7 +52,7 @@ def test_outputs_are_uploaded_and_a_fresh_pod_resumes_from_the_bucket(
     s3_store.create_bucket("outputs")
     model = tinymodel.create_tiny_model(tmp_path / "base", arch="gpt2")
     scratch = tmp_path / "scratch"
-    assert run(tmp_path, model, "s3://outputs/finetunes/job-1", scratch) == cfg.EXIT_OK, pod_env.read_text()
+    assert run(tmp_path, model, "s3://outputs/finetunes/job-1", scratch) == api_process.EXIT_OK, pod_env.read_text()
     local_metrics = json.loads((scratch / "metrics.json").read_text())
     assert local_metrics["model"]["uri"] == "s3://outputs/finetunes/job-1/model"  # what status.model.uri gets
 
@@ -67,7 +67,7 @@ def test_outputs_are_uploaded_and_a_fresh_pod_resumes_from_the_bucket(
 
     # A new pod: its scratch space is empty; the checkpoints come back from the bucket.
     shutil.rmtree(scratch)
-    assert run(tmp_path, model, "s3://outputs/finetunes/job-1", scratch) == cfg.EXIT_OK, pod_env.read_text()
+    assert run(tmp_path, model, "s3://outputs/finetunes/job-1", scratch) == api_process.EXIT_OK, pod_env.read_text()
     resumed = json.loads((scratch / "metrics.json").read_text())
     latest = max(checkpoints, key=lambda c: int(c.split("-")[1]))
     assert resumed["resumedFrom"] == str(scratch / "checkpoints" / latest)
@@ -76,7 +76,7 @@ def test_outputs_are_uploaded_and_a_fresh_pod_resumes_from_the_bucket(
 def test_a_missing_output_bucket_is_a_storage_error_naming_the_field(
         tmp_path: Path, s3_store: objectstore.SeaweedS3, pod_env: Path) -> None:
     model = tinymodel.create_tiny_model(tmp_path / "base", arch="gpt2")
-    assert run(tmp_path, model, "s3://no-output-bucket/x", tmp_path / "scratch") == cfg.EXIT_PERMANENT
+    assert run(tmp_path, model, "s3://no-output-bucket/x", tmp_path / "scratch") == api_process.EXIT_PERMANENT
     summary = json.loads(pod_env.read_text())
     assert summary["reason"] == "StorageUnavailable"
     assert summary["message"].startswith("output.storage: s3://no-output-bucket/x: the bucket 'no-output-bucket' "

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from kubetune.dev import objectstore, tinymodel
-from kubetune.trainer import config as cfg
+from kubetune.api import process as api_process
 from kubetune.trainer.__main__ import main
 
 pytestmark = pytest.mark.integration
@@ -38,9 +38,9 @@ def pod_env(s3_store: objectstore.SeaweedS3, monkeypatch: pytest.MonkeyPatch, tm
     for name, value in s3_store.env().items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv(objectstore_cache_env(), str(tmp_path / "model-cache"))
-    monkeypatch.delenv(cfg.ENV_PROGRESS_URL, raising=False)
+    monkeypatch.delenv(api_process.ENV_PROGRESS_URL, raising=False)
     log = tmp_path / "termination-log"
-    monkeypatch.setenv(cfg.ENV_TERMINATION_LOG, str(log))
+    monkeypatch.setenv(api_process.ENV_TERMINATION_LOG, str(log))
     return log
 
 
@@ -69,7 +69,7 @@ class TestSourcesInABucket:
     def test_validation_reads_the_model_and_the_data_from_the_bucket(
             self, tmp_path: Path, bucket: str, pod_env: Path) -> None:
         code = run(tmp_path, f"s3://{bucket}/model", f"s3://{bucket}/data/train.jsonl", "--validate-only")
-        assert code == cfg.EXIT_OK, pod_env.read_text()
+        assert code == api_process.EXIT_OK, pod_env.read_text()
         summary = json.loads(pod_env.read_text())
         assert summary["outcome"] == "validated"
         assert int(summary["message"].split(" train")[0]) > 90  # 120 records less the validation/test splits
@@ -78,7 +78,7 @@ class TestSourcesInABucket:
     def test_a_run_trains_the_bucket_model_on_the_bucket_data(self, tmp_path: Path, bucket: str,
                                                               pod_env: Path) -> None:
         code = run(tmp_path, f"s3://{bucket}/model", f"s3://{bucket}/data/train.jsonl")
-        assert code == cfg.EXIT_OK, pod_env.read_text()
+        assert code == api_process.EXIT_OK, pod_env.read_text()
         metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
         assert metrics["step"] > 0 and metrics["model"]["digest"].startswith("sha256:")
 
@@ -96,7 +96,7 @@ class TestUnusableLocationsEndValidationNamingTheField:
     ])
     def test_a_missing_bucket_or_key(self, tmp_path: Path, bucket: str, pod_env: Path, model: str, train: str,
                                      field: str, what: str) -> None:
-        assert run(tmp_path, model, train, "--validate-only") == cfg.EXIT_PERMANENT
+        assert run(tmp_path, model, train, "--validate-only") == api_process.EXIT_PERMANENT
         summary = json.loads(pod_env.read_text())
         assert summary["reason"] == "StorageUnavailable"
         assert summary["message"].startswith(f"{field}: ") and what in summary["message"], summary["message"]
@@ -105,7 +105,7 @@ class TestUnusableLocationsEndValidationNamingTheField:
                                monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
         assert run(tmp_path, f"s3://{bucket}/model", f"s3://{bucket}/data/train.jsonl",
-                   "--validate-only") == cfg.EXIT_PERMANENT
+                   "--validate-only") == api_process.EXIT_PERMANENT
         summary = json.loads(pod_env.read_text())
         assert summary["reason"] == "StorageUnavailable"
         assert summary["message"].startswith("model.source: s3://sources/model: the store refused the credentials "
@@ -116,7 +116,7 @@ class TestUnusableLocationsEndValidationNamingTheField:
                                      monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
         assert run(tmp_path, f"s3://{bucket}/model", f"s3://{bucket}/data/train.jsonl",
-                   "--validate-only") == cfg.EXIT_PERMANENT
+                   "--validate-only") == api_process.EXIT_PERMANENT
         summary = json.loads(pod_env.read_text())
         assert summary["reason"] == "StorageUnavailable"
         assert summary["message"].startswith("model.source: s3://sources/model: the object store at "

@@ -12,7 +12,7 @@ from typing import Any
 
 from kubetune.operator import builders, names, render
 from kubetune.operator.settings import OperatorSettings
-from kubetune.trainer import config as trainer_config
+from kubetune.api import process as api_process
 
 from .conftest import Kube, finetunejob, wait_for
 
@@ -50,14 +50,14 @@ def test_a_two_pod_trainer_job_and_its_rendezvous_service_are_accepted_and_get_n
         assert pod["spec"]["subdomain"] == service["metadata"]["name"]
         container = pod["spec"]["containers"][0]
         env = _env(container)
-        assert env[trainer_config.ENV_MASTER_ADDR] == f"{by_index['0']['spec']['hostname']}.{service['metadata']['name']}"
-        assert env[trainer_config.ENV_NUM_NODES] == "2"
+        assert env[api_process.ENV_MASTER_ADDR] == f"{by_index['0']['spec']['hostname']}.{service['metadata']['name']}"
+        assert env[api_process.ENV_NUM_NODES] == "2"
         # The ranks per pod are the pod's own GPU limit, the same number.
-        assert env[trainer_config.ENV_NUM_PROCESSES] == container["resources"]["limits"]["nvidia.com/gpu"] == "4"
-        assert env[trainer_config.ENV_DEVICE] == "gpu"
+        assert env[api_process.ENV_NUM_PROCESSES] == container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+        assert env[api_process.ENV_DEVICE] == "gpu"
         assert container["command"][:3] == ["python", "-m", "kubetune.trainer.launch"]
         # The Job controller tells each pod its index (the launcher's node rank).
-        assert any(e["name"] == trainer_config.ENV_NODE_RANK for e in container["env"])
+        assert any(e["name"] == api_process.ENV_NODE_RANK for e in container["env"])
     # The service selects exactly the trainer Job's pods.
     selected = kube.core.list_namespaced_pod(namespace, label_selector=",".join(
         f"{k}={v}" for k, v in created["spec"]["selector"].items()))

@@ -32,7 +32,7 @@ from kubetune.operator import client as operator_client
 from kubetune.operator import metrics as metrics_module
 from kubetune.operator import progress, reports
 from kubetune.operator.settings import OperatorSettings
-from kubetune.trainer import config as trainer_config
+from kubetune.api import config as trainer_config
 from kubetune.trainer.reporting import Reporter
 
 from .conftest import Kube, OperatorProcess, finetunejob, wait_for

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from kubetune.dev import mlflow_server, tinymodel
-from kubetune.trainer import config as cfg
+from kubetune.api import process as api_process
 from kubetune.trainer import tracking
 from kubetune.trainer.__main__ import main
 
@@ -55,7 +55,7 @@ def history(server: mlflow_server.MlflowServer, run_id: str, key: str) -> list[d
 
 def test_the_run_its_steps_results_and_artifacts_are_logged(
         tmp_path: Path, model: Path, mlflow: mlflow_server.MlflowServer, termination_log: Path) -> None:
-    assert main(["--config", str(write_config(tmp_path, model, mlflow.url))]) == cfg.EXIT_OK
+    assert main(["--config", str(write_config(tmp_path, model, mlflow.url))]) == api_process.EXIT_OK
 
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     summary = json.loads(termination_log.read_text())["tracking"]
@@ -96,7 +96,7 @@ def test_a_server_that_is_down_does_not_fail_training(
         tmp_path: Path, model: Path, termination_log: Path) -> None:
     closed = f"http://127.0.0.1:{mlflow_server.free_port()}"
 
-    assert main(["--config", str(write_config(tmp_path, model, closed))]) == cfg.EXIT_OK
+    assert main(["--config", str(write_config(tmp_path, model, closed))]) == api_process.EXIT_OK
 
     summary = json.loads(termination_log.read_text())
     assert summary["outcome"] == "succeeded"
@@ -108,8 +108,8 @@ def test_a_server_that_is_down_does_not_fail_training(
 def test_a_resumed_attempt_continues_the_same_run(
         tmp_path: Path, model: Path, mlflow: mlflow_server.MlflowServer) -> None:
     config_path = write_config(tmp_path, model, mlflow.url, epochs=3, experiment="resumes")
-    env = os.environ | {"KUBETUNE_PROGRESS_INTERVAL": "0", cfg.ENV_TERMINATION_LOG: str(tmp_path / "log-1")}
-    env.pop(cfg.ENV_PROGRESS_URL, None)
+    env = os.environ | {"KUBETUNE_PROGRESS_INTERVAL": "0", api_process.ENV_TERMINATION_LOG: str(tmp_path / "log-1")}
+    env.pop(api_process.ENV_PROGRESS_URL, None)
     first = subprocess.Popen([sys.executable, "-m", "kubetune.trainer", "--config", str(config_path)],
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
     assert first.stdout is not None
@@ -119,16 +119,16 @@ def test_a_resumed_attempt_continues_the_same_run(
             first.send_signal(signal.SIGTERM)
             break
     first.stdout.read()
-    assert first.wait(timeout=300) == cfg.EXIT_PREEMPTED
+    assert first.wait(timeout=300) == api_process.EXIT_PREEMPTED
     stopped = json.loads((tmp_path / "log-1").read_text())
     assert stopped["outcome"] == "preempted" and stopped["tracking"]["state"] == "ok"
     run_id = stopped["tracking"]["runId"]
     assert mlflow.api("/api/2.0/mlflow/runs/get", run_id=run_id)["run"]["info"]["status"] == "KILLED"
 
-    env = env | {cfg.ENV_TERMINATION_LOG: str(tmp_path / "log-2"), cfg.ENV_ATTEMPT: "1"}
+    env = env | {api_process.ENV_TERMINATION_LOG: str(tmp_path / "log-2"), api_process.ENV_ATTEMPT: "1"}
     second = subprocess.run([sys.executable, "-m", "kubetune.trainer", "--config", str(config_path)],
                             capture_output=True, text=True, env=env, timeout=600)
-    assert second.returncode == cfg.EXIT_OK, second.stderr[-3000:]
+    assert second.returncode == api_process.EXIT_OK, second.stderr[-3000:]
     assert json.loads((tmp_path / "log-2").read_text())["tracking"]["runId"] == run_id
 
     experiment = mlflow.api("/api/2.0/mlflow/experiments/get-by-name", experiment_name="resumes")["experiment"]

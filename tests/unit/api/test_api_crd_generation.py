@@ -17,7 +17,7 @@ import yaml
 from kubetune.operator import crd
 from kubetune.api import schema as apischema
 from kubetune.api import finetunejob as models
-from kubetune.trainer import config as trainer_config
+from kubetune.api import config as cfg
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"
@@ -194,52 +194,13 @@ class TestModelsAndSchemaAgree:
         check(models.FineTuneJobSpec, spec_schema())
 
 
-TRAINER_SECTIONS = {
-    "model": (models.ModelSpec, trainer_config.ModelConfig),
-    "dataset": (models.DatasetSpec, trainer_config.DatasetConfig),
-    "method": (models.MethodSpec, trainer_config.MethodConfig),
-    "hyperparameters": (models.Hyperparameters, trainer_config.Hyperparameters),
-    "training": (models.TrainingSpec, trainer_config.TrainingConfig),
-    "evaluation": (models.EvaluationSpec, trainer_config.EvaluationConfig),
-}
+TRAINER_SECTIONS = ("model", "dataset", "method", "hyperparameters", "training", "evaluation")
 
 
-OPERATOR_ONLY = {"training": {"stallTimeoutSeconds"}}
-"""Keys of these sections that the operator reads and `render` strips from the trainer config."""
-
-
-def section_pairs(api: type, trainer: type, path: str) -> typing.Iterator[tuple[str, type, type]]:
-    yield path, api, trainer
-    trainer_hints = typing.get_type_hints(trainer)
-    for info in apischema.fields_of(api):
-        if apischema.is_model(info.hint):
-            nested = trainer_hints[info.name]
-            nested = next((a for a in typing.get_args(nested) if dataclasses.is_dataclass(a)), nested)
-            yield from section_pairs(info.hint, nested, f"{path}.{info.key}")
-
-
-@pytest.mark.parametrize("section", sorted(TRAINER_SECTIONS))
-class TestSpecSectionsUseTheTrainerVocabulary:
-    """The operator copies these sections into the trainer config verbatim."""
-
-    def test_same_keys(self, section: str) -> None:
-        api, trainer = TRAINER_SECTIONS[section]
-        for path, api_model, trainer_model in section_pairs(api, trainer, section):
-            api_keys = {info.key for info in apischema.fields_of(api_model)} - OPERATOR_ONLY.get(path, set())
-            trainer_keys = {trainer_config.camel_case(f.name) for f in dataclasses.fields(trainer_model)}
-            assert api_keys == trainer_keys, path
-
-    def test_same_enums_and_defaults(self, section: str) -> None:
-        api, trainer = TRAINER_SECTIONS[section]
-        for path, api_model, trainer_model in section_pairs(api, trainer, section):
-            trainer_fields = {f.name: f for f in dataclasses.fields(trainer_model)}
-            trainer_hints = typing.get_type_hints(trainer_model)
-            for info in apischema.fields_of(api_model):
-                if info.key in OPERATOR_ONLY.get(path, set()):
-                    continue
-                if typing.get_origin(info.hint) is typing.Literal:
-                    trainer_options = {a for a in typing.get_args(trainer_hints[info.name])}
-                    assert set(typing.get_args(info.hint)) == trainer_options, f"{path}.{info.key}"
-                default = trainer_fields[info.name].default
-                if isinstance(default, (bool, int, float, str)) and info.default is not None:
-                    assert info.default == default, f"{path}.{info.key}"
+@pytest.mark.parametrize("section", TRAINER_SECTIONS)
+def test_the_trainer_config_section_is_the_spec_section_itself(section: str) -> None:
+    """One definition: the trainer parses these sections with the spec's own classes (same keys, enums,
+    bounds, defaults and rules across fields), not with a parser of its own that could drift."""
+    spec_hint = {info.key: info.hint for info in apischema.fields_of(models.FineTuneJobSpec)}[section]
+    config_hint = {info.key: info.hint for info in apischema.fields_of(cfg.TrainerConfig)}[section]
+    assert config_hint is spec_hint

@@ -12,7 +12,7 @@ from kubetune.operator import crd
 from kubetune.api import schema as apischema
 from kubetune.api import finetunejob as models
 from kubetune.trainer import __main__ as program
-from kubetune.trainer.config import AUGMENTATION_OPERATIONS, ConfigError, config_from_dict
+from kubetune.api.config import AUGMENTATION_OPERATIONS, ConfigError, config_from_dict
 
 from .augment_datasets import sentiment_records, write_jsonl
 
@@ -37,28 +37,28 @@ class TestTrainerConfig:
         assert settings.operations == list(AUGMENTATION_OPERATIONS) and (settings.rate, settings.multiplier) == (0.1, 1)
 
     @pytest.mark.parametrize(("augmentation", "problem"), [
-        ({"rate": 0}, "dataset.augmentation.rate: must be in (0, 0.5], got 0"),
-        ({"rate": 0.7}, "dataset.augmentation.rate: must be in (0, 0.5], got 0.7"),
+        ({"rate": 0}, "dataset.augmentation.rate: must be > 0 and <= 0.5, got 0"),
+        ({"rate": 0.7}, "dataset.augmentation.rate: must be > 0 and <= 0.5, got 0.7"),
         ({"multiplier": 11}, "dataset.augmentation.multiplier: must be from 1 to 10, got 11"),
-        ({"operations": []}, "dataset.augmentation.operations: must name at least one operation"),
+        ({"operations": []}, "dataset.augmentation.operations: must have at least 1 items, got 0"),
         ({"operations": ["shout"]}, 'dataset.augmentation.operations[0]: must be one of "wordDeletion"'),
-        ({"synthetic": {"enabled": True}}, "dataset.augmentation.synthetic.promptTemplate: required when"),
+        ({"synthetic": {"enabled": True}}, "dataset.augmentation.synthetic.promptTemplate: synthetic augmentation needs a promptTemplate"),
         ({"synthetic": {"promptTemplate": "{txt}"}},
          "dataset.augmentation.synthetic.promptTemplate: unknown placeholder {txt}; allowed: {text}, {prompt}, {label}"),
-        ({"synthetic": {"minChars": 10, "maxChars": 5}}, "dataset.augmentation.synthetic.maxChars: must be 0"),
-        ({"synthetic": {"temperature": -1}}, "dataset.augmentation.synthetic.temperature: must be >= 0"),
+        ({"synthetic": {"minChars": 10, "maxChars": 5}}, "dataset.augmentation.synthetic.maxChars: maxChars must be 0 (no limit) or at least minChars"),
+        ({"synthetic": {"temperature": -1}}, "dataset.augmentation.synthetic.temperature: must be from 0 to 5"),
     ])
     def test_bad_values_name_their_field(self, augmentation: dict[str, Any], problem: str) -> None:
         assert any(p.startswith(problem) for p in problems(**augmentation)), problems(**augmentation)
 
     @pytest.mark.parametrize("data_format", ["prompt_completion", "chat"])
     def test_edits_only_for_text_and_classification(self, data_format: str) -> None:
-        assert any(p.startswith("dataset.augmentation.enabled: edit operations apply only to formats text and "
+        assert any(p.startswith("dataset.augmentation.enabled: augmentation edits apply only to formats text and "
                                 "classification") for p in problems(data_format, enabled=True))
         trainer_config(data_format, synthetic={"enabled": True, "promptTemplate": "Rephrase: {prompt}"})
 
     def test_the_label_placeholder_needs_classification(self) -> None:
-        assert any("{label} needs format classification" in p
+        assert any("the {label} placeholder needs format classification" in p
                    for p in problems("text", synthetic={"promptTemplate": "{label}"}))
 
 

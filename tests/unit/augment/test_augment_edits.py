@@ -9,9 +9,10 @@ from collections import Counter
 import pytest
 
 from kubetune.trainer import augment
-from kubetune.trainer.config import AUGMENTATION_OPERATIONS, Augmentation
+from kubetune.api.config import AUGMENTATION_OPERATIONS
+from kubetune.api.finetunejob import Augmentation
 from kubetune.trainer.data import Example, Splits, classification_completion
-from kubetune.trainer.config import DatasetConfig, DataSource
+from kubetune.api.finetunejob import DatasetSpec as DatasetConfig, DataSource
 
 SENTENCE = "the operator watches every pod and reports the job status after each epoch"  # 13 words
 

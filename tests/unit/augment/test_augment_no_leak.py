@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from kubetune.trainer import augment, data
-from kubetune.trainer.config import ModelConfig, config_from_dict
+from kubetune.api.config import config_from_dict
+from kubetune.api.finetunejob import ModelSpec as ModelConfig
 
 from .augment_datasets import sentiment_records, write_jsonl
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.trainer import augment
-from kubetune.trainer.config import ModelConfig, SyntheticAugmentation
+from kubetune.api.finetunejob import ModelSpec as ModelConfig, SyntheticAugmentation
 from kubetune.trainer.data import Example, classification_completion
 
 

@@ -20,7 +20,7 @@ from kubetune.api import messages
 from kubetune.operator import reconcile, reports
 from kubetune.api import finetunejob as models
 from kubetune.operator.settings import OperatorSettings
-from kubetune.trainer import config as trainer_config
+from kubetune.api import config as trainer_config
 from kubetune.trainer import reporting
 
 JOB = trainer_config.JobIdentity(namespace="team-a", name="tune", uid="u-1")

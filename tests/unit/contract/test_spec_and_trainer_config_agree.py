@@ -1,8 +1,10 @@
-"""The FineTuneJob spec (api/finetunejob.py) and the trainer config (trainer/config.py) accept the same values.
+"""A FineTuneJob spec (api/finetunejob.py) and the trainer config rendered from it (api/config.py) accept
+the same values.
 
 The operator renders the spec into the trainer config; a value one side accepts and the other
-refuses is a job that passes admission and then fails in its pod (or the reverse). Each
-disagreement found is pinned here, value by value, through both sides' own parsers.
+refuses is a job that passes admission and then fails in its pod (or the reverse). The trainer
+had a parser of its own, and the disagreements it had are pinned here, value by value, through
+the operator's render (which parses with the trainer's parser) and the spec's parser.
 """
 
 from __future__ import annotations

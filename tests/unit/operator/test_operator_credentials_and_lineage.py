@@ -217,7 +217,7 @@ class TestTrainingOnFromAnEarlierJob:
                           if isinstance(a, CreateChild) and a.manifest["kind"] == "ConfigMap")
         config = json.loads(config_map["data"][render.CONFIG_FILE_NAME])
         assert config["model"]["source"] == "/mnt/pvc/models/finetunes/first/model"
-        assert config["model"]["fromJob"] == "first"
+        assert "fromJob" not in config["model"]  # the trainer gets the resolved source; the chain is in job.lineage
         assert config["job"]["lineage"] == lineage
         validation = next(a.manifest for a in decision.actions
                           if isinstance(a, CreateChild) and a.manifest["kind"] == "Job")

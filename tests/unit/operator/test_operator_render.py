@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from kubetune.operator import render
-from kubetune.trainer import config as trainer_config
+from kubetune.api import config as trainer_config
 
 
 def test_a_valid_spec_renders_a_config_the_trainer_accepts(make_job: Callable[..., dict[str, Any]]) -> None:

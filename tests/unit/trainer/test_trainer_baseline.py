@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.trainer import config as cfg
+from kubetune.api import config as cfg
+from kubetune.api import process as api_process
 from kubetune.trainer import data, evaluate, outputs, reporting, samples
 from kubetune.trainer.__main__ import BASELINE_FILE, main
 
@@ -112,7 +113,7 @@ class TestSummaryAndCard:
 
 
 def _run(tmp_path: Path, content: dict[str, Any]) -> dict[str, Any]:
-    assert main(["--config", str(write_config(tmp_path / "config.json", content))]) == cfg.EXIT_OK
+    assert main(["--config", str(write_config(tmp_path / "config.json", content))]) == api_process.EXIT_OK
     return dict(json.loads((Path(content["output"]["dir"]) / "metrics.json").read_text()))
 
 

@@ -1,4 +1,5 @@
-"""The trainer config: typed defaults, camelCase keys, one error listing every problem, no torch."""
+"""The trainer config (`kubetune.api.config`): the spec's own sections and defaults, camelCase keys, one error
+listing every problem, the rules across fields the API server enforces, no torch."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer import config as cfg
+from kubetune.api import config as cfg
+from kubetune.api import process as api_process
+from kubetune.trainer import config_file
 
 MINIMAL = {"model": {"source": "/models/base"}, "dataset": {"train": {"source": "/data/train.jsonl"}}, "output": {"dir": "/out"}}
 
@@ -33,8 +36,9 @@ class TestDefaults:
 
         assert config.dataset.format == "text"
         assert config.method.type == "lora"
-        assert config.method.lora.rank == 8
-        assert config.hyperparameters.learning_rate == "auto"
+        assert config.method.lora is None and config.method.lora_settings().rank == 8
+        assert config.hyperparameters.learning_rate is None  # automatic, as in the spec
+        assert config.hyperparameters.batch_size == "auto"
         assert config.dataset.split.validation == 0.1
         assert config.training.keep_checkpoints == 2
         assert config.output.checkpoint_path == Path("/out/checkpoints")
@@ -51,8 +55,8 @@ class TestDefaults:
         (tmp_path / "c.json").write_text(json.dumps(MINIMAL))
         (tmp_path / "c.yaml").write_text("model: {source: /models/base}\ndataset:\n  train: {source: /d.csv}\noutput: {dir: /o}\n")
 
-        assert cfg.load_config(tmp_path / "c.json").model.source == "/models/base"
-        assert cfg.load_config(tmp_path / "c.yaml").dataset.train.source == "/d.csv"
+        assert config_file.load_config(tmp_path / "c.json").model.source == "/models/base"
+        assert config_file.load_config(tmp_path / "c.yaml").dataset.train.source == "/d.csv"
 
 
 class TestValidation:
@@ -67,10 +71,10 @@ class TestValidation:
         problems = _problems(data)
 
         assert "dataset.format: must be one of \"text\", \"prompt_completion\", \"chat\", \"classification\", got \"qa\"" in problems
-        assert "dataset.split.validation: must be in [0, 1), got 1.5" in problems
-        assert 'hyperparameters.learningRate: must be > 0 or "auto", got -1' in problems
+        assert "dataset.split.validation: must be >= 0 and < 1, got 1.5" in problems
+        assert "hyperparameters.learningRate: must be > 0 and <= 1, got -1.0" in problems
         assert 'hyperparameters.batchSize: must be an integer or "auto", got "big"' in problems
-        assert "method.lora.rank: must be > 0, got 0" in problems
+        assert "method.lora.rank: must be from 1 to 1024, got 0" in problems
         assert "output: required" in problems
         assert len(problems) == 6
 
@@ -86,29 +90,47 @@ class TestValidation:
         assert 'hyperparameters.seed: must be an integer or "auto", got true' in problems
         assert "training.packing: must be true or false, got 1" in problems
 
-    def test_cross_field_rules(self) -> None:
-        problems = _problems(
-            _with(dataset={"labels": ["a"], "split": {"validation": 0.5, "test": 0.5}, "imbalance": {"strategy": "oversample"}})
-        )
+    def test_cross_field_rules_are_the_api_servers(self) -> None:
+        """The same rules as the FineTuneJob's CEL, applied by their Python twins, with the same messages."""
+        problems = _problems(_with(dataset={"labels": ["a", "b"], "imbalance": {"strategy": "oversample"}}))
+        assert problems == ["dataset.labels: labels apply only to format classification",
+                            "dataset.imbalance.strategy: imbalance.strategy applies only to format classification; "
+                            "use 'none'"]
 
-        assert "dataset.split: validation + test must leave some training data (< 1), got 1" in problems
-        assert any(p.startswith("dataset.imbalance.strategy: only applies to format classification") for p in problems)
-        assert any(p.startswith("dataset.labels: only applies to format classification") for p in problems)
+        problems = _problems(_with(dataset={"format": "classification", "split": {"validation": 0.5, "test": 0.5}}))
+        assert problems == ["dataset.split: split.validation + split.test must be below 1 so that a training split "
+                            "remains (fractions given by a separate validation/test source do not count)"]
+
+        problems = _problems(_with(training={"earlyStopping": {"enabled": True, "metric": "valF1"}}))
+        assert problems == ["training.earlyStopping.metric: valAccuracy needs dataset.format classification "
+                            "(valF1 too); use valLoss or valPerplexity"]
+
+    def test_the_model_source_is_resolved_and_a_location_the_spec_allows(self) -> None:
+        problems = _problems(_with(model={"source": None, "fromJob": "earlier"}))
+        assert problems == ["model.source: required: where the base model is (the operator resolves "
+                            "spec.model.fromJob into it)"]
+        problems = _problems(_with(model={"source": "/models/base", "fromJob": "earlier"}))
+        assert problems == ["model.source: set exactly one of source (a model's location) and fromJob (continue "
+                            "from an earlier FineTuneJob's model)"]
+        problems = _problems(_with(model={"source": "models/base"}))
+        assert problems == ["model.source: must be hf://<org>/<name>, pvc://<claim>/<path>, s3://<bucket>/<key>, "
+                            "or (local mode) an absolute path or file:///<path>"]
+        assert cfg.config_from_dict(_with(model={"source": "hf://org/base"})).model.source == "hf://org/base"
 
     def test_an_unreadable_or_malformed_file_is_a_config_error(self, tmp_path: Path) -> None:
         (tmp_path / "bad.yaml").write_text("model: [unclosed")
         with pytest.raises(cfg.ConfigError, match="not valid JSON/YAML"):
-            cfg.load_config(tmp_path / "bad.yaml")
+            config_file.load_config(tmp_path / "bad.yaml")
         with pytest.raises(cfg.ConfigError, match="cannot read"):
-            cfg.load_config(tmp_path / "missing.json")
+            config_file.load_config(tmp_path / "missing.json")
 
 
 class TestContract:
     def test_exit_codes(self) -> None:
-        assert (cfg.EXIT_OK, cfg.EXIT_PERMANENT, cfg.EXIT_PREEMPTED) == (0, 78, 75)
+        assert (api_process.EXIT_OK, api_process.EXIT_PERMANENT, api_process.EXIT_PREEMPTED) == (0, 78, 75)
 
-    def test_importing_the_config_module_does_not_import_torch(self) -> None:
-        code = "import sys, kubetune.trainer.config; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    def test_reading_a_config_file_does_not_import_torch(self) -> None:
+        code = "import sys, kubetune.trainer.config_file; print('torch' in sys.modules, 'transformers' in sys.modules)"
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
 
         assert result.stdout.strip() == "False False"

@@ -12,17 +12,18 @@ import pyarrow.parquet
 import pytest
 import torch
 
-from kubetune.trainer import config as cfg
+from kubetune.api import config as cfg
+from kubetune.api import finetunejob as ftj
 from kubetune.trainer import data
 from kubetune.trainer.errors import DataError
 
 
-def _dataset(format: str, source: str, **extra: object) -> cfg.DatasetConfig:  # noqa: A002
+def _dataset(format: str, source: str, **extra: object) -> ftj.DatasetSpec:  # noqa: A002
     raw = {"model": {"source": "/m"}, "output": {"dir": "/o"}, "dataset": {"format": format, "train": {"source": source}, **extra}}
     return cfg.config_from_dict(raw).dataset
 
 
-def _load(dataset: cfg.DatasetConfig) -> list[data.Example]:
+def _load(dataset: ftj.DatasetSpec) -> list[data.Example]:
     return data.to_examples(data.read_records(dataset.train, dataset.fields), dataset, dataset.train.source)
 
 
@@ -156,7 +157,7 @@ class TestCleaning:
     def test_counts_each_reason_and_keeps_the_first_duplicate(self) -> None:
         examples = [data.Example(completion=t) for t in ["ok text", "", "  ", "no", "x" * 50, "ok  text", "fine one"]]
 
-        kept, report = data.clean(examples, cfg.Cleaning(min_chars=3, max_chars=20))
+        kept, report = data.clean(examples, ftj.Cleaning(min_chars=3, max_chars=20))
 
         assert [e.completion for e in kept] == ["ok text", "fine one"]
         assert report.to_report() == {
@@ -164,7 +165,7 @@ class TestCleaning:
         }
 
     def test_prompt_completion_with_an_empty_completion_is_empty(self) -> None:
-        kept, report = data.clean([data.Example(prompt="question", completion=" ")], cfg.Cleaning())
+        kept, report = data.clean([data.Example(prompt="question", completion=" ")], ftj.Cleaning())
         assert (kept, report.empty) == ([], 1)
 
 
@@ -173,7 +174,7 @@ class TestSplitting:
         examples = [data.Example(prompt=f"t{i}", completion=" a", label="a") for i in range(80)]
         examples += [data.Example(prompt=f"u{i}", completion=" b", label="b") for i in range(20)]
 
-        splits = data.split_examples(examples, cfg.Split(validation=0.1, test=0.2, seed=1), take_validation=True, take_test=True, stratify=True)
+        splits = data.split_examples(examples, ftj.Split(validation=0.1, test=0.2, seed=1), take_validation=True, take_test=True, stratify=True)
 
         assert Counter(e.label for e in splits.validation) == {"a": 8, "b": 2}
         assert Counter(e.label for e in splits.test) == {"a": 16, "b": 4}
@@ -181,7 +182,7 @@ class TestSplitting:
 
     def test_same_seed_same_split_and_no_example_in_two_splits(self) -> None:
         examples = [data.Example(completion=f"text {i}") for i in range(50)]
-        split = cfg.Split(validation=0.2, test=0.2, seed=7)
+        split = ftj.Split(validation=0.2, test=0.2, seed=7)
 
         first = data.split_examples(examples, split, take_validation=True, take_test=True, stratify=False)
         second = data.split_examples(examples, split, take_validation=True, take_test=True, stratify=False)
@@ -226,7 +227,7 @@ class TestImbalance:
         assert {e.label: e.weight for e in result} == pytest.approx(report.class_weights)
 
     def test_curriculum_fraction_grows_to_one(self) -> None:
-        curriculum = cfg.Curriculum(enabled=True, start_fraction=0.25, epochs_to_full=3)
+        curriculum = ftj.Curriculum(enabled=True, start_fraction=0.25, epochs_to_full=3)
         assert [data.curriculum_fraction(e, curriculum) for e in range(5)] == [0.25, 0.5, 0.75, 1.0, 1.0]
 
 

@@ -21,7 +21,7 @@ from typing import Any
 import psutil
 import pytest
 
-from kubetune.trainer import config as cfg
+from kubetune.api import process as api_process
 from kubetune.trainer import launch, train
 
 from .trainer_runs import config, text_records, write_config, write_jsonl
@@ -41,20 +41,20 @@ def _free_port() -> int:
 def _launch(config_path: Path, processes: int, tmp: Path, *, stdout: Any = subprocess.DEVNULL) -> subprocess.Popen[str]:
     """The trainer container's command, as the operator writes its environment for `processes` devices."""
     env = os.environ | {
-        cfg.ENV_NUM_PROCESSES: str(processes),
-        cfg.ENV_DEVICE: "cpu",
-        cfg.ENV_MASTER_PORT: str(_free_port()),
-        cfg.ENV_TERMINATION_LOG: str(tmp / f"termination-{config_path.stem}"),
+        api_process.ENV_NUM_PROCESSES: str(processes),
+        api_process.ENV_DEVICE: "cpu",
+        api_process.ENV_MASTER_PORT: str(_free_port()),
+        api_process.ENV_TERMINATION_LOG: str(tmp / f"termination-{config_path.stem}"),
         "KUBETUNE_PROGRESS_INTERVAL": "0",
     }
-    for name in (cfg.ENV_PROGRESS_URL, "RANK", "WORLD_SIZE", "LOCAL_RANK", cfg.ENV_NUM_NODES):
+    for name in (api_process.ENV_PROGRESS_URL, "RANK", "WORLD_SIZE", "LOCAL_RANK", api_process.ENV_NUM_NODES):
         env.pop(name, None)
     return subprocess.Popen([sys.executable, "-m", "kubetune.trainer.launch", "--config", str(config_path)],
                             stdout=stdout, stderr=subprocess.DEVNULL, text=True, env=env)
 
 
 def _run(config_path: Path, processes: int, tmp: Path) -> dict[str, Any]:
-    assert _launch(config_path, processes, tmp).wait(timeout=600) == cfg.EXIT_OK
+    assert _launch(config_path, processes, tmp).wait(timeout=600) == api_process.EXIT_OK
     return dict(json.loads((Path(json.loads(config_path.read_text())["output"]["dir"]) / "metrics.json").read_text()))
 
 
@@ -103,9 +103,9 @@ class TestRankShards:
 
 class TestLaunchEnvironment:
     def test_the_world_comes_from_the_variables_the_operator_writes(self) -> None:
-        world = launch.world_from_environment({cfg.ENV_NUM_PROCESSES: "8", cfg.ENV_NUM_NODES: "2",
-                                               cfg.ENV_NODE_RANK: "1", cfg.ENV_MASTER_ADDR: "job-0.job",
-                                               cfg.ENV_DEVICE: "gpu"})
+        world = launch.world_from_environment({api_process.ENV_NUM_PROCESSES: "8", api_process.ENV_NUM_NODES: "2",
+                                               api_process.ENV_NODE_RANK: "1", api_process.ENV_MASTER_ADDR: "job-0.job",
+                                               api_process.ENV_DEVICE: "gpu"})
 
         assert (world.size, world.node_rank, world.master_addr, world.master_port) == (16, 1, "job-0.job", 29500)
         command = launch.launch_command(world, ["--config", "c.json"])
@@ -118,18 +118,18 @@ class TestLaunchEnvironment:
         assert launch.launch_environment(launch.World(processes_per_node=2), {}, "/tmp/x")["ACCELERATE_USE_CPU"] == "true"
 
     @pytest.mark.parametrize(("env", "named"), [
-        ({cfg.ENV_NUM_PROCESSES: "0"}, cfg.ENV_NUM_PROCESSES),
-        ({cfg.ENV_NUM_NODES: "two"}, cfg.ENV_NUM_NODES),
-        ({cfg.ENV_NUM_NODES: "2", cfg.ENV_NODE_RANK: "2"}, cfg.ENV_NODE_RANK),
-        ({cfg.ENV_DEVICE: "tpu"}, cfg.ENV_DEVICE),
+        ({api_process.ENV_NUM_PROCESSES: "0"}, api_process.ENV_NUM_PROCESSES),
+        ({api_process.ENV_NUM_NODES: "two"}, api_process.ENV_NUM_NODES),
+        ({api_process.ENV_NUM_NODES: "2", api_process.ENV_NODE_RANK: "2"}, api_process.ENV_NODE_RANK),
+        ({api_process.ENV_DEVICE: "tpu"}, api_process.ENV_DEVICE),
     ])
     def test_a_bad_variable_is_named(self, env: dict[str, str], named: str) -> None:
         with pytest.raises(launch.LaunchError, match=named):
             launch.world_from_environment(env)
 
     def test_the_pod_exits_with_the_most_specific_rank_code(self) -> None:
-        assert launch.combined_exit_code([0, cfg.EXIT_PERMANENT], 1) == cfg.EXIT_PERMANENT
-        assert launch.combined_exit_code([cfg.EXIT_PREEMPTED, cfg.EXIT_PREEMPTED], 143) == cfg.EXIT_PREEMPTED
+        assert launch.combined_exit_code([0, api_process.EXIT_PERMANENT], 1) == api_process.EXIT_PERMANENT
+        assert launch.combined_exit_code([api_process.EXIT_PREEMPTED, api_process.EXIT_PREEMPTED], 143) == api_process.EXIT_PREEMPTED
         assert launch.combined_exit_code([0, 0], 0) == 0
         assert launch.combined_exit_code([], -9) == 1  # a rank killed before it could record: retryable
 
@@ -170,14 +170,14 @@ class TestTwoPods:
         port = str(_free_port())
         pods = []
         for index in (0, 1):
-            env = os.environ | {cfg.ENV_NUM_PROCESSES: "1", cfg.ENV_NUM_NODES: "2", cfg.ENV_NODE_RANK: str(index),
-                                cfg.ENV_DEVICE: "cpu", cfg.ENV_MASTER_ADDR: "127.0.0.1", cfg.ENV_MASTER_PORT: port,
-                                cfg.ENV_TERMINATION_LOG: str(tmp_path / f"termination-pod-{index}")}
-            env.pop(cfg.ENV_PROGRESS_URL, None)
+            env = os.environ | {api_process.ENV_NUM_PROCESSES: "1", api_process.ENV_NUM_NODES: "2", api_process.ENV_NODE_RANK: str(index),
+                                api_process.ENV_DEVICE: "cpu", api_process.ENV_MASTER_ADDR: "127.0.0.1", api_process.ENV_MASTER_PORT: port,
+                                api_process.ENV_TERMINATION_LOG: str(tmp_path / f"termination-pod-{index}")}
+            env.pop(api_process.ENV_PROGRESS_URL, None)
             pods.append(subprocess.Popen([sys.executable, "-m", "kubetune.trainer.launch", "--config", str(path)],
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env))
 
-        assert [pod.wait(timeout=600) for pod in pods] == [cfg.EXIT_OK, cfg.EXIT_OK]
+        assert [pod.wait(timeout=600) for pod in pods] == [api_process.EXIT_OK, api_process.EXIT_OK]
         metrics = json.loads((tmp_path / "two" / "metrics.json").read_text())
         assert metrics["hyperparameters"]["worldSize"] == 2
         assert _losses(metrics) == pytest.approx(_losses(reference), rel=1e-5)
@@ -228,7 +228,7 @@ class TestRankFailure:
                 break
         process.stdout.read()
         code = process.wait(timeout=120)
-        assert code not in (cfg.EXIT_OK, cfg.EXIT_PERMANENT)  # retryable: the Job starts the attempt again
+        assert code not in (api_process.EXIT_OK, api_process.EXIT_PERMANENT)  # retryable: the Job starts the attempt again
         left = [p for p in psutil.Process().children(recursive=True) if p.pid not in already]
         assert not left  # no rank left behind
         checkpoints = [step for step, _ in train.list_checkpoints(tmp_path / "two" / "checkpoints")]
@@ -256,30 +256,30 @@ class TestFsdpNeedsAWrappableModel:
             "n_positions": shape["n_positions"], "n_embd": shape["n_embd"], "n_layer": shape["n_layer"],
             "n_head": shape["n_head"]}))
         path = _config(tmp_path, model, "fsdp", batch=2, accumulation=1, training={"strategy": "fsdp"})
-        env = os.environ | {cfg.ENV_TERMINATION_LOG: str(tmp_path / "termination")}
+        env = os.environ | {api_process.ENV_TERMINATION_LOG: str(tmp_path / "termination")}
 
         result = subprocess.run([sys.executable, "-m", "kubetune.trainer", "--config", str(path), "--validate-only"],
                                 env=env, capture_output=True, text=True, timeout=300)
 
-        assert result.returncode == cfg.EXIT_PERMANENT
+        assert result.returncode == api_process.EXIT_PERMANENT
         summary = json.loads((tmp_path / "termination").read_text())
         assert summary["outcome"] == "failed"
         assert summary["message"].startswith("training.strategy: fsdp cannot wrap OpenAIGPTLMHeadModel")
 
     def test_validation_accepts_fsdp_for_a_model_that_names_its_blocks(self, tmp_path: Path, tiny_gpt2: Path) -> None:
         path = _config(tmp_path, tiny_gpt2, "fsdp", batch=2, accumulation=1, training={"strategy": "fsdp"})
-        env = os.environ | {cfg.ENV_TERMINATION_LOG: str(tmp_path / "termination")}
+        env = os.environ | {api_process.ENV_TERMINATION_LOG: str(tmp_path / "termination")}
 
         result = subprocess.run([sys.executable, "-m", "kubetune.trainer", "--config", str(path), "--validate-only"],
                                 env=env, capture_output=True, text=True, timeout=300)
 
-        assert result.returncode == cfg.EXIT_OK, result.stderr[-2000:]
+        assert result.returncode == api_process.EXIT_OK, result.stderr[-2000:]
 
     def test_fsdp_on_two_ranks_fails_permanently_naming_the_field_not_as_silent_ddp(
             self, tmp_path: Path, tiny_gpt2: Path) -> None:
         path = _config(tmp_path, tiny_gpt2, "fsdp", batch=2, accumulation=1, training={"strategy": "fsdp"})
 
-        assert _launch(path, 2, tmp_path).wait(timeout=600) == cfg.EXIT_PERMANENT  # 78 survives torchrun
+        assert _launch(path, 2, tmp_path).wait(timeout=600) == api_process.EXIT_PERMANENT  # 78 survives torchrun
 
         summary = json.loads((tmp_path / "termination-fsdp").read_text())
         assert summary["message"].startswith("training.strategy: fsdp with 2 processes is not supported")

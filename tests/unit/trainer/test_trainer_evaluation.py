@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune.trainer import config as cfg
+from kubetune.api import finetunejob as ftj
 from kubetune.trainer import data, evaluate, hyperparameters
 
 
@@ -128,7 +128,7 @@ class TestAutoHyperparameters:
         assert hyperparameters.auto_max_seq_length(5000, 256) == 256
 
     def test_explicit_values_win_and_auto_ones_are_recorded(self) -> None:
-        hp = cfg.Hyperparameters(learning_rate=1e-3, batch_size=4)
+        hp = ftj.Hyperparameters(learning_rate=1e-3, batch_size=4)
 
         resolved = hyperparameters.resolve(
             hp, method="lora", num_parameters=10**8, num_train_examples=1000, num_train_sequences=400,

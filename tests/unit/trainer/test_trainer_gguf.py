@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetune.trainer import config as trainer_config, modeling
+from kubetune.api import config as trainer_config
+from kubetune.trainer import modeling
 
 pytestmark = pytest.mark.slow
 

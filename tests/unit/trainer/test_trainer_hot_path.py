@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kubetune.trainer import data, evaluate, loss, modeling, train
-from kubetune.trainer.config import ModelConfig
+from kubetune.api.finetunejob import ModelSpec as ModelConfig
 
 TEXTS = [
     "The operator watches the job.",

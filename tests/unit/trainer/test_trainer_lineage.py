@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from kubetune.dev import tinymodel
-from kubetune.trainer import config as cfg
+from kubetune.api import process as api_process
 from kubetune.trainer.__main__ import main
 
 from .trainer_runs import write_config, write_jsonl
@@ -37,7 +37,7 @@ def run(tmp_path: Path, name: str, source: str, train: Path, validation: Path, m
         "job": {"name": name, "namespace": "team-a", **job},
     }
     code = main(["--config", str(write_config(tmp_path / f"{name}.json", content))])
-    assert code == cfg.EXIT_OK, (tmp_path / "termination-log").read_text()
+    assert code == api_process.EXIT_OK, (tmp_path / "termination-log").read_text()
     return dict(json.loads((out / "metrics.json").read_text()))
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.trainer import config as cfg
+from kubetune.api import process as api_process
 from kubetune.trainer.__main__ import main
 
 from .trainer_runs import classification_records, config, text_records, write_config, write_jsonl
@@ -40,7 +40,7 @@ class TestSmokeRun:
         out = tmp_path / "out"
         code = _run(tmp_path, config(tiny_gpt2, train, out))
 
-        assert code == cfg.EXIT_OK
+        assert code == api_process.EXIT_OK
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["valLoss"] < metrics["initialValLoss"] - 0.5
         assert metrics["step"] == metrics["totalSteps"] > 0
@@ -69,7 +69,7 @@ class TestSmokeRun:
 
         code = _run(tmp_path, config(tiny_gpt2, train, out, method={"type": "lora", "lora": {"merge": False}}))
 
-        assert code == cfg.EXIT_OK
+        assert code == api_process.EXIT_OK
         adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert adapter_config["base_model_name_or_path"] == str(tiny_gpt2)
         assert sorted(adapter_config["target_modules"]) == ["c_attn", "c_proj"]
@@ -90,7 +90,7 @@ class TestSmokeRun:
             config(tiny_llama, train, out, method={"type": "lora", "lora": {"merge": False}}, training={"gradientCheckpointing": True}),
         )
 
-        assert code == cfg.EXIT_OK
+        assert code == api_process.EXIT_OK
         adapter_config = json.loads((out / "adapter" / "adapter_config.json").read_text())
         assert sorted(adapter_config["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
 
@@ -102,7 +102,7 @@ class TestSmokeRun:
 
         content = config(tiny_gpt2, train, out, method={"type": "lora"}, hyperparameters={"dropout": 0.0, "weightDecay": 0.1})
 
-        assert _run(tmp_path, content) == cfg.EXIT_OK
+        assert _run(tmp_path, content) == api_process.EXIT_OK
 
         saved_config = json.loads((out / "model" / "config.json").read_text())
         assert saved_config["resid_pdrop"] == saved_config["attn_pdrop"] == 0.0  # dropout override
@@ -120,7 +120,7 @@ class TestSmokeRun:
             hyperparameters={"epochs": 3},
         )
 
-        assert _run(tmp_path, content) == cfg.EXIT_OK
+        assert _run(tmp_path, content) == api_process.EXIT_OK
 
         metrics = json.loads((out / "metrics.json").read_text())
         results = metrics["results"]
@@ -159,7 +159,7 @@ class TestSmokeRun:
         train = write_jsonl(tmp_path / "train.jsonl", records)
         out = tmp_path / "out"
 
-        assert _run(tmp_path, config(tiny_gpt2, train, out, dataset={"format": fmt})) == cfg.EXIT_OK
+        assert _run(tmp_path, config(tiny_gpt2, train, out, dataset={"format": fmt})) == api_process.EXIT_OK
 
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["valLoss"] < metrics["initialValLoss"]
@@ -171,7 +171,7 @@ class TestSmokeRun:
 
         code = _run(tmp_path, config(tiny_gpt2, train, out, dataset={"split": {"validation": 0.0, "test": 0.0}}))
 
-        assert code == cfg.EXIT_OK
+        assert code == api_process.EXIT_OK
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["valLoss"] is None and metrics["results"] == {}
         assert metrics["data"]["splits"] == {"train": 60, "validation": 0, "test": 0}
@@ -192,7 +192,7 @@ class TestEarlyStopping:
             training={"evalInterval": 1, "earlyStopping": {"enabled": True, "patience": 2, "minDelta": 0.5}},
         )
 
-        assert _run(tmp_path, content) == cfg.EXIT_OK
+        assert _run(tmp_path, content) == api_process.EXIT_OK
 
         metrics = json.loads((out / "metrics.json").read_text())
         assert metrics["stoppedEarly"] is True
@@ -237,7 +237,7 @@ class TestPermanentErrors:
 
         code = _run(tmp_path, content)
 
-        assert code == cfg.EXIT_PERMANENT
+        assert code == api_process.EXIT_PERMANENT
         assert expected in capsys.readouterr().err
         summary = json.loads(termination_log.read_text())
         assert summary["outcome"] == "failed" and expected in summary["message"]
@@ -246,7 +246,7 @@ class TestPermanentErrors:
         train = write_jsonl(tmp_path / "train.jsonl", text_records(50) + [{"text": ""}])
         path = write_config(tmp_path / "c.json", config(tiny_gpt2, train, tmp_path / "out"))
 
-        assert main(["--config", str(path), "--validate-only"]) == cfg.EXIT_OK
+        assert main(["--config", str(path), "--validate-only"]) == api_process.EXIT_OK
 
         report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
         assert report["statistics"]["cleaning"]["train"]["droppedEmpty"] == 1
@@ -286,13 +286,13 @@ class TestProgressReports:
         report_server: tuple[str, list[tuple[str | None, dict[str, Any]]]], capsys: pytest.CaptureFixture[str],
     ) -> None:
         url, received = report_server
-        monkeypatch.setenv(cfg.ENV_PROGRESS_URL, url)
-        monkeypatch.setenv(cfg.ENV_PROGRESS_TOKEN, "s3cret")
-        monkeypatch.setenv(cfg.ENV_ATTEMPT, "2")
+        monkeypatch.setenv(api_process.ENV_PROGRESS_URL, url)
+        monkeypatch.setenv(api_process.ENV_PROGRESS_TOKEN, "s3cret")
+        monkeypatch.setenv(api_process.ENV_ATTEMPT, "2")
         train = write_jsonl(tmp_path / "train.jsonl", text_records(150))
         content = config(tiny_gpt2, train, tmp_path / "out", job={"namespace": "team-a", "name": "tune", "uid": "u-1"})
 
-        assert _run(tmp_path, content) == cfg.EXIT_OK
+        assert _run(tmp_path, content) == api_process.EXIT_OK
 
         kinds = [body["kind"] for _, body in received]
         assert kinds[0] == "started" and kinds[-1] == "completed"
@@ -310,7 +310,7 @@ class TestProgressReports:
     def test_an_unreachable_endpoint_does_not_stop_training(
         self, tmp_path: Path, tiny_gpt2: Path, termination_log: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
-        monkeypatch.setenv(cfg.ENV_PROGRESS_URL, "http://127.0.0.1:9/unreachable")
+        monkeypatch.setenv(api_process.ENV_PROGRESS_URL, "http://127.0.0.1:9/unreachable")
         train = write_jsonl(tmp_path / "train.jsonl", text_records(60))
 
-        assert _run(tmp_path, config(tiny_gpt2, train, tmp_path / "out")) == cfg.EXIT_OK
+        assert _run(tmp_path, config(tiny_gpt2, train, tmp_path / "out")) == api_process.EXIT_OK

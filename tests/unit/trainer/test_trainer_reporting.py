@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer import config as cfg
+from kubetune.api import config as cfg
+from kubetune.api import process as api_process
 from kubetune.trainer import reporting
 
 
@@ -48,7 +49,7 @@ def test_termination_summary_carries_the_tokens_this_process_trained_on() -> Non
 
 
 def test_termination_log_path_comes_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(cfg.ENV_TERMINATION_LOG, str(tmp_path / "log"))
+    monkeypatch.setenv(api_process.ENV_TERMINATION_LOG, str(tmp_path / "log"))
 
     reporting.write_termination_message('{"outcome": "failed"}')
 

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from kubetune.trainer import config as cfg
+from kubetune.api import config as cfg
+from kubetune.api import process as api_process
 from kubetune.trainer import train
 
 from .trainer_runs import config, text_records, write_config, write_jsonl
@@ -25,9 +26,9 @@ pytestmark = pytest.mark.slow
 def _trainer(config_path: Path, termination_log: Path) -> subprocess.Popen[str]:
     env = os.environ | {
         "KUBETUNE_PROGRESS_INTERVAL": "0",  # a progress line per step, so the test can aim its SIGTERM
-        cfg.ENV_TERMINATION_LOG: str(termination_log),
+        api_process.ENV_TERMINATION_LOG: str(termination_log),
     }
-    env.pop(cfg.ENV_PROGRESS_URL, None)
+    env.pop(api_process.ENV_PROGRESS_URL, None)
     return subprocess.Popen(
         [sys.executable, "-m", "kubetune.trainer", "--config", str(config_path)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
@@ -58,7 +59,7 @@ class TestResumeAfterSigterm:
         reference = write_config(tmp_path / "a.json", config(tiny_gpt2, train_file, tmp_path / "a", **settings))
         interrupted = write_config(tmp_path / "b.json", config(tiny_gpt2, train_file, tmp_path / "b", **settings))
 
-        assert _trainer(reference, tmp_path / "log-a").wait(timeout=300) == cfg.EXIT_OK
+        assert _trainer(reference, tmp_path / "log-a").wait(timeout=300) == api_process.EXIT_OK
 
         process = _trainer(interrupted, tmp_path / "log-b")
         assert process.stdout is not None
@@ -68,12 +69,12 @@ class TestResumeAfterSigterm:
                 process.send_signal(signal.SIGTERM)
                 break
         process.stdout.read()
-        assert process.wait(timeout=120) == cfg.EXIT_PREEMPTED
+        assert process.wait(timeout=120) == api_process.EXIT_PREEMPTED
         assert json.loads((tmp_path / "log-b").read_text())["outcome"] == "preempted"
         (stopped_at, checkpoint), = [c for c in train.list_checkpoints(tmp_path / "b" / "checkpoints") if c[0] >= 7][-1:]
         assert not list((tmp_path / "b" / "checkpoints").glob(".tmp-*"))
 
-        assert _trainer(interrupted, tmp_path / "log-b").wait(timeout=300) == cfg.EXIT_OK
+        assert _trainer(interrupted, tmp_path / "log-b").wait(timeout=300) == api_process.EXIT_OK
 
         expected = json.loads((tmp_path / "a" / "metrics.json").read_text())
         resumed = json.loads((tmp_path / "b" / "metrics.json").read_text())
@@ -145,7 +146,7 @@ class TestCheckpointsFromTheClaim:
         train_file = write_jsonl(tmp_path / "train.jsonl", text_records(40))
         settings = {"hyperparameters": {"epochs": 1, "batchSize": 4}, "training": {"evalInterval": 3}}
         config_path = write_config(tmp_path / "c.json", config(tiny_gpt2, train_file, tmp_path / "out", **settings))
-        assert _trainer(config_path, tmp_path / "log-1").wait(timeout=300) == cfg.EXIT_OK
+        assert _trainer(config_path, tmp_path / "log-1").wait(timeout=300) == api_process.EXIT_OK
         (_, latest), = train.list_checkpoints(tmp_path / "out" / "checkpoints")[-1:]
         marker = tmp_path / "code-ran"
         torch.save({"state": _RunsCodeWhenUnpickled(marker), "param_groups": []}, latest / "optimizer.pt")
@@ -154,7 +155,7 @@ class TestCheckpointsFromTheClaim:
         assert process.stdout is not None
         process.stdout.read()
 
-        assert process.wait(timeout=300) == cfg.EXIT_PERMANENT
+        assert process.wait(timeout=300) == api_process.EXIT_PERMANENT
         assert not marker.exists(), "unpickling the checkpoint ran the attacker's code"
         summary = json.loads((tmp_path / "log-2").read_text())
         assert summary["outcome"] == "failed"

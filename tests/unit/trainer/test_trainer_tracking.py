@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from kubetune.trainer import config as cfg
+from kubetune.api import config as cfg
+from kubetune.api.finetunejob import MlflowTracking
+from kubetune.api import process as api_process
 from kubetune.trainer import tracking
 
 JOB = cfg.JobIdentity(namespace="team-a", name="tune", uid="u-1")
@@ -32,15 +34,15 @@ def silent_server() -> Iterator[str]:
 
 
 def tracker(uri: str, tmp_path: Path, client: tracking.MlflowClient) -> tracking.Tracker:
-    return tracking.Tracker(cfg.MlflowConfig(tracking_uri=uri), JOB, attempt=0, output_dir=tmp_path, client=client)
+    return tracking.Tracker(MlflowTracking(tracking_uri=uri), JOB, attempt=0, output_dir=tmp_path, client=client)
 
 
 def test_credentials_come_from_the_environment_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(cfg.ENV_MLFLOW_TOKEN, "tok")
+    monkeypatch.setenv(api_process.ENV_MLFLOW_TOKEN, "tok")
     assert tracking.MlflowClient.from_environment("http://m")._headers == {"Authorization": "Bearer tok"}
-    monkeypatch.delenv(cfg.ENV_MLFLOW_TOKEN)
-    monkeypatch.setenv(cfg.ENV_MLFLOW_USERNAME, "ci")
-    monkeypatch.setenv(cfg.ENV_MLFLOW_PASSWORD, "pw")
+    monkeypatch.delenv(api_process.ENV_MLFLOW_TOKEN)
+    monkeypatch.setenv(api_process.ENV_MLFLOW_USERNAME, "ci")
+    monkeypatch.setenv(api_process.ENV_MLFLOW_PASSWORD, "pw")
     basic = base64.b64encode(b"ci:pw").decode()
     assert tracking.MlflowClient.from_environment("http://m")._headers == {"Authorization": f"Basic {basic}"}
 

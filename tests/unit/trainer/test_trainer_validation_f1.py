@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer import config as cfg
+from kubetune.api import config as cfg
+from kubetune.api import process as api_process
 from kubetune.trainer import train
 from kubetune.trainer.__main__ import main
 
@@ -16,8 +17,8 @@ from .trainer_runs import classification_records, config, text_records, write_co
 
 @pytest.fixture
 def no_reports(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(cfg.ENV_TERMINATION_LOG, str(tmp_path / "termination-log"))
-    monkeypatch.delenv(cfg.ENV_PROGRESS_URL, raising=False)
+    monkeypatch.setenv(api_process.ENV_TERMINATION_LOG, str(tmp_path / "termination-log"))
+    monkeypatch.delenv(api_process.ENV_PROGRESS_URL, raising=False)
 
 
 @pytest.mark.slow
@@ -28,7 +29,7 @@ def test_every_validation_of_a_classification_run_has_accuracy_and_macro_f1(
     content = config(tiny_gpt2, train_file, out, dataset={"format": "classification", "split": {"validation": 0.2}},
                      training={"evalInterval": 3, "earlyStopping": {"enabled": True, "metric": "valF1",
                                                                    "patience": 1, "minDelta": 1.0}})
-    assert main(["--config", str(write_config(tmp_path / "config.json", content))]) == cfg.EXIT_OK
+    assert main(["--config", str(write_config(tmp_path / "config.json", content))]) == api_process.EXIT_OK
 
     metrics = json.loads((out / "metrics.json").read_text())
     evaluations = metrics["history"]["evaluations"]
@@ -44,7 +45,7 @@ def test_a_text_run_has_no_classification_figures(tmp_path: Path, tiny_gpt2: Pat
     train_file = write_jsonl(tmp_path / "train.jsonl", text_records(60))
     out = tmp_path / "out"
     content = config(tiny_gpt2, train_file, out, hyperparameters={"epochs": 1})
-    assert main(["--config", str(write_config(tmp_path / "config.json", content))]) == cfg.EXIT_OK
+    assert main(["--config", str(write_config(tmp_path / "config.json", content))]) == api_process.EXIT_OK
     evaluations = json.loads((out / "metrics.json").read_text())["history"]["evaluations"]
     assert evaluations and not any("valF1" in e or "valAccuracy" in e for e in evaluations)
 
