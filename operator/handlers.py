@@ -186,9 +186,16 @@ RESYNCS: list[Resync] = []
 _RESYNC_TASKS: list[asyncio.Task[None]] = []
 
 
+def log_policy_deprecations(platform: policy.PlatformPolicy) -> None:
+    """One warning per deprecated use in the platform policy (the operator reads it once, at start-up)."""
+    for warning in platform.deprecations:
+        log.warning("platform policy: %s", warning)
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     global SETTINGS
+    log_policy_deprecations(POLICY)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=builders.API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=builders.API_GROUP, key="last-handled-configuration")

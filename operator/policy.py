@@ -10,7 +10,7 @@ from `KUBETUNE_POLICY_FILE` (YAML)::
       maxGpusPerJob: 0             # GPUs one job may request; 0 = no limit
       maxTotalGpus: 0              # GPUs a namespace's running jobs hold together; 0 = no limit
       allowedModelSources: []      # globs spec.model.source and augmentation.synthetic.model must match; [] = any
-      allowedTrainerImages: []     # globs spec.serving.image must match; [] = the operator's own images only
+      allowedServingImages: []     # globs spec.serving.image must match; [] = the operator's own images only
       allowedTolerations: []       # "key", "key:Effect" or "*"; [] = none (the GPU toleration is the operator's)
       allowedNodeSelectors: []     # "label=value", "label=*" or "*"; [] = none
       allowedPriorityClasses: []   # PriorityClass names or "*"; [] = none
@@ -34,6 +34,11 @@ from `KUBETUNE_POLICY_FILE` (YAML)::
     targetTrainingHours: 0         # auto adds GPUs (up to a node) to finish within this; 0 = one GPU
 
 Globs use `*` for any characters, `/` included (`hf://meta-llama/*`, `pvc://*`).
+
+`allowedTrainerImages` is deprecated and governs nothing of its own: no FineTuneJob field names a
+trainer image (validation and trainer pods always run the operator's trainer image). It is still
+accepted: where `allowedServingImages` is not set (left out or null), it governs
+`spec.serving.image` as it did before that key existed, and `PlatformPolicy.deprecations` says so.
 """
 
 from __future__ import annotations
@@ -73,9 +78,15 @@ class NamespaceLimits:
     """GPUs all running trainers of the namespace may hold together; 0 = no limit."""
     allowed_model_sources: tuple[str, ...] = ()
     """Globs that `spec.model.source` must match; empty = any source."""
+    allowed_serving_images: tuple[str, ...] | None = None
+    """Globs that `spec.serving.image` must match unless it names one of the operator's own images
+    (its trainer and vLLM images, always allowed); empty = only those: any other image's entrypoint
+    would run in the serving pods. None = not set in the policy: `allowed_trainer_images` stands in
+    (see `serving_images`)."""
     allowed_trainer_images: tuple[str, ...] = ()
-    """Globs that an image named in the spec (`spec.serving.image`) must match; empty = only the
-    operator's own images (its trainer and vLLM images): any other image's entrypoint would run."""
+    """Deprecated; governs nothing of its own: no FineTuneJob field names a trainer image (validation
+    and trainer pods always run the operator's trainer image). While `allowed_serving_images` is not
+    set, these globs govern `spec.serving.image`, as they did before `allowedServingImages` existed."""
     allowed_tolerations: tuple[str, ...] = ()
     """Tolerations `spec.resources.tolerations` may hold: `key` (any effect), `key:Effect`, or `*`
     (anything, a key-less `Exists` included); empty = none."""
@@ -117,11 +128,34 @@ class NamespaceLimits:
     def model_source_allowed(self, source: str) -> bool:
         return _matches(source, self.allowed_model_sources)
 
+    @property
+    def serving_images(self) -> tuple[str, ...]:
+        """The globs `spec.serving.image` must match: `allowed_serving_images`, or while that is not
+        set, the deprecated `allowed_trainer_images`; empty = only the operator's own images."""
+        return self.allowed_trainer_images if self.allowed_serving_images is None else self.allowed_serving_images
+
     def image_allowed(self, image: str, own_images: tuple[str, ...] = ()) -> bool:
-        """An image named in a spec: one of the operator's own, or one the policy's globs allow."""
+        """Whether `spec.serving.image` may name `image`: one of the operator's own, or one that
+        `serving_images` allows."""
         if image in own_images:
             return True
-        return bool(self.allowed_trainer_images) and _matches(image, self.allowed_trainer_images)
+        return bool(self.serving_images) and _matches(image, self.serving_images)
+
+    def serving_image_refusal(self, image: str, own_images: tuple[str, ...], namespace: str) -> str:
+        """Why `spec.serving.image` may not name `image` in `namespace`; "" when it may. The message
+        names the policy key the platform would change (allowedServingImages), what it allows now,
+        and what the tenant can do instead."""
+        if self.image_allowed(image, own_images):
+            return ""
+        if self.allowed_serving_images is None and self.allowed_trainer_images:
+            rule = (f"allowedServingImages: not set; the deprecated allowedTrainerImages: "
+                    f"{_listed(self.allowed_trainer_images)} stands in for it")
+        else:
+            rule = f"allowedServingImages: {_listed(self.serving_images)}"
+        return (f"spec.serving.image: {image!r} is not allowed in namespace {namespace} by the platform policy "
+                f"({rule}; the operator's own images, always allowed: {_listed(own_images)}); "
+                "leave spec.serving.image out to serve with the operator's own image, name an allowed image, "
+                "or ask the platform administrators to add this one to allowedServingImages")
 
     def claim_writable(self, claim: str) -> bool:
         return "*" in self.writable_claims or claim in self.writable_claims
@@ -149,6 +183,10 @@ def _matches(value: str, patterns: tuple[str, ...]) -> bool:
     return not patterns or any(fnmatch.fnmatchcase(value, pattern) for pattern in patterns)
 
 
+def _listed(values: tuple[str, ...]) -> str:
+    return ", ".join(values) if values else "none"
+
+
 @dataclasses.dataclass(frozen=True)
 class PlatformPolicy:
     """Defaults plus per-namespace overrides."""
@@ -161,6 +199,9 @@ class PlatformPolicy:
     """The GPU types the node pools offer; empty = unknown (`gpus: auto` trains on CPU, GPU memory unchecked)."""
     target_training_hours: float = 0.0
     """`gpus: auto` uses the fewest GPUs (up to a node) whose ETA is within this; 0 = always one GPU."""
+    deprecations: tuple[str, ...] = ()
+    """What the file uses that is deprecated, one sentence per key and effect, each naming where
+    (`defaults`, `namespaces.<name>`) and what to change; the operator logs them at start-up."""
 
     def limits_for(self, namespace: str) -> NamespaceLimits:
         return self.namespaces.get(namespace, self.defaults)
@@ -172,6 +213,7 @@ NO_POLICY = PlatformPolicy()
 _COUNT_KEYS = {"maxConcurrentJobs": "max_concurrent_jobs", "maxGpusPerJob": "max_gpus_per_job",
                "maxTotalGpus": "max_total_gpus"}
 _LIST_KEYS = {"allowedModelSources": "allowed_model_sources", "allowedTrainerImages": "allowed_trainer_images",
+              "allowedServingImages": "allowed_serving_images",
               "allowedTolerations": "allowed_tolerations", "allowedNodeSelectors": "allowed_node_selectors",
               "allowedPriorityClasses": "allowed_priority_classes", "writableClaims": "writable_claims",
               "allowedServiceAccounts": "allowed_service_accounts"}
@@ -198,6 +240,8 @@ def _limits_from(data: Any, path: str, base: NamespaceLimits, problems: list[str
                 problems.append(f"{path}.{key}: must be an integer >= 0 (0 = no limit), got {value!r}")
             else:
                 values[_COUNT_KEYS[key]] = value
+        elif key == "allowedServingImages" and value is None:
+            values["allowed_serving_images"] = None  # null = not set: allowedTrainerImages stands in
         elif key in _LIST_KEYS:
             if value is None:
                 value = []
@@ -265,7 +309,30 @@ def policy_from_dict(data: Any) -> PlatformPolicy:
     if problems:
         raise PolicyError(problems)
     return PlatformPolicy(defaults=defaults, namespaces=namespaces, gpu_types=gpu_types,
-                          target_training_hours=float(target))
+                          target_training_hours=float(target), deprecations=_deprecations(defaults, namespaces))
+
+
+def _deprecations(defaults: NamespaceLimits, namespaces: Mapping[str, NamespaceLimits]) -> tuple[str, ...]:
+    """A warning for each entry whose `allowedTrainerImages` lists globs: they govern
+    `spec.serving.image` there (allowedServingImages not set) or nothing (it is set). A namespace
+    entry whose two image keys equal the defaults' is left out: the defaults' warning covers it."""
+    found: list[str] = []
+    scopes = [("defaults", defaults)] + [(f"namespaces.{name}", limits) for name, limits in namespaces.items()
+                                         if (limits.allowed_serving_images, limits.allowed_trainer_images)
+                                         != (defaults.allowed_serving_images, defaults.allowed_trainer_images)]
+    for path, limits in scopes:
+        if not limits.allowed_trainer_images:
+            continue
+        globs = _listed(limits.allowed_trainer_images)
+        if limits.allowed_serving_images is None:
+            found.append(f"{path}.allowedTrainerImages: deprecated: no FineTuneJob field names a trainer image; "
+                         f"it still governs spec.serving.image ({globs}) because {path}.allowedServingImages is "
+                         "not set. Move these globs to allowedServingImages and remove allowedTrainerImages")
+        else:
+            found.append(f"{path}.allowedTrainerImages: ignored ({globs}): {path}.allowedServingImages is set and "
+                         "alone governs spec.serving.image, and no FineTuneJob field names a trainer image. "
+                         "Remove allowedTrainerImages from the policy")
+    return tuple(found)
 
 
 _GPU_TYPE_KEYS = ("name", "memoryGiB", "maxPerNode", "nodeSelector", "tflops")
@@ -375,8 +442,8 @@ def violations(spec: Mapping[str, Any], limits: NamespaceLimits, namespace: str,
         found.append(f"spec.credentials.serviceAccountName: {account!r} is not allowed {where} "
                      f"(allowedServiceAccounts: {listed(limits.allowed_service_accounts)})")
     image = (spec.get("serving") or {}).get("image")
-    if isinstance(image, str) and image.strip() and not limits.image_allowed(image.strip(), own_images):
-        found.append(f"spec.serving.image: {image.strip()!r} is not allowed {where} "
-                     f"(allowedTrainerImages: {listed(limits.allowed_trainer_images)}; the operator's own "
-                     f"images: {listed(own_images)})")
+    refusal = limits.serving_image_refusal(image.strip(), own_images, namespace) \
+        if isinstance(image, str) and image.strip() else ""
+    if refusal:
+        found.append(refusal)
     return found

@@ -935,12 +935,11 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
         _decide_shared_serving(draft, settings, share_with)
         return
     image = serving.get("image")
-    if isinstance(image, str) and image.strip() and not limits.image_allowed(image.strip(), own_images(settings)):
+    refusal = limits.serving_image_refusal(image.strip(), own_images(settings), str(draft.metadata.get(
+        "namespace", ""))) if isinstance(image, str) and image.strip() else ""
+    if refusal:
         _remove_serving(draft)
-        draft.set(conditions.SERVING_READY, "False", conditions.IMAGE_NOT_ALLOWED,
-                  f"spec.serving.image: {image!r} is not allowed in namespace {draft.metadata.get('namespace', '')}; "
-                  f"allowed: {', '.join(limits.allowed_trainer_images) or 'none'} (allowedTrainerImages) and "
-                  f"the operator's own images {', '.join(own_images(settings))}")
+        draft.set(conditions.SERVING_READY, "False", conditions.IMAGE_NOT_ALLOWED, refusal)
         return
     try:
         model = render.model_location(draft.observed.job)

@@ -121,8 +121,9 @@ watched namespaces (empty = the whole cluster).
 
 {{/*
 The platform policy document the operator reads (see docs/install.md#platform-policy).
-Each namespace entry is complete: a key it leaves out takes the value from `defaults`
-(checked with hasKey, so an explicit 0 or [] there is kept, not replaced).
+Each namespace entry is complete: a key it leaves out takes the value from `defaults`; a key it
+sets replaces the default's, an explicit 0, [] or null included; and a key the defaults leave
+unset (allowedServingImages, allowedTrainerImages) is kept.
 */}}
 {{- define "kubetune.policy" -}}
 apiVersion: kubetune.io/v1alpha1
@@ -132,9 +133,9 @@ defaults:
 {{- if .Values.policy.namespaces }}
 namespaces:
   {{- range $namespace, $limits := .Values.policy.namespaces }}
-  {{- $complete := dict }}
-  {{- range $key, $default := $.Values.policy.defaults }}
-  {{- $_ := set $complete $key (ternary (get $limits $key) $default (hasKey $limits $key)) }}
+  {{- $complete := deepCopy $.Values.policy.defaults }}
+  {{- range $key, $value := $limits }}
+  {{- $_ := set $complete $key $value }}
   {{- end }}
   {{ $namespace | quote }}:
     {{- toYaml $complete | nindent 4 }}

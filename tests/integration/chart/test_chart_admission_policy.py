@@ -51,7 +51,8 @@ def widened(cluster: Any, helm_bin: Path, admission: Release, tenants: Tenants) 
                                    "allowedPriorityClasses": ["batch-low"], "allowTrustRemoteCode": True,
                                    "allowedServiceAccounts": ["trainer-identity"],
                                    "allowedModelSources": ["pvc://*", "hf://approved/*"],
-                                   "allowedTrainerImages": ["registry.example/serving/*"],
+                                   "allowedServingImages": ["registry.example/serving/*"],
+                                   "allowedTrainerImages": ["registry.example/*"],
                                    "writableClaims": ["models"]}}}}
     params = next(m for m in chart.render(helm_bin, values, namespace=admission.namespace)
                   if m["kind"] == "ConfigMap" and m["metadata"]["name"].endswith("-admission-params"))
@@ -121,7 +122,11 @@ class TestANamespaceEntryWidensIt:
          "spec.output.storage: claim billing may not be written", "writableClaims: models"),
         ({"credentials": {"serviceAccountName": "namespace-admin"}},
          "spec.credentials.serviceAccountName: namespace-admin", "allowedServiceAccounts: trainer-identity"),
-    ], ids=["toleration-effect", "model-source", "generator-model", "output-claim", "other-service-account"])
+        # allowed only by allowedTrainerImages, which has no say over serving
+        ({"serving": {"enabled": True, "image": "registry.example/tools/shell:latest"}},
+         "spec.serving.image: registry.example/tools/shell:latest", "allowedServingImages: registry.example/serving/*"),
+    ], ids=["toleration-effect", "model-source", "generator-model", "output-claim", "other-service-account",
+            "trainer-only-image"])
     def test_what_it_does_not_allow_is_refused(self, cluster: Any, tenants: Tenants, widened: Callable[[], None],
                                                spec: dict[str, Any], field: str, rule: str) -> None:
         manifest = finetunejob("still-refused", **spec)

@@ -23,7 +23,7 @@ OPTION_SETS = {
         "grafanaDashboard": {"enabled": True}, "rbac": {"clusterObserver": False},
         "progressKey": {"existingSecret": "platform-key"}, "resources": {"limits": {"cpu": "1", "memory": "1Gi"}},
         "policy": {"defaults": {"maxConcurrentJobs": 2, "maxGpusPerJob": 4, "maxTotalGpus": 8,
-                                "allowedModelSources": ["pvc://*"], "allowedTrainerImages": ["registry.example/*"]},
+                                "allowedModelSources": ["pvc://*"], "allowedServingImages": ["registry.example/*"]},
                    "namespaces": {"research": {"maxTotalGpus": 32}}}},
 }
 

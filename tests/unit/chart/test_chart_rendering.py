@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from kubetune.dev import chart
+from kubetune.operator import policy as operator_policy
 from kubetune.operator import settings as operator_settings
 
 REPO = Path(__file__).resolve().parents[3]
@@ -161,6 +162,8 @@ class TestValues:
         ({"operator": {"logLevel": "LOUD"}}, "logLevel"),
         ({"watchNamespaces": ["Team_A"]}, "watchNamespaces"),
         ({"image": {"digest": "latest"}}, "digest"),
+        ({"policy": {"namespaces": {"team-a": {"allowedServingImages": "registry.example/*"}}}},
+         "allowedServingImages"),
         ({"unknownKey": 1}, "unknownKey"),
     ])
     def test_the_schema_rejects_bad_values_naming_the_key(self, helm_bin: Path, values: dict[str, Any],
@@ -314,20 +317,52 @@ class TestPlatformPolicy:
         assert self.policy(render) == {
             "apiVersion": "kubetune.io/v1alpha1", "kind": "PlatformPolicy",
             "defaults": {"maxConcurrentJobs": 0, "maxGpusPerJob": 0, "maxTotalGpus": 0,
-                         "allowedModelSources": [], "allowedTrainerImages": [], **SPEC_RULE_DEFAULTS},
-            "namespaces": {}}
+                         "allowedModelSources": [], **SPEC_RULE_DEFAULTS},
+            "namespaces": {}}  # no image keys: allowedServingImages unset means [] (the operator's own images)
 
     def test_a_namespace_entry_is_complete_taking_left_out_keys_from_the_defaults(self, render: Render) -> None:
         policy = self.policy(render, {"policy": {
             "defaults": {"maxConcurrentJobs": 2, "maxGpusPerJob": 4, "maxTotalGpus": 8,
-                         "allowedModelSources": ["pvc://*"], "allowedTrainerImages": []},
+                         "allowedModelSources": ["pvc://*"], "allowedServingImages": []},
             "namespaces": {"team-a": {"maxTotalGpus": 16, "maxConcurrentJobs": 0,
                                       "allowedModelSources": ["hf://org/*", "pvc://*"]}}}})
         assert policy["namespaces"]["team-a"] == {
             "maxConcurrentJobs": 0,  # an explicit 0 (no limit) is kept, not replaced by the default 2
             "maxGpusPerJob": 4, "maxTotalGpus": 16,
-            "allowedModelSources": ["hf://org/*", "pvc://*"], "allowedTrainerImages": [], **SPEC_RULE_DEFAULTS}
+            "allowedModelSources": ["hf://org/*", "pvc://*"], "allowedServingImages": [], **SPEC_RULE_DEFAULTS}
         assert policy["defaults"]["maxConcurrentJobs"] == 2
+
+    def test_a_namespace_entry_keeps_the_keys_the_defaults_leave_unset(self, render: Render) -> None:
+        """allowedServingImages and the deprecated allowedTrainerImages are unset in the chart's defaults:
+        a namespace entry that sets them must still reach the operator."""
+        policy = self.policy(render, {"policy": {"namespaces": {
+            "team-a": {"allowedServingImages": ["registry.example/serving/*"]},
+            "legacy": {"allowedTrainerImages": ["registry.corp/*"]}}}})
+        assert policy["namespaces"]["team-a"]["allowedServingImages"] == ["registry.example/serving/*"]
+        assert policy["namespaces"]["legacy"]["allowedTrainerImages"] == ["registry.corp/*"]
+        assert "allowedServingImages" not in policy["namespaces"]["legacy"]  # so the legacy list stands in
+
+    def test_an_upgrade_keeps_serving_what_allowed_trainer_images_allowed(self, render: Render) -> None:
+        """Values written before allowedServingImages existed: the chart's defaults must not set it (an
+        empty list there would silently narrow serving to the operator's own images)."""
+        document = self.policy(render, {"policy": {"defaults": {"allowedTrainerImages": ["registry.corp/*"]}}})
+        assert "allowedServingImages" not in document["defaults"]
+        loaded = operator_policy.policy_from_dict(document)
+        assert loaded.limits_for("team-a").image_allowed("registry.corp/serve:1")
+        assert loaded.deprecations and "allowedServingImages" in loaded.deprecations[0]
+
+    def test_notes_warn_about_allowed_trainer_images(self, helm_bin: Path, tmp_path: Path) -> None:
+        def notes(values: dict[str, Any]) -> str:
+            (tmp_path / "values.yaml").write_text(yaml.safe_dump(values))
+            proc = subprocess.run([str(helm_bin), "install", "kt", str(CHART), "--namespace", "ml", "--dry-run=client",
+                                   "--values", str(tmp_path / "values.yaml")], capture_output=True, text=True,
+                                  timeout=60)
+            assert proc.returncode == 0, proc.stderr
+            return proc.stdout.split("NOTES:", 1)[1]
+        legacy = notes({"policy": {"namespaces": {"team-a": {"allowedTrainerImages": ["registry.corp/*"]}}}})
+        assert "allowedTrainerImages is deprecated" in legacy and "policy.namespaces.team-a" in legacy
+        assert "allowedServingImages" in legacy
+        assert "deprecated" not in notes({"policy": {"defaults": {"allowedServingImages": ["registry.corp/*"]}}})
 
     def test_the_operator_reads_the_mounted_policy_file(self, render: Render) -> None:
         manifests = render()

@@ -38,7 +38,7 @@ class TestTheDefaultsAllowNothingATenantCouldNotDoItself:
         ({"model": {"source": "hf://org/model", "trustRemoteCode": True}},
          "spec.model.trustRemoteCode", "allowTrustRemoteCode: false"),
         ({"serving": {"enabled": True, "image": "docker.io/attacker/shell:latest"}},
-         "spec.serving.image", "allowedTrainerImages: none"),
+         "spec.serving.image", "allowedServingImages: none"),
     ])
     def test_each_escalation_is_refused_naming_field_and_rule(self, spec: dict[str, Any], field: str,
                                                               rule: str) -> None:
@@ -75,7 +75,7 @@ class TestWhatThePolicyAllows:
     def test_a_star_allows_anything(self) -> None:
         limits = NamespaceLimits(allowed_tolerations=("*",), allowed_node_selectors=("*",),
                                  allowed_priority_classes=("*",), allow_trust_remote_code=True,
-                                 allowed_trainer_images=("*",))
+                                 allowed_serving_images=("*",))
         spec = {"resources": {"tolerations": [{"operator": "Exists"}], "nodeSelector": {"a": "b"},
                               "priorityClassName": "high"},
                 "model": {"source": "hf://o/m", "trustRemoteCode": True},
@@ -95,6 +95,119 @@ class TestWhatThePolicyAllows:
         (found,) = spec_violations({"output": {"storage": "pvc://billing-db/backup"}}, limits)
         assert found.startswith("spec.output.storage: claim 'billing-db' may not be written")
         assert "writableClaims: finetunes" in found
+
+
+ATTACKER_IMAGE = "registry.example/tools/shell:latest"
+"""Pushed by anyone who may push trainer tooling to the registry: a shell, not a model server."""
+
+
+def split_images(**namespaces: dict[str, Any]) -> PlatformPolicy:
+    """A platform that allows its whole registry for trainer tooling but only its serving folder for serving."""
+    return policy.policy_from_dict({"defaults": {"allowedTrainerImages": ["registry.example/*"],
+                                                 "allowedServingImages": ["registry.example/serving/*"]},
+                                    "namespaces": namespaces})
+
+
+def succeeded(make_job: MakeJob, **spec: Any) -> dict[str, Any]:
+    return make_job(status={"conditions": [{"type": "Succeeded", "status": "True", "reason": "TrainingComplete",
+                                            "message": "", "observedGeneration": 1, "lastTransitionTime": "x"}]},
+                    **spec)
+
+
+class TestServingImagesHaveTheirOwnList:
+    """The attacker: a tenant who names, as its serving image, an image the platform allowed only
+    under `allowedTrainerImages`. `spec.serving.image` answers to `allowedServingImages` alone."""
+
+    def test_an_image_allowed_only_by_allowed_trainer_images_is_refused_naming_the_field_to_change(self) -> None:
+        (found,) = spec_violations({"serving": {"enabled": True, "image": ATTACKER_IMAGE}},
+                                   split_images().limits_for("team-a"))
+        assert found.startswith(f"spec.serving.image: {ATTACKER_IMAGE!r} is not allowed in namespace team-a ")
+        assert "allowedServingImages: registry.example/serving/*" in found  # the field, and what it allows
+        assert "trainer:test, vllm/vllm-openai:v0.11.0" in found  # the operator's own, always allowed
+        assert "leave spec.serving.image out" in found  # what the tenant can do
+        assert "allowedTrainerImages" not in found  # it has no say here: naming it would mislead
+
+    def test_what_allowed_serving_images_lists_and_the_operators_own_images_pass(self) -> None:
+        limits = split_images().limits_for("team-a")
+        for image in ("registry.example/serving/vllm:0.11", "trainer:test", "vllm/vllm-openai:v0.11.0"):
+            assert spec_violations({"serving": {"enabled": True, "image": image}}, limits) == [], image
+
+    def test_reconcile_fails_such_a_job_before_anything_runs(self, make_job: MakeJob,
+                                                             settings: OperatorSettings) -> None:
+        job = make_job(serving={"enabled": True, "image": ATTACKER_IMAGE})
+        decision = reconcile.reconcile(Observed(job=job, now=NOW), settings, split_images())
+        assert decision.actions == ()
+        validated = conditions.find(decision.status_patch["conditions"], conditions.VALIDATED)
+        assert validated is not None and (validated["status"], validated["reason"]) == ("False", "PolicyViolation")
+        assert "allowedServingImages: registry.example/serving/*" in validated["message"]
+
+    def test_reconcile_does_not_deploy_it_for_a_trained_model(self, make_job: MakeJob,
+                                                              settings: OperatorSettings) -> None:
+        """The image set (or the policy narrowed) after training: serving is refused, not deployed."""
+        job = succeeded(make_job, serving={"enabled": True, "image": ATTACKER_IMAGE})
+        decision = reconcile.reconcile(Observed(job=job, now=NOW), settings, split_images())
+        assert not [a for a in decision.actions if isinstance(a, CreateChild)]
+        serving = conditions.find(decision.status_patch["conditions"], conditions.SERVING_READY)
+        assert serving is not None and (serving["status"], serving["reason"]) == ("False", "ImageNotAllowed")
+        message = serving["message"]
+        assert message.startswith(f"spec.serving.image: {ATTACKER_IMAGE!r} is not allowed in namespace team-a ")
+        assert "allowedServingImages: registry.example/serving/*" in message
+        assert "trainer:test" in message and "leave spec.serving.image out" in message
+        assert "allowedTrainerImages" not in message
+
+    def test_a_namespace_entry_governs_its_namespace(self) -> None:
+        platform = split_images(**{"team-b": {"allowedServingImages": ["registry.example/tools/*"]}})
+        assert platform.limits_for("team-b").image_allowed(ATTACKER_IMAGE)
+        assert not platform.limits_for("team-a").image_allowed(ATTACKER_IMAGE)
+
+
+class TestAllowedTrainerImagesIsDeprecated:
+    """No FineTuneJob field names a trainer image, so `allowedTrainerImages` governs nothing of its own.
+    A policy written before `allowedServingImages` existed keeps serving what it served, with a warning."""
+
+    def test_without_allowed_serving_images_it_still_governs_serving_with_a_warning(self) -> None:
+        platform = policy.policy_from_dict({"defaults": {"allowedTrainerImages": ["registry.corp/*"]}})
+        limits = platform.limits_for("team-a")
+        assert spec_violations({"serving": {"enabled": True, "image": "registry.corp/serve:1"}}, limits) == []
+        (found,) = spec_violations({"serving": {"enabled": True, "image": "docker.io/evil:1"}}, limits)
+        assert "allowedServingImages: not set" in found and "allowedTrainerImages: registry.corp/*" in found
+        (warning,) = platform.deprecations
+        assert warning.startswith("defaults.allowedTrainerImages: deprecated")
+        assert "still governs spec.serving.image" in warning and "allowedServingImages" in warning
+
+    def test_null_allowed_serving_images_is_not_set(self) -> None:
+        """What a chart renders for a key it was told to leave unset."""
+        platform = policy.policy_from_dict({"defaults": {"allowedTrainerImages": ["registry.corp/*"],
+                                                         "allowedServingImages": None}})
+        assert platform.limits_for("team-a").image_allowed("registry.corp/serve:1")
+
+    def test_once_allowed_serving_images_is_set_it_alone_governs(self) -> None:
+        platform = policy.policy_from_dict({"defaults": {"allowedTrainerImages": ["registry.corp/*"],
+                                                         "allowedServingImages": []}})
+        (found,) = spec_violations({"serving": {"enabled": True, "image": "registry.corp/serve:1"}},
+                                   platform.limits_for("team-a"))
+        assert "allowedServingImages: none" in found
+        (warning,) = platform.deprecations
+        assert warning.startswith("defaults.allowedTrainerImages: ignored")
+
+    def test_per_namespace_the_entry_that_sets_allowed_serving_images_is_not_widened_by_the_defaults(self) -> None:
+        platform = policy.policy_from_dict({"defaults": {"allowedTrainerImages": ["registry.corp/*"]},
+                                            "namespaces": {"locked": {"allowedServingImages": []}}})
+        assert not platform.limits_for("locked").image_allowed("registry.corp/serve:1")
+        assert platform.limits_for("team-a").image_allowed("registry.corp/serve:1")  # the defaults' fallback
+
+    def test_a_policy_without_it_warns_of_nothing(self) -> None:
+        for defaults in ({}, {"allowedServingImages": ["registry.corp/*"]}, {"allowedTrainerImages": []}):
+            assert policy.policy_from_dict({"defaults": defaults}).deprecations == (), defaults
+
+    def test_the_operator_logs_each_warning_at_start_up(self, caplog: pytest.LogCaptureFixture) -> None:
+        from kubetune.operator import handlers
+
+        platform = policy.policy_from_dict({"defaults": {"allowedTrainerImages": ["registry.corp/*"]}})
+        with caplog.at_level("WARNING", logger=handlers.__name__):
+            handlers.log_policy_deprecations(platform)
+        (record,) = caplog.records
+        assert record.levelname == "WARNING" and "defaults.allowedTrainerImages: deprecated" in record.getMessage()
 
 
 class TestThePolicyFile:

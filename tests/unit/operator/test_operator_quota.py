@@ -231,7 +231,7 @@ class TestReconcileUnderQuota:
 
     def test_a_disallowed_serving_image_is_not_deployed(self, make_job: MakeJob,
                                                         settings: OperatorSettings) -> None:
-        images = PlatformPolicy(defaults=NamespaceLimits(allowed_trainer_images=("registry.corp/*",)))
+        images = PlatformPolicy(defaults=NamespaceLimits(allowed_serving_images=("registry.corp/*",)))
         job = make_job(serving={"enabled": True, "image": "docker.io/evil:latest"}, status={
             "conditions": [{"type": "Succeeded", "status": "True", "reason": "TrainingComplete", "message": "",
                             "observedGeneration": 1, "lastTransitionTime": "x"}]})
