@@ -196,6 +196,60 @@ class ProgressReport(ReportFields, total=False):
     kind: Required[ReportKind]
 
 
+class SizingModel(TypedDict):
+    """The model's shape, counted on a weightless instance of its architecture."""
+
+    config: dict[str, Any]
+    """The shape keys of the model's config, as config.json names them (`hidden_size`, `n_layer`, …)."""
+    parameters: int
+    """Exact parameter count."""
+    loraInputsOutputs: int
+    """Exact Σ(in + out features) of the modules LoRA adapts."""
+
+
+class SizingData(TypedDict):
+    """The training split as the trainer prepared it."""
+
+    trainExamples: int
+    """Training examples after cleaning, splitting and augmentation."""
+    trainTokens: int
+    """Their tokens, as the trainer tokenises them."""
+    longestExample: int
+    """Tokens of the longest training example."""
+
+
+class SizingShape(TypedDict):
+    """Epochs, micro-batch and sequence length as the trainer will resolve them on one kind of device."""
+
+    epochs: float
+    """Passes over the training split (fractional when `auto` caps a huge dataset)."""
+    batchSize: int
+    """Micro-batch per device, in sequences."""
+    maxSeqLength: int
+    """Tokens per sequence."""
+
+
+class SizingHyperparameters(TypedDict):
+    """The resolved shape for a CPU and for a GPU run (the operator has not chosen the device yet)."""
+
+    cpu: SizingShape
+    """On a CPU."""
+    gpu: SizingShape
+    """On one GPU."""
+
+
+class SizingFacts(TypedDict):
+    """What the validation pod reports for the operator's resource estimate (`status.estimate`): the
+    operator cannot read a model on a PVC nor import torch, the validation pod can."""
+
+    model: SizingModel
+    """The model's shape and exact counts."""
+    data: SizingData
+    """The prepared training split."""
+    hyperparameters: SizingHyperparameters
+    """The resolved training shape per kind of device."""
+
+
 class TerminationSummary(TypedDict, total=False):
     """The pod's termination message (JSON, at most `TERMINATION_MESSAGE_LIMIT` bytes)."""
 
@@ -210,7 +264,7 @@ class TerminationSummary(TypedDict, total=False):
     samples: list[SampleAnswer]
     """At most one, each text cut short."""
     resolved: ResolvedHyperparameters
-    sizing: dict[str, Any]
+    sizing: SizingFacts
     """validated: the model and data facts the operator's resource estimate uses."""
     tokensProcessed: int
     """Training tokens this process trained on: what `status.usage` records (the pod writes it,

@@ -593,6 +593,8 @@ def _parse_value(hint: Any, markers: tuple[Any, ...], value: Any, path: str, pro
 def _convert(hint: Any, markers: tuple[Any, ...], value: Any, path: str, problems: list[str]) -> Any:
     origin = typing.get_origin(hint)
     wrong = f"{path}: must be {_type_name(hint)}, got {_describe(value)}"
+    if hint is Any:  # any JSON value (a message's open-ended part; never in a CRD)
+        return value
     if _is_int_or_auto(hint):
         if value == AUTO:
             return value

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.trainer import hyperparameters
+from kubetune.api import messages
 from kubetune.api.config import TrainerConfig
+from kubetune.trainer import hyperparameters
 
 CONFIG_KEYS = (
     "model_type", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer", "num_layers",
@@ -54,7 +55,7 @@ def lora_inputs_outputs(model: Any, targets: list[str] | str) -> int:
     return total
 
 
-def model_facts(config: TrainerConfig) -> dict[str, Any]:
+def model_facts(config: TrainerConfig) -> messages.SizingModel:
     """The model's shape and exact counts, from its configuration only (no weights read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -103,20 +104,20 @@ def fsdp_wrap_problem(config: TrainerConfig) -> str | None:
 
 
 def resolved_shape(config: TrainerConfig, *, parameters: int, train_examples: int, longest_example: int,
-                   context: int | None) -> dict[str, dict[str, Any]]:
+                   context: int | None) -> messages.SizingHyperparameters:
     """Epochs, micro-batch and sequence length the trainer will use, on CPU and on a GPU."""
     max_len = hyperparameters.resolve_max_seq_length(config.hyperparameters, longest_example, context)
-    result: dict[str, dict[str, Any]] = {}
-    for device in ("cpu", "cuda"):
+    def shape(device: hyperparameters.DeviceKind) -> messages.SizingShape:
         hp = hyperparameters.resolve(config.hyperparameters, method=config.method.type, num_parameters=parameters,
                                      num_train_examples=train_examples, num_train_sequences=train_examples,
-                                     max_seq_length=max_len, device=device)  # type: ignore[arg-type]
-        result["gpu" if device == "cuda" else "cpu"] = {
-            "epochs": hp.epochs, "batchSize": hp.batch_size, "maxSeqLength": hp.max_seq_length}
-    return result
+                                     max_seq_length=max_len, device=device)
+        return {"epochs": hp.epochs, "batchSize": hp.batch_size, "maxSeqLength": hp.max_seq_length}
+
+    return {"cpu": shape("cpu"), "gpu": shape("cuda")}
 
 
-def sizing_facts(config: TrainerConfig, *, train_examples: int, train_tokens: int, longest_example: int) -> dict[str, Any]:
+def sizing_facts(config: TrainerConfig, *, train_examples: int, train_tokens: int,
+                 longest_example: int) -> messages.SizingFacts:
     """Everything the operator's estimate needs, JSON-ready (see the module docstring)."""
     model = model_facts(config)
     shape = model["config"]

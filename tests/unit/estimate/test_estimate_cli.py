@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from kubetune.api import messages
+from kubetune.api import schema as apischema
 from kubetune.dev import tinymodel
 from kubetune.cli import main as cli
 
@@ -41,6 +43,16 @@ def test_prints_memory_tokens_and_a_cpu_recommendation_without_gpu_types(
     assert out["estimate"]["gpus"] == 0 and "training on CPU" in out["estimate"]["message"]
     assert out["estimate"]["tokensToProcess"] == 2 * out["sizing"]["data"]["trainTokens"]
     assert out["breakdown"]["weights"] == 4 * out["sizing"]["model"]["parameters"]
+
+
+def test_the_validation_pods_sizing_facts_fit_the_shared_contract(
+        job_files: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """What the trainer's validation computes is exactly `kubetune.api.messages.SizingFacts` (every key, the
+    right types, nothing else), the shape the operator's estimate reads."""
+    assert cli.main(["estimate", str(manifest(job_files)), "--json"]) == 0
+    sizing = json.loads(capsys.readouterr().out)["sizing"]
+    assert apischema.parse(messages.SizingFacts, sizing, "sizing") == sizing
+    assert sizing["hyperparameters"]["cpu"]["epochs"] == 2 and sizing["data"]["trainExamples"] > 0
 
 
 def test_picks_the_smallest_gpu_type_from_the_policy(job_files: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -27,7 +27,7 @@ def run(tmp_path: Path, name: str, source: str, train: Path, validation: Path, m
         **job: Any) -> dict[str, Any]:
     out = tmp_path / name
     content = {
-        "model": {"source": source, **({"fromJob": job["lineage"][-1]["job"]} if job.get("lineage") else {})},
+        "model": {"source": source},  # fromJob resolved by the operator: the chain is in job.lineage
         "dataset": {"format": "text", "train": {"source": str(train)}, "validation": {"source": str(validation)},
                     "split": {"validation": 0.0, "test": 0.0}},
         "method": method,

@@ -212,7 +212,7 @@ class TestPermanentErrors:
             ("undecodable", "not UTF-8 text (undecodable byte at offset"),
             ("unknown_label", "unknown label 'maybe'"),
             ("missing_model", "model.source: /nonexistent/model: no such file or directory"),
-            ("bad_config", 'hyperparameters.learningRate: must be > 0 or "auto", got -1'),
+            ("bad_config", "hyperparameters.learningRate: must be > 0 and <= 1, got -1"),
         ],
     )
     def test_exit_78_names_the_problem(

@@ -57,8 +57,9 @@ class TestF1IsMaximized:
         assert not train._is_better(0.75, 0.7, "valF1", 0.1)
 
     def test_valf1_needs_classification(self) -> None:
-        with pytest.raises(cfg.ConfigError, match="training.earlyStopping.metric: valF1 needs format classification"):
-            cfg.config_from_dict({"model": {"source": "m"},
-                                  "dataset": {"format": "text", "train": {"source": "t.jsonl"}},
+        with pytest.raises(cfg.ConfigError, match=r"training.earlyStopping.metric: valAccuracy needs dataset.format "
+                                                  r"classification \(valF1 too\)"):
+            cfg.config_from_dict({"model": {"source": "/m"},
+                                  "dataset": {"format": "text", "train": {"source": "/t.jsonl"}},
                                   "training": {"earlyStopping": {"enabled": True, "metric": "valF1"}},
-                                  "output": {"dir": "o"}})
+                                  "output": {"dir": "/o"}})
