@@ -7,7 +7,7 @@ into training examples and reports its own peak resident memory (VmHWM):
 
 (a) baseline, read whole: `data.prepare` with the file's bytes read at once,
     decoded, split into lines and each line parsed before any example is made
-    (what `trainer/data.py` did before it streamed, and what a reader built on
+    (what `trainer/prep/data.py` did before it streamed, and what a reader built on
     `Path.read_text()` does);
 (b) kubetune: `data.prepare` as it is (streamed a line at a time, only the
     examples kept). Cleaning and splitting are the same code on both sides.
@@ -33,7 +33,7 @@ from pathlib import Path
 CHILD = r"""
 import json, sys
 from kubetune.api import config as cfg
-from kubetune.trainer import data
+from kubetune.trainer.prep import data
 path, side = sys.argv[1], sys.argv[2]
 dataset = cfg.config_from_dict({"model": {"source": "/m"}, "output": {"dir": "/o"},
                                 "dataset": {"format": "text", "train": {"source": path}}}).dataset

@@ -108,7 +108,7 @@ def run_search(search: str, seed: int, quick: bool, steps: int, eval_interval: i
     from kubetune.operator import sweep, sweep_study
     from kubetune.operator.sweep_models import FineTuneSweepSpec
     from kubetune.api import config as cfg
-    from kubetune.trainer import train
+    from kubetune.trainer.training import train
     from kubetune.trainer.__main__ import load_data
 
     model = workdir / "model"

@@ -88,7 +88,8 @@ def main() -> int:
     count = args.examples or (120 if args.quick else 400)
 
     from kubetune.api import config as cfg
-    from kubetune.trainer import evaluate, train
+    from kubetune.trainer.evaluation import evaluate
+    from kubetune.trainer.training import train
     from kubetune.trainer.__main__ import load_data
     from kubetune.trainer.reporting import Reporter
 

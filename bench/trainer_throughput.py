@@ -130,7 +130,7 @@ def kubetune_config(model: Path, train: Path, output: Path, *, max_seq_length: i
 def prepare_kubetune(config_dict: dict[str, Any]) -> Any:
     """The trainer's own setup: data, tokenizer, model, packing, optimizer (not timed)."""
     from kubetune.api import config as cfg
-    from kubetune.trainer import train
+    from kubetune.trainer.training import train
     from kubetune.trainer.__main__ import load_data
 
     config = cfg.config_from_dict(config_dict)
@@ -140,7 +140,7 @@ def prepare_kubetune(config_dict: dict[str, Any]) -> Any:
 
 def packed_positions(run: Any) -> tuple[int, int]:
     """(real tokens, computed positions) of the epoch's micro-batches, as `evaluate.collate` pads them."""
-    from kubetune.trainer import train
+    from kubetune.trainer.training import train
 
     sequences = train.epoch_sequences(run, 0)
     real = computed = 0
@@ -154,7 +154,7 @@ def packed_positions(run: Any) -> tuple[int, int]:
 
 def trained_examples(run: Any) -> list[list[int]]:
     """The examples inside kubetune's packed sequences (cut where position ids restart), in packing order."""
-    from kubetune.trainer import train
+    from kubetune.trainer.training import train
 
     examples = []
     for sequence in train.epoch_sequences(run, 0):
@@ -167,7 +167,7 @@ def trained_examples(run: Any) -> list[list[int]]:
 
 
 def run_kubetune(work: Workload) -> SideResult:
-    from kubetune.trainer import train
+    from kubetune.trainer.training import train
     from kubetune.trainer.reporting import Reporter
 
     run = prepare_kubetune(work.config)
@@ -257,7 +257,8 @@ def run_hf(work: Workload, scratch: Path, *, flatten: bool) -> SideResult:
 
 
 def validation_loss(model: Any, work: Workload) -> float:
-    from kubetune.trainer import data, evaluate
+    from kubetune.trainer.prep import data
+    from kubetune.trainer.evaluation import evaluate
 
     device = next(model.parameters()).device
     sequences = [data.PackedSequence(**s) for s in work.validation]
@@ -286,7 +287,7 @@ def run_side(name: str, workdir: Path) -> SideResult:
 
 
 def write_workload(workdir: Path, *, quick: bool, count: int, max_seq_length: int, batch_size: int) -> Workload:
-    from kubetune.trainer import data
+    from kubetune.trainer.prep import data
 
     shape = workload.QUICK_SHAPE if quick else workload.BENCH_SHAPE
     precision = "bf16" if workload.device_kind() == "cuda" else "fp32"
@@ -295,7 +296,7 @@ def write_workload(workdir: Path, *, quick: bool, count: int, max_seq_length: in
     config = kubetune_config(model, train_file, workdir / "out", max_seq_length=max_seq_length,
                              batch_size=batch_size, precision=precision)
     probe = prepare_kubetune(config)
-    from kubetune.trainer import train
+    from kubetune.trainer.training import train
 
     real, _ = packed_positions(probe)
     micro_batches = sum(len(step) for step in train._plan_for(probe, 0)[: probe.epoch_steps[0]])

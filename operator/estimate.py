@@ -2,7 +2,7 @@
 
 Inputs are facts the operator can get without loading weights: the base
 model's configuration (`ModelFacts`, from config.json, or measured exactly by
-the dataset-validation pod, see `kubetune.trainer.sizing`), the training shape
+the dataset-validation pod, see `kubetune.trainer.training.sizing`), the training shape
 (`TrainingShape`: method, precision, sequence length, micro-batch, gradient
 checkpointing, optimizer) and the dataset's token count. The formula, term by
 term, is in docs/sizing.md; in short, per device (data-parallel replicas each
@@ -207,7 +207,7 @@ class ModelFacts:
 
 
 def default_lora_inputs_outputs(facts: ModelFacts) -> int:
-    """Σ(in + out) over the trainer's default LoRA targets (kubetune.trainer.modeling.DEFAULT_LORA_TARGETS)."""
+    """Σ(in + out) over the trainer's default LoRA targets (kubetune.trainer.training.modeling.DEFAULT_LORA_TARGETS)."""
     h, i = facts.hidden_size, facts.intermediate_size
     kv = facts.kv_heads * facts.head_size
     if facts.model_type == "gpt2":

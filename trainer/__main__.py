@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
 def load_data(config: cfg.TrainerConfig, *, synthetic: bool = True) -> tuple[Any, Any]:
     """The tokenizer (proves the model source exists) and the cleaned, split (and augmented) dataset;
     `synthetic=False` skips model-generated examples (no weights are loaded)."""
-    from kubetune.trainer import data, modeling
+    from kubetune.trainer.prep import data
+    from kubetune.trainer.training import modeling
 
     tokenizer = modeling.load_tokenizer(config.model)
     return tokenizer, data.prepare(config.dataset, synthetic_model=config.model if synthetic else None)
@@ -82,7 +83,8 @@ def load_data(config: cfg.TrainerConfig, *, synthetic: bool = True) -> tuple[Any
 
 def validate_only(config: cfg.TrainerConfig) -> dict[str, Any]:
     """Data statistics including token counts, as --validate-only prints them."""
-    from kubetune.trainer import data, sizing
+    from kubetune.trainer.prep import data
+    from kubetune.trainer.training import sizing
 
     problem = sizing.fsdp_wrap_problem(config)
     if problem:
@@ -96,7 +98,7 @@ def validate_only(config: cfg.TrainerConfig) -> dict[str, Any]:
 
 def validation_sizing(config: cfg.TrainerConfig, statistics: dict[str, Any]) -> dict[str, Any] | None:
     """Model and data facts for the operator's resource estimate; None when the model's shape cannot be read."""
-    from kubetune.trainer import sizing
+    from kubetune.trainer.training import sizing
 
     tokens = statistics["trainTokens"]
     try:
@@ -109,7 +111,8 @@ def validation_sizing(config: cfg.TrainerConfig, statistics: dict[str, Any]) -> 
 
 def test_metrics(run: Any, prepared: Any) -> dict[str, Any]:
     """Perplexity and token accuracy on the test split; classification metrics by label likelihood."""
-    from kubetune.trainer import data, evaluate
+    from kubetune.trainer.prep import data
+    from kubetune.trainer.evaluation import evaluate
 
     examples = prepared.splits.test
     if run.config.evaluation.max_test_examples:
@@ -143,14 +146,15 @@ BASELINE_FILE = "baseline.json"
 
 
 def _sample_prompts(run: Any, prepared: Any) -> list[Any]:
-    from kubetune.trainer import samples
+    from kubetune.trainer.evaluation import samples
 
     count = run.config.evaluation.samples
     return samples.sample_prompts(prepared.splits.test, run.tokenizer, count) if count else []
 
 
 def _answers(run: Any, prompts: list[Any]) -> list[str]:
-    from kubetune.trainer import modeling, samples
+    from kubetune.trainer.training import modeling
+    from kubetune.trainer.evaluation import samples
 
     model = run.accelerator.unwrap_model(run.model)
     return samples.generate_answers(model, run.tokenizer, prompts, max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS,
@@ -185,7 +189,7 @@ def baseline_pass(run: Any, prepared: Any) -> dict[str, Any] | None:
         baseline["answers"] = _answers(run, prompts)
         baseline["sampleSeconds"] = round(time.monotonic() - started, 2)
     if run.accelerator.is_main_process:
-        from kubetune.trainer import outputs
+        from kubetune.trainer.evaluation import outputs
 
         outputs.write_json(path, baseline)
     log.info("base model on the test split (%s s, sample answers %s s): %s", baseline["seconds"],
@@ -196,7 +200,7 @@ def baseline_pass(run: Any, prepared: Any) -> dict[str, Any] | None:
 
 def compare_with_baseline(results: dict[str, Any], baseline: dict[str, Any] | None) -> dict[str, Any]:
     """`results` plus `baseline` (the base model's results) and `improvement` when there is a baseline."""
-    from kubetune.trainer import evaluate
+    from kubetune.trainer.evaluation import evaluate
 
     base = (baseline or {}).get("results") or {}
     if not base or not results:
@@ -222,7 +226,8 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter,
                    tracker: tracking.Tracker | None = None) -> dict[str, Any]:
     """The whole run; returns the final metrics (also written to metrics.json). `tracker` logs it to
     MLflow (best effort) once the hyperparameters are resolved."""
-    from kubetune.trainer import outputs, train
+    from kubetune.trainer.evaluation import outputs
+    from kubetune.trainer.training import train
 
     started = time.monotonic()
     reporter.report("started", message=f"loading data and model {config.model.source}")
@@ -251,7 +256,7 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter,
     sample_answers: list[dict[str, str]] = []
     prompts = _sample_prompts(run, prepared)
     if prompts and run.accelerator.is_main_process:
-        from kubetune.trainer import samples
+        from kubetune.trainer.evaluation import samples
 
         sample_answers = samples.records(prompts, (baseline or {}).get("answers"), _answers(run, prompts))
     final_eval = next((e for e in reversed(state.evaluations) if e["step"] == model_step), {})
@@ -282,7 +287,7 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter,
         "samples": sample_answers,
     }
     if run.accelerator.is_main_process:
-        from kubetune.trainer import modeling
+        from kubetune.trainer.training import modeling
 
         folder = outputs.save_model(run.accelerator.unwrap_model(run.model), tokenizer, config, modeling.locate(config.model).name_or_path)
         # With object storage the model's home is the bucket (output_sync uploads it), not the scratch folder.
@@ -311,7 +316,7 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter,
 def _train_with_storage(config: cfg.TrainerConfig, reporter: reporting.Reporter,
                         tracker: tracking.Tracker | None = None) -> dict[str, Any]:
     """`train_and_save`, mirrored to object storage when `output.uri` is `s3://` (output_sync)."""
-    from kubetune.trainer import output_sync
+    from kubetune.trainer.evaluation import output_sync
 
     if not output_sync.enabled(config):
         return train_and_save(config, reporter, tracker)

@@ -42,49 +42,54 @@ def imports_of(path: Path) -> set[str]:
 
 
 def modules(folder: str) -> list[Path]:
-    return sorted((REPO / folder).glob("*.py"))
+    """The source files of a folder and its subpackages."""
+    return sorted(p for p in (REPO / folder).rglob("*.py") if "__pycache__" not in p.parts)
+
+
+def relative(path: Path) -> str:
+    return str(path.relative_to(REPO))
 
 
 class TestImportDirection:
-    @pytest.mark.parametrize("path", modules("trainer"), ids=lambda p: p.name)
+    @pytest.mark.parametrize("path", modules("trainer"), ids=relative)
     def test_trainer_never_imports_the_operator_the_cli_or_dev_tooling(self, path: Path) -> None:
         bad = {n for n in imports_of(path) if n.startswith(("kubetune.operator", "kubetune.dev", "kubetune.cli"))}
-        assert not bad, f"trainer/{path.name} imports {sorted(bad)}"
+        assert not bad, f"{relative(path)} imports {sorted(bad)}"
 
-    @pytest.mark.parametrize("path", modules("trainer/serve"), ids=lambda p: p.name)
+    @pytest.mark.parametrize("path", modules("trainer/serve"), ids=relative)
     def test_the_server_imports_no_training_code(self, path: Path) -> None:
         """The serving subpackage shares the trainer image, not the training code (docs/serving.md)."""
         bad = {n for n in imports_of(path) if n.startswith("kubetune.") and not n.startswith(
             ("kubetune.trainer.serve", "kubetune.api"))}
-        assert not bad, f"trainer/serve/{path.name} imports {sorted(bad)}"
+        assert not bad, f"{relative(path)} imports {sorted(bad)}"
 
-    @pytest.mark.parametrize("path", modules("operator"), ids=lambda p: p.name)
+    @pytest.mark.parametrize("path", modules("operator"), ids=relative)
     def test_operator_imports_neither_the_trainer_nor_dev_tooling(self, path: Path) -> None:
         names = imports_of(path)
         dev = {n for n in names if n.startswith(("kubetune.dev", "kubetune.cli"))}
         trainer = {n for n in names if n.startswith("kubetune.trainer")}
-        assert not dev, f"operator/{path.name} imports dev tooling {sorted(dev)}"
-        assert not trainer, f"operator/{path.name} imports the trainer {sorted(trainer)}: the contract is kubetune.api"
+        assert not dev, f"{relative(path)} imports dev tooling {sorted(dev)}"
+        assert not trainer, f"{relative(path)} imports the trainer {sorted(trainer)}: the contract is kubetune.api"
 
-    @pytest.mark.parametrize("path", modules("cli"), ids=lambda p: p.name)
+    @pytest.mark.parametrize("path", modules("cli"), ids=relative)
     def test_the_cli_imports_dev_tooling_only_inside_the_commands_that_need_it(self, path: Path) -> None:
         """The user-facing command ships without the dev tooling (not in the images, Dockerfile):
         importing it, or running a command that does not need it, must not need `kubetune.dev`."""
         tree = ast.parse(path.read_text(), filename=str(path))
         top = {n for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))
                for n in imports_of_node(node)}
-        assert not {n for n in top if n.startswith("kubetune.dev")}, f"cli/{path.name} imports dev tooling at the top"
+        assert not {n for n in top if n.startswith("kubetune.dev")}, f"{relative(path)} imports dev tooling at the top"
 
-    @pytest.mark.parametrize("path", modules("dev"), ids=lambda p: p.name)
+    @pytest.mark.parametrize("path", modules("dev"), ids=relative)
     def test_dev_tooling_never_imports_the_cli(self, path: Path) -> None:
         bad = {n for n in imports_of(path) if n.startswith("kubetune.cli")}
-        assert not bad, f"dev/{path.name} imports {sorted(bad)}"
+        assert not bad, f"{relative(path)} imports {sorted(bad)}"
 
-    @pytest.mark.parametrize("path", modules("api"), ids=lambda p: p.name)
+    @pytest.mark.parametrize("path", modules("api"), ids=relative)
     def test_the_shared_contract_imports_only_the_standard_library(self, path: Path) -> None:
         outside = {n for n in imports_of(path)
                    if n.split(".")[0] not in sys.stdlib_module_names and not n.startswith("kubetune.api")}
-        assert not outside, f"api/{path.name} imports {sorted(outside)}; both images import it, so it stays stdlib-only"
+        assert not outside, f"{relative(path)} imports {sorted(outside)}; both images import it, so it stays stdlib-only"
 
     def test_the_shared_contract_imports_nothing_heavy(self) -> None:
         """The operator image has no torch, the trainer image no kopf: both import the whole contract."""
@@ -132,10 +137,10 @@ def test_no_import_cycles_not_even_through_imports_inside_functions() -> None:
 
 class TestPureOperatorModules:
     @pytest.mark.parametrize("path", [p for p in modules("operator") if p.stem not in OPERATOR_NETWORK_MODULES],
-                             ids=lambda p: p.name)
+                             ids=relative)
     def test_imports_neither_kopf_nor_the_kubernetes_client(self, path: Path) -> None:
         bad = {n for n in imports_of(path) if n.split(".")[0] in ("kopf", "kubernetes", "aiohttp")}
-        assert not bad, f"operator/{path.name} should be pure but imports {sorted(bad)}"
+        assert not bad, f"{relative(path)} should be pure but imports {sorted(bad)}"
 
 
 class TestLayout:

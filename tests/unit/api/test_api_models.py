@@ -109,7 +109,7 @@ class TestStatus:
             models.status_from_dict({"results": {"accuracy": "high"}})
 
     def test_the_trainers_classification_results_fit(self) -> None:
-        from kubetune.trainer import evaluate
+        from kubetune.trainer.evaluation import evaluate
 
         results = evaluate.classification_metrics(["a", "a", "b"], ["a", "b", "b"], ["a", "b"])
         parsed = models.status_from_dict({"results": {"loss": 0.5, "perplexity": 1.6, "tokenAccuracy": 0.7,

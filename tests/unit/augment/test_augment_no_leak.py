@@ -8,7 +8,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.trainer import augment, data
+from kubetune.trainer.prep import augment
+from kubetune.trainer.prep import data
 from kubetune.api.config import config_from_dict
 from kubetune.api.finetunejob import ModelSpec as ModelConfig
 

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer import augment
+from kubetune.trainer.prep import augment
 from kubetune.api.finetunejob import ModelSpec as ModelConfig, SyntheticAugmentation
-from kubetune.trainer.data import Example, classification_completion
+from kubetune.trainer.prep.data import Example, classification_completion
 
 
 def labelled(text: str, label: str) -> Example:

@@ -105,7 +105,7 @@ class TestProgressReports:
         assert patch["results"] == {k: v for k, v in results.items() if v is not None}
 
     def test_a_classification_completed_report_keeps_its_valloss_model_and_per_class_results(self) -> None:
-        from kubetune.trainer import evaluate
+        from kubetune.trainer.evaluation import evaluate
 
         tuned = evaluate.classification_metrics(["bug", "bug", "other"], ["bug", "other", "other"], ["bug", "other"])
         base = evaluate.classification_metrics(["bug", "bug", "other"], ["other", "other", "other"], ["bug", "other"])

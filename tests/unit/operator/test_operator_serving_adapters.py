@@ -1,6 +1,6 @@
 """Serving a LoRA adapter saved unmerged (`method.lora.merge: false`): the server gets the adapter and its base.
 
-The trainer writes `<output>/adapter` in that case, never `<output>/model` (trainer/outputs.py);
+The trainer writes `<output>/adapter` in that case, never `<output>/model` (trainer/evaluation/outputs.py);
 a Deployment pointed at `<output>/model` crash-loops.
 """
 

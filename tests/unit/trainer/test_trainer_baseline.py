@@ -11,7 +11,11 @@ import pytest
 
 from kubetune.api import config as cfg
 from kubetune.api import process as api_process
-from kubetune.trainer import data, evaluate, outputs, reporting, samples
+from kubetune.trainer import reporting
+from kubetune.trainer.prep import data
+from kubetune.trainer.evaluation import evaluate
+from kubetune.trainer.evaluation import outputs
+from kubetune.trainer.evaluation import samples
 from kubetune.trainer.__main__ import BASELINE_FILE, main
 
 from .trainer_runs import classification_records, config, text_records, write_config, write_jsonl

@@ -14,7 +14,7 @@ import torch
 
 from kubetune.api import config as cfg
 from kubetune.api import finetunejob as ftj
-from kubetune.trainer import data
+from kubetune.trainer.prep import data
 from kubetune.trainer.errors import DataError
 
 

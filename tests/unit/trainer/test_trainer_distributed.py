@@ -22,7 +22,8 @@ import psutil
 import pytest
 
 from kubetune.api import process as api_process
-from kubetune.trainer import launch, train
+from kubetune.trainer import launch
+from kubetune.trainer.training import train
 
 from .trainer_runs import config, text_records, write_config, write_jsonl
 

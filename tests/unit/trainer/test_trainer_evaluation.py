@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from kubetune.api import finetunejob as ftj
-from kubetune.trainer import data, evaluate, hyperparameters
+from kubetune.trainer.prep import data
+from kubetune.trainer.evaluation import evaluate
+from kubetune.trainer.training import hyperparameters
 
 
 class TestClassificationMetrics:

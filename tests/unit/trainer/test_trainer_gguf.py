@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kubetune.api import config as trainer_config
-from kubetune.trainer import modeling
+from kubetune.trainer.training import modeling
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,11 @@ from typing import Any
 import pytest
 import torch
 
-from kubetune.trainer import data, evaluate, loss, modeling, train
+from kubetune.trainer.prep import data
+from kubetune.trainer.evaluation import evaluate
+from kubetune.trainer.training import loss
+from kubetune.trainer.training import modeling
+from kubetune.trainer.training import train
 from kubetune.api.finetunejob import ModelSpec as ModelConfig
 
 TEXTS = [

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from kubetune.api import finetunejob as ftj
-from kubetune.trainer import modeling
+from kubetune.trainer.training import modeling
 from kubetune.trainer.errors import ModelError
 
 

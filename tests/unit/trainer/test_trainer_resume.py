@@ -16,7 +16,7 @@ import torch
 
 from kubetune.api import config as cfg
 from kubetune.api import process as api_process
-from kubetune.trainer import train
+from kubetune.trainer.training import train
 
 from .trainer_runs import config, text_records, write_config, write_jsonl
 
@@ -95,7 +95,7 @@ class TestCurriculum:
     def test_epochs_grow_from_the_shortest_examples_to_the_whole_set(self, tmp_path: Path, tiny_gpt2: Path) -> None:
         from transformers import AutoTokenizer
 
-        from kubetune.trainer import data
+        from kubetune.trainer.prep import data
 
         records = [{"text": "word " * (1 + i % 20)} for i in range(200)]
         train_file = write_jsonl(tmp_path / "train.jsonl", records)

@@ -9,7 +9,7 @@ import pytest
 
 from kubetune.api import config as cfg
 from kubetune.api import process as api_process
-from kubetune.trainer import train
+from kubetune.trainer.training import train
 from kubetune.trainer.__main__ import main
 
 from .trainer_runs import classification_records, config, text_records, write_config, write_jsonl

@@ -18,7 +18,7 @@ from typing import Any
 
 from kubetune.api import messages
 from kubetune.api.config import TrainerConfig
-from kubetune.trainer import hyperparameters
+from kubetune.trainer.training import hyperparameters
 
 CONFIG_KEYS = (
     "model_type", "hidden_size", "n_embd", "d_model", "num_hidden_layers", "n_layer", "num_layers",
@@ -60,7 +60,7 @@ def model_facts(config: TrainerConfig) -> messages.SizingModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kubetune.trainer import modeling
+    from kubetune.trainer.training import modeling
 
     location = modeling.locate(config.model)
     model_config = AutoConfig.from_pretrained(location.name_or_path, **location.kwargs)
@@ -89,7 +89,7 @@ def fsdp_wrap_problem(config: TrainerConfig) -> str | None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kubetune.trainer import modeling
+    from kubetune.trainer.training import modeling
 
     location = modeling.locate(config.model)
     model_config = AutoConfig.from_pretrained(location.name_or_path, **location.kwargs)

@@ -36,7 +36,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from kubetune.api.finetunejob import Augmentation, DatasetSpec, ModelSpec, SyntheticAugmentation
-from kubetune.trainer.examples import Example, Splits, normalize_whitespace
+from kubetune.trainer.prep.examples import Example, Splits, normalize_whitespace
 
 log = logging.getLogger(__name__)
 
@@ -286,7 +286,7 @@ class ModelGenerator:
     def load(cls, model_config: ModelSpec, settings: SyntheticAugmentation, seed: int) -> ModelGenerator:
         import torch
 
-        from kubetune.trainer import modeling
+        from kubetune.trainer.training import modeling
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 
-from kubetune.trainer import modeling
+from kubetune.trainer.training import modeling
 
 CHUNK_ELEMENTS = 2**25
 """Logits computed at once (rows x vocabulary): 128 MiB in fp32, whatever the batch size."""

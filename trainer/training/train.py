@@ -36,10 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kubetune.trainer import data, evaluate, hyperparameters, modeling
+from kubetune.trainer.prep import data
+from kubetune.trainer.evaluation import evaluate
+from kubetune.trainer.training import hyperparameters
+from kubetune.trainer.training import modeling
 from kubetune.api.config import TrainerConfig
 from kubetune.trainer.errors import CheckpointError, PermanentError, Preempted
-from kubetune.trainer.hyperparameters import ResolvedHyperparameters
+from kubetune.trainer.training.hyperparameters import ResolvedHyperparameters
 from kubetune.trainer.reporting import Reporter
 
 log = logging.getLogger(__name__)

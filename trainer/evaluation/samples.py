@@ -17,7 +17,7 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
-from kubetune.trainer import data
+from kubetune.trainer.prep import data
 
 TEXT_PROMPT_WORDS = 32
 """Plain text: at most this many leading words form the prompt."""
