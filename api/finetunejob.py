@@ -27,6 +27,7 @@ import dataclasses
 import re
 from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
+from kubetune.api import layout
 from kubetune.api import schema as apischema
 from kubetune.api.schema import (
     AUTO,
@@ -428,6 +429,10 @@ class MethodSpec:
         """The LoRA settings in effect (defaults when the section is absent)."""
         return self.lora or LoraSettings()
 
+    def saves_adapter(self) -> bool:
+        """Whether the trainer saves a LoRA adapter (`lora.merge: false`) rather than a whole model."""
+        return layout.saves_adapter(self.type, self.lora_settings().merge)
+
 
 # --- spec.hyperparameters ------------------------------------------------------------------
 
@@ -607,11 +612,24 @@ class ResourcesSpec:
     Service for the rendezvous; one pod failing restarts the attempt, which resumes from the latest
     checkpoint (so `output` must be storage every pod reaches). Needs `gpus` >= 1."""
 
+    @property
+    def gpus_auto(self) -> bool:
+        """Whether the operator chooses the GPUs (`gpus: auto`, resolved from the estimate)."""
+        return self.gpus == AUTO
+
     def gpu_count(self) -> int:
-        """GPUs per trainer pod: "auto" is one, absent is none."""
+        """GPUs per trainer pod: "auto" is one (until the operator resolves it), absent is none."""
         if self.gpus == AUTO:
             return 1
         return int(self.gpus or 0)
+
+    def job_gpus(self) -> int:
+        """GPUs the whole run holds: per pod × pods (what quotas count)."""
+        return self.gpu_count() * self.nodes
+
+    def world_size(self) -> int:
+        """Training processes of the run: one per GPU of each pod (one per CPU pod) × pods."""
+        return max(1, self.gpu_count()) * self.nodes
 
 
 # --- spec.output, spec.serving -----------------------------------------------------------------
@@ -675,6 +693,15 @@ class ServingSpec:
     `status.servedBy` and `status.endpoint` then say where the model is served, and `replicas`,
     `runtime`, `resources` and `image` here are not used. A job in another namespace cannot be
     named."""
+
+    def resource_settings(self) -> ServingResources:
+        """Resources per replica in effect (`resources`; no GPU and the cluster's defaults when absent)."""
+        return self.resources or ServingResources()
+
+    def gpu_count(self) -> int:
+        """GPUs per serving replica: `resources.gpus`, and at least one for vLLM (it cannot run without)."""
+        gpus = self.resource_settings().gpus
+        return max(gpus, 1) if self.runtime == "vllm" else gpus
 
 
 # --- spec.credentials ---------------------------------------------------------------------------
@@ -871,6 +898,18 @@ class FineTuneJobSpec:
     """Clean up training children (trainer and validation Jobs, their pods, the config ConfigMap and
     the progress Secret) this many seconds after the run succeeded or failed; absent keeps them
     (editable). The FineTuneJob, its status, the model in storage and serving are kept."""
+
+    def resource_settings(self) -> ResourcesSpec:
+        """The trainer's resources in effect (`spec.resources`; its defaults when absent: one CPU pod)."""
+        return self.resources or ResourcesSpec()
+
+    def serving_settings(self) -> ServingSpec:
+        """Serving in effect (`spec.serving`; its defaults when absent: off)."""
+        return self.serving or ServingSpec()
+
+    def credential_settings(self) -> CredentialsSpec:
+        """Credentials in effect (`spec.credentials`; none when absent)."""
+        return self.credentials or CredentialsSpec()
 
     @classmethod
     def from_dict(cls, data: Any, path: str = "spec") -> FineTuneJobSpec:

@@ -38,6 +38,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator import builders, reconcile, render
 from kubetune.operator.settings import OperatorSettings
 
@@ -82,8 +83,8 @@ def shared_guests(job: dict[str, Any]) -> list[tuple[str, str]]:
 
 def deployment_command(job: dict[str, Any], port: int) -> tuple[list[str], str]:
     """(arguments, API-key variable) of the rendered vLLM container, with `port` instead of the pod's."""
-    deployment = builders.serving_deployment(job, render.model_location(job), "sha256:check", OperatorSettings(),
-                                             guests=shared_guests(job))
+    deployment = builders.serving_deployment(job, FineTuneJobSpec.from_dict(job["spec"]), render.model_location(job),
+                                             "sha256:check", OperatorSettings(), guests=shared_guests(job))
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     args = list(container["args"])
     args[args.index("--port") + 1] = str(port)

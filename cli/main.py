@@ -143,9 +143,10 @@ def resolve_endpoint(stack: Any, job: dict[str, Any]) -> str:
 
 def serving_api_key(stack: Any, job: dict[str, Any]) -> str | None:
     """The API key of the job's serving endpoint (from its serving-key Secret); None with `auth: none`."""
+    from kubetune.api.finetunejob import FineTuneJobSpec
     from kubetune.operator import builders, names
 
-    if builders.serving_auth(job) != builders.AUTH_API_KEY:
+    if FineTuneJobSpec.from_dict(job.get("spec")).serving_settings().auth != builders.AUTH_API_KEY:
         return None
     metadata = job["metadata"]
     secret = stack.get("secret", names.serving_key(metadata["name"]), metadata["namespace"]) or {}
@@ -271,6 +272,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     """Memory, tokens, ETA and the GPU recommendation for a manifest, computed here like the validation pod does."""
+    from kubetune.api.finetunejob import FineTuneJobSpec
     from kubetune.operator import estimate, policy, render
     from kubetune.trainer import __main__ as trainer_main
     from kubetune.api import config as trainer_config
@@ -294,7 +296,7 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
         if sizing is None:
             print("kubetune estimate: cannot read the model's configuration (see the warning above)", file=sys.stderr)
             return 2
-        result = estimate.plan_for_job(job.get("spec") or {}, sizing, gpu_types=platform.gpu_types,
+        result = estimate.plan_for_job(FineTuneJobSpec.from_dict(job.get("spec")), sizing, gpu_types=platform.gpu_types,
                                        target_seconds=platform.target_training_hours * 3600)
     except (ValueError, OSError) as error:
         print(f"kubetune estimate: {error}", file=sys.stderr)

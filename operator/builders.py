@@ -1,9 +1,11 @@
 """Pure manifest builders for a FineTuneJob's children.
 
-Each builder takes the FineTuneJob body (and what was rendered from it) and
-returns a plain dict ready for the API server: deterministic name (see
-`names`), the recommended `app.kubernetes.io/*` labels, and an owner reference
-to the FineTuneJob so that deleting the job deletes its children.
+Each builder takes the FineTuneJob body (its metadata: name, namespace, uid),
+its typed spec (`FineTuneJobSpec`, parsed once by the reconcile, defaults
+applied) and what was rendered from it, and returns a plain dict ready for the
+API server: deterministic name (see `names`), the recommended
+`app.kubernetes.io/*` labels, and an owner reference to the FineTuneJob so that
+deleting the job deletes its children.
 
 Pods meet the Pod Security Standards `restricted` profile and run with a
 read-only root filesystem; everything that must write (caches, temp files)
@@ -18,7 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from kubetune.api import process
-from kubetune.api.schema import AUTO
+from kubetune.api import schema as apischema
+from kubetune.api.finetunejob import FineTuneJobSpec, ResourcesSpec
 from kubetune.operator import names, render
 from kubetune.operator.policy import NamespaceLimits
 from kubetune.operator.settings import OperatorSettings
@@ -58,9 +61,6 @@ TOKEN_KEY = "token"
 """Key of the progress token in the progress Secret."""
 GPU_RESOURCE = "nvidia.com/gpu"
 RUN_AS_USER = 1000
-DEFAULT_BACKOFF_LIMIT = 3
-"""Retries of retryable failures when the spec does not say (the Job API's own default is 6;
-a training retry costs GPU hours, so fewer)."""
 VALIDATION_BACKOFF_LIMIT = 2
 """Retries of the validation pod for failures that are not about the data (network blips)."""
 TRAINER_GRACE_SECONDS = 300
@@ -219,11 +219,11 @@ def _scratch_env() -> list[Body]:
 
 HF_TOKEN_ENV = "HF_TOKEN"
 HF_ENDPOINT_ENV = "HF_ENDPOINT"
-S3_ENV_KEYS = (("accessKeyIdKey", "AWS_ACCESS_KEY_ID"), ("secretAccessKeyKey", "AWS_SECRET_ACCESS_KEY"),
-               ("sessionTokenKey", "AWS_SESSION_TOKEN"), ("endpointKey", "AWS_ENDPOINT_URL"),
-               ("regionKey", "AWS_REGION"))
-"""`spec.credentials.s3` keys and the variables the AWS SDKs (botocore, hence s3fs) read them from."""
-S3_DEFAULT_KEYS = {"accessKeyIdKey": "accessKeyId", "secretAccessKeyKey": "secretAccessKey"}
+S3_ENV_KEYS = (("access_key_id_key", "AWS_ACCESS_KEY_ID"), ("secret_access_key_key", "AWS_SECRET_ACCESS_KEY"),
+               ("session_token_key", "AWS_SESSION_TOKEN"), ("endpoint_key", "AWS_ENDPOINT_URL"),
+               ("region_key", "AWS_REGION"))
+"""`spec.credentials.s3` keys (`S3Credentials` attributes) and the variables the AWS SDKs (botocore,
+hence s3fs) read them from."""
 
 
 def _secret_env(name: str, secret: str, key: str) -> Body:
@@ -232,78 +232,68 @@ def _secret_env(name: str, secret: str, key: str) -> Body:
     return {"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key, "optional": False}}}
 
 
-MLFLOW_ENV_KEYS = (("tokenKey", process.ENV_MLFLOW_TOKEN), ("usernameKey", process.ENV_MLFLOW_USERNAME),
-                   ("passwordKey", process.ENV_MLFLOW_PASSWORD))
-"""`spec.credentials.mlflow` keys and the variables the trainer's MLflow client reads them from."""
+MLFLOW_ENV_KEYS = (("token_key", process.ENV_MLFLOW_TOKEN),
+                   ("username_key", process.ENV_MLFLOW_USERNAME),
+                   ("password_key", process.ENV_MLFLOW_PASSWORD))
+"""`spec.credentials.mlflow` keys (`MlflowCredentials` attributes) and the variables the trainer's
+MLflow client reads them from."""
 MLFLOW_DEFAULT_TOKEN_KEY = "token"
 
 
-def mlflow_credential_env(spec: Body) -> list[Body]:
+def mlflow_credential_env(spec: FineTuneJobSpec) -> list[Body]:
     """The tracking server's credentials (`spec.credentials.mlflow`), by reference: trainer pods only
     (the only ones that talk to it). A token, or user name and password; none named: the key `token`."""
-    credentials = spec.get("credentials") or {}
-    mlflow = credentials.get("mlflow") if isinstance(credentials, dict) else None
-    if not isinstance(mlflow, dict) or not mlflow.get("secretName"):
+    mlflow = spec.credential_settings().mlflow
+    if mlflow is None:
         return []
-    keys = {field: mlflow[field] for field, _ in MLFLOW_ENV_KEYS if mlflow.get(field)}
+    keys = {field: str(getattr(mlflow, field)) for field, _ in MLFLOW_ENV_KEYS if getattr(mlflow, field)}
     if not keys:
-        keys = {"tokenKey": MLFLOW_DEFAULT_TOKEN_KEY}
-    return [_secret_env(variable, mlflow["secretName"], keys[field]) for field, variable in MLFLOW_ENV_KEYS
+        keys = {"token_key": MLFLOW_DEFAULT_TOKEN_KEY}
+    return [_secret_env(variable, mlflow.secret_name, keys[field]) for field, variable in MLFLOW_ENV_KEYS
             if field in keys]
 
 
-def credential_env(spec: Body, limits: NamespaceLimits = DEFAULT_LIMITS) -> list[Body]:
+def credential_env(spec: FineTuneJobSpec, limits: NamespaceLimits = DEFAULT_LIMITS) -> list[Body]:
     """Environment from `spec.credentials`: each value by reference to the user's Secret, never copied;
     plus the platform's hub mirror (`hfEndpoint`)."""
-    credentials = spec.get("credentials") or {}
+    credentials = spec.credential_settings()
     env: list[Body] = []
     if limits.hf_endpoint:
         env.append({"name": HF_ENDPOINT_ENV, "value": limits.hf_endpoint})
-    hub = credentials.get("hub") if isinstance(credentials, dict) else None
-    if isinstance(hub, dict) and hub.get("secretName"):
-        env.append(_secret_env(HF_TOKEN_ENV, hub["secretName"], hub.get("tokenKey") or "token"))
-    s3 = credentials.get("s3") if isinstance(credentials, dict) else None
-    if isinstance(s3, dict) and s3.get("secretName"):
+    if credentials.hub is not None:
+        env.append(_secret_env(HF_TOKEN_ENV, credentials.hub.secret_name, credentials.hub.token_key))
+    s3 = credentials.s3
+    if s3 is not None:
         for field, variable in S3_ENV_KEYS:
-            key = s3.get(field) or S3_DEFAULT_KEYS.get(field)
+            key = getattr(s3, field)
             if key:
-                env.append(_secret_env(variable, s3["secretName"], key))
+                env.append(_secret_env(variable, s3.secret_name, str(key)))
     return env
 
 
-def service_account(spec: Body) -> Body:
+def service_account(spec: FineTuneJobSpec) -> Body:
     """`serviceAccountName` for workload identity (`spec.credentials.serviceAccountName`), else nothing.
     The API token stays unmounted: cloud identity webhooks project their own token, and the trainer
     never talks to the Kubernetes API."""
-    credentials = spec.get("credentials") or {}
-    name = credentials.get("serviceAccountName") if isinstance(credentials, dict) else None
-    return {"serviceAccountName": name} if isinstance(name, str) and name else {}
+    name = spec.credential_settings().service_account_name
+    return {"serviceAccountName": name} if name else {}
 
 
-def gpu_count(spec: Body) -> int:
-    """GPUs per trainer pod: `spec.resources.gpus` (an int; "auto" = 1; omitted = 0)."""
-    gpus = (spec.get("resources") or {}).get("gpus", 0)
-    if gpus == AUTO:
-        return 1
-    if isinstance(gpus, bool) or not isinstance(gpus, int) or gpus < 0:
-        return 0
-    return gpus
-
-
-def trainer_resources(spec: Body, defaults: NamespaceLimits = DEFAULT_LIMITS) -> Body:
-    """Requests and limits of the trainer container: CPU, memory and `nvidia.com/gpu`; CPU and memory
-    the spec leaves out come from the policy's `defaultCpu`/`defaultMemory`."""
-    resources = spec.get("resources") or {}
+def trainer_resources(spec: FineTuneJobSpec, defaults: NamespaceLimits = DEFAULT_LIMITS) -> Body:
+    """Requests and limits of the trainer container: CPU, memory and `nvidia.com/gpu`
+    (`ResourcesSpec.gpu_count`); CPU and memory the spec leaves out come from the policy's
+    `defaultCpu`/`defaultMemory`."""
+    resources = spec.resource_settings()
     requests: dict[str, Any] = {}
     limits: dict[str, Any] = {}
-    cpu = resources.get("cpu") if resources.get("cpu") not in (None, "") else defaults.default_cpu
-    memory = resources.get("memory") if resources.get("memory") not in (None, "") else defaults.default_memory
+    cpu = resources.cpu if resources.cpu is not None else defaults.default_cpu
+    memory = resources.memory if resources.memory is not None else defaults.default_memory
     if cpu:
         requests["cpu"] = str(cpu)
     if memory:
         requests["memory"] = str(memory)
         limits["memory"] = str(memory)
-    gpus = gpu_count(spec)
+    gpus = resources.gpu_count()
     if gpus:
         # Extended resources cannot be overcommitted: requests must equal limits. Quantities are strings.
         requests[GPU_RESOURCE] = str(gpus)
@@ -316,9 +306,10 @@ def trainer_resources(spec: Body, defaults: NamespaceLimits = DEFAULT_LIMITS) ->
     return result
 
 
-def _tolerations(spec: Body) -> list[Body]:
-    tolerations = [dict(t) for t in ((spec.get("resources") or {}).get("tolerations") or [])]
-    if gpu_count(spec) and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
+def _tolerations(resources: ResourcesSpec, *, include_gpu_toleration: bool) -> list[Body]:
+    """`resources.tolerations` as a pod's, plus (trainer pods with GPUs) the GPU nodes' usual taint."""
+    tolerations: list[Body] = [apischema.to_dict(t) for t in resources.tolerations or []]
+    if include_gpu_toleration and resources.gpu_count() and not any(t.get("key") == GPU_RESOURCE for t in tolerations):
         # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule.
         tolerations.append({"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"})
     return tolerations
@@ -334,31 +325,15 @@ LAUNCHER_MODULE = "kubetune.trainer.launch"
 RENDEZVOUS_PORT_NAME = "rendezvous"
 
 
-def node_count(spec: Body) -> int:
-    """Trainer pods of the run: `spec.resources.nodes` (default 1)."""
-    nodes = (spec.get("resources") or {}).get("nodes", 1)
-    return nodes if isinstance(nodes, int) and not isinstance(nodes, bool) and nodes >= 1 else 1
-
-
-def job_gpus(spec: Body) -> int:
-    """GPUs the whole run holds: per pod × pods (what quotas count)."""
-    return gpu_count(spec) * node_count(spec)
-
-
-def world_size(spec: Body) -> int:
-    """Training processes of the run: one per GPU of each pod (one per CPU pod) × pods."""
-    return max(1, gpu_count(spec)) * node_count(spec)
-
-
-def distributed_env(job: Body) -> list[Body]:
+def distributed_env(job: Body, spec: FineTuneJobSpec) -> list[Body]:
     """The world's shape for `kubetune.trainer.launch`, from the same numbers as the pod's resources:
     processes = the `nvidia.com/gpu` limit (1 on CPU), nodes = `resources.nodes`; with several pods,
     rank 0's address is pod index 0's DNS name under the headless rendezvous Service."""
-    spec = job.get("spec") or {}
-    gpus = gpu_count(spec)
+    resources = spec.resource_settings()
+    gpus = resources.gpu_count()
     env = [{"name": process.ENV_NUM_PROCESSES, "value": str(max(1, gpus))},
            {"name": process.ENV_DEVICE, "value": "gpu" if gpus else "cpu"}]
-    nodes = node_count(spec)
+    nodes = resources.nodes
     if nodes > 1:
         job_name = job["metadata"]["name"]
         env += [
@@ -389,10 +364,8 @@ def rendezvous_service(job: Body) -> Body:
     }
 
 
-def _pod_spec(job: Body, rendered: render.RenderedConfig, container: Body, *, grace: int,
-              limits: NamespaceLimits) -> Body:
-    spec = job.get("spec") or {}
-    resources = spec.get("resources") or {}
+def _pod_spec(job: Body, spec: FineTuneJobSpec, rendered: render.RenderedConfig, container: Body, *,
+              grace: int, limits: NamespaceLimits) -> Body:
     pod: Body = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
@@ -402,18 +375,18 @@ def _pod_spec(job: Body, rendered: render.RenderedConfig, container: Body, *, gr
         "containers": [container],
         "volumes": _volumes(rendered, job["metadata"]["name"], limits),
     } | service_account(spec)
-    return pod | _placement(resources, spec, include_gpu_toleration=container["name"] == TRAINER_CONTAINER)
+    return pod | _placement(spec.resource_settings(), include_gpu_toleration=container["name"] == TRAINER_CONTAINER)
 
 
-def _placement(resources: Body, spec: Body, *, include_gpu_toleration: bool) -> Body:
+def _placement(resources: ResourcesSpec, *, include_gpu_toleration: bool) -> Body:
     placement: Body = {}
-    if resources.get("nodeSelector"):
-        placement["nodeSelector"] = dict(resources["nodeSelector"])
-    tolerations = _tolerations(spec) if include_gpu_toleration else list(resources.get("tolerations") or [])
+    if resources.node_selector:
+        placement["nodeSelector"] = dict(resources.node_selector)
+    tolerations = _tolerations(resources, include_gpu_toleration=include_gpu_toleration)
     if tolerations:
         placement["tolerations"] = tolerations
-    if resources.get("priorityClassName"):
-        placement["priorityClassName"] = resources["priorityClassName"]
+    if resources.priority_class_name:
+        placement["priorityClassName"] = resources.priority_class_name
     return placement
 
 
@@ -434,7 +407,7 @@ def _container(name: str, image: str, pull_policy: str, command: list[str], env:
     }
 
 
-def validation_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSettings,
+def validation_job(job: Body, spec: FineTuneJobSpec, rendered: render.RenderedConfig, settings: OperatorSettings,
                    limits: NamespaceLimits = DEFAULT_LIMITS) -> Body:
     """The accelerator-free Job that runs `--validate-only` before any GPU is held."""
     name = names.validation_job(job["metadata"]["name"])
@@ -444,7 +417,7 @@ def validation_job(job: Body, rendered: render.RenderedConfig, settings: Operato
     }
     container = _container(VALIDATION_CONTAINER, settings.trainer_image, settings.image_pull_policy,
                            _trainer_command("--validate-only"),
-                           _scratch_env() + credential_env(job.get("spec") or {}, limits), resources, rendered,
+                           _scratch_env() + credential_env(spec, limits), resources, rendered,
                            writes_output=False)
     metadata = _metadata(job, name, COMPONENT_VALIDATION)
     metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(rendered)}
@@ -458,7 +431,7 @@ def validation_job(job: Body, rendered: render.RenderedConfig, settings: Operato
             "podFailurePolicy": _pod_failure_policy(VALIDATION_CONTAINER),
             "template": {
                 "metadata": {"labels": labels(job, COMPONENT_VALIDATION)},
-                "spec": _pod_spec(job, rendered, container, grace=30, limits=limits),
+                "spec": _pod_spec(job, spec, rendered, container, grace=30, limits=limits),
             },
         },
     }
@@ -475,13 +448,6 @@ def _pod_failure_policy(container: str) -> Body:
     ]}
 
 
-def backoff_limit(spec: Body) -> int:
-    """Retries of retryable trainer failures (`spec.backoffLimit`, default 3)."""
-    value = spec.get("backoffLimit")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 \
-        else DEFAULT_BACKOFF_LIMIT
-
-
 def trainer_env(job: Body, settings: OperatorSettings) -> list[Body]:
     """Identity, attempt and progress-endpoint environment of the trainer container."""
     env = _scratch_env()
@@ -496,7 +462,7 @@ def trainer_env(job: Body, settings: OperatorSettings) -> list[Body]:
     return env
 
 
-def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSettings, *,
+def trainer_job(job: Body, spec: FineTuneJobSpec, rendered: render.RenderedConfig, settings: OperatorSettings, *,
                 admitted: bool = True, limits: NamespaceLimits = DEFAULT_LIMITS) -> Body:
     """The training Job; created suspended when the user suspended the job, when a Kueue queue
     admits it, or when the namespace's quota has no room yet (`admitted=False`).
@@ -509,18 +475,17 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
     others' collectives, so they fail too and every index is retried: the ranks meet again through
     the rendezvous Service and resume from the same checkpoint.
     """
-    spec = job.get("spec") or {}
     name = names.trainer_job(job["metadata"]["name"])
-    limit = backoff_limit(spec)
+    limit = spec.backoff_limit
     container = _container(TRAINER_CONTAINER, settings.trainer_image, settings.image_pull_policy,
                            _trainer_command(module=LAUNCHER_MODULE),
                            trainer_env(job, settings) + credential_env(spec, limits) + mlflow_credential_env(spec)
-                           + distributed_env(job),
+                           + distributed_env(job, spec),
                            trainer_resources(spec, limits), rendered, writes_output=True)
-    nodes = node_count(spec)
+    nodes = spec.resource_settings().nodes
     metadata = _metadata(job, name, COMPONENT_TRAINER)
     metadata["annotations"] = {ANNOTATION_CONFIG_HASH: config_hash(rendered)}
-    queue = (spec.get("resources") or {}).get("queueName")
+    queue = spec.resource_settings().queue_name
     if queue:
         metadata["labels"][LABEL_QUEUE] = queue
     job_spec: Body = {
@@ -534,16 +499,16 @@ def trainer_job(job: Body, rendered: render.RenderedConfig, settings: OperatorSe
         "podReplacementPolicy": "Failed",
         "podFailurePolicy": _pod_failure_policy(TRAINER_CONTAINER),
         # Kueue admits a queued job by unsuspending it.
-        "suspend": bool(spec.get("suspend")) or bool(queue) or not admitted,
+        "suspend": spec.suspend or bool(queue) or not admitted,
         "template": {
             "metadata": {"labels": labels(job, COMPONENT_TRAINER)},
-            "spec": _pod_spec(job, rendered, container, grace=TRAINER_GRACE_SECONDS, limits=limits),
+            "spec": _pod_spec(job, spec, rendered, container, grace=TRAINER_GRACE_SECONDS, limits=limits),
         },
     }
     if nodes > 1:
         job_spec["template"]["spec"]["subdomain"] = names.rendezvous(job["metadata"]["name"])
-    if isinstance(spec.get("activeDeadlineSeconds"), int) and spec["activeDeadlineSeconds"] > 0:
-        job_spec["activeDeadlineSeconds"] = spec["activeDeadlineSeconds"]
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
     return {"apiVersion": "batch/v1", "kind": "Job", "metadata": metadata, "spec": job_spec}
 
 
@@ -568,11 +533,9 @@ VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 """The values vLLM's `--max-lora-rank` accepts."""
 
 
-def vllm_max_lora_rank(job: Body) -> int:
-    """The smallest `--max-lora-rank` vLLM accepts that holds `spec.method.lora.rank` (default 8)."""
-    lora = ((job.get("spec") or {}).get("method") or {}).get("lora") or {}
-    rank = lora.get("rank", 8) if isinstance(lora, dict) else 8
-    rank = rank if isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 else 8
+def vllm_max_lora_rank(spec: FineTuneJobSpec) -> int:
+    """The smallest `--max-lora-rank` vLLM accepts that holds `spec.method.lora.rank`."""
+    rank = spec.method.lora_settings().rank
     return next((allowed for allowed in VLLM_LORA_RANKS if allowed >= rank), VLLM_LORA_RANKS[-1])
 
 
@@ -586,11 +549,6 @@ BUILTIN_API_KEY_ENV = "KUBETUNE_SERVE_API_KEY"
 """The built-in server requires this key as a bearer token when the variable is set."""
 VLLM_API_KEY_ENV = "VLLM_API_KEY"
 """vLLM's `--api-key` default; set from the Secret so the key never appears on a command line."""
-
-
-def serving_auth(job: Body) -> str:
-    """`spec.serving.auth`: `apiKey` (default) or `none`."""
-    return str(serving_spec(job).get("auth") or AUTH_API_KEY)
 
 
 def serving_key_secret(job: Body, key: str) -> Body:
@@ -614,11 +572,11 @@ SERVING_ADAPTERS_FILE = "adapters.json"
 """Its one entry: `{"adapters": [{"name", "path"}]}`, the server's `--adapter-config` format."""
 
 
-def serving_takes_adapters(job: Body) -> bool:
+def serving_takes_adapters(spec: FineTuneJobSpec) -> bool:
     """True when other jobs' adapters can be loaded into this job's serving pods while they run
     (`shareWith`): the builtin server over an unmerged adapter, i.e. over the base they apply to.
     vLLM takes them as `--lora-modules` (a change rolls its pods)."""
-    return serving_runtime(job) == RUNTIME_BUILTIN and render.saves_adapter(job.get("spec") or {})
+    return spec.serving_settings().runtime == RUNTIME_BUILTIN and spec.method.saves_adapter()
 
 
 def serving_adapters_config_map(job: Body, adapters: Sequence[tuple[str, str]]) -> Body:
@@ -638,51 +596,27 @@ def api_key_digest(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def serving_spec(job: Body) -> Body:
-    """`spec.serving`, or {} when absent."""
-    serving = (job.get("spec") or {}).get("serving")
-    return serving if isinstance(serving, dict) else {}
-
-
-def serving_replicas(job: Body) -> int:
-    """`spec.serving.replicas` (default 1)."""
-    replicas = serving_spec(job).get("replicas", 1)
-    return replicas if isinstance(replicas, int) and not isinstance(replicas, bool) and replicas >= 0 else 1
-
-
-def serving_runtime(job: Body) -> str:
-    """`spec.serving.runtime`: `builtin` (default) or `vllm`."""
-    return str(serving_spec(job).get("runtime") or RUNTIME_BUILTIN)
-
-
-def serving_image(job: Body, settings: OperatorSettings) -> str:
+def serving_image(spec: FineTuneJobSpec, settings: OperatorSettings) -> str:
     """`spec.serving.image`, else the trainer image (builtin) or the operator's pinned vLLM image."""
-    image = serving_spec(job).get("image")
-    if isinstance(image, str) and image.strip():
-        return image.strip()
-    return settings.vllm_image if serving_runtime(job) == RUNTIME_VLLM else settings.trainer_image
+    serving = spec.serving_settings()
+    if serving.image and serving.image.strip():
+        return serving.image.strip()
+    return settings.vllm_image if serving.runtime == RUNTIME_VLLM else settings.trainer_image
 
 
-def serving_gpu_count(job: Body) -> int:
-    """GPUs per serving replica; vLLM always gets at least one (it cannot run without)."""
-    gpus = (serving_spec(job).get("resources") or {}).get("gpus", 0)
-    count = gpus if isinstance(gpus, int) and not isinstance(gpus, bool) and gpus > 0 else 0
-    return max(count, 1) if serving_runtime(job) == RUNTIME_VLLM else count
-
-
-def serving_resources(job: Body, defaults: NamespaceLimits = DEFAULT_LIMITS) -> Body:
-    """Requests and limits per serving replica (`spec.serving.resources`; CPU and memory left out come
-    from the policy's `defaultCpu`/`defaultMemory`)."""
-    resources = serving_spec(job).get("resources") or {}
+def serving_resources(spec: FineTuneJobSpec, defaults: NamespaceLimits = DEFAULT_LIMITS) -> Body:
+    """Requests and limits per serving replica (`spec.serving.resources`; GPUs from
+    `ServingSpec.gpu_count`; CPU and memory left out come from the policy's `defaultCpu`/`defaultMemory`)."""
+    resources = spec.serving_settings().resource_settings()
     requests: dict[str, str] = {}
     limits: dict[str, str] = {}
-    cpu = resources.get("cpu") if resources.get("cpu") not in (None, "") else defaults.default_cpu
-    memory = resources.get("memory") if resources.get("memory") not in (None, "") else defaults.default_memory
+    cpu = resources.cpu if resources.cpu is not None else defaults.default_cpu
+    memory = resources.memory if resources.memory is not None else defaults.default_memory
     if cpu:
         requests["cpu"] = str(cpu)
     if memory:
         requests["memory"] = limits["memory"] = str(memory)
-    gpus = serving_gpu_count(job)
+    gpus = spec.serving_settings().gpu_count()
     if gpus:
         requests[GPU_RESOURCE] = limits[GPU_RESOURCE] = str(gpus)
     result: Body = {}
@@ -707,12 +641,13 @@ def _http_probe(path: str, *, period: int, failures: int, delay: int = 0) -> Bod
     return probe
 
 
-def _serving_container(job: Body, model: render.ModelLocation, settings: OperatorSettings,
+def _serving_container(job: Body, spec: FineTuneJobSpec, model: render.ModelLocation, settings: OperatorSettings,
                        defaults: NamespaceLimits, guests: Sequence[tuple[str, str]] = ()) -> Body:
     job_name = job["metadata"]["name"]
-    runtime = serving_runtime(job)
+    serving = spec.serving_settings()
+    runtime = serving.runtime
     env = _scratch_env()
-    container: Body = {"name": SERVING_CONTAINER, "image": serving_image(job, settings),
+    container: Body = {"name": SERVING_CONTAINER, "image": serving_image(spec, settings),
                        "imagePullPolicy": settings.image_pull_policy}
     if runtime == RUNTIME_VLLM:
         # The image's entrypoint is the vLLM OpenAI server; only its arguments are ours.
@@ -723,9 +658,9 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
             args = ["--model", model.base_path, "--served-model-name", f"{job_name}{VLLM_BASE_SUFFIX}",
                     "--enable-lora", "--lora-modules", f"{job_name}={model.path}",
                     *[f"{name}={path}" for name, path in sorted(guests)],
-                    "--max-lora-rank", str(vllm_max_lora_rank(job))]
+                    "--max-lora-rank", str(vllm_max_lora_rank(spec))]
         args += ["--host", "0.0.0.0", "--port", str(SERVING_PORT)]
-        gpus = serving_gpu_count(job)
+        gpus = serving.gpu_count()
         if gpus > 1:
             args += ["--tensor-parallel-size", str(gpus)]
         container["args"] = args
@@ -734,15 +669,15 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
         container["command"] = ["python", "-m", "kubetune.trainer.serve", "--model", model.path,
                                 "--host", "$(POD_IP)", "--port", str(SERVING_PORT),
                                 "--served-model-name", job_name]
-        if serving_takes_adapters(job):
+        if serving_takes_adapters(spec):
             container["command"] += ["--adapter-config", f"{SERVING_ADAPTERS_DIR}/{SERVING_ADAPTERS_FILE}"]
         # Binding the pod IP is valid in any cluster, and lets a local node give each pod its own address.
         env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}] + env
         health, ready = "/healthz", "/readyz"
-    if serving_auth(job) == AUTH_API_KEY:
+    if serving.auth == AUTH_API_KEY:
         env = env + [{"name": VLLM_API_KEY_ENV if runtime == RUNTIME_VLLM else BUILTIN_API_KEY_ENV,
                       "valueFrom": {"secretKeyRef": {"name": names.serving_key(job_name), "key": SERVING_KEY_ENTRY}}}]
-    env = env + credential_env(job.get("spec") or {}, defaults)
+    env = env + credential_env(spec, defaults)
     mounts: list[Body] = [{"name": SCRATCH_VOLUME, "mountPath": "/tmp"}]
     if runtime == RUNTIME_VLLM:
         mounts.append({"name": SHM_VOLUME, "mountPath": "/dev/shm"})
@@ -750,7 +685,7 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
         mounts.append({"name": MODEL_VOLUME, "mountPath": render.SERVING_MODEL_DIR, "readOnly": True})
     mounts += [{"name": claim_volume_name(claim), "mountPath": f"{render.PVC_MOUNT_ROOT}/{claim}",
                 "readOnly": True} for claim in model.claims]
-    if serving_takes_adapters(job):
+    if serving_takes_adapters(spec):
         mounts.append({"name": SERVING_ADAPTERS_VOLUME, "mountPath": SERVING_ADAPTERS_DIR, "readOnly": True})
     container |= {
         "env": env,
@@ -759,20 +694,21 @@ def _serving_container(job: Body, model: render.ModelLocation, settings: Operato
         "startupProbe": _http_probe(health, period=10, failures=SERVING_STARTUP_SECONDS // 10),
         "readinessProbe": _http_probe(ready, period=5, failures=3),
         "livenessProbe": _http_probe(health, period=20, failures=3),
-        "resources": serving_resources(job, defaults),
+        "resources": serving_resources(spec, defaults),
         "securityContext": container_security_context(),
         "volumeMounts": mounts,
     }
     return container
 
 
-def _serving_volumes(job: Body, model: render.ModelLocation, defaults: NamespaceLimits) -> list[Body]:
+def _serving_volumes(job: Body, spec: FineTuneJobSpec, model: render.ModelLocation,
+                     defaults: NamespaceLimits) -> list[Body]:
     volumes: list[Body] = [scratch_volume(defaults)]
-    if serving_runtime(job) == RUNTIME_VLLM:
+    if spec.serving_settings().runtime == RUNTIME_VLLM:
         volumes.append({"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}})
     volumes += [{"name": claim_volume_name(claim),
                  "persistentVolumeClaim": {"claimName": claim, "readOnly": True}} for claim in model.claims]
-    if serving_takes_adapters(job):
+    if serving_takes_adapters(spec):
         # Optional: the server reads a missing file as "no adapters", so the pod never waits for it.
         volumes.append({"name": SERVING_ADAPTERS_VOLUME, "configMap": {
             "name": names.serving_adapters(job["metadata"]["name"]), "optional": True}})
@@ -785,7 +721,7 @@ MODEL_VOLUME = "model"
 FETCH_MODEL_CONTAINER = "fetch-model"
 
 
-def _model_download_container(job: Body, model: render.ModelLocation, settings: OperatorSettings,
+def _model_download_container(spec: FineTuneJobSpec, model: render.ModelLocation, settings: OperatorSettings,
                               defaults: NamespaceLimits) -> Body:
     """The serving pod's init container for a model in object storage: the trainer image downloads it
     (credentials by reference, as in the trainer) into an emptyDir the server then reads."""
@@ -794,16 +730,16 @@ def _model_download_container(job: Body, model: render.ModelLocation, settings: 
         "image": settings.trainer_image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": ["python", "-m", "kubetune.trainer.objectstore", model.uri, render.SERVING_MODEL_DIR],
-        "env": _scratch_env() + credential_env(job.get("spec") or {}, defaults),
-        "resources": serving_resources(job, defaults),
+        "env": _scratch_env() + credential_env(spec, defaults),
+        "resources": serving_resources(spec, defaults),
         "securityContext": container_security_context(),
         "volumeMounts": [{"name": SCRATCH_VOLUME, "mountPath": "/tmp"},
                          {"name": MODEL_VOLUME, "mountPath": render.SERVING_MODEL_DIR}],
     }
 
 
-def serving_deployment(job: Body, model: render.ModelLocation, digest: str, settings: OperatorSettings,
-                       defaults: NamespaceLimits = DEFAULT_LIMITS, key_digest: str = "",
+def serving_deployment(job: Body, spec: FineTuneJobSpec, model: render.ModelLocation, digest: str,
+                       settings: OperatorSettings, defaults: NamespaceLimits = DEFAULT_LIMITS, key_digest: str = "",
                        guests: Sequence[tuple[str, str]] = ()) -> Body:
     """The Deployment that serves the finished model (runtime `builtin` or `vllm`).
 
@@ -819,19 +755,19 @@ def serving_deployment(job: Body, model: render.ModelLocation, digest: str, sett
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": SERVING_GRACE_SECONDS,
         "securityContext": pod_security_context(),
-        "containers": [_serving_container(job, model, settings, defaults, guests)],
-        "volumes": _serving_volumes(job, model, defaults),
-    } | service_account(job.get("spec") or {})
+        "containers": [_serving_container(job, spec, model, settings, defaults, guests)],
+        "volumes": _serving_volumes(job, spec, model, defaults),
+    } | service_account(spec)
     if model.uri.startswith("s3://"):
-        pod["initContainers"] = [_model_download_container(job, model, settings, defaults)]
-    if serving_gpu_count(job):
+        pod["initContainers"] = [_model_download_container(spec, model, settings, defaults)]
+    if spec.serving_settings().gpu_count():
         pod["tolerations"] = [{"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}]
     manifest: Body = {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": _metadata(job, name, COMPONENT_SERVING),
         "spec": {
-            "replicas": serving_replicas(job),
+            "replicas": spec.serving_settings().replicas,
             "selector": {"matchLabels": serving_selector(job)},
             # Never more model copies in memory than asked for, but no gap in serving either.
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},

@@ -29,6 +29,8 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from kubetune.api.finetunejob import FineTuneJobSpec, ResourcesSpec
+
 GIB = 1024**3
 MIB = 1024**2
 
@@ -668,47 +670,45 @@ def _int_or(value: Any, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
 
 
-def shape_for(spec: Mapping[str, Any], resolved: Mapping[str, Any], device: Literal["gpu", "cpu"]) -> TrainingShape:
+def shape_for(spec: FineTuneJobSpec, resolved: Mapping[str, Any], device: Literal["gpu", "cpu"]) -> TrainingShape:
     """The training shape of a FineTuneJob spec, with `resolved` = the trainer's resolved
     {epochs, batchSize, maxSeqLength} for that device."""
-    method = spec.get("method") or {}
-    training = spec.get("training") or {}
-    precision = str(training.get("precision") or "auto")
-    if precision == "auto":
-        precision = "bf16" if device == "gpu" else "fp32"
+    precision = spec.training.precision
     return TrainingShape(
-        method="full" if method.get("type") == "full" else "lora",
-        lora_rank=_int_or((method.get("lora") or {}).get("rank"), 8),
-        precision=precision,  # type: ignore[arg-type]
+        method=spec.method.type,
+        lora_rank=spec.method.lora_settings().rank,
+        precision=("bf16" if device == "gpu" else "fp32") if precision == "auto" else precision,
         seq_length=_int_or(resolved.get("maxSeqLength"), 1024),
         micro_batch=_int_or(resolved.get("batchSize"), 1),
-        gradient_checkpointing=bool(training.get("gradientCheckpointing")),
+        gradient_checkpointing=spec.training.gradient_checkpointing,
         device=device,
-        strategy="fsdp" if training.get("strategy") == "fsdp" else "ddp",
-        world_size=world_size_of(spec) if device == "gpu" else 1,
+        strategy=spec.training.strategy,
+        world_size=spec.resource_settings().world_size() if device == "gpu" else 1,
     )
 
 
-def world_size_of(spec: Mapping[str, Any]) -> int:
-    """GPUs of the run as the spec asks (`gpus` per pod × `nodes`; `auto` counts as one per pod)."""
-    resources = spec.get("resources") or {}
-    gpus = resources.get("gpus")
-    return max(1, _int_or(gpus, 1) if gpus != "auto" else 1) * _int_or(resources.get("nodes"), 1)
-
-
-def request_of(spec: Mapping[str, Any]) -> Request:
+def request_of(spec: FineTuneJobSpec) -> Request:
     """What `spec.resources` asks for."""
-    resources = spec.get("resources") or {}
-    gpus = resources.get("gpus")
-    memory = resources.get("memory")
+    resources = spec.resource_settings()
     return Request(
-        gpus="auto" if gpus == "auto" else _int_or(gpus, 0),
-        memory_bytes=quantity_bytes(memory) if memory not in (None, "") else 0,
-        node_selector=dict(resources.get("nodeSelector") or {}),
+        gpus="auto" if resources.gpus_auto else resources.gpu_count(),
+        memory_bytes=quantity_bytes(resources.memory) if resources.memory is not None else 0,
+        node_selector=dict(resources.node_selector or {}),
     )
 
 
-def plan_for_job(spec: Mapping[str, Any], sizing: Mapping[str, Any], *, gpu_types: Sequence[GpuType] = (),
+def with_resolved_gpus(resources: ResourcesSpec, known_gpus: Any, default: int) -> ResourcesSpec:
+    """`resources` with `gpus: auto` replaced by the operator's choice: `known_gpus` (the estimate's,
+    `status.estimate.gpus`) when it is a count, else `default`. Any other request is returned as it is.
+    Every reader of a job's GPUs after its estimate (the trainer Job, the quota) goes through this."""
+    if not resources.gpus_auto:
+        return resources
+    chosen = known_gpus if isinstance(known_gpus, int) and not isinstance(known_gpus, bool) and known_gpus >= 0 \
+        else default
+    return dataclasses.replace(resources, gpus=chosen)
+
+
+def plan_for_job(spec: FineTuneJobSpec, sizing: Mapping[str, Any], *, gpu_types: Sequence[GpuType] = (),
                  target_seconds: float = 0.0) -> Plan:
     """The plan for a FineTuneJob spec from the validation pod's sizing report."""
     facts = facts_from_sizing(sizing)

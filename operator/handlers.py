@@ -324,7 +324,11 @@ def _update_metrics(observed: reconcile.Observed, decision: reconcile.Decision) 
     METRICS.observe_results(namespace, name, status.get("results"))
     before = list((observed.job.get("status") or {}).get("conditions") or [])
     finished = conditions.is_true(found, conditions.SUCCEEDED) or conditions.is_true(found, conditions.FAILED)
-    serving = builders.serving_spec(observed.job).get("enabled") and conditions.is_true(found, conditions.SUCCEEDED)
+    # Whether the job serves, from its own condition (the reconcile read the typed spec): ServingDisabled
+    # says spec.serving.enabled is false.
+    serving_ready = conditions.find(found, conditions.SERVING_READY)
+    serving = conditions.is_true(found, conditions.SUCCEEDED) and serving_ready is not None \
+        and serving_ready.get("reason") != conditions.SERVING_DISABLED
     METRICS.observe_health(namespace, name, attempts=None if finished else int(status.get("attempts") or 0),
                            stalled=None if finished or conditions.find(found, conditions.STALLED) is None
                            else conditions.is_true(found, conditions.STALLED),

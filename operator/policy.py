@@ -52,6 +52,7 @@ from typing import Any
 
 import yaml
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator.estimate import GpuType
 
 API_VERSION = "kubetune.io/v1alpha1"
@@ -160,11 +161,11 @@ class NamespaceLimits:
     def claim_writable(self, claim: str) -> bool:
         return "*" in self.writable_claims or claim in self.writable_claims
 
-    def toleration_allowed(self, toleration: Mapping[str, Any]) -> bool:
-        """`key` entries allow every effect of that key; `key:Effect` only that effect."""
+    def toleration_allowed(self, key: str | None, effect: str | None) -> bool:
+        """A toleration of taint `key` (None: every taint) with `effect` (None: every effect): `key`
+        entries allow every effect of that key; `key:Effect` only that effect."""
         if "*" in self.allowed_tolerations:
             return True
-        key, effect = str(toleration.get("key") or ""), str(toleration.get("effect") or "")
         return bool(key) and (key in self.allowed_tolerations
                               or (bool(effect) and f"{key}:{effect}" in self.allowed_tolerations))
 
@@ -389,14 +390,14 @@ def load_policy(path: str) -> PlatformPolicy:
 
 # --- what a spec asks for against the policy ----------------------------------------------------
 
-def _claim_of(uri: Any) -> str:
+def _claim_of(uri: str) -> str:
     """The claim of a `pvc://<claim>/...` URI, else ""."""
-    if isinstance(uri, str) and uri.startswith("pvc://"):
+    if uri.startswith("pvc://"):
         return uri[len("pvc://"):].partition("/")[0]
     return ""
 
 
-def violations(spec: Mapping[str, Any], limits: NamespaceLimits, namespace: str,
+def violations(spec: FineTuneJobSpec, limits: NamespaceLimits, namespace: str,
                own_images: tuple[str, ...] = ()) -> list[str]:
     """Every part of a FineTuneJob spec the platform policy does not allow in `namespace`, each naming
     the field, the value and the policy rule (the same rules the chart's ValidatingAdmissionPolicy
@@ -407,43 +408,37 @@ def violations(spec: Mapping[str, Any], limits: NamespaceLimits, namespace: str,
     def listed(values: tuple[str, ...]) -> str:
         return ", ".join(values) if values else "none"
 
-    resources = spec.get("resources") or {}
-    resources = resources if isinstance(resources, Mapping) else {}
-    for index, toleration in enumerate(resources.get("tolerations") or []):
-        if isinstance(toleration, Mapping) and not limits.toleration_allowed(toleration):
-            shown = toleration.get("key") or "(no key: every taint)"
-            found.append(f"spec.resources.tolerations[{index}]: toleration of {shown!s}"
-                         f"{':' + str(toleration['effect']) if toleration.get('effect') else ''} is not allowed "
+    resources = spec.resource_settings()
+    for index, toleration in enumerate(resources.tolerations or []):
+        if not limits.toleration_allowed(toleration.key, toleration.effect):
+            shown = toleration.key or "(no key: every taint)"
+            found.append(f"spec.resources.tolerations[{index}]: toleration of {shown}"
+                         f"{':' + toleration.effect if toleration.effect else ''} is not allowed "
                          f"{where} (allowedTolerations: {listed(limits.allowed_tolerations)})")
-    selector = resources.get("nodeSelector") or {}
-    for label, value in (selector.items() if isinstance(selector, Mapping) else ()):
-        if not limits.node_selector_allowed(str(label), str(value)):
+    for label, value in (resources.node_selector or {}).items():
+        if not limits.node_selector_allowed(label, value):
             found.append(f"spec.resources.nodeSelector[{label}]: {label}={value} is not allowed {where} "
                          f"(allowedNodeSelectors: {listed(limits.allowed_node_selectors)})")
-    priority = resources.get("priorityClassName")
-    if isinstance(priority, str) and priority and not limits.priority_class_allowed(priority):
+    priority = resources.priority_class_name
+    if priority and not limits.priority_class_allowed(priority):
         found.append(f"spec.resources.priorityClassName: {priority!r} is not allowed {where} "
                      f"(allowedPriorityClasses: {listed(limits.allowed_priority_classes)})")
-    model = spec.get("model") or {}
-    if isinstance(model, Mapping) and model.get("trustRemoteCode") is True and not limits.allow_trust_remote_code:
+    if spec.model.trust_remote_code and not limits.allow_trust_remote_code:
         found.append(f"spec.model.trustRemoteCode: true is not allowed {where} (allowTrustRemoteCode: false)")
-    synthetic = (((spec.get("dataset") or {}).get("augmentation") or {}).get("synthetic") or {})
-    generator = synthetic.get("model") if isinstance(synthetic, Mapping) else None
-    if isinstance(generator, str) and generator and not limits.model_source_allowed(generator):
+    generator = spec.dataset.augmentation.synthetic.model
+    if generator and not limits.model_source_allowed(generator):
         found.append(f"spec.dataset.augmentation.synthetic.model: {generator!r} is not allowed {where} "
                      f"(allowedModelSources: {listed(limits.allowed_model_sources)})")
-    claim = _claim_of((spec.get("output") or {}).get("storage"))
+    claim = _claim_of(spec.output.storage)
     if claim and not limits.claim_writable(claim):
         found.append(f"spec.output.storage: claim {claim!r} may not be written {where} "
                      f"(writableClaims: {listed(limits.writable_claims)})")
-    account = ((spec.get("credentials") or {}).get("serviceAccountName")
-               if isinstance(spec.get("credentials"), Mapping) else None)
-    if isinstance(account, str) and account and not limits.service_account_allowed(account):
+    account = spec.credential_settings().service_account_name
+    if account and not limits.service_account_allowed(account):
         found.append(f"spec.credentials.serviceAccountName: {account!r} is not allowed {where} "
                      f"(allowedServiceAccounts: {listed(limits.allowed_service_accounts)})")
-    image = (spec.get("serving") or {}).get("image")
-    refusal = limits.serving_image_refusal(image.strip(), own_images, namespace) \
-        if isinstance(image, str) and image.strip() else ""
+    image = (spec.serving_settings().image or "").strip()
+    refusal = limits.serving_image_refusal(image, own_images, namespace) if image else ""
     if refusal:
         found.append(refusal)
     return found

@@ -12,6 +12,9 @@ Waiting jobs start oldest first (creation timestamp, then name). The queue is
 strict: when the oldest waiting job does not fit, younger ones wait behind it,
 so a large job is never starved by a stream of small ones. A job that can never
 fit (more GPUs than `maxGpusPerJob` or `maxTotalGpus`) waits without blocking.
+
+A job counts `ResourcesSpec.job_gpus` of its typed spec, `gpus: auto` resolved to the
+estimate's choice (`estimate.with_resolved_gpus`): the same number its trainer Job requests.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from kubetune.operator import builders, conditions
+from kubetune.api.finetunejob import FineTuneJobSpec
+from kubetune.api.schema import ValidationError
+from kubetune.operator import builders, conditions, estimate
 from kubetune.operator.policy import NamespaceLimits
 
 Body = dict[str, Any]
@@ -69,17 +74,17 @@ def trainer_finished(trainer: Body) -> bool:
     return False
 
 
-def queued(job: Body) -> bool:
+def queued(spec: FineTuneJobSpec) -> bool:
     """Whether the job names a Kueue queue (Kueue admits it, not this quota)."""
-    return bool(((job.get("spec") or {}).get("resources") or {}).get("queueName"))
+    return bool(spec.resource_settings().queue_name)
 
 
-def usage_of(job: Body, trainer: Body | None) -> Usage:
-    """How one FineTuneJob and its trainer Job (if any) count."""
+def usage_of(job: Body, spec: FineTuneJobSpec, trainer: Body | None) -> Usage:
+    """How one FineTuneJob (its metadata and status from `job`, its typed spec with `gpus: auto`
+    resolved) and its trainer Job (if any) count."""
     metadata = job.get("metadata") or {}
-    spec = job.get("spec") or {}
     finished = _finished(job) or (trainer is not None and trainer_finished(trainer))
-    exempt = queued(job) or finished
+    exempt = queued(spec) or finished
     holding = False
     waiting = False
     if not exempt:
@@ -91,9 +96,23 @@ def usage_of(job: Body, trainer: Body | None) -> Usage:
             validated = conditions.is_true(list((job.get("status") or {}).get("conditions") or []),
                                            conditions.VALIDATED)
             waiting = validated
-        waiting = waiting and not spec.get("suspend") and not metadata.get("deletionTimestamp")
+        waiting = waiting and not spec.suspend and not metadata.get("deletionTimestamp")
     return Usage(name=str(metadata.get("name", "")), created=str(metadata.get("creationTimestamp") or ""),
-                 gpus=builders.job_gpus(spec), holding=holding, waiting=waiting)
+                 gpus=spec.resource_settings().job_gpus(), holding=holding, waiting=waiting)
+
+
+def resolved_spec_of(job: Body) -> FineTuneJobSpec | None:
+    """Another job's typed spec with `gpus: auto` resolved to its `status.estimate.gpus` (one per pod
+    before its estimate: it neither waits nor holds until then); None when the spec does not parse
+    (its own reconcile fails it with InvalidSpec)."""
+    try:
+        spec = FineTuneJobSpec.from_dict(job.get("spec"))
+    except ValidationError:
+        return None
+    known = ((job.get("status") or {}).get("estimate") or {})
+    resources = estimate.with_resolved_gpus(spec.resource_settings(), known.get("gpus") if isinstance(known, dict)
+                                            else None, spec.resource_settings().gpu_count())
+    return dataclasses.replace(spec, resources=resources)
 
 
 def namespace_usage(jobs: tuple[Body, ...], trainers: tuple[Body, ...]) -> list[Usage]:
@@ -103,7 +122,18 @@ def namespace_usage(jobs: tuple[Body, ...], trainers: tuple[Body, ...]) -> list[
         owner = ((trainer.get("metadata") or {}).get("labels") or {}).get(builders.LABEL_INSTANCE)
         if owner:
             by_owner[owner] = trainer
-    return [usage_of(job, by_owner.get((job.get("metadata") or {}).get("name", ""))) for job in jobs]
+    found = []
+    for job in jobs:
+        metadata = job.get("metadata") or {}
+        resolved = resolved_spec_of(job)
+        if resolved is None:
+            # Counted as holding nothing: a spec that does not parse never gets a trainer Job (one made
+            # before a schema change is not counted until the job is fixed or ends).
+            found.append(Usage(name=str(metadata.get("name", "")), created=str(metadata.get("creationTimestamp") or ""),
+                               gpus=0, holding=False, waiting=False))
+            continue
+        found.append(usage_of(job, resolved, by_owner.get(metadata.get("name", ""))))
+    return found
 
 
 def never_fits(gpus: int, limits: NamespaceLimits) -> str:

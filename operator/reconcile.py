@@ -9,6 +9,9 @@ effect changes nothing more. `handlers` and `client` carry the decision out.
 
 The steps, in order:
 
+0. parse the spec once (`FineTuneJobSpec.from_dict`, the API server's defaults applied): every
+   step below reads the typed spec; one that does not parse (written before a schema change, or
+   past the CRD's schema) ends here, `Validated=False InvalidSpec` naming each bad field;
 1. finished jobs: only the TTL of training children and serving;
 2. render the spec into the trainer config (a bad spec ends here, `Validated=False`);
 3. the progress-token Secret and the config ConfigMap;
@@ -30,7 +33,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from kubetune.api import layout, process
-from kubetune.api.schema import AUTO
+from kubetune.api.finetunejob import FineTuneJobSpec, TrackingSpec
+from kubetune.api.schema import ValidationError
 from kubetune.operator import builders, conditions, estimate, names, quota, render, reports, usage
 from kubetune.operator.conditions import Condition
 from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy, violations
@@ -157,8 +161,13 @@ class _Draft:
         self.observed = observed
         job = observed.job
         self.metadata: Body = job.get("metadata") or {}
-        spec = job.get("spec")
-        self.spec: Body = spec if isinstance(spec, dict) else {}
+        self.parsed: FineTuneJobSpec | None = None
+        """The typed spec; None when it does not parse (`spec_problems` says why)."""
+        self.spec_problems: list[str] = []
+        try:
+            self.parsed = FineTuneJobSpec.from_dict(job.get("spec"))
+        except ValidationError as error:
+            self.spec_problems = error.problems
         self.status: Body = dict(job.get("status") or {})
         self.generation = int(self.metadata.get("generation") or 0)
         self.now = _rfc3339(observed.now)
@@ -176,6 +185,14 @@ class _Draft:
     @property
     def name(self) -> str:
         return str(self.metadata.get("name", ""))
+
+    @property
+    def spec(self) -> FineTuneJobSpec:
+        """The typed spec, parsed once per pass. `reconcile` stops before any step that reads it
+        when it did not parse (`_invalid_spec`)."""
+        if self.parsed is None:
+            raise RuntimeError("the spec did not parse: " + "; ".join(self.spec_problems))
+        return self.parsed
 
     def set(self, type_: str, status: conditions.Status, reason: str, message: str) -> None:
         self.conditions = conditions.set_condition(self.conditions, type_, status, reason, message,
@@ -225,6 +242,9 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
     if observed.foreign_children:
         _blocked_by_foreign_children(draft)
         return draft.decision()
+    if draft.parsed is None:
+        _invalid_spec(draft)
+        return draft.decision()
     if draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED):
         _expire_training_children(draft)
         _decide_serving(draft, settings, limits)
@@ -254,6 +274,25 @@ def reconcile(observed: Observed, settings: OperatorSettings, policy: PlatformPo
         _train(draft, rendered, settings, limits, policy)
     _decide_serving(draft, settings, limits)
     return draft.decision()
+
+
+# --- step 0: a spec that does not parse ---------------------------------------------------------
+
+def _invalid_spec(draft: _Draft) -> None:
+    """The spec does not fit the API's models (an object written before a schema change, or with the
+    CRD's schema bypassed): nothing of it can be trusted, so nothing is created. A running job ends
+    `Failed InvalidSpec`, naming every bad field, as a spec the trainer config rejects does; a finished
+    job keeps its outcome and its children (a later schema must not undo a finished run) and says,
+    in `Validated`, that the operator manages none of them until the spec is fixed."""
+    message = "; ".join(draft.spec_problems)[:4096]
+    if draft.is_true(conditions.SUCCEEDED) or draft.is_true(conditions.FAILED):
+        draft.set(conditions.VALIDATED, "False", conditions.INVALID_SPEC,
+                  f"{message} (the operator leaves this job's children as they are until the spec is fixed)"[:4096])
+        return
+    draft.set(conditions.VALIDATED, "False", conditions.INVALID_SPEC, message)
+    draft.finish(False, conditions.INVALID_SPEC, message)
+    _remove_serving(draft)
+    draft.set(conditions.SERVING_READY, "False", conditions.NO_MODEL, "training failed: no model to serve")
 
 
 # --- step 0: children this job does not own ---------------------------------------------------
@@ -340,9 +379,8 @@ def _with_source_job(draft: _Draft) -> Body | None:
     (`status.lineage`, once resolved, pins it: a later run of the source job changes nothing). None
     while the source job has not Succeeded (`Validated=False SourceJobNotReady`; looked at again)."""
     job = draft.observed.job
-    model = draft.spec.get("model") or {}
-    from_job = model.get("fromJob") if isinstance(model, dict) else None
-    if not isinstance(from_job, str) or not from_job:
+    from_job = draft.spec.model.from_job
+    if not from_job:
         return job
     lineage = _lineage(draft)
     if not lineage:
@@ -367,9 +405,7 @@ def _with_source_job(draft: _Draft) -> Body | None:
         assert source is not None
         lineage = source_lineage(source)
         draft.patch["lineage"] = lineage
-    method = draft.spec.get("method") or {}
-    if layout.is_adapter(str(lineage[-1].get("uri", ""))) and isinstance(method, dict) \
-            and method.get("type") == "full":
+    if layout.is_adapter(str(lineage[-1].get("uri", ""))) and draft.spec.method.type == "full":
         message = (f"spec.method.type: full cannot train on from {from_job!r}, which saved an unmerged LoRA "
                    "adapter: use method lora (it trains that adapter on), or train the source with merge: true")
         draft.set(conditions.VALIDATED, "False", conditions.INVALID_SPEC, message)
@@ -386,8 +422,8 @@ def _model_source_allowed(draft: _Draft, limits: NamespaceLimits) -> bool:
     """A base model the platform does not allow here ends the job before anything runs."""
     if draft.observed.trainer_job is not None:
         return True  # already training: a later policy change does not stop a run
-    source = str((draft.spec.get("model") or {}).get("source") or "")
-    if (draft.spec.get("model") or {}).get("fromJob") or limits.model_source_allowed(source):
+    source = draft.spec.model.source or ""
+    if draft.spec.model.from_job or limits.model_source_allowed(source):
         # fromJob: the lineage's base model was checked when the first job of the chain ran, and the
         # model it continues from is that namespace's own output.
         return True
@@ -417,19 +453,20 @@ def _spec_allowed(draft: _Draft, limits: NamespaceLimits, settings: OperatorSett
     return False
 
 
-def _admission(draft: _Draft, limits: NamespaceLimits, gpus: int) -> quota.Admission:
-    """Whether the trainer may run now under the namespace's quota."""
+def _admission(draft: _Draft, limits: NamespaceLimits, spec: FineTuneJobSpec) -> quota.Admission:
+    """Whether the trainer may run now under the namespace's quota; `spec` is the job's spec with
+    `gpus: auto` resolved (`resolved_spec`), so the quota counts what the trainer Job requests."""
     observed = draft.observed
     tjob = observed.trainer_job
     waiting_to_start = tjob is None or bool((tjob.get("spec") or {}).get("suspend"))
     if not waiting_to_start:
         return quota.ADMITTED  # it holds its share already; quota never stops a running trainer
-    never = quota.never_fits(gpus, limits)
-    if never and (tjob is None or not quota.queued(observed.job)):
+    never = quota.never_fits(spec.resource_settings().job_gpus(), limits)
+    if never and (tjob is None or not quota.queued(spec)):
         return quota.Admission(False, f"{never}; it starts only if the platform policy changes")
-    if draft.spec.get("suspend") or quota.queued(observed.job):
+    if spec.suspend or quota.queued(spec):
         return quota.ADMITTED  # the user's suspend, or Kueue, decides
-    me = dataclasses.replace(quota.usage_of(observed.job, tjob), waiting=True)
+    me = dataclasses.replace(quota.usage_of(observed.job, spec, tjob), waiting=True)
     usage = quota.namespace_usage(observed.namespace_jobs, observed.namespace_trainer_jobs)
     return quota.admit(me, usage, limits)
 
@@ -474,7 +511,8 @@ def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: 
     if vjob is None:
         if not any(isinstance(a, DeleteChild) for a in draft.actions):
             draft.actions.append(CreateChild(builders.validation_job(
-                observed.job, rendered, settings, policy.limits_for(str(draft.metadata.get("namespace", ""))))))
+                observed.job, draft.spec, rendered, settings,
+                policy.limits_for(str(draft.metadata.get("namespace", ""))))))
         _waiting_for_validation(draft, "the dataset-validation pod was created")
         return False
     outcome = job_outcome(vjob)
@@ -518,8 +556,9 @@ def credentials_problem(pods: tuple[Body, ...]) -> str:
 def _estimate_resources(draft: _Draft, summary: Body, policy: PlatformPolicy) -> bool:
     """`status.estimate` from the validation pod's sizing facts; False (job failed) when it cannot fit."""
     sizing = summary.get("sizing")
+    resources = draft.spec.resource_settings()
     if not isinstance(sizing, dict):
-        if _gpus_auto(draft.spec):
+        if resources.gpus_auto:
             draft.patch["estimate"] = {"gpus": _default_auto_gpus(policy), "message": (
                 "the validation pod reported no sizing facts: gpus auto means one GPU when the platform lists "
                 "GPU types, else CPU")}
@@ -528,8 +567,8 @@ def _estimate_resources(draft: _Draft, summary: Body, policy: PlatformPolicy) ->
         plan = estimate.plan_for_job(draft.spec, sizing, gpu_types=policy.gpu_types,
                                      target_seconds=policy.target_training_hours * 3600)
     except estimate.EstimateError as error:
-        draft.patch["estimate"] = {"gpus": _default_auto_gpus(policy) if _gpus_auto(draft.spec)
-                                   else builders.gpu_count(draft.spec), "message": f"no estimate: {error}"[:1024]}
+        draft.patch["estimate"] = {"gpus": _default_auto_gpus(policy) if resources.gpus_auto
+                                   else resources.gpu_count(), "message": f"no estimate: {error}"[:1024]}
         return True
     draft.plan = plan
     draft.patch["estimate"] = plan.to_status()
@@ -541,36 +580,29 @@ def _estimate_resources(draft: _Draft, summary: Body, policy: PlatformPolicy) ->
     return False
 
 
-def _gpus_auto(spec: Body) -> bool:
-    return (spec.get("resources") or {}).get("gpus") == AUTO
-
-
 def _default_auto_gpus(policy: PlatformPolicy) -> int:
     return 1 if policy.gpu_types else 0
 
 
-def resolved_job(draft: _Draft, policy: PlatformPolicy) -> Body:
-    """The job with `resources.gpus: auto` replaced by the estimate's choice and the chosen GPU type's
-    node selector added (the user's own nodeSelector keys win)."""
-    job = draft.observed.job
+def resolved_spec(draft: _Draft, policy: PlatformPolicy) -> FineTuneJobSpec:
+    """The spec with `resources.gpus: auto` replaced by the estimate's choice
+    (`estimate.with_resolved_gpus`) and the chosen GPU type's node selector added (the user's own
+    nodeSelector keys win): what the trainer Job is built from and the quota counts."""
+    spec = draft.spec
+    requested = spec.resource_settings()
     known = {**draft.status, **draft.patch}.get("estimate")
     known = known if isinstance(known, dict) else {}
-    auto = _gpus_auto(draft.spec)
     selector: dict[str, str] = {}
     if draft.plan is not None:
         selector = dict(draft.plan.recommendation.node_selector)
-    elif auto and known.get("gpuType"):
+    elif requested.gpus_auto and known.get("gpuType"):
         selector = next((dict(t.node_selector) for t in policy.gpu_types if t.name == known["gpuType"]), {})
-    if not auto and not selector:
-        return job
-    resolved = copy.deepcopy(job)
-    resources = resolved.setdefault("spec", {}).setdefault("resources", {})
-    if auto:
-        gpus = known.get("gpus")
-        resources["gpus"] = gpus if isinstance(gpus, int) and not isinstance(gpus, bool) else _default_auto_gpus(policy)
+    if not requested.gpus_auto and not selector:
+        return spec
+    resources = estimate.with_resolved_gpus(requested, known.get("gpus"), _default_auto_gpus(policy))
     if selector:
-        resources["nodeSelector"] = selector | dict(resources.get("nodeSelector") or {})
-    return resolved
+        resources = dataclasses.replace(resources, node_selector=selector | dict(resources.node_selector or {}))
+    return dataclasses.replace(spec, resources=resources)
 
 
 def _waiting_for_validation(draft: _Draft, message: str) -> None:
@@ -608,13 +640,13 @@ def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSet
            limits: NamespaceLimits, policy: PlatformPolicy = NO_POLICY) -> None:
     observed = draft.observed
     tjob = observed.trainer_job
-    job = resolved_job(draft, policy)
-    admission = _admission(draft, limits, builders.job_gpus(job.get("spec") or {}))
+    spec = resolved_spec(draft, policy)
+    admission = _admission(draft, limits, spec)
     if tjob is None:
-        if admission.admitted or not quota.queued(observed.job):
-            if builders.node_count(job.get("spec") or {}) > 1:  # the pods' DNS names, before the pods
-                draft.actions.append(CreateChild(builders.rendezvous_service(job)))
-            draft.actions.append(CreateChild(builders.trainer_job(job, rendered, settings,
+        if admission.admitted or not quota.queued(spec):
+            if spec.resource_settings().nodes > 1:  # the pods' DNS names, before the pods
+                draft.actions.append(CreateChild(builders.rendezvous_service(observed.job)))
+            draft.actions.append(CreateChild(builders.trainer_job(observed.job, spec, rendered, settings,
                                                                   admitted=admission.admitted, limits=limits)))
         if admission.admitted:
             draft.set(conditions.RUNNING, "False", conditions.PENDING, "the trainer Job was created")
@@ -650,7 +682,8 @@ def _track(draft: _Draft) -> None:
     """`status.tracking` and the `Tracked` condition (with `spec.tracking` only). While a trainer pod
     runs, its reports are the news (`status.tracking`, written by the progress endpoint); once none
     runs, the latest termination summary, which the pod itself wrote, is (a lost report changes nothing)."""
-    if not render.tracking_config(draft.spec, draft.metadata):
+    mlflow = (draft.spec.tracking or TrackingSpec()).mlflow
+    if mlflow is None:
         return
     pods = draft.observed.trainer_pods
     running = any((p.get("status") or {}).get("phase") == "Running" for p in pods)
@@ -661,7 +694,7 @@ def _track(draft: _Draft) -> None:
     tracking = tracking or reports.tracking_status(draft.status.get("tracking"))
     if not tracking:
         return
-    uri = render.tracking_config(draft.spec, draft.metadata)["mlflow"]["trackingUri"]
+    uri = mlflow.tracking_uri
     if tracking["state"] == "ok":
         draft.set(conditions.TRACKED, "True", conditions.TRACKING_ACTIVE,
                   f"run {tracking.get('runId', '')} at {tracking.get('url') or uri}"[:1024])
@@ -673,16 +706,16 @@ def _track(draft: _Draft) -> None:
 
 
 def _sync_suspend(draft: _Draft, tjob: Body, admitted: bool) -> None:
-    want = bool(draft.spec.get("suspend")) or not admitted
+    want = draft.spec.suspend or not admitted
     have = bool((tjob.get("spec") or {}).get("suspend"))
-    queued = bool((draft.spec.get("resources") or {}).get("queueName"))
+    queued = quota.queued(draft.spec)
     # With a queue, Kueue unsuspends the Job when it admits it; we only ever suspend it.
     if want != have and (want or not queued):
         draft.actions.append(PatchChild("batch/v1", "Job", tjob["metadata"]["name"], {"spec": {"suspend": want}}))
 
 
 def _set_suspended(draft: _Draft, *, holding_pods: bool) -> None:
-    if draft.spec.get("suspend"):
+    if draft.spec.suspend:
         message = "suspended: no trainer pod runs; checkpoints are kept and resuming continues from the latest"
         draft.set(conditions.SUSPENDED, "True", conditions.SUSPENDED_BY_USER,
                   message if not holding_pods else "suspending: stopping the trainer pod")
@@ -697,7 +730,7 @@ def _report_running(draft: _Draft, tjob: Body, admission: quota.Admission) -> No
     running = [p for p in live if (p.get("status") or {}).get("phase") == "Running"]
     draft.set(conditions.SUCCEEDED, "False", conditions.NOT_FINISHED, "")
     draft.set(conditions.FAILED, "False", conditions.NOT_FINISHED, "")
-    suspended = bool(draft.spec.get("suspend"))
+    suspended = draft.spec.suspend
     _set_suspended(draft, holding_pods=suspended and bool(live))
     attempt = _attempt_of(running[0] if running else live[0]) if live else None
     if suspended:
@@ -715,7 +748,8 @@ def _report_running(draft: _Draft, tjob: Body, admission: quota.Admission) -> No
                   f"attempt {attempt} resumes from the latest checkpoint{why}"[:1024])
     else:
         draft.set(conditions.RUNNING, "False", conditions.PENDING, "waiting for the trainer pod to start")
-    if _stall_timeout(draft.spec) and not draft.is_true(conditions.RUNNING) and not _restarting_after_stall(draft):
+    if draft.spec.training.stall_timeout_seconds and not draft.is_true(conditions.RUNNING) \
+            and not _restarting_after_stall(draft):
         draft.set(conditions.STALLED, "False", conditions.NOT_TRAINING, "no trainer pod is running")
 
 
@@ -724,25 +758,20 @@ STALL_GRACE_SECONDS = 30
 300 s, and the devices it holds sit idle meanwhile; its replacement resumes from the latest one."""
 
 
-def _stall_timeout(spec: Body) -> int:
-    value = (spec.get("training") or {}).get("stallTimeoutSeconds")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
-
-
 def _restarting_after_stall(draft: _Draft) -> bool:
     """Whether the operator deleted a stalled pod and its replacement has not moved a step yet: `Stalled`
     stays True (RestartedFromCheckpoint) until then, so the restart is visible in status, not only in
     an Event, and a replacement that hangs as well is not reported as healthy."""
     current = conditions.find(draft.conditions, conditions.STALLED)
     return (current is not None and current.get("status") == "True" and current.get("reason") == conditions.STALL_RESTART
-            and not draft.spec.get("suspend"))
+            and not draft.spec.suspend)
 
 
 def _check_stall(draft: _Draft, pod: Body) -> None:
     """`Stalled` when the running pod's step has not advanced for `training.stallTimeoutSeconds`. The
     step comes from the reports (status.progress); when it was first seen is kept in
     `status.lastProgress`, so an operator restart does not reset the clock."""
-    timeout = _stall_timeout(draft.spec)
+    timeout = draft.spec.training.stall_timeout_seconds
     if not timeout:
         return
     pod_name = str((pod.get("metadata") or {}).get("name", ""))
@@ -891,9 +920,9 @@ def _training_failure(tjob: Body, pods: tuple[Body, ...]) -> tuple[str, str]:
 # --- step 1: finished jobs ----------------------------------------------------------------
 
 def _expire_training_children(draft: _Draft) -> None:
-    ttl = draft.spec.get("ttlSecondsAfterFinished")
+    ttl = draft.spec.ttl_seconds_after_finished
     completion = _parse_time(draft.status.get("completionTime") or draft.patch.get("completionTime"))
-    if not isinstance(ttl, int) or isinstance(ttl, bool) or ttl < 0 or completion is None:
+    if ttl is None or completion is None:
         return
     due = completion + timedelta(seconds=ttl)
     if draft.observed.now < due:
@@ -917,8 +946,8 @@ def _expire_training_children(draft: _Draft) -> None:
 
 def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: NamespaceLimits) -> None:
     """Converge the serving Deployment and Service, and say in `ServingReady` how serving is."""
-    serving = builders.serving_spec(draft.observed.job)
-    if not serving.get("enabled"):
+    serving = draft.spec.serving_settings()
+    if not serving.enabled:
         _remove_serving(draft)
         draft.set(conditions.SERVING_READY, "False", conditions.SERVING_DISABLED, "spec.serving.enabled is false")
         return
@@ -930,13 +959,12 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
             draft.set(conditions.SERVING_READY, "False", conditions.WAITING_FOR_MODEL,
                       "serving starts once training succeeds")
         return
-    share_with = serving.get("shareWith")
-    if isinstance(share_with, str) and share_with:
-        _decide_shared_serving(draft, settings, share_with)
+    if serving.share_with:
+        _decide_shared_serving(draft, settings, serving.share_with)
         return
-    image = serving.get("image")
-    refusal = limits.serving_image_refusal(image.strip(), own_images(settings), str(draft.metadata.get(
-        "namespace", ""))) if isinstance(image, str) and image.strip() else ""
+    image = (serving.image or "").strip()
+    refusal = limits.serving_image_refusal(image, own_images(settings), str(draft.metadata.get("namespace", ""))) \
+        if image else ""
     if refusal:
         _remove_serving(draft)
         draft.set(conditions.SERVING_READY, "False", conditions.IMAGE_NOT_ALLOWED, refusal)
@@ -951,8 +979,8 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
     known = {**draft.status, **draft.patch}.get("model") or {}
     digest = str(known.get("digest") or "") if isinstance(known, dict) else ""
     guests = serving_guests(job, draft.observed.serving_guests)
-    deployment = builders.serving_deployment(job, model, digest, settings, limits, key_digest=_serving_key(draft),
-                                             guests=guests)
+    deployment = builders.serving_deployment(job, draft.spec, model, digest, settings, limits,
+                                             key_digest=_serving_key(draft), guests=guests)
     _converge_adapters_config_map(draft, guests)
     if draft.status.get("servedBy"):
         draft.patch["servedBy"] = None  # no longer shared: served by its own Deployment
@@ -973,15 +1001,15 @@ def _decide_serving(draft: _Draft, settings: OperatorSettings, limits: Namespace
     endpoint = builders.serving_endpoint(job, settings)
     if draft.status.get("endpoint") != endpoint:
         draft.patch["endpoint"] = endpoint
-    status, reason, message = serving_readiness(actual, builders.serving_replicas(job), digest)
+    status, reason, message = serving_readiness(actual, serving.replicas, digest)
     draft.set(conditions.SERVING_READY, status, reason, message)
 
 
-def shared_serving_plan(guest: Body, host: Body | None) -> tuple[str, str] | list[str]:
-    """For a job with `spec.serving.shareWith`: (model name, adapter folder in the host's pods) when
-    the named job's serving can load its adapter, else the problems, each naming the field."""
-    spec = guest.get("spec") or {}
-    share = str((spec.get("serving") or {}).get("shareWith") or "")
+def shared_serving_plan(guest: Body, spec: FineTuneJobSpec, host: Body | None) -> tuple[str, str] | list[str]:
+    """For a job with `spec.serving.shareWith` (`guest`, its typed `spec`): (model name, adapter folder
+    in the host's pods) when the named job's serving can load its adapter, else the problems, each
+    naming the field."""
+    share = spec.serving_settings().share_with or ""
     name = str((guest.get("metadata") or {}).get("name", ""))
     field = "spec.serving.shareWith"
     if share == name:
@@ -990,25 +1018,28 @@ def shared_serving_plan(guest: Body, host: Body | None) -> tuple[str, str] | lis
         namespace = (guest.get("metadata") or {}).get("namespace", "")
         return [f"{field}: there is no FineTuneJob {share!r} in namespace {namespace!r} (only a job in the same "
                 "namespace can be named)"]
-    host_spec = host.get("spec") or {}
-    host_serving = host_spec.get("serving") or {}
+    try:
+        host_spec = FineTuneJobSpec.from_dict(host.get("spec"))
+    except ValidationError as error:
+        return [f"{field}: the spec of {share!r} is not valid ({'; '.join(error.problems)})"[:1024]]
+    host_serving = host_spec.serving_settings()
     problems: list[str] = []
-    if host_serving.get("shareWith"):
-        problems.append(f"{field}: {share!r} itself shares the serving of {host_serving['shareWith']!r}; "
+    if host_serving.share_with:
+        problems.append(f"{field}: {share!r} itself shares the serving of {host_serving.share_with!r}; "
                         "name the job whose own Deployment serves")
-    elif not host_serving.get("enabled"):
+    elif not host_serving.enabled:
         problems.append(f"{field}: {share!r} has spec.serving.enabled false, so there is no Deployment to load "
                         "this adapter into")
-    if not render.saves_adapter(spec):
+    if not spec.method.saves_adapter():
         problems.append(f"{field}: this job's output is a merged model, not an adapter another server can load; "
                         "set method.lora.merge: false")
-    if not render.saves_adapter(host_spec):
+    if not host_spec.method.saves_adapter():
         problems.append(f"{field}: {share!r} serves a merged or fully fine-tuned model, not the base model this "
                         f"adapter applies to; share with a job whose method.lora.merge is false")
-    if spec.get("model") != host_spec.get("model"):
+    if spec.model != host_spec.model:
         problems.append(f"{field}: {share!r} is trained on base model "
-                        f"{(host_spec.get('model') or {}).get('source')!r} and this job on "
-                        f"{(spec.get('model') or {}).get('source')!r} (spec.model must be the same): an adapter "
+                        f"{host_spec.model.source!r} and this job on "
+                        f"{spec.model.source!r} (spec.model must be the same): an adapter "
                         "only applies to the base model it was trained on")
     if problems:
         return problems
@@ -1026,15 +1057,19 @@ def shared_serving_plan(guest: Body, host: Body | None) -> tuple[str, str] | lis
 
 def serving_guests(host: Body, candidates: tuple[Body, ...]) -> list[tuple[str, str]]:
     """(model name, adapter folder) of every job that shares the serving of `host` and can be served:
-    it succeeded, has serving enabled, and `shared_serving_plan` finds no problem."""
+    its spec parses, it succeeded, has serving enabled, and `shared_serving_plan` finds no problem."""
     guests = []
     for guest in candidates:
-        spec = guest.get("spec") or {}
-        serving = spec.get("serving") or {}
         found = list((guest.get("status") or {}).get("conditions") or [])
-        if not serving.get("enabled") or not conditions.is_true(found, conditions.SUCCEEDED):
+        if not conditions.is_true(found, conditions.SUCCEEDED):
             continue
-        plan = shared_serving_plan(guest, host)
+        try:
+            spec = FineTuneJobSpec.from_dict(guest.get("spec"))
+        except ValidationError:
+            continue  # its own reconcile reports the spec (Validated=False InvalidSpec)
+        if not spec.serving_settings().enabled:
+            continue
+        plan = shared_serving_plan(guest, spec, host)
         if isinstance(plan, tuple):
             guests.append(plan)
     return sorted(guests)
@@ -1043,7 +1078,7 @@ def serving_guests(host: Body, candidates: tuple[Body, ...]) -> list[tuple[str, 
 def _converge_adapters_config_map(draft: _Draft, guests: list[tuple[str, str]]) -> None:
     """The ConfigMap the serving pods re-read to load guests' adapters (builtin server over an adapter)."""
     actual = draft.observed.serving_adapters_config_map
-    if not builders.serving_takes_adapters(draft.observed.job):
+    if not builders.serving_takes_adapters(draft.spec):
         if actual is not None:
             draft.actions.append(DeleteChild("v1", "ConfigMap", actual["metadata"]["name"]))
         return
@@ -1059,7 +1094,7 @@ def _decide_shared_serving(draft: _Draft, settings: OperatorSettings, share_with
     the adapter (that job's reconcile lists it). Status says where it is served and whether it is."""
     _remove_serving(draft)
     host = draft.observed.serving_host
-    plan = shared_serving_plan(draft.observed.job, host)
+    plan = shared_serving_plan(draft.observed.job, draft.spec, host)
     if isinstance(plan, list):
         reason = conditions.WAITING_FOR_SERVING_HOST if host is None else conditions.SERVING_INVALID
         draft.set(conditions.SERVING_READY, "False", reason, "; ".join(plan)[:1024])
@@ -1120,7 +1155,7 @@ def _serving_key(draft: _Draft) -> str:
     """The API key's digest for the pod template ("" with `auth: none`); creates the key's Secret
     with a random key when it is missing (deleting the Secret rotates the key)."""
     job = draft.observed.job
-    if builders.serving_auth(job) != builders.AUTH_API_KEY:
+    if draft.spec.serving_settings().auth != builders.AUTH_API_KEY:
         return ""
     secret = draft.observed.serving_key_secret
     if secret is not None:

@@ -38,10 +38,17 @@ import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 from kubernetes.client.exceptions import ApiException
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.dev import stack as local_stack
 from kubetune.operator import builders, reconcile, render
 from kubetune.operator.settings import OperatorSettings
 from tests.reliability.conftest import Kube, wait_until
+
+
+def typed(job: dict[str, Any]) -> FineTuneJobSpec:
+    """The job's typed spec, as the reconcile parses it once per pass."""
+    return FineTuneJobSpec.from_dict(job["spec"])
+
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -244,7 +251,7 @@ def children_of(stored: dict[str, Any]) -> list[dict[str, Any]]:
     created = [a.manifest for a in decision.actions if isinstance(a, reconcile.CreateChild)]
     if created:
         rendered = render.trainer_config_for(stored)
-        created.append(builders.trainer_job(stored, rendered, SETTINGS, admitted=True))
+        created.append(builders.trainer_job(stored, typed(stored), rendered, SETTINGS, admitted=True))
         if (stored["spec"].get("serving") or {}).get("enabled"):
             try:
                 model = render.model_location(stored)
@@ -252,7 +259,7 @@ def children_of(stored: dict[str, Any]) -> list[dict[str, Any]]:
                 # The operator creates no serving objects then (ServingInvalid), e.g. an unmerged adapter on hf://.
                 return created
             created.append(builders.serving_key_secret(stored, "fuzz-key"))
-            created.append(builders.serving_deployment(stored, model, "sha256:" + "0" * 64, SETTINGS))
+            created.append(builders.serving_deployment(stored, typed(stored), model, "sha256:" + "0" * 64, SETTINGS))
             created.append(builders.serving_service(stored))
     return created
 

@@ -17,11 +17,17 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.dev import chart
 from kubetune.operator import builders, render
 from kubetune.operator.settings import OperatorSettings
 
 from tests.integration.chart.conftest import Release, finetunejob, restricted_namespace, wait_for
+
+
+def typed(job: dict[str, Any]) -> FineTuneJobSpec:
+    """The job's typed spec, as the reconcile parses it once per pass."""
+    return FineTuneJobSpec.from_dict(job["spec"])
 
 
 def selector(match_labels: dict[str, str]) -> str:
@@ -61,8 +67,9 @@ def scene(cluster: Any, helm_bin: Path, release: Release) -> Iterator[dict[str, 
     settings = OperatorSettings(trainer_image="kubetune-trainer:test")
     rendered = render.trainer_config_for(job)
     children = [without_owner(builders.trainer_configmap(job, rendered)),
-                without_owner(builders.trainer_job(job, rendered, settings)),
-                without_owner(builders.serving_deployment(job, render.model_location(job), "sha256:x", settings))]
+                without_owner(builders.trainer_job(job, typed(job), rendered, settings)),
+                without_owner(builders.serving_deployment(job, typed(job), render.model_location(job), "sha256:x",
+                                                          settings))]
     cluster.kubectl("-n", tenant, "apply", "-f", "-", input=yaml.safe_dump_all(children))
     wait_for(lambda: len(pod_names(cluster, "app.kubernetes.io/instance=np-job", tenant)) == 2,
              "the trainer and serving pods")

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator import builders, names, render
 from kubetune.operator.settings import OperatorSettings
 from kubetune.api import process as api_process
 
 from .conftest import Kube, finetunejob, wait_for
+
+
+def typed(job: dict[str, Any]) -> FineTuneJobSpec:
+    """The job's typed spec, as the reconcile parses it once per pass."""
+    return FineTuneJobSpec.from_dict(job["spec"])
 
 
 def _env(container: dict[str, Any]) -> dict[str, str]:
@@ -29,7 +35,7 @@ def test_a_two_pod_trainer_job_and_its_rendezvous_service_are_accepted_and_get_n
     settings = OperatorSettings(trainer_image="kubetune-trainer:test")
 
     service = builders.rendezvous_service(stored)
-    job = builders.trainer_job(stored, render.trainer_config_for(stored), settings, admitted=True)
+    job = builders.trainer_job(stored, typed(stored), render.trainer_config_for(stored), settings, admitted=True)
     kube.core.create_namespaced_service(namespace, service)
     kube.batch.create_namespaced_job(namespace, job)
 

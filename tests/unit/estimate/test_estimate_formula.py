@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator import estimate
 from kubetune.operator.estimate import GIB, MIB, GpuType, ModelFacts, Request, TrainingShape
 
@@ -228,7 +229,9 @@ class TestDataParallelMemory:
         assert one.total > 80 * GIB > sharded.total
 
     def test_the_spec_decides_strategy_and_world_size(self) -> None:
-        spec = {"resources": {"gpus": 8, "nodes": 2}, "training": {"strategy": "fsdp"}}
+        spec = FineTuneJobSpec.from_dict({
+            "model": {"source": "hf://org/model"}, "dataset": {"train": {"source": "/data/train.jsonl"}},
+            "output": {"storage": "/out"}, "resources": {"gpus": 8, "nodes": 2}, "training": {"strategy": "fsdp"}})
         shape = estimate.shape_for(spec, {}, "gpu")
         assert (shape.strategy, shape.world_size) == ("fsdp", 16)
         assert estimate.shape_for(spec, {}, "cpu").world_size == 1

@@ -8,8 +8,15 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator import builders, render
 from kubetune.operator.settings import OperatorSettings
+
+
+def typed(job: dict[str, Any]) -> FineTuneJobSpec:
+    """The job's typed spec, as the reconcile parses it once per pass."""
+    return FineTuneJobSpec.from_dict(job["spec"])
+
 
 LABELS = {
     "app.kubernetes.io/name": "kubetune",
@@ -58,7 +65,7 @@ def placed_job(make_job: Callable[..., dict[str, Any]]) -> dict[str, Any]:
 
 def test_trainer_job_golden(placed_job: dict[str, Any], settings: OperatorSettings) -> None:
     rendered = render.trainer_config_for(placed_job)
-    manifest = builders.trainer_job(placed_job, rendered, settings)
+    manifest = builders.trainer_job(placed_job, typed(placed_job), rendered, settings)
     template = manifest["spec"].pop("template")
     assert manifest == {
         "apiVersion": "batch/v1",
@@ -120,7 +127,7 @@ def test_trainer_job_golden(placed_job: dict[str, Any], settings: OperatorSettin
 
 def test_validation_job_holds_no_gpu_and_runs_validate_only(placed_job: dict[str, Any],
                                                             settings: OperatorSettings) -> None:
-    manifest = builders.validation_job(placed_job, render.trainer_config_for(placed_job), settings)
+    manifest = builders.validation_job(placed_job, typed(placed_job), render.trainer_config_for(placed_job), settings)
     assert manifest["metadata"]["name"] == "demo-validate"
     assert manifest["metadata"]["labels"]["app.kubernetes.io/component"] == "validation"
     assert manifest["spec"]["backoffLimit"] == 2
@@ -154,38 +161,40 @@ def test_progress_secret_holds_the_token(placed_job: dict[str, Any]) -> None:
 @pytest.mark.parametrize(("gpus", "expected"), [(0, {}), (None, {}), ("auto", {"nvidia.com/gpu": "1"}),
                                                 (4, {"nvidia.com/gpu": "4"})])
 def test_gpu_requests(make_job: Callable[..., dict[str, Any]], gpus: Any, expected: dict[str, str]) -> None:
-    resources = builders.trainer_resources(make_job(resources={} if gpus is None else {"gpus": gpus})["spec"])
+    resources = builders.trainer_resources(typed(make_job(resources={} if gpus is None else {"gpus": gpus})))
     assert resources.get("limits", {}) == expected
 
 
 def test_suspend_and_queue(make_job: Callable[..., dict[str, Any]], settings: OperatorSettings) -> None:
     suspended = make_job(suspend=True)
-    assert builders.trainer_job(suspended, render.trainer_config_for(suspended), settings)["spec"]["suspend"] is True
+    manifest = builders.trainer_job(suspended, typed(suspended), render.trainer_config_for(suspended), settings)
+    assert manifest["spec"]["suspend"] is True
     queued = make_job(resources={"queueName": "team-a-queue"})
-    manifest = builders.trainer_job(queued, render.trainer_config_for(queued), settings)
+    manifest = builders.trainer_job(queued, typed(queued), render.trainer_config_for(queued), settings)
     assert manifest["spec"]["suspend"] is True
     assert manifest["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a-queue"
 
 
 def test_without_a_progress_url_pods_get_no_endpoint(make_job: Callable[..., dict[str, Any]]) -> None:
     job = make_job()
-    manifest = builders.trainer_job(job, render.trainer_config_for(job), OperatorSettings())
+    manifest = builders.trainer_job(job, typed(job), render.trainer_config_for(job), OperatorSettings())
     env_names = [e["name"] for e in manifest["spec"]["template"]["spec"]["containers"][0]["env"]]
     assert "KUBETUNE_PROGRESS_URL" not in env_names and "KUBETUNE_PROGRESS_TOKEN" not in env_names
     assert "KUBETUNE_ATTEMPT" in env_names
 
 
-def test_default_backoff_limit(make_job: Callable[..., dict[str, Any]]) -> None:
-    spec = make_job()["spec"]
-    del spec["backoffLimit"]
-    assert builders.backoff_limit(spec) == 3
+def test_default_backoff_limit(make_job: Callable[..., dict[str, Any]], settings: OperatorSettings) -> None:
+    job = make_job()
+    del job["spec"]["backoffLimit"]
+    manifest = builders.trainer_job(job, typed(job), render.trainer_config_for(job), settings)
+    assert manifest["spec"]["backoffLimit"] == manifest["spec"]["backoffLimitPerIndex"] == 3
 
 
 def test_with_an_https_endpoint_pods_get_the_ca_that_verifies_it(make_job: Callable[..., dict[str, Any]]) -> None:
     job = make_job()
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
     settings = OperatorSettings(progress_url="https://kubetune.kubetune.svc:8080/v1/reports", progress_ca=pem)
-    manifest = builders.trainer_job(job, render.trainer_config_for(job), settings)
+    manifest = builders.trainer_job(job, typed(job), render.trainer_config_for(job), settings)
     env = {e["name"]: e for e in manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["KUBETUNE_PROGRESS_URL"]["value"] == "https://kubetune.kubetune.svc:8080/v1/reports"
     assert env["KUBETUNE_PROGRESS_CA"] == {"name": "KUBETUNE_PROGRESS_CA", "value": pem}
@@ -196,7 +205,7 @@ class TestDistributedTrainer:
 
     def test_one_pod_runs_one_rank_per_gpu_it_holds(self, placed_job: dict[str, Any], settings: OperatorSettings) -> None:
         placed_job["spec"]["resources"]["gpus"] = 4
-        manifest = builders.trainer_job(placed_job, render.trainer_config_for(placed_job), settings)
+        manifest = builders.trainer_job(placed_job, typed(placed_job), render.trainer_config_for(placed_job), settings)
         container = manifest["spec"]["template"]["spec"]["containers"][0]
         env = {e["name"]: e.get("value") for e in container["env"]}
 
@@ -207,7 +216,7 @@ class TestDistributedTrainer:
 
     def test_a_cpu_pod_runs_one_gloo_rank(self, placed_job: dict[str, Any], settings: OperatorSettings) -> None:
         placed_job["spec"]["resources"].pop("gpus", None)
-        manifest = builders.trainer_job(placed_job, render.trainer_config_for(placed_job), settings)
+        manifest = builders.trainer_job(placed_job, typed(placed_job), render.trainer_config_for(placed_job), settings)
         env = {e["name"]: e.get("value") for e in manifest["spec"]["template"]["spec"]["containers"][0]["env"]}
 
         assert (env["KUBETUNE_NUM_PROCESSES"], env["KUBETUNE_DEVICE"]) == ("1", "cpu")
@@ -215,7 +224,7 @@ class TestDistributedTrainer:
     def test_several_pods_are_one_indexed_job_that_meets_at_pod_zero(self, placed_job: dict[str, Any],
                                                                      settings: OperatorSettings) -> None:
         placed_job["spec"]["resources"] |= {"gpus": 8, "nodes": 2}
-        manifest = builders.trainer_job(placed_job, render.trainer_config_for(placed_job), settings)
+        manifest = builders.trainer_job(placed_job, typed(placed_job), render.trainer_config_for(placed_job), settings)
         service = builders.rendezvous_service(placed_job)
         pod = manifest["spec"]["template"]["spec"]
         env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
@@ -226,8 +235,8 @@ class TestDistributedTrainer:
         assert env["MASTER_ADDR"] == "demo-train-0.demo-ranks"  # pod index 0's hostname under the Service
         assert env["MASTER_PORT"] == "29500" and env["KUBETUNE_NUM_NODES"] == "2"
         assert env["KUBETUNE_NUM_PROCESSES"] == "8"
-        assert builders.world_size(placed_job["spec"]) == 16
-        assert builders.job_gpus(placed_job["spec"]) == 16  # what the namespace quota counts
+        assert typed(placed_job).resource_settings().world_size() == 16
+        assert typed(placed_job).resource_settings().job_gpus() == 16  # what the namespace quota counts
         assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
         assert service["spec"]["selector"] == {"batch.kubernetes.io/job-name": "demo-train"}
         assert service["metadata"]["ownerReferences"] == [OWNER]

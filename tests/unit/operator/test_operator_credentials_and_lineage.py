@@ -11,10 +11,17 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator import builders, conditions, policy, reconcile, render
 from kubetune.operator.policy import NamespaceLimits
 from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed
 from kubetune.operator.settings import OperatorSettings
+
+
+def typed(job: dict[str, Any]) -> FineTuneJobSpec:
+    """The job's typed spec, as the reconcile parses it once per pass."""
+    return FineTuneJobSpec.from_dict(job["spec"])
+
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 MakeJob = Callable[..., dict[str, Any]]
@@ -39,9 +46,9 @@ def env_of(container: dict[str, Any]) -> dict[str, Any]:
 def all_pods(job: dict[str, Any], settings: OperatorSettings, limits: NamespaceLimits) -> dict[str, dict[str, Any]]:
     rendered = render.trainer_config_for(job)
     return {
-        "validation": builders.validation_job(job, rendered, settings, limits)["spec"]["template"]["spec"],
-        "trainer": builders.trainer_job(job, rendered, settings, limits=limits)["spec"]["template"]["spec"],
-        "serving": builders.serving_deployment(job, render.model_location(job), "sha256:x", settings,
+        "validation": builders.validation_job(job, typed(job), rendered, settings, limits)["spec"]["template"]["spec"],
+        "trainer": builders.trainer_job(job, typed(job), rendered, settings, limits=limits)["spec"]["template"]["spec"],
+        "serving": builders.serving_deployment(job, typed(job), render.model_location(job), "sha256:x", settings,
                                                limits)["spec"]["template"]["spec"],
     }
 
@@ -276,8 +283,8 @@ class TestServingAnAdapterTrainedOnFromAnEarlierJob:
         location = render.model_location(job)
         assert location.base_path == base
         assert base.split("/")[3] in location.claims  # the serving pod mounts the base's claim
-        server = builders.serving_deployment(job, location, "sha256:x", settings)["spec"]["template"]["spec"][
-            "containers"][0]
+        server = builders.serving_deployment(job, typed(job), location, "sha256:x", settings)[
+            "spec"]["template"]["spec"]["containers"][0]
         assert server["command"][server["command"].index("--model") + 1] == location.path
 
     def test_a_base_on_the_hub_is_refused_naming_the_lineage(self, make_job: MakeJob) -> None:
@@ -309,7 +316,7 @@ class TestOutputInObjectStorage:
                        serving={"enabled": True})
         location = render.model_location(job)
         assert location.path == render.SERVING_MODEL_DIR
-        pod = builders.serving_deployment(job, location, "sha256:x", settings)["spec"]["template"]["spec"]
+        pod = builders.serving_deployment(job, typed(job), location, "sha256:x", settings)["spec"]["template"]["spec"]
         (fetch,) = pod["initContainers"]
         assert fetch["command"] == ["python", "-m", "kubetune.trainer.objectstore", "s3://models/finetunes/demo/model",
                                     render.SERVING_MODEL_DIR]
@@ -323,5 +330,6 @@ class TestOutputInObjectStorage:
 
     def test_a_model_on_a_claim_needs_no_init_container(self, make_job: MakeJob, settings: OperatorSettings) -> None:
         job = make_job(serving={"enabled": True})
-        pod = builders.serving_deployment(job, render.model_location(job), "sha256:x", settings)["spec"]["template"]["spec"]
+        pod = builders.serving_deployment(job, typed(job), render.model_location(job), "sha256:x",
+                                          settings)["spec"]["template"]["spec"]
         assert "initContainers" not in pod

@@ -10,10 +10,17 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator import builders, conditions, policy, reconcile, render
 from kubetune.operator.policy import NamespaceLimits, PlatformPolicy, PolicyError
 from kubetune.operator.reconcile import CreateChild, Observed
 from kubetune.operator.settings import OperatorSettings
+
+
+def typed(job: dict[str, Any]) -> FineTuneJobSpec:
+    """The job's typed spec, as the reconcile parses it once per pass."""
+    return FineTuneJobSpec.from_dict(job["spec"])
+
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 MakeJob = Callable[..., dict[str, Any]]
@@ -21,8 +28,13 @@ DEFAULT_LIMITS = NamespaceLimits()
 OWN = ("trainer:test", "vllm/vllm-openai:v0.11.0")
 
 
+BASE_SPEC = {"model": {"source": "pvc://models/base/gpt2"}, "dataset": {"train": {"source": "pvc://data/train.jsonl"}},
+             "output": {"storage": "pvc://models/finetunes"}}
+
+
 def spec_violations(spec: dict[str, Any], limits: NamespaceLimits = DEFAULT_LIMITS) -> list[str]:
-    return policy.violations(spec, limits, "team-a", OWN)
+    """The violations of a spec with these sections (a plain one's for the rest), as the reconcile checks them."""
+    return policy.violations(FineTuneJobSpec.from_dict({**BASE_SPEC, **spec}), limits, "team-a", OWN)
 
 
 class TestTheDefaultsAllowNothingATenantCouldNotDoItself:
@@ -84,7 +96,9 @@ class TestWhatThePolicyAllows:
 
     def test_the_synthetic_generator_model_obeys_allowed_model_sources(self) -> None:
         limits = NamespaceLimits(allowed_model_sources=("pvc://*",))
-        spec = {"dataset": {"augmentation": {"synthetic": {"enabled": True, "model": "hf://someone/big-model"}}}}
+        spec = {"dataset": {"train": {"source": "pvc://data/train.jsonl"},
+                            "augmentation": {"synthetic": {"enabled": True, "model": "hf://someone/big-model",
+                                                          "promptTemplate": "Rephrase: {text}"}}}}
         (found,) = spec_violations(spec, limits)
         assert found.startswith("spec.dataset.augmentation.synthetic.model: 'hf://someone/big-model'")
         assert "allowedModelSources: pvc://*" in found
@@ -248,7 +262,7 @@ class TestReconcileReChecks:
     def test_a_running_trainer_is_not_stopped_by_a_later_policy(self, make_job: MakeJob,
                                                                 settings: OperatorSettings) -> None:
         job = make_job(resources={"gpus": 1, "priorityClassName": "high"})
-        running = builders.trainer_job(job, render.trainer_config_for(job), settings)
+        running = builders.trainer_job(job, typed(job), render.trainer_config_for(job), settings)
         decision = reconcile.reconcile(Observed(job=job, now=NOW, trainer_job=running), settings, PlatformPolicy())
         validated = conditions.find(decision.status_patch["conditions"], conditions.VALIDATED)
         assert validated is not None and validated["reason"] != "PolicyViolation"
@@ -267,11 +281,11 @@ class TestPodsTheOperatorBuilds:
         job = make_job(model={"source": "pvc://base-models/gpt2"}, output={"storage": "pvc://finetunes/out"},
                        dataset={"format": "text", "train": {"source": "pvc://data/train.jsonl"}})
         rendered = render.trainer_config_for(job)
-        trainer = builders.trainer_job(job, rendered, settings)["spec"]["template"]["spec"]
+        trainer = builders.trainer_job(job, typed(job), rendered, settings)["spec"]["template"]["spec"]
         mounts = {m["name"]: m.get("readOnly", False) for m in trainer["containers"][0]["volumeMounts"]}
         assert mounts == {"trainer-config": True, "scratch": False, "pvc-base-models": True, "pvc-data": True,
                           "pvc-finetunes": False}
-        validation = builders.validation_job(job, rendered, settings)["spec"]["template"]["spec"]
+        validation = builders.validation_job(job, typed(job), rendered, settings)["spec"]["template"]["spec"]
         claims = [m for m in validation["containers"][0]["volumeMounts"] if m["name"].startswith("pvc-")]
         assert claims and all(m["readOnly"] for m in claims)
 
@@ -280,26 +294,27 @@ class TestPodsTheOperatorBuilds:
         limits = NamespaceLimits(default_cpu="2", default_memory="8Gi")
         job = make_job(resources={"gpus": 0}, serving={"enabled": True})
         rendered = render.trainer_config_for(job)
-        trainer = builders.trainer_job(job, rendered, settings, limits=limits)
+        trainer = builders.trainer_job(job, typed(job), rendered, settings, limits=limits)
         assert trainer["spec"]["template"]["spec"]["containers"][0]["resources"] == {
             "requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
-        serving = builders.serving_deployment(job, render.model_location(job), "sha256:x", settings, limits)
+        serving = builders.serving_deployment(job, typed(job), render.model_location(job), "sha256:x", settings, limits)
         assert serving["spec"]["template"]["spec"]["containers"][0]["resources"] == {
             "requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
         # What the tenant sets wins.
         own = make_job(resources={"gpus": 0, "cpu": "500m", "memory": "1Gi"})
-        assert builders.trainer_resources(own["spec"], limits) == {
+        assert builders.trainer_resources(typed(own), limits) == {
             "requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}
 
     def test_the_scratch_volume_has_a_size_limit(self, make_job: MakeJob, settings: OperatorSettings) -> None:
         job = make_job(serving={"enabled": True})
         rendered = render.trainer_config_for(job)
         limits = NamespaceLimits(scratch_size_limit="20Gi")
-        for pod in (builders.trainer_job(job, rendered, settings, limits=limits)["spec"]["template"]["spec"],
-                    builders.validation_job(job, rendered, settings, limits)["spec"]["template"]["spec"],
-                    builders.serving_deployment(job, render.model_location(job), "", settings,
+        spec = typed(job)
+        for pod in (builders.trainer_job(job, spec, rendered, settings, limits=limits)["spec"]["template"]["spec"],
+                    builders.validation_job(job, typed(job), rendered, settings, limits)["spec"]["template"]["spec"],
+                    builders.serving_deployment(job, typed(job), render.model_location(job), "", settings,
                                                 limits)["spec"]["template"]["spec"]):
             scratch = next(v for v in pod["volumes"] if v["name"] == "scratch")
             assert scratch["emptyDir"] == {"sizeLimit": "20Gi"}
-        default = builders.trainer_job(job, rendered, settings)["spec"]["template"]["spec"]["volumes"]
+        default = builders.trainer_job(job, typed(job), rendered, settings)["spec"]["template"]["spec"]["volumes"]
         assert next(v for v in default if v["name"] == "scratch")["emptyDir"] == {"sizeLimit": "64Gi"}

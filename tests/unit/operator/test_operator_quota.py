@@ -10,10 +10,17 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator import builders, conditions, policy, quota, reconcile, render
 from kubetune.operator.policy import NamespaceLimits, PlatformPolicy, PolicyError
 from kubetune.operator.reconcile import CreateChild, Observed, PatchChild
 from kubetune.operator.settings import OperatorSettings
+
+
+def typed(job: dict[str, Any]) -> FineTuneJobSpec:
+    """The job's typed spec, as the reconcile parses it once per pass."""
+    return FineTuneJobSpec.from_dict(job["spec"])
+
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 MakeJob = Callable[..., dict[str, Any]]
@@ -108,10 +115,14 @@ def finished_trainer(name: str) -> dict[str, Any]:
             "status": {"conditions": [{"type": "Complete", "status": "True"}]}}
 
 
+SPEC = {"model": {"source": "pvc://models/base/gpt2"}, "dataset": {"train": {"source": "pvc://data/train.jsonl"}},
+        "output": {"storage": "pvc://models/finetunes"}}
+
+
 class TestAccountingFromTheCluster:
     def ftj(self, name: str, created: str, **spec: Any) -> dict[str, Any]:
         return {"metadata": {"name": name, "creationTimestamp": created},
-                "spec": {"resources": {"gpus": 1}, **spec}, "status": {"conditions": [VALIDATED]}}
+                "spec": {**SPEC, "resources": {"gpus": 1}, **spec}, "status": {"conditions": [VALIDATED]}}
 
     def trainer(self, name: str, suspend: bool, active: int = 0) -> dict[str, Any]:
         return {"metadata": {"name": f"{name}-train", "labels": {builders.LABEL_INSTANCE: name}},
@@ -131,6 +142,15 @@ class TestAccountingFromTheCluster:
     def test_a_validated_job_without_a_trainer_yet_is_waiting(self) -> None:
         assert quota.namespace_usage((self.ftj("new", "1"),), ())[0].waiting
 
+    def test_auto_gpus_count_as_the_estimate_chose_and_a_spec_that_does_not_parse_counts_nothing(self) -> None:
+        chosen = self.ftj("chosen", "1", resources={"gpus": "auto", "nodes": 2})
+        chosen["status"]["estimate"] = {"gpus": 4}
+        unestimated = self.ftj("unestimated", "2", resources={"gpus": "auto"})
+        broken = self.ftj("broken", "3", resources={"gpus": -1})
+        found = {u.name: (u.gpus, u.holding, u.waiting)
+                 for u in quota.namespace_usage((chosen, unestimated, broken), (self.trainer("broken", False),))}
+        assert found == {"chosen": (8, False, True), "unestimated": (1, False, True), "broken": (0, False, False)}
+
 
 def validated_job(make_job: MakeJob, name: str = "demo", created: str = "2026-03-01T10:00:00Z",
                   **spec: Any) -> dict[str, Any]:
@@ -140,7 +160,7 @@ def validated_job(make_job: MakeJob, name: str = "demo", created: str = "2026-03
 
 
 def running_trainer(job: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
-    trainer = builders.trainer_job(job, render.trainer_config_for(job), settings)
+    trainer = builders.trainer_job(job, typed(job), render.trainer_config_for(job), settings)
     trainer["status"] = {"active": 1}
     return trainer
 
@@ -174,7 +194,8 @@ class TestReconcileUnderQuota:
             self, make_job: MakeJob, settings: OperatorSettings) -> None:
         first = validated_job(make_job, "first", "2026-03-01T10:00:00Z")
         second = validated_job(make_job, "second", "2026-03-01T10:05:00Z")
-        waiting = builders.trainer_job(second, render.trainer_config_for(second), settings, admitted=False)
+        waiting = builders.trainer_job(second, typed(second), render.trainer_config_for(second), settings,
+                                       admitted=False)
         observed = Observed(job=second, now=NOW, trainer_job=waiting, namespace_jobs=(first, second),
                             namespace_trainer_jobs=(finished_trainer("first"), waiting),
                             config_map=builders.trainer_configmap(second, render.trainer_config_for(second)),

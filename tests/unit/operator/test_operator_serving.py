@@ -10,9 +10,16 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator import builders, conditions, names, reconcile, render
 from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed, PatchChild, ReplaceChild
 from kubetune.operator.settings import OperatorSettings
+
+
+def typed(job: dict[str, Any]) -> FineTuneJobSpec:
+    """The job's typed spec, as the reconcile parses it once per pass."""
+    return FineTuneJobSpec.from_dict(job["spec"])
+
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 MakeJob = Callable[..., dict[str, Any]]
@@ -69,8 +76,9 @@ def served(make_job: MakeJob, **serving: Any) -> dict[str, Any]:
 
 
 def deployment_for(job: dict[str, Any], settings: OperatorSettings, digest: str = DIGEST) -> dict[str, Any]:
-    key_digest = builders.api_key_digest(API_KEY) if builders.serving_auth(job) == "apiKey" else ""
-    return builders.serving_deployment(job, render.model_location(job), digest, settings, key_digest=key_digest)
+    spec = typed(job)
+    key_digest = builders.api_key_digest(API_KEY) if spec.serving_settings().auth == "apiKey" else ""
+    return builders.serving_deployment(job, spec, render.model_location(job), digest, settings, key_digest=key_digest)
 
 
 class TestTheBuiltinRuntime:

@@ -11,8 +11,15 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator import builders, render
 from kubetune.operator.settings import OperatorSettings
+
+
+def typed(job: dict[str, Any]) -> FineTuneJobSpec:
+    """The job's typed spec, as the reconcile parses it once per pass."""
+    return FineTuneJobSpec.from_dict(job["spec"])
+
 
 MakeJob = Callable[..., dict[str, Any]]
 ADAPTER_DIR = "/mnt/pvc/models/finetunes/demo/adapter"
@@ -24,7 +31,7 @@ def unmerged(make_job: MakeJob, **serving: Any) -> dict[str, Any]:
 
 
 def container(job: dict[str, Any], settings: OperatorSettings) -> dict[str, Any]:
-    manifest = builders.serving_deployment(job, render.model_location(job), "sha256:" + "0" * 64, settings)
+    manifest = builders.serving_deployment(job, typed(job), render.model_location(job), "sha256:" + "0" * 64, settings)
     return dict(manifest["spec"]["template"]["spec"]["containers"][0])
 
 
@@ -84,7 +91,7 @@ class TestTheServingContainer:
 
     @pytest.mark.parametrize(("rank", "flag"), [(1, 8), (8, 8), (9, 16), (64, 64), (300, 320), (1024, 512)])
     def test_the_max_lora_rank_is_the_smallest_vllm_accepts(self, make_job: MakeJob, rank: int, flag: int) -> None:
-        assert builders.vllm_max_lora_rank(make_job(method={"type": "lora", "lora": {"rank": rank}})) == flag
+        assert builders.vllm_max_lora_rank(typed(make_job(method={"type": "lora", "lora": {"rank": rank}}))) == flag
 
 
 class TestTheApiKey:

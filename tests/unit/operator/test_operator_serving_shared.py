@@ -88,8 +88,6 @@ class TestTheGuest:
         ({"method": {"type": "lora", "lora": {"merge": True}}}, {}, "ServingInvalid",
          "'job-a' serves a merged or fully fine-tuned model, not the base model"),
         ({"method": {"type": "full"}}, {}, "ServingInvalid", "'job-a' serves a merged or fully fine-tuned model"),
-        ({}, {"method": {"type": "lora", "lora": {"merge": True}}}, "ServingInvalid",
-         "this job's output is a merged model, not an adapter"),
         ({"serving": {"enabled": False}}, {}, "ServingInvalid", "'job-a' has spec.serving.enabled false"),
         ({"serving": {"enabled": True, "shareWith": "job-c"}}, {}, "ServingInvalid",
          "'job-a' itself shares the serving of 'job-c'"),
@@ -111,6 +109,17 @@ class TestTheGuest:
         found = serving_condition(decision)
         assert (found["status"], found["reason"]) == ("False", reason)
         assert found["message"].startswith("spec.serving.shareWith: ") and wanted in found["message"], found["message"]
+        assert "servedBy" not in decision.status_patch and decision.actions == ()
+
+
+    def test_a_merged_guest_does_not_even_parse(self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        """The spec's own rule (the API server's CEL and its Python twin): shareWith needs merge: false. A guest
+        written past the API server's check is refused by the operator's parse, naming the field."""
+        guest = job(make_job, "job-b", method={"type": "lora", "lora": {"merge": True}}, shareWith="job-a")
+        decision = guest_decision(guest, job(make_job, "job-a"), settings)
+        found = conditions.find(decision.status_patch["conditions"], conditions.VALIDATED)
+        assert found is not None and (found["status"], found["reason"]) == ("False", "InvalidSpec")
+        assert "spec.serving.shareWith: serving.shareWith loads this job's LoRA adapter" in found["message"]
         assert "servedBy" not in decision.status_patch and decision.actions == ()
 
 

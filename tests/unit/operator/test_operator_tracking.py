@@ -11,10 +11,17 @@ from typing import Any
 
 import pytest
 
+from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.operator import builders, conditions, reconcile, render, reports
 from kubetune.api import finetunejob as models
 from kubetune.operator.reconcile import Observed
 from kubetune.operator.settings import OperatorSettings
+
+
+def typed(job: dict[str, Any]) -> FineTuneJobSpec:
+    """The job's typed spec, as the reconcile parses it once per pass."""
+    return FineTuneJobSpec.from_dict(job["spec"])
+
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 MakeJob = Callable[..., dict[str, Any]]
@@ -82,9 +89,9 @@ class TestCredentials:
     def env(self, job: dict[str, Any], settings: OperatorSettings, pod: str = "trainer") -> list[dict[str, Any]]:
         rendered = render.trainer_config_for(job)
         if pod == "trainer":
-            built = builders.trainer_job(job, rendered, settings)
+            built = builders.trainer_job(job, typed(job), rendered, settings)
         else:
-            built = builders.validation_job(job, rendered, settings)
+            built = builders.validation_job(job, typed(job), rendered, settings)
         return list(built["spec"]["template"]["spec"]["containers"][0]["env"])
 
     def test_a_token_reaches_the_trainer_by_secret_key_ref_only(self, make_job: MakeJob,
