@@ -27,8 +27,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Final
 
-from kubetune.api import layout
-from kubetune.api import schema
+from kubetune.api import layout, schema
 from kubetune.api.finetunejob import (
     DatasetSpec,
     EvaluationSpec,

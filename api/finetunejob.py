@@ -27,8 +27,7 @@ import dataclasses
 import re
 from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
-from kubetune.api import layout
-from kubetune.api import schema as apischema
+from kubetune.api import layout, schema as apischema
 from kubetune.api.schema import (
     AUTO,
     Format,

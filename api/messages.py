@@ -4,7 +4,7 @@ Progress reports are JSON objects the trainer prints on stdout and POSTs to the 
 (`process.ENV_PROGRESS_URL`); the termination summary is one JSON object in the pod's termination
 message (at most 4 KiB), which finishes the status even when a report was lost. The trainer builds
 both from these definitions (`trainer/reporting.py`); the operator checks them against these
-definitions and the status schema (`operator/reports.py`, `operator/reconcile.py`); the round-trip
+definitions and the status schema (`operator/progress/reports.py`, `operator/jobs/reconcile.py`); the round-trip
 tests generate messages from these TypedDicts and send them through both.
 
 Types on the wire: `float` is any finite JSON number, `int` an integer >= 0, `str` a string; a field

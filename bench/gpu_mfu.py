@@ -216,10 +216,9 @@ def _reset_peak_memory() -> None:
 def kubetune_side(work: dict[str, Any], part: str) -> dict[str, Any]:
     """kubetune's trainer, timed from outside: `train._optimizer_step` is wrapped, the trainer is unchanged."""
     from kubetune.api import config as cfg
-    from kubetune.trainer.training import modeling
-    from kubetune.trainer.training import train
     from kubetune.trainer.__main__ import load_data
     from kubetune.trainer.reporting import Reporter
+    from kubetune.trainer.training import modeling, train
 
     plan = Plan(**work["plan"])
     lora = part == "lora"

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import builders, reconcile, render
+from kubetune.operator.jobs import builders, reconcile, render
 from kubetune.operator.settings import OperatorSettings
 
 JOB_NAME = "vllm-check"

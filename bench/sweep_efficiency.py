@@ -5,7 +5,7 @@ The same small search space on the tiny GPT-2 model from `kubetune.dev.tinymodel
 (categorical) x warmup ratio (uniform); grid search uses 3 points each (27
 trials). Every trial is a real training run of the real trainer (`train.setup`
 + `train.fit`, in-process, validation every `--eval-interval` steps), and every
-search is driven by the operator's own engine (`kubetune.operator.sweep` for
+search is driven by the operator's own engine (`kubetune.operator.sweeps.reconcile` for
 grid/random values, `sweep_study` for the Optuna study, pruner and sampler), one
 trial at a time:
 
@@ -104,12 +104,12 @@ class TrialReporter:
 
 def run_search(search: str, seed: int, quick: bool, steps: int, eval_interval: int, workdir: Path) -> dict[str, Any]:
     """One search in this process; returns its trials and CPU-seconds."""
-    from kubetune.dev import tinymodel
-    from kubetune.operator import sweep, sweep_study
-    from kubetune.operator.sweep_models import FineTuneSweepSpec
     from kubetune.api import config as cfg
-    from kubetune.trainer.training import train
+    from kubetune.dev import tinymodel
+    from kubetune.operator.sweeps import reconcile as sweep, study as sweep_study
+    from kubetune.operator.sweeps.models import FineTuneSweepSpec
     from kubetune.trainer.__main__ import load_data
+    from kubetune.trainer.training import train
 
     model = workdir / "model"
     if not (model / "config.json").exists():

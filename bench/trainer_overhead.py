@@ -88,10 +88,10 @@ def main() -> int:
     count = args.examples or (120 if args.quick else 400)
 
     from kubetune.api import config as cfg
-    from kubetune.trainer.evaluation import evaluate
-    from kubetune.trainer.training import train
     from kubetune.trainer.__main__ import load_data
+    from kubetune.trainer.evaluation import evaluate
     from kubetune.trainer.reporting import Reporter
+    from kubetune.trainer.training import train
 
     print(f"hardware          {workload.hardware_line()}")
     url, server = report_sink()

@@ -61,7 +61,7 @@ def bench_config(output: Path, epochs: int, max_seq_length: int, corpus: Path = 
             "batchSize": 2,
             "maxSeqLength": max_seq_length,
             "gradientAccumulationSteps": 1,
-            "learningRate": "auto",
+            # learningRate left out: automatic (2e-4 for LoRA)
         },
         "training": {"evalInterval": 0, "precision": "fp32"},
         "job": {"name": "bench-smollm2-lora"},

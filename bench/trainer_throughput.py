@@ -130,8 +130,8 @@ def kubetune_config(model: Path, train: Path, output: Path, *, max_seq_length: i
 def prepare_kubetune(config_dict: dict[str, Any]) -> Any:
     """The trainer's own setup: data, tokenizer, model, packing, optimizer (not timed)."""
     from kubetune.api import config as cfg
-    from kubetune.trainer.training import train
     from kubetune.trainer.__main__ import load_data
+    from kubetune.trainer.training import train
 
     config = cfg.config_from_dict(config_dict)
     tokenizer, prepared = load_data(config)
@@ -167,8 +167,8 @@ def trained_examples(run: Any) -> list[list[int]]:
 
 
 def run_kubetune(work: Workload) -> SideResult:
-    from kubetune.trainer.training import train
     from kubetune.trainer.reporting import Reporter
+    from kubetune.trainer.training import train
 
     run = prepare_kubetune(work.config)
     real, computed = packed_positions(run)
@@ -257,8 +257,8 @@ def run_hf(work: Workload, scratch: Path, *, flatten: bool) -> SideResult:
 
 
 def validation_loss(model: Any, work: Workload) -> float:
-    from kubetune.trainer.prep import data
     from kubetune.trainer.evaluation import evaluate
+    from kubetune.trainer.prep import data
 
     device = next(model.parameters()).device
     sequences = [data.PackedSequence(**s) for s in work.validation]

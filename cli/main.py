@@ -144,7 +144,8 @@ def resolve_endpoint(stack: Any, job: dict[str, Any]) -> str:
 def serving_api_key(stack: Any, job: dict[str, Any]) -> str | None:
     """The API key of the job's serving endpoint (from its serving-key Secret); None with `auth: none`."""
     from kubetune.api.finetunejob import FineTuneJobSpec
-    from kubetune.operator import builders, names
+    from kubetune.operator import names
+    from kubetune.operator.jobs import builders
 
     if FineTuneJobSpec.from_dict(job.get("spec")).serving_settings().auth != builders.AUTH_API_KEY:
         return None
@@ -176,8 +177,8 @@ def served_model_name(url: str, api_key: str | None = None) -> str:
 
 
 def _cmd_dev(args: argparse.Namespace) -> int:
-    from kubetune.dev import stack as local_stack
     from kubetune.cli import progress_view
+    from kubetune.dev import stack as local_stack
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="kubetune-dev-"))
     started = time.monotonic()
@@ -227,8 +228,8 @@ def _cmd_dev(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from kubetune.operator import render
     from kubetune.api import finetunejob as models
+    from kubetune.operator.jobs import render
 
     documents = [d for d in yaml.safe_load_all(Path(args.manifest).read_text()) if d]
     jobs = [d for d in documents if d.get("kind") == "FineTuneJob"]
@@ -272,10 +273,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     """Memory, tokens, ETA and the GPU recommendation for a manifest, computed here like the validation pod does."""
-    from kubetune.api.finetunejob import FineTuneJobSpec
-    from kubetune.operator import estimate, policy, render
-    from kubetune.trainer import __main__ as trainer_main
     from kubetune.api import config as trainer_config
+    from kubetune.api.finetunejob import FineTuneJobSpec
+    from kubetune.operator.jobs import render
+    from kubetune.operator.platform import estimate, policy
+    from kubetune.trainer import __main__ as trainer_main
 
     jobs = [d for d in yaml.safe_load_all(Path(args.manifest).read_text()) if d and d.get("kind") == "FineTuneJob"]
     if len(jobs) != 1:

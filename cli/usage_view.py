@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kubetune.operator import usage
+from kubetune.operator.platform import usage
 
 Body = dict[str, Any]
 COLUMNS = ("NAMESPACE", "JOBS", "TRAIN ACC-H", "TRAIN CPU-H", "VALID CPU-H", "SERVE ACC-H", "SERVE CPU-H", "TOKENS")

@@ -21,8 +21,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from kubetune.dev.loopback import LoopbackServer
 from kubetune.dev.controlplane import REPO_ROOT
+from kubetune.dev.loopback import LoopbackServer
 
 BUILD_SCRIPT = REPO_ROOT / "hack" / "seaweedfs" / "build.sh"
 

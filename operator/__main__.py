@@ -15,10 +15,11 @@ def main() -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import kopf
 
-    from kubetune.operator import handlers  # registers the handlers
-    from kubetune.operator import sweep_handlers  # noqa: F401  (registers the FineTuneSweep handlers)
+    from kubetune.operator.jobs import handlers
+    from kubetune.operator.runtime import RUNTIME
+    from kubetune.operator.sweeps import handlers as sweep_handlers
 
-    settings = handlers.SETTINGS
+    settings = RUNTIME.settings
     kopf.run(
         clusterwide=not settings.namespaces,
         namespaces=list(settings.namespaces),

@@ -19,8 +19,9 @@ from typing import Any, cast
 import kubernetes
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.operator import builders, cache, reconcile
-from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed, PatchChild, ReplaceChild
+from kubetune.operator import cache
+from kubetune.operator.jobs import builders, reconcile
+from kubetune.operator.jobs.reconcile import CreateChild, DeleteChild, Observed, PatchChild, ReplaceChild
 
 Body = dict[str, Any]
 GROUP = builders.API_GROUP

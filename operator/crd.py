@@ -22,9 +22,8 @@ from typing import Any
 
 import yaml
 
-from kubetune.operator import sweep_models
-from kubetune.api import schema as apischema
-from kubetune.api import finetunejob as models
+from kubetune.api import finetunejob as models, schema as apischema
+from kubetune.operator.sweeps import models as sweep_models
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CRD_DIR = REPO_ROOT / "crds"

@@ -43,7 +43,7 @@ from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from kubetune.operator import usage as usage_
+from kubetune.operator.platform import usage as usage_
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 QUEUE_BUCKETS = (1, 5, 15, 60, 300, 900, 1800, 3600, 4 * 3600, 24 * 3600)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.dev import controlplane, mlflow_server, objectstore
 from kubetune.api import process as api_process
+from kubetune.dev import controlplane, mlflow_server, objectstore
 
 
 @pytest.fixture(scope="session")

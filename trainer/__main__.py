@@ -111,8 +111,8 @@ def validation_sizing(config: cfg.TrainerConfig, statistics: dict[str, Any]) -> 
 
 def test_metrics(run: Any, prepared: Any) -> dict[str, Any]:
     """Perplexity and token accuracy on the test split; classification metrics by label likelihood."""
-    from kubetune.trainer.prep import data
     from kubetune.trainer.evaluation import evaluate
+    from kubetune.trainer.prep import data
 
     examples = prepared.splits.test
     if run.config.evaluation.max_test_examples:
@@ -153,8 +153,8 @@ def _sample_prompts(run: Any, prepared: Any) -> list[Any]:
 
 
 def _answers(run: Any, prompts: list[Any]) -> list[str]:
-    from kubetune.trainer.training import modeling
     from kubetune.trainer.evaluation import samples
+    from kubetune.trainer.training import modeling
 
     model = run.accelerator.unwrap_model(run.model)
     return samples.generate_answers(model, run.tokenizer, prompts, max_new_tokens=cfg.SAMPLE_MAX_NEW_TOKENS,

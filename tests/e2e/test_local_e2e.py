@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.dev import stack as local_stack
 from kubetune.cli import main as cli, progress_view
-from kubetune.operator import builders
+from kubetune.dev import stack as local_stack
+from kubetune.operator.jobs import builders
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -18,8 +18,8 @@ import openai
 import pytest
 import yaml
 
-from kubetune.dev import stack as local_stack
 from kubetune.cli import main as cli, progress_view
+from kubetune.dev import stack as local_stack
 from kubetune.operator import names
 from tests.unit.chart import test_monitoring_queries as monitoring
 

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.dev import stack as local_stack
 from kubetune.cli import main as cli
+from kubetune.dev import stack as local_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -32,8 +32,8 @@ import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.dev import stack as local_stack, tinymodel
 from kubetune.cli import progress_view
+from kubetune.dev import stack as local_stack, tinymodel
 
 REPO = Path(__file__).resolve().parents[2]
 GROUP, VERSION, PLURAL = "kubetune.io", "v1alpha1", "finetunejobs"

@@ -40,7 +40,7 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.dev import stack as local_stack
-from kubetune.operator import builders, reconcile, render
+from kubetune.operator.jobs import builders, reconcile, render
 from kubetune.operator.settings import OperatorSettings
 from tests.reliability.conftest import Kube, wait_until
 

@@ -31,7 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import pytest
 
 from kubetune.dev import stack as local_stack
-from kubetune.operator.usage import parse_time
+from kubetune.operator.platform.usage import parse_time
 from tests.reliability.conftest import (Kube, Tenants, condition, is_true, tiny_manifest, trainer_process,
                                         trainer_reports, wait_until)
 

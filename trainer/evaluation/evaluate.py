@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 
 from kubetune.trainer.prep import data
-from kubetune.trainer.training import loss
-from kubetune.trainer.training import modeling
 from kubetune.trainer.prep.data import IGNORE_INDEX, PackedSequence
+from kubetune.trainer.training import loss, modeling
 
 
 def collate(

@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from kubetune.trainer import objectstore
 from kubetune.api.config import TrainerConfig
+from kubetune.trainer import objectstore
 
 log = logging.getLogger(__name__)
 

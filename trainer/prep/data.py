@@ -41,9 +41,9 @@ from pathlib import PurePosixPath
 from typing import Any, BinaryIO
 from urllib.parse import urlparse
 
-from kubetune.trainer.prep import augment
 from kubetune.api.finetunejob import Cleaning, Curriculum, DataSource, DatasetSpec, FieldNames, ModelSpec, Split
 from kubetune.trainer.errors import DataError
+from kubetune.trainer.prep import augment
 from kubetune.trainer.prep.examples import Example, Splits, normalize_whitespace
 
 __all__ = ["Example", "Splits", "normalize_whitespace"]  # from examples.py; callers may import them from here

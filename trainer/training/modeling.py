@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from kubetune.trainer import objectstore
 from kubetune.api.finetunejob import LoraSettings, ModelSpec
+from kubetune.trainer import objectstore
 from kubetune.trainer.errors import ModelError
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 The operator cannot read a model on a PVC, and cannot import torch; the
 dataset-validation pod can. It reports, in its termination message under
-`sizing`, what `kubetune.operator.estimate` needs:
+`sizing`, what `kubetune.operator.platform.estimate` needs:
 
 - `model`: the shape keys of the model's config (as config.json names them), the exact parameter
   count and the exact Σ(in + out) of the LoRA target modules, both counted on a weightless

@@ -36,14 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from kubetune.trainer.prep import data
-from kubetune.trainer.evaluation import evaluate
-from kubetune.trainer.training import hyperparameters
-from kubetune.trainer.training import modeling
 from kubetune.api.config import TrainerConfig
 from kubetune.trainer.errors import CheckpointError, PermanentError, Preempted
-from kubetune.trainer.training.hyperparameters import ResolvedHyperparameters
+from kubetune.trainer.evaluation import evaluate
+from kubetune.trainer.prep import data
 from kubetune.trainer.reporting import Reporter
+from kubetune.trainer.training import hyperparameters, modeling
+from kubetune.trainer.training.hyperparameters import ResolvedHyperparameters
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.api import finetunejob as models
-from kubetune.api import schema as apischema
+from kubetune.api import finetunejob as models, schema as apischema
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"

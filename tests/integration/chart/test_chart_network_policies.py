@@ -19,7 +19,7 @@ import yaml
 
 from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.dev import chart
-from kubetune.operator import builders, render
+from kubetune.operator.jobs import builders, render
 from kubetune.operator.settings import OperatorSettings
 
 from tests.integration.chart.conftest import Release, finetunejob, restricted_namespace, wait_for

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.dev import tinymodel
 from kubetune.api import process as api_process
+from kubetune.dev import tinymodel
 
 pytestmark = pytest.mark.integration
 

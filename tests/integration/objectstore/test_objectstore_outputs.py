@@ -11,10 +11,10 @@ from typing import Any
 
 import pytest
 
-from kubetune.dev import objectstore, tinymodel
 from kubetune.api import process as api_process
-from kubetune.trainer.__main__ import main
+from kubetune.dev import objectstore, tinymodel
 from kubetune.trainer import objectstore as trainer_objectstore
+from kubetune.trainer.__main__ import main
 
 pytestmark = pytest.mark.integration
 

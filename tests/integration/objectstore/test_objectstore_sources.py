@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.dev import objectstore, tinymodel
 from kubetune.api import process as api_process
+from kubetune.dev import objectstore, tinymodel
 from kubetune.trainer.__main__ import main
 
 pytestmark = pytest.mark.integration

@@ -27,8 +27,9 @@ import pytest
 import yaml
 
 from kubetune.dev import controlplane
-from kubetune.operator import builders, cache
+from kubetune.operator import cache
 from kubetune.operator.client import KubeClient
+from kubetune.operator.jobs import builders
 from tests.integration.operator.conftest import CRD_FILE, REPO, Kube, finetunejob, free_port, wait_for
 
 USERS = ("kubetune-operator-reads", "kubetune-operator-active", "kubetune-operator-standby")

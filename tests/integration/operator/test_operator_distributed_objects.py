@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import builders, names, render
-from kubetune.operator.settings import OperatorSettings
 from kubetune.api import process as api_process
+from kubetune.api.finetunejob import FineTuneJobSpec
+from kubetune.operator import names
+from kubetune.operator.jobs import builders, render
+from kubetune.operator.settings import OperatorSettings
 
 from .conftest import Kube, finetunejob, wait_for
 

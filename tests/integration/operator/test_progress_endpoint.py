@@ -28,11 +28,10 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import client as operator_client
-from kubetune.operator import metrics as metrics_module
-from kubetune.operator import progress, reports
-from kubetune.operator.settings import OperatorSettings
 from kubetune.api import config as trainer_config
+from kubetune.operator import client as operator_client, metrics as metrics_module
+from kubetune.operator.progress import reports, server as progress
+from kubetune.operator.settings import OperatorSettings
 from kubetune.trainer.reporting import Reporter
 
 from .conftest import Kube, OperatorProcess, finetunejob, wait_for

@@ -20,8 +20,8 @@ import optuna
 import pytest
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.operator import sweep
-from kubetune.operator.sweep_models import FineTuneSweepSpec
+from kubetune.operator.sweeps import reconcile as sweep
+from kubetune.operator.sweeps.models import FineTuneSweepSpec
 from tests.integration.operator.conftest import Kube, OperatorProcess, wait_for
 from tests.integration.operator.test_operator_lifecycle import metric
 from tests.integration.sweep.conftest import Sweeps, sweep_manifest

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.dev import mlflow_server, tinymodel
 from kubetune.api import process as api_process
+from kubetune.dev import mlflow_server, tinymodel
 from kubetune.trainer import tracking
 from kubetune.trainer.__main__ import main
 

@@ -14,10 +14,8 @@ from typing import Any
 import pytest
 import yaml
 
+from kubetune.api import config as cfg, finetunejob as models, schema as apischema
 from kubetune.operator import crd
-from kubetune.api import schema as apischema
-from kubetune.api import finetunejob as models
-from kubetune.api import config as cfg
 
 REPO = Path(__file__).resolve().parents[3]
 CRD_FILE = REPO / "crds" / "finetunejobs.kubetune.io.yaml"

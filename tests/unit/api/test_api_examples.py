@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from kubetune.operator import render
 from kubetune.api import finetunejob as models
+from kubetune.operator.jobs import render
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = sorted(p for p in (REPO / "examples").rglob("*.yaml") if "data" not in p.relative_to(REPO / "examples").parts

@@ -8,9 +8,9 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import render, reports
-from kubetune.api import schema as apischema
-from kubetune.api import finetunejob as models
+from kubetune.api import finetunejob as models, schema as apischema
+from kubetune.operator.jobs import render
+from kubetune.operator.progress import reports
 
 MINIMAL: dict[str, Any] = {
     "model": {"source": "hf://HuggingFaceTB/SmolLM2-135M-Instruct"},

@@ -8,11 +8,10 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import crd
-from kubetune.api import schema as apischema
-from kubetune.api import finetunejob as models
-from kubetune.trainer import __main__ as program
+from kubetune.api import finetunejob as models, schema as apischema
 from kubetune.api.config import AUGMENTATION_OPERATIONS, ConfigError, config_from_dict
+from kubetune.operator import crd
+from kubetune.trainer import __main__ as program
 
 from .augment_datasets import sentiment_records, write_jsonl
 

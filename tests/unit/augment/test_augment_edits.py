@@ -8,11 +8,10 @@ from collections import Counter
 
 import pytest
 
-from kubetune.trainer.prep import augment
 from kubetune.api.config import AUGMENTATION_OPERATIONS
-from kubetune.api.finetunejob import Augmentation
+from kubetune.api.finetunejob import Augmentation, DataSource, DatasetSpec as DatasetConfig
+from kubetune.trainer.prep import augment
 from kubetune.trainer.prep.data import Example, Splits, classification_completion
-from kubetune.api.finetunejob import DatasetSpec as DatasetConfig, DataSource
 
 SENTENCE = "the operator watches every pod and reports the job status after each epoch"  # 13 words
 

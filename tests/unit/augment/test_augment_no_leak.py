@@ -8,10 +8,9 @@ from typing import Any
 
 import pytest
 
-from kubetune.trainer.prep import augment
-from kubetune.trainer.prep import data
 from kubetune.api.config import config_from_dict
 from kubetune.api.finetunejob import ModelSpec as ModelConfig
+from kubetune.trainer.prep import augment, data
 
 from .augment_datasets import sentiment_records, write_jsonl
 

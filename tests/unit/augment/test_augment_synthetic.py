@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.trainer.prep import augment
 from kubetune.api.finetunejob import ModelSpec as ModelConfig, SyntheticAugmentation
+from kubetune.trainer.prep import augment
 from kubetune.trainer.prep.data import Example, classification_completion
 
 

@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from kubetune.dev import chart
-from kubetune.operator import policy as operator_policy
 from kubetune.operator import settings as operator_settings
+from kubetune.operator.platform import policy as operator_policy
 
 REPO = Path(__file__).resolve().parents[3]
 CHART = REPO / "charts" / "kubetune"
@@ -203,7 +203,7 @@ class TestOperatorDeployment:
                                       {"name": "metrics", "containerPort": 9091, "protocol": "TCP"}]
         assert (env_of(container)["KUBETUNE_HTTP_PORT"], env_of(container)["KUBETUNE_METRICS_PORT"]) == ("9090", "9091")
         for probe in ("livenessProbe", "readinessProbe"):
-            # /healthz is on both ports (operator/progress.py); the metrics port is never HTTPS.
+            # /healthz is on both ports (operator/progress/server.py); the metrics port is never HTTPS.
             assert container[probe]["httpGet"] == {"path": "/healthz", "port": "metrics"}
 
     def test_image_tag_defaults_to_the_app_version_and_a_digest_wins(self, render: Render) -> None:
@@ -435,7 +435,7 @@ class TestProgressTls:
 
         from aiohttp import web
 
-        from kubetune.operator import progress
+        from kubetune.operator.progress import server as progress
 
         manifests = render(namespace="ml-platform")
         secret = only(manifests, "Secret", "kubetune-progress-tls")

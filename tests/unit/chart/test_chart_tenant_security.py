@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from kubetune.dev import chart
-from kubetune.operator import policy
+from kubetune.operator.platform import policy
 
 Render = Callable[..., list[dict[str, Any]]]
 

@@ -9,9 +9,9 @@ import pytest
 import yaml
 
 from kubetune.api import layout
-from kubetune.dev import tinymodel
 from kubetune.cli import main as cli
-from kubetune.operator import reports
+from kubetune.dev import tinymodel
+from kubetune.operator.progress import reports
 from kubetune.operator.settings import OperatorSettings
 
 pytestmark = pytest.mark.slow

@@ -16,11 +16,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kubetune.api import messages
-from kubetune.operator import reconcile, reports
-from kubetune.api import finetunejob as models
+from kubetune.api import config as trainer_config, finetunejob as models, messages
+from kubetune.operator.jobs import reconcile
+from kubetune.operator.progress import reports
 from kubetune.operator.settings import OperatorSettings
-from kubetune.api import config as trainer_config
 from kubetune.trainer import reporting
 
 JOB = trainer_config.JobIdentity(namespace="team-a", name="tune", uid="u-1")

@@ -14,9 +14,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import render
-from kubetune.api import schema as apischema
-from kubetune.api import finetunejob as models
+from kubetune.api import finetunejob as models, schema as apischema
+from kubetune.operator.jobs import render
 
 JOB: dict[str, Any] = {
     "apiVersion": "kubetune.io/v1alpha1", "kind": "FineTuneJob",

@@ -3,7 +3,7 @@
 Run as a subprocess so that the measurement is the process's own: the baseline
 is the resident set after torch and transformers are imported, the peak is the
 kernel's high-water mark (VmHWM) after model creation, two forward and backward
-passes and AdamW steps (the steady state) — what `kubetune.operator.estimate.training_memory`
+passes and AdamW steps (the steady state) — what `kubetune.operator.platform.estimate.training_memory`
 models. Prints one JSON line: {"parameters", "trainable", "baselineBytes", "peakBytes", "deltaBytes"}.
 """
 

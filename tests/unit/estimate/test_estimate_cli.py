@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kubetune.api import messages
-from kubetune.api import schema as apischema
-from kubetune.dev import tinymodel
+from kubetune.api import messages, schema as apischema
 from kubetune.cli import main as cli
+from kubetune.dev import tinymodel
 
 
 @pytest.fixture(scope="module")

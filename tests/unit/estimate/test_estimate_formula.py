@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import estimate
-from kubetune.operator.estimate import GIB, MIB, GpuType, ModelFacts, Request, TrainingShape
+from kubetune.operator.platform import estimate
+from kubetune.operator.platform.estimate import GIB, GpuType, MIB, ModelFacts, Request, TrainingShape
 
 GPT2_SMALL = {"model_type": "gpt2", "n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257,
               "n_positions": 1024}

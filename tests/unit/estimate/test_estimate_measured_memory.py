@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import estimate
+from kubetune.operator.platform import estimate
 
 STEP = Path(__file__).with_name("peak_memory_step.py")
 TOLERANCE = 0.25

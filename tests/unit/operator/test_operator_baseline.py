@@ -8,10 +8,11 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import metrics as metrics_module
-from kubetune.operator import reconcile, reports
 from kubetune.api import finetunejob as models
-from kubetune.operator.reports import ReportError
+from kubetune.operator import metrics as metrics_module
+from kubetune.operator.jobs import reconcile
+from kubetune.operator.progress import reports
+from kubetune.operator.progress.reports import ReportError
 from kubetune.operator.settings import OperatorSettings
 
 from .test_operator_reconcile import MakeJob, job_with_conditions, pod, validated_status, with_children

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import builders, render
+from kubetune.operator.jobs import builders, render
 from kubetune.operator.settings import OperatorSettings
 
 

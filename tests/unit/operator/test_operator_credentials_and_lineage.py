@@ -12,9 +12,11 @@ from typing import Any
 import pytest
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import builders, conditions, policy, reconcile, render
-from kubetune.operator.policy import NamespaceLimits
-from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed
+from kubetune.operator import conditions
+from kubetune.operator.jobs import builders, reconcile, render
+from kubetune.operator.jobs.reconcile import CreateChild, DeleteChild, Observed
+from kubetune.operator.platform import policy
+from kubetune.operator.platform.policy import NamespaceLimits
 from kubetune.operator.settings import OperatorSettings
 
 

@@ -8,8 +8,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from kubetune.operator import conditions, reconcile
-from kubetune.operator.reconcile import Observed
+from kubetune.operator import conditions
+from kubetune.operator.jobs import reconcile
+from kubetune.operator.jobs.reconcile import Observed
 from kubetune.operator.settings import OperatorSettings
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)

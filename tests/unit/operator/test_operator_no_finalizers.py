@@ -7,7 +7,9 @@ import asyncio
 
 import kopf
 
-from kubetune.operator import handlers, sweep_handlers
+from kubetune.operator.jobs import handlers
+from kubetune.operator.runtime import RUNTIME, Resync
+from kubetune.operator.sweeps import handlers as sweep_handlers
 
 
 def test_no_handler_needs_a_finalizer() -> None:
@@ -17,7 +19,7 @@ def test_no_handler_needs_a_finalizer() -> None:
     needing = [h.id for part in (registry._changing, registry._spawning)  # noqa: SLF001 (kopf has no public view)
                for h in part.get_all_handlers() if h.requires_finalizer]
     assert needing == []
-    assert sweep_handlers.SWEEP_RESYNC in handlers.RESYNCS and handlers.JOB_RESYNC in handlers.RESYNCS
+    assert sweep_handlers.SWEEP_RESYNC in RUNTIME.resyncs and handlers.JOB_RESYNC in RUNTIME.resyncs
 
 
 def test_the_resync_reconciles_tracked_objects_and_survives_a_failure() -> None:
@@ -28,7 +30,7 @@ def test_the_resync_reconciles_tracked_objects_and_survives_a_failure() -> None:
         if name == "broken":
             raise RuntimeError("API unavailable")
 
-    resync = handlers.Resync(reconcile, "")
+    resync = Resync(reconcile, "")
     resync.track("a", "pending", True)
     resync.track("a", "broken", True)
     resync.track("a", "finished", True)
@@ -42,7 +44,7 @@ def test_the_resync_also_reconciles_what_its_discovery_finds_and_survives_a_fail
     """kopf delivers a new namespace's objects only once its own namespace watch has reported it; the
     operator's reads (`discover`) find them anyway, once each, next to the tracked ones."""
     seen: list[tuple[str, str]] = []
-    resync = handlers.Resync(lambda namespace, name: seen.append((namespace, name)), "",
+    resync = Resync(lambda namespace, name: seen.append((namespace, name)), "",
                              discover=lambda: [("new", "unseen-by-kopf"), ("a", "tracked")])
     resync.track("a", "tracked", True)
     asyncio.run(resync.run_once())

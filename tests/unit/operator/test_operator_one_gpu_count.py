@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import conditions, estimate, quota, reconcile
-from kubetune.operator.policy import NamespaceLimits, PlatformPolicy
-from kubetune.operator.reconcile import CreateChild, Observed
+from kubetune.operator import conditions
+from kubetune.operator.jobs import reconcile
+from kubetune.operator.jobs.reconcile import CreateChild, Observed
+from kubetune.operator.platform import estimate, quota
+from kubetune.operator.platform.policy import NamespaceLimits, PlatformPolicy
 from kubetune.operator.settings import OperatorSettings
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import builders, conditions, policy, reconcile, render
-from kubetune.operator.policy import NamespaceLimits, PlatformPolicy, PolicyError
-from kubetune.operator.reconcile import CreateChild, Observed
+from kubetune.operator import conditions
+from kubetune.operator.jobs import builders, reconcile, render
+from kubetune.operator.jobs.reconcile import CreateChild, Observed
+from kubetune.operator.platform import policy
+from kubetune.operator.platform.policy import NamespaceLimits, PlatformPolicy, PolicyError
 from kubetune.operator.settings import OperatorSettings
 
 
@@ -215,7 +217,7 @@ class TestAllowedTrainerImagesIsDeprecated:
             assert policy.policy_from_dict({"defaults": defaults}).deprecations == (), defaults
 
     def test_the_operator_logs_each_warning_at_start_up(self, caplog: pytest.LogCaptureFixture) -> None:
-        from kubetune.operator import handlers
+        from kubetune.operator.jobs import handlers
 
         platform = policy.policy_from_dict({"defaults": {"allowedTrainerImages": ["registry.corp/*"]}})
         with caplog.at_level("WARNING", logger=handlers.__name__):

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import builders, conditions, policy, quota, reconcile, render
-from kubetune.operator.policy import NamespaceLimits, PlatformPolicy, PolicyError
-from kubetune.operator.reconcile import CreateChild, Observed, PatchChild
+from kubetune.operator import conditions
+from kubetune.operator.jobs import builders, reconcile, render
+from kubetune.operator.jobs.reconcile import CreateChild, Observed, PatchChild
+from kubetune.operator.platform import policy, quota
+from kubetune.operator.platform.policy import NamespaceLimits, PlatformPolicy, PolicyError
 from kubetune.operator.settings import OperatorSettings
 
 

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
-from kubetune.operator import builders, conditions, reconcile, render
-from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed, PatchChild
+from kubetune.operator import conditions
+from kubetune.operator.jobs import builders, reconcile, render
+from kubetune.operator.jobs.reconcile import CreateChild, DeleteChild, Observed, PatchChild
 from kubetune.operator.settings import OperatorSettings
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import render
 from kubetune.api import config as trainer_config
+from kubetune.operator.jobs import render
 
 
 def test_a_valid_spec_renders_a_config_the_trainer_accepts(make_job: Callable[..., dict[str, Any]]) -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import reports
-from kubetune.operator.reports import JobKey, ReportError
+from kubetune.operator.progress import reports
+from kubetune.operator.progress.reports import JobKey, ReportError
 
 KEY = b"operator-key"
 JOB_A = JobKey("team-a", "alpha", "uid-a")

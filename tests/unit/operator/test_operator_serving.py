@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import builders, conditions, names, reconcile, render
-from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed, PatchChild, ReplaceChild
+from kubetune.operator import conditions, names
+from kubetune.operator.jobs import builders, reconcile, render
+from kubetune.operator.jobs.reconcile import CreateChild, DeleteChild, Observed, PatchChild, ReplaceChild
 from kubetune.operator.settings import OperatorSettings
 
 

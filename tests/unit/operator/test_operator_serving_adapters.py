@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import builders, render
+from kubetune.operator.jobs import builders, render
 from kubetune.operator.settings import OperatorSettings
 
 
@@ -100,7 +100,7 @@ class TestTheApiKey:
     def observed(self, job: dict[str, Any], secret: dict[str, Any] | None) -> Any:
         from datetime import datetime, timezone
 
-        from kubetune.operator.reconcile import Observed
+        from kubetune.operator.jobs.reconcile import Observed
 
         job["status"] = {"conditions": [{"type": "Succeeded", "status": "True", "reason": "TrainingComplete",
                                          "message": "", "observedGeneration": 1, "lastTransitionTime": "x"}],
@@ -110,7 +110,7 @@ class TestTheApiKey:
     def test_a_missing_key_secret_is_created_with_a_random_key_before_the_deployment(
         self, make_job: MakeJob, settings: OperatorSettings
     ) -> None:
-        from kubetune.operator import reconcile
+        from kubetune.operator.jobs import reconcile
 
         keys = []
         for _ in range(2):
@@ -130,7 +130,7 @@ class TestTheApiKey:
     def test_the_stored_key_is_kept_and_its_digest_rolls_the_deployment_when_it_changes(
         self, make_job: MakeJob, settings: OperatorSettings
     ) -> None:
-        from kubetune.operator import reconcile
+        from kubetune.operator.jobs import reconcile
 
         def decide(key: str) -> Any:
             # As the operator reads it: metadata only, with the digest annotated at creation.
@@ -146,7 +146,7 @@ class TestTheApiKey:
         assert annotations[0] != annotations[1]
 
     def test_auth_none_has_no_key_and_no_secret(self, make_job: MakeJob, settings: OperatorSettings) -> None:
-        from kubetune.operator import reconcile
+        from kubetune.operator.jobs import reconcile
 
         decision = reconcile.reconcile(self.observed(make_job(serving={"enabled": True, "auth": "none"}), None),
                                        settings)

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 
-from kubetune.operator import builders, conditions, reconcile
-from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed, PatchChild
+from kubetune.operator import conditions
+from kubetune.operator.jobs import builders, reconcile
+from kubetune.operator.jobs.reconcile import CreateChild, DeleteChild, Observed, PatchChild
 from kubetune.operator.settings import OperatorSettings
 
 MakeJob = Callable[..., dict[str, Any]]

@@ -7,9 +7,10 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from kubetune.operator import conditions, reconcile
-from kubetune.operator.policy import NamespaceLimits, PlatformPolicy
-from kubetune.operator.reconcile import DeleteChild, Observed
+from kubetune.operator import conditions
+from kubetune.operator.jobs import reconcile
+from kubetune.operator.jobs.reconcile import DeleteChild, Observed
+from kubetune.operator.platform.policy import NamespaceLimits, PlatformPolicy
 from kubetune.operator.settings import OperatorSettings
 from tests.unit.operator.test_operator_reconcile import (NOW, condition, job_with_conditions, pod, validated_status,
                                                          with_children)
@@ -150,7 +151,7 @@ def test_off_by_default(make_job: MakeJob, settings: OperatorSettings) -> None:
 
 
 def test_the_field_is_the_operators_own_and_not_passed_to_the_trainer(make_job: MakeJob) -> None:
-    from kubetune.operator import render
+    from kubetune.operator.jobs import render
 
     rendered = render.trainer_config_for(make_job(training={"stallTimeoutSeconds": 60, "evalInterval": 5}))
     assert rendered.config["training"] == {"evalInterval": 5}

@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator import builders, conditions, reconcile, render, reports
 from kubetune.api import finetunejob as models
-from kubetune.operator.reconcile import Observed
+from kubetune.api.finetunejob import FineTuneJobSpec
+from kubetune.operator import conditions
+from kubetune.operator.jobs import builders, reconcile, render
+from kubetune.operator.jobs.reconcile import Observed
+from kubetune.operator.progress import reports
 from kubetune.operator.settings import OperatorSettings
 
 

@@ -6,9 +6,9 @@ import json
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from kubetune.operator import usage
-from kubetune.operator.metrics import OperatorMetrics
 from kubetune.api.finetunejob import status_from_dict
+from kubetune.operator.metrics import OperatorMetrics
+from kubetune.operator.platform import usage
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from kubetune.operator import sweep
-from kubetune.operator.sweep_models import FineTuneSweepSpec
+from kubetune.operator.sweeps import reconcile as sweep
+from kubetune.operator.sweeps.models import FineTuneSweepSpec
 
 TEMPLATE: dict[str, Any] = {
     "model": {"source": "pvc://models/base/tiny"},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from kubetune.operator import sweep
+from kubetune.operator.sweeps import reconcile as sweep
 from tests.unit.sweep.sweep_fixtures import sweep_body, trial
 
 LR = "hyperparameters.learningRate"

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import yaml
 
-from kubetune.operator import sweep
 from kubetune.api import finetunejob as models
-from kubetune.operator.sweep_models import FineTuneSweepSpec
+from kubetune.operator.sweeps import reconcile as sweep
+from kubetune.operator.sweeps.models import FineTuneSweepSpec
 
 EXAMPLE = Path(__file__).resolve().parents[3] / "examples" / "sweep-learning-rate.yaml"
 

@@ -19,7 +19,7 @@ from typing import Any
 import optuna
 import pytest
 
-from kubetune.operator import sweep, sweep_study
+from kubetune.operator.sweeps import reconcile as sweep, study as sweep_study
 from tests.unit.sweep.sweep_fixtures import condition, spec_of, sweep_body
 
 LR = "hyperparameters.learningRate"
@@ -94,8 +94,8 @@ class TestReplayEqualsAnUninterruptedStudy:
         log.write_text(json.dumps({"spec": body_for(algorithm)["spec"], "events": events[:cut]}))
         program = (
             "import json, sys\n"
-            "from kubetune.operator import sweep_study\n"
-            "from kubetune.operator.sweep_models import FineTuneSweepSpec\n"
+            "from kubetune.operator.sweeps import study as sweep_study\n"
+            "from kubetune.operator.sweeps.models import FineTuneSweepSpec\n"
             "data = json.load(open(sys.argv[1]))\n"
             "spec = FineTuneSweepSpec.from_dict(data['spec'])\n"
             "study = sweep_study.replay(spec, 'minimize', data['events'], lambda i: None)\n"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from kubetune.operator import sweep
+from kubetune.operator.sweeps import reconcile as sweep
 from tests.unit.sweep.sweep_fixtures import sweep_body, spec_of
 
 LR = "hyperparameters.learningRate"

@@ -8,9 +8,12 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from kubetune.operator import builders, conditions, reconcile, render, reports, sweep
-from kubetune.operator.reconcile import CreateChild, DeleteChild, Observed
+from kubetune.operator import conditions
+from kubetune.operator.jobs import builders, reconcile, render
+from kubetune.operator.jobs.reconcile import CreateChild, DeleteChild, Observed
+from kubetune.operator.progress import reports
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.sweeps import reconcile as sweep
 
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
 SETTINGS = OperatorSettings(trainer_image="trainer:test", progress_url="http://operator:8080/v1/reports",

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetune.cli import sweep_view
-from kubetune.operator import sweep
+from kubetune.operator.sweeps import reconcile as sweep
 from tests.unit.sweep.sweep_fixtures import sweep_body, trial
 
 LR = "hyperparameters.learningRate"

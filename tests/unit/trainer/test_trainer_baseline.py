@@ -9,14 +9,11 @@ from typing import Any
 
 import pytest
 
-from kubetune.api import config as cfg
-from kubetune.api import process as api_process
+from kubetune.api import config as cfg, process as api_process
 from kubetune.trainer import reporting
-from kubetune.trainer.prep import data
-from kubetune.trainer.evaluation import evaluate
-from kubetune.trainer.evaluation import outputs
-from kubetune.trainer.evaluation import samples
 from kubetune.trainer.__main__ import BASELINE_FILE, main
+from kubetune.trainer.evaluation import evaluate, outputs, samples
+from kubetune.trainer.prep import data
 
 from .trainer_runs import classification_records, config, text_records, write_config, write_jsonl
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.api import config as cfg
-from kubetune.api import process as api_process
+from kubetune.api import config as cfg, process as api_process
 from kubetune.trainer import config_file
 
 MINIMAL = {"model": {"source": "/models/base"}, "dataset": {"train": {"source": "/data/train.jsonl"}}, "output": {"dir": "/out"}}

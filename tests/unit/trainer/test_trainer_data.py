@@ -12,10 +12,9 @@ import pyarrow.parquet
 import pytest
 import torch
 
-from kubetune.api import config as cfg
-from kubetune.api import finetunejob as ftj
-from kubetune.trainer.prep import data
+from kubetune.api import config as cfg, finetunejob as ftj
 from kubetune.trainer.errors import DataError
+from kubetune.trainer.prep import data
 
 
 def _dataset(format: str, source: str, **extra: object) -> ftj.DatasetSpec:  # noqa: A002

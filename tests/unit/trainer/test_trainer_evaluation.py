@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from kubetune.api import finetunejob as ftj
-from kubetune.trainer.prep import data
 from kubetune.trainer.evaluation import evaluate
+from kubetune.trainer.prep import data
 from kubetune.trainer.training import hyperparameters
 
 

@@ -14,12 +14,10 @@ from typing import Any
 import pytest
 import torch
 
-from kubetune.trainer.prep import data
-from kubetune.trainer.evaluation import evaluate
-from kubetune.trainer.training import loss
-from kubetune.trainer.training import modeling
-from kubetune.trainer.training import train
 from kubetune.api.finetunejob import ModelSpec as ModelConfig
+from kubetune.trainer.evaluation import evaluate
+from kubetune.trainer.prep import data
+from kubetune.trainer.training import loss, modeling, train
 
 TEXTS = [
     "The operator watches the job.",

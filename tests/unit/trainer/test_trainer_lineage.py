@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.dev import tinymodel
 from kubetune.api import process as api_process
+from kubetune.dev import tinymodel
 from kubetune.trainer.__main__ import main
 
 from .trainer_runs import write_config, write_jsonl

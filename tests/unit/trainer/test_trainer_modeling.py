@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from kubetune.api import finetunejob as ftj
-from kubetune.trainer.training import modeling
 from kubetune.trainer.errors import ModelError
+from kubetune.trainer.training import modeling
 
 
 class TestLocate:

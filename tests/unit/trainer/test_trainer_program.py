@@ -135,7 +135,7 @@ class TestSmokeRun:
         assert 0 <= results["f1"] <= 1
         # Every report of this real run is accepted by the operator's parser, and the completed one
         # brings valLoss, the model and the per-class results into status.
-        from kubetune.operator import reports
+        from kubetune.operator.progress import reports
 
         lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith('{"job"')]
         parsed = [reports.validate_report(reports.decode_report(line.encode(), 64 * 1024), reports.JobKey("", "", ""))

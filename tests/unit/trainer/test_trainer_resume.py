@@ -14,8 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from kubetune.api import config as cfg
-from kubetune.api import process as api_process
+from kubetune.api import config as cfg, process as api_process
 from kubetune.trainer.training import train
 
 from .trainer_runs import config, text_records, write_config, write_jsonl

@@ -16,9 +16,8 @@ from typing import Any
 
 import pytest
 
-from kubetune.api import config as cfg
+from kubetune.api import config as cfg, process as api_process
 from kubetune.api.finetunejob import MlflowTracking
-from kubetune.api import process as api_process
 from kubetune.trainer import tracking
 
 JOB = cfg.JobIdentity(namespace="team-a", name="tune", uid="u-1")

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from kubetune.api import config as cfg
-from kubetune.api import process as api_process
-from kubetune.trainer.training import train
+from kubetune.api import config as cfg, process as api_process
 from kubetune.trainer.__main__ import main
+from kubetune.trainer.training import train
 
 from .trainer_runs import classification_records, config, text_records, write_config, write_jsonl
 

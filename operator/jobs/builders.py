@@ -19,11 +19,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from kubetune.api import process
-from kubetune.api import schema as apischema
+from kubetune.api import process, schema as apischema
 from kubetune.api.finetunejob import FineTuneJobSpec, ResourcesSpec
-from kubetune.operator import names, render
-from kubetune.operator.policy import NamespaceLimits
+from kubetune.operator import names
+from kubetune.operator.jobs import render
+from kubetune.operator.platform.policy import NamespaceLimits
 from kubetune.operator.settings import OperatorSettings
 
 Body = dict[str, Any]

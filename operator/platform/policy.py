@@ -53,7 +53,7 @@ from typing import Any
 import yaml
 
 from kubetune.api.finetunejob import FineTuneJobSpec
-from kubetune.operator.estimate import GpuType
+from kubetune.operator.platform.estimate import GpuType
 
 API_VERSION = "kubetune.io/v1alpha1"
 KIND = "PlatformPolicy"

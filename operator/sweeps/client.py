@@ -12,8 +12,9 @@ from typing import Any, cast
 
 from kubernetes.client.exceptions import ApiException
 
-from kubetune.operator import cache, sweep, sweep_models
+from kubetune.operator import cache
 from kubetune.operator.client import KubeClient
+from kubetune.operator.sweeps import models as sweep_models, reconcile as sweep
 
 Body = dict[str, Any]
 GROUP, VERSION = sweep_models.GROUP, sweep_models.VERSION

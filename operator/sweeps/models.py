@@ -16,8 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Annotated, Any, Final, Literal, TypedDict
 
-from kubetune.api import schema as apischema
-from kubetune.api import finetunejob as models
+from kubetune.api import finetunejob as models, schema as apischema
 from kubetune.api.schema import (
     Immutable,
     ListType,

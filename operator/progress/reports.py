@@ -28,11 +28,9 @@ import math
 from datetime import datetime
 from typing import Annotated, Any, TypedDict
 
-from kubetune.api import messages
-from kubetune.operator import render
-from kubetune.api import schema as apischema
-from kubetune.api import finetunejob as models
+from kubetune.api import finetunejob as models, messages, schema as apischema
 from kubetune.api.schema import MaxItems, PreserveUnknownFields
+from kubetune.operator.jobs import render
 
 Body = dict[str, Any]
 

@@ -31,10 +31,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any, Final
 
-from kubetune.operator import conditions, names, sweep_models, sweep_study
-from kubetune.api import schema as apischema
-from kubetune.api import finetunejob as models
-from kubetune.operator.sweep_models import FineTuneSweepSpec, SearchParameter
+from kubetune.api import finetunejob as models, schema as apischema
+from kubetune.operator import conditions, names
+from kubetune.operator.sweeps import models as sweep_models, study as sweep_study
+from kubetune.operator.sweeps.models import FineTuneSweepSpec, SearchParameter
 
 Body = dict[str, Any]
 Value = int | float

@@ -31,8 +31,8 @@ from typing import Any
 from aiohttp import web
 
 from kubetune.operator import metrics as metrics_module
-from kubetune.operator import reports
-from kubetune.operator.reports import ReportError
+from kubetune.operator.progress import reports
+from kubetune.operator.progress.reports import ReportError
 from kubetune.operator.settings import OperatorSettings
 
 Body = dict[str, Any]

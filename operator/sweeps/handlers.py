@@ -1,9 +1,10 @@
 """Thin kopf handlers for FineTuneSweeps: every event about a sweep or one of its trials runs the same
 level-based reconcile (`sweep.decide`), serialised per sweep.
 
-They share the FineTuneJob handlers' runtime (API client, settings, the
-metrics registry served at `/metrics`, kopf's persistence settings), so the
-operator imports this module next to `handlers`. Handlers return None and
+They share the operator's runtime with the FineTuneJob controller
+(`runtime.RUNTIME`: API client, settings, the metrics registry served at
+`/metrics`, the resyncs); kopf's settings are set once, by the FineTuneJob
+controller's start-up handler. Handlers return None and
 write status explicitly.
 """
 
@@ -14,13 +15,26 @@ from typing import Any
 
 import kopf
 
-from kubetune.operator import handlers, sweep, sweep_metrics, sweep_models, sweep_study
-from kubetune.operator.sweep_client import SweepClient
+from kubetune.operator.runtime import RUNTIME, Resync, reconcile_or_retry
+from kubetune.operator.sweeps import metrics as sweep_metrics
+from kubetune.operator.sweeps import models as sweep_models
+from kubetune.operator.sweeps import reconcile as sweep
+from kubetune.operator.sweeps import study as sweep_study
+from kubetune.operator.sweeps.client import SweepClient
 
 log = logging.getLogger(__name__)
 
 SWEEP_RESOURCE = (sweep_models.GROUP, sweep_models.VERSION, sweep_models.PLURAL)
-METRICS = sweep_metrics.SweepMetrics(handlers.METRICS.registry)
+_METRICS: list[sweep_metrics.SweepMetrics] = []
+
+
+def sweep_metrics_() -> sweep_metrics.SweepMetrics:
+    """The sweep metrics, registered on first use in the registry the operator serves at `/metrics`."""
+    if not _METRICS:
+        _METRICS.append(sweep_metrics.SweepMetrics(RUNTIME.metrics.registry))
+    return _METRICS[0]
+
+
 STUDIES = sweep_study.StudyCache()
 """Replayed Optuna studies between reconciles (a speed-up: a restart replays the stored log instead)."""
 _LOCK_PREFIX = "sweep:"
@@ -29,18 +43,18 @@ _LOCK_PREFIX = "sweep:"
 
 def reconcile_sweep(namespace: str, name: str) -> None:
     """Observe the sweep and its trials, decide, carry out — for one sweep at a time."""
-    with handlers.RUNTIME.lock(namespace, _LOCK_PREFIX + name):
-        client = SweepClient(handlers.RUNTIME.kube())
+    with RUNTIME.lock(namespace, _LOCK_PREFIX + name):
+        client = SweepClient(RUNTIME.kube())
         body = client.get_sweep(namespace, name)
         if body is None or body["metadata"].get("deletionTimestamp"):
             return  # deleted: the garbage collector removes the trials
         decision = sweep.decide(body, client.list_trials(body), studies=STUDIES)
         client.apply(body, decision)
-        METRICS.observe(namespace, name, {**(body.get("status") or {}), **decision.status})
+        sweep_metrics_().observe(namespace, name, {**(body.get("status") or {}), **decision.status})
 
 
 def _reconcile_or_retry(namespace: str | None, name: str | None) -> None:
-    handlers.reconcile_or_retry(reconcile_sweep, namespace, name, what="sweep ")
+    reconcile_or_retry(reconcile_sweep, namespace, name, what="sweep ")
 
 
 @kopf.on.create(*SWEEP_RESOURCE)
@@ -52,14 +66,14 @@ def on_sweep_changed(namespace: str | None, name: str | None, **_: Any) -> None:
 
 def all_sweeps() -> list[tuple[str, str]]:
     """Every sweep in the watched namespaces (one list request per resync interval); none when other
-    replicas may hold the lead (`handlers.working_alone`)."""
-    if not handlers.working_alone():
+    replicas may hold the lead (`Runtime.working_alone`)."""
+    if not RUNTIME.working_alone():
         return []
-    return SweepClient(handlers.RUNTIME.kube()).sweep_names(handlers.SETTINGS.namespaces)
+    return SweepClient(RUNTIME.kube()).sweep_names(RUNTIME.settings.namespaces)
 
 
-SWEEP_RESYNC = handlers.Resync(reconcile_sweep, "sweep ", discover=all_sweeps, resource="finetunesweeps")
-handlers.RESYNCS.append(SWEEP_RESYNC)
+SWEEP_RESYNC = Resync(reconcile_sweep, "sweep ", discover=all_sweeps, resource="finetunesweeps")
+RUNTIME.resyncs.append(SWEEP_RESYNC)
 
 
 @kopf.on.event(*SWEEP_RESOURCE)
@@ -72,7 +86,7 @@ def track_sweep(namespace: str | None, name: str | None, type: str | None = None
 def on_sweep_deleted(namespace: str | None, name: str | None, body: kopf.Body, **_: Any) -> None:
     """Trials go with the sweep (owner references); only the metrics need clearing."""
     if namespace and name:
-        METRICS.forget(namespace, name)
+        sweep_metrics_().forget(namespace, name)
     uid = (body.get("metadata") or {}).get("uid")
     if uid:
         STUDIES.forget(str(uid))

@@ -39,8 +39,8 @@ import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import TrialState
 
-from kubetune.operator import sweep_models
-from kubetune.operator.sweep_models import FineTuneSweepSpec, SearchParameter
+from kubetune.operator.sweeps import models as sweep_models
+from kubetune.operator.sweeps.models import FineTuneSweepSpec, SearchParameter
 
 Body = dict[str, Any]
 Value = int | float

@@ -35,9 +35,12 @@ from typing import Any
 from kubetune.api import layout, process
 from kubetune.api.finetunejob import FineTuneJobSpec, TrackingSpec
 from kubetune.api.schema import ValidationError
-from kubetune.operator import builders, conditions, estimate, names, quota, render, reports, usage
+from kubetune.operator import conditions, names
 from kubetune.operator.conditions import Condition
-from kubetune.operator.policy import NO_POLICY, NamespaceLimits, PlatformPolicy, violations
+from kubetune.operator.jobs import builders, render
+from kubetune.operator.platform import estimate, quota, usage
+from kubetune.operator.platform.policy import NO_POLICY, NamespaceLimits, PlatformPolicy, violations
+from kubetune.operator.progress import reports
 from kubetune.operator.settings import OperatorSettings
 
 Body = dict[str, Any]

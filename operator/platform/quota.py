@@ -24,8 +24,10 @@ from typing import Any
 
 from kubetune.api.finetunejob import FineTuneJobSpec
 from kubetune.api.schema import ValidationError
-from kubetune.operator import builders, conditions, estimate
-from kubetune.operator.policy import NamespaceLimits
+from kubetune.operator import conditions
+from kubetune.operator.jobs import builders
+from kubetune.operator.platform import estimate
+from kubetune.operator.platform.policy import NamespaceLimits
 
 Body = dict[str, Any]
 

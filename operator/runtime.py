@@ -1,0 +1,158 @@
+"""What the operator's two controllers share at run time: settings, the platform policy, the metrics
+registry, the API client with its informers, per-object locks, the progress/metrics HTTP server, and
+the periodic resyncs.
+
+The FineTuneJob controller (`jobs/handlers.py`) and the FineTuneSweep controller
+(`sweeps/handlers.py`) both use `RUNTIME`; neither reaches into the other. Nothing is read at
+import: the settings come from the environment, and the policy from its file, the first time they
+are asked for (in the operator, kopf's start-up handler), so importing the handlers in a test or a
+tool reads no environment and no file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+import kopf
+
+from kubetune.operator import metrics
+from kubetune.operator.client import KubeClient, api_client
+from kubetune.operator.platform import policy
+from kubetune.operator.progress import server as progress
+from kubetune.operator.settings import OperatorSettings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """The operator process's shared state; one per process (`RUNTIME`)."""
+
+    def __init__(self) -> None:
+        self._settings: OperatorSettings | None = None
+        self._policy: policy.PlatformPolicy | None = None
+        self._metrics: metrics.OperatorMetrics | None = None
+        self.client: KubeClient | None = None
+        self.server: progress.HttpServer | None = None
+        self.service: progress.ProgressService | None = None
+        self.resyncs: list[Resync] = []
+        """Started by the job controller's start-up handler; each controller adds its own."""
+        self._locks: dict[tuple[str, str], threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    @property
+    def settings(self) -> OperatorSettings:
+        """`KUBETUNE_*` settings, read from the environment on first use."""
+        if self._settings is None:
+            self._settings = OperatorSettings.from_env()
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: OperatorSettings) -> None:
+        self._settings = value
+
+    @property
+    def policy(self) -> policy.PlatformPolicy:
+        """The platform policy (quotas, allowed sources and images), read from its file on first use (the
+        chart restarts the operator when it changes)."""
+        if self._policy is None:
+            self._policy = policy.load_policy(self.settings.policy_file)
+        return self._policy
+
+    @property
+    def metrics(self) -> metrics.OperatorMetrics:
+        """The operator's metrics; their registry also holds the sweep controller's, all served at
+        `/metrics`."""
+        if self._metrics is None:
+            self._metrics = metrics.OperatorMetrics()
+        return self._metrics
+
+    def kube(self) -> KubeClient:
+        if self.client is None:
+            self.client = KubeClient(api_client())
+        return self.client
+
+    def lock(self, namespace: str, name: str) -> threading.Lock:
+        """One lock per key: reconciles of one object never overlap (controllers use distinct names)."""
+        with self._guard:
+            return self._locks.setdefault((namespace, name), threading.Lock())
+
+    def working_alone(self) -> bool:
+        """Whether kopf cannot pause this replica: its peering object is absent (the chart creates one only
+        for hot standbys). Only then may a resync act on objects kopf has not delivered: a paused standby's
+        kopf delivers nothing, and so it must do nothing."""
+        return not self.kube().peering_in_use(self.settings.peering_name, self.settings.namespaces)
+
+
+RUNTIME = Runtime()
+
+
+class Resync:
+    """Reconciles every tracked object once per interval, a fallback for missed events.
+
+    Not a kopf timer: kopf puts a finalizer on every object a timer matches, and once the
+    operator is uninstalled nobody removes it, so `kubectl delete crd` hangs forever. Which
+    objects need polling is tracked from kopf's watch events (`track`), so it costs no requests.
+    """
+
+    def __init__(self, reconcile: Callable[[str, str], None], what: str, parallel: int = 8,
+                 discover: Callable[[], Iterable[tuple[str, str]]] | None = None,
+                 resource: str = "finetunejobs") -> None:
+        self.reconcile = reconcile
+        self.what = what
+        self.resource = resource
+        """The `resource` label of its metrics (`kubetune_resync_passes`, `kubetune_resync_undelivered`)."""
+        self.parallel = parallel
+        self.keys: set[tuple[str, str]] = set()
+        self.discover = discover
+        """The objects with work pending as the operator's own reads see them, kopf's events or not:
+        kopf starts watching a new namespace only once its namespace watch reports it, and a watch it
+        is retrying (an API server answering 429 while a resource's storage initialises) delivers
+        nothing meanwhile. Without this, such an object waits for kopf; with it, one interval at most."""
+
+    def track(self, namespace: str | None, name: str | None, pending: bool) -> None:
+        if namespace and name:
+            (self.keys.add if pending else self.keys.discard)((namespace, name))
+
+    async def run_once(self) -> None:
+        limit = asyncio.Semaphore(self.parallel)
+        keys = set(self.keys)
+        if self.discover is not None:
+            try:
+                keys |= set(await asyncio.to_thread(self.discover))
+            except Exception:  # noqa: BLE001 - the tracked keys are still resynced
+                log.exception("listing the %sobjects to resync failed", self.what)
+        undelivered = keys - self.keys
+        if undelivered:
+            log.info("resync: %d %sobject(s) kopf has not delivered: %s", len(undelivered), self.what,
+                     ", ".join(f"{n}/{m}" for n, m in sorted(undelivered)[:5]))
+
+        async def one(namespace: str, name: str) -> None:
+            async with limit:
+                try:
+                    await asyncio.to_thread(self.reconcile, namespace, name)
+                except Exception:
+                    log.exception("resync of %s%s/%s failed", self.what, namespace, name)
+
+        await asyncio.gather(*(one(namespace, name) for namespace, name in sorted(keys)))
+        RUNTIME.metrics.resync_undelivered.labels(self.resource).inc(len(undelivered))
+        RUNTIME.metrics.resync_passes.labels(self.resource).inc()
+
+    async def run_forever(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            await self.run_once()
+
+
+def reconcile_or_retry(reconcile: Callable[[str, str], None], namespace: str | None, name: str | None,
+                       what: str = "") -> None:
+    """Run one object's reconcile; on any error log it and let kopf retry in 10 s."""
+    if not namespace or not name:
+        return
+    try:
+        reconcile(namespace, name)
+    except Exception as error:
+        log.exception("reconcile of %s%s/%s failed", what, namespace, name)
+        raise kopf.TemporaryError(f"{what}reconcile failed: {error}", delay=10) from error
