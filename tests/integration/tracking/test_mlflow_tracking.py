@@ -41,7 +41,8 @@ def write_config(tmp_path: Path, model: Path, tracking_uri: str, *, epochs: int 
         "evaluation": {"baseline": True},
         "output": {"dir": str(out), "checkpointDir": str(out / "checkpoints")},
         "job": {"namespace": "team-a", "name": "tuned", "uid": "uid-1"},
-        "tracking": {"mlflow": {"trackingUri": tracking_uri, "experiment": experiment}},
+        # experiment absent: the job's namespace (the operator fills it in; the trainer falls back the same way)
+        "tracking": {"mlflow": {"trackingUri": tracking_uri, **({"experiment": experiment} if experiment else {})}},
     }
     path = tmp_path / "config.json"
     path.write_text(json.dumps(content))
