@@ -40,16 +40,8 @@ from kubetune.api.finetunejob import (
 )
 from kubetune.api.schema import AUTO, MinLength, rules
 
-AUGMENTATION_OPERATIONS: Final = ("wordDeletion", "wordSwap", "wordInsertion", "charNoise")
-"""Every edit operation of `dataset.augmentation.operations`, the default list."""
-EDIT_AUGMENTATION_FORMATS: Final = ("text", "classification")
-"""Formats whose text the edit operations change (the label is copied). Prompt/completion and chat
-data get synthetic examples only: an edited prompt could ask a different question than the
-completion answers."""
 SYNTHETIC_TEMPLATE_PLACEHOLDERS: Final = ("text", "prompt", "label")
 """`{text}`/`{prompt}`: the seed example's input side; `{label}`: its label (classification only)."""
-MAX_SAMPLES: Final = 20
-"""Most sample answers (`evaluation.samples`) a run writes: each costs two greedy generations."""
 SAMPLE_MAX_NEW_TOKENS: Final = 64
 """Longest sample answer, in tokens: enough to see what a model says, bounded so it costs seconds."""
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import typing
 from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from kubetune.api import layout, schema as apischema
@@ -121,6 +122,8 @@ Strategy = Literal["ddp", "fsdp"]
 EarlyStoppingMetric = Literal["valLoss", "valPerplexity", "valAccuracy", "valF1"]
 EvaluationMetric = Literal["perplexity", "tokenAccuracy", "accuracy", "precision", "recall", "f1"]
 AugmentationOperation = Literal["wordDeletion", "wordSwap", "wordInsertion", "charNoise"]
+AUGMENTATION_OPERATIONS: tuple[AugmentationOperation, ...] = typing.get_args(AugmentationOperation)
+"""Every edit operation, in order: the default of `dataset.augmentation.operations`."""
 ServingRuntime = Literal["builtin", "vllm"]
 ServingAuth = Literal["apiKey", "none"]
 Phase = Literal["Validating", "Pending", "Running", "Suspended", "Succeeded", "Failed", "Pruned"]
@@ -310,7 +313,7 @@ class Augmentation:
     """Add edited copies of the training examples (formats text and classification only; the label is
     copied unchanged). For prompt_completion and chat use `synthetic`."""
     operations: Annotated[list[AugmentationOperation], MinItems(1), MaxItems(4), ListType("set")] = \
-        dataclasses.field(default_factory=lambda: ["wordDeletion", "wordSwap", "wordInsertion", "charNoise"])
+        dataclasses.field(default_factory=lambda: list(AUGMENTATION_OPERATIONS))
     """Edits to draw from, one per copy: `wordDeletion`, `wordSwap`, `wordInsertion` (words from the
     training split's own vocabulary) and `charNoise` (typos: a character substituted, deleted,
     doubled or transposed)."""

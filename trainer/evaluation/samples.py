@@ -7,7 +7,7 @@ classification prompt, the prompt of a prompt/completion pair), so the model
 reads what it learned to continue. Plain text has no prompt side: the first
 half of the text (at most `TEXT_PROMPT_WORDS` words) is the prompt and the
 rest is the reference. Decoding is greedy and bounded by
-`config.SAMPLE_MAX_NEW_TOKENS`: the same model and prompt always give the same
+`kubetune.api.config.SAMPLE_MAX_NEW_TOKENS`: the same model and prompt always give the same
 answer, and a sample costs seconds.
 """
 

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from kubetune.api import finetunejob as models, schema as apischema
-from kubetune.api.config import AUGMENTATION_OPERATIONS, ConfigError, config_from_dict
+from kubetune.api.config import ConfigError, config_from_dict
+from kubetune.api.finetunejob import AUGMENTATION_OPERATIONS
 from kubetune.operator import crd
 from kubetune.trainer import __main__ as program
 

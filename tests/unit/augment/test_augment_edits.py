@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from kubetune.api.config import AUGMENTATION_OPERATIONS
+from kubetune.api.finetunejob import AUGMENTATION_OPERATIONS
 from kubetune.api.finetunejob import Augmentation, DataSource, DatasetSpec as DatasetConfig
 from kubetune.trainer.prep import augment
 from kubetune.trainer.prep.data import Example, Splits, classification_completion
