@@ -9,7 +9,8 @@ effect changes nothing more. `handlers` and `client` carry the decision out.
 
 The steps, in order:
 
-0. parse the spec once (`FineTuneJobSpec.from_dict`, the API server's defaults applied): every
+0. parse the spec once (`specs.spec_of`: `FineTuneJobSpec.from_dict`, once per version of the object,
+   the API server's defaults applied): every
    step below reads the typed spec; one that does not parse (written before a schema change, or
    past the CRD's schema) ends here, `Validated=False InvalidSpec` naming each bad field;
 1. finished jobs: only the TTL of training children and serving;
@@ -42,6 +43,7 @@ from kubetune.operator.platform import estimate, quota, usage
 from kubetune.operator.platform.policy import NO_POLICY, NamespaceLimits, PlatformPolicy, violations
 from kubetune.operator.progress import reports
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.specs import spec_of
 
 Body = dict[str, Any]
 
@@ -168,7 +170,7 @@ class _Draft:
         """The typed spec; None when it does not parse (`spec_problems` says why)."""
         self.spec_problems: list[str] = []
         try:
-            self.parsed = FineTuneJobSpec.from_dict(job.get("spec"))
+            self.parsed = spec_of(job)
         except ValidationError as error:
             self.spec_problems = error.problems
         self.status: Body = dict(job.get("status") or {})
@@ -1022,7 +1024,7 @@ def shared_serving_plan(guest: Body, spec: FineTuneJobSpec, host: Body | None) -
         return [f"{field}: there is no FineTuneJob {share!r} in namespace {namespace!r} (only a job in the same "
                 "namespace can be named)"]
     try:
-        host_spec = FineTuneJobSpec.from_dict(host.get("spec"))
+        host_spec = spec_of(host)
     except ValidationError as error:
         return [f"{field}: the spec of {share!r} is not valid ({'; '.join(error.problems)})"[:1024]]
     host_serving = host_spec.serving_settings()
@@ -1067,7 +1069,7 @@ def serving_guests(host: Body, candidates: tuple[Body, ...]) -> list[tuple[str, 
         if not conditions.is_true(found, conditions.SUCCEEDED):
             continue
         try:
-            spec = FineTuneJobSpec.from_dict(guest.get("spec"))
+            spec = spec_of(guest)
         except ValidationError:
             continue  # its own reconcile reports the spec (Validated=False InvalidSpec)
         if not spec.serving_settings().enabled:

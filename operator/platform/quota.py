@@ -28,6 +28,7 @@ from kubetune.operator import conditions
 from kubetune.operator.jobs import builders
 from kubetune.operator.platform import estimate
 from kubetune.operator.platform.policy import NamespaceLimits
+from kubetune.operator.specs import spec_of
 
 Body = dict[str, Any]
 
@@ -108,7 +109,7 @@ def resolved_spec_of(job: Body) -> FineTuneJobSpec | None:
     before its estimate: it neither waits nor holds until then); None when the spec does not parse
     (its own reconcile fails it with InvalidSpec)."""
     try:
-        spec = FineTuneJobSpec.from_dict(job.get("spec"))
+        spec = spec_of(job)
     except ValidationError:
         return None
     known = ((job.get("status") or {}).get("estimate") or {})

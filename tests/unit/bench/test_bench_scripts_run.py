@@ -131,6 +131,13 @@ def test_data_read_memory_compares_the_streamed_reader_with_reading_whole() -> N
     assert result["rounds"] == 1
 
 
+def test_quota_spec_parse_times_both_sides_in_alternating_processes() -> None:
+    out, result = run_bench("quota_spec_parse.py", "--quick")
+    assert "every parse / cached (medians)" in out and "min / median / max" in out
+    assert set(result["sides"]) == {"every parse", "cached"}
+    assert all(len(side["passMs"]) == 3 and side["medianPassMs"] > 0 for side in result["sides"].values())
+
+
 @pytest.mark.slow
 def test_serve_overhead_prints_overhead_and_concurrency_rows_for_both_servers() -> None:
     out, result = run_bench("serve_overhead.py", "--quick")
