@@ -159,6 +159,13 @@ class LocalStack:
             proc.wait()
         self._guard.discard(proc.pid)
 
+    def log_tail(self, lines: int = 80) -> str:
+        """The operator log's last lines (every operator this stack started writes to one file)."""
+        path = self.workdir / "operator.log"
+        if not path.exists():
+            return "(no operator log)"
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
     def restart_operator(self, kill: bool = True) -> None:
         self.stop_operator(kill=kill)
         self.operator_restarts += 1

@@ -59,7 +59,7 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     for name, value in (getattr(item, "funcargs", None) or {}).items():
         for one in value if isinstance(value, list) else [value]:
             tail = getattr(one, "log_tail", None)
-            if callable(tail) and hasattr(one, "proc") and id(one) not in seen:
+            if callable(tail) and (hasattr(one, "proc") or hasattr(one, "operator")) and id(one) not in seen:
                 seen.add(id(one))
                 report.sections.append((f"operator log, last 80 lines ({name})", str(tail(80))))
 
