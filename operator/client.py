@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, cast
 
 import kubernetes
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from kubetune.operator import cache
@@ -64,6 +65,21 @@ def status_changes(current: Body | None, patch: Body) -> bool:
 class ChildConflict(Exception):
     """A create answered 409 for a name the cache does not hold: something that is not ours has it.
     The name is now read from the API (`cache.Store.read_directly`); observe again to report it."""
+
+
+ERROR_CAUSES = ("api", "conflict", "internal")
+"""What a failed reconcile met (`kubetune_reconcile_errors_total{cause}`): the API server's answer or
+the connection to it (retried: a busy or restarting API server), a child name held by an object not
+ours (retried after observing it), or an error of the operator's own (a bug: look at its log)."""
+
+
+def error_cause(error: BaseException) -> str:
+    """Which of `ERROR_CAUSES` a reconcile's exception is."""
+    if isinstance(error, ChildConflict):
+        return "conflict"
+    if isinstance(error, (ApiException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError)):
+        return "api"
+    return "internal"
 
 
 class KubeClient:

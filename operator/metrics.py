@@ -20,7 +20,9 @@ Series (all prefixed `kubetune_`):
   `training.stallTimeoutSeconds`;
 - `serving_ready{namespace,name}`: 1 while a finished job's serving has an available replica, 0 while
   it should serve and does not (absent when serving is off);
-- `reconcile_errors_total{namespace}`: reconciles that raised;
+- `reconcile_errors_total{namespace,cause}`: reconciles that raised, by cause (`api`: the API
+  server's error answer or a lost connection; `conflict`: a child's name held by an object not ours;
+  `internal`: the operator's own error, a bug);
 - `progress_reports_total{result,reason}`: reports accepted / rejected (by reason).
 
 `OperatorMetrics` keeps the bookkeeping that turns observations into these
@@ -169,8 +171,8 @@ class OperatorMetrics:
         self.serving_ready = Gauge("kubetune_serving_ready",
                                    "1 while a finished job's serving has an available replica, else 0",
                                    ["namespace", "name"], registry=self.registry)
-        self.reconcile_errors = Counter("kubetune_reconcile_errors", "Reconciles that raised an error",
-                                        ["namespace"], registry=self.registry)
+        self.reconcile_errors = Counter("kubetune_reconcile_errors", "Reconciles that raised an error, by cause",
+                                        ["namespace", "cause"], registry=self.registry)
         self.reports = Counter("kubetune_progress_reports", "Progress reports by result",
                                ["result", "reason"], registry=self.registry)
         self.resync_passes = Counter("kubetune_resync_passes", "Passes of the periodic resync",
@@ -297,5 +299,5 @@ class OperatorMetrics:
     def report_rejected(self, reason: str) -> None:
         self.reports.labels("rejected", reason).inc()
 
-    def reconcile_failed(self, namespace: str) -> None:
-        self.reconcile_errors.labels(namespace).inc()
+    def reconcile_failed(self, namespace: str, cause: str) -> None:
+        self.reconcile_errors.labels(namespace, cause).inc()

@@ -23,7 +23,7 @@ from typing import Any
 import kopf
 
 from kubetune.operator import cache, conditions
-from kubetune.operator.client import ChildConflict, KubeClient
+from kubetune.operator.client import ChildConflict, KubeClient, error_cause
 from kubetune.operator.jobs import builders, reconcile
 from kubetune.operator.platform import policy, quota
 from kubetune.operator.progress import server as progress
@@ -206,8 +206,8 @@ def reconcile_job(namespace: str, name: str) -> None:
                     observed, decision = _converge(kube, namespace, name, counted)
                 if observed is None or decision is None:
                     return
-            except Exception:
-                RUNTIME.metrics.reconcile_failed(namespace)
+            except Exception as error:
+                RUNTIME.metrics.reconcile_failed(namespace, error_cause(error))
                 raise
             _update_metrics(observed, decision)
             status = {**(observed.job.get("status") or {}), **decision.status_patch}

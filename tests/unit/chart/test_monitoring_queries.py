@@ -111,7 +111,7 @@ def test_every_queried_series_is_exported_by_the_operator_or_the_server() -> Non
     operator.observe_queue_wait("ns", 3.0)
     operator.observe_health("ns", "job", attempts=1, stalled=False, serving_ready=True)
     operator.report_accepted()
-    operator.reconcile_failed("ns")
+    operator.reconcile_failed("ns", "api")
     operator.observe_finished("ns", "Failed", 5.0)
     server = serve_metrics.ServerMetrics()
     server.requests.labels("/v1/chat/completions", "200").inc()

@@ -48,3 +48,37 @@ def test_per_job_gauges_and_report_counters() -> None:
     assert value(metrics, "kubetune_job_duration_seconds_count", namespace="a", outcome="Succeeded") == 1
     metrics.forget_job("a", "j1")
     assert value(metrics, "kubetune_job_train_loss", namespace="a", name="j1") is None
+
+
+def test_reconcile_errors_are_counted_by_cause() -> None:
+    """A dashboard must tell a busy API server (retried, nobody's bug) from the operator's own error."""
+    import socket
+
+    import kubernetes
+    from kubernetes.client.exceptions import ApiException
+
+    from kubetune.operator.client import ChildConflict, KubeClient, error_cause
+
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    configuration = kubernetes.client.Configuration()
+    configuration.host = f"http://127.0.0.1:{port}"
+    configuration.retries = 0
+    try:
+        KubeClient(kubernetes.client.ApiClient(configuration)).get_finetunejob("ns", "job")
+    except Exception as error:  # noqa: BLE001 - what a reconcile would meet
+        refused: BaseException = error
+    else:
+        raise AssertionError("a refused connection raised nothing")
+    assert error_cause(refused) == "api", repr(refused)
+    assert error_cause(ApiException(status=500, reason="etcdserver: request timed out")) == "api"
+    assert error_cause(ChildConflict("Job ns/x-validate exists and is not in the cache")) == "conflict"
+    assert error_cause(KeyError("metadata")) == "internal"
+
+    metrics = OperatorMetrics()
+    metrics.reconcile_failed("a", error_cause(refused))
+    metrics.reconcile_failed("a", error_cause(KeyError("metadata")))
+    metrics.reconcile_failed("a", error_cause(KeyError("metadata")))
+    assert value(metrics, "kubetune_reconcile_errors_total", namespace="a", cause="api") == 1
+    assert value(metrics, "kubetune_reconcile_errors_total", namespace="a", cause="internal") == 2
