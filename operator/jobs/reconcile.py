@@ -521,6 +521,8 @@ def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: 
         _waiting_for_validation(draft, "the dataset-validation pod was created")
         return False
     outcome = job_outcome(vjob)
+    if outcome == "Active" and validation_pod_succeeded(observed.validation_pods):
+        outcome = "Complete"
     if outcome == "Complete":
         ended = latest_termination(observed.validation_pods, builders.VALIDATION_CONTAINER)
         detail = _summary_text(ended) if ended else ""
@@ -544,6 +546,20 @@ def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: 
         draft.finish(False, conditions.CREDENTIALS_UNAVAILABLE, message)
         return False
     _waiting_for_validation(draft, "the dataset-validation pod is running or pending")
+    return False
+
+
+def validation_pod_succeeded(pods: tuple[Body, ...]) -> bool:
+    """Whether a validation pod has succeeded with the trainer's `validated` summary: then its Job
+    (one completion) is complete, whatever the Job controller has written yet. The Job controller
+    batches pod updates for a second before it marks the Job Complete; acting on the pod saves that
+    second on every job's way to its trainer (the trainer Job's pods wait for no one else)."""
+    for pod in pods:
+        if (pod.get("status") or {}).get("phase") != "Succeeded":
+            continue
+        ended = latest_termination((pod,), builders.VALIDATION_CONTAINER, exit_code=0)
+        if ended is not None and ended.summary.get("outcome") == "validated":
+            return True
     return False
 
 

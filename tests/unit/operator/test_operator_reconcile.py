@@ -7,6 +7,8 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+import pytest
+
 from kubetune.operator import conditions
 from kubetune.operator.jobs import builders, reconcile, render
 from kubetune.operator.jobs.reconcile import CreateChild, DeleteChild, Observed, PatchChild
@@ -127,6 +129,31 @@ class TestDatasetValidation:
         assert condition(decision, "Validated")["status"] == "True"
         assert created_kinds(decision) == ["Job/demo-train"]
         assert condition(decision, "Running")["reason"] == "Pending"
+
+    def test_a_validation_pod_that_succeeded_starts_training_before_the_job_controller_marks_its_job(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        # The Job controller writes Complete about a second after the pod ends (it batches pod updates).
+        summary = json.dumps({"outcome": "validated", "message": "120 train / 15 validation / 15 test examples"})
+        observed = with_children(make_job(), settings, validation_job=job_with_conditions("demo-validate"),
+                                 validation_pods=(pod("Succeeded", exit_code=0, message=summary, container="validate"),))
+        decision = reconcile.reconcile(observed, settings)
+        assert condition(decision, "Validated")["status"] == "True"
+        assert "120 train" in condition(decision, "Validated")["message"]
+        assert created_kinds(decision) == ["Job/demo-train"]
+
+    @pytest.mark.parametrize("phase, exit_code, outcome", [
+        ("Running", 0, "validated"),   # the container ended, the pod is not done (the kubelet has not said so)
+        ("Succeeded", 0, "failed"),    # not the trainer's word that the data is valid
+        ("Failed", 78, "validated"),
+    ])
+    def test_anything_short_of_a_validated_pod_that_succeeded_waits_for_the_job(
+            self, make_job: MakeJob, settings: OperatorSettings, phase: str, exit_code: int, outcome: str) -> None:
+        summary = json.dumps({"outcome": outcome, "message": "m"})
+        observed = with_children(make_job(), settings, validation_job=job_with_conditions("demo-validate"),
+                                 validation_pods=(pod(phase, exit_code=exit_code, message=summary, container="validate"),))
+        decision = reconcile.reconcile(observed, settings)
+        assert "Job/demo-train" not in created_kinds(decision)
+        assert condition(decision, "Validated")["reason"] == "ValidatingDataset"
 
     def test_a_spec_change_while_validating_restarts_validation(self, make_job: MakeJob,
                                                                 settings: OperatorSettings) -> None:
