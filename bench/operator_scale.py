@@ -35,6 +35,13 @@ backlog starts to grow. The load average is printed: the machine is shared.
     python bench/operator_scale.py --jobs 100 --quick   # smoke test
     python bench/operator_scale.py --jobs 200 --compare 3
     python bench/operator_scale.py --jobs 200 --rates 5,10,20,50
+    python bench/operator_scale.py --finished 5000      # memory with 5000 finished jobs present
+
+`--finished N` first stores N FineTuneJobs that have already Succeeded (created,
+then their status written, before the operator starts): the operator lists,
+watches and resumes them all, and its resident memory is printed once it has
+(its informers hold every job; kopf resumes each one), then the N in-flight
+jobs run as usual on top of them.
 """
 
 from __future__ import annotations
@@ -384,6 +391,47 @@ def create_jobs(custom: Any, observer: Observer, count: int, rate: float) -> flo
     return time.monotonic() - started
 
 
+def create_finished(custom: Any, count: int) -> float:
+    """Stores `count` FineTuneJobs that have already Succeeded (before the operator starts, so it never
+    sees them unfinished); returns how long that took."""
+    started = time.monotonic()
+    now = _now_rfc3339()
+    status = {"phase": "Succeeded", "observedGeneration": 1, "conditions": [
+        {"type": "Succeeded", "status": "True", "reason": "TrainingComplete", "message": "finished before the bench",
+         "lastTransitionTime": now},
+        {"type": "Validated", "status": "True", "reason": "DatasetValid", "message": "", "lastTransitionTime": now}]}
+
+    def store(name: str) -> None:
+        custom.create_namespaced_custom_object(GROUP, VERSION, NAMESPACE, PLURAL, finetunejob(name))
+        custom.patch_namespaced_custom_object_status(GROUP, VERSION, NAMESPACE, PLURAL, name, {"status": status})
+
+    with concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="finished") as pool:
+        for future in [pool.submit(store, f"done-{index:05d}") for index in range(count)]:
+            future.result()
+    return time.monotonic() - started
+
+
+def settled_memory(pid: int, quiet: float = 10.0, timeout: float = 900.0) -> tuple[float, float]:
+    """(resident MiB, seconds waited) once the operator's CPU time has stayed flat for `quiet` seconds:
+    it has listed and resumed everything there is."""
+    started = time.monotonic()
+
+    def cpu_seconds() -> float:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    last, flat_since = cpu_seconds(), time.monotonic()
+    while time.monotonic() - started < timeout:
+        time.sleep(1.0)
+        now = cpu_seconds()
+        if now - last > 0.05:  # more than 5% of a core in the last second: still working
+            last, flat_since = now, time.monotonic()
+        elif time.monotonic() - flat_since >= quiet:
+            break
+        last = now
+    return vm_hwm_mib(pid)[1], time.monotonic() - started
+
+
 def warm_up(observer: Observer) -> None:
     """One job through its whole lifecycle first: the operator's watches are up before the clock starts
     (right after the CRD is installed, the API server answers 429 for a few seconds)."""
@@ -418,6 +466,8 @@ def main() -> int:
     parser.add_argument("--compare", type=int, metavar="REPS",
                         help="run cache off and on REPS times each (alternating, each its own process)")
     parser.add_argument("--rates", help="comma-separated creation rates: one run each, cache on")
+    parser.add_argument("--finished", type=int, default=0, metavar="N",
+                        help="store N FineTuneJobs that have already Succeeded before the operator starts")
     args = parser.parse_args()
     if args.compare or args.rates:
         return compare(args)
@@ -436,9 +486,21 @@ def main() -> int:
             plane.kubectl("create", "namespace", NAMESPACE)
             plane.kubectl("label", "namespace", NAMESPACE, "pod-security.kubernetes.io/enforce=restricted")
             operator_kubeconfig = plane.mint_kubeconfig(OPERATOR_USER, ("system:masters",))
-            operator, _ = start_operator(plane, operator_kubeconfig, workdir, cache=args.cache == "on")
             client = plane.api_client()
             client.configuration.connection_pool_maxsize = 16
+            finished_memory: dict[str, float] = {}
+            if args.finished:
+                import kubernetes
+
+                storing = create_finished(kubernetes.client.CustomObjectsApi(client), args.finished)
+                print(f"stored {args.finished} finished FineTuneJobs in {storing:.1f} s", flush=True)
+            operator, _ = start_operator(plane, operator_kubeconfig, workdir, cache=args.cache == "on")
+            if args.finished:
+                resident, waited = settled_memory(operator.pid)
+                finished_memory = {"finishedJobs": args.finished, "residentWithFinishedMiB": round(resident, 1),
+                                   "resumedInSeconds": round(waited, 1)}
+                print(f"operator memory   {resident:.0f} MiB resident with {args.finished} finished jobs present, "
+                      f"once it had resumed them all ({waited:.0f} s after it answered; target < 250 MiB)", flush=True)
             observer = Observer(client, NAMESPACE)
             observer.start()
             warm_up(observer)
@@ -451,7 +513,7 @@ def main() -> int:
             finished = wait_for(lambda: sum(n in observer.succeeded for n in observer.created) >= args.jobs, timeout=max(120.0, args.jobs * 0.3))
             lifecycle_end_wall = time.time()
             done_at = time.monotonic()
-            print(f"{len(observer.succeeded)}/{args.jobs} Succeeded "
+            print(f"{sum(n in observer.succeeded for n in observer.created)}/{args.jobs} Succeeded "
                   f"{done_at - min(observer.created.values()):.1f} s after the first create", flush=True)
             time.sleep(args.settle)
             idle_start_wall = time.time()
@@ -485,8 +547,9 @@ def main() -> int:
     lifecycle += settling  # the tail of the lifecycle: the last child updates after Succeeded
     total_requests = sum(lifecycle.values())
     idle_requests = sum(idle.values())
+    succeeded = sum(name in observer.succeeded for name in observer.created)
     print(f"jobs              {args.jobs} created at {args.rate:g}/s ({creating:.1f} s); "
-          f"{len(observer.succeeded)} reached Succeeded{'' if finished else ' (TIMED OUT waiting for the rest)'}")
+          f"{succeeded} reached Succeeded{'' if finished else ' (TIMED OUT waiting for the rest)'}")
     total = len(observer.created)
     saturated, handled = saturation(observer.created, observer.trainer_job, args.rate)
     if saturated:
@@ -515,7 +578,7 @@ def main() -> int:
     if idle:
         print("  idle:", ", ".join(f"{key} {value}" for key, value in idle.most_common()))
     print("RESULT " + json.dumps({
-        "bench": "operator_scale", "jobs": args.jobs, "rate": args.rate, "succeeded": len(observer.succeeded),
+        "bench": "operator_scale", "jobs": args.jobs, "rate": args.rate, "succeeded": succeeded,
         "saturated": saturated, "handledPerSecond": round(handled, 3),
         "controllerManagerQps": CONTROLLER_MANAGER_QPS, "controllerManagerBurst": CONTROLLER_MANAGER_BURST,
         "trainerJobNotReached": total - len(to_trainer),
@@ -529,6 +592,7 @@ def main() -> int:
         "cache": args.cache, "loadAverage1m": round(os.getloadavg()[0], 2),
         "operatorPeakMiB": round(peak, 1), "requestsPerJob": round(total_requests / max(1, args.jobs), 2),
         "idleRequestsPerJobPerMinute": round(idle_requests / max(1, args.jobs) / (args.idle / 60), 3),
+        **finished_memory,
     }))
     return 0 if finished else 1
 

@@ -117,9 +117,10 @@ def test_gpu_suite_plan_only_writes_every_steps_result(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_operator_scale_runs_jobs_through_their_lifecycle_on_the_real_control_plane() -> None:
     out, result = run_bench("operator_scale.py", "--quick", "--jobs", "5", "--rate", "5", "--settle", "3",
-                            "--idle", "3")
+                            "--idle", "3", "--finished", "5")
     assert "create -> trainer Job" in out and "API requests" in out
-    assert result["succeeded"] >= 5
+    assert "with 5 finished jobs present" in out and result["residentWithFinishedMiB"] > 0
+    assert result["succeeded"] == 5  # the run's own jobs (not the warm-up one, not the finished ones)
     assert result["createToTrainerJobP50"] is not None and result["operatorPeakMiB"] > 0
     assert result["requestsPerJob"] > 0
 
