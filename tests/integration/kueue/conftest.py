@@ -98,8 +98,8 @@ class Queues:
         self.namespace = namespace
         self.cluster_queue = f"kubetune-test-{namespace.removeprefix(NAMESPACE_PREFIX)}"
 
-    def create(self, *, gpus: int) -> None:
-        """The flavor (shared), a ClusterQueue with `gpus` nvidia.com/gpu (cpu and memory to spare)
+    def create(self, *, gpus: int, cpu: str = "16") -> None:
+        """The flavor (shared), a ClusterQueue with `gpus` nvidia.com/gpu and `cpu` (memory to spare)
         that preempts lower-priority Workloads of its own, and LocalQueue `team`; waits until both
         queues are active."""
         custom = self.kube.custom
@@ -116,7 +116,7 @@ class Queues:
             "spec": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": self.namespace}},
                      "preemption": {"withinClusterQueue": "LowerPriority"},
                      "resourceGroups": [{"coveredResources": ["cpu", "memory", "nvidia.com/gpu"],
-                                         "flavors": [{"name": FLAVOR, "resources": self._quota(gpus)}]}]}})
+                                         "flavors": [{"name": FLAVOR, "resources": self._quota(gpus, cpu)}]}]}})
         custom.create_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, self.namespace, "localqueues", {
             "apiVersion": f"{KUEUE_GROUP}/{KUEUE_VERSION}", "kind": "LocalQueue",
             "metadata": {"name": LOCAL_QUEUE, "namespace": self.namespace},
@@ -129,8 +129,8 @@ class Queues:
             "the LocalQueue to be active")
 
     @staticmethod
-    def _quota(gpus: int) -> list[dict[str, Any]]:
-        return [{"name": "cpu", "nominalQuota": "16"}, {"name": "memory", "nominalQuota": "64Gi"},
+    def _quota(gpus: int, cpu: str = "16") -> list[dict[str, Any]]:
+        return [{"name": "cpu", "nominalQuota": cpu}, {"name": "memory", "nominalQuota": "64Gi"},
                 {"name": "nvidia.com/gpu", "nominalQuota": gpus}]
 
     def set_gpus(self, gpus: int) -> None:
