@@ -271,7 +271,7 @@ class KubeClient:
         return tuple(jobs.get("items") or [])
 
     def list_kueue_workloads(self, namespace: str, trainer_job: Body) -> tuple[Body, ...]:
-        """Kueue's Workloads of a trainer Job (Kueue labels each with its Job's uid). None when Kueue's
+        """Kueue's Workloads of a trainer Job (Kueue labels each with its Job's uid). Empty when Kueue's
         API is not installed (404) or the operator may not read it (403: the chart's RBAC for Kueue is
         off): the operator then only ever suspends a queued Job, as before it read Workloads."""
         uid = (trainer_job.get("metadata") or {}).get("uid")

@@ -756,7 +756,11 @@ def _kueue_hold(draft: _Draft, queue: str) -> str:
     for workload in draft.observed.kueue_workloads:
         found = list((workload.get("status") or {}).get("conditions") or [])
         evicted = conditions.find(found, "Evicted")
-        if evicted is not None and evicted.get("status") == "True":
+        active = (workload.get("spec") or {}).get("active", True) is not False
+        # Evicted stays True (reason Deactivated) after a Workload is reactivated, until Kueue admits it
+        # again: that eviction was the user's suspend, over now; the job simply waits in the queue.
+        if evicted is not None and evicted.get("status") == "True" and not (
+                active and evicted.get("reason") == "Deactivated"):
             return (f"evicted by Kueue ({evicted.get('reason', '')}: {evicted.get('message', '')}); {where}; "
                     "checkpoints are kept and training resumes from the latest")
         reserved = conditions.find(found, "QuotaReserved")

@@ -180,6 +180,10 @@ def test_the_users_suspend_and_kueues_do_not_fight_and_status_says_which_holds_t
     assert kube.condition_is(namespace, "mine", "Suspended", "False")
     wait_for(lambda: condition_is(queues.workload("mine-train"), "QuotaReserved", "False"),
              "Kueue to requeue the reactivated Workload")
+    # Kueue's reason reaches the message on the operator's next pass: the job waits for quota; the
+    # deactivation (the user's suspend, over) is not reported as an eviction.
+    wait_for(lambda: (c := kube.condition(namespace, "mine", "Running")) and c["message"].startswith(
+        f"waiting for Kueue to admit the trainer Job from LocalQueue {LOCAL_QUEUE}: "), "Kueue's reason in status")
     job = kube.job(namespace, "mine-train")
     assert job is not None and job["spec"]["suspend"] is True
     assert job["metadata"]["generation"] == generation, "nobody flipped the Job's suspend while it waited"

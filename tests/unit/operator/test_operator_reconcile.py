@@ -284,6 +284,16 @@ class TestKueue:
         assert "LocalQueue team-a" in running["message"] and "resumes from the latest" in running["message"]
         assert decision.actions == ()
 
+    def test_after_a_resume_the_deactivation_is_not_reported_as_an_eviction(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        decision = self.queued(make_job, settings, suspend=False, job_suspended=True, workloads=(workload(
+            Evicted=("True", "Deactivated", "The workload is deactivated"),
+            QuotaReserved=("False", "Pending", "couldn't assign flavors to pod set main: insufficient quota")),))
+        running = condition(decision, "Running")
+        assert running["reason"] == "QueuedByKueue"
+        assert running["message"] == ("waiting for Kueue to admit the trainer Job from LocalQueue team-a: "
+                                      "couldn't assign flavors to pod set main: insufficient quota")
+
     def test_the_users_suspend_deactivates_the_workload_and_leaves_the_job_to_kueue(
             self, make_job: MakeJob, settings: OperatorSettings) -> None:
         decision = self.queued(make_job, settings, suspend=True, job_suspended=False,
