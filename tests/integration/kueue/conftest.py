@@ -22,7 +22,8 @@ from kubernetes.client.exceptions import ApiException
 
 from kubetune.dev import controlplane
 from kubetune.dev.kueue import Kueue
-from tests.integration.operator.conftest import CRD_FILE, NAMESPACE_PREFIX, Kube, OperatorProcess, wait_for
+from tests.integration.operator.conftest import (CRD_FILE, GROUP, NAMESPACE_PREFIX, PLURAL, VERSION, Kube,
+                                                OperatorProcess, wait_for)
 
 KUEUE_GROUP, KUEUE_VERSION = "kueue.x-k8s.io", "v1beta2"
 FLAVOR = "kubetune-test-flavor"
@@ -80,12 +81,20 @@ def priority_classes(kube: Kube) -> None:
 
 @pytest.fixture
 def namespace(kube: Kube) -> Iterator[str]:
-    """A tenant namespace that enforces the `restricted` Pod Security level."""
+    """A tenant namespace that enforces the `restricted` Pod Security level. Deleting it waits until
+    Kueue has released its Workloads (each carries Kueue's finalizer): with Kueue stopped first, the
+    namespace would stay Terminating for the rest of the session."""
     name = f"{NAMESPACE_PREFIX}{secrets.token_hex(4)}"
     kube.core.create_namespace({"metadata": {"name": name, "labels": {
         "pod-security.kubernetes.io/enforce": "restricted",
         "pod-security.kubernetes.io/enforce-version": "latest"}}})
     yield name
+    # The FineTuneJobs first (their Jobs go with them, and Kueue then finalizes the Workloads), while
+    # Kueue still runs; then the namespace.
+    kube.custom.delete_collection_namespaced_custom_object(GROUP, VERSION, name, PLURAL)
+    wait_for(lambda: not kube.custom.list_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, name,
+                                                                   "workloads")["items"],
+             f"Kueue to release the Workloads of namespace {name}")
     kube.core.delete_namespace(name)
 
 
