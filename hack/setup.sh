@@ -8,7 +8,9 @@
 #     machine-local run downloads nothing,
 #   - the control-plane binaries and helm, built from Go modules into
 #     content-keyed caches (hack/controlplane/build.sh, hack/helm/build.sh),
-#   - SeaweedFS, the S3-compatible server of the object-storage tests (hack/seaweedfs/build.sh).
+#   - SeaweedFS, the S3-compatible server of the object-storage tests (hack/seaweedfs/build.sh),
+#   - Kueue's controller manager, CRDs and webhook manifests, for the tests that queue trainer Jobs
+#     through a real Kueue (hack/kueue/build.sh).
 # Prints nothing on stdout but the venv path on its last line.
 #
 #   KUBETUNE_VENV    the virtual environment (default ~/.cache/kubetune/venv)
@@ -47,4 +49,5 @@ fi
 echo "setup: control plane binaries in $("$repo/hack/controlplane/build.sh")" >&2
 echo "setup: helm in $("$repo/hack/helm/build.sh")" >&2
 echo "setup: SeaweedFS (S3 server for the object-storage tests) in $("$repo/hack/seaweedfs/build.sh")" >&2
+echo "setup: Kueue (the job queueing controller of the Kueue tests) in $("$repo/hack/kueue/build.sh")" >&2
 echo "$venv"

@@ -29,6 +29,9 @@ GROUP = builders.API_GROUP
 VERSION = builders.API_VERSION.split("/")[1]
 PLURAL = builders.PLURAL
 KOPF_GROUP, KOPF_VERSION = "kopf.dev", "v1"
+KUEUE_GROUP, KUEUE_VERSION, KUEUE_WORKLOADS = "kueue.x-k8s.io", "v1beta2", "workloads"
+KUEUE_JOB_UID_LABEL = "kueue.x-k8s.io/job-uid"
+"""Kueue's label on a Workload: the uid of the Job it admits."""
 KOPF_PEERINGS, CLUSTER_KOPF_PEERINGS = "kopfpeerings", "clusterkopfpeerings"
 """kopf's peering resources: one object per namespace, or one for a cluster-wide operator."""
 SIGNING_KEY_FIELD = "secret-key"
@@ -283,6 +286,22 @@ class KubeClient:
         jobs = self._json(self.batch.list_namespaced_job, namespace, label_selector=selector)
         return tuple(jobs.get("items") or [])
 
+    def list_kueue_workloads(self, namespace: str, trainer_job: Body) -> tuple[Body, ...]:
+        """Kueue's Workloads of a trainer Job (Kueue labels each with its Job's uid). Empty when Kueue's
+        API is not installed (404) or the operator may not read it (403: the chart's RBAC for Kueue is
+        off): the operator then only ever suspends a queued Job, as before it read Workloads."""
+        uid = (trainer_job.get("metadata") or {}).get("uid")
+        if not uid:
+            return ()
+        try:
+            listing = self._json(self.custom.list_namespaced_custom_object, KUEUE_GROUP, KUEUE_VERSION, namespace,
+                                 KUEUE_WORKLOADS, label_selector=f"{KUEUE_JOB_UID_LABEL}={uid}")
+        except ApiException as error:
+            if error.status in (403, 404):
+                return ()
+            raise
+        return tuple(listing.get("items") or [])
+
     def observe(self, namespace: str, name: str, *, with_quota: bool = False) -> Observed | None:
         """The job and its children now, or None when the job is gone; `with_quota` also reads the
         namespace's FineTuneJobs and trainer Jobs (what quota admission counts)."""
@@ -335,6 +354,8 @@ class KubeClient:
         from_job = model.get("fromJob") if isinstance(model, dict) else None
         source_job = self._finetunejob(namespace, from_job) \
             if isinstance(from_job, str) and from_job and not status.get("lineage") else None
+        resources = (job.get("spec") or {}).get("resources") or {}
+        queued = isinstance(resources, dict) and bool(resources.get("queueName"))
         return Observed(
             job=job,
             now=datetime.now(timezone.utc),
@@ -353,6 +374,7 @@ class KubeClient:
             serving_service=serving_service,
             foreign_children=tuple(foreign),
             serving_key_secret=serving_key_secret,
+            kueue_workloads=self.list_kueue_workloads(namespace, trainer_job) if trainer_job and queued else (),
             namespace_jobs=self.list_finetunejobs(namespace) if with_quota else (),
             namespace_trainer_jobs=self.list_trainer_jobs(namespace) if with_quota else (),
         )
@@ -404,6 +426,11 @@ class KubeClient:
                 raise ChildConflict(f"{kind} {namespace}/{name} exists and is not in the cache") from error
 
     def patch(self, namespace: str, action: PatchChild) -> None:
+        if action.kind == "Workload":  # Kueue's: not one of the children the cache holds
+            self.custom.patch_namespaced_custom_object(KUEUE_GROUP, KUEUE_VERSION, namespace, KUEUE_WORKLOADS,
+                                                       action.name, action.patch)
+            log.info("patched Kueue Workload %s/%s: %s", namespace, action.name, json.dumps(action.patch["spec"]))
+            return
         patchers = {"Job": self.batch.patch_namespaced_job, "ConfigMap": self.core.patch_namespaced_config_map,
                     "Service": self.core.patch_namespaced_service}
         self.remember(action.kind, self._json(patchers[action.kind], action.name, namespace, action.patch))

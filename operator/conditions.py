@@ -108,6 +108,10 @@ STORAGE_UNAVAILABLE = "StorageUnavailable"
 """The validation pod could not reach an object-store location (missing bucket or key, wrong
 credentials, unreachable endpoint); the message names the field."""
 SUSPENDED_BY_USER = "SuspendedByUser"
+QUEUED_BY_KUEUE = "QueuedByKueue"
+"""Running=False: Kueue holds the trainer Job suspended (`resources.queueName`): not admitted yet, or
+evicted (preempted) and waiting to be admitted again; the message names the LocalQueue. The user's
+own suspension is `Suspended=True` (SuspendedByUser), never this."""
 NOT_SUSPENDED = "NotSuspended"
 SERVING_DISABLED = "ServingDisabled"
 """`spec.serving.enabled` is false."""

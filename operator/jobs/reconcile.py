@@ -79,6 +79,9 @@ class Observed:
     """Every FineTuneJob in the namespace (read only when the namespace's quota needs it)."""
     namespace_trainer_jobs: tuple[Body, ...] = ()
     """Every trainer Job in the namespace (read only when the namespace's quota needs it)."""
+    kueue_workloads: tuple[Body, ...] = ()
+    """Kueue's Workloads of the trainer Job (label `kueue.x-k8s.io/job-uid`; read only for a job with
+    `resources.queueName` once its trainer Job exists)."""
     source_job: Body | None = None
     """The FineTuneJob named by `spec.model.fromJob` (read only until the job's lineage is resolved)."""
     foreign_children: tuple[str, ...] = ()
@@ -729,10 +732,57 @@ def _track(draft: _Draft) -> None:
 def _sync_suspend(draft: _Draft, tjob: Body, admitted: bool) -> None:
     want = draft.spec.suspend or not admitted
     have = bool((tjob.get("spec") or {}).get("suspend"))
-    queued = quota.queued(draft.spec)
-    # With a queue, Kueue unsuspends the Job when it admits it; we only ever suspend it.
-    if want != have and (want or not queued):
+    if quota.queued(draft.spec) and draft.observed.kueue_workloads:
+        # With a queue, Kueue owns `suspend`: it unsuspends an admitted Job at once, so patching the Job
+        # would fight it. The user's suspend deactivates the Workload instead (`spec.active: false`):
+        # Kueue evicts it and suspends the Job itself; resuming reactivates it and Kueue readmits it.
+        _sync_workload_active(draft)
+        return
+    # Without a Workload (Kueue has not seen the Job yet, or is not installed) only suspending is ours:
+    # with a queue, Kueue unsuspends the Job when it admits it.
+    if want != have and (want or not quota.queued(draft.spec)):
         draft.actions.append(PatchChild("batch/v1", "Job", tjob["metadata"]["name"], {"spec": {"suspend": want}}))
+
+
+KUEUE_API_VERSION = "kueue.x-k8s.io/v1beta2"
+ANNOTATION_DEACTIVATED = "kubetune.io/deactivated-for"
+"""Set on a Kueue Workload the operator deactivated for the user's `spec.suspend`: only such a Workload is
+reactivated on resume (one Kueue deactivated itself, e.g. after too many evictions, stays as it is)."""
+
+
+def _sync_workload_active(draft: _Draft) -> None:
+    suspend = draft.spec.suspend
+    for workload in draft.observed.kueue_workloads:
+        metadata = workload.get("metadata") or {}
+        active = (workload.get("spec") or {}).get("active", True) is not False
+        ours = ANNOTATION_DEACTIVATED in (metadata.get("annotations") or {})
+        if suspend and active:
+            patch: Body = {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: "spec.suspend"}},
+                           "spec": {"active": False}}
+        elif not suspend and not active and ours:
+            patch = {"metadata": {"annotations": {ANNOTATION_DEACTIVATED: None}}, "spec": {"active": True}}
+        else:
+            continue
+        draft.actions.append(PatchChild(KUEUE_API_VERSION, "Workload", str(metadata.get("name", "")), patch))
+
+
+def _kueue_hold(draft: _Draft, queue: str) -> str:
+    """Why Kueue holds the trainer Job, from its Workload's conditions: evicted (preempted) or not admitted."""
+    where = f"waiting for Kueue to admit the trainer Job from LocalQueue {queue}"
+    for workload in draft.observed.kueue_workloads:
+        found = list((workload.get("status") or {}).get("conditions") or [])
+        evicted = conditions.find(found, "Evicted")
+        active = (workload.get("spec") or {}).get("active", True) is not False
+        # Evicted stays True (reason Deactivated) after a Workload is reactivated, until Kueue admits it
+        # again: that eviction was the user's suspend, over now; the job simply waits in the queue.
+        if evicted is not None and evicted.get("status") == "True" and not (
+                active and evicted.get("reason") == "Deactivated"):
+            return (f"evicted by Kueue ({evicted.get('reason', '')}: {evicted.get('message', '')}); {where}; "
+                    "checkpoints are kept and training resumes from the latest")
+        reserved = conditions.find(found, "QuotaReserved")
+        if reserved is not None and reserved.get("status") == "False" and reserved.get("message"):
+            return f"{where}: {reserved['message']}"
+    return where
 
 
 def _set_suspended(draft: _Draft, *, holding_pods: bool) -> None:
@@ -754,8 +804,11 @@ def _report_running(draft: _Draft, tjob: Body, admission: quota.Admission) -> No
     suspended = draft.spec.suspend
     _set_suspended(draft, holding_pods=suspended and bool(live))
     attempt = _attempt_of(running[0] if running else live[0]) if live else None
+    queue = draft.spec.resource_settings().queue_name
     if suspended:
         draft.set(conditions.RUNNING, "False", conditions.SUSPENDED_BY_USER, "the job is suspended")
+    elif queue and (tjob.get("spec") or {}).get("suspend"):
+        draft.set(conditions.RUNNING, "False", conditions.QUEUED_BY_KUEUE, _kueue_hold(draft, queue)[:1024])
     elif not admission.admitted:
         draft.set(conditions.RUNNING, "False", conditions.QUOTA_EXCEEDED, admission.message[:1024])
     elif running:

@@ -39,7 +39,8 @@ CLIENT_MODULES = ("client.py", "sweeps/client.py")
 HANDLER_MODULES = ("jobs/handlers.py", "sweeps/handlers.py")
 CUSTOM_PLURALS = {"PLURAL": ("kubetune.io", "finetunejobs"), "JOBS": ("kubetune.io", "finetunejobs"),
                   "SWEEPS": ("kubetune.io", "finetunesweeps"), "KOPF_PEERINGS": ("kopf.dev", "kopfpeerings"),
-                  "CLUSTER_KOPF_PEERINGS": ("kopf.dev", "clusterkopfpeerings")}
+                  "CLUSTER_KOPF_PEERINGS": ("kopf.dev", "clusterkopfpeerings"),
+                  "KUEUE_WORKLOADS": ("kueue.x-k8s.io", "workloads")}
 """Names the client modules give the custom-object plural they pass, with its API group."""
 STARRED_RESOURCES = {"RESOURCE": "finetunejobs", "SWEEP_RESOURCE": "finetunesweeps"}
 """The (group, version, plural) triples handler decorators unpack."""

@@ -267,6 +267,98 @@ class TestSuspendAndResume:
         assert reconcile.reconcile(observed, settings).actions == ()
 
 
+def workload(name: str = "job-demo-train-1a2b3", *, active: bool = True, ours: bool = False,
+             **condition_reasons: tuple[str, str, str]) -> dict[str, Any]:
+    """A Kueue Workload as Kueue writes it; `condition_reasons` maps a condition type to (status, reason, message)."""
+    annotations = {reconcile.ANNOTATION_DEACTIVATED: "spec.suspend"} if ours else {}
+    return {"metadata": {"name": name, "annotations": annotations}, "spec": {"active": active},
+            "status": {"conditions": [{"type": t, "status": st, "reason": r, "message": m}
+                                      for t, (st, r, m) in condition_reasons.items()]}}
+
+
+class TestKueue:
+    """With `resources.queueName` Kueue owns the trainer Job's `suspend`: status says whether Kueue or the
+    user holds the job, and the user's suspend goes through the Workload, never against Kueue."""
+
+    def queued(self, make_job: MakeJob, settings: OperatorSettings, *, suspend: bool, job_suspended: bool,
+               workloads: tuple[dict[str, Any], ...], pods: tuple[dict[str, Any], ...] = ()) -> reconcile.Decision:
+        observed = with_children(make_job(suspend=suspend, resources={"queueName": "team-a"},
+                                          status=validated_status()), settings,
+                                 trainer_job=job_with_conditions("demo-train", spec={"suspend": job_suspended}),
+                                 trainer_pods=pods, kueue_workloads=workloads)
+        return reconcile.reconcile(observed, settings)
+
+    def test_a_job_kueue_has_not_admitted_is_reported_queued_by_kueue_with_its_local_queue(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        decision = self.queued(make_job, settings, suspend=False, job_suspended=True, workloads=(workload(
+            QuotaReserved=("False", "Pending", "couldn't assign flavors to pod set main: insufficient quota")),))
+        running = condition(decision, "Running")
+        assert (running["status"], running["reason"]) == ("False", "QueuedByKueue")
+        assert running["message"] == ("waiting for Kueue to admit the trainer Job from LocalQueue team-a: "
+                                      "couldn't assign flavors to pod set main: insufficient quota")
+        assert condition(decision, "Suspended")["status"] == "False", "the user did not suspend it"
+        assert decision.actions == (), "Kueue unsuspends it, not the operator"
+        assert decision.status_patch["phase"] == "Pending"
+
+    def test_a_job_kueue_evicted_says_so_and_is_not_unsuspended_by_the_operator(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        decision = self.queued(make_job, settings, suspend=False, job_suspended=True, workloads=(workload(
+            Evicted=("True", "Preempted", "Preempted to accommodate a workload (UID: 1) due to prioritization"),
+            QuotaReserved=("False", "Pending", "Preempted")),), pods=(pod("Failed", exit_code=143),))
+        running = condition(decision, "Running")
+        assert running["reason"] == "QueuedByKueue"
+        assert running["message"].startswith("evicted by Kueue (Preempted: Preempted to accommodate a workload")
+        assert "LocalQueue team-a" in running["message"] and "resumes from the latest" in running["message"]
+        assert decision.actions == ()
+
+    def test_after_a_resume_the_deactivation_is_not_reported_as_an_eviction(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        decision = self.queued(make_job, settings, suspend=False, job_suspended=True, workloads=(workload(
+            Evicted=("True", "Deactivated", "The workload is deactivated"),
+            QuotaReserved=("False", "Pending", "couldn't assign flavors to pod set main: insufficient quota")),))
+        running = condition(decision, "Running")
+        assert running["reason"] == "QueuedByKueue"
+        assert running["message"] == ("waiting for Kueue to admit the trainer Job from LocalQueue team-a: "
+                                      "couldn't assign flavors to pod set main: insufficient quota")
+
+    def test_the_users_suspend_deactivates_the_workload_and_leaves_the_job_to_kueue(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        decision = self.queued(make_job, settings, suspend=True, job_suspended=False,
+                               workloads=(workload(QuotaReserved=("True", "QuotaReserved", "")),),
+                               pods=(pod("Running"),))
+        assert decision.actions == (PatchChild(reconcile.KUEUE_API_VERSION, "Workload", "job-demo-train-1a2b3", {
+            "metadata": {"annotations": {reconcile.ANNOTATION_DEACTIVATED: "spec.suspend"}},
+            "spec": {"active": False}}),), "no patch of the Job: Kueue would unsuspend it at once"
+        assert (condition(decision, "Suspended")["status"], condition(decision, "Suspended")["reason"]) == (
+            "True", "SuspendedByUser")
+        assert condition(decision, "Running")["reason"] == "SuspendedByUser"
+
+    def test_resuming_reactivates_only_the_workload_the_operator_deactivated(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        ours = self.queued(make_job, settings, suspend=False, job_suspended=True,
+                           workloads=(workload(active=False, ours=True),))
+        assert ours.actions == (PatchChild(reconcile.KUEUE_API_VERSION, "Workload", "job-demo-train-1a2b3", {
+            "metadata": {"annotations": {reconcile.ANNOTATION_DEACTIVATED: None}}, "spec": {"active": True}}),)
+        kueues = self.queued(make_job, settings, suspend=False, job_suspended=True,
+                             workloads=(workload(active=False, ours=False),))
+        assert kueues.actions == (), "a Workload Kueue deactivated itself stays deactivated"
+
+    def test_a_suspended_job_already_deactivated_needs_nothing(self, make_job: MakeJob,
+                                                               settings: OperatorSettings) -> None:
+        decision = self.queued(make_job, settings, suspend=True, job_suspended=True,
+                               workloads=(workload(active=False, ours=True),))
+        assert decision.actions == ()
+        assert condition(decision, "Suspended")["reason"] == "SuspendedByUser"
+
+    def test_without_a_workload_yet_suspending_patches_the_job_and_nothing_unsuspends_it(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        suspending = self.queued(make_job, settings, suspend=True, job_suspended=False, workloads=())
+        assert suspending.actions == (PatchChild("batch/v1", "Job", "demo-train", {"spec": {"suspend": True}}),)
+        waiting = self.queued(make_job, settings, suspend=False, job_suspended=True, workloads=())
+        assert waiting.actions == ()
+        assert condition(waiting, "Running")["message"] == "waiting for Kueue to admit the trainer Job from LocalQueue team-a"
+
+
 class TestFinishedJobs:
     def finished(self, make_job: MakeJob, **spec: Any) -> dict[str, Any]:
         status = validated_status()
