@@ -59,6 +59,13 @@ class OperatorSettings:
     """Interval of the timer that re-runs reconcile for every job (seconds). Child events trigger
     reconcile at once, so this only bounds how stale a missed event can leave a status.
     `KUBETUNE_RESYNC_SECONDS`."""
+    worker_limit: int = 64
+    """Objects of one kind kopf works on at once (its per-object workers; the reconciles themselves run
+    on 8 threads). Events for other objects wait in the watch stream meanwhile. Without a limit, an
+    operator starting among thousands of FineTuneJobs starts a worker, with its own copies of the body,
+    for every one of them at once: 842 MiB resident with 2,000 finished jobs, 233 MiB with a limit
+    (`bench/operator_scale.py --finished`). A worker leaves 0.5 s after its object's last event.
+    0 = no limit. `KUBETUNE_WORKER_LIMIT`."""
     status_write_interval: float = 2.0
     """At most one status write per job per this many seconds from progress reports; terminal
     reports (`completed`, `failed`) are always written at once. `KUBETUNE_STATUS_WRITE_INTERVAL`."""
@@ -156,6 +163,7 @@ class OperatorSettings:
             report_rate=float(number("KUBETUNE_REPORT_RATE", defaults.report_rate, float)),
             report_burst=int(number("KUBETUNE_REPORT_BURST", defaults.report_burst, int)),
             resync_seconds=float(number("KUBETUNE_RESYNC_SECONDS", defaults.resync_seconds, float)),
+            worker_limit=int(number("KUBETUNE_WORKER_LIMIT", defaults.worker_limit, int)),
             status_write_interval=float(
                 number("KUBETUNE_STATUS_WRITE_INTERVAL", defaults.status_write_interval, float)),
             max_report_bytes=int(number("KUBETUNE_MAX_REPORT_BYTES", defaults.max_report_bytes, int)),

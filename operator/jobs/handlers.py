@@ -134,6 +134,10 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.priority = RUNTIME.settings.peering_priority
     settings.peering.lifetime = RUNTIME.settings.peering_lifetime
     settings.execution.max_workers = 8
+    # Memory bounded by the objects in work, not by all there are (a start among thousands of jobs);
+    # a worker whose object has gone quiet frees its place after 0.5 s instead of kopf's 5 s.
+    settings.queueing.worker_limit = RUNTIME.settings.worker_limit or None
+    settings.queueing.idle_timeout = 0.5
     # kopf's default retry gaps grow to 21 s (1, 1, 2, …, 13, 21): a watch that met a short outage (an API
     # server answering 429 while a resource's storage initialises) would then deliver nothing for that
     # long after it ended. Short, capped gaps over a similar span (~36 s) before an error escalates.

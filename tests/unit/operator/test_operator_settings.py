@@ -30,10 +30,18 @@ def test_tls_rate_and_metrics_port_are_read() -> None:
     ({"KUBETUNE_HTTP_PORT": "9000", "KUBETUNE_METRICS_PORT": "9000"}, "KUBETUNE_METRICS_PORT: must differ"),
     ({"KUBETUNE_REPORT_RATE": "fast"}, "KUBETUNE_REPORT_RATE: must be a number"),
     ({"KUBETUNE_REPORT_BURST": "-1"}, "KUBETUNE_REPORT_BURST: must be >= 0"),
+    ({"KUBETUNE_WORKER_LIMIT": "many"}, "KUBETUNE_WORKER_LIMIT: must be a number"),
+    ({"KUBETUNE_WORKER_LIMIT": "-4"}, "KUBETUNE_WORKER_LIMIT: must be >= 0"),
 ])
 def test_unusable_values_are_refused_naming_the_variable(env: dict[str, str], problem: str) -> None:
     with pytest.raises(SettingsError, match=problem):
         OperatorSettings.from_env(env)
+
+
+def test_kopf_works_on_a_bounded_number_of_objects_at_once_unless_told_otherwise() -> None:
+    assert OperatorSettings.from_env({}).worker_limit == 64
+    assert OperatorSettings.from_env({"KUBETUNE_WORKER_LIMIT": "8"}).worker_limit == 8
+    assert OperatorSettings.from_env({"KUBETUNE_WORKER_LIMIT": "0"}).worker_limit == 0  # no limit
 
 
 def test_port_zero_twice_means_two_free_ports() -> None:
