@@ -136,6 +136,11 @@ def test_a_standby_does_nothing_until_the_peer_that_leads_is_gone(
         "status": {rival: {"priority": 100, "lifetime": 120,
                            "lastseen": datetime.now(timezone.utc).isoformat()}}})
     wait_for(lambda: "Pausing operations in favour of" in operator.log_tail(400), "kopf to pause for the rival")
+    # kopf logs the pause before its watch streams have closed (each closes on its own task): an event
+    # arriving in between is still handled. Let one resync interval pass, so they have.
+    paused_at = resync_passes(operator)
+    wait_for(lambda: resync_passes(operator) >= paused_at + 1, "a resync pass after kopf paused",
+             timeout=10 * RESYNC_SECONDS)
 
     kube.create_ftj(namespace, finetunejob("waits"))
     passes = resync_passes(operator)
