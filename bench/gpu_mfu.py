@@ -154,15 +154,20 @@ def texts_for(tokens: int) -> list[str]:
 
 
 class WindowClock:
-    """Times `WINDOWS` windows of `window` steps after `warmup` steps, syncing the GPU only at window edges."""
+    """Times `WINDOWS` windows of `window` steps after `warmup` steps, syncing the GPU only at window edges.
 
-    def __init__(self, warmup: int, window: int) -> None:
+    With `profile_to`, the last window runs under torch.profiler (its time is then marked as profiled)
+    and the kernels and operators taking the most time are written there as a table."""
+
+    def __init__(self, warmup: int, window: int, profile_to: Path | None = None) -> None:
         self.warmup, self.window = warmup, window
         self.steps = 0
         self.tokens = 0
         self.windows: list[tuple[int, float]] = []
         """(tokens, seconds) per window."""
         self._mark: float | None = None
+        self._profile_to = profile_to
+        self._profiler: Any = None
 
     @property
     def total_steps(self) -> int:
@@ -180,11 +185,40 @@ class WindowClock:
             assert self._mark is not None
             self.windows.append((self.tokens, now - self._mark))
             self.tokens, self._mark = 0, now
+            if self._profile_to and len(self.windows) == WINDOWS - 1:
+                self._start_profiler()
+            elif self._profiler is not None and len(self.windows) == WINDOWS:
+                self._write_profile()
+            self._mark = _synced_now()
+
+    def _start_profiler(self) -> None:
+        import torch
+
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self._profiler = torch.profiler.profile(activities=activities)
+        self._profiler.start()
+
+    def _write_profile(self) -> None:
+        import torch
+
+        self._profiler.stop()
+        averages = self._profiler.key_averages()
+        device = "device" if torch.cuda.is_available() else "cpu"
+        tables = [f"Top operators by self {device} time over the last window ({self.window} steps):",
+                  averages.table(sort_by=f"self_{device}_time_total", row_limit=25, max_name_column_width=60),
+                  "Top operators by CPU time (host side: Python, launches, syncs):",
+                  averages.table(sort_by="cpu_time_total", row_limit=15, max_name_column_width=60)]
+        assert self._profile_to is not None
+        self._profile_to.write_text("\n".join(tables))
+        self._profiler = None
 
     def figures(self) -> dict[str, Any]:
         rates = [tokens / seconds for tokens, seconds in self.windows]
         return {"tokensPerSecond": [round(r, 1) for r in rates], "medianTokensPerSecond": round(statistics.median(rates), 1),
-                "windows": len(rates), "stepsPerWindow": self.window, "warmupSteps": self.warmup}
+                "windows": len(rates), "stepsPerWindow": self.window, "warmupSteps": self.warmup,
+                "lastWindowProfiled": self._profile_to is not None}
 
 
 def _synced_now() -> float:
@@ -213,12 +247,27 @@ def _reset_peak_memory() -> None:
 # --- Sides ----------------------------------------------------------------------------------------------------
 
 
-def kubetune_side(work: dict[str, Any], part: str) -> dict[str, Any]:
-    """kubetune's trainer, timed from outside: `train._optimizer_step` is wrapped, the trainer is unchanged."""
+def _profile_path(work: dict[str, Any], part: str, side: str) -> Path | None:
+    """Where a side writes its profile table, when the run profiles (`--profile`)."""
+    if not work.get("profile"):
+        return None
+    return Path(work["scratch"]) / f"profile-{part}-{side.replace('=', '-')}.txt"
+
+
+def kubetune_side(work: dict[str, Any], part: str, variant: str | None = None) -> dict[str, Any]:
+    """kubetune's trainer, timed from outside: `train._optimizer_step` is wrapped, the trainer is unchanged.
+
+    `variant` measures one change beside the plan's own settings, printed under its own name:
+    "attention=NAME" replaces the kernel the trainer would select, "compile=off" turns
+    `training.compile` off (the field's default)."""
+    attention = variant.removeprefix("attention=") if variant and variant.startswith("attention=") else None
     from kubetune.api import config as cfg
     from kubetune.trainer.__main__ import load_data
     from kubetune.trainer.reporting import Reporter
     from kubetune.trainer.training import modeling, train
+
+    if attention:
+        modeling.select_attention_implementation = lambda device_kind: attention
 
     plan = Plan(**work["plan"])
     lora = part == "lora"
@@ -234,13 +283,13 @@ def kubetune_side(work: dict[str, Any], part: str) -> dict[str, Any]:
                             "learningRate": 2e-4 if lora else 6e-4, "scheduler": "constant", "warmupRatio": 0,
                             "seed": 1},
         "training": {"precision": plan.precision, "packing": True, "checkpointInterval": 1_000_000,
-                     "compile": work["compile"] and not lora},
+                     "compile": work["compile"] and not lora and variant != "compile=off"},
         "job": {"name": f"bench-{part}"},
         "output": {"dir": work["scratch"] + f"/kubetune-{part}"},
     })
     tokenizer, prepared = load_data(config)
     run = train.setup(config, prepared, tokenizer)
-    clock = WindowClock(plan.warmup, plan.window)
+    clock = WindowClock(plan.warmup, plan.window, _profile_path(work, part, variant or "kubetune"))
     if run.total_steps < clock.total_steps:
         raise SystemExit(f"gpu_mfu: {run.total_steps} steps of data, {clock.total_steps} needed")
     run.epoch_steps = [clock.total_steps]  # the plan's first steps only
@@ -255,7 +304,8 @@ def kubetune_side(work: dict[str, Any], part: str) -> dict[str, Any]:
     _reset_peak_memory()
     train.fit(run, Reporter(config.job, stream=io.StringIO()))
     base = modeling.base_model(run.model)
-    return {"side": "kubetune", **clock.figures(), "peakMemoryGiB": _peak_memory_gib(),
+    return {"side": f"kubetune ({variant})" if variant else "kubetune", **clock.figures(),
+            "peakMemoryGiB": _peak_memory_gib(),
             "parameters": sum(p.numel() for p in base.parameters()), "trainable": run.trainable_parameters,
             "attention": modeling.attention_implementation_of(run.model), "compiled": config.training.compile}
 
@@ -273,7 +323,7 @@ def reference_side(work: dict[str, Any]) -> dict[str, Any]:
     forward = torch.compile(model) if work["compile"] else model
     sequence = plan.gpt2["n_positions"]
     generator = torch.Generator(device="cpu").manual_seed(1)
-    clock = WindowClock(plan.warmup, plan.window)
+    clock = WindowClock(plan.warmup, plan.window, _profile_path(work, "mfu", "reference"))
     _reset_peak_memory()
     for _ in range(clock.total_steps):
         ids = torch.randint(0, plan.gpt2["vocab_size"], (plan.gpt2_batch, sequence), generator=generator).to(device)
@@ -300,7 +350,7 @@ def trl_side(work: dict[str, Any]) -> dict[str, Any]:
     device = workload.device_kind()
     tokenizer = AutoTokenizer.from_pretrained(work["llama"])
     model = AutoModelForCausalLM.from_pretrained(work["llama"], dtype=torch.bfloat16)
-    clock = WindowClock(plan.warmup, plan.window)
+    clock = WindowClock(plan.warmup, plan.window, _profile_path(work, "lora", "trl"))
     texts = [json.loads(line)["text"] for line in Path(work["train"]).read_text().splitlines()]
     dataset = Dataset.from_list([{"text": t} for t in texts])
     args = SFTConfig(
@@ -310,6 +360,9 @@ def trl_side(work: dict[str, Any]) -> dict[str, Any]:
         save_strategy="no", eval_strategy="no", report_to="none", use_cpu=device == "cpu",
         bf16=plan.precision == "bf16", dataloader_num_workers=0, disable_tqdm=True,
         max_length=plan.lora_sequence, packing=True, packing_strategy="bfd", dataset_num_proc=None,
+        # TRL turns activation checkpointing on by default (SFTConfig); kubetune's default is off. Like for
+        # like: off here too (the first H200 run, with TRL's default, measured TRL at 14.1k tokens/s).
+        gradient_checkpointing=False,
     )
     peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, task_type="CAUSAL_LM",
                              target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
@@ -340,13 +393,16 @@ def trl_side(work: dict[str, Any]) -> dict[str, Any]:
 # --- The parent --------------------------------------------------------------------------------------------
 
 
-def spawn(side: str, part: str, work_file: Path) -> dict[str, Any]:
-    """One side in a fresh process; its `SIDE {json}` line."""
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--side", side, "--part", part,
-                           "--work", str(work_file)], capture_output=True, text=True)
+def spawn(side: str, part: str, work_file: Path, variant: str | None = None) -> dict[str, Any]:
+    """One side in a fresh process; its `SIDE {json}` line, or `{"failed": ...}` with the end of its output
+    (one side failing, say a peer's package missing, must not lose the other sides' figures)."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--side", side, "--part", part, "--work", str(work_file)]
+    proc = subprocess.run(command + (["--variant", variant] if variant else []), capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("SIDE ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{part}/{side} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        print(f"gpu_mfu: {part}/{side} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}",
+              file=sys.stderr, flush=True)
+        return {"failed": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['no output'])[-1][:300]}"}
     return dict(json.loads(lines[-1].removeprefix("SIDE ")))
 
 
@@ -361,14 +417,20 @@ def main() -> int:
     parser.add_argument("--parts", default="mfu,lora", help="comma-separated: mfu, lora")
     parser.add_argument("--no-compile", action="store_true", help="neither side compiles (to compare)")
     parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for a GPU not in the table")
+    parser.add_argument("--candidates", action="store_true",
+                        help="on a GPU, also measure kubetune with compile off (the field's default) and, for LoRA, "
+                             "with flex attention (a packed kernel without flash_attn)")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile each side's last window (torch.profiler) and print the top operators")
     parser.add_argument("--side", help=argparse.SUPPRESS)
     parser.add_argument("--part", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.side:
         work = json.loads(args.work.read_text())
         if args.side == "kubetune":
-            result = kubetune_side(work, args.part)
+            result = kubetune_side(work, args.part, args.variant)
         elif args.side == "reference":
             result = reference_side(work)
         else:
@@ -398,6 +460,7 @@ def main() -> int:
         # (tests/unit/trainer/test_trainer_hot_path.py checks that compiled blocks compute the same numbers).
         compile_sides = not args.no_compile and device == "cuda"
         work: dict[str, Any] = {"plan": dataclasses.asdict(plan), "scratch": scratch, "compile": compile_sides,
+                                "profile": args.profile,
                                 "train": str(workload.write_jsonl(root / "train.jsonl", texts_for(tokens)))}
         if "mfu" in parts:
             work["gpt2"] = str(model_folder(root / "gpt2", "gpt2", plan.gpt2, device))
@@ -408,32 +471,69 @@ def main() -> int:
 
         if "mfu" in parts:
             sides = {s: spawn(s, "mfu", work_file) for s in ("kubetune", "reference")}
+            if compile_sides and args.candidates:  # what a user gets from the field's default (off)
+                sides["kubetune (compile off)"] = spawn("kubetune", "mfu", work_file, variant="compile=off")
             shape = plan.gpt2
-            for side in sides.values():
+            for name, side in sides.items():
+                if "failed" in side:
+                    print(f"GPT-2 MFU  {name:<10} FAILED: {side['failed']}")
+                    continue
                 parameters = side["parameters"] - shape["n_positions"] * shape["n_embd"]  # without wpe
                 per_token = flops_per_token(parameters, shape["n_layer"], shape["n_embd"], shape["n_positions"])
                 side["flopsPerToken"] = per_token
                 side["mfu"] = [rate * per_token / (peak * 1e12) for rate in side["tokensPerSecond"]]  # unrounded:
                 side["medianMfu"] = statistics.median(side["mfu"])  # a plan's tiny shapes give ~1e-8
-            ratio = sides["kubetune"]["medianTokensPerSecond"] / sides["reference"]["medianTokensPerSecond"]
-            result["mfu"] = {**sides, "ratio": round(ratio, 3)}
-            for name, side in sides.items():
                 print(f"GPT-2 MFU  {name:<10} [{label}] {shape['n_layer']} layers x {shape['n_embd']}, batch "
                       f"{plan.gpt2_batch} x {shape['n_positions']}: tokens/s min/median/max "
                       f"{spread(side['tokensPerSecond'])}, MFU median {side['medianMfu']:.1%} of {peak:.0f} TFLOP/s"
-                      f"{' (compiled)' if side['compiled'] else ''}")
-            print(f"GPT-2 MFU  kubetune / reference {ratio:.2f}x (targets: kubetune MFU >= 35%, >= 0.9x the reference)")
+                      f"{' (compiled)' if side['compiled'] else ''}, attention {side.get('attention', 'sdpa')}")
+            result["mfu"] = {**sides, "ratio": _ratio(sides["kubetune"], sides["reference"])}
+            for name in sides:
+                if name not in ("kubetune", "reference"):
+                    result["mfu"][f"ratio {name}"] = _ratio(sides[name], sides["reference"])
+            print(f"GPT-2 MFU  kubetune / reference {result['mfu']['ratio']}x "
+                  f"(targets: kubetune MFU >= 35%, >= 0.9x the reference)")
+            _print_profiles(root, "mfu")
+            print("PARTIAL RESULT " + json.dumps(result), flush=True)  # kept by gpu_suite.sh if the next part is cut off
         if "lora" in parts:
-            sides = {s: spawn(s, "lora", work_file) for s in ("kubetune", "trl")}
-            ratio = sides["kubetune"]["medianTokensPerSecond"] / sides["trl"]["medianTokensPerSecond"]
-            result["lora"] = {**sides, "ratio": round(ratio, 3)}
+            sides = {"kubetune": spawn("kubetune", "lora", work_file)}
+            if device == "cuda" and args.candidates:
+                # transformers builds flex attention's block mask from the packed position ids: the packed
+                # kernel a GPU without flash_attn could use instead of SDPA's dense mask (Llama has it, GPT-2 not).
+                sides["kubetune (flex_attention)"] = spawn("kubetune", "lora", work_file, variant="attention=flex_attention")
+            sides["trl"] = spawn("trl", "lora", work_file)
             for name, side in sides.items():
+                if "failed" in side:
+                    print(f"LoRA ~1B   {name:<10} FAILED: {side['failed']}")
+                    continue
                 print(f"LoRA ~1B   {name:<10} [{label}] {plan.llama['num_hidden_layers']} layers x "
                       f"{plan.llama['hidden_size']}, batch {plan.lora_batch} x {plan.lora_sequence}: tokens/s "
-                      f"min/median/max {spread(side['tokensPerSecond'])}, peak memory {side['peakMemoryGiB']:.2f} GiB")
-            print(f"LoRA ~1B   kubetune / TRL {ratio:.2f}x tokens/s")
+                      f"min/median/max {spread(side['tokensPerSecond'])}, peak memory {side['peakMemoryGiB']:.2f} GiB"
+                      f"{', attention ' + side['attention'] if 'attention' in side else ''}")
+            result["lora"] = {**sides, "ratio": _ratio(sides["kubetune"], sides["trl"])}
+            for name in sides:
+                if name != "trl" and name != "kubetune":
+                    result["lora"][f"ratio {name}"] = _ratio(sides[name], sides["trl"])
+            print(f"LoRA ~1B   kubetune / TRL {result['lora']['ratio']}x tokens/s")
+            _print_profiles(root, "lora")
+    failed = [f"{part}/{name}" for part in ("mfu", "lora") for name, side in result.get(part, {}).items()
+              if isinstance(side, dict) and "failed" in side]
+    result["failedSides"] = failed
     print("RESULT " + json.dumps(result))
-    return 0
+    return 1 if failed else 0
+
+
+def _print_profiles(root: Path, part: str) -> None:
+    for path in sorted(root.glob(f"profile-{part}-*.txt")):
+        print(f"--- {path.stem} (the last window of this side ran under the profiler) ---")
+        print(path.read_text(), flush=True)
+
+
+def _ratio(side: dict[str, Any], baseline: dict[str, Any]) -> float | None:
+    """median tokens/s of `side` over `baseline`'s; None where either failed."""
+    if "failed" in side or "failed" in baseline:
+        return None
+    return round(side["medianTokensPerSecond"] / baseline["medianTokensPerSecond"], 3)
 
 
 if __name__ == "__main__":

@@ -36,15 +36,22 @@ class ModelShape:
     """Attention heads."""
     positions: int = 1024
     """Longest sequence the model accepts."""
+    vocab: int | None = None
+    """Vocabulary size; None: the tiny tokenizer's (a real model's vocabulary makes the output layer and
+    the loss as costly as they are in practice)."""
 
     def describe(self) -> str:
-        return f"GPT-2-shaped, {self.layers} layers x {self.width} wide, {self.heads} heads"
+        vocab = f", vocabulary {self.vocab}" if self.vocab else ""
+        return f"GPT-2-shaped, {self.layers} layers x {self.width} wide, {self.heads} heads{vocab}"
 
 
 BENCH_SHAPE = ModelShape(layers=4, width=256, heads=4)
 """The CPU throughput model: ~3.5M parameters, compute-bound on a CPU at a few hundred tokens per sequence."""
 QUICK_SHAPE = ModelShape(layers=2, width=64, heads=2)
 """`--quick` runs (smoke tests): the tiny model's shape."""
+GPT2_124M_SHAPE = ModelShape(layers=12, width=768, heads=12, vocab=50257)
+"""GPT-2's smallest size, for GPU runs (bench/gpu_suite.sh)."""
+SHAPES = {"bench": BENCH_SHAPE, "quick": QUICK_SHAPE, "gpt2-124m": GPT2_124M_SHAPE}
 
 
 def create_bench_model(folder: Path, shape: ModelShape, seed: int = 0) -> Path:
@@ -55,7 +62,7 @@ def create_bench_model(folder: Path, shape: ModelShape, seed: int = 0) -> Path:
     tinymodel.create_tiny_model(folder, arch="gpt2", seed=seed)
     tokenizer = AutoTokenizer.from_pretrained(folder)
     config = GPT2Config(
-        vocab_size=len(tokenizer),
+        vocab_size=shape.vocab or len(tokenizer),
         n_positions=shape.positions,
         n_embd=shape.width,
         n_layer=shape.layers,

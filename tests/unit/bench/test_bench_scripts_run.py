@@ -81,7 +81,7 @@ def test_mfu_uses_the_palm_formula_and_an_exact_peak_table() -> None:
 
 @pytest.mark.slow
 def test_gpu_mfu_plan_only_runs_both_parts_through_kubetunes_trainer() -> None:
-    out, result = run_bench("gpu_mfu.py", "--plan-only")
+    out, result = run_bench("gpu_mfu.py", "--plan-only", "--profile")
     assert result["planOnly"] and out.count("plan only: CPU, tiny shapes") >= 4
     mfu, lora = result["mfu"], result["lora"]
     assert mfu["kubetune"]["windows"] == mfu["reference"]["windows"] == 3
@@ -90,6 +90,19 @@ def test_gpu_mfu_plan_only_runs_both_parts_through_kubetunes_trainer() -> None:
     assert 0 < lora["kubetune"]["trainable"] < lora["kubetune"]["parameters"]
     assert lora["kubetune"]["trainable"] == lora["trl"]["trainable"]  # the same adapters on both sides
     assert lora["trl"]["medianTokensPerSecond"] > 0 and lora["kubetune"]["peakMemoryGiB"] > 0
+    assert result["failedSides"] == []
+    # --profile: each side's last window ran under torch.profiler, and its top operators are printed.
+    assert out.count("Top operators by self cpu time") == 4 and "aten::" in out
+    assert mfu["kubetune"]["lastWindowProfiled"] and lora["trl"]["lastWindowProfiled"]
+
+
+def test_gpu_suite_refuses_an_unknown_step_before_running_anything(tmp_path: Path) -> None:
+    env = {**os.environ, "KUBETUNE_RESULTS_DIR": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_suite.sh"), "--only", "gpu-mfu,mfu"], capture_output=True,
+                          text=True, timeout=60, cwd=REPO, env=env)
+    assert proc.returncode == 2
+    assert "--only: unknown step 'mfu' (steps: packed-attention, trainer-check, gpu-mfu," in proc.stderr
+    assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
@@ -104,6 +117,11 @@ def test_gpu_suite_plan_only_writes_every_steps_result(tmp_path: Path) -> None:
     steps = record["steps"]
     assert steps["packed-attention"]["exit"] == 0
     assert steps["gpu-mfu"]["exit"] == 0 and steps["gpu-mfu"]["result"]["mfu"]["ratio"] > 0
+    check = steps["trainer-check"]
+    assert check["exit"] == 0 and check["result"]["failures"] == []
+    assert check["result"]["full"]["falls"] and check["result"]["resume"]["firstStepAfterResume"] > 1
+    assert check["result"]["resume"]["maxLossDifference"] <= check["result"]["resume"]["tolerance"]
+    assert steps["throughput"]["exit"] == 0 and steps["throughput"]["result"]["ratios"]
     for name, script in (("scaling", "distributed_scaling.py"), ("serve-vllm", "serve_vllm_check.py")):
         if (REPO / "bench" / script).exists():
             assert steps[name]["exit"] == 0

@@ -35,12 +35,16 @@ def _has_flash_attention() -> bool:
 
 def selectable_implementations() -> list[Any]:
     """Every attention implementation `modeling.select_attention_implementation` can return, plus eager
-    (transformers' fallback for architectures without SDPA); each with the batch layout the trainer uses."""
+    (transformers' fallback for architectures without SDPA); each with the batch layout the trainer uses,
+    on the CPU and, where there is one, on the GPU (bench/gpu_suite.sh runs this file there)."""
     flash = pytest.param(
-        "flash_attention_2",
+        "flash_attention_2", "cuda",
         marks=pytest.mark.skipif(not _has_flash_attention(), reason="needs CUDA and flash_attn (run by bench/gpu_suite.sh)"),
     )
-    return ["eager", "sdpa", flash]
+    sdpa_gpu = pytest.param(
+        "sdpa", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by bench/gpu_suite.sh)")
+    )
+    return [("eager", "cpu"), ("sdpa", "cpu"), sdpa_gpu, flash]
 
 
 @pytest.fixture(params=["gpt2", "llama"])
@@ -58,40 +62,60 @@ def _examples(tokenizer: Any) -> list[data.TokenizedExample]:
     return [data.tokenize_example(data.Example(completion=t), tokenizer, append_eos=True) for t in TEXTS]
 
 
+def _packed_and_alone(model: Any, folder: Path, device: str) -> tuple[dict[str, Any], Any, dict[tuple[int, ...], Any]]:
+    """A packed micro-batch of the texts (two rows of different lengths, so one is padded), its logits, and
+    each example's logits run alone."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    examples = _examples(tokenizer)
+    sequences, _ = data.pack(examples, 48, packing=True, chunk_long=False)
+    assert len(sequences) >= 2 and any(s.num_examples > 1 for s in sequences)
+    batch = evaluate.collate(sequences, tokenizer.pad_token_id, torch.device(device), flatten=evaluate.flat_batches(model))
+    with torch.no_grad():
+        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
+                       **batch.get("attention_kwargs", {})).logits
+        alone = {tuple(e.input_ids): model(torch.tensor([e.input_ids], device=device), use_cache=False).logits[0]
+                 for e in examples}
+    return batch, packed, alone
+
+
+def _assert_each_example_equal(batch: dict[str, Any], packed: Any, alone: dict[tuple[int, ...], Any],
+                               tolerance: float) -> None:
+    found = 0
+    for row, ids in enumerate(batch["input_ids"].tolist()):
+        positions = batch["position_ids"][row].tolist()
+        starts = [i for i, p in enumerate(positions) if p == 0]
+        for start, end in zip(starts, [*starts[1:], len(positions)], strict=True):
+            key = tuple(ids[start:end])
+            if key in alone:  # skip the padding tail
+                torch.testing.assert_close(packed[row, start:end].float(), alone[key].float(),
+                                           atol=tolerance, rtol=tolerance)
+                found += 1
+    assert found == len(alone)
+
+
 class TestPackedAttentionIsExact:
-    @pytest.mark.parametrize("implementation", selectable_implementations())
-    def test_packed_logits_equal_each_example_run_alone(self, tiny_model_folder: Path, implementation: str) -> None:
-        from transformers import AutoTokenizer
-
-        device = "cuda" if implementation.startswith("flash") else "cpu"
+    @pytest.mark.parametrize(("implementation", "device"), selectable_implementations())
+    def test_packed_logits_equal_each_example_run_alone(self, tiny_model_folder: Path, implementation: str,
+                                                        device: str) -> None:
         model = _load(tiny_model_folder, implementation, device)
-        tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder)
-        examples = _examples(tokenizer)
-        # Two packed rows of different lengths (so the shorter one is padded), as a training micro-batch.
-        sequences, _ = data.pack(examples, 48, packing=True, chunk_long=False)
-        assert len(sequences) >= 2 and any(s.num_examples > 1 for s in sequences)
-        flatten = evaluate.flat_batches(model)
-        assert flatten == implementation.startswith("flash")
-        batch = evaluate.collate(sequences, tokenizer.pad_token_id, torch.device(device), flatten=flatten)
+        assert evaluate.flat_batches(model) == implementation.startswith("flash")
+        batch, packed, alone = _packed_and_alone(model, tiny_model_folder, device)
+        # bf16 for flash; fp32 elsewhere, where a GPU's kernels sum in another order than the CPU's.
+        tolerance = 2e-2 if implementation.startswith("flash") else 1e-4 if device == "cuda" else 1e-5
+        _assert_each_example_equal(batch, packed, alone, tolerance)
 
-        with torch.no_grad():
-            packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                           **batch.get("attention_kwargs", {})).logits
-            alone = {tuple(e.input_ids): model(torch.tensor([e.input_ids], device=device), use_cache=False).logits[0]
-                     for e in examples}
-
-        tolerance = 2e-2 if implementation.startswith("flash") else 1e-5
-        found = 0
-        for row, ids in enumerate(batch["input_ids"].tolist()):
-            positions = batch["position_ids"][row].tolist()
-            starts = [i for i, p in enumerate(positions) if p == 0]
-            for start, end in zip(starts, [*starts[1:], len(positions)], strict=True):
-                key = tuple(ids[start:end])
-                if key in alone:  # skip the padding tail
-                    torch.testing.assert_close(packed[row, start:end].float(), alone[key].float(),
-                                               atol=tolerance, rtol=tolerance)
-                    found += 1
-        assert found == len(examples)
+    @pytest.mark.slow
+    def test_flex_attention_packed_rows_are_exact(self, tiny_llama: Path) -> None:
+        """transformers builds flex attention's block mask from the packed position ids (Llama-style models;
+        GPT-2 has no flex attention). Measured on the GPU as a packed kernel without flash_attn
+        (bench/gpu_mfu.py); on the CPU its compilation takes ~30 s."""
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = _load(tiny_llama, "flex_attention", device)
+        assert modeling.attention_implementation_of(model) == "flex_attention"
+        batch, packed, alone = _packed_and_alone(model, tiny_llama, device)
+        _assert_each_example_equal(batch, packed, alone, 1e-4)
 
     @pytest.mark.parametrize("implementation", ["eager", "sdpa"])
     def test_a_flattened_batch_gives_the_same_losses_as_padded_rows(self, tiny_model_folder: Path,
