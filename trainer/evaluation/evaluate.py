@@ -14,6 +14,7 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
 
@@ -33,6 +34,11 @@ def collate(
     lengths, so the kernel needs no device sync to find them. Every batch also
     carries `target_index`, the flat (row x length) indices of the positions
     whose next token is a target, built here on the host (see `loss.py`).
+
+    Built with numpy on the host, then copied to the device. On a GPU the copies
+    come from pinned memory without blocking: a plain `torch.tensor(..., device=cuda)`
+    waits for every kernel already queued, so each batch would stall the GPU while
+    the host prepares the next one.
     """
     if flatten:
         sequences = [
@@ -42,29 +48,38 @@ def collate(
                 sum(s.num_examples for s in sequences),
             )
         ]
-    width = max(len(s.input_ids) for s in sequences)
-    ids, labels, positions, weights, target_index = [], [], [], [], []
+    rows, width = len(sequences), max(len(s.input_ids) for s in sequences)
+    ids = np.full((rows, width), pad_id, dtype=np.int64)
+    labels = np.full((rows, width), IGNORE_INDEX, dtype=np.int64)
+    positions = np.empty((rows, width), dtype=np.int64)
+    weights = np.zeros((rows, width), dtype=np.float32)
     for row, s in enumerate(sequences):
-        pad = width - len(s.input_ids)
-        ids.append(s.input_ids + [pad_id] * pad)
-        labels.append(s.labels + [IGNORE_INDEX] * pad)
-        positions.append(s.position_ids + list(range(pad)))
-        weights.append(s.weights + [0.0] * pad)
-        target_index += [row * width + t - 1 for t in range(1, len(s.labels)) if s.labels[t] != IGNORE_INDEX]
-    batch: dict[str, torch.Tensor | dict[str, Any]] = {
-        "input_ids": torch.tensor(ids, device=device),
-        "labels": torch.tensor(labels, device=device),
-        "position_ids": torch.tensor(positions, device=device),
-        "weights": torch.tensor(weights, device=device, dtype=torch.float32),
-        "target_index": torch.tensor(target_index, device=device, dtype=torch.long),
-    }
+        length = len(s.input_ids)
+        ids[row, :length] = s.input_ids
+        labels[row, :length] = s.labels
+        positions[row, :length] = s.position_ids
+        positions[row, length:] = np.arange(width - length)  # the padding restarts at 0, as one more "example"
+        weights[row, :length] = s.weights
+    target_rows, target_columns = np.nonzero(labels[:, 1:] != IGNORE_INDEX)  # row-major: t - 1 predicts t
+    host = {"input_ids": ids, "labels": labels, "position_ids": positions, "weights": weights,
+            "target_index": target_rows * width + target_columns}
+    batch: dict[str, torch.Tensor | dict[str, Any]] = {name: _to_device(array, device) for name, array in host.items()}
     if flatten:
-        starts = [i for i, p in enumerate(positions[0]) if p == 0] + [width]
+        starts = np.flatnonzero(positions[0] == 0).tolist() + [width]
         lengths = [b - a for a, b in zip(starts, starts[1:])]
-        cumulative = torch.tensor([0, *itertools.accumulate(lengths)], device=device, dtype=torch.int32)
-        batch["attention_kwargs"] = {"cu_seq_lens_q": cumulative, "cu_seq_lens_k": cumulative,
+        cumulative = np.array([0, *itertools.accumulate(lengths)], dtype=np.int32)
+        batch["attention_kwargs"] = {"cu_seq_lens_q": _to_device(cumulative, device),
+                                     "cu_seq_lens_k": _to_device(cumulative, device),
                                      "max_length_q": max(lengths), "max_length_k": max(lengths)}
     return batch
+
+
+def _to_device(array: np.ndarray[Any, Any], device: torch.device) -> torch.Tensor:
+    """A host array on `device`; to a GPU from pinned memory, without waiting for the queued kernels."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 def flat_batches(model: Any) -> bool:

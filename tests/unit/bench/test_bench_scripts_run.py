@@ -54,6 +54,12 @@ def test_trainer_overhead_reports_per_step_overhead_with_a_report_posted_every_s
     assert result["peakRssMiB"] > 0
 
 
+def test_collate_host_time_compares_both_builds_in_their_own_processes() -> None:
+    out, result = run_bench("collate_host_time.py", "--rounds", "2", "--batches", "3")
+    assert len(result["msPerBatch"]["plain"]) == len(result["msPerBatch"]["kubetune"]) == 2
+    assert result["speedup"] > 0 and "min / median / max" in out
+
+
 def _gpu_mfu() -> object:
     import importlib.util
 

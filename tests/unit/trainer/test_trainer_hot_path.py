@@ -142,6 +142,66 @@ class TestPackedAttentionIsExact:
         torch.testing.assert_close(fused_padded, fused_flat, atol=1e-5, rtol=1e-5)
 
 
+def _plain_collate(sequences: list[data.PackedSequence], pad_id: int) -> dict[str, list[Any]]:
+    """The batch layout written out element by element: the definition `evaluate.collate` must meet."""
+    width = max(len(s.input_ids) for s in sequences)
+    out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "position_ids": [], "weights": [], "target_index": []}
+    for row, s in enumerate(sequences):
+        pad = width - len(s.input_ids)
+        out["input_ids"].append(s.input_ids + [pad_id] * pad)
+        out["labels"].append(s.labels + [data.IGNORE_INDEX] * pad)
+        out["position_ids"].append(s.position_ids + list(range(pad)))
+        out["weights"].append(s.weights + [0.0] * pad)
+        out["target_index"] += [row * width + t - 1 for t in range(1, len(s.labels)) if s.labels[t] != data.IGNORE_INDEX]
+    return out
+
+
+class TestCollate:
+    def _sequences(self, seed: int) -> list[data.PackedSequence]:
+        import random
+
+        generator = random.Random(seed)
+        sequences = []
+        for _ in range(generator.randint(1, 6)):
+            ids: list[int] = []
+            labels: list[int] = []
+            positions: list[int] = []
+            weights: list[float] = []
+            for _ in range(generator.randint(1, 4)):
+                length = generator.randint(1, 9)
+                ids += [generator.randint(1, 99) for _ in range(length)]
+                # Prompt tokens and each example's first token carry no target.
+                labels += [data.IGNORE_INDEX] + [generator.choice([data.IGNORE_INDEX, generator.randint(1, 99)])
+                                                 for _ in range(length - 1)]
+                positions += list(range(length))
+                weights += [generator.choice([1.0, 0.5, 3.0])] * length
+            sequences.append(data.PackedSequence(ids, labels, positions, weights, 1))
+        return sequences
+
+    @pytest.mark.parametrize("seed", range(20))
+    def test_a_batch_equals_the_plain_definition(self, seed: int) -> None:
+        sequences = self._sequences(seed)
+        batch = evaluate.collate(sequences, 7, torch.device("cpu"))
+        expected = _plain_collate(sequences, 7)
+        for name, values in expected.items():
+            assert batch[name].tolist() == values, name
+        assert batch["input_ids"].dtype == batch["target_index"].dtype == torch.long
+        assert batch["weights"].dtype == torch.float32
+
+    def test_a_flattened_batch_is_one_row_with_cumulative_lengths(self) -> None:
+        sequences = self._sequences(3)
+        flat = evaluate.collate(sequences, 7, torch.device("cpu"), flatten=True)
+        merged = data.PackedSequence([t for s in sequences for t in s.input_ids], [t for s in sequences for t in s.labels],
+                                     [p for s in sequences for p in s.position_ids],
+                                     [w for s in sequences for w in s.weights])
+        assert flat["input_ids"].tolist() == [merged.input_ids]
+        assert flat["target_index"].tolist() == _plain_collate([merged], 7)["target_index"]
+        starts = [i for i, p in enumerate(merged.position_ids) if p == 0] + [len(merged.position_ids)]
+        assert flat["attention_kwargs"]["cu_seq_lens_q"].tolist() == [0, *starts[1:]]
+        assert flat["attention_kwargs"]["cu_seq_lens_q"].dtype == torch.int32
+        assert flat["attention_kwargs"]["max_length_q"] == max(b - a for a, b in zip(starts, starts[1:]))
+
+
 class TestFusedLinearCrossEntropy:
     def _batch(self, folder: Path) -> tuple[Any, dict[str, Any]]:
         from transformers import AutoTokenizer
