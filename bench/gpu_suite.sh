@@ -6,7 +6,8 @@
 #
 # Steps (each with its own time limit, 10 minutes in all at most; a failed step is recorded and the suite goes on):
 #   1. packed-attention exactness on the GPU: tests/unit/trainer/test_trainer_hot_path.py (SDPA and flex
-#      attention on the GPU; the flash-attention case runs where flash_attn is installed)
+#      attention on the GPU; the flash-attention case runs where flash_attn is installed), and that a
+#      micro-batch's build, forward and backward never make the host wait (torch's sync debug mode)
 #   2. bench/gpu_trainer_check.py: the trainer's own command on the GPU: fp16 with a gradient scaler,
 #      accumulation, and resume after SIGTERM equal to an uninterrupted run
 #   3. bench/gpu_mfu.py: GPT-2-124M MFU, kubetune's trainer vs a tuned reference loop; LoRA on a
@@ -102,7 +103,7 @@ print(f"gpu_suite: python {sys.version.split()[0]}, torch {torch.__version__}, t
 
 # Cheap correctness first, then the figures, so that a slow step cannot cost the checks.
 step packed-attention 75 "$python" -m pytest -q -p no:cacheprovider tests/unit/trainer/test_trainer_hot_path.py \
-  -k "PackedAttention or Selection"
+  -k "PackedAttention or Selection or gpu"
 step trainer-check 120 "$python" bench/gpu_trainer_check.py "${mode_args[@]}"
 step gpu-mfu 270 "$python" bench/gpu_mfu.py "${mode_args[@]}"
 if ((plan_only)); then

@@ -108,8 +108,9 @@ def training_loss(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torc
     """
     head = loss.fused_head(model)
     if head is not None:
-        return loss.weighted_token_loss(model, head, batch), batch["target_index"].new_tensor(
-            batch["target_index"].numel())
+        index = batch["target_index"]  # a fill on the device: new_tensor(int) would copy from the host and wait
+        return loss.weighted_token_loss(model, head, batch), torch.full((), index.numel(), dtype=index.dtype,
+                                                                        device=index.device)
     losses, mask, _ = token_losses(model, batch)
     weights = batch["weights"][:, 1:] * mask
     return (losses * weights).sum() / weights.sum().clamp(min=1e-8), mask.sum()

@@ -268,6 +268,29 @@ class TestTrainingStep:
         value, targets = evaluate.training_loss(model, evaluate.collate(sequences, 0, torch.device("cpu")))
         assert isinstance(value, torch.Tensor) and isinstance(targets, torch.Tensor)
 
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by bench/gpu_suite.sh)")
+    @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+    def test_gpu_micro_batch_and_backward_wait_for_nothing(self, arch: str, tiny_gpt2: Path, tiny_llama: Path) -> None:
+        """Building the batch, the forward with the fused loss and the backward never make the host wait for
+        the GPU (torch's sync debug mode turns any synchronising call into an error): the host can queue the
+        next micro-batch while the GPU computes this one."""
+        from transformers import AutoTokenizer
+
+        folder = tiny_gpt2 if arch == "gpt2" else tiny_llama
+        model = _load(folder, "sdpa", "cuda").train()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        sequences, _ = data.pack(_examples(tokenizer), 48, packing=True, chunk_long=False)
+        for _ in range(2):  # the second pass: nothing left to initialise lazily
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                batch = evaluate.collate(sequences, 0, torch.device("cuda"))
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    value, _ = evaluate.training_loss(model, batch)
+                value.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
     def test_adamw_is_fused_on_cuda_only(self, tiny_gpt2: Path) -> None:
         model = _load(tiny_gpt2, "sdpa")
         assert train._optimizer(model, 1e-3, 0.01, "cuda").defaults["fused"] is True
