@@ -239,11 +239,15 @@ class KubeClient:
             return store.get(cache.FINETUNEJOB, namespace, name)
         return self.get_finetunejob(namespace, name)
 
-    def list_finetunejobs(self, namespace: str) -> tuple[Body, ...]:
+    def list_finetunejobs(self, namespace: str, labels: dict[str, str] | None = None) -> tuple[Body, ...]:
+        """The namespace's FineTuneJobs (with `labels`: those that carry them): from memory once the cache
+        holds the namespace, else one list from the API server."""
         store = self._store(namespace)
         if store is not None:
-            return store.list(cache.FINETUNEJOB, namespace)
-        listing = cast(Body, self.custom.list_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL))
+            return store.list(cache.FINETUNEJOB, namespace, labels)
+        selector = ",".join(f"{key}={value}" for key, value in (labels or {}).items())
+        listing = cast(Body, self.custom.list_namespaced_custom_object(
+            GROUP, VERSION, namespace, PLURAL, label_selector=selector or None))
         return tuple(listing.get("items") or [])
 
     def peering_in_use(self, name: str, namespaces: tuple[str, ...]) -> bool:

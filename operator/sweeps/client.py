@@ -28,6 +28,7 @@ class SweepClient:
     """What the sweep handlers need, over the operator's `KubeClient`."""
 
     def __init__(self, kube: KubeClient) -> None:
+        self.kube = kube
         self.custom = kube.custom
 
     def get_sweep(self, namespace: str, name: str) -> Body | None:
@@ -58,13 +59,13 @@ class SweepClient:
         return [(namespace, name) for namespace, name in found if name and in_scope(namespace)]
 
     def list_trials(self, sweep_body: Body) -> list[Body]:
-        """The sweep's trial FineTuneJobs: labelled with its name and controlled by its uid."""
+        """The sweep's trial FineTuneJobs: labelled with its name and controlled by its uid. From the
+        operator's watch-fed cache once it holds the namespace (a sweep pass then reads no API server),
+        else one labelled list."""
         metadata = sweep_body["metadata"]
-        listing = cast(Body, self.custom.list_namespaced_custom_object(
-            GROUP, VERSION, metadata["namespace"], JOBS,
-            label_selector=f"{sweep.LABEL_SWEEP}={metadata['name'][:63]}"))
+        listing = self.kube.list_finetunejobs(metadata["namespace"], {sweep.LABEL_SWEEP: metadata["name"][:63]})
         owned = []
-        for item in listing.get("items") or []:
+        for item in listing:
             owners = (item.get("metadata") or {}).get("ownerReferences") or []
             if any(o.get("uid") == metadata["uid"] and o.get("controller") for o in owners):
                 owned.append(item)
@@ -96,7 +97,8 @@ class SweepClient:
 
     def create_trial(self, namespace: str, manifest: Body) -> None:
         try:
-            self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, JOBS, manifest)
+            created = self.custom.create_namespaced_custom_object(GROUP, VERSION, namespace, JOBS, manifest)
+            self.kube.remember(cache.FINETUNEJOB, cast(Body, created))  # the next pass lists it, even before its watch event
             log.info("created trial %s/%s", namespace, manifest["metadata"]["name"])
         except ApiException as error:
             if error.status != 409:
@@ -104,7 +106,8 @@ class SweepClient:
 
     def patch_trial(self, namespace: str, name: str, patch: Body) -> None:
         try:
-            self.custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, JOBS, name, patch)
+            self.kube.remember(cache.FINETUNEJOB, cast(Body, self.custom.patch_namespaced_custom_object(
+                GROUP, VERSION, namespace, JOBS, name, patch)))
         except ApiException as error:
             if error.status != 404:
                 raise

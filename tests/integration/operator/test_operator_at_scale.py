@@ -30,6 +30,8 @@ from kubetune.dev import controlplane
 from kubetune.operator import cache
 from kubetune.operator.client import KubeClient
 from kubetune.operator.jobs import builders
+from kubetune.operator.sweeps import reconcile as sweep
+from kubetune.operator.sweeps.client import SweepClient
 from tests.integration.operator.conftest import CRD_FILE, REPO, Kube, finetunejob, free_port, wait_for
 
 USERS = ("kubetune-operator-reads", "kubetune-operator-active", "kubetune-operator-standby")
@@ -137,6 +139,47 @@ def test_informers_follow_the_api_server_and_see_only_the_operators_children(aud
         assert store.get(cache.CONFIG_MAP, namespace, "theirs") is None  # not ours: never received
     finally:
         child_cache.stop()
+
+
+def test_a_sweep_reads_its_trials_from_memory_and_sees_a_trial_it_created_at_once(audited: Plane) -> None:
+    namespace = audited.namespace()
+    kube = KubeClient(audited.plane.api_client())
+    kube.cache = kube.build_cache((namespace,), secret_ttl=30)
+    kube.cache.start()
+    try:
+        assert kube.cache.wait_synced(60)
+        # The sweep's stand-in owner: a real object, so the garbage collector leaves its dependents alone.
+        owner = audited.kube.core.create_namespaced_config_map(namespace, {"metadata": {"name": "sweep-owner"}})
+        reference = {"apiVersion": "v1", "kind": "ConfigMap", "name": "sweep-owner", "uid": owner.metadata.uid,
+                     "controller": True}
+        label = {sweep.LABEL_SWEEP: "search"}
+
+        def trial(name: str, labels: dict[str, str], owners: list[dict[str, Any]]) -> dict[str, Any]:
+            body = finetunejob(name)
+            body["metadata"] |= {"labels": labels, "ownerReferences": owners}
+            return body
+
+        for body in (trial("search-0", label, [reference]), trial("search-stray", label, []),
+                     trial("unrelated", {}, [reference])):
+            audited.kube.create_ftj(namespace, body)
+        sweep_body = {"metadata": {"namespace": namespace, "name": "search", "uid": owner.metadata.uid}}
+        client = SweepClient(kube)
+
+        def names() -> list[str]:
+            return sorted(t["metadata"]["name"] for t in client.list_trials(sweep_body))
+
+        wait_for(lambda: names() == ["search-0"], "the trial in memory")
+        lists: list[tuple[Any, ...]] = []
+        real_list = kube.custom.list_namespaced_custom_object
+        kube.custom.list_namespaced_custom_object = lambda *a, **k: lists.append(a) or real_list(*a, **k)
+        client.create_trial(namespace, trial("search-1", label, [reference]))
+        assert names() == ["search-0", "search-1"]  # written through: no wait for the watch event
+        assert lists == [], "a sweep pass listed its trials from the API server"
+        # Without a synced cache (a restarted operator's first passes) the same answer comes from one list.
+        assert sorted(t["metadata"]["name"] for t in SweepClient(KubeClient(audited.plane.api_client()))
+                      .list_trials(sweep_body)) == ["search-0", "search-1"]
+    finally:
+        kube.cache.stop()
 
 
 def test_a_reconcile_reads_memory_not_the_api_server(audited: Plane) -> None:
