@@ -666,6 +666,16 @@ def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSet
     tjob = observed.trainer_job
     spec = resolved_spec(draft, policy)
     admission = _admission(draft, limits, spec)
+    if tjob is None and spec.suspend and quota.queued(spec):
+        # Kueue admits a queued Job as soon as it sees it, before there is a Workload the operator could
+        # deactivate: a trainer pod would start for a moment. Suspended from the start, the job gets its
+        # trainer Job (and its place in the queue) when it is resumed.
+        draft.set(conditions.RUNNING, "False", conditions.SUSPENDED_BY_USER,
+                  "the job is suspended: its trainer Job is created, and queued, once spec.suspend is cleared")
+        draft.set(conditions.SUCCEEDED, "False", conditions.NOT_FINISHED, "")
+        draft.set(conditions.FAILED, "False", conditions.NOT_FINISHED, "")
+        _set_suspended(draft, holding_pods=False)
+        return
     if tjob is None:
         if admission.admitted or not quota.queued(spec):
             if spec.resource_settings().nodes > 1:  # the pods' DNS names, before the pods

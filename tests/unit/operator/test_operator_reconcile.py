@@ -267,6 +267,24 @@ class TestSuspendAndResume:
         assert reconcile.reconcile(observed, settings).actions == ()
 
 
+    def test_a_queued_job_suspended_from_the_start_gets_its_trainer_job_only_when_resumed(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        """Kueue would admit a new queued Job before the operator could deactivate its Workload."""
+        suspended = reconcile.reconcile(with_children(make_job(suspend=True, resources={"queueName": "q"},
+                                                               status=validated_status()), settings), settings)
+        assert "Job/demo-train" not in created_kinds(suspended)
+        assert condition(suspended, "Suspended")["status"] == "True"
+        assert (condition(suspended, "Running")["status"], condition(suspended, "Running")["reason"]) == (
+            "False", "SuspendedByUser")
+        resumed = reconcile.reconcile(with_children(make_job(suspend=False, resources={"queueName": "q"},
+                                                             status=validated_status()), settings), settings)
+        assert "Job/demo-train" in created_kinds(resumed)
+        # Without a queue the suspended Job is created suspended, as before: nothing admits it behind our back.
+        plain = reconcile.reconcile(with_children(make_job(suspend=True, status=validated_status()), settings),
+                                    settings)
+        assert "Job/demo-train" in created_kinds(plain)
+
+
 def workload(name: str = "job-demo-train-1a2b3", *, active: bool = True, ours: bool = False,
              **condition_reasons: tuple[str, str, str]) -> dict[str, Any]:
     """A Kueue Workload as Kueue writes it; `condition_reasons` maps a condition type to (status, reason, message)."""
