@@ -29,6 +29,7 @@ from kubetune.operator.platform import policy, quota
 from kubetune.operator.progress import server as progress
 from kubetune.operator.runtime import RUNTIME, Resync, reconcile_or_retry
 from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.specs import has_pending_work
 
 Body = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -313,17 +314,6 @@ def _reconcile_or_retry(namespace: str | None, name: str | None) -> None:
 @kopf.on.resume(*RESOURCE)
 def on_job_changed(namespace: str | None, name: str | None, **_: Any) -> None:
     _reconcile_or_retry(namespace, name)
-
-
-def has_pending_work(spec: Any, status: Any) -> bool:
-    """Unfinished jobs have work left, and finished ones that still keep something (serving
-    children, a ttlSecondsAfterFinished clock); a finished job without either has nothing to
-    converge: neither the timer nor its old Jobs' and pods' events need to reconcile it."""
-    found = list((status or {}).get("conditions") or [])
-    if not (conditions.is_true(found, conditions.SUCCEEDED) or conditions.is_true(found, conditions.FAILED)):
-        return True
-    serving = (spec or {}).get("serving") or {}
-    return bool(serving.get("enabled")) or (spec or {}).get("ttlSecondsAfterFinished") is not None
 
 
 def pending_jobs() -> list[tuple[str, str]]:
