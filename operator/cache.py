@@ -26,10 +26,13 @@ on them: either would hand it every Secret's data). The store remembers the
 metadata of a Secret it created or read (metadata only, the data stripped)
 for `secret_ttl` seconds; after that the next pass reads its metadata again.
 
-Objects are kept as compact JSON bytes, not dicts: a stored pod costs its
-JSON size instead of ~5x that in Python objects, and every reader gets its
-own copy, so nothing can mutate what another pass reads. Pods keep metadata
-and status only (reconcile reads no pod spec); `managedFields` go everywhere.
+Objects are kept as compact JSON bytes, zlib-compressed (level 1), not dicts:
+a stored FineTuneJob costs ~1 KB instead of its ~4 KB of JSON or ~5x that in
+Python objects, and every reader gets its own copy, so nothing can mutate what
+another pass reads. Pods keep metadata and status only (reconcile reads no pod
+spec); `managedFields` go everywhere, and from FineTuneJobs kopf's
+`last-handled-configuration` annotation (a copy of the spec, ~1.5 KB, that only
+kopf reads, from its own watch).
 
 This module does no I/O itself: the list and watch calls are given to it
 (`client.KubeClient.informer_calls`), so it can be tested with real
@@ -45,6 +48,7 @@ import json
 import logging
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -66,6 +70,15 @@ TOMBSTONES = 4096
 """Deleted objects remembered (with their last resourceVersion) so that a late, older copy from the
 other watch (kopf's or the informer's) cannot bring them back; oldest forgotten first."""
 
+LIST_PAGE = 500
+"""Objects per page when an informer lists (the API server's `limit`/`continue`)."""
+
+KOPF_DIFFBASE_ANNOTATION = "kubetune.io/last-handled-configuration"
+"""kopf's copy of the spec it last handled (the FineTuneJob controller configures kopf with it): kopf
+reads it from its own watch's bodies, never from this store, so the store does not keep it."""
+COMPRESSION_LEVEL = 1
+"""zlib level of stored objects: level 1 already shrinks a FineTuneJob's JSON ~3x, at ~20 us a write."""
+
 Key = tuple[str, str, str]
 """(kind, namespace, name)"""
 
@@ -83,6 +96,8 @@ def trim(kind: str, body: Body) -> Body:
     most of their spec (reconcile reads metadata and status; usage reads `nodeName` and each
     container's name and resources: the devices really allocated), Secrets without data."""
     metadata = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
+    if kind == FINETUNEJOB and KOPF_DIFFBASE_ANNOTATION in (metadata.get("annotations") or {}):
+        metadata["annotations"] = {k: v for k, v in metadata["annotations"].items() if k != KOPF_DIFFBASE_ANNOTATION}
     kept = {**body, "metadata": metadata}
     if kind == POD:
         spec = body.get("spec") or {}
@@ -94,6 +109,17 @@ def trim(kind: str, body: Body) -> Body:
     return kept
 
 
+def encode(body: Body) -> bytes:
+    """What the store keeps of a (trimmed) object: its compact JSON, compressed."""
+    return zlib.compress(json.dumps(body, separators=(",", ":")).encode(), COMPRESSION_LEVEL)
+
+
+def decode(data: bytes) -> Body:
+    """A fresh copy of a stored object (the reverse of `encode`)."""
+    result: Body = json.loads(zlib.decompress(data))
+    return result
+
+
 @dataclasses.dataclass(frozen=True)
 class _Entry:
     resource_version: str
@@ -103,7 +129,7 @@ class _Entry:
     labels: tuple[tuple[str, str], ...]
     """The object's labels, for `list` without decoding every object."""
     data: bytes
-    """The trimmed object as compact JSON."""
+    """The trimmed object as compact JSON, zlib-compressed (`encode`/`decode`)."""
     stored_at: float
     """time.monotonic() when stored (Secrets expire by it)."""
 
@@ -137,7 +163,7 @@ class Store:
         version, uid = str(metadata.get("resourceVersion") or ""), str(metadata.get("uid") or "")
         kept = trim(kind, body)
         entry = _Entry(version, uid, tuple(sorted((metadata.get("labels") or {}).items())),
-                       json.dumps(kept, separators=(",", ":")).encode(), time.monotonic())
+                       encode(kept), time.monotonic())
         with self._lock:
             gone = self._tombstones.get(key)
             if gone is not None and gone[0] == uid and not newer(version, gone[1]):
@@ -169,15 +195,21 @@ class Store:
         is not in it is gone, unless it was stored from a newer event meanwhile (kopf's watch runs on
         its own: a job created after the listing must not be dropped by it)."""
         listed = list(bodies)
+        self.retain(kind, {(str((b.get("metadata") or {}).get("namespace") or ""), str(b["metadata"]["name"]))
+                           for b in listed}, in_scope, list_version)
+        for body in listed:
+            self.upsert(kind, body)
+
+    def retain(self, kind: str, names: set[tuple[str, str]], in_scope: Callable[[str], bool],
+               list_version: str = "") -> None:
+        """The end of a listing (paged: its objects were upserted page by page) that held only `names`
+        ((namespace, name)): drop the other objects of `kind` in scope, unless stored from a newer
+        event than `list_version`."""
         with self._lock:
-            names = {(str((b.get("metadata") or {}).get("namespace") or ""), str(b["metadata"]["name"]))
-                     for b in listed}
             for key in [k for k in self._objects if k[0] == kind and in_scope(k[1]) and (k[1], k[2]) not in names]:
                 if list_version and newer(self._objects[key].resource_version, list_version):
                     continue
                 self._drop(key)
-        for body in listed:
-            self.upsert(kind, body)
 
     def note_absent(self, kind: str, namespace: str, name: str) -> None:
         """A GET answered 404 (Secrets only: other kinds are watched, so their absence is known)."""
@@ -243,21 +275,21 @@ class Store:
             return None
         if kind == SECRET and time.monotonic() - entry.stored_at > self.secret_ttl:
             return None
-        result: Body = json.loads(entry.data)
+        result: Body = decode(entry.data)
         return result
 
     def pods_of(self, namespace: str, job_name: str) -> tuple[Body, ...]:
         """The pods of one Job (by the Job controller's `batch.kubernetes.io/job-name` label)."""
         with self._lock:
             entries = [self._objects[(POD, namespace, n)] for n in sorted(self._pods.get((namespace, job_name), ()))]
-        return tuple(json.loads(entry.data) for entry in entries)
+        return tuple(decode(entry.data) for entry in entries)
 
     def list(self, kind: str, namespace: str, labels: dict[str, str] | None = None) -> tuple[Body, ...]:
         """Every stored object of `kind` in `namespace` carrying all of `labels`."""
         wanted = set((labels or {}).items())
         with self._lock:
             entries = [self._objects[(kind, namespace, n)] for n in sorted(self._names.get((kind, namespace), ()))]
-        return tuple(json.loads(e.data) for e in entries if wanted <= set(e.labels))
+        return tuple(decode(e.data) for e in entries if wanted <= set(e.labels))
 
     def every(self, kind: str) -> tuple[Body, ...]:
         """Every stored object of `kind`, in every namespace."""
@@ -265,7 +297,7 @@ class Store:
             entries = [self._objects[(kind, namespace, name)]
                        for (stored, namespace), names in self._names.items() if stored == kind
                        for name in sorted(names)]
-        return tuple(json.loads(e.data) for e in entries)
+        return tuple(decode(e.data) for e in entries)
 
     def size(self) -> dict[str, int]:
         """Objects held per kind (for metrics and benchmarks)."""
@@ -332,6 +364,8 @@ class Informer:
     """Server-side filter: the operator's children carry `app.kubernetes.io/managed-by=kubetune`."""
     watch_seconds: int = 300
     """Server-side timeout of one watch request; the next continues from the last resourceVersion."""
+    page_size: int = LIST_PAGE
+    """Objects per page of a listing (`limit`); 0 = the whole listing in one response."""
     synced: threading.Event = dataclasses.field(default_factory=threading.Event)
     """Set once the first listing is stored."""
     events: int = 0
@@ -355,15 +389,33 @@ class Informer:
                 backoff = min(backoff * 2, 10.0)
 
     def _list(self) -> str:
-        response = self.list_call(label_selector=self.label_selector, _preload_content=False,
-                                  _request_timeout=60)
-        listing = json.loads(response.data)
-        items = [item for item in listing.get("items") or []
-                 if self.in_scope(str((item.get("metadata") or {}).get("namespace") or ""))]
-        for item in items:  # list items carry no kind
-            item.setdefault("kind", self.kind)
-        version = str((listing.get("metadata") or {}).get("resourceVersion") or "")
-        self.store.replace(self.kind, items, self.in_scope, version)
+        """List in pages of `page_size` (one page decoded at a time: a listing in one piece holds every
+        object's decoded body at once, a peak Python's allocator keeps); returns the listing's
+        resourceVersion. An expired continue token (410) raises: `run` lists again from the start."""
+        names: set[tuple[str, str]] = set()
+        token, version = "", ""
+        while True:
+            paging: dict[str, Any] = {"limit": self.page_size} if self.page_size else {}
+            if token:
+                paging["_continue"] = token
+            response = self.list_call(label_selector=self.label_selector, _preload_content=False,
+                                      _request_timeout=60, **paging)
+            listing = json.loads(response.data)
+            del response
+            for item in listing.get("items") or []:
+                metadata = item.get("metadata") or {}
+                if not self.in_scope(str(metadata.get("namespace") or "")):
+                    continue
+                item.setdefault("kind", self.kind)  # list items carry no kind
+                names.add((str(metadata.get("namespace") or ""), str(metadata.get("name") or "")))
+                self.store.upsert(self.kind, item)
+            list_metadata = listing.get("metadata") or {}
+            version = str(list_metadata.get("resourceVersion") or version)
+            token = str(list_metadata.get("continue") or "")
+            del listing
+            if not token:
+                break
+        self.store.retain(self.kind, names, self.in_scope, version)
         return version
 
     def _watch(self, version: str, stop: threading.Event) -> str:

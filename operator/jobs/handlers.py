@@ -28,6 +28,8 @@ from kubetune.operator.jobs import builders, reconcile
 from kubetune.operator.platform import policy, quota
 from kubetune.operator.progress import server as progress
 from kubetune.operator.runtime import RUNTIME, Resync, reconcile_or_retry
+from kubetune.operator.settings import OperatorSettings
+from kubetune.operator.specs import has_pending_work
 
 Body = dict[str, Any]
 log = logging.getLogger(__name__)
@@ -119,12 +121,33 @@ def log_policy_deprecations(platform: policy.PlatformPolicy) -> None:
         log.warning("platform policy: %s", warning)
 
 
+LIST_CHUNK = 200
+"""Objects per page of kopf's initial listings (its `watching.chunk_size`; kopf's default: all at once)."""
+
+
+def bound_kopf_memory(settings: kopf.OperatorSettings, operator: OperatorSettings) -> None:
+    """kopf's settings that bound its memory by the objects in work, not by all there are (a start
+    among thousands of jobs).
+
+    - At most `worker_limit` per-object workers at once; a worker whose object has gone quiet frees
+      its place after 0.5 s instead of kopf's 5 s.
+    - The initial listing in pages of `LIST_CHUNK`: kopf decodes one page at a time and feeds its
+      workers from it, where a listing in one piece holds every job's decoded body until the last
+      was handled. Python's allocator keeps the arenas such a peak spread over for good (the
+      long-lived objects made meanwhile pin them): with 5,000 finished jobs that peak stayed
+      resident (`bench/operator_scale.py --finished`, docs/operator.md "Memory").
+    """
+    settings.queueing.worker_limit = operator.worker_limit or None
+    settings.queueing.idle_timeout = 0.5
+    settings.watching.chunk_size = LIST_CHUNK
+
+
 @kopf.on.startup()
 async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     log_policy_deprecations(RUNTIME.policy)
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=builders.API_GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=builders.API_GROUP, key="last-handled-configuration")
+    diffbase_prefix, _slash, diffbase_key = cache.KOPF_DIFFBASE_ANNOTATION.partition("/")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=diffbase_prefix, key=diffbase_key)
     settings.persistence.finalizer = f"{builders.API_GROUP}/finalizer"
     settings.peering.name = RUNTIME.settings.peering_name
     settings.peering.mandatory = False
@@ -134,10 +157,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.priority = RUNTIME.settings.peering_priority
     settings.peering.lifetime = RUNTIME.settings.peering_lifetime
     settings.execution.max_workers = 8
-    # Memory bounded by the objects in work, not by all there are (a start among thousands of jobs);
-    # a worker whose object has gone quiet frees its place after 0.5 s instead of kopf's 5 s.
-    settings.queueing.worker_limit = RUNTIME.settings.worker_limit or None
-    settings.queueing.idle_timeout = 0.5
+    bound_kopf_memory(settings, RUNTIME.settings)
     # kopf's default retry gaps grow to 21 s (1, 1, 2, …, 13, 21): a watch that met a short outage (an API
     # server answering 429 while a resource's storage initialises) would then deliver nothing for that
     # long after it ended. Short, capped gaps over a similar span (~36 s) before an error escalates.
@@ -294,17 +314,6 @@ def _reconcile_or_retry(namespace: str | None, name: str | None) -> None:
 @kopf.on.resume(*RESOURCE)
 def on_job_changed(namespace: str | None, name: str | None, **_: Any) -> None:
     _reconcile_or_retry(namespace, name)
-
-
-def has_pending_work(spec: Any, status: Any) -> bool:
-    """Unfinished jobs have work left, and finished ones that still keep something (serving
-    children, a ttlSecondsAfterFinished clock); a finished job without either has nothing to
-    converge: neither the timer nor its old Jobs' and pods' events need to reconcile it."""
-    found = list((status or {}).get("conditions") or [])
-    if not (conditions.is_true(found, conditions.SUCCEEDED) or conditions.is_true(found, conditions.FAILED)):
-        return True
-    serving = (spec or {}).get("serving") or {}
-    return bool(serving.get("enabled")) or (spec or {}).get("ttlSecondsAfterFinished") is not None
 
 
 def pending_jobs() -> list[tuple[str, str]]:

@@ -43,7 +43,7 @@ from kubetune.operator.platform import estimate, quota, usage
 from kubetune.operator.platform.policy import NO_POLICY, NamespaceLimits, PlatformPolicy, violations
 from kubetune.operator.progress import reports
 from kubetune.operator.settings import OperatorSettings
-from kubetune.operator.specs import spec_of
+from kubetune.operator.specs import has_pending_work, spec_of
 
 Body = dict[str, Any]
 
@@ -173,7 +173,7 @@ class _Draft:
         """The typed spec; None when it does not parse (`spec_problems` says why)."""
         self.spec_problems: list[str] = []
         try:
-            self.parsed = spec_of(job)
+            self.parsed = spec_of(job, keep=has_pending_work(job.get("spec"), job.get("status")))
         except ValidationError as error:
             self.spec_problems = error.problems
         self.status: Body = dict(job.get("status") or {})

@@ -182,6 +182,47 @@ def test_a_sweep_reads_its_trials_from_memory_and_sees_a_trial_it_created_at_onc
         kube.cache.stop()
 
 
+def test_informers_list_in_pages_and_keep_finetunejobs_without_kopfs_copy_of_the_spec(audited: Plane) -> None:
+    """Listings in pages (the API server's limit/continue): every object of every page arrives, what no
+    page held leaves; a FineTuneJob is kept whole but for kopf's last-handled-configuration."""
+    namespace = audited.namespace()
+    core, labels = audited.kube.core, {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
+    for index in range(7):
+        core.create_namespaced_config_map(namespace, {"metadata": {"name": f"ours-{index}", "labels": labels},
+                                                      "data": {"k": str(index)}})
+    body = finetunejob("paged")
+    body["metadata"]["annotations"] = {cache.KOPF_DIFFBASE_ANNOTATION: json.dumps({"spec": body["spec"]}),
+                                       "team": "a"}
+    audited.kube.create_ftj(namespace, body)
+    child_cache = KubeClient(audited.plane.api_client()).build_cache((namespace,), secret_ttl=30)
+    pages: list[str] = []
+    for informer in child_cache.informers[namespace]:
+        informer.page_size = 3  # 7 ConfigMaps: three pages
+        if informer.kind == cache.CONFIG_MAP:
+            listing = informer.list_call
+
+            def counted(listing: Any = listing, **kwargs: Any) -> Any:
+                if not kwargs.get("watch"):
+                    pages.append(str(kwargs.get("_continue") or ""))
+                return listing(**kwargs)
+
+            informer.list_call = counted
+    child_cache.store.upsert(cache.CONFIG_MAP, {"metadata": {"name": "gone", "namespace": namespace, "uid": "x",
+                                                             "resourceVersion": "1"}})
+    child_cache.start()
+    try:
+        assert child_cache.wait_synced(60)
+        store = child_cache.store
+        assert sorted(c["data"]["k"] for c in store.list(cache.CONFIG_MAP, namespace)) == [str(i) for i in range(7)]
+        assert len(pages) == 3 and pages[0] == "" and all(pages[1:])  # the API server's continue tokens
+        assert store.get(cache.CONFIG_MAP, namespace, "gone") is None
+        kept = store.get(cache.FINETUNEJOB, namespace, "paged")
+        assert kept is not None and kept["metadata"]["annotations"] == {"team": "a"}
+        assert kept["spec"] == audited.kube.ftj(namespace, "paged")["spec"]
+    finally:
+        child_cache.stop()
+
+
 def test_a_reconcile_reads_memory_not_the_api_server(audited: Plane) -> None:
     namespace = audited.namespace()
     user = USERS[0]

@@ -84,6 +84,33 @@ class TestWhatIsKept:
         assert kept is not None and kept["status"] == {"phase": "Running"}
         assert kept["spec"] == {"nodeName": "n1", "containers": [{"name": "t", "resources": gpu}]}
 
+    def test_a_finetunejob_is_kept_without_kopfs_copy_of_its_spec_and_nothing_else_is_lost(self) -> None:
+        spec = {"model": {"source": "pvc://m"}, "training": {"epochs": 3}}
+        annotations = {cache.KOPF_DIFFBASE_ANNOTATION: json.dumps({"spec": spec}), "kubetune.io/kopf-managed": "yes",
+                       "team": "a"}
+        job = obj("FineTuneJob", "j", "1", metadata={"annotations": annotations, "labels": {"x": "y"}}, spec=spec,
+                  status={"phase": "Succeeded", "conditions": [{"type": "Succeeded", "status": "True"}]})
+        store = cache.Store()
+        store.upsert(cache.FINETUNEJOB, job)
+        kept = store.get(cache.FINETUNEJOB, "ns", "j")
+        expected = json.loads(json.dumps(job))
+        del expected["metadata"]["managedFields"], expected["metadata"]["annotations"][cache.KOPF_DIFFBASE_ANNOTATION]
+        assert kept == expected
+        # Only FineTuneJobs carry kopf's diffbase; another kind keeps every annotation.
+        store.upsert(cache.JOB, obj("Job", "c", "1", metadata={"annotations": annotations}))
+        assert store.get(cache.JOB, "ns", "c")["metadata"]["annotations"] == annotations  # type: ignore[index]
+
+    def test_objects_are_stored_compressed_and_read_back_whole(self) -> None:
+        status = {"conditions": [{"type": t, "status": "True", "reason": "R", "message": "m" * 40}
+                                 for t in ("Validated", "Succeeded", "ServingDisabled")]}
+        job = obj("FineTuneJob", "j", "1", spec={"training": {"epochs": 3, "learningRate": 1e-4}}, status=status)
+        store = cache.Store()
+        store.upsert(cache.FINETUNEJOB, job)
+        stored = store._objects[(cache.FINETUNEJOB, "ns", "j")].data
+        assert len(stored) < len(json.dumps(cache.trim(cache.FINETUNEJOB, job), separators=(",", ":"))) / 2
+        assert store.get(cache.FINETUNEJOB, "ns", "j") == cache.trim(cache.FINETUNEJOB, job)
+        assert store.every(cache.FINETUNEJOB) == (cache.trim(cache.FINETUNEJOB, job),)
+
     def test_a_secret_is_remembered_without_its_data(self) -> None:
         store = cache.Store()
         store.upsert(cache.SECRET, obj("Secret", "s", "1", data={"token": "c2VjcmV0"}, stringData={"k": "v"}))
@@ -180,3 +207,55 @@ class TestWatchStream:
         chunks = [b'{"type":"ADDED"}\n{"ty', b'pe":"MODIFIED"}\n\n{"type":', b'"DELETED"}']
         assert [json.loads(line)["type"] for line in cache.lines_of(self.Response(chunks))] == [
             "ADDED", "MODIFIED", "DELETED"]
+
+
+class TestPagedListing:
+    """An informer lists in pages (`limit`/`continue`): one page decoded at a time, not every object at
+    once (a peak the allocator keeps), and the store ends up as a listing in one piece would leave it."""
+
+    class Pages:
+        """A list call answering `items` in pages of the `limit` it is asked for, as the API server does."""
+
+        class Response:
+            def __init__(self, data: bytes) -> None:
+                self.data = data
+
+        def __init__(self, items: list[dict[str, Any]], version: str = "40") -> None:
+            self.items, self.version = items, version
+            self.calls: list[dict[str, Any]] = []
+
+        def __call__(self, **kwargs: Any) -> Any:
+            self.calls.append(kwargs)
+            start = int(kwargs.get("_continue") or 0)
+            end = start + kwargs["limit"] if kwargs.get("limit") else len(self.items)
+            page = [{k: v for k, v in item.items() if k != "kind"} for item in self.items[start:end]]
+            metadata = {"resourceVersion": self.version, "continue": str(end) if end < len(self.items) else ""}
+            return self.Response(json.dumps({"items": page, "metadata": metadata}).encode())
+
+    def test_every_page_is_stored_and_what_no_page_held_is_dropped(self) -> None:
+        store = cache.Store()
+        store.upsert(cache.JOB, obj("Job", "gone", "1", uid="gone"))
+        store.upsert(cache.JOB, obj("Job", "newer", "50", uid="newer"))  # from an event after the listing
+        store.upsert(cache.JOB, obj("Job", "elsewhere", "1", uid="x", namespace="other"))
+        pages = self.Pages([obj("Job", f"j{i}", "10", uid=f"u{i}") for i in range(5)])
+        informer = cache.Informer(cache.JOB, pages, store, lambda ns: ns == "ns", page_size=2)
+        assert informer._list() == "40"
+        assert [call.get("limit") for call in pages.calls] == [2, 2, 2]
+        assert [call.get("_continue") for call in pages.calls] == [None, "2", "4"]
+        assert sorted(j["metadata"]["name"] for j in store.list(cache.JOB, "ns")) == [
+            "j0", "j1", "j2", "j3", "j4", "newer"]
+        assert store.get(cache.JOB, "ns", "j3")["kind"] == "Job"  # type: ignore[index]
+        assert store.get(cache.JOB, "other", "elsewhere") is not None  # not in the informer's scope
+
+    def test_an_informer_pages_by_default(self) -> None:
+        pages = self.Pages([obj("Job", f"j{i}", "10", uid=f"u{i}") for i in range(3)])
+        informer = cache.Informer(cache.JOB, pages, cache.Store(), lambda ns: True)
+        informer._list()
+        assert pages.calls[0]["limit"] == cache.LIST_PAGE > 0
+
+    def test_page_size_zero_lists_in_one_piece(self) -> None:
+        pages = self.Pages([obj("Job", f"j{i}", "10", uid=f"u{i}") for i in range(3)])
+        store = cache.Store()
+        cache.Informer(cache.JOB, pages, store, lambda ns: True, page_size=0)._list()
+        assert len(pages.calls) == 1 and "limit" not in pages.calls[0]
+        assert store.size() == {cache.JOB: 3}

@@ -44,6 +44,23 @@ def test_kopf_works_on_a_bounded_number_of_objects_at_once_unless_told_otherwise
     assert OperatorSettings.from_env({"KUBETUNE_WORKER_LIMIT": "0"}).worker_limit == 0  # no limit
 
 
+def test_kopf_is_given_the_worker_limit_and_lists_in_pages() -> None:
+    """What the start-up handler sets in kopf: the worker limit, and the initial listing in pages (kopf
+    lists in one piece by default: every job's body decoded at once)."""
+    import kopf
+
+    from kubetune.operator.jobs import handlers
+
+    settings = kopf.OperatorSettings()
+    assert settings.watching.chunk_size is None  # kopf's default
+    handlers.bound_kopf_memory(settings, OperatorSettings.from_env({}))
+    assert settings.queueing.worker_limit == 64
+    assert settings.queueing.idle_timeout == 0.5
+    assert settings.watching.chunk_size == handlers.LIST_CHUNK > 0
+    handlers.bound_kopf_memory(settings, OperatorSettings.from_env({"KUBETUNE_WORKER_LIMIT": "0"}))
+    assert settings.queueing.worker_limit is None
+
+
 def test_port_zero_twice_means_two_free_ports() -> None:
     settings = OperatorSettings.from_env({"KUBETUNE_HTTP_PORT": "0", "KUBETUNE_METRICS_PORT": "0"})
     assert settings.http_port == settings.metrics_port == 0

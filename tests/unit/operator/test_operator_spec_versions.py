@@ -67,3 +67,33 @@ def test_the_cache_is_bounded(counted_parses: list[int], monkeypatch: pytest.Mon
     assert len(specs._CACHE) == 3  # noqa: SLF001
     specs.spec_of(body(version="0"))  # evicted: parsed again
     assert len(counted_parses) == 6
+
+
+FINISHED = {"conditions": [{"type": "Succeeded", "status": "True"}]}
+
+
+def test_a_parse_not_kept_is_parsed_again_and_a_kept_one_is_still_used(counted_parses: list[int]) -> None:
+    specs.spec_of(body(), keep=False)
+    specs.spec_of(body(), keep=False)
+    assert len(counted_parses) == 2 and len(specs._CACHE) == 0  # noqa: SLF001
+    kept = specs.spec_of(body())
+    assert specs.spec_of(body(), keep=False) is kept and len(counted_parses) == 3
+
+
+def test_the_reconcile_of_a_job_with_nothing_pending_keeps_no_parse(counted_parses: list[int]) -> None:
+    """Thousands of finished jobs are reconciled once each when the operator starts, and then not again:
+    their parses would fill the cache for nothing. A finished job that serves is reconciled every
+    resync pass: its parse is kept, as is an unfinished job's."""
+    from datetime import datetime, timezone
+
+    from kubetune.operator.jobs import reconcile
+
+    def draft(job: dict[str, Any]) -> None:
+        reconcile._Draft(reconcile.Observed(job=job, now=datetime.now(timezone.utc)))  # noqa: SLF001
+
+    draft({**body(uid="done"), "status": FINISHED})
+    assert len(specs._CACHE) == 0  # noqa: SLF001
+    draft({**body(uid="serving", serving={"enabled": True}), "status": FINISHED})
+    draft(body(uid="running"))
+    assert sorted(uid for uid, _version in specs._CACHE) == ["running", "serving"]  # noqa: SLF001
+    assert specs.has_pending_work(SPEC, {}) and not specs.has_pending_work(SPEC, FINISHED)
