@@ -149,7 +149,7 @@ def set_gradient_sync(model: Any, enabled: bool) -> None:
     model.set_requires_gradient_sync(enabled)
 
 
-def full_model_state(model: Any) -> dict[str, torch.Tensor]:
+def full_model_state(model: Any) -> dict[str, Any]:
     """The whole model's state dict with full tensors, on every rank (a collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
