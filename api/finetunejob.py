@@ -526,9 +526,11 @@ class TrainingSpec:
     """Data parallelism over the run's devices (`resources.gpus` per pod × `resources.nodes`): `ddp`
     keeps a whole model on every device and averages gradients; `fsdp` shards parameters, gradients
     and optimizer state over the devices (full fine-tuning of a model that does not fit one device;
-    the model class must name its transformer blocks, checked before training). One device: the same.
-    This release sizes and validates fsdp but refuses to start it on more than one device (sharded
-    checkpoints are not built yet): the job fails naming this field; see docs/trainer.md."""
+    the model class must name its transformer blocks, checked before training), with the same
+    per-step losses as ddp. fsdp checkpoints hold gathered full tensors (the optimizer state keyed by
+    parameter name: they do not resume a ddp run, nor the reverse); the final model is saved whole, as
+    with ddp, and the final evaluation needs it to fit one device. One device: the same as ddp; see
+    docs/trainer.md."""
 
 
 # --- spec.evaluation ---------------------------------------------------------------------------

@@ -125,13 +125,17 @@ def test_metrics(run: Any, prepared: Any) -> dict[str, Any]:
         packing=run.config.training.packing,
         chunk_long=run.config.dataset.format == "text",
     )
+    if getattr(run, "sharded", False):  # before training under FSDP: every rank runs every batch, in step
+        mine, reduce = sequences, (lambda t: t)
+    else:
+        mine, reduce = sequences[run.accelerator.process_index :: run.world_size], run.accelerator.reduce
     lm = evaluate.language_model_metrics(
         run.model,
-        sequences[run.accelerator.process_index :: run.world_size],
+        mine,
         batch_size=run.hp.batch_size,
         pad_id=run.pad_id,
         device=run.accelerator.device,
-        reduce=run.accelerator.reduce,
+        reduce=reduce,
     )
     results: dict[str, Any] = {"loss": lm.get("loss"), "perplexity": lm.get("perplexity"), "tokenAccuracy": lm.get("tokenAccuracy"), "examples": len(examples)}
     if run.labels:
@@ -184,7 +188,8 @@ def baseline_pass(run: Any, prepared: Any) -> dict[str, Any] | None:
     baseline: dict[str, Any] = {"results": test_metrics(run, prepared) if evaluation.baseline else {}, "answers": None}
     baseline["seconds"] = round(time.monotonic() - started, 2) if evaluation.baseline else None
     prompts = _sample_prompts(run, prepared)
-    if prompts and run.accelerator.is_main_process:
+    if prompts and (run.accelerator.is_main_process or getattr(run, "sharded", False)):
+        # A sharded model generates only with every rank in step: each rank generates the same answers.
         started = time.monotonic()
         baseline["answers"] = _answers(run, prompts)
         baseline["sampleSeconds"] = round(time.monotonic() - started, 2)
@@ -252,6 +257,7 @@ def train_and_save(config: cfg.TrainerConfig, reporter: reporting.Reporter,
     tokens_at_start = run.state.tokens_seen  # after a resume: the checkpoint's count
     state = train.fit(run, reporter)
     model_step = train.restore_best(run)
+    train.gather_model(run)  # FSDP: the full weights in a plain model on every rank, from here on
     results = compare_with_baseline(test_metrics(run, prepared), baseline)
     sample_answers: list[dict[str, str]] = []
     prompts = _sample_prompts(run, prepared)

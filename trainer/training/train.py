@@ -14,6 +14,12 @@ so the ranks see disjoint data and, together, each sequence once per epoch;
 gradients are averaged across ranks on the step's last micro-batch. The global
 batch is batch × world_size × accumulation, and a run with 2 ranks follows the
 same trajectory as 1 rank with twice the accumulation.
+
+With `training.strategy: fsdp` and more than one process the model is sharded instead of replicated
+(`sharding`: torch's FSDP2 per transformer block); the plan, the loss scaling and the checkpoints'
+contents are the same, so an FSDP run follows the DDP and single-process trajectories too. Evaluations
+run on every rank over every sequence (a sharded forward needs all ranks in step), and after training
+the full weights are gathered into a plain model for the test evaluation, the samples and the saved model.
 """
 
 from __future__ import annotations
@@ -37,11 +43,11 @@ import numpy as np
 import torch
 
 from kubetune.api.config import TrainerConfig
-from kubetune.trainer.errors import CheckpointError, PermanentError, Preempted
+from kubetune.trainer.errors import CheckpointError, Preempted
 from kubetune.trainer.evaluation import evaluate
 from kubetune.trainer.prep import data
 from kubetune.trainer.reporting import Reporter
-from kubetune.trainer.training import hyperparameters, modeling
+from kubetune.trainer.training import hyperparameters, modeling, sharding
 from kubetune.trainer.training.hyperparameters import ResolvedHyperparameters
 
 log = logging.getLogger(__name__)
@@ -105,6 +111,8 @@ class Run:
     trainable_parameters: int
     state: TrainState = dataclasses.field(default_factory=TrainState)
     resumed_from: str | None = None
+    sharded: bool = False
+    """The model is sharded across the processes (training.strategy fsdp with more than one process)."""
     _packed_cache: dict[float, list[data.PackedSequence]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -221,6 +229,34 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _load_base_model(config: TrainerConfig, precision: str, device_kind: str) -> Any:
+    # Frozen LoRA base weights need no fp32 master copy: load them in bf16 (half the memory);
+    # peft keeps the adapters themselves in fp32. Full fine-tuning keeps fp32 master weights.
+    base_dtype = torch.bfloat16 if config.method.type == "lora" and precision == "bf16" else torch.float32
+    return modeling.load_model(
+        config.model, dtype=base_dtype, attn_implementation=modeling.select_attention_implementation(device_kind)
+    )
+
+
+def gather_model(run: Run) -> None:
+    """Under FSDP, replace the sharded model with a plain one holding the full trained weights on every rank
+    (a collective), for what follows training: the test evaluation, the samples and `save_pretrained`.
+    The plain model is built as setup built it (base model, dropout, LoRA) and takes the gathered state."""
+    if not run.sharded:
+        return
+    full = sharding.full_model_state(run.model)
+    precision = _precision(run.config.training.precision, run.device_kind)
+    model = _load_base_model(run.config, precision, run.device_kind)
+    if run.hp.dropout is not None:
+        modeling.override_dropout(model, run.hp.dropout)
+    if run.config.method.type == "lora":
+        model = modeling.apply_lora(model, run.config.method.lora_settings())
+    model.load_state_dict(full)
+    del full
+    run.model = model.to(run.accelerator.device)
+    run.sharded = False
+
+
 def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) -> Run:
     """Load the model, tokenise and pack the data, resolve `auto` hyperparameters, build optimizer and schedule."""
     from accelerate import Accelerator
@@ -228,20 +264,11 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
     device_kind = "cuda" if torch.cuda.is_available() else "cpu"
     precision = _precision(config.training.precision, device_kind)
     accelerator = Accelerator(mixed_precision=precision)
-    if config.training.strategy == "fsdp" and accelerator.num_processes > 1:
-        # Sharded checkpoints (gathered weights and optimizer state) are not built yet: refuse plainly
-        # rather than train a replica per device under a name that promises sharding.
-        raise PermanentError(f"training.strategy: fsdp with {accelerator.num_processes} processes is not supported "
-                             f"by this trainer release (sharded checkpoints are not implemented); use ddp")
+    sharded = config.training.strategy == "fsdp" and accelerator.num_processes > 1
     seed = hyperparameters.resolve_seed(config.hyperparameters)
     seed_everything(seed)
 
-    # Frozen LoRA base weights need no fp32 master copy: load them in bf16 (half the memory);
-    # peft keeps the adapters themselves in fp32. Full fine-tuning keeps fp32 master weights.
-    base_dtype = torch.bfloat16 if config.method.type == "lora" and precision == "bf16" else torch.float32
-    model = modeling.load_model(
-        config.model, dtype=base_dtype, attn_implementation=modeling.select_attention_implementation(device_kind)
-    )
+    model = _load_base_model(config, precision, device_kind)
     num_parameters = sum(p.numel() for p in model.parameters())
     train_tokens = data.tokenize_examples(prepared.splits.train, tokenizer)
     longest = max((len(t.input_ids) for t in train_tokens), default=1)
@@ -275,10 +302,17 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
     _, trainable = modeling.count_parameters(model)
     model.train()
 
-    optimizer = _optimizer(model, hp.learning_rate, hp.weight_decay, device_kind)
     if config.training.compile:
         log.info("training.compile: compiled %d transformer blocks", modeling.compile_blocks(model))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        # Shard before the optimizer exists: AdamW's state is then built on (and as large as) the shards.
+        blocks = sharding.shard_model(model, device=accelerator.device, world_size=accelerator.num_processes,
+                                      precision=precision)
+        log.info("training.strategy fsdp: %d blocks sharded across %d processes", blocks, accelerator.num_processes)
+        optimizer = accelerator.prepare(_optimizer(model, hp.learning_rate, hp.weight_decay, device_kind))
+    else:
+        optimizer = _optimizer(model, hp.learning_rate, hp.weight_decay, device_kind)
+        model, optimizer = accelerator.prepare(model, optimizer)
     statistics = dict(prepared.statistics())
     statistics["packing"] = {"train": train_packing.to_report(), "validation": validation_packing.to_report()}
     run = Run(
@@ -298,6 +332,7 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
         device_kind=device_kind,
         num_parameters=num_parameters,
         trainable_parameters=trainable,
+        sharded=sharded,
     )
     run._packed_cache[1.0] = train_sequences
     run.epoch_steps = _epoch_step_counts(run)
@@ -369,12 +404,18 @@ def save_checkpoint(run: Run) -> Path:
     directory = run.config.output.checkpoint_path
     final = directory / f"step-{run.state.step}"
     unwrapped = run.accelerator.unwrap_model(run.model)
+    if run.sharded:
+        # Gathering is a collective: every rank takes part, rank 0 writes the full tensors.
+        trainable = sharding.full_trainable_state(unwrapped)
+        optimizer_state = sharding.full_optimizer_state(run.model, run.optimizer.optimizer)
     if run.accelerator.is_main_process:
         temporary = directory / f".tmp-step-{run.state.step}-{os.getpid()}"
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
-        save_file(_trainable_state(unwrapped), str(temporary / "trainable.safetensors"))
-        torch.save(run.optimizer.state_dict(), temporary / "optimizer.pt")
+        if not run.sharded:
+            trainable, optimizer_state = _trainable_state(unwrapped), run.optimizer.state_dict()
+        save_file(trainable, str(temporary / "trainable.safetensors"))
+        torch.save(optimizer_state, temporary / "optimizer.pt")
         torch.save(run.scheduler.state_dict(), temporary / "scheduler.pt")
         torch.save(_rng_state(), temporary / "rng.pt")
         state = dataclasses.asdict(run.state) | {"hyperparameters": run.hp.to_report(), "totalSteps": run.total_steps}
@@ -400,10 +441,15 @@ def load_trainable_weights(run: Run, checkpoint: Path) -> None:
     from safetensors.torch import load_file
 
     weights = load_file(str(checkpoint / "trainable.safetensors"))
+    if run.sharded:
+        sharding.reshard(run.model)
     parameters = dict(run.accelerator.unwrap_model(run.model).named_parameters())
     with torch.no_grad():
         for name, tensor in weights.items():
-            parameters[name].copy_(tensor.to(parameters[name].device, parameters[name].dtype))
+            if run.sharded:
+                sharding.load_full_tensor(parameters[name], tensor)
+            else:
+                parameters[name].copy_(tensor.to(parameters[name].device, parameters[name].dtype))
 
 
 def resume(run: Run) -> bool:
@@ -433,7 +479,10 @@ def resume(run: Run) -> bool:
     rng_state = _load_tensors_and_values(latest / "rng.pt")
     try:
         load_trainable_weights(run, latest)
-        run.optimizer.load_state_dict(optimizer_state)
+        if run.sharded:
+            sharding.load_full_optimizer_state(run.model, run.optimizer.optimizer, optimizer_state)
+        else:
+            run.optimizer.load_state_dict(optimizer_state)
         run.scheduler.load_state_dict(scheduler_state)
         _set_rng_state(rng_state)
         run.state = TrainState(**saved)
@@ -478,13 +527,18 @@ def _is_better(value: float, best: float | None, metric: str, min_delta: float) 
 def validate(run: Run, should_stop: Callable[[], bool] = lambda: False) -> dict[str, float]:
     """valLoss, valPerplexity, valTokenAccuracy; for classification also valAccuracy and macro valF1
     (at every evaluation: a sweep may rank or prune trials by them)."""
+    if run.sharded:
+        # A sharded forward all-gathers each block: every rank must run the same batches, to the end.
+        sequences, reduce, should_stop = run.validation, _identity, _never
+    else:
+        sequences, reduce = run.validation[run.accelerator.process_index :: run.world_size], run.accelerator.reduce
     metrics = evaluate.language_model_metrics(
         run.model,
-        run.validation[run.accelerator.process_index :: run.world_size],
+        sequences,
         batch_size=run.hp.batch_size,
         pad_id=run.pad_id,
         device=run.accelerator.device,
-        reduce=run.accelerator.reduce,
+        reduce=reduce,
         should_stop=should_stop,
     )
     result = {f"val{key[0].upper()}{key[1:]}": value for key, value in metrics.items()}
@@ -497,6 +551,14 @@ def validate(run: Run, should_stop: Callable[[], bool] = lambda: False) -> dict[
         scores = evaluate.classification_metrics(truth, predicted, run.labels)
         result["valAccuracy"], result["valF1"] = scores["accuracy"], scores["f1"]
     return result
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+def _never() -> bool:
+    return False
 
 
 def _micro_batch_loss(run: Run, sequences: list[data.PackedSequence]) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -518,7 +580,11 @@ def _optimizer_step(run: Run, sequences: list[data.PackedSequence], step_micro_b
     losses = []
     for index, micro in enumerate(mine):
         last = index == len(mine) - 1
-        context = run.accelerator.no_sync(run.model) if not last else _null_context()
+        if run.sharded:
+            sharding.set_gradient_sync(run.model, last)
+            context: Any = _null_context()
+        else:
+            context = run.accelerator.no_sync(run.model) if not last else _null_context()
         share = sum(target_weight(sequences[i]) for i in micro) / step_weight
         with context:
             loss, _, _ = _micro_batch_loss(run, [sequences[i] for i in micro])
@@ -526,7 +592,10 @@ def _optimizer_step(run: Run, sequences: list[data.PackedSequence], step_micro_b
         losses.append(loss.detach() * share)
     # Every rank knows the whole step's plan: count the tokens of all ranks' micro-batches, no all-reduce.
     run.state.tokens_seen += sum(len(sequences[i].input_ids) for micro in step_micro_batches for i in micro)
-    if run.accelerator.sync_gradients:
+    if run.sharded:
+        run.accelerator.unscale_gradients()
+        sharding.clip_grad_norm(run.model, MAX_GRAD_NORM)
+    elif run.accelerator.sync_gradients:
         run.accelerator.clip_grad_norm_(run.model.parameters(), MAX_GRAD_NORM)
     run.optimizer.step()
     run.scheduler.step()
