@@ -34,9 +34,6 @@ from kubetune.operator.specs import has_pending_work
 Body = dict[str, Any]
 log = logging.getLogger(__name__)
 
-CACHE_SYNC_WAIT_SECONDS = 30.0
-"""How long start-up waits for the cache's first listings before handling events (then reads go to the API)."""
-
 RESOURCE = (builders.API_GROUP, builders.API_VERSION.split("/")[1], builders.PLURAL)
 CHILD_LABELS = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
 
@@ -169,11 +166,6 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     if RUNTIME.settings.cache and kube.cache is None:
         kube.cache = kube.build_cache(RUNTIME.settings.namespaces, secret_ttl=RUNTIME.settings.resync_seconds)
         kube.cache.start()
-        # kopf delivers no event before its startup handlers end: wait (bounded) for the first listings, or
-        # every reconcile of the start-up burst (all jobs in scope) would read the API server instead.
-        if not await asyncio.to_thread(kube.cache.wait_synced, CACHE_SYNC_WAIT_SECONDS):
-            log.warning("the cache has not listed every watched kind within %s s; reconciles read the API server "
-                        "until it has", CACHE_SYNC_WAIT_SECONDS)
     if not RUNTIME.settings.secret_key and RUNTIME.settings.secret_key_secret:
         key_namespace, _slash, key_name = RUNTIME.settings.secret_key_secret.partition("/")
         key = await asyncio.to_thread(kube.ensure_signing_key, key_namespace, key_name)
