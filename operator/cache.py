@@ -377,6 +377,8 @@ class Informer:
         while not stop.is_set():
             try:
                 version = self._list()
+                if not self.synced.is_set():
+                    log.info("%s informer: first listing stored", self.kind)
                 self.synced.set()
                 backoff = 0.5
                 while not stop.is_set() and version:

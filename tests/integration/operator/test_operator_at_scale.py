@@ -229,6 +229,10 @@ def test_a_reconcile_reads_memory_not_the_api_server(audited: Plane) -> None:
     operator = Operator(audited, user, namespace, KUBETUNE_RESYNC_SECONDS="30")
     operator.start()
     try:
+        # Until its first listings are stored the operator reads the API server, by design (a restart must
+        # not take an empty cache for "no children"): the jobs come after them.
+        wait_for(lambda: operator.text().count("informer: first listing stored") >= len(cache.WATCHED_KINDS),
+                 "the operator's first listings", timeout=60)
         names = [f"mem-{index}" for index in range(3)]
         for name in names:
             audited.kube.create_ftj(namespace, finetunejob(name))
