@@ -96,7 +96,9 @@ def test_serving_follows_the_job_from_success_to_deletion(kube: Kube, operator: 
     make_serving_pod_ready(kube, namespace, SECOND_DIGEST)
     wait_for(lambda: (d := kube.deployment(namespace, SERVING)) and d["status"].get("updatedReplicas") == 1
              and d["status"].get("availableReplicas", 0) >= 1, "the rollout to the new model")
-    assert kube.condition_is(namespace, NAME, "ServingReady", "True")
+    # The operator sees the finished rollout through the Deployment's watch event, a moment after the test does.
+    wait_for(lambda: kube.condition_is(namespace, NAME, "ServingReady", "True"), "ServingReady=True after the rollout",
+             timeout=30)
     assert kube.ftj(namespace, NAME)["status"]["model"] == {
         "uri": f"pvc://models/finetunes/{NAME}/model", "digest": SECOND_DIGEST}
 
