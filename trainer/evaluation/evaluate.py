@@ -25,7 +25,7 @@ from kubetune.trainer.training import loss, modeling
 
 def collate(
     sequences: Sequence[PackedSequence], pad_id: int, device: torch.device, *, flatten: bool = False
-) -> dict[str, torch.Tensor | dict[str, Any]]:
+) -> dict[str, Any]:
     """Right-pad a batch. Pads sit after every real token, so causal attention never sees them.
 
     `flatten` puts the whole batch into one row instead (no padding at all) for
@@ -63,7 +63,10 @@ def collate(
     target_rows, target_columns = np.nonzero(labels[:, 1:] != IGNORE_INDEX)  # row-major: t - 1 predicts t
     host = {"input_ids": ids, "labels": labels, "position_ids": positions, "weights": weights,
             "target_index": target_rows * width + target_columns}
-    batch: dict[str, torch.Tensor | dict[str, Any]] = {name: _to_device(array, device) for name, array in host.items()}
+    batch: dict[str, Any] = {name: _to_device(array, device) for name, array in host.items()}
+    # Known here, on the host: does any row hold more than one example (or padding)? `modeling.model_inputs`
+    # then needs no device read to choose the attention mask.
+    batch["packed"] = bool(np.any(positions[:, 0] != 0) or np.any(np.diff(positions, axis=1) != 1))
     if flatten:
         starts = np.flatnonzero(positions[0] == 0).tolist() + [width]
         lengths = [b - a for a, b in zip(starts, starts[1:])]
@@ -89,9 +92,8 @@ def flat_batches(model: Any) -> bool:
 
 def token_losses(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-target cross-entropy, target mask and predictions, each (batch, seq-1)."""
-    # position_ids without an attention mask: transformers builds per-example causal masks.
-    logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                   **batch.get("attention_kwargs", {})).logits
+    # Packed rows attend within each example only (modeling.model_inputs: the mask or the positions).
+    logits = model(**modeling.model_inputs(model, batch)).logits
     logits = logits[:, :-1, :].float()  # (B, T-1, V): position t predicts token t+1
     targets = batch["labels"][:, 1:]
     mask = targets != IGNORE_INDEX

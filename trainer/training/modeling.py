@@ -151,6 +151,58 @@ def select_attention_implementation(device_kind: str) -> str:
     return "sdpa"
 
 
+def packed_causal_mask(position_ids: torch.Tensor) -> torch.Tensor:
+    """The (batch, 1, T, T) boolean mask of packed rows: causal, within each example only.
+
+    An example starts wherever the position does not follow the previous one (transformers'
+    `find_packed_sequence_indices` rule, so the mask is the one transformers would build), computed
+    on the device: transformers' own builder asks the host whether a row is packed, which waits for
+    the GPU on every forward.
+    """
+    first = position_ids[:, :1] - 1
+    segments = (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+    length = position_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=position_ids.device).tril()
+    return ((segments[:, :, None] == segments[:, None, :]) & causal)[:, None]
+
+
+def model_inputs(model: Any, batch: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments to call `model` with on a batch from `evaluate.collate`.
+
+    Chosen so that transformers never reads a device tensor on the host (each read makes the host wait
+    for the GPU, and the GPU then idles while the host queues the next work):
+    - flattened rows (flash attention) carry the examples' cumulative lengths;
+    - rows that each hold one example from position 0, unpadded, need no positions and no mask: the
+      model's own positions, plain causal attention (SDPA's flash kernel);
+    - packed rows under SDPA get their block mask built here on the device (`packed_causal_mask`);
+      under other kernels transformers builds it from the positions.
+    """
+    inputs: dict[str, Any] = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "attention_kwargs" in batch:
+        return {**inputs, "position_ids": batch["position_ids"], **batch["attention_kwargs"]}
+    if not batch.get("packed", True):
+        return inputs
+    inputs["position_ids"] = batch["position_ids"]
+    if attention_implementation_of(model) == "sdpa":
+        inputs["attention_mask"] = packed_causal_mask(batch["position_ids"])
+    return inputs
+
+
+def skip_padding_check(model: Any) -> None:
+    """Turn off transformers' per-forward "padding without an attention mask" check on every submodel.
+
+    It only warns (once), but it reads token ids on the host on every forward. kubetune's batches pad
+    on purpose after the real tokens, where causal attention never lets a real token see them.
+    """
+    for module in model.modules():
+        if hasattr(module, "warn_if_padding_and_no_attention_mask"):
+            module.warn_if_padding_and_no_attention_mask = _no_padding_check
+
+
+def _no_padding_check(*_: Any) -> None:
+    return None
+
+
 def base_model(model: Any) -> Any:
     """The transformers model under DDP, torch.compile and peft wrappers."""
     model = getattr(model, "module", model)
@@ -203,6 +255,7 @@ def load_model(model: ModelSpec, dtype: torch.dtype = torch.float32, attn_implem
         # Trained on, not stacked: the same adapter learns the new data, so the result is still one
         # adapter on the original base (one file to serve, vLLM-compatible, the rank the first job chose).
         loaded = PeftModel.from_pretrained(loaded, location.adapter, is_trainable=True)
+    skip_padding_check(loaded)
     return loaded
 
 

@@ -47,7 +47,7 @@ from kubetune.trainer.errors import CheckpointError, Preempted
 from kubetune.trainer.evaluation import evaluate
 from kubetune.trainer.prep import data
 from kubetune.trainer.reporting import Reporter
-from kubetune.trainer.training import hyperparameters, modeling, sharding
+from kubetune.trainer.training import hyperparameters, loss, modeling, sharding
 from kubetune.trainer.training.hyperparameters import ResolvedHyperparameters
 
 log = logging.getLogger(__name__)
@@ -304,6 +304,7 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
 
     if config.training.compile:
         log.info("training.compile: compiled %d transformer blocks", modeling.compile_blocks(model))
+    loss.compile_chunks(config.training.compile)  # the fused loss's per-chunk softmax and gradient
     if sharded:
         # Shard before the optimizer exists: AdamW's state is then built on (and as large as) the shards.
         blocks = sharding.shard_model(model, device=accelerator.device, world_size=accelerator.num_processes,
@@ -697,10 +698,10 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             sequences = epoch_sequences(run, state.epoch)
             plan = _plan_for(run, state.epoch)[: run.epoch_steps[state.epoch]]
             for step_micro_batches in plan[state.step_in_epoch :]:
-                loss = _optimizer_step(run, sequences, step_micro_batches)
+                step_loss = _optimizer_step(run, sequences, step_micro_batches)
                 state.step += 1
                 state.step_in_epoch += 1
-                pending_losses.append((state.step, loss))
+                pending_losses.append((state.step, step_loss))
                 if state.step_in_epoch == len(plan):
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if time.monotonic() - last_progress >= interval or state.step == 1:

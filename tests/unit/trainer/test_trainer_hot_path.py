@@ -73,8 +73,7 @@ def _packed_and_alone(model: Any, folder: Path, device: str) -> tuple[dict[str, 
     assert len(sequences) >= 2 and any(s.num_examples > 1 for s in sequences)
     batch = evaluate.collate(sequences, tokenizer.pad_token_id, torch.device(device), flatten=evaluate.flat_batches(model))
     with torch.no_grad():
-        packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False,
-                       **batch.get("attention_kwargs", {})).logits
+        packed = model(**modeling.model_inputs(model, batch)).logits
         alone = {tuple(e.input_ids): model(torch.tensor([e.input_ids], device=device), use_cache=False).logits[0]
                  for e in examples}
     return batch, packed, alone
@@ -202,6 +201,56 @@ class TestCollate:
         assert flat["attention_kwargs"]["max_length_q"] == max(b - a for a, b in zip(starts, starts[1:]))
 
 
+class TestModelInputs:
+    """`modeling.model_inputs`: what the model is called with, chosen without reading the device."""
+
+    def test_packed_rows_get_the_mask_transformers_would_build(self, tiny_model_folder: Path) -> None:
+        from transformers import AutoTokenizer
+
+        model = _load(tiny_model_folder, "sdpa").eval()
+        tokenizer = AutoTokenizer.from_pretrained(tiny_model_folder)
+        sequences, _ = data.pack(_examples(tokenizer), 48, packing=True, chunk_long=False)
+        batch = evaluate.collate(sequences, tokenizer.pad_token_id, torch.device("cpu"))
+        assert batch["packed"]
+
+        inputs = modeling.model_inputs(model, batch)
+
+        assert inputs["attention_mask"].shape == (len(sequences), 1, batch["input_ids"].shape[1], batch["input_ids"].shape[1])
+        with torch.no_grad():
+            ours = model(**inputs).logits
+            theirs = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        torch.testing.assert_close(ours, theirs)  # transformers built its own mask from the positions here
+
+    def test_full_single_example_rows_use_the_models_own_positions_and_plain_causal_attention(
+        self, tiny_gpt2: Path
+    ) -> None:
+        model = _load(tiny_gpt2, "sdpa").eval()
+        rows = [data.PackedSequence(ids, ids, list(range(8)), [1.0] * 8, 1) for ids in ([*range(5, 13)], [*range(20, 28)])]
+        batch = evaluate.collate(rows, 0, torch.device("cpu"))
+        assert not batch["packed"]
+
+        inputs = modeling.model_inputs(model, batch)
+
+        assert set(inputs) == {"input_ids", "use_cache"}
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, model(input_ids=batch["input_ids"],
+                                                                     position_ids=batch["position_ids"]).logits)
+
+    def test_a_row_starting_past_position_zero_or_padded_counts_as_packed(self, tiny_gpt2: Path) -> None:
+        shifted = [data.PackedSequence([5, 6, 7], [5, 6, 7], [4, 5, 6], [1.0] * 3, 1)]
+        padded = [data.PackedSequence([5, 6, 7], [5, 6, 7], [0, 1, 2], [1.0] * 3, 1),
+                  data.PackedSequence([5, 6], [5, 6], [0, 1], [1.0] * 2, 1)]
+        assert evaluate.collate(shifted, 0, torch.device("cpu"))["packed"]
+        assert evaluate.collate(padded, 0, torch.device("cpu"))["packed"]
+
+    def test_loaded_models_skip_the_host_read_padding_check(self, tiny_gpt2: Path) -> None:
+        model = modeling.load_model(ModelConfig(source=str(tiny_gpt2)))
+        checks = [m for m in model.modules() if hasattr(m, "warn_if_padding_and_no_attention_mask")]
+        assert checks and all(m.warn_if_padding_and_no_attention_mask(torch.tensor([[0]]), None) is None
+                              for m in checks)
+        assert all(m.warn_if_padding_and_no_attention_mask is modeling._no_padding_check for m in checks)
+
+
 class TestFusedLinearCrossEntropy:
     def _batch(self, folder: Path) -> tuple[Any, dict[str, Any]]:
         from transformers import AutoTokenizer
@@ -239,6 +288,53 @@ class TestFusedLinearCrossEntropy:
         torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
         for name, parameter in model.named_parameters():
             torch.testing.assert_close(parameter.grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    def test_the_gpu_padding_of_rows_and_vocabulary_changes_nothing(
+        self, tiny_gpt2: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """On a GPU the chunks' rows and the vocabulary are padded to multiples of `ALIGN` (aligned matmuls);
+        padded vocabulary columns count as -inf. Forced here on the CPU, with an alignment that pads both."""
+        model, batch = self._batch(tiny_gpt2)
+        vocabulary = model.config.vocab_size
+        monkeypatch.setattr(loss, "_alignment", lambda device: 6)
+        assert vocabulary % 6  # the tiny vocabulary is padded
+        monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 6 * vocabulary)  # chunks of 6 rows: several, the last one short
+        assert int(batch["target_index"].numel()) % 6
+
+        expected = loss.reference_token_loss(
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits,
+            batch["labels"], batch["weights"])
+        expected.backward()
+        expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+
+        fused, _ = evaluate.training_loss(model, batch)
+        fused.backward()
+
+        torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-5)
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(parameter.grad, expected_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+    def test_the_fusible_chunk_computes_what_the_eager_one_does(self, dtype: torch.dtype) -> None:
+        """The chunk function torch.compile fuses (`training.compile: true`) against the eager one, with
+        padded vocabulary columns: the same per-row losses and logit gradients."""
+        generator = torch.Generator().manual_seed(0)
+        logits = (torch.randn(37, 64, generator=generator) * 4).to(dtype)
+        targets = torch.randint(0, 50, (37,), generator=generator)
+
+        eager_loss, eager_grad = loss._chunk_loss_and_grad(logits.clone(), targets, 50)
+        fusible_loss, fusible_grad = loss._chunk_loss_and_grad_fusible(logits.clone(), targets, 50)
+
+        reference = torch.nn.functional.cross_entropy(logits[:, :50].float(), targets, reduction="none")
+        torch.testing.assert_close(eager_loss, reference)
+        torch.testing.assert_close(fusible_loss, reference)
+        torch.testing.assert_close(fusible_grad, eager_grad)
+        assert eager_grad.dtype == dtype and not eager_grad[:, 50:].any()  # padding columns get no gradient
+        softmax = torch.softmax(logits[:, :50].float(), dim=-1)
+        softmax[torch.arange(37), targets] -= 1
+        torch.testing.assert_close(eager_grad[:, :50].float(), softmax, atol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                                   rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
     def test_the_training_loss_never_computes_vocabulary_sized_logits(self, tiny_model_folder: Path) -> None:
         model, batch = self._batch(tiny_model_folder)
@@ -291,6 +387,35 @@ class TestTrainingStep:
             finally:
                 torch.cuda.set_sync_debug_mode("default")
 
+    @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (run by bench/gpu_suite.sh)")
+    @pytest.mark.parametrize("compiled", [False, True])
+    def test_gpu_optimizer_steps_wait_for_nothing(self, compiled: bool, tiny_gpt2: Path, tmp_path: Path) -> None:
+        """A whole optimizer step of the trainer (micro-batches, clipping, fused AdamW, scheduler) never makes
+        the host wait for the GPU, compiled or not: the profile of the H200 run showed three waits per step."""
+        from transformers import AutoTokenizer
+
+        from kubetune.api import config as cfg
+        from kubetune.trainer.prep import data as prep
+
+        from .trainer_runs import config, text_records, write_jsonl
+
+        content = config(tiny_gpt2, write_jsonl(tmp_path / "train.jsonl", text_records(300)), tmp_path / "out",
+                         hyperparameters={"epochs": 1, "batchSize": 2, "gradientAccumulationSteps": 2},
+                         training={"precision": "bf16", "compile": compiled})
+        trainer_config = cfg.config_from_dict(content)
+        run = train.setup(trainer_config, prep.prepare(trainer_config.dataset), AutoTokenizer.from_pretrained(tiny_gpt2))
+        sequences = train.epoch_sequences(run, 0)
+        plan = train._plan_for(run, 0)
+        assert len(plan) >= 4 and all(len(micro_batches) == 2 for micro_batches in plan[:4])
+        for step, micro_batches in enumerate(plan[:4]):
+            torch.cuda.synchronize()
+            if step >= 2:  # the first steps compile and initialise the optimizer's state
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                train._optimizer_step(run, sequences, micro_batches)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+
     def test_adamw_is_fused_on_cuda_only(self, tiny_gpt2: Path) -> None:
         model = _load(tiny_gpt2, "sdpa")
         assert train._optimizer(model, 1e-3, 0.01, "cuda").defaults["fused"] is True
@@ -325,6 +450,34 @@ class TestCompile:
                 value.backward()
                 losses.append(value.detach())
             results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        (eager_losses, eager_grads), (compiled_losses, compiled_grads) = results
+        torch.testing.assert_close(compiled_losses, eager_losses, atol=1e-5, rtol=1e-5)
+        for name, grad in eager_grads.items():
+            torch.testing.assert_close(compiled_grads[name], grad, atol=1e-4, rtol=1e-4, msg=name)
+
+    @pytest.mark.slow
+    def test_compiled_loss_chunks_give_the_same_loss_and_gradients(self, tiny_gpt2: Path) -> None:
+        """With `training.compile: true` the fused loss's per-chunk softmax and gradient run compiled: the same
+        numbers as eager, over two batch sizes (dynamic shapes)."""
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+        sequences, _ = data.pack(_examples(tokenizer), 48, packing=True, chunk_long=False)
+        results = []
+        try:
+            for compiled in (False, True):
+                loss.compile_chunks(compiled)
+                assert (loss._compiled_chunk is not None) == compiled
+                model = _load(tiny_gpt2, "sdpa").train()
+                modeling.override_dropout(model, 0.0)
+                losses = []
+                for batch_sequences in (sequences, sequences[:1]):
+                    value, _ = evaluate.training_loss(model, evaluate.collate(batch_sequences, 0, torch.device("cpu")))
+                    value.backward()
+                    losses.append(value.detach())
+                results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        finally:
+            loss.compile_chunks(False)
         (eager_losses, eager_grads), (compiled_losses, compiled_grads) = results
         torch.testing.assert_close(compiled_losses, eager_losses, atol=1e-5, rtol=1e-5)
         for name, grad in eager_grads.items():
