@@ -113,6 +113,8 @@ class Run:
     resumed_from: str | None = None
     sharded: bool = False
     """The model is sharded across the processes (training.strategy fsdp with more than one process)."""
+    control_group: Any = None
+    """With more than one process: a gloo group on which the ranks agree, over CPU tensors, when to stop."""
     _packed_cache: dict[float, list[data.PackedSequence]] = dataclasses.field(default_factory=dict)
 
     @property
@@ -334,6 +336,8 @@ def setup(config: TrainerConfig, prepared: data.PreparedData, tokenizer: Any) ->
         num_parameters=num_parameters,
         trainable_parameters=trainable,
         sharded=sharded,
+        # CPU tensors over gloo whatever the training backend: agreeing costs no wait for the GPU.
+        control_group=torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None,
     )
     run._packed_cache[1.0] = train_sequences
     run.epoch_steps = _epoch_step_counts(run)
@@ -515,6 +519,21 @@ class _TermSignal:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def _agreed_stop(run: Run, term: _TermSignal) -> bool:
+    """Whether any rank has received SIGTERM; afterwards every rank's `term.received` says the same.
+
+    Each process gets the signal at its own moment. A rank that went on into the next step while
+    another checkpoints would wait forever in its collectives (FSDP's all-gathers, DDP's all-reduce):
+    so the ranks agree at every step boundary, all at the same points of the loop.
+    """
+    if run.control_group is None:
+        return term.received
+    flag = torch.tensor([int(term.received)], dtype=torch.int32)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=run.control_group)
+    term.received = bool(flag.item())
+    return term.received
+
+
 MAXIMIZED_METRICS = ("valAccuracy", "valF1")
 """Early-stopping metrics where higher is better; losses and perplexities are minimised."""
 
@@ -668,7 +687,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
             """Validate, track the best, checkpoint; True when early stopping says stop."""
             state.pending_evaluation = True
             metrics = validate(run, should_stop=lambda: term.received)
-            if term.received or not metrics:
+            if _agreed_stop(run, term) or not metrics:
                 return False
             state.pending_evaluation = False
             state.evaluations.append({"step": state.step, **metrics})
@@ -702,6 +721,7 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                 state.step += 1
                 state.step_in_epoch += 1
                 pending_losses.append((state.step, step_loss))
+                _agreed_stop(run, term)  # every rank stops after the same step
                 if state.step_in_epoch == len(plan):
                     state.epoch, state.step_in_epoch = state.epoch + 1, 0
                 if time.monotonic() - last_progress >= interval or state.step == 1:

@@ -361,6 +361,35 @@ class TestFsdpAcrossRanks:
         assert _losses(resumed) == pytest.approx(_losses(reference), rel=1e-5)
         assert resumed["valLoss"] == pytest.approx(reference["valLoss"], rel=1e-5)
 
+    def test_sigterm_to_one_rank_only_stops_every_rank_after_the_same_step(
+            self, fsdp_two_ranks: tuple[Path, dict[str, Any]], tmp_path: Path, tiny_gpt2: Path) -> None:
+        """Each process gets the signal at its own moment; here only rank 1 gets it. The ranks agree at each
+        step boundary, so rank 0 stops after the same step and both checkpoint together (before, rank 0 went
+        on into the next step's all-gathers while rank 1 checkpointed, and the attempt hung)."""
+        _, reference = fsdp_two_ranks
+        path = _config(tmp_path, tiny_gpt2, "fsdp-one", batch=2, accumulation=1,
+                       training={"evalInterval": 8, "checkpointInterval": 5, "strategy": "fsdp"})
+
+        process = _launch(path, 2, tmp_path, stdout=subprocess.PIPE)
+        assert process.stdout is not None
+        for line in process.stdout:
+            report = json.loads(line) if line.startswith("{") else {}
+            if report.get("kind") == "progress" and report["step"] >= 3:
+                ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
+                         if child.environ().get("RANK") == "1" and child.environ().get("LOCAL_RANK") == "1"]
+                assert len(ranks) == 1, ranks
+                ranks[0].send_signal(signal.SIGTERM)
+                break
+        process.stdout.read()
+        assert process.wait(timeout=300) == api_process.EXIT_PREEMPTED
+        checkpoints = [step for step, _ in train.list_checkpoints(tmp_path / "fsdp-one" / "checkpoints")]
+        assert checkpoints and max(checkpoints) < reference["totalSteps"]
+
+        resumed = _run(path, 2, tmp_path)
+
+        assert [s for s, _ in resumed["history"]["trainLoss"]] == list(range(1, reference["totalSteps"] + 1))
+        assert _losses(resumed) == pytest.approx(_losses(reference), rel=1e-5)
+
     def test_lora_adapters_train_sharded_and_save_as_an_adapter(self, tmp_path: Path, tiny_gpt2: Path) -> None:
         lora = {"type": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}  # ranks draw their own masks
         sharded = _run(_config(tmp_path, tiny_gpt2, "lora-fsdp", batch=2, accumulation=1, method=lora,
