@@ -259,15 +259,33 @@ def kubetune_side(work: dict[str, Any], part: str, variant: str | None = None) -
 
     `variant` measures one change beside the plan's own settings, printed under its own name:
     "attention=NAME" replaces the kernel the trainer would select, "compile=off" turns
-    `training.compile` off (the field's default)."""
+    `training.compile` off (the field's default). Two diagnostics (not training as the trainer does; the
+    time they save says what a part costs): "mask=causal" gives every row plain 0..T-1 positions, so
+    attention sees one causal sequence per row (SDPA's flash kernel, no packed block mask), and
+    "loss=logits" turns the fused loss off (the model's own head, full logits)."""
     attention = variant.removeprefix("attention=") if variant and variant.startswith("attention=") else None
+    import torch
+
     from kubetune.api import config as cfg
     from kubetune.trainer.__main__ import load_data
+    from kubetune.trainer.evaluation import evaluate
     from kubetune.trainer.reporting import Reporter
-    from kubetune.trainer.training import modeling, train
+    from kubetune.trainer.training import loss, modeling, train
 
     if attention:
         modeling.select_attention_implementation = lambda device_kind: attention
+    if variant == "loss=logits":
+        loss.fused_head = lambda model: None
+    if variant == "mask=causal":
+        collate = evaluate.collate
+
+        def causal_rows(sequences: Any, *args: Any, **kwargs: Any) -> Any:
+            batch = collate(sequences, *args, **kwargs)
+            rows, width = batch["position_ids"].shape
+            batch["position_ids"] = torch.arange(width, device=batch["position_ids"].device).expand(rows, width)
+            return batch
+
+        evaluate.collate = causal_rows
 
     plan = Plan(**work["plan"])
     lora = part == "lora"
@@ -420,6 +438,9 @@ def main() -> int:
     parser.add_argument("--candidates", action="store_true",
                         help="on a GPU, also measure kubetune with compile off (the field's default) and, for LoRA, "
                              "with flex attention (a packed kernel without flash_attn)")
+    parser.add_argument("--variants", default="",
+                        help="comma-separated extra kubetune sides for the GPT-2 part (diagnostics): mask=causal, "
+                             "loss=logits, compile=off, attention=NAME")
     parser.add_argument("--profile", action="store_true",
                         help="profile each side's last window (torch.profiler) and print the top operators")
     parser.add_argument("--side", help=argparse.SUPPRESS)
@@ -473,6 +494,8 @@ def main() -> int:
             sides = {s: spawn(s, "mfu", work_file) for s in ("kubetune", "reference")}
             if compile_sides and args.candidates:  # what a user gets from the field's default (off)
                 sides["kubetune (compile off)"] = spawn("kubetune", "mfu", work_file, variant="compile=off")
+            for variant in filter(None, (v.strip() for v in args.variants.split(","))):
+                sides[f"kubetune ({variant})"] = spawn("kubetune", "mfu", work_file, variant=variant)
             shape = plan.gpt2
             for name, side in sides.items():
                 if "failed" in side:

@@ -103,7 +103,7 @@ print(f"gpu_suite: python {sys.version.split()[0]}, torch {torch.__version__}, t
       f" accelerate {accelerate.__version__}, peft {peft.__version__}, {peers}")' 2>&1 | tee -a "$log"
 
 # Cheap correctness first, then the figures, so that a slow step cannot cost the checks.
-step packed-attention 60 "$python" -m pytest -q -p no:cacheprovider tests/unit/trainer/test_trainer_hot_path.py \
+step packed-attention 150 "$python" -m pytest -q -p no:cacheprovider tests/unit/trainer/test_trainer_hot_path.py \
   -k "PackedAttention or Selection or gpu"
 step trainer-check 120 "$python" bench/gpu_trainer_check.py "${mode_args[@]}"
 step gpu-mfu 300 "$python" bench/gpu_mfu.py "${mode_args[@]}"
@@ -111,7 +111,7 @@ if ((plan_only)); then
   step throughput 60 "$python" bench/trainer_throughput.py --quick --sides "kubetune,HF Trainer+flattening"
 else
   # The best peer on the GPU with GPT-2-124M (its real vocabulary): three rounds, ABBA, no padded side row.
-  step throughput 180 "$python" bench/trainer_throughput.py --shape gpt2-124m --examples 6000 --max-seq-length 1024 \
+  step throughput 180 "$python" bench/trainer_throughput.py --shape gpt2-124m --examples 2000 --max-seq-length 1024 \
     --batch-size 8 --rounds 3 --sides "kubetune,HF Trainer+flattening"
 fi
 gpus=$("$python" -c 'import torch; print(torch.cuda.device_count())')
