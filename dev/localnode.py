@@ -22,6 +22,11 @@ How a pod maps onto this machine:
 - network -> each pod gets its own loopback address (127.N.x.y, N random per node) as its pod IP:
   servers that bind ``$(POD_IP)`` never collide on ports, and Services'
   endpoints point at reachable addresses;
+- DNS for headless Services' pods -> a pod with ``spec.subdomain`` (an Indexed Job's pods under their
+  rendezvous Service) runs with its own hostname (``unshare --uts``) and its own ``/etc/hosts``, which
+  holds the records cluster DNS would serve for the pods of its Job, ``<job>-<index>.<subdomain>``
+  (also with ``.<namespace>.svc.cluster.local``), even before those pods start: their addresses are
+  given out when first named;
 - env, ``$(VAR)`` expansion, ``valueFrom`` (fieldRef, configMapKeyRef,
   secretKeyRef, resourceFieldRef) as the kubelet resolves them; a missing Secret or
   key leaves the container waiting with reason CreateContainerConfigError;
@@ -111,6 +116,10 @@ class PodRun:
     finished: bool = False
     config_maps: list[tuple[dict[str, Any], Path]] = dataclasses.field(default_factory=list)
     """(configMap volume source, its folder) of the pod's plain configMap volumes, kept in sync."""
+    hostname: str | None = None
+    """The pod's own hostname (pods with a subdomain only; others keep the machine's)."""
+    hosts_file: Path | None = None
+    """The pod's /etc/hosts (pods with a subdomain only)."""
 
 
 def expand(text: str, env: dict[str, str]) -> str:
@@ -155,6 +164,8 @@ class LocalNode:
         # test runs) never hand out the same pod IP; 127.0.x.x stays the host's.
         net = random.SystemRandom().randint(1, 250)
         self._ips = (f"127.{net}.{n // 250}.{n % 250 + 2}" for n in itertools.count())
+        self._dns: dict[tuple[str, str, str], str] = {}
+        """(namespace, subdomain, hostname) -> the address of that pod, given out when first named."""
         self._guard = orphans.ProcessGuard(self.workdir / "pods.pids")
         self._unwritten: set[str] = set()
         """Uids of pods whose latest status could not be written (API server down): retried."""
@@ -328,15 +339,21 @@ class LocalNode:
     def _start_pod(self, pod: dict[str, Any]) -> None:
         meta, spec = pod["metadata"], pod["spec"]
         folder = self.workdir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}"
-        run = PodRun(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], ip=next(self._ips),
-                     folder=folder, restart_policy=spec.get("restartPolicy", "Always"),
-                     containers=[Container(c["name"], c) for c in spec.get("containers", [])])
+        hostname = (spec.get("hostname") or meta["name"]) if spec.get("subdomain") else None
         with self._lock:
             if meta["uid"] in self.pods:
                 return
+            ip = self._address(meta["namespace"], spec["subdomain"], hostname) if hostname else next(self._ips)
+            run = PodRun(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], ip=ip,
+                         folder=folder, restart_policy=spec.get("restartPolicy", "Always"),
+                         containers=[Container(c["name"], c) for c in spec.get("containers", [])],
+                         hostname=hostname)
             self.pods[meta["uid"]] = run
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            if hostname:
+                run.hosts_file = folder / "etc-hosts"
+                run.hosts_file.write_text(self._hosts(pod, hostname))
             volumes = self._prepare_volumes(pod, folder)
             run.config_maps = [(volume["configMap"], volumes[volume["name"]])
                                for volume in spec.get("volumes") or [] if "configMap" in volume]
@@ -359,6 +376,31 @@ class LocalNode:
                                  daemon=True).start()
         if all(c.terminated for c in run.containers):
             self._finish(run)
+
+    def _address(self, namespace: str, subdomain: str, hostname: str) -> str:
+        """The address of the pod `hostname` under `subdomain`: the same whichever pod names it first."""
+        with self._lock:
+            key = (namespace, subdomain, hostname)
+            if key not in self._dns:
+                self._dns[key] = next(self._ips)
+            return self._dns[key]
+
+    def _hosts(self, pod: dict[str, Any], hostname: str) -> str:
+        """The pod's /etc/hosts: its own name, and the DNS records of its Job's pods under its subdomain."""
+        meta, subdomain = pod["metadata"], pod["spec"]["subdomain"]
+        namespace = meta["namespace"]
+        hosts = [hostname]
+        job = (meta.get("labels") or {}).get("batch.kubernetes.io/job-name")
+        if job and (meta.get("annotations") or {}).get("batch.kubernetes.io/job-completion-index") is not None:
+            completions = k8s.BatchV1Api(self.api_client).read_namespaced_job(job, namespace).spec.completions or 1
+            hosts += [f"{job}-{index}" for index in range(completions) if f"{job}-{index}" != hostname]
+        lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
+        for host in hosts:
+            fqdn = f"{host}.{subdomain}.{namespace}.svc.cluster.local"
+            names = [fqdn, f"{host}.{subdomain}.{namespace}.svc", f"{host}.{subdomain}.{namespace}",
+                     f"{host}.{subdomain}", *([host] if host == hostname else [])]
+            lines.append(f"{self._address(namespace, subdomain, host)}\t{' '.join(names)}")
+        return "\n".join(lines) + "\n"
 
     def _start_containers(self, pod: dict[str, Any], run: PodRun, volumes: dict[str, Path]) -> None:
         for container in run.containers:
@@ -595,16 +637,19 @@ class LocalNode:
         termination = container_dir / "termination-log"
         termination.write_text("")
         mounts.append((termination, spec.get("terminationMessagePath", "/dev/termination-log"), False))
+        if run.hosts_file is not None:
+            mounts.append((run.hosts_file, "/etc/hosts", True))
         script = container_dir / "start.sh"
-        script.write_text(_mount_script(mounts, spec.get("workingDir"), self.workdir))
+        script.write_text(_mount_script(mounts, spec.get("workingDir"), self.workdir, hostname=run.hostname))
         full_env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(container_dir),
-                    "HOSTNAME": run.name, "PYTHONUNBUFFERED": "1",
+                    "HOSTNAME": run.hostname or run.name, "PYTHONUNBUFFERED": "1",
                     "KUBERNETES_SERVICE_HOST": "", **env}
         container.log_file = container_dir / "output.log"
         container.termination_file = termination
         output = open(container.log_file, "ab")
+        namespaces = ["--mount", "--propagation", "private", *(["--uts"] if run.hostname else [])]
         container.process = subprocess.Popen(
-            ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", str(script), *command],
+            ["unshare", *namespaces, "--", "/bin/sh", str(script), *command],
             env=full_env, stdout=output, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             start_new_session=True, preexec_fn=orphans.die_with_parent,
         )
@@ -826,8 +871,9 @@ def _under(path: str, mount: str) -> bool:
 
 
 def _mount_script(mounts: list[tuple[Path, str, bool]], working_dir: str | None, workdir: Path,
-                  keep: list[Path] | None = None) -> str:
-    """A shell script run inside the new mount namespace: bind each volume, then exec the command."""
+                  keep: list[Path] | None = None, hostname: str | None = None) -> str:
+    """A shell script run inside the new mount namespace: bind each volume, set the pod's hostname (in its
+    own UTS namespace) when it has one, then exec the command."""
     keep = image_paths() if keep is None else keep
     hidden = [p for p in keep if any(_under(str(p), target) or str(p) == target.rstrip("/") for _, target, _ in mounts)]
     lines = ["set -e", f"mkdir -p {STAGE}", f"mount --bind {shlex.quote(str(workdir))} {STAGE}"]
@@ -847,6 +893,8 @@ def _mount_script(mounts: list[tuple[Path, str, bool]], working_dir: str | None,
     for index, path in enumerate(hidden):
         quoted = shlex.quote(str(path))
         lines.append(f"mkdir -p {quoted}; mount --bind {KEEP}/{index} {quoted}")
+    if hostname:
+        lines.append(f"printf %s {shlex.quote(hostname)} > /proc/sys/kernel/hostname")
     if working_dir:
         lines.append(f"mkdir -p {shlex.quote(working_dir)}; cd {shlex.quote(working_dir)}")
     lines.append('exec "$@"')

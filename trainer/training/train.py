@@ -505,6 +505,9 @@ class _TermSignal:
 
     def __init__(self) -> None:
         self.received = False
+        """Set by the handler, in this process."""
+        self.agreed = False
+        """Set by `_agreed_stop`: every rank stops (the loop reads only this)."""
         self._previous: Any = None
 
     def __enter__(self) -> _TermSignal:
@@ -520,18 +523,20 @@ class _TermSignal:
 
 
 def _agreed_stop(run: Run, term: _TermSignal) -> bool:
-    """Whether any rank has received SIGTERM; afterwards every rank's `term.received` says the same.
+    """Whether to stop for SIGTERM, decided by every rank at once; also kept in `term.agreed`.
 
     Each process gets the signal at its own moment. A rank that went on into the next step while
     another checkpoints would wait forever in its collectives (FSDP's all-gathers, DDP's all-reduce):
-    so the ranks agree at every step boundary, all at the same points of the loop.
+    so the ranks agree, all at the same points of the loop, and the loop acts on `term.agreed` only.
+    A signal that lands after an agreement waits for the next one (`term.received` stays set).
     """
     if run.control_group is None:
-        return term.received
+        term.agreed = term.agreed or term.received
+        return term.agreed
     flag = torch.tensor([int(term.received)], dtype=torch.int32)
     torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=run.control_group)
-    term.received = bool(flag.item())
-    return term.received
+    term.agreed = term.agreed or bool(flag.item())
+    return term.agreed
 
 
 MAXIMIZED_METRICS = ("valAccuracy", "valF1")
@@ -729,12 +734,12 @@ def fit(run: Run, reporter: Reporter) -> TrainState:
                     last_progress = time.monotonic()
                 evaluate_now = config.eval_interval > 0 and state.step % config.eval_interval == 0
                 evaluate_now = evaluate_now or (config.eval_interval == 0 and state.step_in_epoch == 0)
-                if term.received:
+                if term.agreed:
                     state.pending_evaluation = evaluate_now and bool(run.validation)
                 elif evaluate_now and run.validation and run_validation():
                     state.stopped_early = True
                     break
-                if term.received:
+                if term.agreed:  # agreed before this step's validation, or within it
                     checkpoint()
                     raise Preempted(f"SIGTERM at step {state.step}: checkpoint saved",
                                     tokens_processed=state.tokens_seen - tokens_at_start)

@@ -41,7 +41,8 @@ def _free_port() -> int:
         return int(listener.getsockname()[1])
 
 
-def _launch(config_path: Path, processes: int, tmp: Path, *, stdout: Any = subprocess.DEVNULL) -> subprocess.Popen[str]:
+def _launch(config_path: Path, processes: int, tmp: Path, *, stdout: Any = subprocess.DEVNULL,
+            stderr: Any = subprocess.DEVNULL) -> subprocess.Popen[str]:
     """The trainer container's command, as the operator writes its environment for `processes` devices."""
     env = os.environ | {
         api_process.ENV_NUM_PROCESSES: str(processes),
@@ -53,7 +54,7 @@ def _launch(config_path: Path, processes: int, tmp: Path, *, stdout: Any = subpr
     for name in (api_process.ENV_PROGRESS_URL, "RANK", "WORLD_SIZE", "LOCAL_RANK", api_process.ENV_NUM_NODES):
         env.pop(name, None)
     return subprocess.Popen([sys.executable, "-m", "kubetune.trainer.launch", "--config", str(config_path)],
-                            stdout=stdout, stderr=subprocess.DEVNULL, text=True, env=env)
+                            stdout=stdout, stderr=stderr, text=True, env=env)
 
 
 def _run(config_path: Path, processes: int, tmp: Path) -> dict[str, Any]:
@@ -370,7 +371,9 @@ class TestFsdpAcrossRanks:
         path = _config(tmp_path, tiny_gpt2, "fsdp-one", batch=2, accumulation=1,
                        training={"evalInterval": 8, "checkpointInterval": 5, "strategy": "fsdp"})
 
-        process = _launch(path, 2, tmp_path, stdout=subprocess.PIPE)
+        log = tmp_path / "ranks.log"
+        with log.open("w") as stderr:
+            process = _launch(path, 2, tmp_path, stdout=subprocess.PIPE, stderr=stderr)
         assert process.stdout is not None
         for line in process.stdout:
             report = json.loads(line) if line.startswith("{") else {}
@@ -381,7 +384,7 @@ class TestFsdpAcrossRanks:
                 ranks[0].send_signal(signal.SIGTERM)
                 break
         process.stdout.read()
-        assert process.wait(timeout=300) == api_process.EXIT_PREEMPTED
+        assert process.wait(timeout=300) == api_process.EXIT_PREEMPTED, log.read_text()[-6000:]
         checkpoints = [step for step, _ in train.list_checkpoints(tmp_path / "fsdp-one" / "checkpoints")]
         assert checkpoints and max(checkpoints) < reference["totalSteps"]
 
@@ -389,6 +392,24 @@ class TestFsdpAcrossRanks:
 
         assert [s for s, _ in resumed["history"]["trainLoss"]] == list(range(1, reference["totalSteps"] + 1))
         assert _losses(resumed) == pytest.approx(_losses(reference), rel=1e-5)
+
+    @pytest.mark.parametrize("setting", [{"gradientCheckpointing": True}, {"compile": True},
+                                         {"precision": "bf16"}], ids=["checkpointing", "compile", "bf16"])
+    def test_training_settings_hold_under_fsdp(self, setting: dict[str, Any], fsdp_two_ranks: tuple[Path, dict[str, Any]],
+                                               tmp_path: Path, tiny_gpt2: Path) -> None:
+        """Activation checkpointing (recomputes, same numbers), torch.compile of the blocks (inductor on the
+        CPU, same numbers within fp32 reordering) and bf16 autocast, each on 2 FSDP ranks: the run ends,
+        follows the uninterrupted fp32 FSDP run (bf16: within its precision), and saves the whole model."""
+        _, reference = fsdp_two_ranks
+        name = "fsdp-" + "-".join(setting)
+        result = _run(_config(tmp_path, tiny_gpt2, name, batch=2, accumulation=1,
+                              training={"evalInterval": 8, "checkpointInterval": 5, "strategy": "fsdp", **setting}),
+                      2, tmp_path)
+
+        tolerance = 2e-2 if setting.get("precision") == "bf16" else 1e-4
+        assert _losses(result) == pytest.approx(_losses(reference), rel=tolerance)
+        assert _losses(result)[-1] < _losses(result)[0] - 0.2  # it trained
+        assert (Path(result["model"]["uri"]) / "model.safetensors").exists()
 
     def test_lora_adapters_train_sharded_and_save_as_an_adapter(self, tmp_path: Path, tiny_gpt2: Path) -> None:
         lora = {"type": "lora", "lora": {"rank": 4, "alpha": 8, "dropout": 0.0}}  # ranks draw their own masks
