@@ -370,6 +370,9 @@ class Informer:
     """Set once the first listing is stored."""
     events: int = 0
     """Watch events received (for tests and benchmarks)."""
+    on_event: Callable[[str, str, dict[str, Any]], None] | None = None
+    """Called with (kind, event type, object) for each watch event (not for the listings), in the
+    informer's thread, after the store has it."""
 
     def run(self, stop: threading.Event) -> None:
         """Until `stop`: list, watch, and after any error wait a moment and start over."""
@@ -444,6 +447,8 @@ class Informer:
                     self.store.remove(self.kind, body)
                 else:
                     self.store.upsert(self.kind, body)
+                if self.on_event is not None:
+                    self.on_event(self.kind, str(kind), body)
         finally:
             response.release_conn()
         return version
@@ -458,6 +463,15 @@ class Cache:
         """Namespace (None: cluster-wide) -> its informers."""
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+
+    def on_event(self, kinds: Iterable[str], callback: Callable[[str, str, dict[str, Any]], None]) -> None:
+        """Call `callback(kind, event type, object)` for each watch event of `kinds` from now on (set it
+        before `start`)."""
+        wanted = set(kinds)
+        for informers in self.informers.values():
+            for informer in informers:
+                if informer.kind in wanted:
+                    informer.on_event = callback
 
     def start(self) -> None:
         for scope, informers in self.informers.items():

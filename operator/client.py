@@ -43,9 +43,13 @@ METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
 log = logging.getLogger(__name__)
 
 
-def api_client() -> kubernetes.client.ApiClient:
-    """An API client from the pod's service account, or from KUBECONFIG / ~/.kube/config."""
+def api_client(connections: int | None = None) -> kubernetes.client.ApiClient:
+    """An API client from the pod's service account, or from KUBECONFIG / ~/.kube/config; with
+    `connections`, that many pooled connections (the reconcile threads, the informers' and the
+    progress server's calls at once: the client's default pool is 5 per core)."""
     configuration = kubernetes.client.Configuration()
+    if connections is not None:
+        configuration.connection_pool_maxsize = connections
     try:
         kubernetes.config.load_incluster_config(  # type: ignore[no-untyped-call]
             client_configuration=configuration)

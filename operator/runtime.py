@@ -15,9 +15,12 @@ import asyncio
 import ctypes
 import ctypes.util
 import functools
+import heapq
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import kopf
 
@@ -74,7 +77,7 @@ class Runtime:
 
     def kube(self) -> KubeClient:
         if self.client is None:
-            self.client = KubeClient(api_client())
+            self.client = KubeClient(api_client(connections=self.settings.reconcile_threads + 4))
         return self.client
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
@@ -172,6 +175,72 @@ class Resync:
         while True:
             await asyncio.sleep(interval)
             await self.run_once()
+
+
+class DeliveryWatch:
+    """Does what kopf would have done for a watch event that kopf has not delivered `grace` seconds later.
+
+    kopf watches a namespace only once its namespace watch has reported it, and a watch it is retrying
+    delivers nothing meanwhile: the first jobs in a namespace created a moment before, and their
+    children's changes, could otherwise wait for the resync. The operator's own informers see every
+    event; each one is checked `grace` seconds later, and if kopf has delivered no event at all of that
+    kind from that namespace since, `react` (the kopf handler's own work) runs for it. While kopf
+    delivers anything from a namespace, nothing is done twice. Like the resync, the reaction acts only
+    where no other replica may hold the lead (`react` decides that). One thread, started on first use.
+    """
+
+    def __init__(self, react: Callable[[str, str, str, str, dict[str, Any]], None], grace: float = 5.0) -> None:
+        self.react = react
+        """(kind, namespace, name, event type, the object's metadata) -> kopf's handler's work."""
+        self.grace = grace
+        self._pulse: dict[tuple[str, str], float] = {}
+        """(kind, namespace) -> when kopf last delivered an event of that kind from that namespace."""
+        self._due: list[tuple[float, float, int, str, str, str, str, dict[str, Any]]] = []
+        self._order = 0
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self.reacted = 0
+        """Events `react` ran for (tests, metrics)."""
+
+    def kopf_delivered(self, kind: str, namespace: str) -> None:
+        """kopf delivered an event of `kind` from `namespace` (a handler's first line)."""
+        self._pulse[(kind, namespace)] = time.monotonic()
+
+    def seen(self, kind: str, event_type: str, body: dict[str, Any]) -> None:
+        """An informer's watch event (its thread): check on it once `grace` has passed."""
+        metadata = body.get("metadata") or {}
+        namespace, name = str(metadata.get("namespace") or ""), str(metadata.get("name") or "")
+        if not namespace or not name:
+            return
+        now = time.monotonic()
+        kept = {k: metadata[k] for k in ("labels", "ownerReferences", "uid") if k in metadata}
+        with self._wake:
+            self._order += 1
+            heapq.heappush(self._due, (now + self.grace, now, self._order, kind, namespace, name, event_type, kept))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="delivery-watch")
+                self._thread.start()
+            self._wake.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._wake.wait(None if not self._due else self._due[0][0] - time.monotonic())
+                _, seen_at, _, kind, namespace, name, event_type, metadata = heapq.heappop(self._due)
+            self.check(kind, namespace, name, event_type, metadata, seen_at)
+
+    def check(self, kind: str, namespace: str, name: str, event_type: str, metadata: dict[str, Any],
+              seen_at: float) -> bool:
+        """React to the event if kopf has delivered nothing of `kind` from `namespace` since `seen_at`."""
+        if self._pulse.get((kind, namespace), float("-inf")) >= seen_at:
+            return False
+        try:
+            self.react(kind, namespace, name, event_type, metadata)
+        except Exception:  # noqa: BLE001 - the resync and kopf's own delivery still cover it
+            log.exception("handling the undelivered %s event of %s %s/%s failed", event_type, kind, namespace, name)
+        self.reacted += 1
+        return True
 
 
 def reconcile_or_retry(reconcile: Callable[[str, str], None], namespace: str | None, name: str | None,

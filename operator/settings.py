@@ -66,6 +66,9 @@ class OperatorSettings:
     for every one of them at once: 842 MiB resident with 2,000 finished jobs, 233 MiB with a limit
     (`bench/operator_scale.py --finished`). A worker leaves 0.5 s after its object's last event.
     0 = no limit. `KUBETUNE_WORKER_LIMIT`."""
+    reconcile_threads: int = 8
+    """Reconciles that run at once (kopf's thread pool for the blocking handlers; each reconcile waits on
+    the API server for its writes). The API client keeps as many connections. `KUBETUNE_RECONCILE_THREADS`."""
     status_write_interval: float = 2.0
     """At most one status write per job per this many seconds from progress reports; terminal
     reports (`completed`, `failed`) are always written at once. `KUBETUNE_STATUS_WRITE_INTERVAL`."""
@@ -164,6 +167,7 @@ class OperatorSettings:
             report_burst=int(number("KUBETUNE_REPORT_BURST", defaults.report_burst, int)),
             resync_seconds=float(number("KUBETUNE_RESYNC_SECONDS", defaults.resync_seconds, float)),
             worker_limit=int(number("KUBETUNE_WORKER_LIMIT", defaults.worker_limit, int)),
+            reconcile_threads=max(1, int(number("KUBETUNE_RECONCILE_THREADS", defaults.reconcile_threads, int))),
             status_write_interval=float(
                 number("KUBETUNE_STATUS_WRITE_INTERVAL", defaults.status_write_interval, float)),
             max_report_bytes=int(number("KUBETUNE_MAX_REPORT_BYTES", defaults.max_report_bytes, int)),

@@ -17,6 +17,8 @@ import dataclasses
 import json
 import logging
 import threading
+import time
+from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
@@ -27,7 +29,7 @@ from kubetune.operator.client import ChildConflict, KubeClient, error_cause
 from kubetune.operator.jobs import builders, reconcile
 from kubetune.operator.platform import policy, quota
 from kubetune.operator.progress import server as progress
-from kubetune.operator.runtime import RUNTIME, Resync, reconcile_or_retry
+from kubetune.operator.runtime import RUNTIME, DeliveryWatch, Resync, reconcile_or_retry
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.specs import has_pending_work
 
@@ -64,7 +66,7 @@ class _JobEvents:
         with self._guard:
             self._queued.discard((namespace, name))
 
-    def child_changed(self, body: kopf.Body, event_type: str | None) -> bool:
+    def child_changed(self, body: Mapping[str, Any], event_type: str | None) -> bool:
         """Whether this child event changes anything reconcile reads (first sight and deletion do)."""
         uid = str(body.get("metadata", {}).get("uid") or "")
         state = child_state(body)
@@ -80,6 +82,7 @@ class _JobEvents:
     @staticmethod
     def observed(kind: str, body: kopf.Body, event_type: str | None) -> None:
         """A watch event kopf received: into the cache first, so the reconcile it triggers reads it."""
+        JOB_DELIVERY.kopf_delivered(kind, str(body.get("metadata", {}).get("namespace") or ""))
         child_cache = RUNTIME.kube().cache
         if child_cache is None:
             return
@@ -89,7 +92,7 @@ class _JobEvents:
             child_cache.store.upsert(kind, dict(body))
 
 
-def child_state(body: kopf.Body) -> tuple[Any, ...]:
+def child_state(body: Mapping[str, Any]) -> tuple[Any, ...]:
     """What reconcile reads from a child Job, pod or Deployment. Most child events change none of
     it (a finalizer removed, a pod-tracking count moved, a resourceVersion bumped): those need no
     reconcile, which would otherwise cost ~10 API requests each."""
@@ -156,7 +159,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.posting.enabled = False
     settings.peering.priority = RUNTIME.settings.peering_priority
     settings.peering.lifetime = RUNTIME.settings.peering_lifetime
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = RUNTIME.settings.reconcile_threads
     bound_kopf_memory(settings, RUNTIME.settings)
     # kopf's default retry gaps grow to 21 s (1, 1, 2, …, 13, 21): a watch that met a short outage (an API
     # server answering 429 while a resource's storage initialises) would then deliver nothing for that
@@ -165,6 +168,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     kube = RUNTIME.kube()
     if RUNTIME.settings.cache and kube.cache is None:
         kube.cache = kube.build_cache(RUNTIME.settings.namespaces, secret_ttl=RUNTIME.settings.resync_seconds)
+        kube.cache.on_event(DELIVERY_KINDS, JOB_DELIVERY.seen)
         kube.cache.start()
     if not RUNTIME.settings.secret_key and RUNTIME.settings.secret_key_secret:
         key_namespace, _slash, key_name = RUNTIME.settings.secret_key_secret.partition("/")
@@ -335,6 +339,43 @@ JOB_RESYNC = Resync(reconcile_job, "", discover=pending_jobs)
 RUNTIME.resyncs.append(JOB_RESYNC)
 
 
+DELIVERY_KINDS = (cache.FINETUNEJOB, cache.JOB, cache.POD, cache.DEPLOYMENT)
+"""The kinds whose events kopf's handlers act on (ConfigMaps and Services only feed the cache)."""
+_ALONE_TTL = 10.0
+_alone: list[float | bool] = [float("-inf"), False]
+"""When `working_alone` was last asked, and its answer: undelivered events can come in bursts."""
+
+
+def _working_alone() -> bool:
+    if time.monotonic() - float(_alone[0]) > _ALONE_TTL:
+        _alone[:] = [time.monotonic(), RUNTIME.working_alone()]
+    return bool(_alone[1])
+
+
+def _undelivered(kind: str, namespace: str, name: str, event_type: str, metadata: dict[str, Any]) -> None:
+    """What kopf's handler would have done for an event it has not delivered (`DeliveryWatch`)."""
+    if not _working_alone():
+        return
+    kube = RUNTIME.kube()
+    if kind == cache.FINETUNEJOB:
+        body = kube.cache.store.get(kind, namespace, name) if kube.cache is not None else None
+        if event_type == "DELETED" or body is None or not has_pending_work(body.get("spec"), body.get("status")):
+            return
+        log.info("FineTuneJob %s/%s: kopf has delivered nothing from %s for a while; reconciling it", namespace,
+                 name, namespace)
+        RUNTIME.metrics.resync_undelivered.labels(JOB_RESYNC.resource).inc()
+        reconcile_job(namespace, name)
+        return
+    child = (kube.cache.store.get(kind, namespace, name) if kube.cache is not None and event_type != "DELETED"
+             else None) or {"kind": kind, "metadata": {"namespace": namespace, "name": name, **metadata}}
+    child.setdefault("kind", kind)
+    RUNTIME.metrics.resync_undelivered.labels(kind.lower() + "s").inc()
+    react_to_child(namespace, child, event_type)
+
+
+JOB_DELIVERY = DeliveryWatch(_undelivered)
+
+
 @kopf.on.event(*RESOURCE)
 def track_job(namespace: str | None, name: str | None, spec: kopf.Spec, status: kopf.Status, body: kopf.Body,
               type: str | None = None, **_: Any) -> None:
@@ -355,7 +396,7 @@ def on_job_deleted(namespace: str | None, name: str | None, uid: str | None, **_
         admit_waiting_jobs(namespace)
 
 
-def _owner_name(body: kopf.Body) -> str | None:
+def _owner_name(body: Mapping[str, Any]) -> str | None:
     for owner in body.get("metadata", {}).get("ownerReferences") or []:
         if owner.get("kind") == builders.KIND and owner.get("apiVersion") == builders.API_VERSION:
             return str(owner.get("name"))
@@ -371,6 +412,11 @@ def on_child_event(namespace: str | None, body: kopf.Body, type: str | None = No
     """A child changed (a pod started or ended, a Job finished, serving became available):
     converge its FineTuneJob now; when a trainer Job stops holding quota, start waiting jobs."""
     EVENTS.observed(str(body.get("kind") or ""), body, type)
+    react_to_child(namespace, body, type)
+
+
+def react_to_child(namespace: str | None, body: Mapping[str, Any], type: str | None) -> None:  # noqa: A002 - kopf's name
+    """`on_child_event`'s work once the cache has the event (also for events kopf has not delivered)."""
     name = _owner_name(body)
     settled = (namespace, name) in EVENTS.settled and body.get("kind") != "Deployment"
     if namespace and name and not settled and EVENTS.child_changed(body, type):
@@ -385,7 +431,7 @@ def on_child_event(namespace: str | None, body: kopf.Body, type: str | None = No
             log.exception("admitting waiting jobs in %s failed", namespace)
 
 
-def _frees_quota(body: kopf.Body, event_type: str | None) -> bool:
+def _frees_quota(body: Mapping[str, Any], event_type: str | None) -> bool:
     """A trainer Job that finished, was suspended or was deleted no longer holds its quota share."""
     if body.get("kind") != "Job":
         return False

@@ -74,10 +74,10 @@ def started(tmp_path: Path) -> Iterator[list[OperatorProcess]]:
 
 
 def start_operator(cluster: Any, log_dir: Path, started: list[OperatorProcess],
-                   kubeconfig: Path | None = None) -> OperatorProcess:
+                   kubeconfig: Path | None = None, resync_seconds: float = RESYNC_SECONDS) -> OperatorProcess:
     process = OperatorProcess(kubeconfig or cluster.kubeconfig, log_dir)
     process.env["KUBETUNE_NAMESPACES"] = f"{NAMESPACE_PREFIX}*"
-    process.env["KUBETUNE_RESYNC_SECONDS"] = str(RESYNC_SECONDS)
+    process.env["KUBETUNE_RESYNC_SECONDS"] = str(resync_seconds)
     started.append(process)
     process.start()
     return process
@@ -98,9 +98,9 @@ def resync_passes(operator: OperatorProcess) -> float:
     return metric(operator, "kubetune_resync_passes_total", resource="finetunejobs")
 
 
-def test_a_job_and_a_sweep_in_a_namespace_kopf_never_watches_are_still_served(
-        cluster: Any, kube: Kube, finetunejob_crd: None, peering_crds: None, namespace: str,
-        started: list[OperatorProcess], tmp_path: Path) -> None:
+def blind_operator(cluster: Any, started: list[OperatorProcess], tmp_path: Path,
+                   resync_seconds: float = RESYNC_SECONDS) -> OperatorProcess:
+    """An operator whose kopf may not list namespaces: with a pattern, kopf watches none of them."""
     cluster.kubectl("apply", "-f", "-", input=yaml.safe_dump_all([
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
          "metadata": {"name": BLIND_USER}, "rules": BLIND_RULES},
@@ -109,9 +109,16 @@ def test_a_job_and_a_sweep_in_a_namespace_kopf_never_watches_are_still_served(
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": BLIND_USER},
          "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": BLIND_USER}]},
     ]))
-    operator = start_operator(cluster, tmp_path, started, cluster.mint_kubeconfig(BLIND_USER))
+    operator = start_operator(cluster, tmp_path, started, cluster.mint_kubeconfig(BLIND_USER), resync_seconds)
     wait_for(lambda: "Not enough permissions to list namespaces" in operator.log_tail(400),
              "kopf to report that it cannot list namespaces")
+    return operator
+
+
+def test_a_job_and_a_sweep_in_a_namespace_kopf_never_watches_are_still_served(
+        cluster: Any, kube: Kube, finetunejob_crd: None, peering_crds: None, namespace: str,
+        started: list[OperatorProcess], tmp_path: Path) -> None:
+    operator = blind_operator(cluster, started, tmp_path)
 
     kube.create_ftj(namespace, finetunejob("unseen"))
     wait_for(lambda: kube.job(namespace, "unseen-validate"), "the validation Job of a job kopf never saw",
@@ -123,6 +130,25 @@ def test_a_job_and_a_sweep_in_a_namespace_kopf_never_watches_are_still_served(
         "kubetune.io", "v1alpha1", namespace, "finetunejobs", label_selector="kubetune.io/sweep=unseen-sweep")["items"],
         "the first trial of a sweep kopf never saw", timeout=10 * RESYNC_SECONDS)
     assert "reconcile of" not in operator.log_tail(400), operator.log_tail(400)
+
+
+def test_events_kopf_never_delivers_are_handled_within_seconds_without_a_resync(
+        cluster: Any, kube: Kube, finetunejob_crd: None, peering_crds: None, namespace: str,
+        started: list[OperatorProcess], tmp_path: Path) -> None:
+    """No resync for 600 s and a kopf that watches nothing: the operator's own informers' events drive the
+    job (`DeliveryWatch`, 5 s after each event kopf has not matched): created -> validation Job; validation
+    pod ended -> trainer Job."""
+    operator = blind_operator(cluster, started, tmp_path, resync_seconds=600)
+
+    kube.create_ftj(namespace, finetunejob("quiet"))
+    wait_for(lambda: kube.job(namespace, "quiet-validate"), "the validation Job, from the informer's event",
+             timeout=30)
+    kube.run_pod_to_end(namespace, "quiet-validate", 0, '{"outcome": "validated"}')
+    wait_for(lambda: kube.job(namespace, "quiet-train"), "the trainer Job, from the pod's informer event",
+             timeout=30)
+    assert metric(operator, "kubetune_resync_passes_total", resource="finetunejobs") == 0
+    assert metric(operator, "kubetune_resync_undelivered_total", resource="finetunejobs") >= 1
+    assert metric(operator, "kubetune_resync_undelivered_total", resource="pods") >= 1
 
 
 def test_a_standby_does_nothing_until_the_peer_that_leads_is_gone(

@@ -4,8 +4,10 @@ periodic resync that replaces kopf's timers reconciles exactly the tracked objec
 from __future__ import annotations
 
 import asyncio
+import time
 
 import kopf
+import pytest
 
 from kubetune.operator.jobs import handlers
 from kubetune.operator.runtime import RUNTIME, Resync
@@ -89,3 +91,59 @@ def test_every_resync_pass_trims_the_heap(monkeypatch: object) -> None:
     asyncio.run(resync.run_once())
     asyncio.run(resync.run_once())
     assert len(trims) == 2
+
+
+def test_an_event_kopf_has_not_delivered_is_handled_after_the_grace() -> None:
+    """An informer saw events; kopf (its namespace watch not caught up) delivered nothing from one namespace:
+    that namespace's events are handled `grace` seconds later, in order. Where kopf delivered anything of
+    the kind from the namespace since, nothing is done twice."""
+    from kubetune.operator import runtime
+
+    handled: list[tuple[str, str, str, str]] = []
+    watch = runtime.DeliveryWatch(lambda kind, namespace, name, event, _meta: handled.append((kind, namespace, name, event)),
+                                  grace=0.1)
+    watch.seen("FineTuneJob", "ADDED", {"metadata": {"namespace": "silent", "name": "first", "uid": "u1"}})
+    watch.seen("Pod", "MODIFIED", {"metadata": {"namespace": "silent", "name": "first-validate-x"}})
+    watch.seen("FineTuneJob", "ADDED", {"metadata": {"namespace": "watched", "name": "other"}})
+    watch.seen("Pod", "MODIFIED", {"metadata": {"namespace": "watched", "name": "other-train-x"}})
+    watch.kopf_delivered("FineTuneJob", "watched")  # kopf is watching FineTuneJobs there, not yet pods
+    started = time.monotonic()
+    deadline = started + 10
+    while len(handled) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.2)  # anything else due at the same moment has been checked by now
+
+    assert handled == [("FineTuneJob", "silent", "first", "ADDED"), ("Pod", "silent", "first-validate-x", "MODIFIED"),
+                       ("Pod", "watched", "other-train-x", "MODIFIED")]
+    assert time.monotonic() - started >= 0.1
+    assert watch.reacted == 3
+    assert not watch.check("FineTuneJob", "watched", "other", "MODIFIED", {}, seen_at=time.monotonic() - 1)
+
+
+def test_an_undelivered_job_is_reconciled_only_with_work_pending_and_no_leader_elsewhere(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubetune.operator import cache
+
+    reconciled: list[tuple[str, str]] = []
+    monkeypatch.setattr(handlers, "reconcile_job", lambda namespace, name: reconciled.append((namespace, name)))
+    store = cache.Store(60)
+    store.upsert(cache.FINETUNEJOB, {"kind": "FineTuneJob", "metadata": {"namespace": "a", "name": "new"}, "spec": {}})
+    store.upsert(cache.FINETUNEJOB, {"kind": "FineTuneJob", "metadata": {"namespace": "a", "name": "done"}, "spec": {},
+                                     "status": {"phase": "Succeeded", "conditions": [
+                                         {"type": "Succeeded", "status": "True"}]}})
+
+    class Kube:
+        cache = type("C", (), {"store": store})()
+
+    monkeypatch.setattr(RUNTIME, "kube", lambda: Kube())
+    alone = [False]
+    monkeypatch.setattr(RUNTIME, "working_alone", lambda: alone[0])
+    monkeypatch.setattr(handlers, "_alone", [float("-inf"), False])
+
+    handlers._undelivered(cache.FINETUNEJOB, "a", "new", "ADDED", {})
+    assert reconciled == []  # another replica may lead
+    alone[0] = True
+    monkeypatch.setattr(handlers, "_alone", [float("-inf"), False])
+    for name in ("new", "done", "gone"):
+        handlers._undelivered(cache.FINETUNEJOB, "a", name, "ADDED", {})
+    assert reconciled == [("a", "new")]
