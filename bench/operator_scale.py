@@ -52,6 +52,7 @@ import concurrent.futures
 import json
 import os
 import secrets
+import signal
 import socket
 import statistics
 import subprocess
@@ -322,6 +323,64 @@ def audit_counts(path: Path, since: float, until: float) -> collections.Counter[
     return counts
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_part(plane: Any, operator_pid: int) -> dict[str, float]:
+    """CPU seconds so far of the operator, each control-plane process and this bench (the kubelet it plays
+    and the creating client): who used the shared cores."""
+    parts = {"operator": cpu_seconds(operator_pid), "bench (client + kubelet)": time.process_time()}
+    parts |= {name: cpu_seconds(proc.pid) for name, proc in plane._procs.items()}
+    return parts
+
+
+def start_sampler(binary: Path, pid: int, workdir: Path) -> tuple[subprocess.Popen[bytes], Path]:
+    """py-spy recording the operator's stacks (collapsed format) until `print_samples` stops it."""
+    out = workdir / "operator.py-spy.txt"
+    proc = subprocess.Popen([str(binary), "record", "--pid", str(pid), "--rate", "50", "--format", "raw",
+                             "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, out
+
+
+def print_samples(proc: subprocess.Popen[bytes], out: Path, top: int = 25) -> None:
+    """Stop the sampler; print the functions with the most samples, on the stack (total) and on top (self)."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    if not out.exists():
+        print("py-spy wrote nothing (ptrace not permitted?)")
+        return
+    total: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    samples = 0
+    for line in out.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        frames = [frame.split(" (")[0] + " " + frame.rsplit("/", 1)[-1].split(":")[0].rstrip(")")
+                  for frame in stack.split(";")]
+        samples += count
+        own[frames[-1]] += count
+        for frame in set(frames):
+            total[frame] += count
+    print(f"py-spy: {samples} samples of the operator's busy threads (50/s; idle threads left out)")
+    print("  most on the stack:")
+    for frame, count in total.most_common(top):
+        print(f"    {count / max(1, samples):6.1%}  {frame}")
+    print("  most on top (self):")
+    for frame, count in own.most_common(top):
+        print(f"    {count / max(1, samples):6.1%}  {frame}")
+
+
 def vm_hwm_mib(pid: int) -> tuple[float, float]:
     """(peak, current) resident memory of a process, MiB."""
     fields = {}
@@ -466,6 +525,8 @@ def main() -> int:
     parser.add_argument("--compare", type=int, metavar="REPS",
                         help="run cache off and on REPS times each (alternating, each its own process)")
     parser.add_argument("--rates", help="comma-separated creation rates: one run each, cache on")
+    parser.add_argument("--py-spy", type=Path, metavar="BINARY",
+                        help="sample the operator with this py-spy over the lifecycle and print where its CPU went")
     parser.add_argument("--finished", type=int, default=0, metavar="N",
                         help="store N FineTuneJobs that have already Succeeded before the operator starts")
     args = parser.parse_args()
@@ -506,12 +567,18 @@ def main() -> int:
             warm_up(observer)
             baseline_hwm, baseline_rss = vm_hwm_mib(operator.pid)
             first_wall = time.time()
+            cpu_before = cpu_by_part(plane, operator.pid)
+            sampler = start_sampler(args.py_spy, operator.pid, workdir) if args.py_spy else None
             print(f"operator started: {baseline_rss:.0f} MiB resident before any job; creating {args.jobs} "
                   f"FineTuneJobs at {args.rate:g}/s", flush=True)
             creating = create_jobs(observer.custom, observer, args.jobs, args.rate)
             print(f"created {args.jobs} in {creating:.1f} s", flush=True)
             finished = wait_for(lambda: sum(n in observer.succeeded for n in observer.created) >= args.jobs, timeout=max(120.0, args.jobs * 0.3))
             lifecycle_end_wall = time.time()
+            cpu_used = {part: seconds - cpu_before.get(part, 0.0)
+                        for part, seconds in cpu_by_part(plane, operator.pid).items()}
+            if sampler is not None:
+                print_samples(*sampler)
             done_at = time.monotonic()
             print(f"{sum(n in observer.succeeded for n in observer.created)}/{args.jobs} Succeeded "
                   f"{done_at - min(observer.created.values()):.1f} s after the first create", flush=True)
@@ -567,6 +634,10 @@ def main() -> int:
     print("validation pod ended -> trainer Job, per tenth of the run:")
     print("\n".join(by_tenth(observer.created, validated, observer.trainer_job)))
     print(f"machine           {load_average()} at the end (the API server and controller-manager share them)")
+    lifecycle_seconds = max(1e-9, lifecycle_end_wall - first_wall)
+    print(f"CPU over the lifecycle ({lifecycle_seconds:.1f} s wall, {os.cpu_count()} cores): " + ", ".join(
+        f"{part} {seconds:.1f} s ({seconds / lifecycle_seconds:.0%} of a core, {seconds * 1000 / max(1, args.jobs):.0f} "
+        f"ms per job)" for part, seconds in sorted(cpu_used.items(), key=lambda item: -item[1])))
     print(f"operator memory   peak {peak:.0f} MiB (VmHWM; {baseline_hwm:.0f} MiB before the first job), "
           f"{current:.0f} MiB at the end (target peak < 250 MiB)")
     print(f"API requests      {total_requests} by the operator over the lifecycle = "
@@ -578,6 +649,7 @@ def main() -> int:
     if idle:
         print("  idle:", ", ".join(f"{key} {value}" for key, value in idle.most_common()))
     print("RESULT " + json.dumps({
+        "cpuSecondsByPart": {part: round(seconds, 2) for part, seconds in cpu_used.items()},
         "bench": "operator_scale", "jobs": args.jobs, "rate": args.rate, "succeeded": succeeded,
         "saturated": saturated, "handledPerSecond": round(handled, 3),
         "controllerManagerQps": CONTROLLER_MANAGER_QPS, "controllerManagerBurst": CONTROLLER_MANAGER_BURST,

@@ -11,7 +11,10 @@ import base64
 import functools
 import json
 import logging
+import queue
 import secrets
+import threading
+import time
 from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import Any, cast
@@ -89,6 +92,58 @@ def error_cause(error: BaseException) -> str:
     return "internal"
 
 
+class EventPoster:
+    """Posts Events from one background thread, in the order given: a reconcile never waits for them
+    (client-go's event recorder works the same way). At most `capacity` wait; beyond that an Event is
+    dropped and counted (`dropped`): an Event is a notice to people, never state the operator reads."""
+
+    def __init__(self, post: Callable[[str, Body], None], capacity: int = 2000) -> None:
+        self._post = post
+        self._queue: queue.Queue[tuple[str, Body]] = queue.Queue(maxsize=capacity)
+        self._thread: threading.Thread | None = None
+        self._start = threading.Lock()
+        self.dropped = 0
+        self.posted = 0
+
+    def submit(self, namespace: str, body: Body) -> bool:
+        """Queue one Event; False (and counted) when the queue is full."""
+        with self._start:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True, name="event-poster")
+                self._thread.start()
+        try:
+            self._queue.put_nowait((namespace, body))
+        except queue.Full:
+            self.dropped += 1
+            if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                log.warning("%d Events dropped: more than %d waiting to be posted", self.dropped, self._queue.maxsize)
+            return False
+        return True
+
+    def flush(self, timeout: float) -> bool:
+        """Wait until every queued Event has been posted (or failed); False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._queue.all_tasks_done.wait(left)
+        return True
+
+    def _run(self) -> None:
+        while True:
+            namespace, body = self._queue.get()
+            try:
+                self._post(namespace, body)
+                self.posted += 1
+            except Exception as error:  # noqa: BLE001 - events are best-effort; the next one is tried
+                log.warning("could not post event %s on %s/%s: %s", body.get("reason"), namespace,
+                            (body.get("involvedObject") or {}).get("name"), getattr(error, "reason", error))
+            finally:
+                self._queue.task_done()
+
+
 class KubeClient:
     """Typed access to what reconcile needs, over one ApiClient; reads from `cache` once it has synced."""
 
@@ -99,6 +154,7 @@ class KubeClient:
         self.apps = kubernetes.client.AppsV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.cache = child_cache
+        self.event_poster = EventPoster(self._post_event_now)
         self._readers: dict[str, tuple[Callable[..., Any], Body]] = {
             cache.JOB: (self.batch.read_namespaced_job, {}),
             cache.CONFIG_MAP: (self.core.read_namespaced_config_map, {}),
@@ -518,8 +574,8 @@ class KubeClient:
             "lastTimestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
             "count": 1,
         }
-        try:
-            self.core.create_namespaced_event(metadata["namespace"], cast(Any, body))
-        except ApiException as error:  # events are best-effort
-            log.warning("could not post event %s on %s/%s: %s", event.reason, metadata["namespace"],
-                        metadata["name"], error.reason)
+        self.event_poster.submit(metadata["namespace"], body)
+
+    def _post_event_now(self, namespace: str, body: Body) -> None:
+        """One Event, answered as raw JSON (the generated model's round trip is CPU for nothing)."""
+        self._json(self.core.create_namespaced_event, namespace, body)

@@ -196,6 +196,8 @@ async def stop_server(**_: Any) -> None:
         task.cancel()
     if RUNTIME.client is not None and RUNTIME.client.cache is not None:
         RUNTIME.client.cache.stop()
+    if RUNTIME.client is not None:  # the Events still queued (posted in the background)
+        await asyncio.to_thread(RUNTIME.client.event_poster.flush, 5.0)
     if RUNTIME.server is not None:
         await RUNTIME.server.stop()
 

@@ -223,9 +223,37 @@ class _Draft:
         _account_usage(self)
         self.patch["conditions"] = self.conditions
         self.patch["phase"] = state_of({"conditions": self.conditions})
-        events = [_event_for(c) for c in conditions.changes(self.before, self.conditions)]
+        events = transition_events(conditions.changes(self.before, self.conditions))
         return Decision(status_patch=self.patch, actions=tuple(self.actions),
                         events=tuple(events + self.extra_events), requeue_after=self.requeue_after)
+
+
+QUIET_REASONS = frozenset({conditions.NOT_FINISHED, conditions.NOT_SUSPENDED, conditions.NOT_TRAINING,
+                           conditions.PROGRESSING})
+"""Reasons of a False condition that says nothing has happened (a job not finished, not suspended, not
+stalled): set or reset along with a transition that has its own Event, so they get none."""
+
+
+def transition_events(changed: list[Condition]) -> list[Event]:
+    """One Event per reason among the changed conditions: those a transition moves together share
+    their reason (Succeeded=True, Failed=False and Running=False all say TrainingComplete) and make
+    one Event naming each. False conditions with a quiet reason (`QUIET_REASONS`) make none. Half of
+    the operator's API requests were Events, one per condition, most of them saying nothing new."""
+    grouped: dict[str, list[Condition]] = {}
+    for condition in changed:
+        if condition["status"] == "False" and condition["reason"] in QUIET_REASONS:
+            continue
+        grouped.setdefault(condition["reason"], []).append(condition)
+    events = []
+    for group in grouped.values():
+        # The leading condition: a warning first, then one that became True, then the first changed.
+        lead = max(group, key=lambda c: (_event_for(c).type == "Warning", c["status"] == "True"))
+        event = _event_for(lead)
+        others = [f"{c['type']}={c['status']}" for c in group if c is not lead]
+        if others:
+            event = dataclasses.replace(event, message=(event.message + " (also " + ", ".join(others) + ")")[:1024])
+        events.append(event)
+    return events
 
 
 def _event_for(condition: Condition) -> Event:

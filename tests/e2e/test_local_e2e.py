@@ -75,9 +75,10 @@ class TestHappyPath:
         assert "for the base model" in progress_view.condition(status, "Succeeded")["message"]
         assert len(status["samples"]) == 3 == len(json.loads((model_dir / "samples.json").read_text())["samples"])
         assert all({"prompt", "reference", "base", "tuned"} <= set(sample) for sample in status["samples"])
-        events = stack.plane.kubectl("get", "events", "-n", namespace, "--field-selector",
-                                     f"involvedObject.name={name},reason=SampleAnswers", "-o", "json").stdout
-        (event,) = json.loads(events)["items"]
+        (event,) = local_stack.wait_until(  # Events are posted in the background, a moment after the status
+            lambda: json.loads(stack.plane.kubectl("get", "events", "-n", namespace, "--field-selector",
+                                                   f"involvedObject.name={name},reason=SampleAnswers",
+                                                   "-o", "json").stdout)["items"], 30, "the SampleAnswers Event")
         assert event["message"].startswith(f"sample 1 of 3: Q: {status['samples'][0]['prompt']}")
         with urllib.request.urlopen(f"{stack.metrics_url}/metrics", timeout=10) as response:
             exported = response.read().decode()

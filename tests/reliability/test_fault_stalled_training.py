@@ -65,8 +65,10 @@ def test_a_frozen_trainer_is_marked_stalled_and_restarted_from_its_checkpoint(
     stalled = condition(status, "Stalled")
     assert stalled["reason"] == "RestartedFromCheckpoint", stalled
     assert f"stallTimeoutSeconds ({STALL_SECONDS}s)" in stalled["message"]
-    warnings = [e for e in kube.events(namespace) if e.get("reason") == "RestartedFromCheckpoint"]
-    assert warnings and warnings[0]["type"] == "Warning"
+    # Events are posted in the background, a moment after the status.
+    warnings = wait_until(lambda: [e for e in kube.events(namespace) if e.get("reason") == "RestartedFromCheckpoint"],
+                          30, "the RestartedFromCheckpoint Event")
+    assert warnings[0]["type"] == "Warning"
 
     status = wait_until(lambda: (s := kube.status(namespace, NAME)) and (is_true(s, "Succeeded") or
                                                                          is_true(s, "Failed")) and s,

@@ -136,8 +136,10 @@ def test_a_job_runs_to_success_with_no_refused_call(scene: Scene) -> None:
                          "Succeeded=True", timeout=60)
     assert succeeded["observedGeneration"] == 1
 
-    events = json.loads(scene.cluster.kubectl("-n", scene.namespace, "get", "events", "--field-selector",
-                                              f"involvedObject.name={job}", "-o", "json").stdout)["items"]
-    assert events, "the operator posted no Events (create events refused?)"
+    def events() -> list[Any]:  # posted in the background, a moment after the status
+        return list(json.loads(scene.cluster.kubectl("-n", scene.namespace, "get", "events", "--field-selector",
+                                                     f"involvedObject.name={job}", "-o", "json").stdout)["items"])
+
+    wait_for(events, "the operator's Events (create events refused?)", timeout=30)
     time.sleep(2)  # a resync under the same permissions
     assert scene.refused_calls() == []

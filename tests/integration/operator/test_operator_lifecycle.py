@@ -110,9 +110,12 @@ def test_happy_path_to_succeeded_with_status_filled_and_metrics(kube: Kube, oper
     for type_, value in (("Validated", "True"), ("Running", "False"), ("Failed", "False"),
                          ("Suspended", "False"), ("ServingReady", "False")):
         assert kube.condition_is(namespace, "happy", type_, value), type_
-    events = kube.core.list_namespaced_event(namespace, field_selector="involvedObject.name=happy").items
-    reasons = {e.reason for e in events}
-    assert {"ValidatingDataset", "DatasetValid", "Training", "TrainingComplete"} <= reasons, reasons
+    expected = {"ValidatingDataset", "DatasetValid", "Training", "TrainingComplete"}
+
+    def reasons() -> set[str]:  # Events are posted in the background, a moment after the status
+        return {e.reason for e in kube.core.list_namespaced_event(namespace, field_selector="involvedObject.name=happy").items}
+
+    wait_for(lambda: expected <= reasons(), "the lifecycle's Events")
 
     text = wait_for(lambda: (t := operator.metrics()) and metric(t, "kubetune_jobs", namespace=namespace,
                                                                  state="Succeeded") == 1 and t, "jobs metric")

@@ -418,3 +418,30 @@ def test_state_words_for_metrics() -> None:
     assert reconcile.state_of(status(("Suspended", "True"))) == "Suspended"
     assert reconcile.state_of(status(("Failed", "True"))) == "Failed"
     assert reconcile.state_of(status(("Succeeded", "True"))) == "Succeeded"
+
+
+class TestTransitionEvents:
+    """One Event per transition, not one per condition: half of the operator's API requests were Events."""
+
+    @staticmethod
+    def condition(type_: str, status: str, reason: str, message: str = "") -> dict[str, str]:
+        return {"type": type_, "status": status, "reason": reason, "message": message}
+
+    def test_conditions_a_transition_moves_together_make_one_event_naming_each(self) -> None:
+        c = self.condition
+        events = reconcile.transition_events([
+            c("Succeeded", "True", "TrainingComplete", "trained 10 steps"), c("Failed", "False", "TrainingComplete"),
+            c("Running", "False", "TrainingComplete", "training ended")])
+        assert [(e.type, e.reason) for e in events] == [("Normal", "TrainingComplete")]
+        assert events[0].message == "Succeeded=True: trained 10 steps (also Failed=False, Running=False)"
+
+    def test_quiet_false_conditions_make_no_event_and_warnings_lead(self) -> None:
+        c = self.condition
+        events = reconcile.transition_events([
+            c("Succeeded", "False", "NotFinished"), c("Failed", "False", "NotFinished"),
+            c("Suspended", "False", "NotSuspended"), c("Stalled", "False", "NotTraining"),
+            c("Running", "False", "QuotaExceeded", "1 of 1 concurrent jobs running"),
+            c("Validated", "False", "InvalidSpec", "spec.model.source: required"),
+            c("Failed", "True", "InvalidSpec", "spec.model.source: required")])
+        assert [(e.type, e.reason) for e in events] == [("Normal", "QuotaExceeded"), ("Warning", "InvalidSpec")]
+        assert events[1].message == "Failed=True: spec.model.source: required (also Validated=False)"
