@@ -267,6 +267,17 @@ class TestFusedLinearCrossEntropy:
         sequences, _ = data.pack(examples, 48, packing=True, chunk_long=False)
         return model, evaluate.collate(sequences, tokenizer.pad_token_id, torch.device("cpu"))
 
+    @staticmethod
+    def _plain_loss_and_grads(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The plain cross-entropy over full logits and its gradients (the model's own left at zero)."""
+        expected = loss.reference_token_loss(
+            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits,
+            batch["labels"], batch["weights"])
+        expected.backward()
+        expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        return expected, expected_grads
+
     def test_loss_and_gradients_equal_the_plain_cross_entropy_over_full_logits(
         self, tiny_model_folder: Path, monkeypatch: pytest.MonkeyPatch
     ) -> None:
@@ -274,12 +285,7 @@ class TestFusedLinearCrossEntropy:
         assert loss.fused_head(model) is not None
         monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 3 * model.config.vocab_size)  # several chunks of 3 rows
 
-        expected = loss.reference_token_loss(
-            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits,
-            batch["labels"], batch["weights"])
-        expected.backward()
-        expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.zero_grad(set_to_none=True)
+        expected, expected_grads = self._plain_loss_and_grads(model, batch)
 
         fused, targets = evaluate.training_loss(model, batch)
         fused.backward()
@@ -301,12 +307,7 @@ class TestFusedLinearCrossEntropy:
         monkeypatch.setattr(loss, "CHUNK_ELEMENTS", 6 * vocabulary)  # chunks of 6 rows: several, the last one short
         assert int(batch["target_index"].numel()) % 6
 
-        expected = loss.reference_token_loss(
-            model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits,
-            batch["labels"], batch["weights"])
-        expected.backward()
-        expected_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        model.zero_grad(set_to_none=True)
+        expected, expected_grads = self._plain_loss_and_grads(model, batch)
 
         fused, _ = evaluate.training_loss(model, batch)
         fused.backward()
