@@ -90,6 +90,9 @@ def _controlplane_class() -> Any:
     class AuditedControlPlane(controlplane.ControlPlane):  # type: ignore[misc]
         """The dev control plane, with an audit log of the operator's requests only."""
 
+        profiling = False
+        """Whether the API server serves /debug/pprof (`--apiserver-profile`)."""
+
         @property
         def audit_log(self) -> Path:
             return Path(self.workdir) / "audit.log"
@@ -102,6 +105,8 @@ def _controlplane_class() -> Any:
                 args = [*args, f"--kube-api-qps={CONTROLLER_MANAGER_QPS}",
                         f"--kube-api-burst={CONTROLLER_MANAGER_BURST}", "--concurrent-job-syncs=20"]
             if name == "kube-apiserver":
+                if self.profiling:
+                    args = [a for a in args if a != "--profiling=false"] + ["--profiling=true"]
                 policy = Path(self.workdir) / "audit-policy.yaml"
                 policy.write_text(AUDIT_POLICY)
                 args = [*args, f"--audit-policy-file={policy}", f"--audit-log-path={self.audit_log}",
@@ -381,6 +386,33 @@ def print_samples(proc: subprocess.Popen[bytes], out: Path, top: int = 25) -> No
         print(f"    {count / max(1, samples):6.1%}  {frame}")
 
 
+def start_apiserver_profile(plane: Any, seconds: float, workdir: Path) -> tuple[threading.Thread, Path]:
+    """A CPU profile of the API server over the next `seconds` (its /debug/pprof, fetched with kubectl)."""
+    out = workdir / "kube-apiserver.pprof"
+
+    def fetch() -> None:
+        raw = subprocess.run([plane._binary("kubectl"), f"--kubeconfig={plane.kubeconfig}", "get", "--raw",
+                              f"/debug/pprof/profile?seconds={max(1, int(seconds))}"], capture_output=True, check=False)
+        out.write_bytes(raw.stdout)
+
+    thread = threading.Thread(target=fetch, daemon=True)
+    thread.start()
+    return thread, out
+
+
+def print_apiserver_profile(plane: Any, fetching: threading.Thread, out: Path, top: int = 30) -> None:
+    """Where the API server's CPU went (`go tool pprof -top`, flat and cumulative)."""
+    fetching.join(timeout=120)
+    if not out.exists() or not out.stat().st_size:
+        print("API server profile: nothing fetched")
+        return
+    for order in ("-cum", "-flat"):
+        shown = subprocess.run(["go", "tool", "pprof", "-top", order, f"-nodecount={top}",
+                                plane._binary("kube-apiserver"), str(out)], capture_output=True, text=True, check=False)
+        print(f"API server CPU profile ({order[1:]}):\n" + "\n".join(
+            line for line in (shown.stdout or shown.stderr).splitlines() if line.strip()))
+
+
 def vm_hwm_mib(pid: int) -> tuple[float, float]:
     """(peak, current) resident memory of a process, MiB."""
     fields = {}
@@ -527,6 +559,9 @@ def main() -> int:
     parser.add_argument("--rates", help="comma-separated creation rates: one run each, cache on")
     parser.add_argument("--py-spy", type=Path, metavar="BINARY",
                         help="sample the operator with this py-spy over the lifecycle and print where its CPU went")
+    parser.add_argument("--apiserver-profile", action="store_true",
+                        help="profile the API server's CPU while the jobs are created and print where it went "
+                             "(needs Go's pprof: `go tool pprof`)")
     parser.add_argument("--finished", type=int, default=0, metavar="N",
                         help="store N FineTuneJobs that have already Succeeded before the operator starts")
     args = parser.parse_args()
@@ -536,6 +571,7 @@ def main() -> int:
         args.jobs, args.idle, args.settle = min(args.jobs, 20), min(args.idle, 10.0), min(args.settle, 10.0)
 
     control_plane = _controlplane_class()
+    control_plane.profiling = args.apiserver_profile
     with tempfile.TemporaryDirectory(prefix="kubetune-opbench-") as scratch:
         workdir = args.keep or Path(scratch)
         workdir.mkdir(parents=True, exist_ok=True)
@@ -569,6 +605,7 @@ def main() -> int:
             first_wall = time.time()
             cpu_before = cpu_by_part(plane, operator.pid)
             sampler = start_sampler(args.py_spy, operator.pid, workdir) if args.py_spy else None
+            profile = start_apiserver_profile(plane, args.jobs / args.rate, workdir) if args.apiserver_profile else None
             print(f"operator started: {baseline_rss:.0f} MiB resident before any job; creating {args.jobs} "
                   f"FineTuneJobs at {args.rate:g}/s", flush=True)
             creating = create_jobs(observer.custom, observer, args.jobs, args.rate)
@@ -579,6 +616,8 @@ def main() -> int:
                         for part, seconds in cpu_by_part(plane, operator.pid).items()}
             if sampler is not None:
                 print_samples(*sampler)
+            if profile is not None:
+                print_apiserver_profile(plane, *profile)
             done_at = time.monotonic()
             print(f"{sum(n in observer.succeeded for n in observer.created)}/{args.jobs} Succeeded "
                   f"{done_at - min(observer.created.values()):.1f} s after the first create", flush=True)

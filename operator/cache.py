@@ -30,9 +30,9 @@ Objects are kept as compact JSON bytes, zlib-compressed (level 1), not dicts:
 a stored FineTuneJob costs ~1 KB instead of its ~4 KB of JSON or ~5x that in
 Python objects, and every reader gets its own copy, so nothing can mutate what
 another pass reads. Pods keep metadata and status only (reconcile reads no pod
-spec); `managedFields` go everywhere, and from FineTuneJobs kopf's
-`last-handled-configuration` annotation (a copy of the spec, ~1.5 KB, that only
-kopf reads, from its own watch).
+spec); `managedFields` go everywhere, and from FineTuneJobs the
+`last-handled-configuration` annotation that kopf kept on them in earlier versions (a
+copy of the spec, ~1.5 KB, that nothing reads now).
 
 This module does no I/O itself: the list and watch calls are given to it
 (`client.KubeClient.informer_calls`), so it can be tested with real
@@ -149,6 +149,8 @@ class Store:
         self._tombstones: collections.OrderedDict[Key, tuple[str, str]] = collections.OrderedDict()
         self._direct: set[Key] = set()
         self._absent: dict[Key, float] = {}
+        self._presumed: collections.OrderedDict[Key, None] = collections.OrderedDict()
+        """Names `presume_absent` took as missing once (the latest `TOMBSTONES`)."""
         """Secrets a GET found missing, and when: not read again for `secret_ttl` seconds."""
 
     # -- writing ---------------------------------------------------------------------
@@ -161,6 +163,10 @@ class Store:
             return False
         key = (kind, namespace, name)
         version, uid = str(metadata.get("resourceVersion") or ""), str(metadata.get("uid") or "")
+        with self._lock:  # the common repeat (a write's answer, then its watch event) skips the encoding
+            current = self._objects.get(key)
+            if current is not None and current.uid == uid and version and not newer(version, current.resource_version):
+                return False
         kept = trim(kind, body)
         entry = _Entry(version, uid, tuple(sorted((metadata.get("labels") or {}).items())),
                        encode(kept), time.monotonic())
@@ -201,15 +207,21 @@ class Store:
             self.upsert(kind, body)
 
     def retain(self, kind: str, names: set[tuple[str, str]], in_scope: Callable[[str], bool],
-               list_version: str = "") -> None:
+               list_version: str = "") -> list[Body]:
         """The end of a listing (paged: its objects were upserted page by page) that held only `names`
         ((namespace, name)): drop the other objects of `kind` in scope, unless stored from a newer
-        event than `list_version`."""
+        event than `list_version`. Returns what was dropped, as stubs (kind, name, namespace, uid,
+        labels): the deletions the listing revealed."""
+        dropped: list[Body] = []
         with self._lock:
             for key in [k for k in self._objects if k[0] == kind and in_scope(k[1]) and (k[1], k[2]) not in names]:
-                if list_version and newer(self._objects[key].resource_version, list_version):
+                entry = self._objects[key]
+                if list_version and newer(entry.resource_version, list_version):
                     continue
+                dropped.append({"kind": kind, "metadata": {"namespace": key[1], "name": key[2], "uid": entry.uid,
+                                                           "labels": dict(entry.labels)}})
                 self._drop(key)
+        return dropped
 
     def note_absent(self, kind: str, namespace: str, name: str) -> None:
         """A GET answered 404 (Secrets only: other kinds are watched, so their absence is known)."""
@@ -218,6 +230,21 @@ class Store:
             if len(self._absent) > TOMBSTONES:  # entries outlive their TTL only until the next pass
                 cutoff = time.monotonic() - self.secret_ttl
                 self._absent = {k: t for k, t in self._absent.items() if t >= cutoff}
+
+    def presume_absent(self, kind: str, namespace: str, name: str) -> bool:
+        """Take an unknown name as missing without a GET, once per name: for a Secret of a job no pass has
+        finished yet (no status), which can exist only if an earlier pass died after creating it. Then
+        its create answers 409, `forget` drops the presumption, and the pass that observes again reads
+        it. True when the name is now presumed missing."""
+        key = (kind, namespace, name)
+        with self._lock:
+            if key in self._presumed or key in self._objects or key in self._absent:
+                return False
+            self._presumed[key] = None
+            while len(self._presumed) > TOMBSTONES:
+                self._presumed.popitem(last=False)
+        self.note_absent(kind, namespace, name)
+        return True
 
     def known_absent(self, kind: str, namespace: str, name: str) -> bool:
         """Whether a GET found it missing less than `secret_ttl` seconds ago."""
@@ -371,8 +398,10 @@ class Informer:
     events: int = 0
     """Watch events received (for tests and benchmarks)."""
     on_event: Callable[[str, str, dict[str, Any]], None] | None = None
-    """Called with (kind, event type, object) for each watch event (not for the listings), in the
-    informer's thread, after the store has it."""
+    """Called with (kind, event type, object) for each watch event, in the informer's thread, after the
+    store has it; after a relisting also for each object it found changed ("MODIFIED") or gone
+    ("DELETED", a stub with the metadata the store kept). Not for the first listing: the resume of
+    every FineTuneJob at start-up covers what happened before."""
 
     def run(self, stop: threading.Event) -> None:
         """Until `stop`: list, watch, and after any error wait a moment and start over."""
@@ -399,6 +428,8 @@ class Informer:
         resourceVersion. An expired continue token (410) raises: `run` lists again from the start."""
         names: set[tuple[str, str]] = set()
         token, version = "", ""
+        relisting = self.synced.is_set()
+        changed: list[Body] = []
         while True:
             paging: dict[str, Any] = {"limit": self.page_size} if self.page_size else {}
             if token:
@@ -413,14 +444,22 @@ class Informer:
                     continue
                 item.setdefault("kind", self.kind)  # list items carry no kind
                 names.add((str(metadata.get("namespace") or ""), str(metadata.get("name") or "")))
-                self.store.upsert(self.kind, item)
+                if self.store.upsert(self.kind, item) and relisting:
+                    changed.append(item)
             list_metadata = listing.get("metadata") or {}
             version = str(list_metadata.get("resourceVersion") or version)
             token = str(list_metadata.get("continue") or "")
             del listing
             if not token:
                 break
-        self.store.retain(self.kind, names, self.in_scope, version)
+        gone = self.store.retain(self.kind, names, self.in_scope, version)
+        if relisting and self.on_event is not None:
+            # What changed while no watch ran (an expired watch, an error): the same events a watch
+            # would have given, so nothing that happened meanwhile waits for a resync.
+            for body in changed:
+                self.on_event(self.kind, "MODIFIED", body)
+            for body in gone:
+                self.on_event(self.kind, "DELETED", body)
         return version
 
     def _watch(self, version: str, stop: threading.Event) -> str:

@@ -154,6 +154,9 @@ class KubeClient:
         self.apps = kubernetes.client.AppsV1Api(client)
         self.custom = kubernetes.client.CustomObjectsApi(client)
         self.cache = child_cache
+        self.reads_cache = True
+        """Whether reads are answered from `cache` once it has synced (`KUBETUNE_CACHE`); without, the
+        informers only deliver the children's events."""
         self.event_poster = EventPoster(self._post_event_now)
         self._readers: dict[str, tuple[Callable[..., Any], Body]] = {
             cache.JOB: (self.batch.read_namespaced_job, {}),
@@ -206,7 +209,7 @@ class KubeClient:
 
     def _store(self, namespace: str) -> cache.Store | None:
         """The store when it can answer for `namespace` (its informers have listed once), else None."""
-        if self.cache is not None and self.cache.synced(namespace):
+        if self.cache is not None and self.reads_cache and self.cache.synced(namespace):
             return self.cache.store
         return None
 
@@ -315,6 +318,34 @@ class KubeClient:
         `namespaces`, else in each watched namespace): then other replicas may hold the lead and kopf
         may pause this one. Without it kopf works alone. Lists by name (the chart's RBAC allows list,
         not get); any doubt (a 403, an error) answers True. No peering CRD at all answers False."""
+        peerings = self._peerings(name, namespaces)
+        return peerings is None or bool(peerings)
+
+    def peering_paused(self, name: str, namespaces: tuple[str, ...], priority: int) -> bool:
+        """Whether kopf pauses a replica of `priority` under peering `name`: a live peer of higher priority
+        is listed there (kopf's own rule: each peer's `lastseen` + `lifetime` in the object's status).
+        No peering object: never paused (kopf works alone). Any doubt (a 403, an error): paused."""
+        peerings = self._peerings(name, namespaces)
+        if peerings is None:
+            return True
+        now = datetime.now(timezone.utc)
+        for peering in peerings:
+            for peer in (peering.get("status") or {}).values():
+                if not isinstance(peer, dict) or int(peer.get("priority") or 0) <= priority:
+                    continue
+                try:
+                    seen = datetime.fromisoformat(str(peer.get("lastseen")).replace("Z", "+00:00"))
+                    lifetime = float(peer.get("lifetime") or 60)
+                except ValueError:
+                    return True
+                if seen.tzinfo is None:
+                    seen = seen.replace(tzinfo=timezone.utc)
+                if (now - seen).total_seconds() < lifetime:
+                    return True
+        return False
+
+    def _peerings(self, name: str, namespaces: tuple[str, ...]) -> list[Body] | None:
+        """kopf's peering objects named `name` in this operator's scope; None when that cannot be told."""
         by_name = f"metadata.name={name}"
         try:
             if not namespaces:
@@ -327,13 +358,13 @@ class KubeClient:
                 listings = [self.custom.list_cluster_custom_object(
                     KOPF_GROUP, KOPF_VERSION, KOPF_PEERINGS, field_selector=by_name)]
         except ApiException as error:
-            return bool(error.status != 404)
+            return [] if error.status == 404 else None
         except Exception:  # noqa: BLE001 - in doubt, assume peers
             log.exception("could not tell whether kopf peering %r is in use", name)
-            return True
+            return None
         in_scope = cache.namespace_matcher(namespaces)
-        return any(not namespaces or in_scope(str((item.get("metadata") or {}).get("namespace") or ""))
-                   for listing in listings for item in cast(Body, listing).get("items") or [])
+        return [item for listing in listings for item in cast(Body, listing).get("items") or []
+                if not namespaces or in_scope(str((item.get("metadata") or {}).get("namespace") or ""))]
 
     def list_all_finetunejobs(self) -> tuple[Body, ...]:
         """Every FineTuneJob in the cluster (start-up only: the usage counters' seed)."""
@@ -394,6 +425,9 @@ class KubeClient:
             for c in (trainer_job.get("status") or {}).get("conditions") or [])))
         serving = finished or trained or bool(status.get("endpoint"))
         config_map = self._get(cache.CONFIG_MAP, namespace, child["config_map"], uid, foreign, name)
+        store = self._store(namespace)
+        if not status and store is not None:  # a new job: its Secret is missing unless a create says otherwise
+            store.presume_absent(cache.SECRET, namespace, child["progress_secret"])
         # Secrets: metadata only (see read_child).
         progress_secret = self._get(cache.SECRET, namespace, child["progress_secret"], uid, foreign, name)
         serving_deployment = self._get(cache.DEPLOYMENT, namespace, child["serving"], uid, foreign, name) \

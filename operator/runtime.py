@@ -47,6 +47,7 @@ class Runtime:
         """Started by the job controller's start-up handler; each controller adds its own."""
         self._locks: dict[tuple[str, str], threading.Lock] = {}
         self._guard = threading.Lock()
+        self._leading: tuple[float, bool] = (float("-inf"), False)
 
     @property
     def settings(self) -> OperatorSettings:
@@ -77,7 +78,7 @@ class Runtime:
 
     def kube(self) -> KubeClient:
         if self.client is None:
-            self.client = KubeClient(api_client(connections=self.settings.reconcile_threads + 4))
+            self.client = KubeClient(api_client(connections=2 * self.settings.reconcile_threads + 4))
         return self.client
 
     def lock(self, namespace: str, name: str) -> threading.Lock:
@@ -91,6 +92,22 @@ class Runtime:
         kopf delivers nothing, and so it must do nothing."""
         return not self.kube().peering_in_use(self.settings.peering_name, self.settings.namespaces)
 
+    def leading(self) -> bool:
+        """Whether kopf runs this replica's handlers now: no live peer of higher priority is listed in its
+        peering object (kopf's rule for pausing; always true without one). What the operator does on its
+        own informers' events (its children's changes) happens only then, as kopf's handlers do. Asked
+        of the API server at most every `LEADING_TTL` seconds (children's events come in bursts)."""
+        now = time.monotonic()
+        if now - self._leading[0] > LEADING_TTL:
+            paused = self.kube().peering_paused(self.settings.peering_name, self.settings.namespaces,
+                                                self.settings.peering_priority)
+            self._leading = (now, not paused)
+        return self._leading[1]
+
+
+LEADING_TTL = 2.0
+"""Seconds `Runtime.leading` trusts its last answer (a paused standby may act this long after a
+higher-priority peer appears; kopf itself reacts to the peering object's watch events)."""
 
 RUNTIME = Runtime()
 

@@ -1,8 +1,10 @@
-"""Thin kopf handlers: every event about a FineTuneJob or one of its children runs the same reconcile.
+"""Thin handlers: every event about a FineTuneJob (kopf's) or one of its children (the operator's own
+informers', `child_event`) runs the same reconcile.
 
 Handlers return None (kopf would store return values in status) and write
-status explicitly through `client`. kopf's own bookkeeping lives in
-annotations under `kubetune.io`. No handler needs a finalizer (children are
+status explicitly through `client`. kopf writes nothing on a FineTuneJob: its
+only handler of them is an event handler (`on_job_event`), which keeps no
+diff-base or progress annotations. No handler needs a finalizer (children are
 removed by owner references, and the periodic resync is `Resync`, not a kopf
 timer): so deleting a job, or the CRD after the operator was uninstalled, never
 waits for an operator. kopf removes a finalizer (`kubetune.io/finalizer`) that an
@@ -12,13 +14,15 @@ older version left, the next time it sees the object.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -29,7 +33,7 @@ from kubetune.operator.client import ChildConflict, KubeClient, error_cause
 from kubetune.operator.jobs import builders, reconcile
 from kubetune.operator.platform import policy, quota
 from kubetune.operator.progress import server as progress
-from kubetune.operator.runtime import RUNTIME, DeliveryWatch, Resync, reconcile_or_retry
+from kubetune.operator.runtime import RUNTIME, DeliveryWatch, Resync
 from kubetune.operator.settings import OperatorSettings
 from kubetune.operator.specs import has_pending_work
 
@@ -37,7 +41,6 @@ Body = dict[str, Any]
 log = logging.getLogger(__name__)
 
 RESOURCE = (builders.API_GROUP, builders.API_VERSION.split("/")[1], builders.PLURAL)
-CHILD_LABELS = {builders.LABEL_MANAGED_BY: builders.MANAGED_BY}
 
 
 class _JobEvents:
@@ -50,6 +53,8 @@ class _JobEvents:
         """Jobs with a reconcile waiting for the job's lock that has not observed the cluster yet."""
         self._child_states: dict[str, tuple[Any, ...]] = {}
         """Child uid -> the part of its state reconcile reads, as last seen."""
+        self._job_states: dict[str, int] = {}
+        """FineTuneJob uid -> a hash of what `job_changed` compares, as last seen."""
         self.settled: set[tuple[str, str]] = set()
         """Finished jobs with nothing pending (`has_pending_work`): their children's events are ignored."""
 
@@ -77,6 +82,26 @@ class _JobEvents:
             if not uid or self._child_states.get(uid) == state:
                 return not uid
             self._child_states[uid] = state
+            return True
+
+    def job_changed(self, body: Mapping[str, Any], event_type: str | None) -> bool:
+        """Whether a FineTuneJob event asks for a reconcile: the job's first sight in this process (an
+        event at start-up, a new job), or a change of what a user or a sweep writes — spec
+        (`generation`), labels, annotations, deletion. The operator's own status writes come back as
+        events too; they change none of it (kopf's diff-base on the spec and metadata did this before,
+        at the cost of a patch per job to store it)."""
+        metadata = body.get("metadata") or {}
+        uid = str(metadata.get("uid") or "")
+        annotations = {k: v for k, v in (metadata.get("annotations") or {}).items() if k != cache.KOPF_DIFFBASE_ANNOTATION}
+        state = hash((metadata.get("generation"), metadata.get("deletionTimestamp"),
+                      json.dumps(metadata.get("labels") or {}, sort_keys=True), json.dumps(annotations, sort_keys=True)))
+        with self._guard:
+            if event_type == "DELETED":
+                self._job_states.pop(uid, None)
+                return False
+            if not uid or self._job_states.get(uid) == state:
+                return not uid
+            self._job_states[uid] = state
             return True
 
     @staticmethod
@@ -166,9 +191,13 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # long after it ended. Short, capped gaps over a similar span (~36 s) before an error escalates.
     settings.networking.error_backoffs = (0.5, 1, 1, 2, 2, 3, 3, 4, 5, 5, 5, 5)
     kube = RUNTIME.kube()
-    if RUNTIME.settings.cache and kube.cache is None:
+    if kube.cache is None:
+        # The informers are the one watch of the children (their events drive `child_event`), with or
+        # without reads from memory (`KUBETUNE_CACHE=false` reads the API server every pass).
         kube.cache = kube.build_cache(RUNTIME.settings.namespaces, secret_ttl=RUNTIME.settings.resync_seconds)
+        kube.reads_cache = RUNTIME.settings.cache
         kube.cache.on_event(DELIVERY_KINDS, JOB_DELIVERY.seen)
+        kube.cache.on_event(CHILD_KINDS, child_event)
         kube.cache.start()
     if not RUNTIME.settings.secret_key and RUNTIME.settings.secret_key_secret:
         key_namespace, _slash, key_name = RUNTIME.settings.secret_key_secret.partition("/")
@@ -194,6 +223,7 @@ async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
 async def stop_server(**_: Any) -> None:
     for task in _RESYNC_TASKS:
         task.cancel()
+    REACTIONS.stop()
     if RUNTIME.client is not None and RUNTIME.client.cache is not None:
         RUNTIME.client.cache.stop()
     if RUNTIME.client is not None:  # the Events still queued (posted in the background)
@@ -311,15 +341,23 @@ def _time(value: Any) -> datetime | None:
         return None
 
 
-def _reconcile_or_retry(namespace: str | None, name: str | None) -> None:
-    reconcile_or_retry(reconcile_job, namespace, name)
+RETRY_SECONDS = 10.0
+"""A failed reconcile runs again this long after (kopf's `TemporaryError` delay before)."""
 
 
-@kopf.on.create(*RESOURCE)
-@kopf.on.update(*RESOURCE)
-@kopf.on.resume(*RESOURCE)
-def on_job_changed(namespace: str | None, name: str | None, **_: Any) -> None:
-    _reconcile_or_retry(namespace, name)
+def schedule_reconcile(namespace: str, name: str) -> None:
+    """Reconcile the job on the reaction pool, after any reconcile of it already waiting; a failure is
+    logged and retried `RETRY_SECONDS` later (the resync also converges it)."""
+    def work() -> None:
+        try:
+            reconcile_job(namespace, name)
+        except Exception:
+            log.exception("reconcile of %s/%s failed; again in %.0f s", namespace, name, RETRY_SECONDS)
+            retry = threading.Timer(RETRY_SECONDS, schedule_reconcile, (namespace, name))
+            retry.daemon = True
+            retry.start()
+
+    REACTIONS.submit(("reconcile of", namespace, name), work)
 
 
 def pending_jobs() -> list[tuple[str, str]]:
@@ -341,8 +379,11 @@ JOB_RESYNC = Resync(reconcile_job, "", discover=pending_jobs)
 RUNTIME.resyncs.append(JOB_RESYNC)
 
 
-DELIVERY_KINDS = (cache.FINETUNEJOB, cache.JOB, cache.POD, cache.DEPLOYMENT)
-"""The kinds whose events kopf's handlers act on (ConfigMaps and Services only feed the cache)."""
+DELIVERY_KINDS = (cache.FINETUNEJOB,)
+"""The kinds whose events kopf's handlers act on, checked by the `DeliveryWatch`."""
+CHILD_KINDS = (cache.JOB, cache.POD, cache.DEPLOYMENT)
+"""The children whose changes the operator acts on (`child_event`); ConfigMaps and Services only feed
+the cache."""
 _ALONE_TTL = 10.0
 _alone: list[float | bool] = [float("-inf"), False]
 """When `working_alone` was last asked, and its answer: undelivered events can come in bursts."""
@@ -359,43 +400,47 @@ def _undelivered(kind: str, namespace: str, name: str, event_type: str, metadata
     if not _working_alone():
         return
     kube = RUNTIME.kube()
-    if kind == cache.FINETUNEJOB:
-        body = kube.cache.store.get(kind, namespace, name) if kube.cache is not None else None
-        if event_type == "DELETED" or body is None or not has_pending_work(body.get("spec"), body.get("status")):
-            return
-        log.info("FineTuneJob %s/%s: kopf has delivered nothing from %s for a while; reconciling it", namespace,
-                 name, namespace)
-        RUNTIME.metrics.resync_undelivered.labels(JOB_RESYNC.resource).inc()
-        reconcile_job(namespace, name)
+    body = kube.cache.store.get(kind, namespace, name) if kube.cache is not None else None
+    if event_type == "DELETED" or body is None or not has_pending_work(body.get("spec"), body.get("status")):
         return
-    child = (kube.cache.store.get(kind, namespace, name) if kube.cache is not None and event_type != "DELETED"
-             else None) or {"kind": kind, "metadata": {"namespace": namespace, "name": name, **metadata}}
-    child.setdefault("kind", kind)
-    RUNTIME.metrics.resync_undelivered.labels(kind.lower() + "s").inc()
-    react_to_child(namespace, child, event_type)
+    log.info("FineTuneJob %s/%s: kopf has delivered nothing from %s for a while; reconciling it", namespace,
+             name, namespace)
+    RUNTIME.metrics.resync_undelivered.labels(JOB_RESYNC.resource).inc()
+    reconcile_job(namespace, name)
 
 
 JOB_DELIVERY = DeliveryWatch(_undelivered)
 
 
 @kopf.on.event(*RESOURCE)
-def track_job(namespace: str | None, name: str | None, spec: kopf.Spec, status: kopf.Status, body: kopf.Body,
-              type: str | None = None, **_: Any) -> None:
-    """Polling a job with nothing pending would cost ~10 requests per job per interval forever."""
+def on_job_event(namespace: str | None, name: str | None, uid: str | None, spec: kopf.Spec, status: kopf.Status,
+                 body: kopf.Body, type: str | None = None, **_: Any) -> None:  # noqa: A002 - kopf's name
+    """Every FineTuneJob event, the start-up listing's included: reconcile when the job is new to this
+    process or its spec or metadata changed (`job_changed`), on the reaction pool; remember which jobs
+    the resync polls (one with nothing pending would cost ~10 requests per interval forever).
+
+    The only kopf handler of FineTuneJobs: kopf's create/update/resume/delete handlers would make it
+    store its diff-base (a copy of the spec) and handler progress in annotations, a patch of every new
+    job (checked by the API server's schema and CEL rules like any spec write) and a larger object in
+    every later write and watch event."""
     EVENTS.observed(cache.FINETUNEJOB, body, type)
     JOB_RESYNC.track(namespace, name, type != "DELETED" and has_pending_work(dict(spec), dict(status)))
+    if not namespace or not name:
+        return
+    if type == "DELETED":
+        job_deleted(namespace, name, uid)
+    elif EVENTS.job_changed(body, type):
+        schedule_reconcile(namespace, name)
 
 
-@kopf.on.delete(*RESOURCE, optional=True)
-def on_job_deleted(namespace: str | None, name: str | None, uid: str | None, **_: Any) -> None:
-    """Children go with the job (owner references); only the operator's memory needs clearing."""
-    if namespace and name:
-        RUNTIME.metrics.forget_job(namespace, name)
-        EVENTS.settled.discard((namespace, name))
+def job_deleted(namespace: str, name: str, uid: str | None) -> None:
+    """Children go with the job (owner references); only the operator's memory needs clearing, and its
+    quota share may let a waiting job start."""
+    RUNTIME.metrics.forget_job(namespace, name)
+    EVENTS.settled.discard((namespace, name))
     if uid and RUNTIME.service is not None:
         RUNTIME.service.forget(uid)
-    if namespace:
-        admit_waiting_jobs(namespace)
+    REACTIONS.submit(("admitting waiting jobs in", namespace), functools.partial(admit_waiting_jobs, namespace))
 
 
 def _owner_name(body: Mapping[str, Any]) -> str | None:
@@ -407,30 +452,67 @@ def _owner_name(body: Mapping[str, Any]) -> str | None:
     return str(instance) if instance else None
 
 
-@kopf.on.event("batch", "v1", "jobs", labels=CHILD_LABELS)
-@kopf.on.event("", "v1", "pods", labels=CHILD_LABELS)
-@kopf.on.event("apps", "v1", "deployments", labels=CHILD_LABELS)
-def on_child_event(namespace: str | None, body: kopf.Body, type: str | None = None, **_: Any) -> None:
-    """A child changed (a pod started or ended, a Job finished, serving became available):
-    converge its FineTuneJob now; when a trainer Job stops holding quota, start waiting jobs."""
-    EVENTS.observed(str(body.get("kind") or ""), body, type)
-    react_to_child(namespace, body, type)
+class _Reactions:
+    """The reconciles children's events ask for, run on a pool of `KUBETUNE_RECONCILE_THREADS` threads
+    (the informers' own threads only read events). At most one is waiting per job and per namespace's
+    admission: a burst of events about one job (its pod and its Job change together) makes one pass,
+    which observes all of them, and the queue never holds more entries than there are jobs."""
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._waiting: set[tuple[str, ...]] = set()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def submit(self, key: tuple[str, ...], work: Callable[[], None]) -> bool:
+        """Run `work` on the pool unless work for `key` is already waiting; False when it was."""
+        with self._guard:
+            if key in self._waiting:
+                return False
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(RUNTIME.settings.reconcile_threads,
+                                                                   thread_name_prefix="child-reaction")
+            self._waiting.add(key)
+            pool = self._pool
+
+        def run() -> None:
+            with self._guard:
+                self._waiting.discard(key)
+            try:
+                work()
+            except Exception:  # event reactions are not retried; the resync converges later
+                log.exception("%s after a child event failed", " ".join(key))
+
+        pool.submit(run)
+        return True
+
+    def stop(self) -> None:
+        with self._guard:
+            pool, self._pool = self._pool, None
+            self._waiting.clear()
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
-def react_to_child(namespace: str | None, body: Mapping[str, Any], type: str | None) -> None:  # noqa: A002 - kopf's name
-    """`on_child_event`'s work once the cache has the event (also for events kopf has not delivered)."""
+REACTIONS = _Reactions()
+
+
+def child_event(kind: str, event_type: str, body: dict[str, Any]) -> None:
+    """An informer's event about a child (a pod started or ended, a Job finished, serving became
+    available), after the store has it: converge its FineTuneJob; when a trainer Job stops holding
+    quota, start waiting jobs. Only while kopf runs this replica's handlers (`Runtime.leading`).
+
+    The informers are the children's only watch: kopf does not watch them as well, so every child
+    event is read, decoded and stored once (kopf's per-object workers would add a second copy of each)."""
+    if not RUNTIME.leading():
+        return
+    body.setdefault("kind", kind)
+    namespace = str((body.get("metadata") or {}).get("namespace") or "")
     name = _owner_name(body)
-    settled = (namespace, name) in EVENTS.settled and body.get("kind") != "Deployment"
-    if namespace and name and not settled and EVENTS.child_changed(body, type):
-        try:
-            reconcile_job(namespace, name)
-        except Exception:  # event handlers are not retried; the timer converges later
-            log.exception("reconcile of %s/%s after a child event failed", namespace, name)
-    if namespace and _frees_quota(body, type):
-        try:
-            admit_waiting_jobs(namespace)
-        except Exception:
-            log.exception("admitting waiting jobs in %s failed", namespace)
+    settled = (namespace, name) in EVENTS.settled and kind != cache.DEPLOYMENT
+    if namespace and name and not settled and EVENTS.child_changed(body, event_type):
+        REACTIONS.submit(("reconcile of", namespace, name), functools.partial(reconcile_job, namespace, name))
+    if namespace and _frees_quota(body, event_type):
+        REACTIONS.submit(("admitting waiting jobs in", namespace), functools.partial(admit_waiting_jobs, namespace))
 
 
 def _frees_quota(body: Mapping[str, Any], event_type: str | None) -> bool:

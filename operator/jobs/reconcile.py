@@ -235,21 +235,23 @@ stalled): set or reset along with a transition that has its own Event, so they g
 
 
 def transition_events(changed: list[Condition]) -> list[Event]:
-    """One Event per reason among the changed conditions: those a transition moves together share
-    their reason (Succeeded=True, Failed=False and Running=False all say TrainingComplete) and make
-    one Event naming each. False conditions with a quiet reason (`QUIET_REASONS`) make none. Half of
-    the operator's API requests were Events, one per condition, most of them saying nothing new."""
+    """One Event per transition (per Event type: a Warning never hides inside a Normal Event): the
+    conditions a reconcile moves together make one Event, led by a condition that became True (else
+    the first changed), naming each of the others (Succeeded=True, Failed=False and Running=False all
+    say TrainingComplete; a job's first pass sets Validated, Running and ServingReady at once). False
+    conditions with a quiet reason (`QUIET_REASONS`) make none. Events were half of the operator's API
+    requests when it posted one per condition, most of them saying nothing new."""
     grouped: dict[str, list[Condition]] = {}
     for condition in changed:
         if condition["status"] == "False" and condition["reason"] in QUIET_REASONS:
             continue
-        grouped.setdefault(condition["reason"], []).append(condition)
+        grouped.setdefault(_event_for(condition).type, []).append(condition)
     events = []
     for group in grouped.values():
-        # The leading condition: a warning first, then one that became True, then the first changed.
-        lead = max(group, key=lambda c: (_event_for(c).type == "Warning", c["status"] == "True"))
+        lead = max(group, key=lambda c: c["status"] == "True")
         event = _event_for(lead)
-        others = [f"{c['type']}={c['status']}" for c in group if c is not lead]
+        others = [f"{c['type']}={c['status']}" + ("" if c["reason"] == lead["reason"] else f" {c['reason']}")
+                  for c in group if c is not lead]
         if others:
             event = dataclasses.replace(event, message=(event.message + " (also " + ", ".join(others) + ")")[:1024])
         events.append(event)

@@ -259,3 +259,47 @@ class TestPagedListing:
         cache.Informer(cache.JOB, pages, store, lambda ns: True, page_size=0)._list()
         assert len(pages.calls) == 1 and "limit" not in pages.calls[0]
         assert store.size() == {cache.JOB: 3}
+
+    def test_a_relisting_reports_what_changed_or_disappeared_while_no_watch_ran(self) -> None:
+        """The informers are the children's only watch: an expired watch (410) must not lose the events of
+        its gap, so a relisting reports them. The first listing reports nothing (the start-up resume of
+        every FineTuneJob covers what happened before)."""
+        store = cache.Store()
+        seen: list[tuple[str, str, str]] = []
+        first = self.Pages([obj("Job", "kept", "10", uid="k"), obj("Job", "moved", "10", uid="m"),
+                            obj("Job", "gone", "10", uid="g", metadata={"labels": {"app": "x"}})])
+        informer = cache.Informer(cache.JOB, first, store, lambda ns: True)
+        informer.on_event = lambda kind, event, body: seen.append((kind, event, body["metadata"]["name"]))
+        informer._list()
+        informer.synced.set()  # as `run` does after the first listing
+        assert seen == []
+        informer.list_call = self.Pages([obj("Job", "kept", "10", uid="k"), obj("Job", "moved", "12", uid="m"),
+                                         obj("Job", "new", "11", uid="n")], version="50")
+        informer._list()
+        assert seen == [("Job", "MODIFIED", "moved"), ("Job", "MODIFIED", "new"), ("Job", "DELETED", "gone")]
+        assert store.get(cache.JOB, "ns", "gone") is None
+
+
+def test_a_repeated_copy_is_not_encoded_again(monkeypatch: Any) -> None:
+    """A write's answer is stored, then its watch event brings the same resourceVersion: no second encoding."""
+    store = cache.Store()
+    encoded: list[int] = []
+    real = cache.encode
+    monkeypatch.setattr(cache, "encode", lambda body: encoded.append(1) or real(body))
+    assert store.upsert(cache.JOB, obj("Job", "j", "5"))
+    assert not store.upsert(cache.JOB, obj("Job", "j", "5"))
+    assert not store.upsert(cache.JOB, obj("Job", "j", "4"))
+    assert len(encoded) == 1
+
+
+def test_a_new_jobs_secret_is_presumed_missing_once_and_read_after_a_conflict() -> None:
+    """A job no pass has finished has no Secret unless a pass died after creating it: no GET to find
+    that out. Its create then answers 409, the name is forgotten, and the next observation reads it."""
+    store = cache.Store(secret_ttl=60)
+    assert store.presume_absent(cache.SECRET, "ns", "j-progress")
+    assert store.known_absent(cache.SECRET, "ns", "j-progress")
+    store.forget(cache.SECRET, "ns", "j-progress")  # the create answered 409
+    assert not store.presume_absent(cache.SECRET, "ns", "j-progress")  # once only: the pass reads it now
+    assert not store.known_absent(cache.SECRET, "ns", "j-progress")
+    store.upsert(cache.SECRET, obj("Secret", "k-progress", "3"))
+    assert not store.presume_absent(cache.SECRET, "ns", "k-progress")  # remembered: nothing to presume

@@ -435,6 +435,16 @@ class TestTransitionEvents:
         assert [(e.type, e.reason) for e in events] == [("Normal", "TrainingComplete")]
         assert events[0].message == "Succeeded=True: trained 10 steps (also Failed=False, Running=False)"
 
+    def test_a_transition_makes_one_normal_event_naming_the_other_reasons(self) -> None:
+        c = self.condition
+        events = reconcile.transition_events([
+            c("Validated", "True", "DatasetValid", "dataset validated: 8 examples"),
+            c("Running", "False", "Pending", "the trainer Job was created"),
+            c("ServingReady", "False", "ServingDisabled", "spec.serving.enabled is false")])
+        assert [(e.type, e.reason) for e in events] == [("Normal", "DatasetValid")]
+        assert events[0].message == ("Validated=True: dataset validated: 8 examples "
+                                     "(also Running=False Pending, ServingReady=False ServingDisabled)")
+
     def test_quiet_false_conditions_make_no_event_and_warnings_lead(self) -> None:
         c = self.condition
         events = reconcile.transition_events([
