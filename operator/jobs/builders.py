@@ -14,6 +14,7 @@ writes to an emptyDir at /tmp.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Sequence
@@ -112,7 +113,12 @@ def _metadata(job: Body, name: str, component: str) -> Body:
 
 def config_hash(rendered: render.RenderedConfig) -> str:
     """A short digest of the config content (annotated on Jobs to tell which config they run)."""
-    return hashlib.sha256(rendered.config_json().encode()).hexdigest()[:16]
+    return _digest(rendered.config_json())
+
+
+@functools.lru_cache(maxsize=256)
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def trainer_configmap(job: Body, rendered: render.RenderedConfig) -> Body:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 from typing import Any
 
@@ -63,6 +64,12 @@ class RenderedConfig:
 
     def config_json(self) -> str:
         """The config file's content (stable key order, so equal specs give equal ConfigMaps)."""
+        return self._config_json
+
+    @functools.cached_property
+    def _config_json(self) -> str:
+        # Asked up to three times per pass (the ConfigMap, each Job's config-hash annotation, the
+        # validation Job's comparison); `config` is not changed once rendered.
         return json.dumps(self.config, indent=2, sort_keys=True)
 
 
