@@ -149,9 +149,9 @@ class Store:
         self._tombstones: collections.OrderedDict[Key, tuple[str, str]] = collections.OrderedDict()
         self._direct: set[Key] = set()
         self._absent: dict[Key, float] = {}
+        """Secrets a GET found missing, and when: not read again for `secret_ttl` seconds."""
         self._presumed: collections.OrderedDict[Key, None] = collections.OrderedDict()
         """Names `presume_absent` took as missing once (the latest `TOMBSTONES`)."""
-        """Secrets a GET found missing, and when: not read again for `secret_ttl` seconds."""
 
     # -- writing ---------------------------------------------------------------------
 

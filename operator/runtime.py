@@ -206,13 +206,13 @@ class DeliveryWatch:
     where no other replica may hold the lead (`react` decides that). One thread, started on first use.
     """
 
-    def __init__(self, react: Callable[[str, str, str, str, dict[str, Any]], None], grace: float = 5.0) -> None:
+    def __init__(self, react: Callable[[str, str, str, str], None], grace: float = 5.0) -> None:
         self.react = react
-        """(kind, namespace, name, event type, the object's metadata) -> kopf's handler's work."""
+        """(kind, namespace, name, event type) -> kopf's handler's work."""
         self.grace = grace
         self._pulse: dict[tuple[str, str], float] = {}
         """(kind, namespace) -> when kopf last delivered an event of that kind from that namespace."""
-        self._due: list[tuple[float, float, int, str, str, str, str, dict[str, Any]]] = []
+        self._due: list[tuple[float, float, int, str, str, str, str]] = []
         self._order = 0
         self._wake = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -230,10 +230,9 @@ class DeliveryWatch:
         if not namespace or not name:
             return
         now = time.monotonic()
-        kept = {k: metadata[k] for k in ("labels", "ownerReferences", "uid") if k in metadata}
         with self._wake:
             self._order += 1
-            heapq.heappush(self._due, (now + self.grace, now, self._order, kind, namespace, name, event_type, kept))
+            heapq.heappush(self._due, (now + self.grace, now, self._order, kind, namespace, name, event_type))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, daemon=True, name="delivery-watch")
                 self._thread.start()
@@ -244,16 +243,15 @@ class DeliveryWatch:
             with self._wake:
                 while not self._due or self._due[0][0] > time.monotonic():
                     self._wake.wait(None if not self._due else self._due[0][0] - time.monotonic())
-                _, seen_at, _, kind, namespace, name, event_type, metadata = heapq.heappop(self._due)
-            self.check(kind, namespace, name, event_type, metadata, seen_at)
+                _, seen_at, _, kind, namespace, name, event_type = heapq.heappop(self._due)
+            self.check(kind, namespace, name, event_type, seen_at)
 
-    def check(self, kind: str, namespace: str, name: str, event_type: str, metadata: dict[str, Any],
-              seen_at: float) -> bool:
+    def check(self, kind: str, namespace: str, name: str, event_type: str, seen_at: float) -> bool:
         """React to the event if kopf has delivered nothing of `kind` from `namespace` since `seen_at`."""
         if self._pulse.get((kind, namespace), float("-inf")) >= seen_at:
             return False
         try:
-            self.react(kind, namespace, name, event_type, metadata)
+            self.react(kind, namespace, name, event_type)
         except Exception:  # noqa: BLE001 - the resync and kopf's own delivery still cover it
             log.exception("handling the undelivered %s event of %s %s/%s failed", event_type, kind, namespace, name)
         self.reacted += 1

@@ -67,9 +67,10 @@ class OperatorSettings:
     (`bench/operator_scale.py --finished`). A worker leaves 0.5 s after its object's last event.
     0 = no limit. `KUBETUNE_WORKER_LIMIT`."""
     reconcile_threads: int = 8
-    """Reconciles that run at once, in each of two pools: kopf's, for FineTuneJob events, and the one for
-    children's events (each reconcile waits on the API server for its writes). The API client keeps
-    twice as many connections, plus 4. `KUBETUNE_RECONCILE_THREADS`."""
+    """Threads in each of two pools: the operator's, where every FineTuneJob reconcile runs (asked for by
+    kopf's FineTuneJob events and the informers' child events; each waits on the API server for its
+    writes), and kopf's, for its handlers (sweeps, and the FineTuneJob event handler that only queues a
+    reconcile). The API client keeps twice as many connections, plus 4. `KUBETUNE_RECONCILE_THREADS`."""
     status_write_interval: float = 2.0
     """At most one status write per job per this many seconds from progress reports; terminal
     reports (`completed`, `failed`) are always written at once. `KUBETUNE_STATUS_WRITE_INTERVAL`."""

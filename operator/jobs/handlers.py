@@ -74,15 +74,7 @@ class _JobEvents:
     def child_changed(self, body: Mapping[str, Any], event_type: str | None) -> bool:
         """Whether this child event changes anything reconcile reads (first sight and deletion do)."""
         uid = str(body.get("metadata", {}).get("uid") or "")
-        state = child_state(body)
-        with self._guard:
-            if event_type == "DELETED":
-                self._child_states.pop(uid, None)
-                return True
-            if not uid or self._child_states.get(uid) == state:
-                return not uid
-            self._child_states[uid] = state
-            return True
+        return self._changed(self._child_states, uid, child_state(body), event_type, deleted=True)
 
     def job_changed(self, body: Mapping[str, Any], event_type: str | None) -> bool:
         """Whether a FineTuneJob event asks for a reconcile: the job's first sight in this process (an
@@ -91,17 +83,21 @@ class _JobEvents:
         events too; they change none of it (kopf's diff-base on the spec and metadata did this before,
         at the cost of a patch per job to store it)."""
         metadata = body.get("metadata") or {}
-        uid = str(metadata.get("uid") or "")
         annotations = {k: v for k, v in (metadata.get("annotations") or {}).items() if k != cache.KOPF_DIFFBASE_ANNOTATION}
         state = hash((metadata.get("generation"), metadata.get("deletionTimestamp"),
                       json.dumps(metadata.get("labels") or {}, sort_keys=True), json.dumps(annotations, sort_keys=True)))
+        return self._changed(self._job_states, str(metadata.get("uid") or ""), state, event_type, deleted=False)
+
+    def _changed(self, seen: dict[str, Any], uid: str, state: Any, event_type: str | None, deleted: bool) -> bool:
+        """Remember `state` as the object's last; whether it differs from the one before (always for an
+        object without a uid). A deletion forgets the object and answers `deleted`."""
         with self._guard:
             if event_type == "DELETED":
-                self._job_states.pop(uid, None)
-                return False
-            if not uid or self._job_states.get(uid) == state:
+                seen.pop(uid, None)
+                return deleted
+            if not uid or seen.get(uid) == state:
                 return not uid
-            self._job_states[uid] = state
+            seen[uid] = state
             return True
 
     @staticmethod
@@ -348,16 +344,8 @@ RETRY_SECONDS = 10.0
 def schedule_reconcile(namespace: str, name: str) -> None:
     """Reconcile the job on the reaction pool, after any reconcile of it already waiting; a failure is
     logged and retried `RETRY_SECONDS` later (the resync also converges it)."""
-    def work() -> None:
-        try:
-            reconcile_job(namespace, name)
-        except Exception:
-            log.exception("reconcile of %s/%s failed; again in %.0f s", namespace, name, RETRY_SECONDS)
-            retry = threading.Timer(RETRY_SECONDS, schedule_reconcile, (namespace, name))
-            retry.daemon = True
-            retry.start()
-
-    REACTIONS.submit(("reconcile of", namespace, name), work)
+    REACTIONS.submit(("reconcile of", namespace, name), functools.partial(reconcile_job, namespace, name),
+                     retry_after=RETRY_SECONDS)
 
 
 def pending_jobs() -> list[tuple[str, str]]:
@@ -395,7 +383,7 @@ def _working_alone() -> bool:
     return bool(_alone[1])
 
 
-def _undelivered(kind: str, namespace: str, name: str, event_type: str, metadata: dict[str, Any]) -> None:
+def _undelivered(kind: str, namespace: str, name: str, event_type: str) -> None:
     """What kopf's handler would have done for an event it has not delivered (`DeliveryWatch`)."""
     if not _working_alone():
         return
@@ -453,24 +441,26 @@ def _owner_name(body: Mapping[str, Any]) -> str | None:
 
 
 class _Reactions:
-    """The reconciles children's events ask for, run on a pool of `KUBETUNE_RECONCILE_THREADS` threads
-    (the informers' own threads only read events). At most one is waiting per job and per namespace's
-    admission: a burst of events about one job (its pod and its Job change together) makes one pass,
-    which observes all of them, and the queue never holds more entries than there are jobs."""
+    """The reconciles that events ask for (kopf's FineTuneJob events, the informers' child events), run
+    on a pool of `KUBETUNE_RECONCILE_THREADS` threads: the threads that deliver events only read them.
+    At most one is waiting per job and per namespace's admission: a burst of events about one job (its
+    pod and its Job change together) makes one pass, which observes all of them, and the queue never
+    holds more entries than there are jobs."""
 
     def __init__(self) -> None:
         self._guard = threading.Lock()
         self._waiting: set[tuple[str, ...]] = set()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
-    def submit(self, key: tuple[str, ...], work: Callable[[], None]) -> bool:
-        """Run `work` on the pool unless work for `key` is already waiting; False when it was."""
+    def submit(self, key: tuple[str, ...], work: Callable[[], None], retry_after: float | None = None) -> bool:
+        """Run `work` on the pool unless work for `key` is already waiting; False when it was. A failure
+        is logged, and with `retry_after` submitted again that many seconds later."""
         with self._guard:
             if key in self._waiting:
                 return False
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(RUNTIME.settings.reconcile_threads,
-                                                                   thread_name_prefix="child-reaction")
+                                                                   thread_name_prefix="reaction")
             self._waiting.add(key)
             pool = self._pool
 
@@ -479,8 +469,12 @@ class _Reactions:
                 self._waiting.discard(key)
             try:
                 work()
-            except Exception:  # event reactions are not retried; the resync converges later
-                log.exception("%s after a child event failed", " ".join(key))
+            except Exception:  # without `retry_after`, the resync converges later
+                log.exception("%s failed%s", " ".join(key), f"; again in {retry_after:.0f} s" if retry_after else "")
+                if retry_after:
+                    retry = threading.Timer(retry_after, self.submit, (key, work, retry_after))
+                    retry.daemon = True
+                    retry.start()
 
         pool.submit(run)
         return True

@@ -100,7 +100,7 @@ def test_an_event_kopf_has_not_delivered_is_handled_after_the_grace() -> None:
     from kubetune.operator import runtime
 
     handled: list[tuple[str, str, str, str]] = []
-    watch = runtime.DeliveryWatch(lambda kind, namespace, name, event, _meta: handled.append((kind, namespace, name, event)),
+    watch = runtime.DeliveryWatch(lambda kind, namespace, name, event: handled.append((kind, namespace, name, event)),
                                   grace=0.1)
     watch.seen("FineTuneJob", "ADDED", {"metadata": {"namespace": "silent", "name": "first", "uid": "u1"}})
     watch.seen("Pod", "MODIFIED", {"metadata": {"namespace": "silent", "name": "first-validate-x"}})
@@ -117,7 +117,7 @@ def test_an_event_kopf_has_not_delivered_is_handled_after_the_grace() -> None:
                        ("Pod", "watched", "other-train-x", "MODIFIED")]
     assert time.monotonic() - started >= 0.1
     assert watch.reacted == 3
-    assert not watch.check("FineTuneJob", "watched", "other", "MODIFIED", {}, seen_at=time.monotonic() - 1)
+    assert not watch.check("FineTuneJob", "watched", "other", "MODIFIED", seen_at=time.monotonic() - 1)
 
 
 def test_an_undelivered_job_is_reconciled_only_with_work_pending_and_no_leader_elsewhere(
@@ -140,10 +140,10 @@ def test_an_undelivered_job_is_reconciled_only_with_work_pending_and_no_leader_e
     monkeypatch.setattr(RUNTIME, "working_alone", lambda: alone[0])
     monkeypatch.setattr(handlers, "_alone", [float("-inf"), False])
 
-    handlers._undelivered(cache.FINETUNEJOB, "a", "new", "ADDED", {})
+    handlers._undelivered(cache.FINETUNEJOB, "a", "new", "ADDED")
     assert reconciled == []  # another replica may lead
     alone[0] = True
     monkeypatch.setattr(handlers, "_alone", [float("-inf"), False])
     for name in ("new", "done", "gone"):
-        handlers._undelivered(cache.FINETUNEJOB, "a", name, "ADDED", {})
+        handlers._undelivered(cache.FINETUNEJOB, "a", name, "ADDED")
     assert reconciled == [("a", "new")]
