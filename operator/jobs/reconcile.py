@@ -551,7 +551,7 @@ def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: 
             draft.actions.append(CreateChild(builders.validation_job(
                 observed.job, draft.spec, rendered, settings,
                 policy.limits_for(str(draft.metadata.get("namespace", ""))))))
-        _waiting_for_validation(draft, "the dataset-validation pod was created")
+        _waiting_for_validation(draft)
         return False
     outcome = job_outcome(vjob)
     if outcome == "Active" and validation_pod_succeeded(observed.validation_pods):
@@ -578,7 +578,7 @@ def _validate_dataset(draft: _Draft, rendered: render.RenderedConfig, settings: 
         draft.set(conditions.VALIDATED, "False", conditions.CREDENTIALS_UNAVAILABLE, message)
         draft.finish(False, conditions.CREDENTIALS_UNAVAILABLE, message)
         return False
-    _waiting_for_validation(draft, "the dataset-validation pod is running or pending")
+    _waiting_for_validation(draft)
     return False
 
 
@@ -659,8 +659,15 @@ def resolved_spec(draft: _Draft, policy: PlatformPolicy) -> FineTuneJobSpec:
     return dataclasses.replace(spec, resources=resources)
 
 
-def _waiting_for_validation(draft: _Draft, message: str) -> None:
-    draft.set(conditions.VALIDATED, "Unknown", conditions.VALIDATING, message)
+VALIDATING_MESSAGE = "the dataset-validation pod checks the dataset"
+"""The same from the validation Job's creation until its pod ends: each different message would cost a
+status write (and a watch event to every watcher) on the way, and say nothing the child objects do not."""
+PENDING_MESSAGE = "waiting for the trainer pod to start"
+"""The same from the trainer Job's creation until its pod runs, for the same reason."""
+
+
+def _waiting_for_validation(draft: _Draft) -> None:
+    draft.set(conditions.VALIDATED, "Unknown", conditions.VALIDATING, VALIDATING_MESSAGE)
     draft.set(conditions.RUNNING, "False", conditions.WAITING_FOR_VALIDATION,
               "training starts once the dataset is validated")
     draft.set(conditions.SUCCEEDED, "False", conditions.NOT_FINISHED, "")
@@ -713,7 +720,7 @@ def _train(draft: _Draft, rendered: render.RenderedConfig, settings: OperatorSet
             draft.actions.append(CreateChild(builders.trainer_job(observed.job, spec, rendered, settings,
                                                                   admitted=admission.admitted, limits=limits)))
         if admission.admitted:
-            draft.set(conditions.RUNNING, "False", conditions.PENDING, "the trainer Job was created")
+            draft.set(conditions.RUNNING, "False", conditions.PENDING, PENDING_MESSAGE)
         else:
             draft.set(conditions.RUNNING, "False", conditions.QUOTA_EXCEEDED, admission.message[:1024])
         draft.set(conditions.SUCCEEDED, "False", conditions.NOT_FINISHED, "")
@@ -861,7 +868,7 @@ def _report_running(draft: _Draft, tjob: Body, admission: quota.Admission) -> No
         draft.set(conditions.RUNNING, "False", conditions.RESUMING,
                   f"attempt {attempt} resumes from the latest checkpoint{why}"[:1024])
     else:
-        draft.set(conditions.RUNNING, "False", conditions.PENDING, "waiting for the trainer pod to start")
+        draft.set(conditions.RUNNING, "False", conditions.PENDING, PENDING_MESSAGE)
     if draft.spec.training.stall_timeout_seconds and not draft.is_true(conditions.RUNNING) \
             and not _restarting_after_stall(draft):
         draft.set(conditions.STALLED, "False", conditions.NOT_TRAINING, "no trainer pod is running")

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from kubetune.operator import conditions
+from kubetune.operator.client import status_changes
 from kubetune.operator.jobs import builders, reconcile, render
 from kubetune.operator.jobs.reconcile import CreateChild, DeleteChild, Observed, PatchChild
 from kubetune.operator.settings import OperatorSettings
@@ -84,6 +85,24 @@ class TestANewJob:
         again = reconcile.reconcile(with_children(job, settings, validation_job=job_with_conditions("demo-validate")),
                                     settings)
         assert again.events == () and again.actions == ()
+
+    def test_waiting_writes_status_once_from_each_childs_creation_until_its_pod_ends(
+            self, make_job: MakeJob, settings: OperatorSettings) -> None:
+        # A status write costs the API server a CEL-checked update and every watcher an event: the message
+        # must not change between "the child was created" and "its pod is pending or running".
+        first = reconcile.reconcile(Observed(job=make_job(), now=NOW), settings)
+        job = make_job(status=first.status_patch)
+        pending = (pod("Pending", container="validate"),)
+        validating = reconcile.reconcile(with_children(job, settings, validation_job=job_with_conditions(
+            "demo-validate", active=1), validation_pods=pending), settings)
+        assert not status_changes(job["status"], validating.status_patch)
+        started = reconcile.reconcile(with_children(job, settings, validation_job=job_with_conditions(
+            "demo-validate", ("Complete", "Completed"))), settings)
+        assert created_kinds(started) == ["Job/demo-train"]
+        job = make_job(status=first.status_patch | started.status_patch)
+        waiting = reconcile.reconcile(with_children(job, settings, validation_job=job_with_conditions(
+            "demo-validate", ("Complete", "Completed")), trainer_job=job_with_conditions("demo-train")), settings)
+        assert not status_changes(job["status"], waiting.status_patch)
 
     def test_an_invalid_spec_creates_nothing_and_fails_with_the_problem(self, make_job: MakeJob,
                                                                          settings: OperatorSettings) -> None:
@@ -439,7 +458,7 @@ class TestTransitionEvents:
         c = self.condition
         events = reconcile.transition_events([
             c("Validated", "True", "DatasetValid", "dataset validated: 8 examples"),
-            c("Running", "False", "Pending", "the trainer Job was created"),
+            c("Running", "False", "Pending", "waiting for the trainer pod to start"),
             c("ServingReady", "False", "ServingDisabled", "spec.serving.enabled is false")])
         assert [(e.type, e.reason) for e in events] == [("Normal", "DatasetValid")]
         assert events[0].message == ("Validated=True: dataset validated: 8 examples "
