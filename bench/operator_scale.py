@@ -40,7 +40,7 @@ backlog starts to grow. The load average is printed: the machine is shared.
 `--finished N` first stores N FineTuneJobs that have already Succeeded (created,
 then their status written, before the operator starts): the operator lists,
 watches and resumes them all, and its resident memory is printed once it has
-(its informers hold every job; kopf resumes each one), then the N in-flight
+(its informers hold every job; kopf delivers each one once), then the N in-flight
 jobs run as usual on top of them.
 """
 
@@ -451,7 +451,9 @@ def start_operator(plane: Any, kubeconfig: Path, workdir: Path, cache: bool = Tr
                     return proc, port
         except OSError:
             time.sleep(0.3)
-    raise RuntimeError("the operator did not answer /healthz within 90 s")
+    proc.kill()  # not left running against a control plane that is about to stop
+    proc.wait()
+    raise RuntimeError(f"the operator did not answer /healthz within 90 s; see {workdir / 'operator.log'}")
 
 
 def install_crds(plane: Any) -> None:

@@ -16,7 +16,7 @@ import secrets
 import threading
 import time
 from datetime import datetime, timezone
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import kubernetes
@@ -366,10 +366,24 @@ class KubeClient:
         return [item for listing in listings for item in cast(Body, listing).get("items") or []
                 if not namespaces or in_scope(str((item.get("metadata") or {}).get("namespace") or ""))]
 
-    def list_all_finetunejobs(self) -> tuple[Body, ...]:
-        """Every FineTuneJob in the cluster (start-up only: the usage counters' seed)."""
-        listing = cast(Body, self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL))
-        return tuple(listing.get("items") or [])
+    def each_finetunejob(self, namespaces: tuple[str, ...]) -> Iterator[Body]:
+        """Every FineTuneJob where the operator works (`KUBETUNE_NAMESPACES` patterns; none = the whole
+        cluster), read from the API server in pages of `cache.LIST_PAGE` (start-up only: the usage
+        counters' seed). One page is decoded at a time, not every job's body at once."""
+        exact = cache.exact_namespaces(namespaces)
+        in_scope = cache.namespace_matcher(namespaces)
+        for namespace in exact if exact is not None else (None,):
+            token = ""
+            while True:
+                paging: dict[str, Any] = {"limit": cache.LIST_PAGE} | ({"_continue": token} if token else {})
+                listing = cast(Body, self.custom.list_namespaced_custom_object(
+                    GROUP, VERSION, namespace, PLURAL, **paging) if namespace is not None
+                    else self.custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **paging))
+                yield from (item for item in listing.get("items") or []
+                            if in_scope(str((item.get("metadata") or {}).get("namespace") or "")))
+                token = str((listing.get("metadata") or {}).get("continue") or "")
+                if not token:
+                    break
 
     def list_trainer_jobs(self, namespace: str) -> tuple[Body, ...]:
         store = self._store(namespace)

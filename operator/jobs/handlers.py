@@ -23,7 +23,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 import kopf
@@ -87,6 +87,11 @@ class _JobEvents:
         state = hash((metadata.get("generation"), metadata.get("deletionTimestamp"),
                       json.dumps(metadata.get("labels") or {}, sort_keys=True), json.dumps(annotations, sort_keys=True)))
         return self._changed(self._job_states, str(metadata.get("uid") or ""), state, event_type, deleted=False)
+
+    def knows(self, uid: str | None) -> bool:
+        """Whether this process has seen the FineTuneJob `uid` (and not its deletion)."""
+        with self._guard:
+            return bool(uid) and uid in self._job_states
 
     def _changed(self, seen: dict[str, Any], uid: str, state: Any, event_type: str | None, deleted: bool) -> bool:
         """Remember `state` as the object's last; whether it differs from the one before (always for an
@@ -229,20 +234,17 @@ async def stop_server(**_: Any) -> None:
 
 
 def seed_usage_metrics(kube: KubeClient) -> None:
-    """Load every watched job's stored `status.usage` into the usage counters (one list per watched
-    namespace, or one cluster-wide, at start-up only). A failure only delays the counters until
-    kopf's resume handlers have reconciled the jobs."""
+    """Load every watched job's stored `status.usage` into the usage counters (at start-up only: a
+    paged listing per watched namespace, or cluster-wide for patterns). A failure only delays the
+    counters until the start-up passes have reconciled the jobs."""
     try:
-        jobs = [j for n in RUNTIME.settings.namespaces for j in kube.list_finetunejobs(n)] if RUNTIME.settings.namespaces \
-            else list(kube.list_all_finetunejobs())
+        for job in kube.each_finetunejob(RUNTIME.settings.namespaces):
+            metadata = job.get("metadata") or {}
+            namespace, name = str(metadata.get("namespace", "")), str(metadata.get("name", ""))
+            RUNTIME.metrics.observe_usage(namespace, name, RUNTIME.policy.limits_for(namespace).tenant or namespace,
+                                          (job.get("status") or {}).get("usage"))
     except Exception:  # noqa: BLE001 - start-up must go on
         log.exception("could not list FineTuneJobs to seed the usage counters")
-        return
-    for job in jobs:
-        metadata = job.get("metadata") or {}
-        namespace, name = str(metadata.get("namespace", "")), str(metadata.get("name", ""))
-        RUNTIME.metrics.observe_usage(namespace, name, RUNTIME.policy.limits_for(namespace).tenant or namespace,
-                              (job.get("status") or {}).get("usage"))
 
 
 def reconcile_job(namespace: str, name: str) -> None:
@@ -404,21 +406,49 @@ JOB_DELIVERY = DeliveryWatch(_undelivered)
 def on_job_event(namespace: str | None, name: str | None, uid: str | None, spec: kopf.Spec, status: kopf.Status,
                  body: kopf.Body, type: str | None = None, **_: Any) -> None:  # noqa: A002 - kopf's name
     """Every FineTuneJob event, the start-up listing's included: reconcile when the job is new to this
-    process or its spec or metadata changed (`job_changed`), on the reaction pool; remember which jobs
-    the resync polls (one with nothing pending would cost ~10 requests per interval forever).
+    process or its spec or metadata changed (`job_changed`), on the reaction pool, except a job first
+    seen `settled` (finished, nothing pending, converged for its spec: only its metrics are taken);
+    remember which jobs the resync polls (one with nothing pending would cost ~10 requests per
+    interval forever).
 
     The only kopf handler of FineTuneJobs: kopf's create/update/resume/delete handlers would make it
     store its diff-base (a copy of the spec) and handler progress in annotations, a patch of every new
     job (checked by the API server's schema and CEL rules like any spec write) and a larger object in
     every later write and watch event."""
     EVENTS.observed(cache.FINETUNEJOB, body, type)
-    JOB_RESYNC.track(namespace, name, type != "DELETED" and has_pending_work(dict(spec), dict(status)))
+    pending = has_pending_work(dict(spec), dict(status))
+    JOB_RESYNC.track(namespace, name, type != "DELETED" and pending)
     if not namespace or not name:
         return
     if type == "DELETED":
         job_deleted(namespace, name, uid)
-    elif EVENTS.job_changed(body, type):
-        schedule_reconcile(namespace, name)
+    else:
+        first_sight = not EVENTS.knows(uid)
+        if not EVENTS.job_changed(body, type):
+            return
+        if first_sight and not pending and settled(body):
+            note_settled(namespace, name, body)
+        else:
+            schedule_reconcile(namespace, name)
+
+
+def settled(body: Mapping[str, Any]) -> bool:
+    """Whether a finished job with nothing pending (`has_pending_work`) was converged for its current
+    spec: its status answers its generation (the last pass wrote it after its actions), and it is not
+    being deleted. Such a job needs no pass when first seen: thousands of them at start-up made as
+    many passes, which took ~100 s (new jobs waited behind them) and left their garbage resident."""
+    metadata = body.get("metadata") or {}
+    observed_generation = (body.get("status") or {}).get("observedGeneration")
+    return not metadata.get("deletionTimestamp") and observed_generation is not None \
+        and observed_generation == metadata.get("generation")
+
+
+def note_settled(namespace: str, name: str, body: Mapping[str, Any]) -> None:
+    """What a pass would have left of a settled job: its metrics from its stored status, and its old
+    children's events ignored (`child_event`)."""
+    EVENTS.settled.add((namespace, name))
+    nothing = reconcile.Decision(status_patch={}, actions=(), events=())
+    _update_metrics(reconcile.Observed(job=dict(body), now=datetime.now(timezone.utc)), nothing)
 
 
 def job_deleted(namespace: str, name: str, uid: str | None) -> None:

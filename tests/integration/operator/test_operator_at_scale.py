@@ -223,6 +223,37 @@ def test_informers_list_in_pages_and_keep_finetunejobs_without_kopfs_copy_of_the
         child_cache.stop()
 
 
+def test_the_usage_seed_reads_every_job_in_scope_one_page_at_a_time(audited: Plane,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """At start-up the usage counters' seed lists every FineTuneJob: in pages (not every body decoded at
+    once), per namespace named, cluster-wide for patterns (it listed a namespace named `team-*` before),
+    exclusions kept out."""
+    ours, other = audited.namespace(), audited.namespace()
+    for namespace, count in ((ours, 5), (other, 2)):
+        for index in range(count):
+            audited.kube.create_ftj(namespace, finetunejob(f"seed-{index}"))
+    monkeypatch.setattr(cache, "LIST_PAGE", 2)
+    kube = KubeClient(audited.plane.api_client())
+    calls: list[dict[str, Any]] = []
+    for method in ("list_namespaced_custom_object", "list_cluster_custom_object"):
+        def counted(*args: Any, _call: Any = getattr(kube.custom, method), **kwargs: Any) -> Any:
+            calls.append(kwargs)
+            listing = _call(*args, **kwargs)
+            assert len(listing["items"]) <= 2
+            return listing
+        monkeypatch.setattr(kube.custom, method, counted)
+
+    def seen(namespaces: tuple[str, ...]) -> list[tuple[str, str]]:
+        return sorted((j["metadata"]["namespace"], j["metadata"]["name"]) for j in kube.each_finetunejob(namespaces))
+
+    assert seen((ours,)) == [(ours, f"seed-{i}") for i in range(5)]
+    assert len(calls) == 3 and all(c["limit"] == 2 for c in calls) and all(c.get("_continue") for c in calls[1:])
+    everywhere = seen(("kubetune-scale-*", f"!{other}"))
+    assert [job for job in everywhere if job[0] in (ours, other)] == [(ours, f"seed-{i}") for i in range(5)]
+    assert sorted(seen((ours, other))) == sorted([(ours, f"seed-{i}") for i in range(5)]
+                                                 + [(other, f"seed-{i}") for i in range(2)])
+
+
 def test_a_reconcile_reads_memory_not_the_api_server(audited: Plane) -> None:
     namespace = audited.namespace()
     user = USERS[0]

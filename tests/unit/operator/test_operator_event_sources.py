@@ -14,7 +14,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from kubetune.operator import cache
+from kubetune.operator import cache, metrics
 from kubetune.operator.client import KubeClient
 from kubetune.operator.jobs import handlers
 from kubetune.operator.runtime import RUNTIME
@@ -24,6 +24,18 @@ from kubetune.operator.settings import OperatorSettings
 def ftj(generation: int = 1, uid: str = "u1", **metadata: Any) -> dict[str, Any]:
     return {"kind": "FineTuneJob", "metadata": {"namespace": "ns", "name": "j", "uid": uid,
                                                 "generation": generation, **metadata}}
+
+
+@pytest.fixture
+def submitted(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
+    """The reactions asked for (their keys), none run; fresh event memory and metrics."""
+    found: list[tuple[str, ...]] = []
+    monkeypatch.setattr(handlers.REACTIONS, "submit", lambda key, work, **_: found.append(key) or True)
+    events = handlers._JobEvents()
+    monkeypatch.setattr(events, "observed", lambda kind, body, event_type: None)  # no cache to feed
+    monkeypatch.setattr(handlers, "EVENTS", events)
+    monkeypatch.setattr(RUNTIME, "_metrics", metrics.OperatorMetrics())
+    return found
 
 
 class TestJobChanged:
@@ -52,14 +64,46 @@ class TestJobChanged:
         assert events._job_states == {}
 
 
-class TestChildEvents:
-    @pytest.fixture
-    def submitted(self, monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
-        found: list[tuple[str, ...]] = []
-        monkeypatch.setattr(handlers.REACTIONS, "submit", lambda key, work: found.append(key) or True)
-        monkeypatch.setattr(handlers, "EVENTS", handlers._JobEvents())
-        return found
+class TestFirstSight:
+    """At start-up kopf lists every job: a finished one with nothing pending, converged for its current
+    spec, gets its metrics and no pass (5,000 of them took ~100 s of passes that new jobs waited behind)."""
 
+    @staticmethod
+    def finished(observed_generation: int = 1, **spec: Any) -> dict[str, Any]:
+        condition = {"type": "Succeeded", "status": "True", "reason": "TrainingComplete", "message": "",
+                     "lastTransitionTime": "2026-12-04T00:00:00Z"}
+        return {**ftj(), "spec": spec, "status": {"observedGeneration": observed_generation, "phase": "Succeeded",
+                                                  "conditions": [condition]}}
+
+    @staticmethod
+    def deliver(body: dict[str, Any], event_type: str | None = None) -> None:
+        metadata = body["metadata"]
+        handlers.on_job_event(namespace=metadata["namespace"], name=metadata["name"], uid=metadata["uid"],
+                              spec=body.get("spec") or {}, status=body.get("status") or {}, body=body,
+                              type=event_type)
+
+    def test_a_settled_job_is_counted_without_a_pass(self, submitted: list[tuple[str, ...]]) -> None:
+        self.deliver(self.finished())
+        assert submitted == []
+        assert ("ns", "j") in handlers.EVENTS.settled
+        assert RUNTIME.metrics.jobs.labels("ns", "Succeeded")._value.get() == 1
+        self.deliver({**self.finished(), "metadata": {**ftj()["metadata"], "labels": {"team": "a"}}}, "MODIFIED")
+        assert submitted == [("reconcile of", "ns", "j")]  # a user's write still reconciles
+
+    @pytest.mark.parametrize("body", [
+        pytest.param(finished(observed_generation=0), id="a spec the last pass did not see"),
+        pytest.param(finished(serving={"enabled": True}), id="serving"),
+        pytest.param(finished(ttlSecondsAfterFinished=60), id="children to expire"),
+        pytest.param({**ftj(), "spec": {}, "status": {"observedGeneration": 1, "phase": "Training"}}, id="unfinished"),
+        pytest.param({**finished(), "metadata": {**ftj()["metadata"], "deletionTimestamp": "2026-12-04T00:00:00Z"}},
+                     id="being deleted"),
+    ])
+    def test_anything_else_gets_its_pass(self, body: dict[str, Any], submitted: list[tuple[str, ...]]) -> None:
+        self.deliver(body)
+        assert submitted == [("reconcile of", "ns", "j")]
+
+
+class TestChildEvents:
     @staticmethod
     def trainer_job(succeeded: int = 0) -> dict[str, Any]:
         return {"kind": "Job", "metadata": {
