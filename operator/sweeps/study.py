@@ -33,31 +33,34 @@ import logging
 import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
-
-import optuna
-from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
-from optuna.trial import TrialState
+from typing import TYPE_CHECKING, Any, Final
 
 from kubetune.operator.sweeps import models as sweep_models
 from kubetune.operator.sweeps.models import FineTuneSweepSpec, SearchParameter
+
+if TYPE_CHECKING:
+    # Imported where a study is made, not with the module: Optuna (and numpy under it) is ~16 MiB of an
+    # operator's resident memory, which an operator that runs no sweep does not need.
+    import optuna
+    from optuna.distributions import BaseDistribution
 
 Body = dict[str, Any]
 Value = int | float
 Event = dict[str, Any]
 
 log = logging.getLogger(__name__)
-optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial is noise in the operator's log
 
 MODEL_BASED: Final = frozenset({"tpe", "cmaes"})
 """Algorithms whose trials depend on earlier results (Optuna samplers); grid and random do not."""
 
-TELL_STATES: Final[Mapping[str, TrialState]] = {
-    "Complete": TrialState.COMPLETE, "Pruned": TrialState.PRUNED, "Failed": TrialState.FAIL}
+TELL_STATES: Final[Mapping[str, str]] = {"Complete": "COMPLETE", "Pruned": "PRUNED", "Failed": "FAIL"}
+"""Event state -> the name of Optuna's `TrialState`."""
 
 
 def distribution(parameter: SearchParameter) -> BaseDistribution:
     """The Optuna distribution of one search parameter."""
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
     integer = parameter.name in sweep_models.INTEGER_PARAMETERS
     if parameter.type == "categorical":
         assert parameter.values is not None
@@ -74,6 +77,8 @@ def distributions(spec: FineTuneSweepSpec) -> dict[str, BaseDistribution]:
 
 
 def _sampler(spec: FineTuneSweepSpec) -> optuna.samplers.BaseSampler:
+    import optuna
+
     algorithm = spec.algorithm
     if algorithm.type == "tpe":
         return optuna.samplers.TPESampler(seed=algorithm.seed, n_startup_trials=algorithm.startup_trials)
@@ -85,6 +90,8 @@ def _sampler(spec: FineTuneSweepSpec) -> optuna.samplers.BaseSampler:
 
 
 def _pruner(spec: FineTuneSweepSpec) -> optuna.pruners.BasePruner:
+    import optuna
+
     rule = spec.early_termination
     if rule.type == "medianStop":
         return optuna.pruners.MedianPruner(n_startup_trials=rule.start_after_trials, n_warmup_steps=rule.min_steps,
@@ -161,7 +168,10 @@ class ReplayedStudy:
             raise StudyError(f"tell: trial {index} is not running in the study")
         if state == "Complete" and (value is None or not math.isfinite(value)):
             raise StudyError(f"tell: trial {index} Complete needs a finite value")
-        self.study.tell(self.trials[index], value if state == "Complete" else None, state=TELL_STATES[state])
+        from optuna.trial import TrialState
+
+        self.study.tell(self.trials[index], value if state == "Complete" else None,
+                        state=TrialState[TELL_STATES[state]])
         self.told[index] = state
         event: Event = {"event": "tell", "trial": index, "state": state}
         if state == "Complete":
@@ -184,6 +194,9 @@ class ReplayedStudy:
 
 def new_study(spec: FineTuneSweepSpec, direction: str) -> ReplayedStudy:
     """An empty in-memory study: the spec's sampler (seeded) and pruner, `minimize` or `maximize`."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # one INFO line per trial is noise in the operator's log
     study = optuna.create_study(direction=optuna.study.StudyDirection.MAXIMIZE if direction == "maximize"
                                 else optuna.study.StudyDirection.MINIMIZE, sampler=_sampler(spec), pruner=_pruner(spec))
     return ReplayedStudy(spec=spec, study=study)

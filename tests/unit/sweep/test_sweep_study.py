@@ -210,3 +210,19 @@ class TestAReplayThatDoesNotFit:
         failed = next(c for c in decision.status["conditions"] if c["type"] == "Failed")
         assert failed["status"] == "True" and "status.study: cannot replay the study" in failed["message"]
         assert decision.create == []
+
+
+def test_the_operator_loads_optuna_with_its_first_study_not_at_start() -> None:
+    """Optuna and numpy are ~16 MiB of resident memory that an operator running no sweep does not need."""
+    program = (
+        "import sys\n"
+        "import kubetune.operator.__main__\n"
+        "from kubetune.operator.jobs import handlers\n"
+        "from kubetune.operator.sweeps import handlers as sweep_handlers, study\n"
+        "from kubetune.operator.sweeps.models import FineTuneSweepSpec\n"
+        "from tests.unit.sweep.sweep_fixtures import sweep_body\n"
+        "assert 'optuna' not in sys.modules and 'numpy' not in sys.modules, 'loaded at import'\n"
+        "spec = FineTuneSweepSpec.from_dict(sweep_body(algorithm={'type': 'tpe', 'seed': 1})['spec'])\n"
+        "study.new_study(spec, 'minimize').ask(0)\n"
+        "assert 'optuna' in sys.modules\n")
+    subprocess.run([sys.executable, "-c", program], cwd=REPO, check=True, timeout=120)
