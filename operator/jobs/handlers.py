@@ -152,11 +152,6 @@ def log_policy_deprecations(platform: policy.PlatformPolicy) -> None:
 
 LIST_CHUNK = 200
 """Objects per page of kopf's initial listings (its `watching.chunk_size`; kopf's default: all at once)."""
-WORKER_IDLE_SECONDS = 0.05
-"""How long kopf keeps a per-object worker waiting for the object's next event (its
-`queueing.idle_timeout`; kopf's default 5 s). A worker holds one of `worker_limit` places meanwhile, so
-this caps how many objects kopf takes up per second: 64 places / 0.5 s came to 128 a second, ~40 s to
-go through 5,000 jobs at start-up; 0.05 s takes ~7 s. A quiet worker costs nothing to make again."""
 
 
 def bound_kopf_memory(settings: kopf.OperatorSettings, operator: OperatorSettings) -> None:
@@ -164,7 +159,7 @@ def bound_kopf_memory(settings: kopf.OperatorSettings, operator: OperatorSetting
     among thousands of jobs).
 
     - At most `worker_limit` per-object workers at once; a worker whose object has gone quiet frees
-      its place after `WORKER_IDLE_SECONDS` instead of kopf's 5 s.
+      its place after 0.5 s instead of kopf's 5 s.
     - The initial listing in pages of `LIST_CHUNK`: kopf decodes one page at a time and feeds its
       workers from it, where a listing in one piece holds every job's decoded body until the last
       was handled. Python's allocator keeps the arenas such a peak spread over for good (the
@@ -172,7 +167,7 @@ def bound_kopf_memory(settings: kopf.OperatorSettings, operator: OperatorSetting
       resident (`bench/operator_scale.py --finished`, docs/operator.md "Memory").
     """
     settings.queueing.worker_limit = operator.worker_limit or None
-    settings.queueing.idle_timeout = WORKER_IDLE_SECONDS
+    settings.queueing.idle_timeout = 0.5
     settings.watching.chunk_size = LIST_CHUNK
 
 

